@@ -1,0 +1,17 @@
+//! LATSSIAM: the protocol of PROFILE.md, as a library.
+//!
+//! - [`wire`]: lines, verbs, status codes and armoured blocks, with no I/O.
+//! - [`fingerprint`]: certificate fingerprints.
+//! - [`identity`]: X.509 identities, addresses and LATSSIAM URLs.
+//! - [`crypto`]: CMS sealing, opening, signing and verifying, interoperable
+//!   with `openssl cms`.
+//! - [`tls`]: rustls configurations with Trust On First Use in both directions.
+
+pub mod crypto;
+pub mod fingerprint;
+pub mod identity;
+pub mod tls;
+pub mod wire;
+
+pub use fingerprint::Fingerprint;
+pub use identity::{Address, Identity};
