@@ -594,7 +594,7 @@ impl FrameCodec {
                 return Err(first_fault(&window[..MAX_CONTENT]).unwrap_or(WireError::LineTooLong));
             }
             // Fail early on what no later octet can repair.
-            let settled = window.len().saturating_sub(1);
+            let settled = window.len() - usize::from(window.last() == Some(&b'\r'));
             return match first_fault(&window[..settled]) {
                 Some(e) => Err(e),
                 None => Ok(None),
