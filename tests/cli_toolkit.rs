@@ -115,9 +115,9 @@ fn identity_new_and_show() {
         ],
         d.path(),
     );
-    assert_eq!(
+    assert!(
         ok(&["identity", "show", "alice"], d.path()).contains(fp),
-        true
+        "the first identity is kept"
     );
 }
 

@@ -79,10 +79,6 @@ impl Party {
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
-
-    fn p(&self, name: &str) -> String {
-        self.path(name).display().to_string()
-    }
 }
 
 fn seal_opened_by_openssl(rsa: bool) {
