@@ -98,9 +98,7 @@ fn read_input(path: Option<&Path>) -> Result<Vec<u8>> {
         Some(p) => std::fs::read(p).with_context(|| format!("cannot read {}", p.display())),
         None => {
             let mut buf = Vec::new();
-            std::io::stdin()
-                .read_to_end(&mut buf)
-                .context("cannot read standard input")?;
+            std::io::stdin().read_to_end(&mut buf).context("cannot read standard input")?;
             Ok(buf)
         }
     }
@@ -108,14 +106,10 @@ fn read_input(path: Option<&Path>) -> Result<Vec<u8>> {
 
 fn write_output(path: Option<&Path>, bytes: &[u8]) -> Result<()> {
     match path {
-        Some(p) => {
-            std::fs::write(p, bytes).with_context(|| format!("cannot write {}", p.display()))
-        }
+        Some(p) => std::fs::write(p, bytes).with_context(|| format!("cannot write {}", p.display())),
         None => {
             let mut out = std::io::stdout().lock();
-            out.write_all(bytes)
-                .and_then(|()| out.flush())
-                .context("cannot write standard output")
+            out.write_all(bytes).and_then(|()| out.flush()).context("cannot write standard output")
         }
     }
 }
@@ -135,9 +129,7 @@ fn armour_blocks(bytes: &[u8]) -> Result<Option<Vec<Block>>> {
     let text = if text.windows(2).any(|w| w == b"\r\n") {
         text
     } else {
-        owned = String::from_utf8_lossy(text)
-            .replace('\n', "\r\n")
-            .into_bytes();
+        owned = String::from_utf8_lossy(text).replace('\n', "\r\n").into_bytes();
         &owned
     };
     let (frames, err) = decode_all(text);
@@ -155,10 +147,7 @@ fn armour_blocks(bytes: &[u8]) -> Result<Option<Vec<Block>>> {
 }
 
 fn describe(info: &CertInfo) -> String {
-    let who = info
-        .address
-        .as_ref()
-        .map_or_else(|| "(no address)".to_owned(), Address::to_string);
+    let who = info.address.as_ref().map_or_else(|| "(no address)".to_owned(), Address::to_string);
     match &info.display_name {
         Some(name) => format!("{name} <{who}> {}", info.fingerprint),
         None => format!("{who} {}", info.fingerprint),
@@ -167,12 +156,7 @@ fn describe(info: &CertInfo) -> String {
 
 pub fn identity(cmd: IdentityCommand) -> Result<()> {
     match cmd {
-        IdentityCommand::New {
-            address,
-            name,
-            rsa,
-            out,
-        } => {
+        IdentityCommand::New { address, name, rsa, out } => {
             let address: Address = address.parse()?;
             let id = Identity::generate(&address, name.as_deref(), rsa)?;
             id.save(&out)?;
@@ -180,23 +164,15 @@ pub fn identity(cmd: IdentityCommand) -> Result<()> {
             Ok(())
         }
         IdentityCommand::Show { dir, qr } => {
-            let cert_path = if dir.is_dir() {
-                dir.join("cert.pem")
-            } else {
-                dir.clone()
-            };
-            let bytes = std::fs::read(&cert_path)
-                .with_context(|| format!("cannot read {}", cert_path.display()))?;
+            let cert_path = if dir.is_dir() { dir.join("cert.pem") } else { dir.clone() };
+            let bytes = std::fs::read(&cert_path).with_context(|| format!("cannot read {}", cert_path.display()))?;
             let der = certificate_from_pem_or_der(&bytes)?;
             let info = CertInfo::from_der(&der)?;
             if dir.is_dir() && dir.join("key.pem").exists() {
                 // Loading checks that the key belongs to the certificate.
                 load_identity(&dir)?;
             }
-            let address = info
-                .address
-                .as_ref()
-                .map_or_else(|| "(none)".to_owned(), Address::to_string);
+            let address = info.address.as_ref().map_or_else(|| "(none)".to_owned(), Address::to_string);
             println!("address:     {address}");
             if let Some(name) = &info.display_name {
                 println!("name:        {name}");
@@ -207,10 +183,8 @@ pub fn identity(cmd: IdentityCommand) -> Result<()> {
                 println!("url:         {url}");
             }
             if qr {
-                let url =
-                    url.context("the certificate names no address, so it has no LATSSIAM URL")?;
-                let code = qrcode::QrCode::new(url.to_string().as_bytes())
-                    .context("cannot encode QR code")?;
+                let url = url.context("the certificate names no address, so it has no LATSSIAM URL")?;
+                let code = qrcode::QrCode::new(url.to_string().as_bytes()).context("cannot encode QR code")?;
                 let image = code
                     .render::<qrcode::render::unicode::Dense1x2>()
                     .dark_color(qrcode::render::unicode::Dense1x2::Light)
@@ -225,23 +199,16 @@ pub fn identity(cmd: IdentityCommand) -> Result<()> {
 }
 
 pub fn seal(args: SealArgs) -> Result<()> {
-    let cert_bytes =
-        std::fs::read(&args.to).with_context(|| format!("cannot read {}", args.to.display()))?;
+    let cert_bytes = std::fs::read(&args.to).with_context(|| format!("cannot read {}", args.to.display()))?;
     let cert = certificate_from_pem_or_der(&cert_bytes)?;
     let signer = args.sign.as_deref().map(load_identity).transpose()?;
     let plaintext = read_input(args.input.as_deref())?;
     let message = crypto::seal(&plaintext, &cert)?;
-    let signature = signer
-        .as_ref()
-        .map(|id| crypto::sign(&message, id))
-        .transpose()?;
+    let signature = signer.as_ref().map(|id| crypto::sign(&message, id)).transpose()?;
     if args.armor {
         let mut out = Vec::new();
         if let Some(sig) = signature {
-            out.extend_from_slice(&encode_frame(&Frame::Block(Block::new(
-                Label::Signature,
-                sig,
-            )))?);
+            out.extend_from_slice(&encode_frame(&Frame::Block(Block::new(Label::Signature, sig)))?);
         }
         let block = encode_frame(&Frame::Block(Block::new(Label::EncryptedMessage, message)))
             .context("the message is too large for one LATSSIAM block")?;
@@ -269,14 +236,11 @@ pub fn open(args: OpenArgs) -> Result<()> {
             [s, m] if s.label == Label::Signature && m.label == Label::EncryptedMessage => {
                 (m.der.clone(), Some(s.der.clone()))
             }
-            _ => bail!(
-                "armour must hold an ENCRYPTED MESSAGE block, optionally after a SIGNATURE block"
-            ),
+            _ => bail!("armour must hold an ENCRYPTED MESSAGE block, optionally after a SIGNATURE block"),
         },
     };
-    let signer = signature
-        .map(|sig| crypto::verify(&sig, &message).context("the signature does not verify"))
-        .transpose()?;
+    let signer =
+        signature.map(|sig| crypto::verify(&sig, &message).context("the signature does not verify")).transpose()?;
     let plaintext = crypto::open(&message, &id)?;
     if let Some(signer) = signer {
         eprintln!("signed by {}", describe(&CertInfo::from_der(&signer)?));
@@ -291,8 +255,7 @@ pub fn sign(args: SignArgs) -> Result<()> {
 }
 
 pub fn verify(args: VerifyArgs) -> Result<()> {
-    let raw = std::fs::read(&args.signature)
-        .with_context(|| format!("cannot read {}", args.signature.display()))?;
+    let raw = std::fs::read(&args.signature).with_context(|| format!("cannot read {}", args.signature.display()))?;
     let sig = match armour_blocks(&raw)? {
         None => raw,
         Some(blocks) => match blocks.into_iter().find(|b| b.label == Label::Signature) {
@@ -303,10 +266,7 @@ pub fn verify(args: VerifyArgs) -> Result<()> {
     let content = read_input(args.input.as_deref())?;
     let signer = crypto::verify(&sig, &content)?;
     let info = CertInfo::from_der(&signer)?;
-    let address = info
-        .address
-        .as_ref()
-        .map_or_else(|| "(none)".to_owned(), Address::to_string);
+    let address = info.address.as_ref().map_or_else(|| "(none)".to_owned(), Address::to_string);
     println!("address:     {address}");
     println!("fingerprint: {}", Fingerprint::of(&signer));
     Ok(())

@@ -46,10 +46,8 @@ fn main() {
     );
 
     for (kind, rsa) in [("P-256", false), ("RSA-2048", true)] {
-        let alice = Identity::generate(&"alice@example.org".parse::<Address>().unwrap(), None, rsa)
-            .unwrap();
-        let bob =
-            Identity::generate(&"bob@example.org".parse::<Address>().unwrap(), None, rsa).unwrap();
+        let alice = Identity::generate(&"alice@example.org".parse::<Address>().unwrap(), None, rsa).unwrap();
+        let bob = Identity::generate(&"bob@example.org".parse::<Address>().unwrap(), None, rsa).unwrap();
         let plaintext = vec![b'm'; 4096];
         let seal_sign = rate(|| {
             let m = crypto::seal(&plaintext, bob.cert_der()).unwrap();

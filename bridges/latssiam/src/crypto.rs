@@ -24,16 +24,15 @@ use aws_lc_rs::digest::{self, SHA1_FOR_LEGACY_USE_ONLY, SHA256};
 use aws_lc_rs::key_wrap::{KeyEncryptionKey, KeyWrap, AES_256};
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use aws_lc_rs::rsa::{
-    OaepAlgorithm, OaepPrivateDecryptingKey, OaepPublicEncryptingKey, Pkcs1PrivateDecryptingKey,
-    PublicEncryptingKey, OAEP_SHA1_MGF1SHA1, OAEP_SHA256_MGF1SHA256,
+    OaepAlgorithm, OaepPrivateDecryptingKey, OaepPublicEncryptingKey, Pkcs1PrivateDecryptingKey, PublicEncryptingKey,
+    OAEP_SHA1_MGF1SHA1, OAEP_SHA256_MGF1SHA256,
 };
 use aws_lc_rs::signature;
 use cms::cert::{CertificateChoices, IssuerAndSerialNumber};
 use cms::content_info::{CmsVersion, ContentInfo};
 use cms::enveloped_data::{
-    EncryptedContentInfo, KekRecipientInfo, KeyTransRecipientInfo, OriginatorIdentifierOrKey,
-    OriginatorInfo, OriginatorPublicKey, OtherRecipientInfo, PasswordRecipientInfo,
-    RecipientIdentifier, RecipientKeyIdentifier,
+    EncryptedContentInfo, KekRecipientInfo, KeyTransRecipientInfo, OriginatorIdentifierOrKey, OriginatorInfo,
+    OriginatorPublicKey, OtherRecipientInfo, PasswordRecipientInfo, RecipientIdentifier, RecipientKeyIdentifier,
 };
 use cms::signed_data::{
     CertificateSet, EncapsulatedContentInfo, SignedData, SignerIdentifier, SignerInfo, SignerInfos,
@@ -159,29 +158,14 @@ enum KeyAgreeRecipientIdentifier {
 #[derive(Clone, Debug, Eq, PartialEq, Sequence)]
 struct AuthEnvelopedData {
     version: CmsVersion,
-    #[asn1(
-        context_specific = "0",
-        tag_mode = "IMPLICIT",
-        constructed = "true",
-        optional = "true"
-    )]
+    #[asn1(context_specific = "0", tag_mode = "IMPLICIT", constructed = "true", optional = "true")]
     originator_info: Option<OriginatorInfo>,
     recip_infos: SetOfVec<RecipientInfo>,
     auth_encrypted_content: EncryptedContentInfo,
-    #[asn1(
-        context_specific = "1",
-        tag_mode = "IMPLICIT",
-        constructed = "true",
-        optional = "true"
-    )]
+    #[asn1(context_specific = "1", tag_mode = "IMPLICIT", constructed = "true", optional = "true")]
     auth_attrs: Option<Attributes>,
     mac: OctetString,
-    #[asn1(
-        context_specific = "2",
-        tag_mode = "IMPLICIT",
-        constructed = "true",
-        optional = "true"
-    )]
+    #[asn1(context_specific = "2", tag_mode = "IMPLICIT", constructed = "true", optional = "true")]
     unauth_attrs: Option<Attributes>,
 }
 
@@ -219,26 +203,19 @@ struct OaepParams {
 }
 
 fn alg(oid: ObjectIdentifier) -> AlgorithmIdentifierOwned {
-    AlgorithmIdentifierOwned {
-        oid,
-        parameters: None,
-    }
+    AlgorithmIdentifierOwned { oid, parameters: None }
 }
 
 fn alg_with<T: der::EncodeValue + Tagged>(
     oid: ObjectIdentifier,
     params: &T,
 ) -> Result<AlgorithmIdentifierOwned, CryptoError> {
-    Ok(AlgorithmIdentifierOwned {
-        oid,
-        parameters: Some(Any::encode_from(params).map_err(malformed)?),
-    })
+    Ok(AlgorithmIdentifierOwned { oid, parameters: Some(Any::encode_from(params).map_err(malformed)?) })
 }
 
 fn random<const N: usize>(rng: &SystemRandom) -> Result<[u8; N], CryptoError> {
     let mut out = [0u8; N];
-    rng.fill(&mut out)
-        .map_err(|_| CryptoError::Internal("random generator"))?;
+    rng.fill(&mut out).map_err(|_| CryptoError::Internal("random generator"))?;
     Ok(out)
 }
 
@@ -249,8 +226,7 @@ struct Cert {
 
 impl Cert {
     fn parse(der: &[u8]) -> Result<Self, CryptoError> {
-        let x509 =
-            Certificate::from_der(der).map_err(|e| CryptoError::BadCertificate(e.to_string()))?;
+        let x509 = Certificate::from_der(der).map_err(|e| CryptoError::BadCertificate(e.to_string()))?;
         Ok(Self { x509 })
     }
 
@@ -262,13 +238,7 @@ impl Cert {
     }
 
     fn subject_key_id(&self) -> Option<OctetString> {
-        let ext = self
-            .x509
-            .tbs_certificate
-            .extensions
-            .as_ref()?
-            .iter()
-            .find(|e| e.extn_id == oid::SUBJECT_KEY_ID)?;
+        let ext = self.x509.tbs_certificate.extensions.as_ref()?.iter().find(|e| e.extn_id == oid::SUBJECT_KEY_ID)?;
         OctetString::from_der(ext.extn_value.as_bytes()).ok()
     }
 
@@ -277,10 +247,7 @@ impl Cert {
     }
 
     fn public_key_bits(&self) -> Result<&[u8], CryptoError> {
-        self.spki()
-            .subject_public_key
-            .as_bytes()
-            .ok_or_else(|| CryptoError::BadCertificate("public key".into()))
+        self.spki().subject_public_key.as_bytes().ok_or_else(|| CryptoError::BadCertificate("public key".into()))
     }
 
     fn kind(&self) -> Result<KeyType, CryptoError> {
@@ -288,23 +255,14 @@ impl Cert {
         if alg.oid == oid::RSA_ENCRYPTION {
             return Ok(KeyType::Rsa);
         }
-        let curve = alg
-            .parameters
-            .as_ref()
-            .and_then(|p| p.decode_as::<ObjectIdentifier>().ok());
+        let curve = alg.parameters.as_ref().and_then(|p| p.decode_as::<ObjectIdentifier>().ok());
         if alg.oid == oid::EC_PUBLIC_KEY && curve == Some(oid::PRIME256V1) {
             return Ok(KeyType::P256);
         }
-        Err(CryptoError::BadCertificate(
-            "the key is neither P-256 nor RSA".into(),
-        ))
+        Err(CryptoError::BadCertificate("the key is neither P-256 nor RSA".into()))
     }
 
-    fn names(
-        &self,
-        rid_iasn: Option<&IssuerAndSerialNumber>,
-        rid_ski: Option<&OctetString>,
-    ) -> bool {
+    fn names(&self, rid_iasn: Option<&IssuerAndSerialNumber>, rid_ski: Option<&OctetString>) -> bool {
         match (rid_iasn, rid_ski) {
             (Some(i), _) => *i == self.issuer_and_serial(),
             (_, Some(k)) => self.subject_key_id().as_ref() == Some(k),
@@ -338,10 +296,7 @@ fn x963_kdf(md: &'static digest::Algorithm, z: &[u8], shared_info: &[u8]) -> [u8
     out
 }
 
-fn shared_info(
-    wrap_alg: &AlgorithmIdentifierOwned,
-    ukm: Option<&OctetString>,
-) -> Result<Vec<u8>, CryptoError> {
+fn shared_info(wrap_alg: &AlgorithmIdentifierOwned, ukm: Option<&OctetString>) -> Result<Vec<u8>, CryptoError> {
     EccCmsSharedInfo {
         key_info: wrap_alg.clone(),
         entity_u_info: ukm.cloned(),
@@ -365,21 +320,12 @@ pub fn seal(plaintext: &[u8], recipient: &[u8]) -> Result<Vec<u8>, CryptoError> 
         KeyType::Rsa => ktri_for(&cert, &cek)?,
     };
     let nonce: [u8; 12] = random(&rng)?;
-    let key = LessSafeKey::new(
-        UnboundKey::new(&AES_256_GCM, &cek).map_err(|_| CryptoError::Internal("AES key"))?,
-    );
+    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &cek).map_err(|_| CryptoError::Internal("AES key"))?);
     let mut ciphertext = plaintext.to_vec();
     let tag = key
-        .seal_in_place_separate_tag(
-            Nonce::assume_unique_for_key(nonce),
-            Aad::empty(),
-            &mut ciphertext,
-        )
+        .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::empty(), &mut ciphertext)
         .map_err(|_| CryptoError::Internal("AES-GCM seal"))?;
-    let gcm = GcmParameters {
-        nonce: OctetString::new(nonce.to_vec()).map_err(malformed)?,
-        icv_len: 16,
-    };
+    let gcm = GcmParameters { nonce: OctetString::new(nonce.to_vec()).map_err(malformed)?, icv_len: 16 };
     let aed = AuthEnvelopedData {
         version: CmsVersion::V0,
         originator_info: None,
@@ -393,29 +339,20 @@ pub fn seal(plaintext: &[u8], recipient: &[u8]) -> Result<Vec<u8>, CryptoError> 
         mac: OctetString::new(tag.as_ref().to_vec()).map_err(malformed)?,
         unauth_attrs: None,
     };
-    ContentInfo {
-        content_type: oid::AUTH_ENVELOPED_DATA,
-        content: Any::encode_from(&aed).map_err(malformed)?,
-    }
-    .to_der()
-    .map_err(malformed)
+    ContentInfo { content_type: oid::AUTH_ENVELOPED_DATA, content: Any::encode_from(&aed).map_err(malformed)? }
+        .to_der()
+        .map_err(malformed)
 }
 
 fn kari_for(cert: &Cert, cek: &[u8; 32]) -> Result<RecipientInfo, CryptoError> {
-    let ephemeral = agreement::PrivateKey::generate(&ECDH_P256)
-        .map_err(|_| CryptoError::Internal("ephemeral key"))?;
-    let ephemeral_public = ephemeral
-        .compute_public_key()
-        .map_err(|_| CryptoError::Internal("ephemeral public key"))?;
+    let ephemeral = agreement::PrivateKey::generate(&ECDH_P256).map_err(|_| CryptoError::Internal("ephemeral key"))?;
+    let ephemeral_public = ephemeral.compute_public_key().map_err(|_| CryptoError::Internal("ephemeral public key"))?;
     let wrap_alg = alg(oid::AES256_WRAP);
     let info = shared_info(&wrap_alg, None)?;
     let peer = UnparsedPublicKey::new(&ECDH_P256, cert.public_key_bits()?);
-    let kek = agreement::agree(
-        &ephemeral,
-        peer,
-        CryptoError::BadCertificate("P-256 point".into()),
-        |z| Ok(x963_kdf(&SHA256, z, &info)),
-    )?;
+    let kek = agreement::agree(&ephemeral, peer, CryptoError::BadCertificate("P-256 point".into()), |z| {
+        Ok(x963_kdf(&SHA256, z, &info))
+    })?;
     let mut wrapped = [0u8; 40];
     KeyEncryptionKey::new(&AES_256, &kek)
         .and_then(|k| k.wrap(cek, &mut wrapped).map(|_| ()))
@@ -437,10 +374,10 @@ fn kari_for(cert: &Cert, cek: &[u8; 32]) -> Result<RecipientInfo, CryptoError> {
 
 fn ktri_for(cert: &Cert, cek: &[u8; 32]) -> Result<RecipientInfo, CryptoError> {
     let spki_der = cert.spki().to_der().map_err(malformed)?;
-    let public = PublicEncryptingKey::from_der(&spki_der)
-        .map_err(|_| CryptoError::BadCertificate("RSA public key".into()))?;
-    let public = OaepPublicEncryptingKey::new(public)
-        .map_err(|_| CryptoError::BadCertificate("RSA public key".into()))?;
+    let public =
+        PublicEncryptingKey::from_der(&spki_der).map_err(|_| CryptoError::BadCertificate("RSA public key".into()))?;
+    let public =
+        OaepPublicEncryptingKey::new(public).map_err(|_| CryptoError::BadCertificate("RSA public key".into()))?;
     let mut out = vec![0u8; public.ciphertext_size()];
     let n = public
         .encrypt(&OAEP_SHA256_MGF1SHA256, cek, &mut out, None)
@@ -470,10 +407,7 @@ fn ktri_for(cert: &Cert, cek: &[u8; 32]) -> Result<RecipientInfo, CryptoError> {
 pub fn open(der: &[u8], identity: &Identity) -> Result<Vec<u8>, CryptoError> {
     let ci = ContentInfo::from_der(der).map_err(malformed)?;
     if ci.content_type != oid::AUTH_ENVELOPED_DATA {
-        return Err(CryptoError::Unsupported(format!(
-            "content type {} (want AuthEnvelopedData)",
-            ci.content_type
-        )));
+        return Err(CryptoError::Unsupported(format!("content type {} (want AuthEnvelopedData)", ci.content_type)));
     }
     let aed: AuthEnvelopedData = ci.content.decode_as().map_err(malformed)?;
     let me = Cert::parse(identity.cert_der())?;
@@ -481,9 +415,7 @@ pub fn open(der: &[u8], identity: &Identity) -> Result<Vec<u8>, CryptoError> {
     for ri in aed.recip_infos.iter() {
         let found = match (ri, identity.keys()) {
             (RecipientInfo::Kari(kari), Keys::P256 { agree, .. }) => kari_unwrap(kari, &me, agree)?,
-            (RecipientInfo::Ktri(ktri), Keys::Rsa { oaep, pkcs1, .. }) => {
-                ktri_unwrap(ktri, &me, oaep, pkcs1)?
-            }
+            (RecipientInfo::Ktri(ktri), Keys::Rsa { oaep, pkcs1, .. }) => ktri_unwrap(ktri, &me, oaep, pkcs1)?,
             _ => None,
         };
         if found.is_some() {
@@ -495,10 +427,7 @@ pub fn open(der: &[u8], identity: &Identity) -> Result<Vec<u8>, CryptoError> {
 
     let eci = &aed.auth_encrypted_content;
     if eci.content_enc_alg.oid != oid::AES256_GCM {
-        return Err(CryptoError::Unsupported(format!(
-            "content encryption {}",
-            eci.content_enc_alg.oid
-        )));
+        return Err(CryptoError::Unsupported(format!("content encryption {}", eci.content_enc_alg.oid)));
     }
     let gcm: GcmParameters = eci
         .content_enc_alg
@@ -517,20 +446,12 @@ pub fn open(der: &[u8], identity: &Identity) -> Result<Vec<u8>, CryptoError> {
         Some(attrs) => attrs.to_der().map_err(malformed)?,
         None => Vec::new(),
     };
-    let key =
-        LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &cek).map_err(|_| CryptoError::Decrypt)?);
-    let ciphertext = eci
-        .encrypted_content
-        .as_ref()
-        .map(OctetString::as_bytes)
-        .unwrap_or_default();
+    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &cek).map_err(|_| CryptoError::Decrypt)?);
+    let ciphertext = eci.encrypted_content.as_ref().map(OctetString::as_bytes).unwrap_or_default();
     let mut buf = Vec::with_capacity(ciphertext.len() + 16);
     buf.extend_from_slice(ciphertext);
     buf.extend_from_slice(aed.mac.as_bytes());
-    let plain_len = key
-        .open_in_place(nonce, Aad::from(aad), &mut buf)
-        .map_err(|_| CryptoError::Decrypt)?
-        .len();
+    let plain_len = key.open_in_place(nonce, Aad::from(aad), &mut buf).map_err(|_| CryptoError::Decrypt)?.len();
     buf.truncate(plain_len);
     Ok(buf)
 }
@@ -550,10 +471,7 @@ fn kari_unwrap(
         return Err(CryptoError::Unsupported("static originator keys".into()));
     };
     if originator.algorithm.oid != oid::EC_PUBLIC_KEY {
-        return Err(CryptoError::Unsupported(format!(
-            "originator key {}",
-            originator.algorithm.oid
-        )));
+        return Err(CryptoError::Unsupported(format!("originator key {}", originator.algorithm.oid)));
     }
     let kdf_md = match kari.key_enc_alg.oid {
         o if o == oid::ECDH_SHA256_KDF => &SHA256,
@@ -568,22 +486,14 @@ fn kari_unwrap(
         .decode_as()
         .map_err(malformed)?;
     if wrap_alg.oid != oid::AES256_WRAP {
-        return Err(CryptoError::Unsupported(format!(
-            "key wrap {}",
-            wrap_alg.oid
-        )));
+        return Err(CryptoError::Unsupported(format!("key wrap {}", wrap_alg.oid)));
     }
     let info = shared_info(&wrap_alg, kari.ukm.as_ref())?;
-    let point = originator
-        .public_key
-        .as_bytes()
-        .ok_or_else(|| CryptoError::Malformed("originator key bit string".into()))?;
-    let kek = agreement::agree(
-        key,
-        UnparsedPublicKey::new(&ECDH_P256, point),
-        CryptoError::Decrypt,
-        |z| Ok(x963_kdf(kdf_md, z, &info)),
-    )?;
+    let point =
+        originator.public_key.as_bytes().ok_or_else(|| CryptoError::Malformed("originator key bit string".into()))?;
+    let kek = agreement::agree(key, UnparsedPublicKey::new(&ECDH_P256, point), CryptoError::Decrypt, |z| {
+        Ok(x963_kdf(kdf_md, z, &info))
+    })?;
     let wrapped = rek.enc_key.as_bytes();
     if wrapped.len() != 40 {
         return Err(CryptoError::Decrypt);
@@ -610,30 +520,21 @@ fn ktri_unwrap(
     }
     let mut out = vec![0u8; oaep.key_size_bytes()];
     let cek = match ktri.key_enc_alg.oid {
-        o if o == oid::RSA_ENCRYPTION => pkcs1
-            .decrypt(ktri.enc_key.as_bytes(), &mut out)
-            .map(|p| p.to_vec()),
+        o if o == oid::RSA_ENCRYPTION => pkcs1.decrypt(ktri.enc_key.as_bytes(), &mut out).map(|p| p.to_vec()),
         o if o == oid::RSAES_OAEP => {
             let alg = oaep_algorithm(ktri.key_enc_alg.parameters.as_ref())?;
-            oaep.decrypt(alg, ktri.enc_key.as_bytes(), &mut out, None)
-                .map(|p| p.to_vec())
+            oaep.decrypt(alg, ktri.enc_key.as_bytes(), &mut out, None).map(|p| p.to_vec())
         }
         o => return Err(CryptoError::Unsupported(format!("key transport {o}"))),
     }
     .map_err(|_| CryptoError::Decrypt)?;
-    <[u8; 32]>::try_from(cek.as_slice())
-        .map(Some)
-        .map_err(|_| CryptoError::Decrypt)
+    <[u8; 32]>::try_from(cek.as_slice()).map(Some).map_err(|_| CryptoError::Decrypt)
 }
 
 fn oaep_algorithm(params: Option<&Any>) -> Result<&'static OaepAlgorithm, CryptoError> {
     let params: OaepParams = match params {
         Some(p) if p.tag() != der::Tag::Null => p.decode_as().map_err(malformed)?,
-        _ => OaepParams {
-            hash: None,
-            mask_gen: None,
-            p_source: None,
-        },
+        _ => OaepParams { hash: None, mask_gen: None, p_source: None },
     };
     if params.p_source.is_some() {
         return Err(CryptoError::Unsupported("OAEP with a label".into()));
@@ -648,27 +549,17 @@ fn oaep_algorithm(params: Option<&Any>) -> Result<&'static OaepAlgorithm, Crypto
                 .map_err(malformed)?
                 .oid
         }
-        Some(m) => {
-            return Err(CryptoError::Unsupported(format!(
-                "mask generation {}",
-                m.oid
-            )))
-        }
+        Some(m) => return Err(CryptoError::Unsupported(format!("mask generation {}", m.oid))),
     };
     match (hash, mgf_hash) {
         (h, m) if h == oid::SHA256 && m == oid::SHA256 => Ok(&OAEP_SHA256_MGF1SHA256),
         (h, m) if h == oid::SHA1 && m == oid::SHA1 => Ok(&OAEP_SHA1_MGF1SHA1),
-        (h, m) => Err(CryptoError::Unsupported(format!(
-            "OAEP with {h} and MGF1 {m}"
-        ))),
+        (h, m) => Err(CryptoError::Unsupported(format!("OAEP with {h} and MGF1 {m}"))),
     }
 }
 
 fn attribute(oid: ObjectIdentifier, value: Any) -> Result<Attribute, CryptoError> {
-    Ok(Attribute {
-        oid,
-        values: SetOfVec::try_from(vec![value]).map_err(malformed)?,
-    })
+    Ok(Attribute { oid, values: SetOfVec::try_from(vec![value]).map_err(malformed)? })
 }
 
 /// Signs `content` with `identity`: a detached SignedData ContentInfo (DER)
@@ -682,30 +573,19 @@ pub fn sign(content: &[u8], identity: &Identity) -> Result<Vec<u8>, CryptoError>
     let message_digest = digest::digest(&SHA256, content);
     let signing_time = UtcTime::from_system_time(SystemTime::now()).map_err(malformed)?;
     let attrs: Attributes = SetOfVec::try_from(vec![
-        attribute(
-            oid::CONTENT_TYPE,
-            Any::encode_from(&oid::DATA).map_err(malformed)?,
-        )?,
-        attribute(
-            oid::SIGNING_TIME,
-            Any::encode_from(&signing_time).map_err(malformed)?,
-        )?,
+        attribute(oid::CONTENT_TYPE, Any::encode_from(&oid::DATA).map_err(malformed)?)?,
+        attribute(oid::SIGNING_TIME, Any::encode_from(&signing_time).map_err(malformed)?)?,
         attribute(
             oid::MESSAGE_DIGEST,
-            Any::encode_from(
-                &OctetString::new(message_digest.as_ref().to_vec()).map_err(malformed)?,
-            )
-            .map_err(malformed)?,
+            Any::encode_from(&OctetString::new(message_digest.as_ref().to_vec()).map_err(malformed)?)
+                .map_err(malformed)?,
         )?,
     ])
     .map_err(malformed)?;
     let to_sign = attrs.to_der().map_err(malformed)?;
     let (signature, signature_algorithm) = match identity.keys() {
         Keys::P256 { sign, .. } => (
-            sign.sign(&rng, &to_sign)
-                .map_err(|_| CryptoError::Internal("ECDSA"))?
-                .as_ref()
-                .to_vec(),
+            sign.sign(&rng, &to_sign).map_err(|_| CryptoError::Internal("ECDSA"))?.as_ref().to_vec(),
             alg(oid::ECDSA_WITH_SHA256),
         ),
         Keys::Rsa { sign, .. } => {
@@ -727,23 +607,16 @@ pub fn sign(content: &[u8], identity: &Identity) -> Result<Vec<u8>, CryptoError>
     let sd = SignedData {
         version: CmsVersion::V1,
         digest_algorithms: SetOfVec::try_from(vec![alg(oid::SHA256)]).map_err(malformed)?,
-        encap_content_info: EncapsulatedContentInfo {
-            econtent_type: oid::DATA,
-            econtent: None,
-        },
+        encap_content_info: EncapsulatedContentInfo { econtent_type: oid::DATA, econtent: None },
         certificates: Some(CertificateSet(
-            SetOfVec::try_from(vec![CertificateChoices::Certificate(me.x509)])
-                .map_err(malformed)?,
+            SetOfVec::try_from(vec![CertificateChoices::Certificate(me.x509)]).map_err(malformed)?,
         )),
         crls: None,
         signer_infos: SignerInfos(SetOfVec::try_from(vec![signer]).map_err(malformed)?),
     };
-    ContentInfo {
-        content_type: oid::SIGNED_DATA,
-        content: Any::encode_from(&sd).map_err(malformed)?,
-    }
-    .to_der()
-    .map_err(malformed)
+    ContentInfo { content_type: oid::SIGNED_DATA, content: Any::encode_from(&sd).map_err(malformed)? }
+        .to_der()
+        .map_err(malformed)
 }
 
 /// Verifies a detached SignedData ContentInfo (DER) over `content`, and
@@ -759,21 +632,14 @@ pub fn sign(content: &[u8], identity: &Identity) -> Result<Vec<u8>, CryptoError>
 pub fn verify(signature_der: &[u8], content: &[u8]) -> Result<Vec<u8>, CryptoError> {
     let ci = ContentInfo::from_der(signature_der).map_err(malformed)?;
     if ci.content_type != oid::SIGNED_DATA {
-        return Err(CryptoError::Malformed(format!(
-            "content type {} (want SignedData)",
-            ci.content_type
-        )));
+        return Err(CryptoError::Malformed(format!("content type {} (want SignedData)", ci.content_type)));
     }
     let sd: SignedData = ci.content.decode_as().map_err(malformed)?;
     if sd.encap_content_info.econtent.is_some() {
-        return Err(CryptoError::Malformed(
-            "the signature is not detached".into(),
-        ));
+        return Err(CryptoError::Malformed("the signature is not detached".into()));
     }
     let [signer] = sd.signer_infos.0.as_slice() else {
-        return Err(CryptoError::Malformed(
-            "a signature must have exactly one signer".into(),
-        ));
+        return Err(CryptoError::Malformed("a signature must have exactly one signer".into()));
     };
     let cert = sd
         .certificates
@@ -793,10 +659,7 @@ pub fn verify(signature_der: &[u8], content: &[u8]) -> Result<Vec<u8>, CryptoErr
         .ok_or(CryptoError::SignerNotFound)?;
     let cert = Cert { x509: cert.clone() };
     if signer.digest_alg.oid != oid::SHA256 {
-        return Err(CryptoError::Unsupported(format!(
-            "digest {}",
-            signer.digest_alg.oid
-        )));
+        return Err(CryptoError::Unsupported(format!("digest {}", signer.digest_alg.oid)));
     }
     let content_digest = digest::digest(&SHA256, content);
     let signed_bytes = match &signer.signed_attrs {
@@ -804,20 +667,13 @@ pub fn verify(signature_der: &[u8], content: &[u8]) -> Result<Vec<u8>, CryptoErr
             let single = |o: ObjectIdentifier| -> Result<&Any, CryptoError> {
                 let mut found = attrs.iter().filter(|a| a.oid == o);
                 match (found.next(), found.next()) {
-                    (Some(a), None) if a.values.len() == 1 => {
-                        a.values.get(0).ok_or(CryptoError::BadSignature)
-                    }
-                    _ => Err(CryptoError::Malformed(format!(
-                        "signed attribute {o} missing or repeated"
-                    ))),
+                    (Some(a), None) if a.values.len() == 1 => a.values.get(0).ok_or(CryptoError::BadSignature),
+                    _ => Err(CryptoError::Malformed(format!("signed attribute {o} missing or repeated"))),
                 }
             };
             let ct: ObjectIdentifier = single(oid::CONTENT_TYPE)?.decode_as().map_err(malformed)?;
-            let md: OctetString = single(oid::MESSAGE_DIGEST)?
-                .decode_as()
-                .map_err(malformed)?;
-            if ct != sd.encap_content_info.econtent_type || md.as_bytes() != content_digest.as_ref()
-            {
+            let md: OctetString = single(oid::MESSAGE_DIGEST)?.decode_as().map_err(malformed)?;
+            if ct != sd.encap_content_info.econtent_type || md.as_bytes() != content_digest.as_ref() {
                 return Err(CryptoError::BadSignature);
             }
             attrs.to_der().map_err(malformed)?
@@ -834,11 +690,7 @@ pub fn verify(signature_der: &[u8], content: &[u8]) -> Result<Vec<u8>, CryptoErr
             &signature::RSA_PKCS1_2048_8192_SHA256
         }
         KeyType::Rsa if sig_alg == oid::RSASSA_PSS => &signature::RSA_PSS_2048_8192_SHA256,
-        _ => {
-            return Err(CryptoError::Unsupported(format!(
-                "signature algorithm {sig_alg}"
-            )))
-        }
+        _ => return Err(CryptoError::Unsupported(format!("signature algorithm {sig_alg}"))),
     };
     signature::UnparsedPublicKey::new(algorithm, public)
         .verify(&signed_bytes, signer.signature.as_bytes())

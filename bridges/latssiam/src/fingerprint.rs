@@ -91,10 +91,7 @@ mod tests {
         assert!(s[..63].parse::<Fingerprint>().is_err());
         assert!(format!("{s}0").parse::<Fingerprint>().is_err());
         assert!(s.to_uppercase().parse::<Fingerprint>().is_err());
-        assert!(s
-            .replacen(|c: char| c.is_ascii_hexdigit(), "g", 1)
-            .parse::<Fingerprint>()
-            .is_err());
+        assert!(s.replacen(|c: char| c.is_ascii_hexdigit(), "g", 1).parse::<Fingerprint>().is_err());
     }
 
     #[test]

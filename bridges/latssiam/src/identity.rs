@@ -70,16 +70,11 @@ impl Address {
         let bad = || IdentityError::BadAddress(format!("{mailbox}@{host}"));
         let mailbox_ok = !mailbox.is_empty()
             && mailbox.len() <= 64
-            && mailbox
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-/=?^_`{|}~.".contains(&b));
+            && mailbox.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-/=?^_`{|}~.".contains(&b));
         if !mailbox_ok || !is_dns_name(host) {
             return Err(bad());
         }
-        Ok(Self {
-            mailbox: mailbox.to_owned(),
-            host: host.to_ascii_lowercase(),
-        })
+        Ok(Self { mailbox: mailbox.to_owned(), host: host.to_ascii_lowercase() })
     }
 
     /// The part before `@`.
@@ -110,9 +105,7 @@ pub fn is_dns_name(s: &str) -> bool {
 impl FromStr for Address {
     type Err = IdentityError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (mailbox, host) = s
-            .rsplit_once('@')
-            .ok_or_else(|| IdentityError::BadAddress(s.to_owned()))?;
+        let (mailbox, host) = s.rsplit_once('@').ok_or_else(|| IdentityError::BadAddress(s.to_owned()))?;
         Self::new(mailbox, host)
     }
 }
@@ -150,8 +143,7 @@ impl CertInfo {
     /// # Errors
     /// [`IdentityError::BadCertificate`] if it does not parse.
     pub fn from_der(der: &[u8]) -> Result<Self, IdentityError> {
-        let (rest, cert) = X509Certificate::from_der(der)
-            .map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+        let (rest, cert) = X509Certificate::from_der(der).map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
         if !rest.is_empty() {
             return Err(IdentityError::BadCertificate("trailing data".into()));
         }
@@ -163,12 +155,7 @@ impl CertInfo {
                 .map(str::to_owned)
         };
         let uid = subject_attr(OID_UID);
-        let display_name = cert
-            .subject()
-            .iter_common_name()
-            .next()
-            .and_then(|a| a.as_str().ok())
-            .map(str::to_owned);
+        let display_name = cert.subject().iter_common_name().next().and_then(|a| a.as_str().ok()).map(str::to_owned);
         let mut dns = None;
         let mut email = None;
         if let Ok(Some(san)) = cert.subject_alternative_name() {
@@ -206,15 +193,8 @@ pub enum KeyKind {
 }
 
 pub(crate) enum Keys {
-    P256 {
-        sign: signature::EcdsaKeyPair,
-        agree: agreement::PrivateKey,
-    },
-    Rsa {
-        sign: signature::RsaKeyPair,
-        oaep: rsa::OaepPrivateDecryptingKey,
-        pkcs1: rsa::Pkcs1PrivateDecryptingKey,
-    },
+    P256 { sign: signature::EcdsaKeyPair, agree: agreement::PrivateKey },
+    Rsa { sign: signature::RsaKeyPair, oaep: rsa::OaepPrivateDecryptingKey, pkcs1: rsa::Pkcs1PrivateDecryptingKey },
 }
 
 /// A certificate and its private key.
@@ -227,10 +207,7 @@ pub struct Identity {
 
 impl fmt::Debug for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Identity")
-            .field("info", &self.info)
-            .field("kind", &self.kind())
-            .finish_non_exhaustive()
+        f.debug_struct("Identity").field("info", &self.info).field("kind", &self.kind()).finish_non_exhaustive()
     }
 }
 
@@ -241,27 +218,19 @@ impl Identity {
     ///
     /// # Errors
     /// [`IdentityError::Generate`] if key or certificate generation fails.
-    pub fn generate(
-        address: &Address,
-        name: Option<&str>,
-        rsa: bool,
-    ) -> Result<Self, IdentityError> {
+    pub fn generate(address: &Address, name: Option<&str>, rsa: bool) -> Result<Self, IdentityError> {
         let g = |e: rcgen::Error| IdentityError::Generate(e.to_string());
         let key = if rsa {
-            rcgen::KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048)
-                .map_err(g)?
+            rcgen::KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048).map_err(g)?
         } else {
             rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(g)?
         };
         let mut params = rcgen::CertificateParams::default();
         params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(rcgen::DnType::CommonName, name.unwrap_or(address.mailbox()));
         params
             .distinguished_name
-            .push(rcgen::DnType::CommonName, name.unwrap_or(address.mailbox()));
-        params.distinguished_name.push(
-            rcgen::DnType::CustomDnType(vec![0, 9, 2342, 19_200_300, 100, 1, 1]),
-            address.mailbox(),
-        );
+            .push(rcgen::DnType::CustomDnType(vec![0, 9, 2342, 19_200_300, 100, 1, 1]), address.mailbox());
         params.subject_alt_names = vec![
             rcgen::SanType::DnsName(address.host().try_into().map_err(g)?),
             rcgen::SanType::Rfc822Name(address.to_string().try_into().map_err(g)?),
@@ -279,13 +248,9 @@ impl Identity {
     ///
     /// # Errors
     /// [`IdentityError::BadCertificate`] or [`IdentityError::BadKey`].
-    pub fn from_der(
-        cert: CertificateDer<'static>,
-        key: PrivateKeyDer<'static>,
-    ) -> Result<Self, IdentityError> {
+    pub fn from_der(cert: CertificateDer<'static>, key: PrivateKeyDer<'static>) -> Result<Self, IdentityError> {
         let info = CertInfo::from_der(&cert)?;
-        let (_, parsed) = X509Certificate::from_der(&cert)
-            .map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
+        let (_, parsed) = X509Certificate::from_der(&cert).map_err(|e| IdentityError::BadCertificate(e.to_string()))?;
         let cert_public = parsed.public_key().subject_public_key.data.to_vec();
         let keys = load_keys(&key)?;
         let key_public: &[u8] = match &keys {
@@ -293,16 +258,9 @@ impl Identity {
             Keys::Rsa { sign, .. } => sign.public_key().as_ref(),
         };
         if key_public != cert_public.as_slice() {
-            return Err(IdentityError::BadKey(
-                "the private key does not belong to the certificate",
-            ));
+            return Err(IdentityError::BadKey("the private key does not belong to the certificate"));
         }
-        Ok(Self {
-            cert,
-            key,
-            keys,
-            info,
-        })
+        Ok(Self { cert, key, keys, info })
     }
 
     /// Loads an identity from PEM text: one `CERTIFICATE` and one private key
@@ -346,9 +304,7 @@ impl Identity {
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
         let mut file = options.open(&key_path).map_err(io(&key_path))?;
         use std::io::Write as _;
-        file.write_all(self.key_pem().as_bytes())
-            .and_then(|()| file.sync_all())
-            .map_err(io(&key_path))?;
+        file.write_all(self.key_pem().as_bytes()).and_then(|()| file.sync_all()).map_err(io(&key_path))?;
         let cert_path = dir.join("cert.pem");
         std::fs::write(&cert_path, self.cert_pem()).map_err(io(&cert_path))?;
         Ok(())
@@ -407,18 +363,12 @@ impl Identity {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, IdentityError> {
-    std::fs::read(path).map_err(|source| IdentityError::Io {
-        path: path.display().to_string(),
-        source,
-    })
+    std::fs::read(path).map_err(|source| IdentityError::Io { path: path.display().to_string(), source })
 }
 
 fn load_keys(key: &PrivateKeyDer<'_>) -> Result<Keys, IdentityError> {
     let der = key.secret_der();
-    if let Ok(sign) = signature::EcdsaKeyPair::from_private_key_der(
-        &signature::ECDSA_P256_SHA256_ASN1_SIGNING,
-        der,
-    ) {
+    if let Ok(sign) = signature::EcdsaKeyPair::from_private_key_der(&signature::ECDSA_P256_SHA256_ASN1_SIGNING, der) {
         let agree = agreement::PrivateKey::from_private_key_der(&agreement::ECDH_P256, der)
             .map_err(|_| IdentityError::BadKey("P-256 key not usable for ECDH"))?;
         return Ok(Keys::P256 { sign, agree });
@@ -429,9 +379,7 @@ fn load_keys(key: &PrivateKeyDer<'_>) -> Result<Keys, IdentityError> {
         _ => return Err(IdentityError::BadKey("the key is neither P-256 nor RSA")),
     }
     .map_err(|_| IdentityError::BadKey("the key is neither P-256 nor RSA (2048 bits or more)"))?;
-    let pkcs8 = sign
-        .as_der()
-        .map_err(|_| IdentityError::BadKey("RSA key cannot be re-encoded"))?;
+    let pkcs8 = sign.as_der().map_err(|_| IdentityError::BadKey("RSA key cannot be re-encoded"))?;
     let decrypting = || {
         rsa::PrivateDecryptingKey::from_pkcs8(pkcs8.as_ref())
             .map_err(|_| IdentityError::BadKey("RSA key not usable for decryption"))
@@ -441,9 +389,7 @@ fn load_keys(key: &PrivateKeyDer<'_>) -> Result<Keys, IdentityError> {
     let pkcs1 = rsa::Pkcs1PrivateDecryptingKey::new(decrypting()?)
         .map_err(|_| IdentityError::BadKey("RSA key not usable for PKCS#1 v1.5"))?;
     if oaep.key_size_bits() < 2048 {
-        return Err(IdentityError::BadKey(
-            "RSA keys must have at least 2048 bits",
-        ));
+        return Err(IdentityError::BadKey("RSA keys must have at least 2048 bits"));
     }
     Ok(Keys::Rsa { sign, oaep, pkcs1 })
 }
@@ -474,8 +420,7 @@ pub fn pem(label: &str, der: &[u8]) -> String {
 /// [`IdentityError::BadPem`] when PEM text holds no certificate.
 pub fn certificate_from_pem_or_der(bytes: &[u8]) -> Result<CertificateDer<'static>, IdentityError> {
     if bytes.starts_with(b"-----") || bytes.windows(11).any(|w| w == b"-----BEGIN ") {
-        CertificateDer::from_pem_slice(bytes)
-            .map_err(|e| IdentityError::BadPem(format!("no certificate in PEM: {e}")))
+        CertificateDer::from_pem_slice(bytes).map_err(|e| IdentityError::BadPem(format!("no certificate in PEM: {e}")))
     } else {
         Ok(CertificateDer::from(bytes.to_vec()))
     }
@@ -503,10 +448,7 @@ impl LatssiamUrl {
             fingerprint: info.fingerprint,
             host: address.host().to_owned(),
             port: None,
-            path: format!(
-                ".well-known/latssiam/{}.pem",
-                address.mailbox().to_ascii_lowercase()
-            ),
+            path: format!(".well-known/latssiam/{}.pem", address.mailbox().to_ascii_lowercase()),
         })
     }
 }
@@ -528,27 +470,13 @@ impl FromStr for LatssiamUrl {
     /// converted to lower case").
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let s = s.trim().to_ascii_lowercase();
-        let rest = s
-            .strip_prefix("latssiam:")
-            .ok_or(IdentityError::BadUrl("must start with latssiam:"))?;
-        let (fp, rest) = rest
-            .split_at_checked(64)
-            .ok_or(IdentityError::BadUrl("fingerprint too short"))?;
-        let fingerprint = fp
-            .parse()
-            .map_err(|_| IdentityError::BadUrl("bad fingerprint"))?;
-        let rest = rest
-            .strip_prefix("//")
-            .ok_or(IdentityError::BadUrl("expected // after the fingerprint"))?;
+        let rest = s.strip_prefix("latssiam:").ok_or(IdentityError::BadUrl("must start with latssiam:"))?;
+        let (fp, rest) = rest.split_at_checked(64).ok_or(IdentityError::BadUrl("fingerprint too short"))?;
+        let fingerprint = fp.parse().map_err(|_| IdentityError::BadUrl("bad fingerprint"))?;
+        let rest = rest.strip_prefix("//").ok_or(IdentityError::BadUrl("expected // after the fingerprint"))?;
         let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
         let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) => (
-                h,
-                Some(
-                    p.parse::<u16>()
-                        .map_err(|_| IdentityError::BadUrl("bad port"))?,
-                ),
-            ),
+            Some((h, p)) => (h, Some(p.parse::<u16>().map_err(|_| IdentityError::BadUrl("bad port"))?)),
             None => (authority, None),
         };
         if !is_dns_name(host) {
@@ -557,12 +485,7 @@ impl FromStr for LatssiamUrl {
         if path.bytes().any(|b| !b.is_ascii_graphic()) {
             return Err(IdentityError::BadUrl("bad path"));
         }
-        Ok(Self {
-            fingerprint,
-            host: host.to_owned(),
-            port,
-            path: path.to_owned(),
-        })
+        Ok(Self { fingerprint, host: host.to_owned(), port, path: path.to_owned() })
     }
 }
 
@@ -575,14 +498,7 @@ mod tests {
         let a: Address = "alice@Example.ORG".parse().unwrap();
         assert_eq!(a.mailbox(), "alice");
         assert_eq!(a.host(), "example.org");
-        for bad in [
-            "alice",
-            "@example.org",
-            "alice@",
-            "al ice@example.org",
-            "alice@exa_mple.org",
-            "a@-x.org",
-        ] {
+        for bad in ["alice", "@example.org", "alice@", "al ice@example.org", "alice@exa_mple.org", "a@-x.org"] {
             assert!(bad.parse::<Address>().is_err(), "{bad}");
         }
     }
@@ -603,8 +519,7 @@ mod tests {
         let a: Address = "bob@example.org".parse().unwrap();
         let one = Identity::generate(&a, None, false).unwrap();
         let two = Identity::generate(&a, None, false).unwrap();
-        let err =
-            Identity::from_pem(one.cert_pem().as_bytes(), two.key_pem().as_bytes()).unwrap_err();
+        let err = Identity::from_pem(one.cert_pem().as_bytes(), two.key_pem().as_bytes()).unwrap_err();
         assert!(matches!(err, IdentityError::BadKey(_)), "{err}");
     }
 
@@ -617,17 +532,10 @@ mod tests {
         assert!(text.starts_with(&format!("latssiam:{}//example.org/", id.fingerprint())));
         assert_eq!(text, text.to_ascii_lowercase());
         assert_eq!(text.parse::<LatssiamUrl>().unwrap(), url);
-        assert_eq!(
-            text.to_ascii_uppercase().parse::<LatssiamUrl>().unwrap(),
-            url
-        );
-        let with_port: LatssiamUrl = format!("latssiam:{}//h.example:1965/x", id.fingerprint())
-            .parse()
-            .unwrap();
+        assert_eq!(text.to_ascii_uppercase().parse::<LatssiamUrl>().unwrap(), url);
+        let with_port: LatssiamUrl = format!("latssiam:{}//h.example:1965/x", id.fingerprint()).parse().unwrap();
         assert_eq!(with_port.port, Some(1965));
         assert!("latssiam:abc//h/x".parse::<LatssiamUrl>().is_err());
-        assert!(format!("latssiam:{}h/x", id.fingerprint())
-            .parse::<LatssiamUrl>()
-            .is_err());
+        assert!(format!("latssiam:{}h/x", id.fingerprint()).parse::<LatssiamUrl>().is_err());
     }
 }

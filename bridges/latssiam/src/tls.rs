@@ -112,19 +112,11 @@ pub struct MemoryPins(Mutex<BTreeMap<String, Fingerprint>>);
 
 impl PinStore for MemoryPins {
     fn get(&self, peer: &str) -> Result<Option<Fingerprint>, TlsError> {
-        Ok(self
-            .0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(peer)
-            .copied())
+        Ok(self.0.lock().unwrap_or_else(|e| e.into_inner()).get(peer).copied())
     }
 
     fn set(&self, peer: &str, fingerprint: Fingerprint) -> Result<(), TlsError> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(peer.to_owned(), fingerprint);
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(peer.to_owned(), fingerprint);
         Ok(())
     }
 }
@@ -144,24 +136,12 @@ impl FilePins {
     /// [`TlsError::PinStore`] when the file exists but cannot be read or has a bad line.
     pub fn open(path: impl Into<PathBuf>) -> Result<Self, TlsError> {
         let path = path.into();
-        let err = |source| TlsError::PinStore {
-            path: path.display().to_string(),
-            source,
-        };
+        let err = |source| TlsError::PinStore { path: path.display().to_string(), source };
         let mut pins = BTreeMap::new();
         match std::fs::read_to_string(&path) {
             Ok(text) => {
-                for (n, line) in text
-                    .lines()
-                    .enumerate()
-                    .filter(|(_, l)| !l.trim().is_empty())
-                {
-                    let bad = || {
-                        err(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            format!("line {}: bad pin", n + 1),
-                        ))
-                    };
+                for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+                    let bad = || err(io::Error::new(io::ErrorKind::InvalidData, format!("line {}: bad pin", n + 1)));
                     let (peer, fp) = line.trim().split_once(' ').ok_or_else(bad)?;
                     pins.insert(peer.to_owned(), fp.parse().map_err(|_| bad())?);
                 }
@@ -169,10 +149,7 @@ impl FilePins {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(err(e)),
         }
-        Ok(Self {
-            path,
-            pins: Mutex::new(pins),
-        })
+        Ok(Self { path, pins: Mutex::new(pins) })
     }
 
     fn write(&self, pins: &BTreeMap<String, Fingerprint>) -> io::Result<()> {
@@ -192,21 +169,13 @@ impl FilePins {
 
 impl PinStore for FilePins {
     fn get(&self, peer: &str) -> Result<Option<Fingerprint>, TlsError> {
-        Ok(self
-            .pins
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(peer)
-            .copied())
+        Ok(self.pins.lock().unwrap_or_else(|e| e.into_inner()).get(peer).copied())
     }
 
     fn set(&self, peer: &str, fingerprint: Fingerprint) -> Result<(), TlsError> {
         let mut pins = self.pins.lock().unwrap_or_else(|e| e.into_inner());
         pins.insert(peer.to_owned(), fingerprint);
-        self.write(&pins).map_err(|source| TlsError::PinStore {
-            path: self.path.display().to_string(),
-            source,
-        })
+        self.write(&pins).map_err(|source| TlsError::PinStore { path: self.path.display().to_string(), source })
     }
 }
 
@@ -254,17 +223,15 @@ impl ServerCertVerifier for TofuServerVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         let fingerprint = Fingerprint::of(end_entity);
         let validity = check_certificate(end_entity, now).err();
-        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = Seen {
-            fingerprint: Some(fingerprint),
-            validity: validity.clone(),
-        };
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) =
+            Seen { fingerprint: Some(fingerprint), validity: validity.clone() };
         if let Some(e) = validity {
             return Err(rustls::Error::InvalidCertificate(e));
         }
         match self.pinned {
-            Some(pinned) if pinned != fingerprint => Err(rustls::Error::InvalidCertificate(
-                CertificateError::ApplicationVerificationFailure,
-            )),
+            Some(pinned) if pinned != fingerprint => {
+                Err(rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure))
+            }
             _ => Ok(ServerCertVerified::assertion()),
         }
     }
@@ -275,12 +242,7 @@ impl ServerCertVerifier for TofuServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -289,18 +251,11 @@ impl ServerCertVerifier for TofuServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -339,12 +294,7 @@ impl ClientCertVerifier for AnyClientCertificate {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -353,18 +303,11 @@ impl ClientCertVerifier for AnyClientCertificate {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -377,31 +320,18 @@ pub fn server_config(identity: &Identity) -> Result<Arc<rustls::ServerConfig>, T
     let config = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(Arc::new(AnyClientCertificate { provider }))
-        .with_single_cert(
-            vec![identity.cert_der().clone()],
-            identity.key_der().clone_key(),
-        )?;
+        .with_single_cert(vec![identity.cert_der().clone()], identity.key_der().clone_key())?;
     Ok(Arc::new(config))
 }
 
 /// The client certificate of a server-side stream: `None` is "no certificate".
 pub fn peer_certificate(stream: &ServerStream) -> Option<CertificateDer<'static>> {
-    stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .map(|c| c.clone().into_owned())
+    stream.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.clone().into_owned())
 }
 
 /// The server certificate of a client-side stream.
 pub fn server_certificate(stream: &ClientStream) -> Option<CertificateDer<'static>> {
-    stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .map(|c| c.clone().into_owned())
+    stream.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.clone().into_owned())
 }
 
 /// Connects TLS over `tcp` to `host` (pinned under `host:port`), presenting
@@ -421,23 +351,16 @@ pub async fn connect(
     let peer = format!("{host}:{port}");
     let pinned = pins.get(&peer)?;
     let provider = provider();
-    let verifier = Arc::new(TofuServerVerifier {
-        pinned,
-        seen: Mutex::default(),
-        provider: provider.clone(),
-    });
+    let verifier = Arc::new(TofuServerVerifier { pinned, seen: Mutex::default(), provider: provider.clone() });
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .dangerous()
         .with_custom_certificate_verifier(verifier.clone());
     let config = match identity {
-        Some(id) => {
-            builder.with_client_auth_cert(vec![id.cert_der().clone()], id.key_der().clone_key())?
-        }
+        Some(id) => builder.with_client_auth_cert(vec![id.cert_der().clone()], id.key_der().clone_key())?,
         None => builder.with_no_client_auth(),
     };
-    let name = ServerName::try_from(host.to_owned())
-        .map_err(|_| TlsError::BadServerName(host.to_owned()))?;
+    let name = ServerName::try_from(host.to_owned()).map_err(|_| TlsError::BadServerName(host.to_owned()))?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     match connector.connect(name, tcp).await {
         Ok(stream) => {
@@ -449,24 +372,14 @@ pub async fn connect(
             Ok(stream)
         }
         Err(source) => {
-            let seen = verifier
-                .seen
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
+            let seen = verifier.seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
             Err(match (seen.fingerprint, seen.validity, pinned) {
-                (Some(fingerprint), Some(CertificateError::Expired), _) => {
-                    TlsError::Expired { peer, fingerprint }
-                }
+                (Some(fingerprint), Some(CertificateError::Expired), _) => TlsError::Expired { peer, fingerprint },
                 (Some(fingerprint), Some(CertificateError::NotValidYet), _) => {
                     TlsError::NotYetValid { peer, fingerprint }
                 }
                 (Some(presented), None, Some(pinned)) if presented != pinned => {
-                    TlsError::PinMismatch {
-                        peer,
-                        pinned,
-                        presented,
-                    }
+                    TlsError::PinMismatch { peer, pinned, presented }
                 }
                 _ => TlsError::Handshake { peer, source },
             })

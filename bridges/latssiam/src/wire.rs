@@ -163,10 +163,7 @@ impl Status {
 
     /// A status with the table's text.
     pub fn of(code: Code) -> Self {
-        Self {
-            code,
-            text: code.text().to_owned(),
-        }
+        Self { code, text: code.text().to_owned() }
     }
 
     /// A status with custom text.
@@ -205,18 +202,11 @@ impl Status {
 
     /// For a `35`, the new host: the last word of the text.
     pub fn moved_to(&self) -> Option<&str> {
-        (self.code == Code::MailboxMoved)
-            .then(|| self.text.rsplit(' ').next())
-            .flatten()
-            .filter(|h| !h.is_empty())
+        (self.code == Code::MailboxMoved).then(|| self.text.rsplit(' ').next()).flatten().filter(|h| !h.is_empty())
     }
 
     fn parse(line: &[u8]) -> Result<Self, WireError> {
-        if line.len() < 3
-            || !line[0].is_ascii_digit()
-            || !line[1].is_ascii_digit()
-            || line[2] != b' '
-        {
+        if line.len() < 3 || !line[0].is_ascii_digit() || !line[1].is_ascii_digit() || line[2] != b' ' {
             return Err(WireError::BadStatus);
         }
         let n = (line[0] - b'0') * 10 + (line[1] - b'0');
@@ -251,11 +241,7 @@ impl Password {
     }
 
     fn check(s: &[u8]) -> Result<(), WireError> {
-        if s.is_empty()
-            || s.len() > MAX_PASSWORD
-            || s[0] == b' '
-            || !s.iter().copied().all(is_printable)
-        {
+        if s.is_empty() || s.len() > MAX_PASSWORD || s[0] == b' ' || !s.iter().copied().all(is_printable) {
             return Err(WireError::BadArgument("password"));
         }
         Ok(())
@@ -304,18 +290,12 @@ impl Command {
             (b"MAILBOX", Some(a)) => match a.strip_prefix(b"REGISTER ") {
                 Some(pw) => {
                     Password::check(pw)?;
-                    Ok(Command::Register(Password(
-                        String::from_utf8_lossy(pw).into_owned(),
-                    )))
+                    Ok(Command::Register(Password(String::from_utf8_lossy(pw).into_owned())))
                 }
-                None => Err(WireError::BadArgument(
-                    "MAILBOX takes REGISTER <password> or DEREGISTER",
-                )),
+                None => Err(WireError::BadArgument("MAILBOX takes REGISTER <password> or DEREGISTER")),
             },
             (b"QUIT", None) => Ok(Command::Quit),
-            (b"SEND" | b"VERIFY" | b"ACCEPT" | b"MAILBOX", None) => {
-                Err(WireError::BadArgument("missing argument"))
-            }
+            (b"SEND" | b"VERIFY" | b"ACCEPT" | b"MAILBOX", None) => Err(WireError::BadArgument("missing argument")),
             (b"QUIT", Some(_)) => Err(WireError::BadArgument("QUIT takes no argument")),
             _ => Err(WireError::UnknownVerb),
         }
@@ -352,9 +332,7 @@ fn seconds_arg(a: &[u8]) -> Result<u64, WireError> {
         return Err(WireError::BadArgument("deadline"));
     }
     a.iter()
-        .try_fold(0u64, |n, d| {
-            n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-        })
+        .try_fold(0u64, |n, d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
         .ok_or(WireError::BadArgument("deadline"))
 }
 
@@ -381,12 +359,7 @@ pub enum Label {
 }
 
 impl Label {
-    const ALL: [Label; 4] = [
-        Label::EncryptedMessage,
-        Label::Signature,
-        Label::Certificate,
-        Label::CertificateRequest,
-    ];
+    const ALL: [Label; 4] = [Label::EncryptedMessage, Label::Signature, Label::Certificate, Label::CertificateRequest];
 
     /// The label text.
     pub const fn as_str(self) -> &'static str {
@@ -421,10 +394,7 @@ pub struct Block {
 impl Block {
     /// A block of `der` under `label`.
     pub fn new(label: Label, der: impl Into<Vec<u8>>) -> Self {
-        Self {
-            label,
-            der: der.into(),
-        }
+        Self { label, der: der.into() }
     }
 
     fn encode(&self, dst: &mut BytesMut) -> Result<(), WireError> {
@@ -629,11 +599,7 @@ impl FrameCodec {
         if line.len() > MAX_BASE64_LINE {
             return Err(WireError::Base64LineTooLong);
         }
-        if line.is_empty()
-            || !line
-                .iter()
-                .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='))
-        {
+        if line.is_empty() || !line.iter().all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=')) {
             return Err(WireError::BadBase64);
         }
         block.lines += 1;
@@ -653,11 +619,7 @@ impl FrameCodec {
                     .and_then(|r| r.strip_suffix(b"-----"))
                     .and_then(Label::from_bytes)
                     .ok_or(WireError::UnknownLabel)?;
-                self.block = Some(PartialBlock {
-                    label,
-                    base64: Vec::with_capacity(4096),
-                    lines: 0,
-                });
+                self.block = Some(PartialBlock { label, base64: Vec::with_capacity(4096), lines: 0 });
                 Ok(None)
             }
             _ => Ok(Some(Frame::Command(Command::parse(line)?))),
@@ -689,9 +651,7 @@ fn check_der_sequence(der: &[u8]) -> Result<(), WireError> {
             if rest.len() < n || rest[0] == 0 {
                 return Err(WireError::BadDer);
             }
-            let len = rest[..n]
-                .iter()
-                .fold(0usize, |l, &b| (l << 8) | usize::from(b));
+            let len = rest[..n].iter().fold(0usize, |l, &b| (l << 8) | usize::from(b));
             if len < 0x80 {
                 return Err(WireError::BadDer);
             }
@@ -711,11 +671,7 @@ impl Decoder for FrameCodec {
 
     fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, WireError> {
         while let Some(line) = Self::take_line(buf)? {
-            let frame = if self.block.is_some() {
-                self.block_line(&line)?
-            } else {
-                self.single_line(&line)?
-            };
+            let frame = if self.block.is_some() { self.block_line(&line)? } else { self.single_line(&line)? };
             if frame.is_some() {
                 return Ok(frame);
             }

@@ -7,8 +7,8 @@ use std::time::Duration;
 use base64::Engine as _;
 use bytes::BytesMut;
 use latssiam::wire::{
-    decode_all, encode_frame, Block, Code, Command, Frame, FrameCodec, Label, Password, Status,
-    WireError, MAX_BLOCK_DER,
+    decode_all, encode_frame, Block, Code, Command, Frame, FrameCodec, Label, Password, Status, WireError,
+    MAX_BLOCK_DER,
 };
 use latssiam::Fingerprint;
 use proptest::prelude::*;
@@ -21,12 +21,7 @@ fn one(input: &[u8]) -> Result<Frame, WireError> {
     match err {
         Some(e) => Err(e),
         None => {
-            assert_eq!(
-                frames.len(),
-                1,
-                "expected one frame from {:?}",
-                String::from_utf8_lossy(input)
-            );
+            assert_eq!(frames.len(), 1, "expected one frame from {:?}", String::from_utf8_lossy(input));
             Ok(frames.remove(0))
         }
     }
@@ -35,8 +30,7 @@ fn one(input: &[u8]) -> Result<Frame, WireError> {
 fn code_of(input: &[u8]) -> Code {
     let err = one(input).unwrap_err();
     assert!(err.hang_up(), "{err} must end the session");
-    err.code()
-        .unwrap_or_else(|| panic!("{err} carries no code"))
+    err.code().unwrap_or_else(|| panic!("{err} carries no code"))
 }
 
 /// A status line of exactly `n` octets including CRLF.
@@ -51,9 +45,7 @@ fn status_line(n: usize) -> Vec<u8> {
 fn line_lengths_72_and_73_pass_74_fails() {
     for n in [72, 73] {
         let f = one(&status_line(n)).unwrap();
-        assert!(
-            matches!(f, Frame::Status(s) if s.code() == Code::MessageAccepted && s.text().len() == n - 5)
-        );
+        assert!(matches!(f, Frame::Status(s) if s.code() == Code::MessageAccepted && s.text().len() == n - 5));
     }
     assert!(matches!(one(&status_line(74)), Err(WireError::LineTooLong)));
     assert_eq!(code_of(&status_line(74)), Code::SyntaxError);
@@ -65,14 +57,8 @@ fn bare_lf_bare_cr_nul_and_non_ascii_are_violations() {
     assert!(matches!(one(b"QU\rIT\r\n"), Err(WireError::BareCr)));
     assert!(matches!(one(b"QUIT\r\r\n"), Err(WireError::BareCr)));
     assert!(matches!(one(b"QU\0IT\r\n"), Err(WireError::Nul)));
-    assert!(matches!(
-        one("31 Grüße\r\n".as_bytes()),
-        Err(WireError::NonPrintable(0xc3))
-    ));
-    assert!(matches!(
-        one(b"31 tab\there\r\n"),
-        Err(WireError::NonPrintable(b'\t'))
-    ));
+    assert!(matches!(one("31 Grüße\r\n".as_bytes()), Err(WireError::NonPrintable(0xc3))));
+    assert!(matches!(one(b"31 tab\there\r\n"), Err(WireError::NonPrintable(b'\t'))));
     for bad in [&b"QUIT\n"[..], b"QU\rIT\r\n", b"QU\0IT\r\n"] {
         assert_eq!(code_of(bad), Code::SyntaxError);
     }
@@ -112,10 +98,7 @@ fn ten_megabytes_without_crlf_cost_one_line() {
 #[test]
 fn eof_cases() {
     assert!(matches!(decode_all(b""), (f, None) if f.is_empty()));
-    assert!(matches!(
-        decode_all(b"QUIT"),
-        (_, Some(WireError::EofInLine))
-    ));
+    assert!(matches!(decode_all(b"QUIT"), (_, Some(WireError::EofInLine))));
     assert!(matches!(
         decode_all(b"-----BEGIN SIGNATURE-----\r\nMAA=\r\n"),
         (_, Some(WireError::EofInBlock(Label::Signature)))
@@ -126,47 +109,23 @@ fn eof_cases() {
 #[test]
 fn verbs_with_typed_arguments() {
     let fp: Fingerprint = FP.parse().unwrap();
-    assert_eq!(
-        one(format!("SEND {FP}\r\n").as_bytes()).unwrap(),
-        Frame::Command(Command::Send(fp))
-    );
-    assert_eq!(
-        one(format!("VERIFY {FP}\r\n").as_bytes()).unwrap(),
-        Frame::Command(Command::Verify(fp))
-    );
-    assert_eq!(
-        one(b"ACCEPT 30\r\n").unwrap(),
-        Frame::Command(Command::Accept(Duration::from_secs(30)))
-    );
-    assert_eq!(
-        one(b"ACCEPT 0\r\n").unwrap(),
-        Frame::Command(Command::Accept(Duration::ZERO))
-    );
+    assert_eq!(one(format!("SEND {FP}\r\n").as_bytes()).unwrap(), Frame::Command(Command::Send(fp)));
+    assert_eq!(one(format!("VERIFY {FP}\r\n").as_bytes()).unwrap(), Frame::Command(Command::Verify(fp)));
+    assert_eq!(one(b"ACCEPT 30\r\n").unwrap(), Frame::Command(Command::Accept(Duration::from_secs(30))));
+    assert_eq!(one(b"ACCEPT 0\r\n").unwrap(), Frame::Command(Command::Accept(Duration::ZERO)));
     assert_eq!(
         one(b"MAILBOX REGISTER open sesame\r\n").unwrap(),
         Frame::Command(Command::Register(Password::new("open sesame").unwrap()))
     );
-    assert_eq!(
-        one(b"MAILBOX DEREGISTER\r\n").unwrap(),
-        Frame::Command(Command::Deregister)
-    );
+    assert_eq!(one(b"MAILBOX DEREGISTER\r\n").unwrap(), Frame::Command(Command::Deregister));
     assert_eq!(one(b"QUIT\r\n").unwrap(), Frame::Command(Command::Quit));
 }
 
 #[test]
 fn unknown_and_lower_case_verbs_are_syntax_errors() {
-    for line in [
-        &b"HELO x\r\n"[..],
-        b"quit\r\n",
-        b"Send x\r\n",
-        b"\r\n",
-        b"MAILBOX\r\n",
-    ] {
+    for line in [&b"HELO x\r\n"[..], b"quit\r\n", b"Send x\r\n", b"\r\n", b"MAILBOX\r\n"] {
         let err = one(line).unwrap_err();
-        assert!(
-            matches!(err, WireError::UnknownVerb | WireError::BadArgument(_)),
-            "{err}"
-        );
+        assert!(matches!(err, WireError::UnknownVerb | WireError::BadArgument(_)), "{err}");
         assert_eq!(err.code(), Some(Code::SyntaxError));
     }
     assert!(matches!(one(b"quit\r\n"), Err(WireError::UnknownVerb)));
@@ -186,83 +145,45 @@ fn two_spaces_before_an_argument_are_refused() {
     ] {
         // `VERIFY  <fp>` is also one octet too long; either way it is a 50.
         let err = one(line.as_bytes()).unwrap_err();
-        assert!(
-            matches!(err, WireError::BadArgument(_) | WireError::LineTooLong),
-            "{line:?}: {err}"
-        );
+        assert!(matches!(err, WireError::BadArgument(_) | WireError::LineTooLong), "{line:?}: {err}");
         assert_eq!(code_of(line.as_bytes()), Code::SyntaxError);
     }
 }
 
 #[test]
 fn fingerprints_must_be_64_lower_case_hex() {
-    assert!(matches!(
-        one(format!("SEND {}\r\n", &FP[..63]).as_bytes()),
-        Err(WireError::BadArgument(_))
-    ));
-    assert!(matches!(
-        one(format!("SEND {}\r\n", FP.to_uppercase()).as_bytes()),
-        Err(WireError::BadArgument(_))
-    ));
-    assert!(matches!(
-        one(format!("SEND {FP}0\r\n").as_bytes()),
-        Err(WireError::BadArgument(_))
-    ));
-    assert!(matches!(
-        one(format!("SEND {}g\r\n", &FP[..63]).as_bytes()),
-        Err(WireError::BadArgument(_))
-    ));
+    assert!(matches!(one(format!("SEND {}\r\n", &FP[..63]).as_bytes()), Err(WireError::BadArgument(_))));
+    assert!(matches!(one(format!("SEND {}\r\n", FP.to_uppercase()).as_bytes()), Err(WireError::BadArgument(_))));
+    assert!(matches!(one(format!("SEND {FP}0\r\n").as_bytes()), Err(WireError::BadArgument(_))));
+    assert!(matches!(one(format!("SEND {}g\r\n", &FP[..63]).as_bytes()), Err(WireError::BadArgument(_))));
 }
 
 #[test]
 fn deadlines_and_passwords() {
-    assert!(matches!(
-        one(b"ACCEPT -1\r\n"),
-        Err(WireError::BadArgument(_))
-    ));
-    assert!(matches!(
-        one(b"ACCEPT 99999999999999999999999\r\n"),
-        Err(WireError::BadArgument(_))
-    ));
+    assert!(matches!(one(b"ACCEPT -1\r\n"), Err(WireError::BadArgument(_))));
+    assert!(matches!(one(b"ACCEPT 99999999999999999999999\r\n"), Err(WireError::BadArgument(_))));
     let longest = "p".repeat(54);
     assert!(one(format!("MAILBOX REGISTER {longest}\r\n").as_bytes()).is_ok());
     assert!(Password::new("p".repeat(55)).is_err());
     assert!(Password::new("").is_err());
     assert!(Password::new(" leading").is_err());
     assert!(Password::new("caf\u{e9}").is_err());
-    assert_eq!(
-        format!("{:?}", Password::new("secret").unwrap()),
-        "Password(..)"
-    );
+    assert_eq!(format!("{:?}", Password::new("secret").unwrap()), "Password(..)");
 }
 
 #[test]
 fn status_lines() {
-    assert_eq!(
-        one(b"33 \r\n").unwrap(),
-        Frame::Status(Status::new(Code::NoMoreMessages, "").unwrap())
-    );
+    assert_eq!(one(b"33 \r\n").unwrap(), Frame::Status(Status::new(Code::NoMoreMessages, "").unwrap()));
     assert!(matches!(one(b"31\r\n"), Err(WireError::BadStatus)));
     assert!(matches!(one(b"3 x\r\n"), Err(WireError::BadStatus)));
     assert!(matches!(one(b"31x\r\n"), Err(WireError::BadStatus)));
-    assert!(matches!(
-        one(b"99 what\r\n"),
-        Err(WireError::UnknownCode(99))
-    ));
-    let Frame::Status(moved) = one(b"35 Mailbox moved new.example.org\r\n").unwrap() else {
-        panic!()
-    };
+    assert!(matches!(one(b"99 what\r\n"), Err(WireError::UnknownCode(99))));
+    let Frame::Status(moved) = one(b"35 Mailbox moved new.example.org\r\n").unwrap() else { panic!() };
     assert_eq!(moved.moved_to(), Some("new.example.org"));
-    assert_eq!(
-        Status::moved("h.example").unwrap().to_string(),
-        "35 Mailbox moved h.example"
-    );
+    assert_eq!(Status::moved("h.example").unwrap().to_string(), "35 Mailbox moved h.example");
     for code in Code::ALL {
         let line = format!("{} {}\r\n", code, code.text());
-        assert_eq!(
-            one(line.as_bytes()).unwrap(),
-            Frame::Status(Status::of(code))
-        );
+        assert_eq!(one(line.as_bytes()).unwrap(), Frame::Status(Status::of(code)));
     }
 }
 
@@ -287,10 +208,7 @@ fn der_of_len(len: usize) -> Vec<u8> {
 
 fn b64_lines(der: &[u8], width: usize) -> Vec<String> {
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    b64.as_bytes()
-        .chunks(width)
-        .map(|c| String::from_utf8(c.to_vec()).unwrap())
-        .collect()
+    b64.as_bytes().chunks(width).map(|c| String::from_utf8(c.to_vec()).unwrap()).collect()
 }
 
 #[test]
@@ -299,10 +217,7 @@ fn blocks_of_400_lines_pass_401_fail() {
     let lines = b64_lines(&der, 64);
     assert_eq!(lines.len(), 400);
     let f = one(&armour("ENCRYPTED MESSAGE", "ENCRYPTED MESSAGE", &lines)).unwrap();
-    assert_eq!(
-        f,
-        Frame::Block(Block::new(Label::EncryptedMessage, der.clone()))
-    );
+    assert_eq!(f, Frame::Block(Block::new(Label::EncryptedMessage, der.clone())));
 
     let mut more = lines.clone();
     more.insert(0, "MAAA".to_owned());
@@ -310,20 +225,11 @@ fn blocks_of_400_lines_pass_401_fail() {
         one(&armour("ENCRYPTED MESSAGE", "ENCRYPTED MESSAGE", &more)),
         Err(WireError::BlockTooLong(Label::EncryptedMessage))
     ));
-    assert_eq!(
-        code_of(&armour("ENCRYPTED MESSAGE", "ENCRYPTED MESSAGE", &more)),
-        Code::MessageTooLong
-    );
-    assert_eq!(
-        code_of(&armour("SIGNATURE", "SIGNATURE", &more)),
-        Code::SyntaxError
-    );
+    assert_eq!(code_of(&armour("ENCRYPTED MESSAGE", "ENCRYPTED MESSAGE", &more)), Code::MessageTooLong);
+    assert_eq!(code_of(&armour("SIGNATURE", "SIGNATURE", &more)), Code::SyntaxError);
     // Too big to encode, too.
     assert!(matches!(
-        encode_frame(&Frame::Block(Block::new(
-            Label::EncryptedMessage,
-            der_of_len(MAX_BLOCK_DER + 3)
-        ))),
+        encode_frame(&Frame::Block(Block::new(Label::EncryptedMessage, der_of_len(MAX_BLOCK_DER + 3)))),
         Err(WireError::BlockTooLong(_))
     ));
 }
@@ -331,10 +237,7 @@ fn blocks_of_400_lines_pass_401_fail() {
 #[test]
 fn a_65_character_base64_line_is_refused() {
     let lines = b64_lines(&der_of_len(600), 65);
-    assert!(matches!(
-        one(&armour("CERTIFICATE", "CERTIFICATE", &lines)),
-        Err(WireError::Base64LineTooLong)
-    ));
+    assert!(matches!(one(&armour("CERTIFICATE", "CERTIFICATE", &lines)), Err(WireError::Base64LineTooLong)));
     // Shorter lines are fine (64 is a maximum, not a width).
     let lines = b64_lines(&der_of_len(600), 60);
     assert!(one(&armour("CERTIFICATE", "CERTIFICATE", &lines)).is_ok());
@@ -347,35 +250,16 @@ fn mismatched_unknown_labels_and_bad_base64() {
         one(&armour("SIGNATURE", "CERTIFICATE", &lines)),
         Err(WireError::LabelMismatch(Label::Signature))
     ));
-    assert!(matches!(
-        one(&armour("PGP MESSAGE", "PGP MESSAGE", &lines)),
-        Err(WireError::UnknownLabel)
-    ));
-    assert!(matches!(
-        one(b"-----BEGIN SIGNATURE----\r\n"),
-        Err(WireError::UnknownLabel)
-    ));
+    assert!(matches!(one(&armour("PGP MESSAGE", "PGP MESSAGE", &lines)), Err(WireError::UnknownLabel)));
+    assert!(matches!(one(b"-----BEGIN SIGNATURE----\r\n"), Err(WireError::UnknownLabel)));
     let mut bad = lines.clone();
     bad[1].replace_range(3..4, "*");
-    assert!(matches!(
-        one(&armour("SIGNATURE", "SIGNATURE", &bad)),
-        Err(WireError::BadBase64)
-    ));
+    assert!(matches!(one(&armour("SIGNATURE", "SIGNATURE", &bad)), Err(WireError::BadBase64)));
     let mut padded_early = lines.clone();
     padded_early[0].replace_range(62..64, "==");
-    assert!(matches!(
-        one(&armour("SIGNATURE", "SIGNATURE", &padded_early)),
-        Err(WireError::BadBase64)
-    ));
-    assert!(matches!(
-        one(&armour("SIGNATURE", "SIGNATURE", &["".to_owned()])),
-        Err(WireError::BadBase64)
-    ));
-    for e in [
-        WireError::BadBase64,
-        WireError::UnknownLabel,
-        WireError::LabelMismatch(Label::Signature),
-    ] {
+    assert!(matches!(one(&armour("SIGNATURE", "SIGNATURE", &padded_early)), Err(WireError::BadBase64)));
+    assert!(matches!(one(&armour("SIGNATURE", "SIGNATURE", &["".to_owned()])), Err(WireError::BadBase64)));
+    for e in [WireError::BadBase64, WireError::UnknownLabel, WireError::LabelMismatch(Label::Signature)] {
         assert_eq!(e.code(), Some(Code::SyntaxError));
     }
 }
@@ -383,29 +267,11 @@ fn mismatched_unknown_labels_and_bad_base64() {
 #[test]
 fn block_content_must_be_one_der_sequence() {
     let not_der = |bytes: &[u8]| armour("CERTIFICATE", "CERTIFICATE", &b64_lines(bytes, 64));
-    assert!(matches!(
-        one(&not_der(b"hello world")),
-        Err(WireError::BadDer)
-    ));
-    assert!(
-        matches!(one(&not_der(&[0x30, 0x05, 1, 2])), Err(WireError::BadDer)),
-        "short"
-    );
-    assert!(
-        matches!(one(&not_der(&[0x30, 0x01, 1, 2])), Err(WireError::BadDer)),
-        "trailing data"
-    );
-    assert!(
-        matches!(
-            one(&not_der(&[0x30, 0x81, 0x01, 1])),
-            Err(WireError::BadDer)
-        ),
-        "non-minimal length"
-    );
-    assert!(
-        matches!(one(&not_der(&[0x30, 0x80, 0, 0])), Err(WireError::BadDer)),
-        "indefinite length"
-    );
+    assert!(matches!(one(&not_der(b"hello world")), Err(WireError::BadDer)));
+    assert!(matches!(one(&not_der(&[0x30, 0x05, 1, 2])), Err(WireError::BadDer)), "short");
+    assert!(matches!(one(&not_der(&[0x30, 0x01, 1, 2])), Err(WireError::BadDer)), "trailing data");
+    assert!(matches!(one(&not_der(&[0x30, 0x81, 0x01, 1])), Err(WireError::BadDer)), "non-minimal length");
+    assert!(matches!(one(&not_der(&[0x30, 0x80, 0, 0])), Err(WireError::BadDer)), "indefinite length");
     assert!(one(&not_der(&[0x30, 0x01, 0x05])).is_ok());
 }
 
@@ -413,19 +279,12 @@ fn block_content_must_be_one_der_sequence() {
 fn a_conversation_decodes_in_order_from_one_buffer() {
     let der = der_of_len(1000);
     let mut input = format!("SEND {FP}\r\n30 Recipient recognised; proceed\r\n").into_bytes();
-    input.extend(armour(
-        "ENCRYPTED MESSAGE",
-        "ENCRYPTED MESSAGE",
-        &b64_lines(&der, 64),
-    ));
+    input.extend(armour("ENCRYPTED MESSAGE", "ENCRYPTED MESSAGE", &b64_lines(&der, 64)));
     input.extend_from_slice(b"31 Message accepted\r\nQUIT\r\n");
     let (frames, err) = decode_all(&input);
     assert!(err.is_none());
     assert_eq!(frames.len(), 5);
-    assert_eq!(
-        frames[2],
-        Frame::Block(Block::new(Label::EncryptedMessage, der))
-    );
+    assert_eq!(frames[2], Frame::Block(Block::new(Label::EncryptedMessage, der)));
     // Fed one octet at a time, the same frames come out.
     let mut codec = FrameCodec::new();
     let mut buf = BytesMut::new();
@@ -455,8 +314,7 @@ fn arb_command() -> impl Strategy<Value = Command> {
 }
 
 fn arb_status() -> impl Strategy<Value = Status> {
-    (proptest::sample::select(Code::ALL.to_vec()), "[ -~]{0,68}")
-        .prop_map(|(c, t)| Status::new(c, t).unwrap())
+    (proptest::sample::select(Code::ALL.to_vec()), "[ -~]{0,68}").prop_map(|(c, t)| Status::new(c, t).unwrap())
 }
 
 fn arb_block() -> impl Strategy<Value = Block> {

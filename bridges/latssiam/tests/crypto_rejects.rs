@@ -17,19 +17,10 @@ fn both() -> [Identity; 2] {
 fn round_trips_p256_and_rsa() {
     for bob in both() {
         let msg = b"Subject: hi\r\n\r\nhello".to_vec();
-        assert_eq!(
-            crypto::open(&crypto::seal(&msg, bob.cert_der()).unwrap(), &bob).unwrap(),
-            msg
-        );
-        assert_eq!(
-            crypto::open(&crypto::seal(b"", bob.cert_der()).unwrap(), &bob).unwrap(),
-            b""
-        );
+        assert_eq!(crypto::open(&crypto::seal(&msg, bob.cert_der()).unwrap(), &bob).unwrap(), msg);
+        assert_eq!(crypto::open(&crypto::seal(b"", bob.cert_der()).unwrap(), &bob).unwrap(), b"");
         let sig = crypto::sign(&msg, &bob).unwrap();
-        assert_eq!(
-            Fingerprint::of(&crypto::verify(&sig, &msg).unwrap()),
-            bob.fingerprint()
-        );
+        assert_eq!(Fingerprint::of(&crypto::verify(&sig, &msg).unwrap()), bob.fingerprint());
     }
 }
 
@@ -42,18 +33,12 @@ fn a_tampered_ciphertext_is_refused() {
         let mut bad = der.clone();
         let i = der.len() - 18 - 500;
         bad[i] ^= 0x01;
-        assert!(matches!(
-            crypto::open(&bad, &bob),
-            Err(CryptoError::Decrypt)
-        ));
+        assert!(matches!(crypto::open(&bad, &bob), Err(CryptoError::Decrypt)));
         // Flip one octet of the MAC.
         let mut bad = der.clone();
         let last = bad.len() - 1;
         bad[last] ^= 0x80;
-        assert!(matches!(
-            crypto::open(&bad, &bob),
-            Err(CryptoError::Decrypt)
-        ));
+        assert!(matches!(crypto::open(&bad, &bob), Err(CryptoError::Decrypt)));
     }
 }
 
@@ -62,19 +47,10 @@ fn a_truncated_message_is_malformed() {
     for bob in both() {
         let der = crypto::seal(b"hello", bob.cert_der()).unwrap();
         for cut in [1, 10, der.len() / 2, der.len() - 1] {
-            assert!(
-                matches!(
-                    crypto::open(&der[..cut], &bob),
-                    Err(CryptoError::Malformed(_))
-                ),
-                "cut at {cut}"
-            );
+            assert!(matches!(crypto::open(&der[..cut], &bob), Err(CryptoError::Malformed(_))), "cut at {cut}");
         }
         let sig = crypto::sign(b"hello", &bob).unwrap();
-        assert!(matches!(
-            crypto::verify(&sig[..sig.len() - 3], b"hello"),
-            Err(CryptoError::Malformed(_))
-        ));
+        assert!(matches!(crypto::verify(&sig[..sig.len() - 3], b"hello"), Err(CryptoError::Malformed(_))));
     }
 }
 
@@ -83,29 +59,17 @@ fn a_message_for_someone_else_is_not_for_us() {
     let alice = id("alice@example.org", false);
     let [bob, rob] = both();
     let der = crypto::seal(b"for alice", alice.cert_der()).unwrap();
-    assert!(matches!(
-        crypto::open(&der, &bob),
-        Err(CryptoError::NotForRecipient)
-    ));
-    assert!(matches!(
-        crypto::open(&der, &rob),
-        Err(CryptoError::NotForRecipient)
-    ));
+    assert!(matches!(crypto::open(&der, &bob), Err(CryptoError::NotForRecipient)));
+    assert!(matches!(crypto::open(&der, &rob), Err(CryptoError::NotForRecipient)));
     let der = crypto::seal(b"for rob", rob.cert_der()).unwrap();
-    assert!(matches!(
-        crypto::open(&der, &alice),
-        Err(CryptoError::NotForRecipient)
-    ));
+    assert!(matches!(crypto::open(&der, &alice), Err(CryptoError::NotForRecipient)));
 }
 
 #[test]
 fn a_signature_over_other_bytes_is_refused() {
     for bob in both() {
         let sig = crypto::sign(b"the message", &bob).unwrap();
-        assert!(matches!(
-            crypto::verify(&sig, b"another message"),
-            Err(CryptoError::BadSignature)
-        ));
+        assert!(matches!(crypto::verify(&sig, b"another message"), Err(CryptoError::BadSignature)));
     }
 }
 
@@ -125,10 +89,7 @@ fn a_signature_with_a_swapped_certificate_is_refused() {
     let mut forged = sig[..pos].to_vec();
     forged.extend_from_slice(alice.cert_der());
     forged.extend_from_slice(&sig[pos + m.len()..]);
-    assert!(matches!(
-        crypto::verify(&forged, b"m"),
-        Err(CryptoError::SignerNotFound)
-    ));
+    assert!(matches!(crypto::verify(&forged, b"m"), Err(CryptoError::SignerNotFound)));
 }
 
 #[test]
@@ -136,18 +97,9 @@ fn the_wrong_structure_is_refused() {
     let bob = id("bob@example.org", false);
     let sig = crypto::sign(b"x", &bob).unwrap();
     let msg = crypto::seal(b"x", bob.cert_der()).unwrap();
-    assert!(matches!(
-        crypto::open(&sig, &bob),
-        Err(CryptoError::Unsupported(_))
-    ));
-    assert!(matches!(
-        crypto::verify(&msg, b"x"),
-        Err(CryptoError::Malformed(_))
-    ));
-    assert!(matches!(
-        crypto::seal(b"x", b"not a certificate"),
-        Err(CryptoError::BadCertificate(_))
-    ));
+    assert!(matches!(crypto::open(&sig, &bob), Err(CryptoError::Unsupported(_))));
+    assert!(matches!(crypto::verify(&msg, b"x"), Err(CryptoError::Malformed(_))));
+    assert!(matches!(crypto::seal(b"x", b"not a certificate"), Err(CryptoError::BadCertificate(_))));
 }
 
 proptest! {

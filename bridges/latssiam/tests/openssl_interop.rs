@@ -9,29 +9,19 @@ use latssiam::crypto::{self, CryptoError};
 use latssiam::{Address, Fingerprint, Identity};
 
 fn openssl(dir: &Path, args: &[&str]) -> std::process::Output {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("run openssl");
+    let out = Command::new("openssl").current_dir(dir).args(args).output().expect("run openssl");
     out
 }
 
 fn openssl_ok(dir: &Path, args: &[&str]) {
     let out = openssl(dir, args);
-    assert!(
-        out.status.success(),
-        "openssl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "openssl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// A message of `n` octets, with a header and non-ASCII text.
 fn message(n: usize) -> Vec<u8> {
     let mut m =
-        "From: a@example.org\r\nTo: b@example.org\r\nSubject: Grüße\r\n\r\nHallo, Wörld!\r\n"
-            .as_bytes()
-            .to_vec();
+        "From: a@example.org\r\nTo: b@example.org\r\nSubject: Grüße\r\n\r\nHallo, Wörld!\r\n".as_bytes().to_vec();
     while m.len() < n {
         m.push(b'a' + (m.len() % 26) as u8);
     }
@@ -57,9 +47,7 @@ impl Party {
     fn openssls(rsa: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let key = if rsa { "rsa:2048" } else { "ec" };
-        let mut args = vec![
-            "req", "-x509", "-newkey", key, "-nodes", "-keyout", "key.pem", "-out", "cert.pem",
-        ];
+        let mut args = vec!["req", "-x509", "-newkey", key, "-nodes", "-keyout", "key.pem", "-out", "cert.pem"];
         if !rsa {
             args.extend(["-pkeyopt", "ec_paramgen_curve:P-256"]);
         }
@@ -89,8 +77,8 @@ fn seal_opened_by_openssl(rsa: bool) {
     openssl_ok(
         bob.dir.path(),
         &[
-            "cms", "-decrypt", "-binary", "-inform", "DER", "-in", "msg.der", "-recip", "cert.pem",
-            "-inkey", "key.pem", "-out", "plain",
+            "cms", "-decrypt", "-binary", "-inform", "DER", "-in", "msg.der", "-recip", "cert.pem", "-inkey",
+            "key.pem", "-out", "plain",
         ],
     );
     assert_eq!(std::fs::read(bob.path("plain")).unwrap(), msg);
@@ -110,14 +98,7 @@ fn openssl_sealed_opened(rsa: bool, keyopts: &[&str]) {
     let bob = Party::openssls(rsa);
     let msg = message(5000);
     std::fs::write(bob.path("plain"), &msg).unwrap();
-    let mut args = vec![
-        "cms",
-        "-encrypt",
-        "-binary",
-        "-aes-256-gcm",
-        "-recip",
-        "cert.pem",
-    ];
+    let mut args = vec!["cms", "-encrypt", "-binary", "-aes-256-gcm", "-recip", "cert.pem"];
     for k in keyopts {
         args.extend(["-keyopt", k]);
     }
@@ -200,18 +181,11 @@ fn signature_verified_by_openssl(rsa: bool) {
         )
     };
     let ok = verify("content");
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
     let mut other = content.clone();
     other[0] ^= 1;
     std::fs::write(alice.path("other"), &other).unwrap();
-    assert!(
-        !verify("other").status.success(),
-        "openssl accepted a signature over other bytes"
-    );
+    assert!(!verify("other").status.success(), "openssl accepted a signature over other bytes");
 }
 
 #[test]
@@ -231,8 +205,8 @@ fn openssl_signature_verified(rsa: bool) {
     openssl_ok(
         bob.dir.path(),
         &[
-            "cms", "-sign", "-binary", "-signer", "cert.pem", "-inkey", "key.pem", "-outform",
-            "DER", "-in", "content", "-out", "sig.der",
+            "cms", "-sign", "-binary", "-signer", "cert.pem", "-inkey", "key.pem", "-outform", "DER", "-in", "content",
+            "-out", "sig.der",
         ],
     );
     let sig = std::fs::read(bob.path("sig.der")).unwrap();
@@ -240,10 +214,7 @@ fn openssl_signature_verified(rsa: bool) {
     assert_eq!(Fingerprint::of(&signer), bob.id.fingerprint());
     let mut other = content.clone();
     other.push(b'!');
-    assert!(matches!(
-        crypto::verify(&sig, &other),
-        Err(CryptoError::BadSignature)
-    ));
+    assert!(matches!(crypto::verify(&sig, &other), Err(CryptoError::BadSignature)));
 }
 
 #[test]
@@ -259,32 +230,13 @@ fn verify_takes_openssl_signature_rsa() {
 #[test]
 fn openssl_identities_map_to_addresses() {
     let bob = Party::openssls(false);
-    assert_eq!(
-        bob.id.address().map(ToString::to_string).as_deref(),
-        Some("bob@example.net")
-    );
+    assert_eq!(bob.id.address().map(ToString::to_string).as_deref(), Some("bob@example.net"));
     assert_eq!(bob.id.info().display_name.as_deref(), Some("Bob"));
     // Our certificate's fingerprint is what `openssl x509 -fingerprint -sha256` prints.
     let alice = Party::ours(false);
-    let out = openssl(
-        alice.dir.path(),
-        &[
-            "x509",
-            "-in",
-            "cert.pem",
-            "-noout",
-            "-fingerprint",
-            "-sha256",
-        ],
-    );
+    let out = openssl(alice.dir.path(), &["x509", "-in", "cert.pem", "-noout", "-fingerprint", "-sha256"]);
     let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let hex: String = text
-        .split('=')
-        .nth(1)
-        .unwrap()
-        .trim()
-        .replace(':', "")
-        .to_lowercase();
+    let hex: String = text.split('=').nth(1).unwrap().trim().replace(':', "").to_lowercase();
     assert_eq!(hex, alice.id.fingerprint().to_string());
 }
 
@@ -292,35 +244,15 @@ fn openssl_identities_map_to_addresses() {
 fn legacy_key_encodings_load() {
     for (rsa, conv) in [
         (false, vec!["ec", "-in", "key.pem", "-out", "legacy.pem"]),
-        (
-            true,
-            vec![
-                "rsa",
-                "-traditional",
-                "-in",
-                "key.pem",
-                "-out",
-                "legacy.pem",
-            ],
-        ),
+        (true, vec!["rsa", "-traditional", "-in", "key.pem", "-out", "legacy.pem"]),
     ] {
         let bob = Party::openssls(rsa);
         openssl_ok(bob.dir.path(), &conv);
         let legacy = std::fs::read_to_string(bob.path("legacy.pem")).unwrap();
-        assert!(
-            legacy.contains(if rsa {
-                "RSA PRIVATE KEY"
-            } else {
-                "EC PRIVATE KEY"
-            }),
-            "{legacy}"
-        );
+        assert!(legacy.contains(if rsa { "RSA PRIVATE KEY" } else { "EC PRIVATE KEY" }), "{legacy}");
         let cert = std::fs::read(bob.path("cert.pem")).unwrap();
         let id = Identity::from_pem(&cert, legacy.as_bytes()).unwrap();
         let msg = message(64);
-        assert_eq!(
-            crypto::open(&crypto::seal(&msg, id.cert_der()).unwrap(), &id).unwrap(),
-            msg
-        );
+        assert_eq!(crypto::open(&crypto::seal(&msg, id.cert_der()).unwrap(), &id).unwrap(), msg);
     }
 }

@@ -60,17 +60,9 @@ async fn first_contact_pins_and_a_changed_certificate_is_refused() {
     let port = listener.local_addr().unwrap().port();
     let seen = serve_once(listener, tls::server_config(&server_a).unwrap());
     client(port, Some(&alice), &pins).await.unwrap();
-    assert_eq!(
-        seen.await.unwrap().unwrap(),
-        Some(alice.fingerprint()),
-        "server sees the client's certificate"
-    );
+    assert_eq!(seen.await.unwrap().unwrap(), Some(alice.fingerprint()), "server sees the client's certificate");
     let key = format!("localhost:{port}");
-    assert_eq!(
-        pins.get(&key).unwrap(),
-        Some(server_a.fingerprint()),
-        "first contact pins"
-    );
+    assert_eq!(pins.get(&key).unwrap(), Some(server_a.fingerprint()), "first contact pins");
 
     // Same certificate again: accepted, pin unchanged.
     let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
@@ -82,24 +74,15 @@ async fn first_contact_pins_and_a_changed_certificate_is_refused() {
     let _seen = serve_once(listener, tls::server_config(&server_b).unwrap());
     let err = client(port, Some(&alice), &pins).await.unwrap_err();
     match &err {
-        TlsError::PinMismatch {
-            pinned, presented, ..
-        } => {
+        TlsError::PinMismatch { pinned, presented, .. } => {
             assert_eq!(*pinned, server_a.fingerprint());
             assert_eq!(*presented, server_b.fingerprint());
         }
         other => panic!("expected a pin mismatch, got {other}"),
     }
     let text = err.to_string();
-    assert!(
-        text.contains(&server_a.fingerprint().to_string())
-            && text.contains(&server_b.fingerprint().to_string())
-    );
-    assert_eq!(
-        pins.get(&key).unwrap(),
-        Some(server_a.fingerprint()),
-        "a refused certificate is not pinned"
-    );
+    assert!(text.contains(&server_a.fingerprint().to_string()) && text.contains(&server_b.fingerprint().to_string()));
+    assert_eq!(pins.get(&key).unwrap(), Some(server_a.fingerprint()), "a refused certificate is not pinned");
 
     // The operator accepts the new certificate explicitly.
     pins.set(&key, server_b.fingerprint()).unwrap();
@@ -123,22 +106,10 @@ async fn file_pins_survive_reopening() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("sub/pins");
     let fp = Fingerprint::of(b"cert");
-    tls::FilePins::open(&path)
-        .unwrap()
-        .set("h.example:1977", fp)
-        .unwrap();
-    assert_eq!(
-        tls::FilePins::open(&path)
-            .unwrap()
-            .get("h.example:1977")
-            .unwrap(),
-        Some(fp)
-    );
+    tls::FilePins::open(&path).unwrap().set("h.example:1977", fp).unwrap();
+    assert_eq!(tls::FilePins::open(&path).unwrap().get("h.example:1977").unwrap(), Some(fp));
     std::fs::write(&path, "h.example:1977 NOTHEX\n").unwrap();
-    assert!(matches!(
-        tls::FilePins::open(&path),
-        Err(TlsError::PinStore { .. })
-    ));
+    assert!(matches!(tls::FilePins::open(&path), Err(TlsError::PinStore { .. })));
 }
 
 fn rcgen_cert(not_before: time::OffsetDateTime, not_after: time::OffsetDateTime) -> Identity {
@@ -147,11 +118,7 @@ fn rcgen_cert(not_before: time::OffsetDateTime, not_after: time::OffsetDateTime)
     params.not_before = not_before;
     params.not_after = not_after;
     let cert = params.self_signed(&key).unwrap();
-    Identity::from_der(
-        cert.der().clone(),
-        PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-    )
-    .unwrap()
+    Identity::from_der(cert.der().clone(), PrivateKeyDer::Pkcs8(key.serialize_der().into())).unwrap()
 }
 
 #[tokio::test]
@@ -164,20 +131,13 @@ async fn expired_and_future_certificates_are_reported_as_such() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let _seen = serve_once(listener, tls::server_config(&expired).unwrap());
-    let err = client(port, None, &MemoryPins::default())
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(err, TlsError::Expired { fingerprint, .. } if fingerprint == expired.fingerprint()),
-        "{err}"
-    );
+    let err = client(port, None, &MemoryPins::default()).await.unwrap_err();
+    assert!(matches!(err, TlsError::Expired { fingerprint, .. } if fingerprint == expired.fingerprint()), "{err}");
 
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let _seen = serve_once(listener, tls::server_config(&future).unwrap());
-    let err = client(port, None, &MemoryPins::default())
-        .await
-        .unwrap_err();
+    let err = client(port, None, &MemoryPins::default()).await.unwrap_err();
     assert!(matches!(err, TlsError::NotYetValid { .. }), "{err}");
 
     // A server refuses an expired client certificate.
@@ -187,26 +147,12 @@ async fn expired_and_future_certificates_are_reported_as_such() {
     let seen = serve_once(listener, tls::server_config(&server).unwrap());
     // Under TLS 1.3 the client finishes first and learns of the refusal on its first read.
     let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    if let Ok(mut stream) = tls::connect(
-        tcp,
-        "localhost",
-        port,
-        Some(&expired),
-        &MemoryPins::default(),
-    )
-    .await
-    {
+    if let Ok(mut stream) = tls::connect(tcp, "localhost", port, Some(&expired), &MemoryPins::default()).await {
         let mut buf = Vec::new();
-        assert!(
-            stream.read_to_end(&mut buf).await.is_err(),
-            "the server must refuse the expired certificate"
-        );
+        assert!(stream.read_to_end(&mut buf).await.is_err(), "the server must refuse the expired certificate");
     }
     let server_side = seen.await.unwrap().unwrap_err();
-    assert!(
-        server_side.to_lowercase().contains("expired"),
-        "{server_side}"
-    );
+    assert!(server_side.to_lowercase().contains("expired"), "{server_side}");
 }
 
 /// Presents `cert` but signs the handshake with another key.
@@ -214,10 +160,7 @@ async fn expired_and_future_certificates_are_reported_as_such() {
 struct Impostor(Arc<rustls::sign::CertifiedKey>);
 
 impl rustls::server::ResolvesServerCert for Impostor {
-    fn resolve(
-        &self,
-        _: rustls::server::ClientHello<'_>,
-    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+    fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
         Some(self.0.clone())
     }
 }
@@ -227,10 +170,7 @@ async fn a_server_without_the_pinned_key_fails_the_handshake_and_is_not_pinned()
     let real = identity("server@localhost");
     let thief = identity("thief@localhost");
     let provider = rustls::crypto::aws_lc_rs::default_provider();
-    let signing_key = provider
-        .key_provider
-        .load_private_key(thief.key_der().clone_key())
-        .unwrap();
+    let signing_key = provider.key_provider.load_private_key(thief.key_der().clone_key()).unwrap();
     let stolen: Vec<CertificateDer<'static>> = vec![real.cert_der().clone()];
     let certified = Arc::new(rustls::sign::CertifiedKey::new(stolen, signing_key));
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
@@ -244,9 +184,5 @@ async fn a_server_without_the_pinned_key_fails_the_handshake_and_is_not_pinned()
     let _seen = serve_once(listener, Arc::new(config));
     let err = client(port, None, &pins).await.unwrap_err();
     assert!(matches!(err, TlsError::Handshake { .. }), "{err}");
-    assert_eq!(
-        pins.get(&format!("localhost:{port}")).unwrap(),
-        None,
-        "nothing pinned"
-    );
+    assert_eq!(pins.get(&format!("localhost:{port}")).unwrap(), None, "nothing pinned");
 }
