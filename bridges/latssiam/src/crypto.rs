@@ -397,6 +397,20 @@ fn ktri_for(cert: &Cert, cek: &[u8; 32]) -> Result<RecipientInfo, CryptoError> {
     }))
 }
 
+/// Checks that `der` is a ContentInfo holding an AuthEnvelopedData, without
+/// decrypting it: what a server can know of an `ENCRYPTED MESSAGE`.
+///
+/// # Errors
+/// [`CryptoError::Malformed`] or [`CryptoError::Unsupported`].
+pub fn check_message_structure(der: &[u8]) -> Result<(), CryptoError> {
+    let ci = ContentInfo::from_der(der).map_err(malformed)?;
+    if ci.content_type != oid::AUTH_ENVELOPED_DATA {
+        return Err(CryptoError::Unsupported(format!("content type {} (want AuthEnvelopedData)", ci.content_type)));
+    }
+    ci.content.decode_as::<AuthEnvelopedData>().map_err(malformed)?;
+    Ok(())
+}
+
 /// Decrypts an AuthEnvelopedData ContentInfo (DER) addressed to `identity`.
 ///
 /// # Errors

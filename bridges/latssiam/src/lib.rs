@@ -6,10 +6,15 @@
 //! - [`crypto`]: CMS sealing, opening, signing and verifying, interoperable
 //!   with `openssl cms`.
 //! - [`tls`]: rustls configurations with Trust On First Use in both directions.
+//! - [`attest`]: attestations of a server's key by mailbox owners.
+//! - [`conn`]: frames over a stream; [`server`] and `client` sit on it.
 
+pub mod attest;
+pub mod conn;
 pub mod crypto;
 pub mod fingerprint;
 pub mod identity;
+pub mod server;
 pub mod tls;
 pub mod wire;
 

@@ -1,0 +1,105 @@
+//! A thin connection over any byte stream: frames in, frames out, through
+//! [`FrameCodec`]. Client and server sessions are written on top of it.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio_util::codec::Framed;
+
+use crate::wire::{Block, Code, Frame, FrameCodec, Label, Status, WireError};
+
+/// What reading a frame can end in, besides a frame.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReadError {
+    /// The peer broke the wire rules (or the transport failed).
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// The peer closed the stream cleanly between frames.
+    #[error("the peer closed the connection")]
+    Closed,
+    /// Nothing arrived within the allowed time.
+    #[error("timed out waiting for the peer")]
+    Timeout,
+}
+
+/// Frames over a stream.
+pub struct Connection<S> {
+    framed: Framed<S, FrameCodec>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    /// Wraps a connected stream.
+    pub fn new(stream: S) -> Self {
+        Self { framed: Framed::with_capacity(stream, FrameCodec::new(), 8 * 1024) }
+    }
+
+    /// The stream underneath.
+    pub fn get_ref(&self) -> &S {
+        self.framed.get_ref()
+    }
+
+    /// Reads the next frame, waiting at most `timeout`.
+    ///
+    /// # Errors
+    /// [`ReadError::Closed`] at a clean end of stream, [`ReadError::Timeout`],
+    /// or the wire error that the peer caused.
+    pub async fn read(&mut self, timeout: Duration) -> Result<Frame, ReadError> {
+        match tokio::time::timeout(timeout, self.framed.next()).await {
+            Err(_) => Err(ReadError::Timeout),
+            Ok(None) => Err(ReadError::Closed),
+            Ok(Some(r)) => Ok(r?),
+        }
+    }
+
+    /// Reads a block with one of the `labels`, or reports what came instead.
+    ///
+    /// # Errors
+    /// As [`Connection::read`]; a frame that is not such a block is returned
+    /// as `Ok(Err(frame))` for the caller to answer.
+    pub async fn read_block(&mut self, labels: &[Label], timeout: Duration) -> Result<Result<Block, Frame>, ReadError> {
+        Ok(match self.read(timeout).await? {
+            Frame::Block(b) if labels.contains(&b.label) => Ok(b),
+            other => Err(other),
+        })
+    }
+
+    /// Queues a frame without flushing.
+    ///
+    /// # Errors
+    /// [`WireError`] if the frame cannot be encoded or written.
+    pub async fn feed(&mut self, frame: impl Into<Frame>) -> Result<(), WireError> {
+        self.framed.feed(frame.into()).await
+    }
+
+    /// Writes a frame and flushes.
+    ///
+    /// # Errors
+    /// [`WireError`] if the frame cannot be encoded or written.
+    pub async fn send(&mut self, frame: impl Into<Frame>) -> Result<(), WireError> {
+        self.framed.send(frame.into()).await
+    }
+
+    /// Flushes queued frames.
+    ///
+    /// # Errors
+    /// [`WireError::Io`] if the stream fails.
+    pub async fn flush(&mut self) -> Result<(), WireError> {
+        SinkExt::<Frame>::flush(&mut self.framed).await
+    }
+
+    /// Sends `code` (best effort) and closes the stream (TLS close_notify).
+    pub async fn hang_up(&mut self, code: Option<Code>) {
+        if let Some(code) = code {
+            let _ = self.send(Status::of(code)).await;
+        }
+        self.close().await;
+    }
+
+    /// Closes the stream without a status line.
+    pub async fn close(&mut self) {
+        let _ = SinkExt::<Frame>::flush(&mut self.framed).await;
+        let _ = self.framed.get_mut().shutdown().await;
+    }
+}

@@ -1,0 +1,688 @@
+//! The reference LATSSIAM server: all five verbs of PROFILE.md section 4 over
+//! TLS, with durable mailboxes ([`store`]).
+//!
+//! One task per connection, bounded by a semaphore taken before each accept;
+//! one [`CancellationToken`] stops the listener, lets in-flight exchanges
+//! finish, answers waiting `ACCEPT`s with `33`, and [`Server::serve`] returns
+//! once every session has ended.
+//!
+//! Privacy (after the SMP server's rules): nothing of a message's content, and
+//! no sender/recipient pair, is logged at the default level; deleted messages
+//! leave nothing behind in the store.
+
+pub mod store;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rustls_pki_types::CertificateDer;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::conn::{Connection, ReadError};
+use crate::crypto::{self, CryptoError};
+use crate::fingerprint::Fingerprint;
+use crate::identity::{CertInfo, Identity};
+use crate::tls::{self, ServerStream};
+use crate::wire::{Block, Code, Command, Frame, Label, Password, Status, MAX_BLOCK_DER};
+use crate::{attest, Address};
+use store::{Mailbox, MailboxState, Store, StoredMessage};
+
+/// A token-bucket rate: a sustained rate and a burst.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    /// Tokens added per second.
+    pub per_second: f64,
+    /// Most tokens held.
+    pub burst: f64,
+}
+
+/// Everything a server needs; every limit is configurable.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Where to listen (port 1977 by default).
+    pub listen: SocketAddr,
+    /// The sled directory.
+    pub data_dir: PathBuf,
+    /// The host name the server answers for (its CSR names it).
+    pub host: String,
+    /// The address domains whose mailboxes it hosts (`15` for others); empty = just `host`.
+    pub domains: Vec<String>,
+    /// The pre-shared registration password; `None` = registration not offered (`15`).
+    pub register_password: Option<Password>,
+    /// Registrations wait for `server approve` (`12`).
+    pub require_approval: bool,
+    /// `SEND` is answered `32` and a signature is required.
+    pub require_signature: bool,
+    /// If set, only these client certificates may `SEND` (`21` for others).
+    pub allowed_senders: Option<HashSet<Fingerprint>>,
+    /// Most simultaneous connections.
+    pub max_connections: usize,
+    /// How long a session may sit silent before `54` and a hang-up.
+    pub idle_timeout: Duration,
+    /// Longest `ACCEPT` deadline; a longer one is hung up on.
+    pub max_accept_deadline: Duration,
+    /// Most unread messages one sender may have in one mailbox (`36`).
+    pub max_unread_per_sender: u32,
+    /// Most unread messages in one mailbox (`36`).
+    pub max_unread_per_mailbox: u32,
+    /// Largest message DER accepted (`39`); at most the 400-line ceiling.
+    pub max_message_octets: usize,
+    /// Per-client rate of `SEND`s (`37`).
+    pub send_rate: Rate,
+    /// Per-client rate of `ACCEPT`s that find nothing (`37`).
+    pub empty_accept_rate: Rate,
+}
+
+impl ServerConfig {
+    /// Defaults for `host`, keeping data in `data_dir`.
+    pub fn new(host: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 1977)),
+            data_dir: data_dir.into(),
+            host: host.into(),
+            domains: Vec::new(),
+            register_password: None,
+            require_approval: false,
+            require_signature: false,
+            allowed_senders: None,
+            max_connections: 4096,
+            idle_timeout: Duration::from_secs(300),
+            max_accept_deadline: Duration::from_secs(900),
+            max_unread_per_sender: 1000,
+            max_unread_per_mailbox: 10_000,
+            max_message_octets: MAX_BLOCK_DER,
+            send_rate: Rate { per_second: 200.0, burst: 1000.0 },
+            empty_accept_rate: Rate { per_second: 1.0, burst: 10.0 },
+        }
+    }
+
+    fn serves(&self, host: &str) -> bool {
+        if self.domains.is_empty() {
+            return host.eq_ignore_ascii_case(&self.host);
+        }
+        self.domains.iter().any(|d| d.eq_ignore_ascii_case(host))
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The mailbox store.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    /// The TLS configuration.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The server's own attestation request.
+    #[error(transparent)]
+    Attestation(#[from] attest::AttestationError),
+    /// Binding the listener.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Limit {
+    Send,
+    EmptyAccept,
+}
+
+#[derive(Default)]
+struct RateLimiter {
+    buckets: Mutex<HashMap<(Fingerprint, Limit), (f64, Instant)>>,
+}
+
+impl RateLimiter {
+    /// Takes a token for `who`, false if there is none.
+    fn take(&self, who: Fingerprint, limit: Limit, rate: Rate) -> bool {
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if buckets.len() > 100_000 {
+            // Bound memory against clients that rotate certificates: forget idle buckets.
+            buckets.retain(|_, (_, at)| now.duration_since(*at) < Duration::from_secs(60));
+        }
+        let (tokens, at) = buckets.entry((who, limit)).or_insert((rate.burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate.per_second).min(rate.burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+struct Shared {
+    config: ServerConfig,
+    identity: Arc<Identity>,
+    store: Arc<Store>,
+    csr: Vec<u8>,
+    limiter: RateLimiter,
+    shutdown: CancellationToken,
+}
+
+/// A LATSSIAM server.
+pub struct Server {
+    shared: Arc<Shared>,
+    tls: tokio_rustls::TlsAcceptor,
+}
+
+impl Server {
+    /// Opens the store and prepares TLS and the attestation request.
+    ///
+    /// # Errors
+    /// [`ServerError`] if the store cannot be opened (for example, another
+    /// process holds it) or the identity is unusable.
+    pub fn new(config: ServerConfig, identity: Arc<Identity>) -> Result<Self, ServerError> {
+        let store = Store::open(&config.data_dir)?;
+        Self::with_store(config, identity, store)
+    }
+
+    /// As [`Server::new`], over an open store.
+    ///
+    /// # Errors
+    /// [`ServerError`] if the identity is unusable.
+    pub fn with_store(config: ServerConfig, identity: Arc<Identity>, store: Arc<Store>) -> Result<Self, ServerError> {
+        let tls = tokio_rustls::TlsAcceptor::from(tls::server_config(&identity)?);
+        let csr = attest::server_csr(&identity, &config.host)?;
+        let shared = Arc::new(Shared {
+            config,
+            identity,
+            store,
+            csr,
+            limiter: RateLimiter::default(),
+            shutdown: CancellationToken::new(),
+        });
+        Ok(Self { shared, tls })
+    }
+
+    /// The store, for operator commands.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.shared.store
+    }
+
+    /// The token that stops the server.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shared.shutdown.clone()
+    }
+
+    /// Binds the configured address.
+    ///
+    /// # Errors
+    /// [`ServerError::Listen`].
+    pub async fn bind(&self) -> Result<TcpListener, ServerError> {
+        let addr = self.shared.config.listen;
+        TcpListener::bind(addr).await.map_err(|source| ServerError::Listen { addr, source })
+    }
+
+    /// Serves `listener` until the shutdown token is cancelled, then waits for
+    /// every session to finish.
+    pub async fn serve(self, listener: TcpListener) {
+        let limit = Arc::new(Semaphore::new(self.shared.config.max_connections));
+        let tracker = TaskTracker::new();
+        let shutdown = self.shared.shutdown.clone();
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let permit = tokio::select! {
+                p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                () = shutdown.cancelled() => break,
+            };
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                () = shutdown.cancelled() => break,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(a) => {
+                    backoff = Duration::from_millis(10);
+                    a
+                }
+                Err(e) => {
+                    warn!(error = %e, "Accept failed; backing off.");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let shared = self.shared.clone();
+            let acceptor = self.tls.clone();
+            tracker.spawn(async move {
+                let _permit = permit;
+                session(shared, acceptor, tcp, peer).await;
+            });
+        }
+        drop(listener);
+        tracker.close();
+        info!(sessions = tracker.len(), "Shutting down; waiting for sessions to finish.");
+        tracker.wait().await;
+        if let Err(e) = self.shared.store.durable().await {
+            warn!(error = %e, "Final flush failed.");
+        }
+    }
+}
+
+async fn session(shared: Arc<Shared>, acceptor: tokio_rustls::TlsAcceptor, tcp: TcpStream, peer: SocketAddr) {
+    let _ = tcp.set_nodelay(true);
+    let stream = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            debug!(%peer, error = %e, "TLS handshake failed.");
+            return;
+        }
+        Err(_) => {
+            debug!(%peer, "TLS handshake timed out.");
+            return;
+        }
+    };
+    let client = tls::peer_certificate(&stream).map(|c| (Fingerprint::of(&c), c));
+    debug!(%peer, client = ?client.as_ref().map(|c| c.0), "Session started.");
+    let mut s = Session { conn: Connection::new(stream), client, shared };
+    s.run().await;
+    debug!(%peer, "Session ended.");
+}
+
+/// What a verb handler tells the session loop.
+enum Flow {
+    Continue,
+    HangUp(Option<Code>),
+    Quit,
+}
+
+struct Session {
+    conn: Connection<ServerStream>,
+    client: Option<(Fingerprint, CertificateDer<'static>)>,
+    shared: Arc<Shared>,
+}
+
+/// Sends a status (or hangs up if the peer is gone).
+macro_rules! reply {
+    ($s:expr, $status:expr) => {
+        if $s.conn.send($status).await.is_err() {
+            return Flow::HangUp(None);
+        }
+    };
+}
+
+impl Session {
+    async fn run(&mut self) {
+        let idle = self.shared.config.idle_timeout;
+        loop {
+            let read = tokio::select! {
+                r = self.conn.read(idle) => r,
+                () = self.shared.shutdown.cancelled() => {
+                    self.conn.close().await;
+                    return;
+                }
+            };
+            let flow = match read {
+                Ok(Frame::Command(c)) => self.command(c).await,
+                Ok(_) => Flow::HangUp(Some(Code::SequencingError)),
+                Err(e) => Self::read_failure(e),
+            };
+            match flow {
+                Flow::Continue => {}
+                Flow::HangUp(code) => {
+                    self.conn.hang_up(code).await;
+                    return;
+                }
+                Flow::Quit => {
+                    self.conn.close().await;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn read_failure(e: ReadError) -> Flow {
+        match e {
+            ReadError::Timeout => Flow::HangUp(Some(Code::Timeout)),
+            ReadError::Closed => Flow::HangUp(None),
+            ReadError::Wire(w) => {
+                debug!(error = %w, "Protocol violation.");
+                Flow::HangUp(w.code())
+            }
+        }
+    }
+
+    async fn command(&mut self, command: Command) -> Flow {
+        if command == Command::Quit {
+            return Flow::Quit;
+        }
+        let Some((me, my_cert)) = self.client.clone() else {
+            reply!(self, Code::CertificateRequired);
+            return Flow::Continue;
+        };
+        match command {
+            Command::Send(to) => self.send(me, to).await,
+            Command::Accept(deadline) => self.accept(me, deadline).await,
+            Command::Register(pw) => self.register(me, &my_cert, &pw).await,
+            Command::Deregister => self.deregister(me).await,
+            Command::Verify(fp) => self.verify(fp).await,
+            Command::Quit => Flow::Quit,
+        }
+    }
+
+    /// The answer for a mailbox that cannot take part in an exchange, if any.
+    fn unavailable(mailbox: Option<&Mailbox>) -> Option<Status> {
+        match mailbox.map(|m| &m.state) {
+            None | Some(MailboxState::Pending) => Some(Status::of(Code::NoMailbox)),
+            Some(MailboxState::Gone) => Some(Status::of(Code::MailboxGone)),
+            Some(MailboxState::Moved(host)) => Some(Status::moved(host).unwrap_or(Status::of(Code::MailboxMoved))),
+            Some(MailboxState::Active) => None,
+        }
+    }
+
+    async fn send(&mut self, me: Fingerprint, to: Fingerprint) -> Flow {
+        let cfg = &self.shared.config;
+        if !self.shared.limiter.take(me, Limit::Send, cfg.send_rate) {
+            reply!(self, Code::SlowDown);
+            return Flow::Continue;
+        }
+        if cfg.allowed_senders.as_ref().is_some_and(|allowed| !allowed.contains(&me)) {
+            reply!(self, Code::CertificateUnauthorised);
+            return Flow::Continue;
+        }
+        let mailbox = match self.shared.store.mailbox(&to) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(error = %e, "Store read failed.");
+                reply!(self, Code::InternalError);
+                return Flow::Continue;
+            }
+        };
+        if let Some(status) = Self::unavailable(mailbox.as_ref()) {
+            reply!(self, status);
+            return Flow::Continue;
+        }
+        let (total, mine) = self.shared.store.unread(&to, &me);
+        if mine >= cfg.max_unread_per_sender || total >= cfg.max_unread_per_mailbox {
+            reply!(self, Code::MailboxFull);
+            return Flow::Continue;
+        }
+        let required = cfg.require_signature;
+        reply!(self, if required { Code::SignatureRequired } else { Code::Proceed });
+        let idle = cfg.idle_timeout;
+        let first = match self.conn.read_block(&[Label::Signature, Label::EncryptedMessage], idle).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(_)) => return Flow::HangUp(Some(Code::SequencingError)),
+            Err(e) => return Self::read_failure(e),
+        };
+        let (signature, message) = match first.label {
+            Label::Signature => match self.conn.read_block(&[Label::EncryptedMessage], idle).await {
+                Ok(Ok(m)) => (Some(first.der), m.der),
+                Ok(Err(_)) => return Flow::HangUp(Some(Code::SequencingError)),
+                Err(e) => return Self::read_failure(e),
+            },
+            _ if required => return Flow::HangUp(Some(Code::SequencingError)),
+            _ => (None, first.der),
+        };
+        if message.len() > cfg.max_message_octets {
+            reply!(self, Code::MessageTooLong);
+            return Flow::Continue;
+        }
+        if let Err(e) = crypto::check_message_structure(&message) {
+            debug!(error = %e, "ENCRYPTED MESSAGE is not CMS AuthEnvelopedData.");
+            return Flow::HangUp(Some(Code::SyntaxError));
+        }
+        if let Some(sig) = &signature {
+            match crypto::verify(sig, &message) {
+                Ok(signer) if Fingerprint::of(&signer) == me => {}
+                Ok(_) => {
+                    debug!("Signature by someone other than the TLS client.");
+                    reply!(
+                        self,
+                        Status::new(Code::MessageRefused, "Signer is not the TLS client")
+                            .unwrap_or(Status::of(Code::MessageRefused))
+                    );
+                    return Flow::Continue;
+                }
+                Err(CryptoError::Malformed(e)) => {
+                    debug!(error = %e, "SIGNATURE is not CMS SignedData.");
+                    return Flow::HangUp(Some(Code::SyntaxError));
+                }
+                Err(e) => {
+                    debug!(error = %e, "Signature refused.");
+                    reply!(
+                        self,
+                        Status::new(Code::MessageRefused, "Signature does not verify")
+                            .unwrap_or(Status::of(Code::MessageRefused))
+                    );
+                    return Flow::Continue;
+                }
+            }
+        }
+        match self.shared.store.store_message(&to, &me, signature.as_deref(), &message).await {
+            Ok(_) => reply!(self, Code::MessageAccepted),
+            Err(e) => {
+                warn!(error = %e, "Storing a message failed.");
+                reply!(self, Code::InternalError);
+            }
+        }
+        Flow::Continue
+    }
+
+    async fn accept(&mut self, me: Fingerprint, deadline: Duration) -> Flow {
+        let cfg = &self.shared.config;
+        if deadline > cfg.max_accept_deadline {
+            let text = format!("Deadline above {} s", cfg.max_accept_deadline.as_secs());
+            reply!(self, Status::new(Code::SyntaxError, text).unwrap_or(Status::of(Code::SyntaxError)));
+            return Flow::HangUp(None);
+        }
+        let store = self.shared.store.clone();
+        match store.mailbox(&me) {
+            Ok(m) => {
+                if let Some(status) = Self::unavailable(m.as_ref()) {
+                    reply!(self, status);
+                    return Flow::Continue;
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "Store read failed.");
+                reply!(self, Code::InternalError);
+                return Flow::Continue;
+            }
+        }
+        let notify = store.notifier(&me);
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match store.oldest(&me) {
+                Ok(Some(m)) => return self.deliver(me, m).await,
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(error = %e, "Store read failed.");
+                    reply!(self, Code::InternalError);
+                    return Flow::Continue;
+                }
+            }
+            if tokio::time::Instant::now() >= until {
+                break;
+            }
+            tokio::select! {
+                () = &mut notified => {}
+                () = tokio::time::sleep_until(until) => {}
+                () = self.shared.shutdown.cancelled() => break,
+                r = self.conn.read(deadline) => {
+                    // The client must wait for the answer: anything it sends now is out of sequence.
+                    return match r {
+                        Ok(_) => Flow::HangUp(Some(Code::SequencingError)),
+                        Err(e) => Self::read_failure(e),
+                    };
+                }
+            }
+        }
+        if !self.shared.limiter.take(me, Limit::EmptyAccept, self.shared.config.empty_accept_rate) {
+            reply!(self, Code::SlowDown);
+        } else {
+            reply!(self, Code::NoMoreMessages);
+        }
+        Flow::Continue
+    }
+
+    async fn deliver(&mut self, me: Fingerprint, m: StoredMessage) -> Flow {
+        let mut sent = self.conn.feed(Code::MessageFollows).await;
+        if let (Ok(()), Some(sig)) = (&sent, m.signature) {
+            sent = self.conn.feed(Block::new(Label::Signature, sig)).await;
+        }
+        if sent.is_ok() {
+            sent = self.conn.send(Block::new(Label::EncryptedMessage, m.message)).await;
+        }
+        if sent.is_err() {
+            return Flow::HangUp(None);
+        }
+        match self.conn.read(self.shared.config.idle_timeout).await {
+            Ok(Frame::Status(s))
+                if matches!(s.code(), Code::MessageAccepted | Code::SignatureRequired | Code::MessageRefused) =>
+            {
+                if let Err(e) = self.shared.store.delete_message(&me, m.id).await {
+                    warn!(error = %e, "Deleting a delivered message failed.");
+                }
+                Flow::Continue
+            }
+            // The message stays and is offered again: delivery is at-least-once.
+            Ok(_) => Flow::HangUp(Some(Code::SequencingError)),
+            Err(e) => Self::read_failure(e),
+        }
+    }
+
+    async fn register(&mut self, me: Fingerprint, my_cert: &[u8], password: &Password) -> Flow {
+        let cfg = &self.shared.config;
+        let host = CertInfo::from_der(my_cert).ok().and_then(|i| i.address).map(|a: Address| a.host().to_owned());
+        let Some(expected) = cfg.register_password.as_ref().filter(|_| host.as_deref().is_some_and(|h| cfg.serves(h)))
+        else {
+            reply!(self, Code::RegistrationUnavailable);
+            return Flow::Continue;
+        };
+        if aws_lc_rs::constant_time::verify_slices_are_equal(expected.expose().as_bytes(), password.expose().as_bytes())
+            .is_err()
+        {
+            debug!("Wrong registration password.");
+            reply!(
+                self,
+                Status::new(Code::RegistrationRefused, "Wrong password")
+                    .unwrap_or(Status::of(Code::RegistrationRefused))
+            );
+            return Flow::Continue;
+        }
+        match self.shared.store.mailbox(&me) {
+            Ok(Some(m)) if matches!(m.state, MailboxState::Active | MailboxState::Pending) => {
+                reply!(
+                    self,
+                    Status::new(Code::RegistrationRefused, "Already registered")
+                        .unwrap_or(Status::of(Code::RegistrationRefused))
+                );
+                return Flow::Continue;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %e, "Store read failed.");
+                reply!(self, Code::InternalError);
+                return Flow::Continue;
+            }
+        }
+        if self.conn.feed(Code::AttestationRequested).await.is_err()
+            || self.conn.send(Block::new(Label::CertificateRequest, self.shared.csr.clone())).await.is_err()
+        {
+            return Flow::HangUp(None);
+        }
+        let idle = cfg.idle_timeout;
+        match self.conn.read(idle).await {
+            Ok(Frame::Status(s)) if s.code() == Code::AttestationFollows => {}
+            Ok(_) => return Flow::HangUp(Some(Code::SequencingError)),
+            Err(e) => return Self::read_failure(e),
+        }
+        let attestation = match self.conn.read_block(&[Label::Certificate], idle).await {
+            Ok(Ok(b)) => b.der,
+            Ok(Err(_)) => return Flow::HangUp(Some(Code::SequencingError)),
+            Err(e) => return Self::read_failure(e),
+        };
+        let server_cert = self.shared.identity.cert_der();
+        if let Err(e) = attest::check(&attestation, my_cert, server_cert, Some(&cfg.host)) {
+            debug!(error = %e, "Attestation refused.");
+            reply!(
+                self,
+                Status::new(Code::RegistrationRefused, "Attestation does not verify")
+                    .unwrap_or(Status::of(Code::RegistrationRefused))
+            );
+            return Flow::Continue;
+        }
+        let state = if cfg.require_approval { MailboxState::Pending } else { MailboxState::Active };
+        let code = if cfg.require_approval { Code::RegistrationPending } else { Code::RegistrationComplete };
+        let mailbox = Mailbox { state, owner_cert: my_cert.to_vec(), attestation };
+        match self.shared.store.put_mailbox(&me, &mailbox).await {
+            Ok(()) => {
+                info!(pending = cfg.require_approval, "Mailbox registered.");
+                reply!(self, code);
+            }
+            Err(e) => {
+                warn!(error = %e, "Storing a mailbox failed.");
+                reply!(self, Code::InternalError);
+            }
+        }
+        Flow::Continue
+    }
+
+    async fn deregister(&mut self, me: Fingerprint) -> Flow {
+        let status = match self.shared.store.mailbox(&me) {
+            Ok(None) => Status::of(Code::NoMailbox),
+            Ok(Some(m)) if m.state == MailboxState::Gone => Status::of(Code::MailboxGone),
+            Ok(Some(_)) => match self.shared.store.deregister(&me).await {
+                Ok(_) => {
+                    info!("Mailbox deregistered.");
+                    Status::new(Code::RegistrationComplete, "Deregistration complete")
+                        .unwrap_or(Status::of(Code::RegistrationComplete))
+                }
+                Err(e) => {
+                    warn!(error = %e, "Deregistration failed.");
+                    Status::of(Code::InternalError)
+                }
+            },
+            Err(e) => {
+                warn!(error = %e, "Store read failed.");
+                Status::of(Code::InternalError)
+            }
+        };
+        reply!(self, status);
+        Flow::Continue
+    }
+
+    async fn verify(&mut self, owner: Fingerprint) -> Flow {
+        let mailbox = match self.shared.store.mailbox(&owner) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(error = %e, "Store read failed.");
+                reply!(self, Code::InternalError);
+                return Flow::Continue;
+            }
+        };
+        if let Some(status) = Self::unavailable(mailbox.as_ref()) {
+            reply!(self, status);
+            return Flow::Continue;
+        }
+        let Some(m) = mailbox else {
+            return Flow::Continue;
+        };
+        if self.conn.feed(Code::AttestationFollows).await.is_err()
+            || self.conn.feed(Block::new(Label::Certificate, m.attestation)).await.is_err()
+            || self.conn.send(Block::new(Label::Certificate, m.owner_cert)).await.is_err()
+        {
+            return Flow::HangUp(None);
+        }
+        Flow::Continue
+    }
+}

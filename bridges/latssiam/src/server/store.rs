@@ -1,0 +1,477 @@
+//! Durable mailboxes for the reference server, in sled.
+//!
+//! Key layout:
+//! - tree `mailboxes`: owner fingerprint (32 octets) -> mailbox record:
+//!   state tag (1 active, 2 pending, 3 gone, 4 moved + u16 host length + host),
+//!   then u32 length + owner certificate DER, u32 length + attestation DER.
+//! - tree `messages`: owner fingerprint (32) ‖ sequence (u64 big-endian) ->
+//!   sender fingerprint (32) ‖ u32 signature length ‖ signature DER ‖ message DER.
+//!
+//! Invariants:
+//! - Sequence numbers come from `Db::generate_id`, which is monotonic across
+//!   restarts, so key order within a mailbox is arrival order (oldest first).
+//! - [`Store::store_message`] and every other mutation return only after an
+//!   fsync that covers the write. Concurrent callers share one fsync (group
+//!   commit on a dedicated flusher thread), which is what lets many writers be
+//!   durable without paying one fsync each.
+//! - Deleting a message removes its key; nothing else refers to it (no history).
+//! - The in-memory unread counts (per mailbox, per sender) are rebuilt from
+//!   `messages` at open and kept in step with every insert and delete.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{mpsc, Arc, Mutex};
+
+use tokio::sync::{oneshot, Notify};
+
+use crate::fingerprint::Fingerprint;
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// sled failed (I/O, or the data directory is locked by another process).
+    #[error("mailbox store: {0}")]
+    Sled(#[from] sled::Error),
+    /// A record does not decode.
+    #[error("mailbox store is corrupt: {0}")]
+    Corrupt(&'static str),
+    /// The flusher thread is gone.
+    #[error("mailbox store is shutting down")]
+    Closed,
+}
+
+/// Where a mailbox stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MailboxState {
+    /// Receives messages.
+    Active,
+    /// Registered, waiting for the operator's approval.
+    Pending,
+    /// Deregistered: `SEND` gets `38`.
+    Gone,
+    /// Moved to another host: `SEND` gets `35 Mailbox moved <host>`.
+    Moved(String),
+}
+
+impl MailboxState {
+    /// A short name for listings.
+    pub fn name(&self) -> String {
+        match self {
+            MailboxState::Active => "active".into(),
+            MailboxState::Pending => "pending".into(),
+            MailboxState::Gone => "gone".into(),
+            MailboxState::Moved(h) => format!("moved to {h}"),
+        }
+    }
+}
+
+/// A mailbox record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mailbox {
+    /// Where it stands.
+    pub state: MailboxState,
+    /// The owner's certificate, DER.
+    pub owner_cert: Vec<u8>,
+    /// The owner's attestation of the server's key, DER.
+    pub attestation: Vec<u8>,
+}
+
+/// A stored message, as `ACCEPT` hands it out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    /// Its sequence number in the mailbox.
+    pub id: u64,
+    /// Who sent it (the TLS client certificate of the `SEND`).
+    pub sender: Fingerprint,
+    /// The sender's detached signature, if one came with it.
+    pub signature: Option<Vec<u8>>,
+    /// The `ENCRYPTED MESSAGE` DER.
+    pub message: Vec<u8>,
+}
+
+#[derive(Default)]
+struct Counts {
+    total: HashMap<Fingerprint, u32>,
+    per_sender: HashMap<(Fingerprint, Fingerprint), u32>,
+}
+
+impl Counts {
+    fn add(&mut self, owner: Fingerprint, sender: Fingerprint) {
+        *self.total.entry(owner).or_default() += 1;
+        *self.per_sender.entry((owner, sender)).or_default() += 1;
+    }
+
+    fn remove(&mut self, owner: Fingerprint, sender: Fingerprint) {
+        if let Some(n) = self.total.get_mut(&owner) {
+            *n = n.saturating_sub(1);
+        }
+        if let Some(n) = self.per_sender.get_mut(&(owner, sender)) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_sender.remove(&(owner, sender));
+            }
+        }
+    }
+}
+
+type FlushWaiter = oneshot::Sender<Result<(), String>>;
+
+/// The server's durable state.
+pub struct Store {
+    db: sled::Db,
+    mailboxes: sled::Tree,
+    messages: sled::Tree,
+    counts: Mutex<Counts>,
+    flusher: Mutex<mpsc::Sender<FlushWaiter>>,
+    flusher_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    waiters: Mutex<HashMap<Fingerprint, Arc<Notify>>>,
+}
+
+impl Drop for Store {
+    /// Stops the flusher (it holds a handle on the database) so that the data
+    /// directory is free again once the store is dropped.
+    fn drop(&mut self) {
+        drop(std::mem::replace(self.flusher.get_mut().unwrap_or_else(|e| e.into_inner()), mpsc::channel().0));
+        if let Some(thread) = self.flusher_thread.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn message_key(owner: &Fingerprint, id: u64) -> [u8; 40] {
+    let mut key = [0u8; 40];
+    key[..32].copy_from_slice(owner.as_bytes());
+    key[32..].copy_from_slice(&id.to_be_bytes());
+    key
+}
+
+fn fingerprint_from(bytes: &[u8]) -> Result<Fingerprint, StoreError> {
+    let arr: [u8; 32] = bytes.try_into().map_err(|_| StoreError::Corrupt("fingerprint length"))?;
+    Ok(Fingerprint::from_bytes(arr))
+}
+
+fn decode_message(key: &[u8], value: &[u8]) -> Result<StoredMessage, StoreError> {
+    let id_bytes: [u8; 8] =
+        key.get(32..40).and_then(|b| b.try_into().ok()).ok_or(StoreError::Corrupt("message key"))?;
+    let sender = fingerprint_from(value.get(..32).ok_or(StoreError::Corrupt("message sender"))?)?;
+    let mut r = Reader(value.get(32..).ok_or(StoreError::Corrupt("message"))?);
+    let sig = r.chunk32()?;
+    Ok(StoredMessage {
+        id: u64::from_be_bytes(id_bytes),
+        sender,
+        signature: (!sig.is_empty()).then(|| sig.to_vec()),
+        message: r.0.to_vec(),
+    })
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], StoreError> {
+        if self.0.len() < n {
+            return Err(StoreError::Corrupt("record too short"));
+        }
+        let (head, tail) = self.0.split_at(n);
+        self.0 = tail;
+        Ok(head)
+    }
+
+    fn chunk32(&mut self) -> Result<&'a [u8], StoreError> {
+        let len = self.take(4)?;
+        let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        self.take(len)
+    }
+}
+
+fn push32(out: &mut Vec<u8>, bytes: &[u8]) {
+    // Certificates and messages are far below 4 GiB (the wire caps them at 19,200 octets).
+    out.extend_from_slice(&u32::try_from(bytes.len()).unwrap_or(u32::MAX).to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+impl Mailbox {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.owner_cert.len() + self.attestation.len() + 16);
+        match &self.state {
+            MailboxState::Active => out.push(1),
+            MailboxState::Pending => out.push(2),
+            MailboxState::Gone => out.push(3),
+            MailboxState::Moved(host) => {
+                out.push(4);
+                out.extend_from_slice(&u16::try_from(host.len()).unwrap_or(0).to_be_bytes());
+                out.extend_from_slice(host.as_bytes());
+            }
+        }
+        push32(&mut out, &self.owner_cert);
+        push32(&mut out, &self.attestation);
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        let mut r = Reader(bytes);
+        let state = match r.take(1)?[0] {
+            1 => MailboxState::Active,
+            2 => MailboxState::Pending,
+            3 => MailboxState::Gone,
+            4 => {
+                let len = r.take(2)?;
+                let host = r.take(usize::from(u16::from_be_bytes([len[0], len[1]])))?;
+                MailboxState::Moved(String::from_utf8(host.to_vec()).map_err(|_| StoreError::Corrupt("host"))?)
+            }
+            _ => return Err(StoreError::Corrupt("mailbox state")),
+        };
+        let owner_cert = r.chunk32()?.to_vec();
+        let attestation = r.chunk32()?.to_vec();
+        Ok(Self { state, owner_cert, attestation })
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`.
+    ///
+    /// # Errors
+    /// [`StoreError::Sled`] if sled cannot open it (for example another
+    /// process holds it), [`StoreError::Corrupt`] if a message does not decode.
+    pub fn open(dir: &Path) -> Result<Arc<Self>, StoreError> {
+        let db = sled::Config::new().path(dir).open()?;
+        let mailboxes = db.open_tree("mailboxes")?;
+        let messages = db.open_tree("messages")?;
+        let mut counts = Counts::default();
+        for kv in messages.iter() {
+            let (k, v) = kv?;
+            let m = decode_message(&k, &v)?;
+            counts.add(fingerprint_from(&k[..32])?, m.sender);
+        }
+        let (tx, rx) = mpsc::channel::<FlushWaiter>();
+        let flush_db = db.clone();
+        let thread = std::thread::Builder::new()
+            .name("latssiam-flusher".into())
+            .spawn(move || {
+                // Group commit: one fsync for everyone who asked while the last one ran.
+                while let Ok(first) = rx.recv() {
+                    let mut batch = vec![first];
+                    batch.extend(rx.try_iter());
+                    let result = flush_db.flush().map(|_| ()).map_err(|e| e.to_string());
+                    for waiter in batch {
+                        let _ = waiter.send(result.clone());
+                    }
+                }
+            })
+            .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
+        Ok(Arc::new(Self {
+            db,
+            mailboxes,
+            messages,
+            counts: Mutex::new(counts),
+            flusher: Mutex::new(tx),
+            flusher_thread: Mutex::new(Some(thread)),
+            waiters: Mutex::default(),
+        }))
+    }
+
+    /// Waits until everything written so far is on disk.
+    ///
+    /// # Errors
+    /// [`StoreError::Sled`] if the fsync failed, [`StoreError::Closed`] if the flusher is gone.
+    pub async fn durable(&self) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.flusher.lock().unwrap_or_else(|e| e.into_inner()).send(tx).map_err(|_| StoreError::Closed)?;
+        rx.await
+            .map_err(|_| StoreError::Closed)?
+            .map_err(|e| StoreError::Sled(sled::Error::Io(std::io::Error::other(e))))
+    }
+
+    /// The mailbox of `owner`, if one was ever registered.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the record cannot be read.
+    pub fn mailbox(&self, owner: &Fingerprint) -> Result<Option<Mailbox>, StoreError> {
+        self.mailboxes.get(owner.as_bytes())?.map(|v| Mailbox::decode(&v)).transpose()
+    }
+
+    /// Writes a mailbox record durably.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the write or the fsync fails.
+    pub async fn put_mailbox(&self, owner: &Fingerprint, mailbox: &Mailbox) -> Result<(), StoreError> {
+        self.mailboxes.insert(owner.as_bytes(), mailbox.encode())?;
+        self.durable().await
+    }
+
+    /// Changes a mailbox's state (operator approval, move). Returns false if there is no such mailbox.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the write or the fsync fails.
+    pub async fn set_state(&self, owner: &Fingerprint, state: MailboxState) -> Result<bool, StoreError> {
+        let Some(mut mailbox) = self.mailbox(owner)? else {
+            return Ok(false);
+        };
+        mailbox.state = state;
+        self.put_mailbox(owner, &mailbox).await?;
+        Ok(true)
+    }
+
+    /// Every mailbox with the number of messages waiting in it.
+    ///
+    /// # Errors
+    /// [`StoreError`] if a record cannot be read.
+    pub fn list(&self) -> Result<Vec<(Fingerprint, Mailbox, u32)>, StoreError> {
+        let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        self.mailboxes
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                let fp = fingerprint_from(&k)?;
+                Ok((fp, Mailbox::decode(&v)?, counts.total.get(&fp).copied().unwrap_or(0)))
+            })
+            .collect()
+    }
+
+    /// Unread messages in `owner`'s mailbox: in all, and from `sender`.
+    pub fn unread(&self, owner: &Fingerprint, sender: &Fingerprint) -> (u32, u32) {
+        let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        (counts.total.get(owner).copied().unwrap_or(0), counts.per_sender.get(&(*owner, *sender)).copied().unwrap_or(0))
+    }
+
+    /// Stores a message durably and wakes any `ACCEPT` waiting on the mailbox.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the write or the fsync fails; then nothing may be acknowledged.
+    pub async fn store_message(
+        &self,
+        owner: &Fingerprint,
+        sender: &Fingerprint,
+        signature: Option<&[u8]>,
+        message: &[u8],
+    ) -> Result<u64, StoreError> {
+        let id = self.db.generate_id()?;
+        let sig = signature.unwrap_or_default();
+        let mut value = Vec::with_capacity(36 + sig.len() + message.len());
+        value.extend_from_slice(sender.as_bytes());
+        push32(&mut value, sig);
+        value.extend_from_slice(message);
+        self.messages.insert(message_key(owner, id), value)?;
+        self.counts.lock().unwrap_or_else(|e| e.into_inner()).add(*owner, *sender);
+        if let Err(e) = self.durable().await {
+            // Not acknowledged: take it back out so it is neither delivered nor counted.
+            let _ = self.remove_message(owner, id);
+            return Err(e);
+        }
+        self.notifier(owner).notify_waiters();
+        Ok(id)
+    }
+
+    /// The oldest message in `owner`'s mailbox.
+    ///
+    /// # Errors
+    /// [`StoreError`] if it cannot be read.
+    pub fn oldest(&self, owner: &Fingerprint) -> Result<Option<StoredMessage>, StoreError> {
+        match self.messages.scan_prefix(owner.as_bytes()).next() {
+            Some(kv) => {
+                let (k, v) = kv?;
+                decode_message(&k, &v).map(Some)
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn remove_message(&self, owner: &Fingerprint, id: u64) -> Result<bool, StoreError> {
+        match self.messages.remove(message_key(owner, id))? {
+            Some(v) => {
+                let sender = fingerprint_from(v.get(..32).ok_or(StoreError::Corrupt("message sender"))?)?;
+                self.counts.lock().unwrap_or_else(|e| e.into_inner()).remove(*owner, sender);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Deletes a delivered (or refused) message durably.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the delete or the fsync fails.
+    pub async fn delete_message(&self, owner: &Fingerprint, id: u64) -> Result<(), StoreError> {
+        if self.remove_message(owner, id)? {
+            self.durable().await?;
+        }
+        Ok(())
+    }
+
+    /// Marks a mailbox gone and deletes its messages, durably.
+    ///
+    /// # Errors
+    /// [`StoreError`] if a write or the fsync fails.
+    pub async fn deregister(&self, owner: &Fingerprint) -> Result<bool, StoreError> {
+        let Some(mut mailbox) = self.mailbox(owner)? else {
+            return Ok(false);
+        };
+        let ids: Vec<u64> = self
+            .messages
+            .scan_prefix(owner.as_bytes())
+            .keys()
+            .filter_map(|k| k.ok().and_then(|k| k.get(32..40).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes)))
+            .collect();
+        for id in ids {
+            self.remove_message(owner, id)?;
+        }
+        mailbox.state = MailboxState::Gone;
+        self.mailboxes.insert(owner.as_bytes(), mailbox.encode())?;
+        self.durable().await?;
+        self.notifier(owner).notify_waiters();
+        Ok(true)
+    }
+
+    /// The wake-up signal of `owner`'s mailbox, for long-polling `ACCEPT`s.
+    pub fn notifier(&self, owner: &Fingerprint) -> Arc<Notify> {
+        self.waiters.lock().unwrap_or_else(|e| e.into_inner()).entry(*owner).or_default().clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn messages_come_back_oldest_first_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let owner = Fingerprint::of(b"owner");
+        let (a, b) = (Fingerprint::of(b"a"), Fingerprint::of(b"b"));
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let mb = Mailbox { state: MailboxState::Active, owner_cert: vec![1, 2], attestation: vec![3] };
+            store.put_mailbox(&owner, &mb).await.unwrap();
+            store.store_message(&owner, &a, Some(b"sig"), b"first").await.unwrap();
+            store.store_message(&owner, &b, None, b"second").await.unwrap();
+            store.store_message(&owner, &a, None, b"third").await.unwrap();
+            assert_eq!(store.unread(&owner, &a), (3, 2));
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.unread(&owner, &a), (3, 2), "counts rebuilt at open");
+        let first = store.oldest(&owner).unwrap().unwrap();
+        assert_eq!(
+            (first.message.as_slice(), first.signature.as_deref(), first.sender),
+            (&b"first"[..], Some(&b"sig"[..]), a)
+        );
+        store.delete_message(&owner, first.id).await.unwrap();
+        let second = store.oldest(&owner).unwrap().unwrap();
+        assert_eq!((second.message.as_slice(), second.signature.as_deref()), (&b"second"[..], None));
+        assert_eq!(store.unread(&owner, &a), (2, 1));
+        assert!(store.deregister(&owner).await.unwrap());
+        assert_eq!(store.oldest(&owner).unwrap(), None);
+        assert_eq!(store.mailbox(&owner).unwrap().unwrap().state, MailboxState::Gone);
+        assert_eq!(store.unread(&owner, &a), (0, 0));
+    }
+
+    #[test]
+    fn mailbox_records_round_trip() {
+        for state in
+            [MailboxState::Active, MailboxState::Pending, MailboxState::Gone, MailboxState::Moved("h.example".into())]
+        {
+            let mb = Mailbox { state, owner_cert: vec![9; 300], attestation: vec![] };
+            assert_eq!(Mailbox::decode(&mb.encode()).unwrap(), mb);
+        }
+        assert!(Mailbox::decode(&[9]).is_err());
+        assert!(Mailbox::decode(&[1, 0, 0, 1]).is_err());
+    }
+}
