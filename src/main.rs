@@ -1,6 +1,8 @@
 //! `latssiam-bridge`: the command line. Errors are one line on stderr and a
 //! non-zero exit status.
 
+mod netcmd;
+mod servercmd;
 mod toolkit;
 
 use std::process::ExitCode;
@@ -26,18 +28,72 @@ enum Command {
     Open(toolkit::OpenArgs),
     /// Make a detached CMS signature over a file.
     Sign(toolkit::SignArgs),
-    /// Verify a detached signature and print who made it.
-    Verify(toolkit::VerifyArgs),
+    /// Verify a detached signature (--signature SIG [IN]), or ask a server to
+    /// prove it serves a mailbox (--server HOST --identity DIR FINGERPRINT).
+    Verify(VerifyArgs),
+    /// Run the reference LATSSIAM server, or operate on its mailboxes.
+    Server(servercmd::ServerArgs),
+    /// Register your identity's mailbox on a server (MAILBOX REGISTER).
+    Register(netcmd::RegisterArgs),
+    /// Deregister your mailbox (MAILBOX DEREGISTER).
+    Deregister(netcmd::DeregisterArgs),
+    /// Encrypt (and optionally sign) a message and SEND it.
+    Send(netcmd::SendArgs),
+    /// Fetch your messages (ACCEPT), decrypt them and save one .eml each.
+    Fetch(netcmd::FetchArgs),
+}
+
+#[derive(clap::Args)]
+struct VerifyArgs {
+    /// The detached signature to check, DER or armour.
+    #[arg(long, conflicts_with = "server")]
+    signature: Option<std::path::PathBuf>,
+    /// The server to ask, HOST[:PORT].
+    #[arg(long)]
+    server: Option<String>,
+    /// Your identity directory (for --server).
+    #[arg(long)]
+    identity: Option<std::path::PathBuf>,
+    /// The TOFU pin file (for --server).
+    #[arg(long)]
+    pins: Option<std::path::PathBuf>,
+    /// With --signature: the signed file (default: standard input). With --server: the owner's fingerprint.
+    arg: Option<String>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LATSSIAM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     let result = match cli.command {
         Command::Identity(c) => toolkit::identity(c),
         Command::Seal(a) => toolkit::seal(a),
         Command::Open(a) => toolkit::open(a),
         Command::Sign(a) => toolkit::sign(a),
-        Command::Verify(a) => toolkit::verify(a),
+        Command::Verify(a) => match (a.signature, a.server, a.identity) {
+            (Some(signature), None, _) => toolkit::verify(&signature, a.arg.as_deref().map(std::path::Path::new)),
+            (None, Some(server), Some(identity)) => match a.arg.as_deref().map(str::parse) {
+                Some(Ok(fingerprint)) => netcmd::verify(&server, &identity, a.pins.as_deref(), fingerprint),
+                _ => Err(anyhow::anyhow!(
+                    "verify --server needs the mailbox owner's FINGERPRINT (64 lower-case hex digits)"
+                )),
+            },
+            (None, Some(_), None) => Err(anyhow::anyhow!("verify --server needs --identity DIR")),
+            _ => {
+                Err(anyhow::anyhow!("verify needs --signature SIG [FILE], or --server HOST --identity DIR FINGERPRINT"))
+            }
+        },
+        Command::Server(a) => servercmd::run(a),
+        Command::Register(a) => netcmd::register(a),
+        Command::Deregister(a) => netcmd::deregister(a),
+        Command::Send(a) => netcmd::send(a),
+        Command::Fetch(a) => netcmd::fetch(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

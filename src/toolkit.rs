@@ -84,16 +84,7 @@ pub struct SignArgs {
     out: Option<PathBuf>,
 }
 
-#[derive(Args)]
-pub struct VerifyArgs {
-    /// The detached signature, DER or armour.
-    #[arg(long)]
-    signature: PathBuf,
-    /// The signed content (default: standard input).
-    input: Option<PathBuf>,
-}
-
-fn read_input(path: Option<&Path>) -> Result<Vec<u8>> {
+pub(crate) fn read_input(path: Option<&Path>) -> Result<Vec<u8>> {
     match path {
         Some(p) => std::fs::read(p).with_context(|| format!("cannot read {}", p.display())),
         None => {
@@ -114,7 +105,7 @@ fn write_output(path: Option<&Path>, bytes: &[u8]) -> Result<()> {
     }
 }
 
-fn load_identity(dir: &Path) -> Result<Identity> {
+pub(crate) fn load_identity(dir: &Path) -> Result<Identity> {
     Identity::load(dir).with_context(|| format!("cannot load identity from {}", dir.display()))
 }
 
@@ -254,16 +245,16 @@ pub fn sign(args: SignArgs) -> Result<()> {
     write_output(args.out.as_deref(), &crypto::sign(&content, &id)?)
 }
 
-pub fn verify(args: VerifyArgs) -> Result<()> {
-    let raw = std::fs::read(&args.signature).with_context(|| format!("cannot read {}", args.signature.display()))?;
+pub fn verify(signature: &Path, input: Option<&Path>) -> Result<()> {
+    let raw = std::fs::read(signature).with_context(|| format!("cannot read {}", signature.display()))?;
     let sig = match armour_blocks(&raw)? {
         None => raw,
         Some(blocks) => match blocks.into_iter().find(|b| b.label == Label::Signature) {
             Some(b) => b.der,
-            None => bail!("no SIGNATURE block in {}", args.signature.display()),
+            None => bail!("no SIGNATURE block in {}", signature.display()),
         },
     };
-    let content = read_input(args.input.as_deref())?;
+    let content = read_input(input)?;
     let signer = crypto::verify(&sig, &content)?;
     let info = CertInfo::from_der(&signer)?;
     let address = info.address.as_ref().map_or_else(|| "(none)".to_owned(), Address::to_string);

@@ -10,6 +10,7 @@
 //! - [`conn`]: frames over a stream; [`server`] and `client` sit on it.
 
 pub mod attest;
+pub mod client;
 pub mod conn;
 pub mod crypto;
 pub mod fingerprint;
