@@ -1,0 +1,513 @@
+//! The reference server against real TLS clients on loopback: every status
+//! code it can send, every bad-input case with its code and hang-up, and the
+//! server going on serving others with nothing stored from a bad session.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use latssiam::client::{Accepted, Client, ClientError};
+use latssiam::conn::{Connection, ReadError};
+use latssiam::server::store::{MailboxState, Store};
+use latssiam::server::{Rate, Server, ServerConfig};
+use latssiam::tls::{self, ClientStream, MemoryPins};
+use latssiam::wire::{Block, Code, Command, Frame, Label, Password, Status};
+use latssiam::{attest, crypto, Address, Identity};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+const HOST: &str = "localhost";
+const PASSWORD: &str = "open sesame";
+const T: Duration = Duration::from_secs(10);
+
+fn id(addr: &str) -> Arc<Identity> {
+    Arc::new(Identity::generate(&addr.parse::<Address>().unwrap(), None, false).unwrap())
+}
+
+struct TestServer {
+    addr: SocketAddr,
+    identity: Arc<Identity>,
+    store: Arc<Store>,
+    token: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+    pins: MemoryPins,
+}
+
+impl TestServer {
+    async fn start(configure: impl FnOnce(&mut ServerConfig)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(dir, configure).await
+    }
+
+    async fn start_in(dir: tempfile::TempDir, configure: impl FnOnce(&mut ServerConfig)) -> Self {
+        let mut config = ServerConfig::new(HOST, dir.path().join("db"));
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        config.register_password = Some(Password::new(PASSWORD).unwrap());
+        configure(&mut config);
+        let identity = id("server@localhost");
+        let server = Server::new(config, identity.clone()).unwrap();
+        let store = server.store().clone();
+        let token = server.shutdown_token();
+        let listener = server.bind().await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(server.serve(listener));
+        Self { addr, identity, store, token, task, _dir: dir, pins: MemoryPins::default() }
+    }
+
+    async fn client(&self, who: &Arc<Identity>) -> Client {
+        Client::connect(self.addr, HOST, Some(who.clone()), &self.pins).await.unwrap()
+    }
+
+    /// A raw framed TLS connection, for sending what a well-behaved client would not.
+    async fn raw(&self, who: Option<&Identity>) -> Connection<ClientStream> {
+        let tcp = TcpStream::connect(self.addr).await.unwrap();
+        Connection::new(tls::connect(tcp, HOST, self.addr.port(), who, &self.pins).await.unwrap())
+    }
+
+    async fn registered(&self, addr: &str) -> Arc<Identity> {
+        let who = id(addr);
+        let mut c = self.client(&who).await;
+        assert_eq!(c.register(&Password::new(PASSWORD).unwrap()).await.unwrap().code(), Code::RegistrationComplete);
+        c.quit().await;
+        who
+    }
+
+    async fn stop(self) {
+        self.token.cancel();
+        self.task.await.unwrap();
+    }
+}
+
+async fn status(conn: &mut Connection<ClientStream>) -> Code {
+    match conn.read(T).await.unwrap() {
+        Frame::Status(s) => s.code(),
+        other => panic!("expected a status, got {other:?}"),
+    }
+}
+
+/// The server has hung up: the next read ends the stream.
+async fn hung_up(conn: &mut Connection<ClientStream>) {
+    match conn.read(T).await {
+        Err(ReadError::Closed) | Err(ReadError::Wire(latssiam::wire::WireError::Io(_))) => {}
+        other => panic!("expected a hang-up, got {other:?}"),
+    }
+}
+
+fn sealed_for(to: &Identity, text: &str) -> Vec<u8> {
+    crypto::seal(text.as_bytes(), to.cert_der()).unwrap()
+}
+
+#[tokio::test]
+async fn conversation_register_send_accept_ack_then_33() {
+    let s = TestServer::start(|_| {}).await;
+    let alice = s.registered("alice@localhost").await;
+    let bob = s.registered("bob@localhost").await;
+    let msg = sealed_for(&alice, "Subject: hi\r\n\r\nHello Alice");
+    let sig = crypto::sign(&msg, &bob).unwrap();
+    let mut b = s.client(&bob).await;
+    assert_eq!(b.send(alice.fingerprint(), &msg, Some(&sig)).await.unwrap().code(), Code::MessageAccepted);
+    let mut a = s.client(&alice).await;
+    let Accepted::Message(d) = a.accept(Duration::ZERO).await.unwrap() else { panic!("no message") };
+    assert_eq!(d.signature.as_deref(), Some(sig.as_slice()), "the server prepends the sender's signature");
+    assert_eq!(crypto::open(&d.message, &alice).unwrap(), b"Subject: hi\r\n\r\nHello Alice");
+    a.ack().await.unwrap();
+    assert_eq!(a.accept(Duration::ZERO).await.unwrap(), Accepted::Nothing(Status::of(Code::NoMoreMessages)));
+    // VERIFY gives Alice's certificate and her attestation of this server's key.
+    let v = b.verify(alice.fingerprint()).await.unwrap().unwrap();
+    assert_eq!(v.owner_cert, alice.cert_der().to_vec());
+    attest::check(&v.attestation, alice.cert_der(), s.identity.cert_der(), Some(HOST)).unwrap();
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn verbs_without_a_certificate_get_20_and_quit_closes() {
+    let s = TestServer::start(|_| {}).await;
+    let alice = s.registered("alice@localhost").await;
+    let mut c = s.raw(None).await;
+    for cmd in [
+        Command::Send(alice.fingerprint()),
+        Command::Accept(Duration::ZERO),
+        Command::Register(Password::new(PASSWORD).unwrap()),
+        Command::Deregister,
+        Command::Verify(alice.fingerprint()),
+    ] {
+        c.send(cmd).await.unwrap();
+        assert_eq!(status(&mut c).await, Code::CertificateRequired);
+    }
+    c.send(Command::Quit).await.unwrap();
+    assert!(matches!(c.read(T).await, Err(ReadError::Closed)), "QUIT: close_notify, no status line");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn registration_answers_10_11_12_13_15() {
+    let s = TestServer::start(|c| c.require_approval = true).await;
+    let carol = id("carol@localhost");
+    // 11: wrong password.
+    let mut c = s.client(&carol).await;
+    let st = c.register(&Password::new("wrong").unwrap()).await.unwrap();
+    assert_eq!(st.code(), Code::RegistrationRefused);
+    // 13 then 12: pending approval; then 11: already registered.
+    let mut raw = s.raw(Some(&carol)).await;
+    raw.send(Command::Register(Password::new(PASSWORD).unwrap())).await.unwrap();
+    assert_eq!(status(&mut raw).await, Code::AttestationRequested);
+    let Frame::Block(csr) = raw.read(T).await.unwrap() else { panic!() };
+    assert_eq!(csr.label, Label::CertificateRequest);
+    let att = attest::attest(&csr.der, &carol).unwrap();
+    raw.feed(Code::AttestationFollows).await.unwrap();
+    raw.send(Block::new(Label::Certificate, att)).await.unwrap();
+    assert_eq!(status(&mut raw).await, Code::RegistrationPending);
+    assert_eq!(s.store.mailbox(&carol.fingerprint()).unwrap().unwrap().state, MailboxState::Pending);
+    assert_eq!(c.register(&Password::new(PASSWORD).unwrap()).await.unwrap().code(), Code::RegistrationRefused);
+    // Pending mailboxes do not receive: 34.
+    let dave = id("dave@localhost");
+    let mut d = s.client(&dave).await;
+    assert_eq!(d.send(carol.fingerprint(), &sealed_for(&carol, "x"), None).await.unwrap().code(), Code::NoMailbox);
+    // After approval, 30/31.
+    s.store.set_state(&carol.fingerprint(), MailboxState::Active).await.unwrap();
+    assert_eq!(
+        d.send(carol.fingerprint(), &sealed_for(&carol, "x"), None).await.unwrap().code(),
+        Code::MessageAccepted
+    );
+    // 15: a domain this server does not serve.
+    let eve = id("eve@elsewhere.example");
+    let mut e = s.client(&eve).await;
+    assert_eq!(e.register(&Password::new(PASSWORD).unwrap()).await.unwrap().code(), Code::RegistrationUnavailable);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn registration_without_a_password_configured_is_15() {
+    let s = TestServer::start(|c| c.register_password = None).await;
+    let mut c = s.client(&id("alice@localhost")).await;
+    assert_eq!(c.register(&Password::new(PASSWORD).unwrap()).await.unwrap().code(), Code::RegistrationUnavailable);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_forged_attestation_is_refused_with_11() {
+    let s = TestServer::start(|_| {}).await;
+    let alice = id("alice@localhost");
+    let mallory = id("alice@localhost");
+    let mut raw = s.raw(Some(&alice)).await;
+    raw.send(Command::Register(Password::new(PASSWORD).unwrap())).await.unwrap();
+    assert_eq!(status(&mut raw).await, Code::AttestationRequested);
+    let Frame::Block(csr) = raw.read(T).await.unwrap() else { panic!() };
+    // Signed by another key with the same name: not Alice's attestation.
+    let forged = attest::attest(&csr.der, &mallory).unwrap();
+    raw.feed(Code::AttestationFollows).await.unwrap();
+    raw.send(Block::new(Label::Certificate, forged)).await.unwrap();
+    assert_eq!(status(&mut raw).await, Code::RegistrationRefused);
+    assert!(s.store.mailbox(&alice.fingerprint()).unwrap().is_none(), "nothing stored");
+    // An attestation for another server's key is refused too.
+    let other = id("server@localhost");
+    let other_csr = attest::server_csr(&other, HOST).unwrap();
+    raw.send(Command::Register(Password::new(PASSWORD).unwrap())).await.unwrap();
+    assert_eq!(status(&mut raw).await, Code::AttestationRequested);
+    let _ = raw.read(T).await.unwrap();
+    raw.feed(Code::AttestationFollows).await.unwrap();
+    raw.send(Block::new(Label::Certificate, attest::attest(&other_csr, &alice).unwrap())).await.unwrap();
+    assert_eq!(status(&mut raw).await, Code::RegistrationRefused);
+    assert!(s.store.mailbox(&alice.fingerprint()).unwrap().is_none());
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn send_answers_30_31_32_34_35_36_38_21_39_52() {
+    let s = TestServer::start(|c| {
+        c.max_unread_per_sender = 2;
+        c.max_unread_per_mailbox = 3;
+        c.max_message_octets = 2000;
+    })
+    .await;
+    let alice = s.registered("alice@localhost").await;
+    let bob = id("bob@localhost");
+    let carol = id("carol@localhost");
+    let mut b = s.client(&bob).await;
+    let small = sealed_for(&alice, "small");
+    // 34: nobody.
+    assert_eq!(b.send(bob.fingerprint(), &small, None).await.unwrap().code(), Code::NoMailbox);
+    // 39: over the configured size (the session goes on).
+    let big = sealed_for(&alice, &"x".repeat(3000));
+    let dan = id("dan@localhost");
+    let mut d = s.client(&dan).await;
+    assert_eq!(d.send(alice.fingerprint(), &big, None).await.unwrap().code(), Code::MessageTooLong);
+    // 52: a signature by someone other than the TLS client.
+    let sig_by_carol = crypto::sign(&small, &carol).unwrap();
+    assert_eq!(d.send(alice.fingerprint(), &small, Some(&sig_by_carol)).await.unwrap().code(), Code::MessageRefused);
+    // 52: a signature over other bytes.
+    let sig_other = crypto::sign(b"other bytes", &dan).unwrap();
+    assert_eq!(d.send(alice.fingerprint(), &small, Some(&sig_other)).await.unwrap().code(), Code::MessageRefused);
+    assert_eq!(s.store.unread(&alice.fingerprint(), &dan.fingerprint()), (0, 0), "nothing stored from refused sends");
+    // 30 then 31, twice; then 36 for Bob (per sender), 31 for Carol, then 36 for Carol (per mailbox).
+    for _ in 0..2 {
+        assert_eq!(b.send(alice.fingerprint(), &small, None).await.unwrap().code(), Code::MessageAccepted);
+    }
+    assert_eq!(b.send(alice.fingerprint(), &small, None).await.unwrap().code(), Code::MailboxFull);
+    let mut c = s.client(&carol).await;
+    assert_eq!(c.send(alice.fingerprint(), &small, None).await.unwrap().code(), Code::MessageAccepted);
+    assert_eq!(c.send(alice.fingerprint(), &small, None).await.unwrap().code(), Code::MailboxFull);
+    // 35: moved.
+    s.store.set_state(&alice.fingerprint(), MailboxState::Moved("new.example".into())).await.unwrap();
+    let st = d.send(alice.fingerprint(), &small, None).await.unwrap();
+    assert_eq!((st.code(), st.moved_to()), (Code::MailboxMoved, Some("new.example")));
+    // 38: gone after deregistration; stored messages deleted.
+    s.store.set_state(&alice.fingerprint(), MailboxState::Active).await.unwrap();
+    let mut a = s.client(&alice).await;
+    assert_eq!(a.deregister().await.unwrap().code(), Code::RegistrationComplete);
+    assert_eq!(s.store.unread(&alice.fingerprint(), &bob.fingerprint()), (0, 0));
+    assert_eq!(d.send(alice.fingerprint(), &small, None).await.unwrap().code(), Code::MailboxGone);
+    assert_eq!(a.accept(Duration::ZERO).await.unwrap(), Accepted::Nothing(Status::of(Code::MailboxGone)));
+    assert_eq!(a.deregister().await.unwrap().code(), Code::MailboxGone);
+    assert_eq!(d.verify(alice.fingerprint()).await.unwrap().unwrap_err().code(), Code::MailboxGone);
+    s.stop().await;
+
+    // 21 and 32 under other policies.
+    let allowed = id("friend@localhost");
+    let friend_fp = allowed.fingerprint();
+    let s = TestServer::start(move |c| {
+        c.allowed_senders = Some([friend_fp].into_iter().collect());
+        c.require_signature = true;
+    })
+    .await;
+    let alice = s.registered("alice@localhost").await;
+    let msg = sealed_for(&alice, "hi");
+    let mut stranger = s.client(&id("stranger@localhost")).await;
+    assert_eq!(stranger.send(alice.fingerprint(), &msg, None).await.unwrap().code(), Code::CertificateUnauthorised);
+    let mut f = s.client(&allowed).await;
+    let sig = crypto::sign(&msg, &allowed).unwrap();
+    assert_eq!(f.send(alice.fingerprint(), &msg, Some(&sig)).await.unwrap().code(), Code::MessageAccepted);
+    assert!(matches!(f.send(alice.fingerprint(), &msg, None).await, Err(ClientError::SignatureRequired)));
+    // On the wire: 32, and a message without its signature is out of sequence.
+    let mut raw = s.raw(Some(&allowed)).await;
+    raw.send(Command::Send(alice.fingerprint())).await.unwrap();
+    assert_eq!(status(&mut raw).await, Code::SignatureRequired);
+    raw.send(Block::new(Label::EncryptedMessage, msg.clone())).await.unwrap();
+    assert_eq!(status(&mut raw).await, Code::SequencingError);
+    hung_up(&mut raw).await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn rates_answer_37() {
+    let s = TestServer::start(|c| {
+        c.send_rate = Rate { per_second: 0.001, burst: 2.0 };
+        c.empty_accept_rate = Rate { per_second: 0.001, burst: 2.0 };
+    })
+    .await;
+    let alice = s.registered("alice@localhost").await;
+    let mut a = s.client(&alice).await;
+    let msg = sealed_for(&alice, "x");
+    assert_eq!(a.send(alice.fingerprint(), &msg, None).await.unwrap().code(), Code::MessageAccepted);
+    assert_eq!(a.send(alice.fingerprint(), &msg, None).await.unwrap().code(), Code::MessageAccepted);
+    assert_eq!(a.send(alice.fingerprint(), &msg, None).await.unwrap().code(), Code::SlowDown);
+    for _ in 0..2 {
+        let Accepted::Message(_) = a.accept(Duration::ZERO).await.unwrap() else { panic!() };
+        a.ack().await.unwrap();
+    }
+    // Draining is not eager polling; empty polls are.
+    for _ in 0..2 {
+        assert_eq!(a.accept(Duration::ZERO).await.unwrap(), Accepted::Nothing(Status::of(Code::NoMoreMessages)));
+    }
+    assert_eq!(a.accept(Duration::ZERO).await.unwrap(), Accepted::Nothing(Status::of(Code::SlowDown)));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_its_code_and_a_hang_up_and_others_are_still_served() {
+    let s = TestServer::start(|_| {}).await;
+    let alice = s.registered("alice@localhost").await;
+    let bob = id("bob@localhost");
+    let msg = sealed_for(&alice, "x");
+
+    async fn raw_bytes(s: &TestServer, who: &Identity, bytes: &[u8]) -> Connection<ClientStream> {
+        let tcp = TcpStream::connect(s.addr).await.unwrap();
+        let mut stream = tls::connect(tcp, HOST, s.addr.port(), Some(who), &s.pins).await.unwrap();
+        stream.write_all(bytes).await.unwrap();
+        stream.flush().await.unwrap();
+        Connection::new(stream)
+    }
+    let fp = alice.fingerprint();
+    let line64 = "QUFB".repeat(16);
+    let cases: Vec<(&str, Vec<u8>, Code)> = vec![
+        ("line over 73 octets", format!("SEND {fp}{}\r\n", "a".repeat(10)).into_bytes(), Code::SyntaxError),
+        ("bare LF", b"QUIT\n".to_vec(), Code::SyntaxError),
+        ("NUL", b"QU\0IT\r\n".to_vec(), Code::SyntaxError),
+        ("unknown verb", b"HELO there\r\n".to_vec(), Code::SyntaxError),
+        ("lower-case verb", b"quit\r\n".to_vec(), Code::SyntaxError),
+        (
+            "a block where a verb is due",
+            {
+                let mut v = b"-----BEGIN ENCRYPTED MESSAGE-----\r\n".to_vec();
+                v.extend_from_slice(format!("{line64}\r\n").as_bytes());
+                v.extend_from_slice(b"-----END ENCRYPTED MESSAGE-----\r\n");
+                v
+            },
+            Code::SyntaxError,
+        ),
+        ("a status where a verb is due", b"31 Message accepted\r\n".to_vec(), Code::SequencingError),
+        (
+            "401-line message block",
+            {
+                let mut v = format!("SEND {fp}\r\n-----BEGIN ENCRYPTED MESSAGE-----\r\n").into_bytes();
+                for _ in 0..401 {
+                    v.extend_from_slice(format!("{line64}\r\n").as_bytes());
+                }
+                v
+            },
+            Code::MessageTooLong,
+        ),
+        (
+            "bad base64 in a message",
+            format!("SEND {fp}\r\n-----BEGIN ENCRYPTED MESSAGE-----\r\n!!!!\r\n").into_bytes(),
+            Code::SyntaxError,
+        ),
+        (
+            "a message that is not CMS",
+            {
+                let der = [0x30, 0x03, 0x02, 0x01, 0x00];
+                format!(
+                    "SEND {fp}\r\n-----BEGIN ENCRYPTED MESSAGE-----\r\n{}\r\n-----END ENCRYPTED MESSAGE-----\r\n",
+                    base64_std(&der)
+                )
+                .into_bytes()
+            },
+            Code::SyntaxError,
+        ),
+    ];
+    for (name, bytes, code) in cases {
+        let mut c = raw_bytes(&s, &bob, &bytes).await;
+        // A SEND first gets its 30.
+        let mut got = status(&mut c).await;
+        if got == Code::Proceed && bytes.starts_with(b"SEND") {
+            got = status(&mut c).await;
+        }
+        assert_eq!(got, code, "{name}");
+        hung_up(&mut c).await;
+    }
+    // A 51 for a block where a verb is due, when it arrives whole and valid.
+    let mut c = s.raw(Some(&bob)).await;
+    c.send(Block::new(Label::EncryptedMessage, msg.clone())).await.unwrap();
+    assert_eq!(status(&mut c).await, Code::SequencingError);
+    hung_up(&mut c).await;
+    // Nothing from the bad sessions was stored, and a good client is served.
+    assert_eq!(s.store.unread(&alice.fingerprint(), &bob.fingerprint()), (0, 0));
+    let mut good = s.client(&bob).await;
+    assert_eq!(good.send(alice.fingerprint(), &msg, None).await.unwrap().code(), Code::MessageAccepted);
+    assert_eq!(s.store.unread(&alice.fingerprint(), &bob.fingerprint()), (1, 1));
+    s.stop().await;
+}
+
+fn base64_std(der: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(der)
+}
+
+#[tokio::test]
+async fn an_idle_session_gets_54_and_a_hang_up() {
+    let s = TestServer::start(|c| c.idle_timeout = Duration::from_millis(300)).await;
+    let mut c = s.raw(Some(&id("bob@localhost"))).await;
+    assert_eq!(status(&mut c).await, Code::Timeout);
+    hung_up(&mut c).await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn an_accept_deadline_above_the_maximum_is_hung_up_on() {
+    let s = TestServer::start(|c| c.max_accept_deadline = Duration::from_secs(60)).await;
+    let alice = s.registered("alice@localhost").await;
+    let mut c = s.raw(Some(&alice)).await;
+    c.send(Command::Accept(Duration::from_secs(61))).await.unwrap();
+    assert_eq!(status(&mut c).await, Code::SyntaxError);
+    hung_up(&mut c).await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_corrupt_store_record_is_answered_53() {
+    // A real fault: a mailbox record that does not decode (as after disk corruption).
+    let dir = tempfile::tempdir().unwrap();
+    let victim = id("victim@localhost");
+    {
+        let db = sled::open(dir.path().join("db")).unwrap();
+        db.open_tree("mailboxes").unwrap().insert(victim.fingerprint().as_bytes(), &[0xff, 0, 1][..]).unwrap();
+        db.flush().unwrap();
+    }
+    let s = TestServer::start_in(dir, |_| {}).await;
+    let mut c = s.client(&id("bob@localhost")).await;
+    let st = c.send(victim.fingerprint(), &sealed_for(&victim, "x"), None).await.unwrap();
+    assert_eq!(st.code(), Code::InternalError);
+    // The session goes on.
+    assert_eq!(c.verify(victim.fingerprint()).await.unwrap().unwrap_err().code(), Code::InternalError);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_vanishes_after_40_gets_the_message_again() {
+    let s = TestServer::start(|_| {}).await;
+    let alice = s.registered("alice@localhost").await;
+    let bob = id("bob@localhost");
+    let mut b = s.client(&bob).await;
+    for text in ["one", "two"] {
+        assert_eq!(
+            b.send(alice.fingerprint(), &sealed_for(&alice, text), None).await.unwrap().code(),
+            Code::MessageAccepted
+        );
+    }
+    let mut a = s.client(&alice).await;
+    let Accepted::Message(first) = a.accept(Duration::ZERO).await.unwrap() else { panic!() };
+    drop(a); // gone without answering
+    let mut a = s.client(&alice).await;
+    let Accepted::Message(again) = a.accept(Duration::ZERO).await.unwrap() else { panic!() };
+    assert_eq!(again, first);
+    assert_eq!(crypto::open(&again.message, &alice).unwrap(), b"one", "oldest first");
+    // 52 and 32 from the client also delete.
+    a.refuse(Status::of(Code::MessageRefused)).await.unwrap();
+    let Accepted::Message(second) = a.accept(Duration::ZERO).await.unwrap() else { panic!() };
+    assert_eq!(crypto::open(&second.message, &alice).unwrap(), b"two");
+    a.refuse(Status::of(Code::SignatureRequired)).await.unwrap();
+    assert_eq!(a.accept(Duration::ZERO).await.unwrap(), Accepted::Nothing(Status::of(Code::NoMoreMessages)));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_waiting_accept_is_woken_by_the_arrival() {
+    let s = TestServer::start(|_| {}).await;
+    let alice = s.registered("alice@localhost").await;
+    let bob = id("bob@localhost");
+    let mut a = s.client(&alice).await;
+    let waiting = tokio::spawn(async move {
+        let started = Instant::now();
+        let got = a.accept(Duration::from_secs(30)).await.unwrap();
+        (got, Instant::now(), started)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut b = s.client(&bob).await;
+    let msg = sealed_for(&alice, "wake up");
+    assert_eq!(b.send(alice.fingerprint(), &msg, None).await.unwrap().code(), Code::MessageAccepted);
+    let accepted_at = Instant::now();
+    let (got, answered_at, started) = waiting.await.unwrap();
+    let Accepted::Message(d) = got else { panic!("expected 40") };
+    assert_eq!(d.message, msg);
+    assert!(answered_at.duration_since(started) >= Duration::from_millis(300), "it waited for the arrival");
+    let latency = answered_at.saturating_duration_since(accepted_at);
+    eprintln!("arrival (31 to the sender) -> 40 to the waiting receiver: {latency:?}");
+    assert!(latency < Duration::from_millis(100), "ACCEPT 30 answered {latency:?} after the arrival");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_answers_a_waiting_accept_and_refuses_new_connections() {
+    let s = TestServer::start(|_| {}).await;
+    let alice = s.registered("alice@localhost").await;
+    let mut a = s.client(&alice).await;
+    let waiting = tokio::spawn(async move { a.accept(Duration::from_secs(30)).await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let addr = s.addr;
+    s.stop().await;
+    assert_eq!(waiting.await.unwrap(), Accepted::Nothing(Status::of(Code::NoMoreMessages)));
+    assert!(TcpStream::connect(addr).await.is_err(), "the listener is closed");
+}
