@@ -1,0 +1,239 @@
+//! The reference server and the client commands as separate processes, as
+//! a user runs them: a conversation, durability across SIGKILL, SIGTERM, and
+//! the operator's commands.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_latssiam-bridge");
+
+fn run(dir: &Path, args: &[&str]) -> Output {
+    Command::new(BIN).args(args).current_dir(dir).stdin(Stdio::null()).output().unwrap()
+}
+
+fn ok(dir: &Path, args: &[&str]) -> String {
+    let out = run(dir, args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A server process; killed when dropped.
+struct ServerProcess {
+    child: Child,
+    addr: String,
+}
+
+impl ServerProcess {
+    fn start(dir: &Path, data: &str, extra: &[&str]) -> Self {
+        let mut args = vec!["server", "--listen", "127.0.0.1:0", "--data-dir", data, "--register-password", "sesame"];
+        args.extend_from_slice(extra);
+        Self::start_with(dir, &args)
+    }
+
+    fn start_with(dir: &Path, args: &[&str]) -> Self {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .current_dir(dir)
+            .env("LATSSIAM_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        // "listening on 127.0.0.1:PORT as FINGERPRINT"
+        let addr = line.split_whitespace().nth(2).unwrap_or_else(|| panic!("server said {line:?}")).to_owned();
+        let port = addr.rsplit(':').next().unwrap();
+        Self { child, addr: format!("localhost:{port}") }
+    }
+
+    fn signal(&mut self, sig: &str) -> std::process::ExitStatus {
+        Command::new("kill").args(["-s", sig, &self.child.id().to_string()]).status().unwrap();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn identity(dir: &Path, address: &str, out: &str) -> String {
+    ok(dir, &["identity", "new", "--address", address, "--out", out]).trim().to_owned()
+}
+
+fn register(dir: &Path, server: &str, who: &str) {
+    let out = ok(dir, &["register", "--identity", who, "--server", server, "--password", "sesame", "--pins", "pins"]);
+    assert!(out.starts_with("10 "), "{out}");
+}
+
+fn eml_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .map(|r| r.map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "eml")).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+const MESSAGE: &str = "From: bob@localhost\r\nTo: alice@localhost\r\nDate: Tue, 24 Nov 2026 12:00:00 +0000\r\n\
+Message-ID: <1@localhost>\r\nSubject: Grüße\r\n\r\nHallo Alice, schöne Grüße!\r\n";
+
+#[test]
+fn conversation_with_a_waiting_fetch() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let server = ServerProcess::start(dir, "srv", &[]);
+    let alice_fp = identity(dir, "alice@localhost", "alice");
+    identity(dir, "bob@localhost", "bob");
+    register(dir, &server.addr, "alice");
+    register(dir, &server.addr, "bob");
+
+    // Alice waits; Bob sends a signed message.
+    let fetch = Command::new(BIN)
+        .args([
+            "fetch",
+            "--identity",
+            "alice",
+            "--server",
+            &server.addr,
+            "--deadline",
+            "30",
+            "--out-dir",
+            "inbox",
+            "--pins",
+            "pins",
+        ])
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::write(dir.join("msg.eml"), MESSAGE).unwrap();
+    let sent = ok(
+        dir,
+        &[
+            "send",
+            "--identity",
+            "bob",
+            "--server",
+            &server.addr,
+            "--to",
+            "alice/cert.pem",
+            "--sign",
+            "msg.eml",
+            "--pins",
+            "pins",
+        ],
+    );
+    assert_eq!(sent.trim(), "31 Message accepted");
+    let out = fetch.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(lines[0].contains("signed by bob@localhost"), "{stdout}");
+    assert_eq!(lines[1], "33 No more messages available");
+    let files = eml_files(&dir.join("inbox"));
+    assert_eq!(files.len(), 1);
+    assert_eq!(std::fs::read_to_string(&files[0]).unwrap(), MESSAGE);
+
+    // With only a fingerprint, send obtains the certificate through VERIFY.
+    let sent = ok(
+        dir,
+        &["send", "--identity", "bob", "--server", &server.addr, "--to", &alice_fp, "msg.eml", "--pins", "pins"],
+    );
+    assert_eq!(sent.trim(), "31 Message accepted");
+    let verified = ok(dir, &["verify", "--identity", "bob", "--server", &server.addr, "--pins", "pins", &alice_fp]);
+    assert!(verified.contains("owner:       alice@localhost"), "{verified}");
+    let out =
+        ok(dir, &["fetch", "--identity", "alice", "--server", &server.addr, "--out-dir", "inbox", "--pins", "pins"]);
+    assert!(out.contains(" unsigned"), "{out}");
+    // Deregistration: later sends get 38.
+    ok(dir, &["deregister", "--identity", "alice", "--server", &server.addr, "--pins", "pins"]);
+    let refused = run(
+        dir,
+        &["send", "--identity", "bob", "--server", &server.addr, "--to", "alice/cert.pem", "msg.eml", "--pins", "pins"],
+    );
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stdout).starts_with("38 "));
+}
+
+#[test]
+fn a_message_acknowledged_with_31_survives_sigkill() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let mut server = ServerProcess::start(dir, "srv", &[]);
+    identity(dir, "alice@localhost", "alice");
+    identity(dir, "bob@localhost", "bob");
+    register(dir, &server.addr, "alice");
+    std::fs::write(dir.join("msg.eml"), MESSAGE).unwrap();
+    let sent = ok(
+        dir,
+        &["send", "--identity", "bob", "--server", &server.addr, "--to", "alice/cert.pem", "msg.eml", "--pins", "pins"],
+    );
+    assert_eq!(sent.trim(), "31 Message accepted");
+    let status = server.signal("KILL");
+    assert!(!status.success(), "killed, not exited");
+    drop(server);
+
+    // Restarted on the same data (a new port; the same certificate, so TOFU pins hold per host:port).
+    let server = ServerProcess::start(dir, "srv", &[]);
+    let out =
+        ok(dir, &["fetch", "--identity", "alice", "--server", &server.addr, "--out-dir", "inbox", "--pins", "pins2"]);
+    let files = eml_files(&dir.join("inbox"));
+    assert_eq!(files.len(), 1, "{out}");
+    assert_eq!(std::fs::read_to_string(&files[0]).unwrap(), MESSAGE);
+}
+
+#[test]
+fn sigterm_stops_cleanly_and_operator_commands_work_on_the_data() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let mut server = ServerProcess::start(dir, "srv", &["--require-approval"]);
+    let alice_fp = identity(dir, "alice@localhost", "alice");
+    let out = ok(
+        dir,
+        &["register", "--identity", "alice", "--server", &server.addr, "--password", "sesame", "--pins", "pins"],
+    );
+    assert!(out.starts_with("12 "), "{out}");
+    // The store admits one process: operator commands say so clearly while the server runs.
+    let busy = run(dir, &["server", "mailboxes", "--data-dir", "srv"]);
+    assert!(!busy.status.success());
+    assert!(
+        String::from_utf8_lossy(&busy.stderr).contains("stop it first"),
+        "{}",
+        String::from_utf8_lossy(&busy.stderr)
+    );
+    assert!(server.signal("TERM").success(), "SIGTERM is a clean exit");
+
+    let list = ok(dir, &["server", "mailboxes", "--data-dir", "srv"]);
+    assert!(
+        list.lines().any(|l| l.contains("alice@localhost") && l.contains(&alice_fp) && l.contains("pending")),
+        "{list}"
+    );
+    ok(dir, &["server", "approve", &alice_fp, "--data-dir", "srv"]);
+    let list = ok(dir, &["server", "mailboxes", "--data-dir", "srv"]);
+    assert!(list.lines().any(|l| l.contains(&alice_fp) && l.contains("active")), "{list}");
+    ok(dir, &["server", "move", &alice_fp, "new.example", "--data-dir", "srv"]);
+    let list = ok(dir, &["server", "mailboxes", "--data-dir", "srv"]);
+    assert!(list.lines().any(|l| l.contains(&alice_fp) && l.contains("moved to new.example")), "{list}");
+    let bad = run(dir, &["server", "approve", &alice_fp, "--data-dir", "srv"]);
+    assert!(!bad.status.success(), "only pending mailboxes can be approved");
+
+    // Unknown settings keys stop start-up, naming the key.
+    std::fs::write(dir.join("bad.toml"), "hots = \"typo\"\n").unwrap();
+    let out = run(dir, &["server", "--config", "bad.toml", "--data-dir", "srv2"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("hots"), "{}", String::from_utf8_lossy(&out.stderr));
+}
