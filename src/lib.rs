@@ -2,4 +2,5 @@
 //! TOFU pin store; the queue, routing, contacts, delivery worker and ACCEPT
 //! poller arrive with the email gateway (ARCHITECTURE.md).
 
+pub mod gateway;
 pub mod pins;

@@ -1,6 +1,7 @@
 //! `latssiam-bridge`: the command line. Errors are one line on stderr and a
 //! non-zero exit status.
 
+mod gatewaycmd;
 mod netcmd;
 mod servercmd;
 mod toolkit;
@@ -19,6 +20,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the gateway: SMTP listener, delivery worker, ACCEPT poller, metrics
+    /// (and the embedded home server unless home.server is set).
+    Run(gatewaycmd::RunArgs),
+    /// Manage the people the gateway knows (works while the gateway runs).
+    #[command(subcommand)]
+    Contacts(gatewaycmd::ContactsCommand),
+    /// Inspect and act on the gateway's queue, like mailq and postsuper.
+    #[command(subcommand)]
+    Queue(gatewaycmd::QueueCommand),
     /// Create and inspect identities (certificate + private key).
     #[command(subcommand)]
     Identity(toolkit::IdentityCommand),
@@ -61,17 +71,27 @@ struct VerifyArgs {
     arg: Option<String>,
 }
 
+/// Logs go to stderr, human-readable or JSON; the level comes from `LATSSIAM_LOG` (default `info`).
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LATSSIAM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init();
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LATSSIAM_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    if !matches!(cli.command, Command::Run(_)) {
+        init_logging(false);
+    }
     let result = match cli.command {
+        Command::Run(a) => gatewaycmd::run(a, &init_logging),
+        Command::Contacts(c) => gatewaycmd::contacts(c),
+        Command::Queue(c) => gatewaycmd::queue(c),
         Command::Identity(c) => toolkit::identity(c),
         Command::Seal(a) => toolkit::seal(a),
         Command::Open(a) => toolkit::open(a),

@@ -20,9 +20,11 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::Notify;
+
+use crate::group_commit::{FlushError, GroupCommit};
 
 use crate::fingerprint::Fingerprint;
 
@@ -115,28 +117,14 @@ impl Counts {
     }
 }
 
-type FlushWaiter = oneshot::Sender<Result<(), String>>;
-
 /// The server's durable state.
 pub struct Store {
     db: sled::Db,
     mailboxes: sled::Tree,
     messages: sled::Tree,
     counts: Mutex<Counts>,
-    flusher: Mutex<mpsc::Sender<FlushWaiter>>,
-    flusher_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    flusher: GroupCommit,
     waiters: Mutex<HashMap<Fingerprint, Arc<Notify>>>,
-}
-
-impl Drop for Store {
-    /// Stops the flusher (it holds a handle on the database) so that the data
-    /// directory is free again once the store is dropped.
-    fn drop(&mut self) {
-        drop(std::mem::replace(self.flusher.get_mut().unwrap_or_else(|e| e.into_inner()), mpsc::channel().0));
-        if let Some(thread) = self.flusher_thread.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
-            let _ = thread.join();
-        }
-    }
 }
 
 fn message_key(owner: &Fingerprint, id: u64) -> [u8; 40] {
@@ -243,31 +231,9 @@ impl Store {
             let m = decode_message(&k, &v)?;
             counts.add(fingerprint_from(&k[..32])?, m.sender);
         }
-        let (tx, rx) = mpsc::channel::<FlushWaiter>();
-        let flush_db = db.clone();
-        let thread = std::thread::Builder::new()
-            .name("latssiam-flusher".into())
-            .spawn(move || {
-                // Group commit: one fsync for everyone who asked while the last one ran.
-                while let Ok(first) = rx.recv() {
-                    let mut batch = vec![first];
-                    batch.extend(rx.try_iter());
-                    let result = flush_db.flush().map(|_| ()).map_err(|e| e.to_string());
-                    for waiter in batch {
-                        let _ = waiter.send(result.clone());
-                    }
-                }
-            })
-            .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
-        Ok(Arc::new(Self {
-            db,
-            mailboxes,
-            messages,
-            counts: Mutex::new(counts),
-            flusher: Mutex::new(tx),
-            flusher_thread: Mutex::new(Some(thread)),
-            waiters: Mutex::default(),
-        }))
+        let flusher =
+            GroupCommit::start(db.clone(), "latssiam-flusher").map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
+        Ok(Arc::new(Self { db, mailboxes, messages, counts: Mutex::new(counts), flusher, waiters: Mutex::default() }))
     }
 
     /// Waits until everything written so far is on disk.
@@ -275,11 +241,10 @@ impl Store {
     /// # Errors
     /// [`StoreError::Sled`] if the fsync failed, [`StoreError::Closed`] if the flusher is gone.
     pub async fn durable(&self) -> Result<(), StoreError> {
-        let (tx, rx) = oneshot::channel();
-        self.flusher.lock().unwrap_or_else(|e| e.into_inner()).send(tx).map_err(|_| StoreError::Closed)?;
-        rx.await
-            .map_err(|_| StoreError::Closed)?
-            .map_err(|e| StoreError::Sled(sled::Error::Io(std::io::Error::other(e))))
+        self.flusher.durable().await.map_err(|e| match e {
+            FlushError::Closed => StoreError::Closed,
+            other => StoreError::Sled(sled::Error::Io(std::io::Error::other(other))),
+        })
     }
 
     /// The mailbox of `owner`, if one was ever registered.

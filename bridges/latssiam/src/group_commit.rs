@@ -1,0 +1,71 @@
+//! Group commit for sled: many writers, one fsync.
+//!
+//! Writers call [`GroupCommit::durable`] after their inserts; a dedicated
+//! thread flushes the database once for everyone who asked while the previous
+//! flush ran, then wakes them all. A caller returns only after an fsync that
+//! started after its call, so its writes are on disk.
+
+use std::sync::{mpsc, Mutex};
+
+use tokio::sync::oneshot;
+
+type Waiter = oneshot::Sender<Result<(), String>>;
+
+/// Why a flush failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FlushError {
+    /// The fsync failed.
+    #[error("flush failed: {0}")]
+    Io(String),
+    /// The flusher thread is gone (shutting down).
+    #[error("the store is shutting down")]
+    Closed,
+}
+
+/// The flusher of one sled database. Dropping it stops the thread (which
+/// holds a handle on the database, so the directory lock is released after).
+pub struct GroupCommit {
+    sender: Mutex<mpsc::Sender<Waiter>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl GroupCommit {
+    /// Starts the flusher thread for `db`.
+    ///
+    /// # Errors
+    /// If the thread cannot be spawned.
+    pub fn start(db: sled::Db, name: &str) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<Waiter>();
+        let thread = std::thread::Builder::new().name(name.into()).spawn(move || {
+            while let Ok(first) = rx.recv() {
+                let mut batch = vec![first];
+                batch.extend(rx.try_iter());
+                let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
+                for waiter in batch {
+                    let _ = waiter.send(result.clone());
+                }
+            }
+        })?;
+        Ok(Self { sender: Mutex::new(tx), thread: Mutex::new(Some(thread)) })
+    }
+
+    /// Waits until everything written so far is on disk.
+    ///
+    /// # Errors
+    /// [`FlushError`] if the fsync failed or the flusher is gone.
+    pub async fn durable(&self) -> Result<(), FlushError> {
+        let (tx, rx) = oneshot::channel();
+        self.sender.lock().unwrap_or_else(|e| e.into_inner()).send(tx).map_err(|_| FlushError::Closed)?;
+        rx.await.map_err(|_| FlushError::Closed)?.map_err(FlushError::Io)
+    }
+}
+
+impl Drop for GroupCommit {
+    fn drop(&mut self) {
+        drop(std::mem::replace(self.sender.get_mut().unwrap_or_else(|e| e.into_inner()), mpsc::channel().0));
+        if let Some(thread) = self.thread.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = thread.join();
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! The gateway's settings: `config/default.toml` (embedded), then the file
+//! given by `--config`, then `LATSSIAM_BRIDGE__SECTION__KEY` variables.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+const DEFAULTS: &str = include_str!("../../config/default.toml");
+
+/// All settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub gateway: GatewaySettings,
+    pub home: HomeSettings,
+    pub smtp: SmtpSettings,
+    pub smarthost: SmarthostSettings,
+    pub http: HttpSettings,
+    pub queue: QueueSettings,
+    pub routes: HashMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySettings {
+    pub data_dir: PathBuf,
+    pub domains: Vec<String>,
+    pub hostname: String,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HomeSettings {
+    pub server: String,
+    pub listen: SocketAddr,
+    pub host: String,
+    pub register_password: String,
+    pub accept_deadline_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Oversize {
+    Reject,
+    StripAttachments,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmtpSettings {
+    pub listen: SocketAddr,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    pub max_recipients: usize,
+    pub command_timeout_secs: u64,
+    pub data_timeout_secs: u64,
+    pub max_connections: usize,
+    pub oversize: Oversize,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Security {
+    None,
+    Starttls,
+    Tls,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmarthostSettings {
+    pub host: String,
+    pub port: u16,
+    pub security: Security,
+    pub username: String,
+    pub password: String,
+    pub accept_invalid_certs: bool,
+    pub timeout_secs: u64,
+    pub max_connections: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueSettings {
+    pub first_retry_secs: u64,
+    pub max_retry_secs: u64,
+    pub lifetime_secs: u64,
+    pub concurrency: usize,
+}
+
+impl Settings {
+    /// Loads the settings: defaults, then `file`, then the environment.
+    ///
+    /// # Errors
+    /// A message naming the file or key that is wrong.
+    pub fn load(file: Option<&Path>) -> Result<Self> {
+        let mut builder =
+            config::Config::builder().add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
+        if let Some(file) = file {
+            if !file.is_file() {
+                bail!("--config {}: no such file", file.display());
+            }
+            builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("LATSSIAM_BRIDGE")
+                .prefix_separator("__")
+                .separator("__")
+                .list_separator(",")
+                .with_list_parse_key("gateway.domains")
+                .try_parsing(true),
+        );
+        let s: Settings = builder.build().and_then(config::Config::try_deserialize).context("bad settings")?;
+        s.check()?;
+        Ok(s)
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.gateway.domains.is_empty() {
+            bail!("gateway.domains: at least one mail domain is needed");
+        }
+        for d in &self.gateway.domains {
+            if !latssiam::identity::is_dns_name(d) {
+                bail!("gateway.domains: {d:?} is not a domain name");
+            }
+        }
+        if !latssiam::identity::is_dns_name(&self.gateway.hostname) {
+            bail!("gateway.hostname: {:?} is not a host name", self.gateway.hostname);
+        }
+        if !latssiam::identity::is_dns_name(&self.home.host) {
+            bail!("home.host: {:?} is not a host name", self.home.host);
+        }
+        if self.smtp.tls_cert.as_os_str().is_empty() != self.smtp.tls_key.as_os_str().is_empty() {
+            bail!("smtp.tls_cert and smtp.tls_key go together");
+        }
+        if self.queue.first_retry_secs == 0 || self.queue.max_retry_secs < self.queue.first_retry_secs {
+            bail!("queue.first_retry_secs must be at least 1 and at most queue.max_retry_secs");
+        }
+        if self.queue.concurrency == 0 {
+            bail!("queue.concurrency: at least 1");
+        }
+        if !self.home.register_password.is_empty()
+            && latssiam::wire::Password::new(&self.home.register_password).is_err()
+        {
+            bail!("home.register_password: 1-54 printable ASCII characters, not starting with a space");
+        }
+        Ok(())
+    }
+
+    /// Where the gateway's own state (queue, contacts, pins) lives.
+    pub fn queue_dir(&self) -> PathBuf {
+        self.gateway.data_dir.join("queue")
+    }
+
+    /// The admin socket of a running gateway.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.gateway.data_dir.join("admin.sock")
+    }
+
+    /// Whether `domain` is one the gateway answers for.
+    pub fn is_local_domain(&self, domain: &str) -> bool {
+        self.gateway.domains.iter().any(|d| d.eq_ignore_ascii_case(domain))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_load_and_unknown_keys_are_named() {
+        let s = Settings::load(None).unwrap();
+        assert_eq!(s.smtp.oversize, Oversize::Reject);
+        assert_eq!(s.queue.first_retry_secs, 300);
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "[smtp]\nlisten = \"127.0.0.1:1\"\nbogus = 1\n").unwrap();
+        let e = format!("{:#}", Settings::load(Some(&f)).unwrap_err());
+        assert!(e.contains("bogus"), "{e}");
+        std::fs::write(&f, "[smtp]\noversize = \"shrink\"\n").unwrap();
+        let e = format!("{:#}", Settings::load(Some(&f)).unwrap_err());
+        assert!(e.contains("oversize") || e.contains("shrink"), "{e}");
+        std::fs::write(&f, "[routes]\n\"h.example\" = \"127.0.0.1:5\"\n[queue]\nfirst_retry_secs = 2\n").unwrap();
+        let s = Settings::load(Some(&f)).unwrap();
+        assert_eq!(s.routes.get("h.example").map(String::as_str), Some("127.0.0.1:5"));
+        assert_eq!(s.queue.first_retry_secs, 2);
+    }
+}

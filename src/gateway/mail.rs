@@ -1,0 +1,247 @@
+//! Internet Message work: `Received:` headers, loop detection, recipients,
+//! `Bcc` removal, attachment stripping, RFC 3464 bounces and notices.
+
+use mail_parser::{MessageParser, MimeHeaders};
+use time::format_description::well_known::Rfc2822;
+use time::OffsetDateTime;
+
+/// More `Received:` headers than this is a mail loop (RFC 5321 6.3).
+pub const MAX_RECEIVED: usize = 30;
+
+/// The current date, as in a `Date:` header.
+pub fn date_now() -> String {
+    OffsetDateTime::now_utc().format(&Rfc2822).unwrap_or_else(|_| "Thu, 01 Jan 1970 00:00:00 +0000".into())
+}
+
+/// The header section (up to the first empty line), without it.
+pub fn header_section(data: &[u8]) -> &[u8] {
+    let mut pos = 0;
+    for line in data.split_inclusive(|&b| b == b'\n') {
+        if line == b"\r\n" || line == b"\n" {
+            return &data[..pos];
+        }
+        pos += line.len();
+    }
+    data
+}
+
+/// How many `Received:` headers the message has.
+pub fn count_received(data: &[u8]) -> usize {
+    header_section(data)
+        .split(|&b| b == b'\n')
+        .filter(|l| l.len() >= 9 && l[..9].eq_ignore_ascii_case(b"received:"))
+        .count()
+}
+
+/// A `Received:` header line (with CRLF), folded.
+pub fn received(from: &str, by: &str, with: &str, id: &str, for_rcpt: Option<&str>) -> String {
+    let from = clean(from);
+    let rcpt = for_rcpt.map(|r| format!("\r\n\tfor <{}>", clean(r))).unwrap_or_default();
+    format!("Received: from {from}\r\n\tby {by} with {with} id {id}{rcpt};\r\n\t{}\r\n", date_now())
+}
+
+fn clean(s: &str) -> String {
+    s.chars().filter(|c| !c.is_control()).take(200).collect()
+}
+
+/// Prepends a header line to a message.
+pub fn prepend(header: &str, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(header.len() + data.len());
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+/// The addresses in `To`, `Cc` and `Bcc`, lower-cased and deduplicated, in order.
+/// `None` if the message does not parse.
+pub fn recipients(data: &[u8]) -> Option<Vec<String>> {
+    let message = MessageParser::default().parse(data)?;
+    let mut out: Vec<String> = Vec::new();
+    for list in [message.to(), message.cc(), message.bcc()].into_iter().flatten() {
+        for addr in list.iter() {
+            if let Some(a) = addr.address() {
+                let a = a.trim().to_lowercase();
+                if !a.is_empty() && !out.contains(&a) {
+                    out.push(a);
+                }
+            }
+        }
+    }
+    Some(out)
+}
+
+/// The message without its `Bcc:` header fields (continuation lines included).
+pub fn remove_bcc(data: &[u8]) -> Vec<u8> {
+    let header_len = header_section(data).len();
+    let mut out = Vec::with_capacity(data.len());
+    let mut skipping = false;
+    for line in data[..header_len].split_inclusive(|&b| b == b'\n') {
+        let continuation = line.first().is_some_and(|&b| b == b' ' || b == b'\t');
+        if !continuation {
+            skipping = line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"bcc:");
+        }
+        if !skipping {
+            out.extend_from_slice(line);
+        }
+    }
+    out.extend_from_slice(&data[header_len..]);
+    out
+}
+
+/// The message with its attachments replaced by a text part naming them:
+/// the original header fields except the MIME ones, then a `text/plain`
+/// body made of the text parts and the list. `None` if it does not parse
+/// or has no attachments.
+pub fn strip_attachments(data: &[u8]) -> Option<Vec<u8>> {
+    let message = MessageParser::default().parse(data)?;
+    let removed: Vec<String> = message
+        .attachments()
+        .map(|a| format!("  {} ({} octets)", a.attachment_name().unwrap_or("unnamed"), a.len()))
+        .collect();
+    if removed.is_empty() {
+        return None;
+    }
+    let mut text = String::new();
+    for i in 0..message.text_body.len() {
+        if let Some(t) = message.body_text(i) {
+            text.push_str(&t);
+            text.push('\n');
+        }
+    }
+    text.push_str("\n[latssiam-bridge removed these attachments: the message was too large for LATSSIAM]\n");
+    text.push_str(&removed.join("\n"));
+    text.push('\n');
+    let mut out = Vec::new();
+    let header_len = header_section(data).len();
+    let mut skipping = false;
+    for line in data[..header_len].split_inclusive(|&b| b == b'\n') {
+        let continuation = line.first().is_some_and(|&b| b == b' ' || b == b'\t');
+        if !continuation {
+            let lower = line.to_ascii_lowercase();
+            skipping = lower.starts_with(b"content-") || lower.starts_with(b"mime-version:");
+        }
+        if !skipping {
+            out.extend_from_slice(line);
+        }
+    }
+    out.extend_from_slice(b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n");
+    out.extend_from_slice(b"Content-Transfer-Encoding: 8bit\r\n\r\n");
+    for line in text.lines() {
+        out.extend_from_slice(line.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    Some(out)
+}
+
+/// One failed recipient in a bounce.
+pub struct Failure<'a> {
+    /// The address that failed.
+    pub recipient: &'a str,
+    /// The enhanced status code, e.g. `5.1.1`.
+    pub status: &'a str,
+    /// What the far end said (a LATSSIAM status line or an SMTP reply).
+    pub diagnostic: &'a str,
+}
+
+/// An RFC 3464 delivery status notification to `to` about `original`.
+pub fn dsn(hostname: &str, to: &str, arrived: &str, failure: &Failure<'_>, original: &[u8]) -> Vec<u8> {
+    let boundary =
+        format!("=_latssiam-bridge-{}", latssiam::Fingerprint::of(original).to_string().get(..16).unwrap_or("0"));
+    let headers = String::from_utf8_lossy(header_section(original));
+    let diagnostic_type = if failure.diagnostic.starts_with(|c: char| c.is_ascii_digit())
+        && failure.diagnostic.len() > 3
+        && failure.diagnostic.as_bytes().get(2) == Some(&b' ')
+    {
+        "x-latssiam"
+    } else {
+        "smtp"
+    };
+    let mut m = String::new();
+    m.push_str(&format!("From: Mail Delivery System <MAILER-DAEMON@{hostname}>\r\n"));
+    m.push_str(&format!("To: <{to}>\r\n"));
+    m.push_str("Subject: Undelivered Mail Returned to Sender\r\n");
+    m.push_str(&format!("Date: {}\r\n", date_now()));
+    m.push_str("Auto-Submitted: auto-replied\r\n");
+    m.push_str("MIME-Version: 1.0\r\n");
+    m.push_str(&format!(
+        "Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary=\"{boundary}\"\r\n\r\n"
+    ));
+    m.push_str("This is a MIME-encapsulated message.\r\n\r\n");
+    m.push_str(&format!("--{boundary}\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"));
+    m.push_str(&format!(
+        "This is the mail system at host {hostname}.\r\n\r\nYour message could not be delivered to\r\n<{}>:\r\n\r\n    {}\r\n\r\n",
+        failure.recipient, failure.diagnostic
+    ));
+    m.push_str(&format!("--{boundary}\r\nContent-Type: message/delivery-status\r\n\r\n"));
+    m.push_str(&format!("Reporting-MTA: dns; {hostname}\r\nArrival-Date: {arrived}\r\n\r\n"));
+    m.push_str(&format!(
+        "Final-Recipient: rfc822; {}\r\nAction: failed\r\nStatus: {}\r\nDiagnostic-Code: {diagnostic_type}; {}\r\n\r\n",
+        failure.recipient, failure.status, failure.diagnostic
+    ));
+    m.push_str(&format!("--{boundary}\r\nContent-Type: text/rfc822-headers\r\n\r\n"));
+    m.push_str(&headers);
+    if !headers.ends_with('\n') {
+        m.push_str("\r\n");
+    }
+    m.push_str(&format!("\r\n--{boundary}--\r\n"));
+    m.into_bytes()
+}
+
+/// A plain notice from the gateway to a LATSSIAM person (a failed relay).
+pub fn notice(hostname: &str, to: &str, subject: &str, text: &str, original: &[u8]) -> Vec<u8> {
+    let headers = String::from_utf8_lossy(header_section(original));
+    let mut m = String::new();
+    m.push_str(&format!("From: latssiam-bridge <postmaster@{hostname}>\r\nTo: <{to}>\r\n"));
+    m.push_str(&format!("Subject: {subject}\r\nDate: {}\r\nAuto-Submitted: auto-replied\r\n", date_now()));
+    m.push_str(
+        "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n",
+    );
+    m.push_str(text);
+    m.push_str("\r\n\r\nThe message's header fields:\r\n\r\n");
+    m.push_str(&headers);
+    m.into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MSG: &[u8] = b"Received: a\r\nReceived: b\r\nTo: A <a@x.example>, b@y.example\r\nCc: c@z.example\r\nBcc: hidden@q.example,\r\n other@q.example\r\nSubject: hi\r\n\r\nReceived: not a header\r\n";
+
+    #[test]
+    fn headers_are_counted_and_bcc_removed() {
+        assert_eq!(count_received(MSG), 2);
+        assert_eq!(
+            recipients(MSG).unwrap(),
+            ["a@x.example", "b@y.example", "c@z.example", "hidden@q.example", "other@q.example"]
+        );
+        let stripped = remove_bcc(MSG);
+        let s = String::from_utf8(stripped).unwrap();
+        assert!(!s.contains("hidden") && !s.contains("other@"), "{s}");
+        assert!(s.contains("Subject: hi\r\n\r\nReceived: not a header"));
+    }
+
+    #[test]
+    fn attachments_are_listed_in_their_place() {
+        let m = b"From: a@x.example\r\nSubject: s\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nhello\r\n--b\r\nContent-Type: application/octet-stream\r\nContent-Disposition: attachment; filename=big.bin\r\nContent-Transfer-Encoding: base64\r\n\r\nAAAAAAAA\r\n--b--\r\n";
+        let out = String::from_utf8(strip_attachments(m).unwrap()).unwrap();
+        assert!(out.contains("Subject: s\r\n"));
+        assert!(out.contains("hello"));
+        assert!(out.contains("big.bin (6 octets)"), "{out}");
+        assert!(!out.contains("AAAA"));
+        assert!(strip_attachments(b"Subject: x\r\n\r\nplain\r\n").is_none());
+    }
+
+    #[test]
+    fn dsn_has_the_three_parts() {
+        let f = Failure { recipient: "bob@example.org", status: "5.1.1", diagnostic: "38 Mailbox gone" };
+        let raw = dsn("gw.example", "alice@else.example", "now", &f, MSG);
+        let d = String::from_utf8(raw.clone()).unwrap();
+        assert!(d.contains("report-type=delivery-status"));
+        assert!(d.contains("Final-Recipient: rfc822; bob@example.org"));
+        assert!(d.contains("Status: 5.1.1"));
+        assert!(d.contains("Diagnostic-Code: x-latssiam; 38 Mailbox gone"));
+        assert!(d.contains("text/rfc822-headers\r\n\r\nReceived: a"));
+        assert_eq!(recipients(&raw).unwrap(), ["alice@else.example"]);
+    }
+}

@@ -1,0 +1,250 @@
+//! The gateway core: settings, the sled queue and contacts, the delivery
+//! worker, the ACCEPT poller, the SMTP sink, metrics and the admin socket.
+//!
+//! Data flow (ARCHITECTURE.md): SMTP `DATA` -> [`sink`] -> queue (flushed,
+//! then `250`) -> [`worker`] -> `SEND` to the recipient's server; the home
+//! server's `ACCEPT` -> [`poller`] -> queue (flushed, then `31`) -> [`worker`]
+//! -> smarthost.
+
+pub mod admin;
+pub mod config;
+pub mod mail;
+pub mod metrics;
+pub mod poller;
+pub mod sink;
+pub mod store;
+pub mod worker;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use bridge_smtp::smarthost::{Security as SmarthostSecurity, Smarthost, SmarthostConfig};
+use bridge_smtp::ListenerConfig;
+use latssiam::client::{split_host_port, Client, Resolver};
+use latssiam::server::{Server, ServerConfig};
+use latssiam::wire::{Code, Password};
+use latssiam::{Address, Identity};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::pins::SledPins;
+use config::{Security, Settings};
+use metrics::Metrics;
+use store::Store;
+
+/// Everything the gateway's tasks share.
+pub struct Gateway {
+    /// The settings it started with.
+    pub settings: Settings,
+    /// Queue and contacts.
+    pub store: Arc<Store>,
+    /// The gateway's LATSSIAM identity.
+    pub identity: Arc<Identity>,
+    /// Finds LATSSIAM servers.
+    pub resolver: Resolver,
+    /// TOFU pins of LATSSIAM servers.
+    pub pins: SledPins,
+    /// The relay for mail going out.
+    pub smarthost: Smarthost,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// The home server: name to pin it under, and address.
+    pub home: (String, SocketAddr),
+    pool: worker::Pool,
+}
+
+/// Loads an identity from `dir`, or makes one for `address` there.
+///
+/// # Errors
+/// If it can neither be loaded nor made.
+pub fn load_or_create_identity(dir: &Path, address: &Address, name: &str) -> Result<Identity> {
+    if dir.join("cert.pem").exists() {
+        return Identity::load(dir).with_context(|| format!("cannot load the identity in {}", dir.display()));
+    }
+    let id = Identity::generate(address, Some(name), false)?;
+    id.save(dir).with_context(|| format!("cannot save an identity in {}", dir.display()))?;
+    info!(fingerprint = %id.fingerprint(), dir = %dir.display(), address = %address, "Created an identity.");
+    Ok(id)
+}
+
+fn smtp_tls(s: &Settings) -> Result<Arc<rustls::ServerConfig>> {
+    let identity = if s.smtp.tls_cert.as_os_str().is_empty() {
+        let address = Address::new("postmaster", &s.gateway.hostname)?;
+        load_or_create_identity(&s.gateway.data_dir.join("smtp-tls"), &address, &s.gateway.hostname)?
+    } else {
+        let read = |p: &Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+        Identity::from_pem(&read(&s.smtp.tls_cert)?, &read(&s.smtp.tls_key)?).context("smtp.tls_cert/tls_key")?
+    };
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .with_safe_default_protocol_versions()
+        .context("TLS versions")?
+        .with_no_client_auth()
+        .with_single_cert(vec![identity.cert_der().clone()], identity.key_der().clone_key())
+        .context("smtp.tls_cert/tls_key")?;
+    Ok(Arc::new(config))
+}
+
+fn random_password() -> Result<Password> {
+    let mut bytes = [0u8; 24];
+    aws_lc_rs::rand::fill(&mut bytes).map_err(|_| anyhow::anyhow!("no randomness"))?;
+    let text: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(Password::new(&text)?)
+}
+
+/// Registers the gateway's mailbox on its home server (`10`, `11` and `12` are fine).
+async fn register(gw: &Gateway, password: &Password) -> Result<()> {
+    let (name, addr) = &gw.home;
+    let mut client = Client::connect(*addr, name, Some(Arc::clone(&gw.identity)), &gw.pins).await?;
+    let status = client.register(password).await?;
+    client.quit().await;
+    match status.code() {
+        Code::RegistrationComplete | Code::RegistrationRefused | Code::RegistrationPending => {
+            info!(status = %status, "Gateway mailbox registration on the home server.");
+            Ok(())
+        }
+        _ => bail!("the home server answered the gateway's registration with {status}"),
+    }
+}
+
+/// `latssiam-bridge run`: starts everything and runs until SIGTERM/Ctrl-C.
+///
+/// # Errors
+/// Start-up failures (settings, a port in use, the data dir held by another process).
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> {
+    let data_dir = settings.gateway.data_dir.clone();
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
+    let store = Store::open(&settings.queue_dir()).with_context(|| {
+        format!("cannot open the queue in {} (is another gateway running on it?)", settings.queue_dir().display())
+    })?;
+    let pins = SledPins::open(store.db())?;
+    let tasks = tokio_util::task::TaskTracker::new();
+    let mut routes = settings.routes.clone();
+
+    // The home server: configured, or embedded.
+    let (home_host, home_addr, password) = if settings.home.server.is_empty() {
+        let host = settings.home.host.clone();
+        let server_address = Address::new("server", &host)?;
+        let server_id = load_or_create_identity(&data_dir.join("home/identity"), &server_address, &host)?;
+        let password = match settings.home.register_password.as_str() {
+            "" => random_password()?,
+            p => Password::new(p)?,
+        };
+        let mut config = ServerConfig::new(&host, data_dir.join("home"));
+        config.listen = settings.home.listen;
+        config.register_password = Some(password.clone());
+        let server = Server::new(config, Arc::new(server_id)).context("cannot start the embedded home server")?;
+        let listener = server.bind().await.with_context(|| format!("home.listen {}", settings.home.listen))?;
+        let addr = listener.local_addr()?;
+        let token = server.shutdown_token();
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            stop.cancelled().await;
+            token.cancel();
+        });
+        tasks.spawn(server.serve(listener));
+        routes.entry(host.to_ascii_lowercase()).or_insert_with(|| addr.to_string());
+        (host, addr, Some(password))
+    } else {
+        let (host, port) = split_host_port(&settings.home.server);
+        let resolver = Resolver::new(routes.clone());
+        let addr = match routes.get(&host.to_ascii_lowercase()) {
+            Some(_) => resolver.resolve(host).await?.first().map(|(_, a)| *a),
+            None => tokio::net::lookup_host((host, port)).await?.next(),
+        }
+        .with_context(|| format!("home.server: no address for {}", settings.home.server))?;
+        let password = match settings.home.register_password.as_str() {
+            "" => None,
+            p => Some(Password::new(p)?),
+        };
+        (host.to_owned(), addr, password)
+    };
+    let gateway_address = Address::new("gateway", &home_host)?;
+    let identity = Arc::new(load_or_create_identity(&data_dir.join("identity"), &gateway_address, "latssiam-bridge")?);
+
+    let sh = &settings.smarthost;
+    let smarthost = Smarthost::new(&SmarthostConfig {
+        host: sh.host.clone(),
+        port: sh.port,
+        security: match sh.security {
+            Security::None => SmarthostSecurity::None,
+            Security::Starttls => SmarthostSecurity::StartTls,
+            Security::Tls => SmarthostSecurity::Tls,
+        },
+        credentials: (!sh.username.is_empty()).then(|| (sh.username.clone(), sh.password.clone())),
+        hello_name: settings.gateway.hostname.clone(),
+        accept_invalid_certs: sh.accept_invalid_certs,
+        timeout: Duration::from_secs(sh.timeout_secs),
+        max_connections: sh.max_connections,
+    })
+    .map_err(|e| anyhow::anyhow!("smarthost: {e}"))?;
+
+    let gw = Arc::new(Gateway {
+        resolver: Resolver::new(routes),
+        settings: settings.clone(),
+        store: Arc::clone(&store),
+        identity,
+        pins,
+        smarthost,
+        metrics: Arc::new(Metrics::default()),
+        home: (home_host, home_addr),
+        pool: worker::Pool::default(),
+    });
+    if let Some(password) = &password {
+        if let Err(e) = register(&gw, password).await {
+            warn!(error = %e, "Cannot register the gateway's mailbox; the poller will keep trying to ACCEPT.");
+        }
+    }
+
+    // Listeners: SMTP, metrics, admin.
+    let mut smtp_config = ListenerConfig::new(settings.gateway.hostname.clone(), sink::MAX_PLAINTEXT);
+    if settings.smtp.oversize == config::Oversize::StripAttachments {
+        smtp_config.read_limit = 10 * 1024 * 1024;
+    }
+    smtp_config.max_recipients = settings.smtp.max_recipients;
+    smtp_config.command_timeout = Duration::from_secs(settings.smtp.command_timeout_secs);
+    smtp_config.data_timeout = Duration::from_secs(settings.smtp.data_timeout_secs);
+    smtp_config.max_connections = settings.smtp.max_connections;
+    smtp_config.tls = Some(smtp_tls(&settings)?);
+    let smtp = tokio::net::TcpListener::bind(settings.smtp.listen)
+        .await
+        .with_context(|| format!("smtp.listen {}", settings.smtp.listen))?;
+    let http = tokio::net::TcpListener::bind(settings.http.listen)
+        .await
+        .with_context(|| format!("http.listen {}", settings.http.listen))?;
+    let socket = settings.admin_socket();
+    let _ = std::fs::remove_file(&socket);
+    let admin = tokio::net::UnixListener::bind(&socket).with_context(|| format!("cannot bind {}", socket.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let _ = std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600));
+    }
+
+    let smtp_addr = smtp.local_addr()?;
+    let http_addr = http.local_addr()?;
+    tasks.spawn(bridge_smtp::serve(
+        smtp,
+        Arc::new(smtp_config),
+        Arc::new(sink::SmtpSink(Arc::clone(&gw))),
+        shutdown.clone(),
+    ));
+    tasks.spawn(metrics::serve(http, Arc::clone(&gw.metrics), Arc::clone(&store), shutdown.clone()));
+    tasks.spawn(admin::serve(admin, Arc::clone(&store), shutdown.clone()));
+    tasks.spawn(worker::run(Arc::clone(&gw), shutdown.clone()));
+    tasks.spawn(poller::run(Arc::clone(&gw), shutdown.clone()));
+    // One line on stdout for scripts and tests.
+    println!("gateway {} smtp {smtp_addr} home {} http {http_addr}", gw.identity.fingerprint(), gw.home.1);
+    info!(%smtp_addr, home = %gw.home.1, %http_addr, fingerprint = %gw.identity.fingerprint(), "Gateway running.");
+    tasks.close();
+    shutdown.cancelled().await;
+    info!("Shutdown requested; finishing work in flight.");
+    if tokio::time::timeout(Duration::from_secs(30), tasks.wait()).await.is_err() {
+        warn!("Some tasks did not finish within 30 s; their jobs stay queued.");
+    }
+    let _ = std::fs::remove_file(&socket);
+    drop(gw);
+    Ok(())
+}

@@ -1,0 +1,131 @@
+//! The gateway's side of the SMTP listener: who may receive, and queueing
+//! accepted mail for LATSSIAM delivery (one job per recipient, flushed
+//! before the `250`).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bridge_smtp::{Envelope, Reply, Sink};
+use tracing::{info, warn};
+
+use super::config::Oversize;
+use super::mail;
+use super::store::{message_id_string, Origin, Target};
+use super::Gateway;
+
+/// The largest Internet Message the gateway accepts for LATSSIAM: what still
+/// fits in 19,200 octets of CMS DER once sealed to any recipient. Sealing adds
+/// about 330 octets for a P-256 recipient and 560 for RSA-4096 (measured in
+/// `tests::sealing_overhead_fits`), plus our `Received:` header; 1,200 octets
+/// are kept for both.
+pub const MAX_PLAINTEXT: usize = latssiam::wire::MAX_BLOCK_DER - 1200;
+
+/// The SMTP sink.
+pub struct SmtpSink(pub Arc<Gateway>);
+
+impl SmtpSink {
+    fn target_for(&self, rcpt: &str) -> Result<Option<Target>, Reply> {
+        match self.0.store.contact_by_name(rcpt) {
+            Ok(Some((fp, _))) => {
+                Ok(Some(Target::Latssiam { fingerprint: fp.to_string(), address: rcpt.to_lowercase() }))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => {
+                warn!(error = %e, "Cannot read contacts.");
+                Err(Reply::new(451, [4, 3, 0], "Temporary local problem; try again later"))
+            }
+        }
+    }
+}
+
+impl Sink for SmtpSink {
+    async fn recipient(&self, _from: &str, to: &str) -> Result<(), Reply> {
+        if self.target_for(to)?.is_some() {
+            return Ok(());
+        }
+        let domain = to.rsplit_once('@').map_or("", |(_, d)| d);
+        if self.0.settings.is_local_domain(domain) {
+            Err(Reply::new(550, [5, 1, 1], format!("<{to}>: Recipient address rejected: no such user here")))
+        } else {
+            Err(Reply::new(550, [5, 7, 1], format!("<{to}>: Relay access denied")))
+        }
+    }
+
+    async fn message(&self, envelope: Envelope, data: Vec<u8>) -> Reply {
+        let gw = &self.0;
+        let refuse = |r: Reply| {
+            gw.metrics.smtp_refused.fetch_add(1, Ordering::Relaxed);
+            r
+        };
+        if mail::count_received(&data) > mail::MAX_RECEIVED {
+            return refuse(Reply::new(554, [5, 4, 6], "Too many Received: headers; mail loop?"));
+        }
+        let mut data = data;
+        if data.len() > MAX_PLAINTEXT {
+            let stripped = match gw.settings.smtp.oversize {
+                Oversize::StripAttachments => mail::strip_attachments(&data).filter(|d| d.len() <= MAX_PLAINTEXT),
+                Oversize::Reject => None,
+            };
+            match stripped {
+                Some(d) => data = d,
+                None => {
+                    return refuse(Reply::new(
+                        552,
+                        [5, 3, 4],
+                        format!("Message too large for LATSSIAM; at most {MAX_PLAINTEXT} octets"),
+                    ))
+                }
+            }
+        }
+        let mut targets = Vec::with_capacity(envelope.recipients.len());
+        for r in &envelope.recipients {
+            match self.target_for(r) {
+                Ok(Some(t)) => targets.push(t),
+                // The contact was removed between RCPT and DATA.
+                Ok(None) => return refuse(Reply::new(550, [5, 1, 1], format!("<{r}>: no such user here"))),
+                Err(reply) => return refuse(reply),
+            }
+        }
+        let with = if envelope.tls { "ESMTPS" } else { "ESMTP" };
+        let from = format!("{} ({})", envelope.helo, envelope.peer.ip());
+        // The queue id is not known yet; the Received: header names the envelope instead.
+        let for_rcpt = (envelope.recipients.len() == 1).then(|| envelope.recipients[0].as_str());
+        let header = mail::received(&from, &gw.settings.gateway.hostname, with, "queued", for_rcpt);
+        let body = mail::prepend(&header, &data);
+        match gw.store.enqueue(&body, targets, &Origin::Smtp { from: envelope.from.clone() }).await {
+            Ok(id) => {
+                gw.metrics.smtp_accepted.fetch_add(1, Ordering::Relaxed);
+                let id = message_id_string(id);
+                info!(queue_id = %id, recipients = envelope.recipients.len(), octets = body.len(), "Queued mail from SMTP.");
+                Reply::new(250, [2, 0, 0], format!("Ok: queued as {id}"))
+            }
+            Err(e) => {
+                warn!(error = %e, "Cannot queue a message.");
+                refuse(Reply::new(451, [4, 3, 0], "Temporary local problem: the queue cannot be written"))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use latssiam::{crypto, Address, Identity};
+
+    use super::*;
+
+    #[test]
+    fn sealing_overhead_fits() {
+        let body = vec![b'x'; MAX_PLAINTEXT + 600];
+        for rsa in [false, true] {
+            let id = Identity::generate(
+                &Address::new("a-rather-long-mailbox-name", "a.rather.long.host.example").unwrap(),
+                Some("A long common name for good measure"),
+                rsa,
+            )
+            .unwrap();
+            let sealed = crypto::seal(&body, id.cert_der()).unwrap();
+            // 600 = our Received: header (under 300) + the 256 more octets RSA-4096 wraps the key in than RSA-2048.
+            assert!(sealed.len() <= latssiam::wire::MAX_BLOCK_DER, "rsa={rsa}: {}", sealed.len() - body.len());
+        }
+    }
+}

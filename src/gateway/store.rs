@@ -1,0 +1,657 @@
+//! The gateway's durable state in sled: contacts and the delivery queue.
+//!
+//! Key layout (one sled database in `<data_dir>/queue`):
+//! - `contacts`: owner fingerprint (32 octets) -> [`Contact`] (JSON).
+//! - `contact_names`: lower-cased LATSSIAM address or email alias -> fingerprint (32).
+//! - `bodies`: message id (u64 BE) -> the message octets (an Internet Message).
+//! - `jobs`: job id = message id (u64 BE) ‖ recipient index (u16 BE) -> [`Job`] (JSON).
+//! - `due`: due time (ms since the epoch, u64 BE) ‖ job id -> empty.
+//! - `dead`: job id -> [`Job`] (JSON) with its last error: dead letters.
+//! - `tofu_pins`: see `crate::pins`.
+//!
+//! Invariants:
+//! - A message is acknowledged to whoever handed it over only after
+//!   [`Store::enqueue`] returned, which is after an fsync covering its body and
+//!   every job (group commit: concurrent writers share one fsync).
+//! - Every job has a body under its message id; a body with neither jobs
+//!   nor dead letters is garbage and is removed.
+//! - `due` is an index of `jobs` and is rebuilt from it at every open, so a
+//!   crash between the writes of the two trees loses nothing. While the
+//!   gateway runs, a job that a worker has claimed has no `due` entry.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use latssiam::group_commit::GroupCommit;
+use latssiam::Fingerprint;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// sled failed, or the data directory is held by another process.
+    #[error("queue store: {0}")]
+    Sled(#[from] sled::Error),
+    /// The flush did not happen.
+    #[error("queue store: {0}")]
+    Flush(#[from] latssiam::group_commit::FlushError),
+    /// A record does not decode.
+    #[error("queue store is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+mod b64 {
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD.decode(s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A person on LATSSIAM the gateway knows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Contact {
+    /// Their LATSSIAM address (from the certificate).
+    pub address: String,
+    /// Their certificate, DER.
+    #[serde(with = "b64")]
+    pub cert: Vec<u8>,
+    /// The email address that reaches them, if any (besides their LATSSIAM address).
+    pub email: Option<String>,
+    /// Whether they may send out through the gateway.
+    pub allow_send: bool,
+    /// Their server, `host[:port]`; default: the host of their address.
+    pub server: Option<String>,
+}
+
+impl Contact {
+    /// The fingerprint of the certificate.
+    pub fn fingerprint(&self) -> Fingerprint {
+        Fingerprint::of(&self.cert)
+    }
+
+    /// The host to resolve for delivery.
+    pub fn server_host(&self) -> &str {
+        self.server.as_deref().unwrap_or_else(|| self.address.rsplit_once('@').map_or("", |(_, h)| h))
+    }
+}
+
+/// Where a job delivers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Target {
+    /// To a LATSSIAM contact, by fingerprint; `address` is how the sender named them.
+    Latssiam { fingerprint: String, address: String },
+    /// To an email address, through the smarthost.
+    Smtp { rcpt: String },
+}
+
+impl Target {
+    /// The channel's name.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Target::Latssiam { .. } => "latssiam",
+            Target::Smtp { .. } => "smtp",
+        }
+    }
+
+    /// For listings.
+    pub fn describe(&self) -> String {
+        match self {
+            Target::Latssiam { fingerprint, address } => format!("latssiam:<{address}> {fingerprint}"),
+            Target::Smtp { rcpt } => format!("smtp:<{rcpt}>"),
+        }
+    }
+}
+
+/// Who handed the message over: where failures are reported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Origin {
+    /// An SMTP client; `from` is the envelope sender (empty for `<>`).
+    Smtp { from: String },
+    /// A LATSSIAM contact, by fingerprint; `from` is the envelope sender used towards email.
+    Latssiam { fingerprint: String, from: String },
+    /// The gateway itself (bounces and notices): never reported on.
+    Gateway,
+}
+
+impl Origin {
+    /// The envelope sender towards email (empty for `<>`).
+    pub fn envelope_from(&self) -> &str {
+        match self {
+            Origin::Smtp { from } | Origin::Latssiam { from, .. } => from,
+            Origin::Gateway => "",
+        }
+    }
+}
+
+/// One recipient of one message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    /// The message's id (its body's key).
+    pub message: u64,
+    /// Where it goes.
+    pub target: Target,
+    /// Who sent it.
+    pub origin: Origin,
+    /// When the message arrived (ms).
+    pub arrived_ms: u64,
+    /// Attempts so far.
+    pub attempts: u32,
+    /// When it is next due (ms).
+    pub due_ms: u64,
+    /// The last failure, if any.
+    pub last_error: Option<String>,
+}
+
+/// A job id: message id and recipient index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JobId {
+    /// The message.
+    pub message: u64,
+    /// The recipient's index in it.
+    pub index: u16,
+}
+
+impl JobId {
+    fn key(self) -> [u8; 10] {
+        let mut k = [0u8; 10];
+        k[..8].copy_from_slice(&self.message.to_be_bytes());
+        k[8..].copy_from_slice(&self.index.to_be_bytes());
+        k
+    }
+
+    fn from_key(k: &[u8]) -> Result<Self, StoreError> {
+        let m: [u8; 8] = k.get(..8).and_then(|s| s.try_into().ok()).ok_or_else(|| corrupt("job key"))?;
+        let i: [u8; 2] = k.get(8..10).and_then(|s| s.try_into().ok()).ok_or_else(|| corrupt("job key"))?;
+        Ok(Self { message: u64::from_be_bytes(m), index: u16::from_be_bytes(i) })
+    }
+}
+
+impl std::fmt::Display for JobId {
+    /// `MESSAGEID.N`, the message id in upper-case hex as Postfix shows queue ids.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:012X}.{}", self.message, self.index)
+    }
+}
+
+impl std::str::FromStr for JobId {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not a queue id (like 00000000002A.0)");
+        let (m, i) = s.split_once('.').ok_or_else(bad)?;
+        Ok(Self { message: u64::from_str_radix(m, 16).map_err(|_| bad())?, index: i.parse().map_err(|_| bad())? })
+    }
+}
+
+/// The display form of a message id.
+pub fn message_id_string(id: u64) -> String {
+    format!("{id:012X}")
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Corrupt(what.to_owned())
+}
+
+fn due_key(due_ms: u64, id: JobId) -> [u8; 18] {
+    let mut k = [0u8; 18];
+    k[..8].copy_from_slice(&due_ms.to_be_bytes());
+    k[8..].copy_from_slice(&id.key());
+    k
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &str) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // Serialising these plain structs to JSON cannot fail (no maps with non-string keys).
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+/// Jobs claimed, and when the next one falls due.
+pub type Claimed = (Vec<(JobId, Job)>, Option<u64>);
+
+/// Counts for metrics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Depth {
+    /// Jobs waiting for their first attempt or in flight.
+    pub active: u64,
+    /// Jobs waiting for a retry after a failure.
+    pub deferred: u64,
+    /// Dead letters.
+    pub dead: u64,
+}
+
+/// The gateway's store.
+pub struct Store {
+    db: sled::Db,
+    contacts: sled::Tree,
+    names: sled::Tree,
+    bodies: sled::Tree,
+    jobs: sled::Tree,
+    due: sled::Tree,
+    dead: sled::Tree,
+    flusher: GroupCommit,
+    /// Woken when a job becomes due earlier than the worker may think.
+    pub wake: Notify,
+    last_id: AtomicU64,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir` and rebuilds the due index.
+    ///
+    /// # Errors
+    /// [`StoreError`] if sled cannot open it (another process holds it) or a record is corrupt.
+    pub fn open(dir: &Path) -> Result<Arc<Self>, StoreError> {
+        let db = sled::Config::new().path(dir).open()?;
+        let flusher = GroupCommit::start(db.clone(), "gateway-flusher").map_err(|e| StoreError::Sled(e.into()))?;
+        let store = Self {
+            contacts: db.open_tree("contacts")?,
+            names: db.open_tree("contact_names")?,
+            bodies: db.open_tree("bodies")?,
+            jobs: db.open_tree("jobs")?,
+            due: db.open_tree("due")?,
+            dead: db.open_tree("dead")?,
+            db,
+            flusher,
+            wake: Notify::new(),
+            last_id: AtomicU64::new(0),
+        };
+        store.recover()?;
+        Ok(Arc::new(store))
+    }
+
+    fn recover(&self) -> Result<(), StoreError> {
+        self.due.clear()?;
+        for kv in self.jobs.iter() {
+            let (k, v) = kv?;
+            let job: Job = decode(&v, "job")?;
+            self.due.insert(due_key(job.due_ms, JobId::from_key(&k)?), &[])?;
+        }
+        for kv in self.bodies.iter() {
+            let (k, _) = kv?;
+            if self.jobs.scan_prefix(&k).next().is_none() && self.dead.scan_prefix(&k).next().is_none() {
+                self.bodies.remove(&k)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The sled database (for the pin store).
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    /// Waits until everything written so far is on disk.
+    ///
+    /// # Errors
+    /// [`StoreError::Flush`].
+    pub async fn durable(&self) -> Result<(), StoreError> {
+        Ok(self.flusher.durable().await?)
+    }
+
+    fn next_message_id(&self) -> Result<u64, StoreError> {
+        // generate_id is monotonic across restarts; keep ids non-zero and increasing.
+        let id = self.db.generate_id()? + 1;
+        self.last_id.fetch_max(id, Ordering::Relaxed);
+        Ok(id)
+    }
+
+    // ---- contacts ----
+
+    /// Adds or replaces a contact (by fingerprint), durably.
+    ///
+    /// # Errors
+    /// [`StoreError`]; or an email alias already used by another contact.
+    pub async fn put_contact(&self, contact: &Contact) -> Result<Result<(), String>, StoreError> {
+        let fp = contact.fingerprint();
+        let mut names = vec![contact.address.to_lowercase()];
+        names.extend(contact.email.as_ref().map(|e| e.to_lowercase()));
+        for n in &names {
+            if let Some(other) = self.names.get(n.as_bytes())? {
+                if other.as_ref() != fp.as_bytes() {
+                    return Ok(Err(format!("{n} already belongs to another contact")));
+                }
+            }
+        }
+        if let Some(old) = self.contact(&fp)? {
+            self.remove_names(&old)?;
+        }
+        self.contacts.insert(fp.as_bytes(), encode(contact))?;
+        for n in &names {
+            self.names.insert(n.as_bytes(), fp.as_bytes())?;
+        }
+        self.durable().await?;
+        Ok(Ok(()))
+    }
+
+    fn remove_names(&self, c: &Contact) -> Result<(), StoreError> {
+        self.names.remove(c.address.to_lowercase().as_bytes())?;
+        if let Some(e) = &c.email {
+            self.names.remove(e.to_lowercase().as_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Removes a contact; false if there was none.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn remove_contact(&self, fp: &Fingerprint) -> Result<bool, StoreError> {
+        let Some(old) = self.contact(fp)? else { return Ok(false) };
+        self.remove_names(&old)?;
+        self.contacts.remove(fp.as_bytes())?;
+        self.durable().await?;
+        Ok(true)
+    }
+
+    /// The contact with this fingerprint.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn contact(&self, fp: &Fingerprint) -> Result<Option<Contact>, StoreError> {
+        self.contacts.get(fp.as_bytes())?.map(|v| decode(&v, "contact")).transpose()
+    }
+
+    /// The contact reached by this address (LATSSIAM address or email alias), case-insensitively.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn contact_by_name(&self, name: &str) -> Result<Option<(Fingerprint, Contact)>, StoreError> {
+        let Some(fp) = self.names.get(name.to_lowercase().as_bytes())? else { return Ok(None) };
+        let bytes: [u8; 32] = fp.as_ref().try_into().map_err(|_| corrupt("contact name index"))?;
+        let fp = Fingerprint::from_bytes(bytes);
+        Ok(self.contact(&fp)?.map(|c| (fp, c)))
+    }
+
+    /// All contacts.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn contacts(&self) -> Result<Vec<Contact>, StoreError> {
+        self.contacts.iter().map(|kv| decode(&kv?.1, "contact")).collect()
+    }
+
+    /// Points a contact at another server (after `35 Mailbox moved`).
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn move_contact(&self, fp: &Fingerprint, server: &str) -> Result<(), StoreError> {
+        if let Some(mut c) = self.contact(fp)? {
+            c.server = Some(server.to_owned());
+            self.contacts.insert(fp.as_bytes(), encode(&c))?;
+            self.durable().await?;
+        }
+        Ok(())
+    }
+
+    // ---- queue ----
+
+    /// Queues `body` for each target, durably, and returns the message id.
+    ///
+    /// # Errors
+    /// [`StoreError`]; then nothing is acknowledged (a partial write is
+    /// either completed by recovery or collected as garbage).
+    pub async fn enqueue(&self, body: &[u8], targets: Vec<Target>, origin: &Origin) -> Result<u64, StoreError> {
+        let id = self.next_message_id()?;
+        let now = now_ms();
+        self.bodies.insert(id.to_be_bytes(), body)?;
+        let mut jobs = sled::Batch::default();
+        let mut due = sled::Batch::default();
+        for (i, target) in targets.into_iter().enumerate() {
+            let index = u16::try_from(i).map_err(|_| corrupt("more than 65535 recipients"))?;
+            let jid = JobId { message: id, index };
+            let job = Job {
+                message: id,
+                target,
+                origin: origin.clone(),
+                arrived_ms: now,
+                attempts: 0,
+                due_ms: now,
+                last_error: None,
+            };
+            jobs.insert(&jid.key(), encode(&job));
+            due.insert(&due_key(now, jid), &[]);
+        }
+        self.jobs.apply_batch(jobs)?;
+        self.due.apply_batch(due)?;
+        self.durable().await?;
+        self.wake.notify_one();
+        Ok(id)
+    }
+
+    /// The body of a message.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn body(&self, message: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.bodies.get(message.to_be_bytes())?.map(|v| v.to_vec()))
+    }
+
+    /// Claims up to `max` jobs due at `now`: removes their due entries and
+    /// returns them. Returns also the time the next job falls due, if any.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn claim_due(&self, now: u64, max: usize) -> Result<Claimed, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.due.iter() {
+            let (k, _) = kv?;
+            let at: [u8; 8] = k.get(..8).and_then(|s| s.try_into().ok()).ok_or_else(|| corrupt("due key"))?;
+            let at = u64::from_be_bytes(at);
+            if at > now || out.len() >= max {
+                return Ok((out, Some(at)));
+            }
+            self.due.remove(&k)?;
+            let jid = JobId::from_key(&k[8..])?;
+            if let Some(v) = self.jobs.get(jid.key())? {
+                out.push((jid, decode(&v, "job")?));
+            }
+        }
+        Ok((out, None))
+    }
+
+    /// A job is done: removes it, and its body if it was the last.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn complete(&self, id: JobId) -> Result<(), StoreError> {
+        self.jobs.remove(id.key())?;
+        self.collect_body(id.message)
+    }
+
+    fn collect_body(&self, message: u64) -> Result<(), StoreError> {
+        let prefix = message.to_be_bytes();
+        if self.jobs.scan_prefix(prefix).next().is_none() && self.dead.scan_prefix(prefix).next().is_none() {
+            self.bodies.remove(prefix)?;
+        }
+        Ok(())
+    }
+
+    /// A temporary failure: records it and schedules the job at `due_ms`.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn defer(&self, id: JobId, job: &Job) -> Result<(), StoreError> {
+        self.jobs.insert(id.key(), encode(job))?;
+        self.due.insert(due_key(job.due_ms, id), &[])?;
+        Ok(())
+    }
+
+    /// A permanent failure: moves the job to the dead letters, durably.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn kill(&self, id: JobId, job: &Job) -> Result<(), StoreError> {
+        self.dead.insert(id.key(), encode(job))?;
+        self.jobs.remove(id.key())?;
+        self.durable().await
+    }
+
+    /// Every queued job, in id order.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn jobs(&self) -> Result<Vec<(JobId, Job)>, StoreError> {
+        self.jobs
+            .iter()
+            .map(|kv| kv.map_err(StoreError::from).and_then(|(k, v)| Ok((JobId::from_key(&k)?, decode(&v, "job")?))))
+            .collect()
+    }
+
+    /// Every dead letter, in id order.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn dead_letters(&self) -> Result<Vec<(JobId, Job)>, StoreError> {
+        self.dead
+            .iter()
+            .map(|kv| kv.map_err(StoreError::from).and_then(|(k, v)| Ok((JobId::from_key(&k)?, decode(&v, "job")?))))
+            .collect()
+    }
+
+    /// One job, queued or dead (and whether it is dead).
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn job(&self, id: JobId) -> Result<Option<(Job, bool)>, StoreError> {
+        if let Some(v) = self.jobs.get(id.key())? {
+            return Ok(Some((decode(&v, "job")?, false)));
+        }
+        Ok(self.dead.get(id.key())?.map(|v| decode(&v, "job")).transpose()?.map(|j| (j, true)))
+    }
+
+    /// Makes a queued job due now, or puts a dead letter back in the queue.
+    /// Returns false if there is no such job.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn retry(&self, id: JobId) -> Result<bool, StoreError> {
+        let now = now_ms();
+        let found = if let Some((mut job, dead)) = self.job(id)? {
+            if !dead {
+                self.due.remove(due_key(job.due_ms, id))?;
+            }
+            job.due_ms = now;
+            if dead {
+                job.arrived_ms = now;
+                job.attempts = 0;
+            }
+            self.jobs.insert(id.key(), encode(&job))?;
+            self.dead.remove(id.key())?;
+            self.due.insert(due_key(now, id), &[])?;
+            true
+        } else {
+            false
+        };
+        self.durable().await?;
+        self.wake.notify_one();
+        Ok(found)
+    }
+
+    /// Deletes a queued job or dead letter. Returns false if there is no such job.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn delete(&self, id: JobId) -> Result<bool, StoreError> {
+        let Some((job, _)) = self.job(id)? else { return Ok(false) };
+        self.due.remove(due_key(job.due_ms, id))?;
+        self.jobs.remove(id.key())?;
+        self.dead.remove(id.key())?;
+        self.collect_body(id.message)?;
+        self.durable().await?;
+        Ok(true)
+    }
+
+    /// Queue depth by state.
+    pub fn depth(&self) -> Depth {
+        let mut d = Depth { dead: self.dead.len() as u64, ..Depth::default() };
+        for (_, v) in self.jobs.iter().flatten() {
+            match decode::<Job>(&v, "job") {
+                Ok(j) if j.attempts > 0 => d.deferred += 1,
+                _ => d.active += 1,
+            }
+        }
+        d
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn smtp(rcpt: &str) -> Target {
+        Target::Smtp { rcpt: rcpt.into() }
+    }
+
+    #[tokio::test]
+    async fn jobs_survive_reopening_and_bodies_go_with_the_last_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let origin = Origin::Smtp { from: "a@example.org".into() };
+        let id = {
+            let s = Store::open(dir.path()).unwrap();
+            let id = s.enqueue(b"body", vec![smtp("x@e"), smtp("y@e")], &origin).await.unwrap();
+            let (claimed, _) = s.claim_due(now_ms(), 10).unwrap();
+            assert_eq!(claimed.len(), 2);
+            // Claimed jobs are not handed out twice while the gateway runs.
+            assert!(s.claim_due(now_ms(), 10).unwrap().0.is_empty());
+            id
+        };
+        let s = Store::open(dir.path()).unwrap();
+        // After a restart the due index is rebuilt: both jobs are due again.
+        let (claimed, _) = s.claim_due(now_ms(), 10).unwrap();
+        assert_eq!(claimed.len(), 2);
+        s.complete(claimed[0].0).unwrap();
+        assert_eq!(s.body(id).unwrap().as_deref(), Some(&b"body"[..]));
+        s.kill(claimed[1].0, &claimed[1].1).await.unwrap();
+        assert!(s.body(id).unwrap().is_some(), "a dead letter keeps its body");
+        assert!(s.delete(claimed[1].0).await.unwrap());
+        assert_eq!(s.body(id).unwrap(), None);
+        assert!(s.jobs().unwrap().is_empty() && s.dead_letters().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn deferred_jobs_wait_for_their_time_and_retry_brings_them_forward() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.enqueue(b"b", vec![smtp("x@e")], &Origin::Gateway).await.unwrap();
+        let (mut claimed, _) = s.claim_due(now_ms(), 10).unwrap();
+        let (id, mut job) = claimed.remove(0);
+        job.attempts = 1;
+        job.due_ms = now_ms() + 60_000;
+        s.defer(id, &job).unwrap();
+        let (none, next) = s.claim_due(now_ms(), 10).unwrap();
+        assert!(none.is_empty());
+        assert_eq!(next, Some(job.due_ms));
+        assert_eq!(s.depth().deferred, 1);
+        assert!(s.retry(id).await.unwrap());
+        assert_eq!(s.claim_due(now_ms(), 10).unwrap().0.len(), 1);
+        assert!(!s.retry(JobId { message: 999, index: 0 }).await.unwrap());
+    }
+
+    #[test]
+    fn job_ids_print_and_parse() {
+        let id = JobId { message: 42, index: 3 };
+        assert_eq!(id.to_string(), "00000000002A.3");
+        assert_eq!("00000000002A.3".parse::<JobId>().unwrap(), id);
+        assert!("nope".parse::<JobId>().is_err());
+    }
+}

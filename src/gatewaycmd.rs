@@ -1,0 +1,215 @@
+//! `latssiam-bridge run`, `contacts …` and `queue …`.
+//!
+//! The operator commands go through the running gateway's admin socket, and
+//! open the data dir directly only when no gateway answers there.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use latssiam::client::{split_host_port, Client, Resolver};
+use latssiam::identity::{certificate_from_pem_or_der, CertInfo};
+use latssiam::tls::FilePins;
+use latssiam::{Fingerprint, Identity};
+use latssiam_bridge::gateway::admin::{self, Request};
+use latssiam_bridge::gateway::config::{LogFormat, Settings};
+use latssiam_bridge::gateway::store::{Contact, Store};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Args)]
+pub struct ConfigArg {
+    /// A TOML file of settings (see config/default.toml).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+}
+
+#[derive(Subcommand)]
+pub enum ContactsCommand {
+    /// Add (or replace) a contact, from a certificate file or by asking their server (VERIFY).
+    Add {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Their certificate (PEM or DER).
+        #[arg(long, conflicts_with = "fingerprint")]
+        cert: Option<PathBuf>,
+        /// Their fingerprint; the certificate is obtained with VERIFY from --server.
+        #[arg(long, requires = "server")]
+        fingerprint: Option<Fingerprint>,
+        /// Their server, HOST[:PORT] (default: the host of their address).
+        #[arg(long)]
+        server: Option<String>,
+        /// An email address that reaches them.
+        #[arg(long)]
+        email: Option<String>,
+        /// They may send out through the gateway.
+        #[arg(long)]
+        allow_send: bool,
+    },
+    /// List contacts.
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Remove a contact (by fingerprint, address or email alias).
+    Remove {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Fingerprint, LATSSIAM address or email alias.
+        who: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum QueueCommand {
+    /// List queued jobs and dead letters (like mailq).
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Show one job and its message's header.
+    Show {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The job id (as `queue list` shows it).
+        id: String,
+    },
+    /// Make a job due now (a dead letter goes back in the queue); --all for every job.
+    Retry {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The job id.
+        #[arg(required_unless_present = "all")]
+        id: Option<String>,
+        /// Every job.
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+    },
+    /// Delete a job or dead letter (ALL for everything, like postsuper -d ALL).
+    Delete {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The job id, or ALL.
+        id: String,
+    },
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start tokio")
+}
+
+/// `latssiam-bridge run`.
+pub fn run(args: RunArgs, log_json: &dyn Fn(bool)) -> Result<()> {
+    let settings = Settings::load(args.config.config.as_deref())?;
+    log_json(settings.gateway.log_format == LogFormat::Json);
+    runtime()?.block_on(async {
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            crate::servercmd::shutdown_signal().await;
+            token.cancel();
+        });
+        latssiam_bridge::gateway::run(settings, shutdown).await
+    })
+}
+
+/// Sends `request` to the running gateway, or carries it out on the data dir.
+async fn operate(settings: &Settings, request: Request) -> Result<()> {
+    let response = match admin::call(&settings.admin_socket(), &request).await.map_err(anyhow::Error::msg)? {
+        Some(r) => r,
+        None => {
+            let store = Store::open(&settings.queue_dir()).with_context(|| {
+                format!("cannot open {} and no gateway answers on its admin socket", settings.queue_dir().display())
+            })?;
+            admin::execute(&store, request).await
+        }
+    };
+    if response.ok {
+        print!("{}", response.text);
+        if !response.text.ends_with('\n') {
+            println!();
+        }
+        Ok(())
+    } else {
+        bail!("{}", response.text)
+    }
+}
+
+async fn verify_certificate(settings: &Settings, server: &str, fingerprint: Fingerprint) -> Result<Vec<u8>> {
+    let identity = Arc::new(
+        Identity::load(&settings.gateway.data_dir.join("identity"))
+            .context("the gateway identity is needed for VERIFY: start the gateway once first")?,
+    );
+    let pins = FilePins::open(settings.gateway.data_dir.join("cli-pins"))?;
+    let (host, port) = split_host_port(server);
+    let candidates = match settings.routes.get(&host.to_ascii_lowercase()) {
+        Some(_) => Resolver::new(settings.routes.clone()).resolve(host).await?,
+        None => tokio::net::lookup_host((host, port))
+            .await
+            .with_context(|| format!("cannot resolve {host}"))?
+            .map(|a| (host.to_owned(), a))
+            .collect(),
+    };
+    let (name, addr) = candidates.into_iter().next().with_context(|| format!("no address for {server}"))?;
+    let mut client = Client::connect(addr, &name, Some(identity), &pins).await?;
+    let result = client.verify(fingerprint).await?;
+    client.quit().await;
+    match result {
+        Ok(v) => Ok(v.owner_cert),
+        Err(status) => bail!("{server} answered {status}"),
+    }
+}
+
+/// `latssiam-bridge contacts …`.
+pub fn contacts(command: ContactsCommand) -> Result<()> {
+    runtime()?.block_on(async {
+        match command {
+            ContactsCommand::Add { config, cert, fingerprint, server, email, allow_send } => {
+                let settings = Settings::load(config.config.as_deref())?;
+                let cert = match (cert, fingerprint, &server) {
+                    (Some(path), _, _) => {
+                        let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+                        certificate_from_pem_or_der(&bytes)?.to_vec()
+                    }
+                    (None, Some(fp), Some(server)) => verify_certificate(&settings, server, fp).await?,
+                    _ => bail!("contacts add needs --cert FILE, or --fingerprint FP --server HOST"),
+                };
+                let info = CertInfo::from_der(&cert)?;
+                let Some(address) = info.address else {
+                    bail!("the certificate names no LATSSIAM address (UID and SAN rfc822Name)");
+                };
+                if let Some(e) = &email {
+                    if !e.contains('@') || e.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                        bail!("--email {e:?} is not an email address");
+                    }
+                }
+                let contact = Contact { address: address.to_string(), cert, email, allow_send, server };
+                operate(&settings, Request::ContactAdd { contact }).await
+            }
+            ContactsCommand::List { config } => {
+                operate(&Settings::load(config.config.as_deref())?, Request::ContactList).await
+            }
+            ContactsCommand::Remove { config, who } => {
+                operate(&Settings::load(config.config.as_deref())?, Request::ContactRemove { who }).await
+            }
+        }
+    })
+}
+
+/// `latssiam-bridge queue …`.
+pub fn queue(command: QueueCommand) -> Result<()> {
+    let (config, request) = match command {
+        QueueCommand::List { config } => (config, Request::QueueList),
+        QueueCommand::Show { config, id } => (config, Request::QueueShow { id }),
+        QueueCommand::Retry { config, id, all: _ } => (config, Request::QueueRetry { id }),
+        QueueCommand::Delete { config, id } => (config, Request::QueueDelete { id }),
+    };
+    let settings = Settings::load(config.config.as_deref())?;
+    runtime()?.block_on(operate(&settings, request))
+}
