@@ -4,26 +4,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_latssiam-bridge");
-
-fn run(dir: &Path, args: &[&str]) -> Output {
-    Command::new(BIN).args(args).current_dir(dir).stdin(Stdio::null()).output().unwrap()
-}
-
-fn ok(dir: &Path, args: &[&str]) -> String {
-    let out = run(dir, args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+mod common;
+use common::{eml_files, identity, ok, run, BIN};
 
 /// A server process; killed when dropped.
 struct ServerProcess {
@@ -68,21 +54,9 @@ impl Drop for ServerProcess {
     }
 }
 
-fn identity(dir: &Path, address: &str, out: &str) -> String {
-    ok(dir, &["identity", "new", "--address", address, "--out", out]).trim().to_owned()
-}
-
 fn register(dir: &Path, server: &str, who: &str) {
     let out = ok(dir, &["register", "--identity", who, "--server", server, "--password", "sesame", "--pins", "pins"]);
     assert!(out.starts_with("10 "), "{out}");
-}
-
-fn eml_files(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<_> = std::fs::read_dir(dir)
-        .map(|r| r.map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "eml")).collect())
-        .unwrap_or_default();
-    v.sort();
-    v
 }
 
 const MESSAGE: &str = "From: bob@localhost\r\nTo: alice@localhost\r\nDate: Tue, 24 Nov 2026 12:00:00 +0000\r\n\

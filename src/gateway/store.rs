@@ -493,6 +493,8 @@ impl Store {
     pub fn defer(&self, id: JobId, job: &Job) -> Result<(), StoreError> {
         self.jobs.insert(id.key(), encode(job))?;
         self.due.insert(due_key(job.due_ms, id), &[])?;
+        // The worker may be asleep until a later job: let it look again.
+        self.wake.notify_one();
         Ok(())
     }
 

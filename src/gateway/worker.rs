@@ -150,9 +150,7 @@ async fn deliver(gw: &Arc<Gateway>, id: JobId, mut job: Job) {
             job.attempts += 1;
             job.due_ms = now;
             job.last_error = Some(e);
-            let r = gw.store.defer(id, &job);
-            gw.store.wake.notify_one();
-            r
+            gw.store.defer(id, &job)
         }
         Outcome::Fail { status, diagnostic } => {
             results.failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -511,3 +511,17 @@ async fn shutdown_answers_a_waiting_accept_and_refuses_new_connections() {
     assert_eq!(waiting.await.unwrap(), Accepted::Nothing(Status::of(Code::NoMoreMessages)));
     assert!(TcpStream::connect(addr).await.is_err(), "the listener is closed");
 }
+
+/// Regression: the server waited for the client's next line with a timeout equal
+/// to the ACCEPT deadline, racing the deadline timer, so an ACCEPT that found
+/// nothing was sometimes answered `54` and hung up on instead of `33`.
+#[tokio::test]
+async fn an_accept_that_finds_nothing_is_answered_33_not_54() {
+    let s = TestServer::start(|c| c.empty_accept_rate = Rate { per_second: 100.0, burst: 100.0 }).await;
+    let alice = s.registered("alice@localhost").await;
+    let mut a = s.client(&alice).await;
+    for _ in 0..6 {
+        let answer = a.accept(Duration::from_secs(1)).await.unwrap();
+        assert_eq!(answer, Accepted::Nothing(Status::of(Code::NoMoreMessages)));
+    }
+}

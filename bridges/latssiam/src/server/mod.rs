@@ -517,7 +517,8 @@ impl Session {
                 () = &mut notified => {}
                 () = tokio::time::sleep_until(until) => {}
                 () = self.shared.shutdown.cancelled() => break,
-                r = self.conn.read(deadline) => {
+                // Longer than the deadline, so that the timer above always wins the race.
+                r = self.conn.read(deadline + self.shared.config.idle_timeout) => {
                     // The client must wait for the answer: anything it sends now is out of sequence.
                     return match r {
                         Ok(_) => Flow::HangUp(Some(Code::SequencingError)),

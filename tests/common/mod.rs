@@ -1,0 +1,110 @@
+//! Helpers shared by the end-to-end tests: the built binary, child processes
+//! that are killed when dropped, identities, free ports.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_latssiam-bridge");
+
+pub fn run(dir: &Path, args: &[&str]) -> Output {
+    Command::new(BIN).args(args).current_dir(dir).stdin(Stdio::null()).output().unwrap()
+}
+
+pub fn ok(dir: &Path, args: &[&str]) -> String {
+    let out = run(dir, args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A child process, killed when dropped, with the first line it printed.
+pub struct Process {
+    pub child: Child,
+    pub first_line: String,
+}
+
+impl Process {
+    /// Starts `program args` in `dir` and waits for its first line on stdout.
+    pub fn start(dir: &Path, program: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_logging(dir, program, args, env, None)
+    }
+
+    /// As [`Process::start`], appending stderr to `log` if given.
+    pub fn start_logging(dir: &Path, program: &str, args: &[&str], env: &[(&str, &str)], log: Option<&Path>) -> Self {
+        let stderr = match log {
+            Some(p) => Stdio::from(std::fs::OpenOptions::new().create(true).append(true).open(p).unwrap()),
+            None => Stdio::inherit(),
+        };
+        let mut child = Command::new(program)
+            .args(args)
+            .current_dir(dir)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
+        let mut first_line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut first_line).unwrap();
+        assert!(!first_line.is_empty(), "{program} {args:?} exited without a word");
+        Self { child, first_line }
+    }
+
+    /// Sends a signal by name and waits for the exit.
+    pub fn signal(&mut self, sig: &str) -> std::process::ExitStatus {
+        Command::new("kill").args(["-s", sig, &self.child.id().to_string()]).status().unwrap();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A new identity in `dir/out`; returns its fingerprint.
+pub fn identity(dir: &Path, address: &str, out: &str) -> String {
+    ok(dir, &["identity", "new", "--address", address, "--out", out]).trim().to_owned()
+}
+
+/// The `.eml` files in `dir`, sorted.
+pub fn eml_files(dir: &Path) -> Vec<PathBuf> {
+    files_with(dir, "eml")
+}
+
+/// The files in `dir` with extension `ext`, sorted.
+pub fn files_with(dir: &Path, ext: &str) -> Vec<PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .map(|r| r.map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == ext)).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Polls `f` every 50 ms until it returns Some, for at most `limit`.
+pub fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if start.elapsed() > limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
