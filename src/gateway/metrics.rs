@@ -14,7 +14,10 @@ use tracing::debug;
 use super::store::Store;
 
 /// Latency histogram bucket bounds, seconds.
-const BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0, 600.0];
+const BUCKETS: [f64; 20] = [
+    0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0,
+    600.0, 3600.0,
+];
 
 /// A Prometheus histogram.
 #[derive(Default)]

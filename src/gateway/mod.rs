@@ -123,9 +123,18 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     let tasks = tokio_util::task::TaskTracker::new();
     let mut routes = settings.routes.clone();
 
+    // The gateway's identity lives on its home server's host.
+    let home_host = if settings.home.server.is_empty() {
+        settings.home.host.clone()
+    } else {
+        split_host_port(&settings.home.server).0.to_owned()
+    };
+    let gateway_address = Address::new("gateway", &home_host)?;
+    let identity = Arc::new(load_or_create_identity(&data_dir.join("identity"), &gateway_address, "latssiam-bridge")?);
+
     // The home server: configured, or embedded.
-    let (home_host, home_addr, password) = if settings.home.server.is_empty() {
-        let host = settings.home.host.clone();
+    let (home_addr, password) = if settings.home.server.is_empty() {
+        let host = home_host.clone();
         let server_address = Address::new("server", &host)?;
         let server_id = load_or_create_identity(&data_dir.join("home/identity"), &server_address, &host)?;
         let password = match settings.home.register_password.as_str() {
@@ -135,6 +144,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         let mut config = ServerConfig::new(&host, data_dir.join("home"));
         config.listen = settings.home.listen;
         config.register_password = Some(password.clone());
+        // The gateway delivers everything for its people here: it is not rate-limited.
+        config.rate_exempt.insert(identity.fingerprint());
         let server = Server::new(config, Arc::new(server_id)).context("cannot start the embedded home server")?;
         let listener = server.bind().await.with_context(|| format!("home.listen {}", settings.home.listen))?;
         let addr = listener.local_addr()?;
@@ -146,7 +157,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         });
         tasks.spawn(server.serve(listener));
         routes.entry(host.to_ascii_lowercase()).or_insert_with(|| addr.to_string());
-        (host, addr, Some(password))
+        (addr, Some(password))
     } else {
         let (host, port) = split_host_port(&settings.home.server);
         let resolver = Resolver::new(routes.clone());
@@ -159,10 +170,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
             "" => None,
             p => Some(Password::new(p)?),
         };
-        (host.to_owned(), addr, password)
+        (addr, password)
     };
-    let gateway_address = Address::new("gateway", &home_host)?;
-    let identity = Arc::new(load_or_create_identity(&data_dir.join("identity"), &gateway_address, "latssiam-bridge")?);
 
     let sh = &settings.smarthost;
     let smarthost = Smarthost::new(&SmarthostConfig {

@@ -51,6 +51,9 @@ impl Pool {
     }
 }
 
+/// How long to wait after a `37 Slow down`, however many attempts before.
+const SLOW_DOWN_MS: u64 = 2000;
+
 /// What one attempt came to.
 enum Outcome {
     Delivered,
@@ -58,6 +61,8 @@ enum Outcome {
     Retry(String),
     /// The mailbox moved: try again now (the contact was updated).
     RetryNow(String),
+    /// The server asked us to slow down (`37`): try again shortly.
+    SlowDown(String),
     /// Permanent: dead-letter and report, with an enhanced status code.
     Fail {
         status: &'static str,
@@ -131,6 +136,7 @@ async fn deliver(gw: &Arc<Gateway>, id: JobId, mut job: Job) {
         }
         o => o,
     };
+    let delay = if matches!(outcome, Outcome::SlowDown(_)) { SLOW_DOWN_MS } else { 0 };
     let stored = match outcome {
         Outcome::Delivered => {
             results.ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -146,9 +152,10 @@ async fn deliver(gw: &Arc<Gateway>, id: JobId, mut job: Job) {
             job.last_error = Some(e);
             gw.store.defer(id, &job)
         }
-        Outcome::RetryNow(e) => {
+        Outcome::RetryNow(e) | Outcome::SlowDown(e) => {
+            results.deferred.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             job.attempts += 1;
-            job.due_ms = now;
+            job.due_ms = now + delay;
             job.last_error = Some(e);
             gw.store.defer(id, &job)
         }
@@ -301,6 +308,7 @@ async fn classify(gw: &Gateway, fp: &Fingerprint, host: &str, status: Status, cl
     }
     match permanent_status(code) {
         Some(s) => Outcome::Fail { status: s, diagnostic: status.to_string() },
+        None if code == Code::SlowDown => Outcome::SlowDown(format!("{host}: {status}")),
         None => Outcome::Retry(format!("{host}: {status}")),
     }
 }

@@ -62,6 +62,8 @@ pub struct ServerConfig {
     pub require_signature: bool,
     /// If set, only these client certificates may `SEND` (`21` for others).
     pub allowed_senders: Option<HashSet<Fingerprint>>,
+    /// Clients whose `SEND`s are not rate-limited (a gateway on its own home server).
+    pub rate_exempt: HashSet<Fingerprint>,
     /// Most simultaneous connections.
     pub max_connections: usize,
     /// How long a session may sit silent before `54` and a hang-up.
@@ -92,6 +94,7 @@ impl ServerConfig {
             require_approval: false,
             require_signature: false,
             allowed_senders: None,
+            rate_exempt: HashSet::new(),
             max_connections: 4096,
             idle_timeout: Duration::from_secs(300),
             max_accept_deadline: Duration::from_secs(900),
@@ -387,7 +390,7 @@ impl Session {
 
     async fn send(&mut self, me: Fingerprint, to: Fingerprint) -> Flow {
         let cfg = &self.shared.config;
-        if !self.shared.limiter.take(me, Limit::Send, cfg.send_rate) {
+        if !cfg.rate_exempt.contains(&me) && !self.shared.limiter.take(me, Limit::Send, cfg.send_rate) {
             reply!(self, Code::SlowDown);
             return Flow::Continue;
         }

@@ -1,0 +1,323 @@
+//! Load test of the email gateway, everything on loopback in one process on
+//! this machine's cores: the gateway (with its embedded home server, which
+//! also hosts the 50 recipients' mailboxes), 8 SMTP clients, and a minimal
+//! SMTP sink acting as the smarthost.
+//!
+//! Phase 1, email -> LATSSIAM: 8 SMTP sessions send 4 KiB messages round-robin
+//! to 50 contacts. Reports messages/s accepted with `250`, messages/s
+//! delivered with `31`, p50/p99 end-of-DATA -> `250` (measured by the
+//! clients) and arrival -> `31` (the gateway's own histogram, interpolated
+//! as Prometheus' histogram_quantile does).
+//!
+//! Phase 2, LATSSIAM -> email: 4 people SEND signed messages to the gateway's
+//! mailbox; reports p50/p99 from the home server's `31` to the smarthost's
+//! end of DATA.
+//!
+//! `cargo bench --bench gateway_load` (env: MESSAGES, default 12000).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use latssiam::client::Client;
+use latssiam::tls::MemoryPins;
+use latssiam::wire::{Code, Password};
+use latssiam::{crypto, Address, Identity};
+use latssiam_bridge::gateway::admin::{self, Request};
+use latssiam_bridge::gateway::config::Settings;
+use latssiam_bridge::gateway::store::Contact;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+const CONTACTS: usize = 50;
+const CLIENTS: usize = 8;
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+async fn expect(reader: &mut BufReader<TcpStream>, code: &str) -> String {
+    let mut last = String::new();
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).await.unwrap();
+        assert!(line.starts_with(code), "expected {code}, got {line:?}");
+        if line.as_bytes().get(3) != Some(&b'-') {
+            return last + &line;
+        }
+        last.push_str(&line);
+    }
+}
+
+/// One SMTP session sending `n` messages; returns end-of-DATA -> 250 latencies.
+async fn smtp_client(port: u16, first: usize, n: usize, body: Arc<String>) -> Vec<Duration> {
+    let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let mut s = BufReader::new(stream);
+    expect(&mut s, "220").await;
+    s.get_mut().write_all(b"EHLO bench.example\r\n").await.unwrap();
+    expect(&mut s, "250").await;
+    let mut latencies = Vec::with_capacity(n);
+    for i in first..first + n {
+        let rcpt = format!("person{}@example.org", i % CONTACTS);
+        // Pipelined: MAIL, RCPT, DATA together.
+        let envelope = format!("MAIL FROM:<load@remote.example>\r\nRCPT TO:<{rcpt}>\r\nDATA\r\n");
+        s.get_mut().write_all(envelope.as_bytes()).await.unwrap();
+        expect(&mut s, "250").await;
+        expect(&mut s, "250").await;
+        expect(&mut s, "354").await;
+        let message = format!("From: load@remote.example\r\nTo: {rcpt}\r\nSubject: load {i}\r\n\r\n{body}.\r\n");
+        s.get_mut().write_all(message.as_bytes()).await.unwrap();
+        let sent = Instant::now();
+        expect(&mut s, "250").await;
+        latencies.push(sent.elapsed());
+    }
+    s.get_mut().write_all(b"QUIT\r\n").await.unwrap();
+    latencies
+}
+
+/// A minimal smarthost: records when each message's DATA ended, by its subject.
+async fn smarthost(listener: TcpListener, arrivals: Arc<Mutex<HashMap<String, Instant>>>) {
+    loop {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let arrivals = Arc::clone(&arrivals);
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            let mut s = BufReader::new(tcp);
+            s.get_mut().write_all(b"220 sink\r\n").await.unwrap();
+            let mut in_data = false;
+            let mut subject = String::new();
+            loop {
+                let mut line = String::new();
+                if s.read_line(&mut line).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                if in_data {
+                    if line == ".\r\n" {
+                        in_data = false;
+                        arrivals.lock().unwrap().insert(std::mem::take(&mut subject), Instant::now());
+                        s.get_mut().write_all(b"250 ok\r\n").await.unwrap();
+                    } else if let Some(sub) = line.strip_prefix("Subject: ") {
+                        subject = sub.trim().to_owned();
+                    }
+                    continue;
+                }
+                let reply: &[u8] = match line.get(..4).map(str::to_ascii_uppercase).as_deref() {
+                    Some("EHLO") => b"250-sink\r\n250 PIPELINING\r\n",
+                    Some("DATA") => {
+                        in_data = true;
+                        b"354 go\r\n"
+                    }
+                    Some("QUIT") => b"221 bye\r\n",
+                    _ => b"250 ok\r\n",
+                };
+                s.get_mut().write_all(reply).await.unwrap();
+            }
+        });
+    }
+}
+
+/// Prometheus-style quantile from cumulative buckets.
+fn histogram_quantile(metrics: &str, name: &str, q: f64) -> f64 {
+    let mut buckets: Vec<(f64, f64)> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix(&format!("{name}_bucket{{le=\"")))
+        .filter_map(|rest| {
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last().map_or(0.0, |b| b.1);
+    let rank = q * total;
+    let (mut lo, mut below) = (0.0, 0.0);
+    for (le, count) in buckets {
+        if count >= rank {
+            if le.is_infinite() {
+                return lo;
+            }
+            return lo + (le - lo) * ((rank - below) / (count - below).max(1.0));
+        }
+        (lo, below) = (le, count);
+    }
+    lo
+}
+
+async fn get_metrics(port: u16) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await.unwrap();
+    let mut out = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut s, &mut out).await.unwrap();
+    out
+}
+
+fn metric(metrics: &str, name: &str) -> u64 {
+    metrics.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok())).unwrap_or(0)
+}
+
+fn main() {
+    let messages: usize = std::env::var("MESSAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(12_000);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async move {
+        let dir = tempfile::tempdir().unwrap();
+        let (smtp, http, home, sink) = (free_port(), free_port(), free_port(), free_port());
+        let config = dir.path().join("gateway.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[gateway]\ndata_dir = \"{}\"\ndomains = [\"example.org\"]\n[home]\nlisten = \"127.0.0.1:{home}\"\n\
+                 register_password = \"sesame\"\naccept_deadline_secs = 30\n[smtp]\nlisten = \"127.0.0.1:{smtp}\"\n\
+                 [smarthost]\nport = {sink}\n[http]\nlisten = \"127.0.0.1:{http}\"\n",
+                dir.path().join("gw").display()
+            ),
+        )
+        .unwrap();
+        let settings = Settings::load(Some(&config)).unwrap();
+        let admin_socket = settings.admin_socket();
+        let arrivals = Arc::new(Mutex::new(HashMap::new()));
+        tokio::spawn(smarthost(TcpListener::bind(("127.0.0.1", sink)).await.unwrap(), Arc::clone(&arrivals)));
+        let shutdown = CancellationToken::new();
+        let gateway = tokio::spawn(latssiam_bridge::gateway::run(settings, shutdown.clone()));
+        let home_addr = format!("127.0.0.1:{home}").parse().unwrap();
+        let password = Password::new("sesame").unwrap();
+        let pins = MemoryPins::default();
+        // Wait for the gateway, then make 50 people with mailboxes and contacts.
+        let mut waited = 0;
+        while admin::call(&admin_socket, &Request::ContactList).await.ok().flatten().is_none() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            waited += 1;
+            assert!(waited < 200, "the gateway did not start");
+        }
+        let mut people = Vec::new();
+        for i in 0..CONTACTS {
+            let id = Arc::new(
+                Identity::generate(&Address::new(&format!("person{i}"), "localhost").unwrap(), None, false).unwrap(),
+            );
+            let mut c = Client::connect(home_addr, "localhost", Some(Arc::clone(&id)), &pins).await.unwrap();
+            assert_eq!(c.register(&password).await.unwrap().code(), Code::RegistrationComplete);
+            c.quit().await;
+            let contact = Contact {
+                address: format!("person{i}@localhost"),
+                cert: id.cert_der().to_vec(),
+                email: Some(format!("person{i}@example.org")),
+                allow_send: true,
+                server: None,
+            };
+            let r = admin::call(&admin_socket, &Request::ContactAdd { contact }).await.unwrap().unwrap();
+            assert!(r.ok, "{}", r.text);
+            people.push(id);
+        }
+
+        // Phase 1: email -> LATSSIAM.
+        let body = Arc::new("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\r\n".repeat(62));
+        let before = get_metrics(http).await;
+        let delivered_before = metric(&before, "latssiam_bridge_deliveries_total{channel=\"latssiam\",result=\"ok\"}");
+        let start = Instant::now();
+        let per = messages / CLIENTS;
+        let tasks: Vec<_> =
+            (0..CLIENTS).map(|k| tokio::spawn(smtp_client(smtp, k * per, per, Arc::clone(&body)))).collect();
+        let mut accept_lat = Vec::new();
+        for t in tasks {
+            accept_lat.extend(t.await.unwrap());
+        }
+        let accepted_in = start.elapsed();
+        let total = per * CLIENTS;
+        let mut delivered;
+        loop {
+            let m = get_metrics(http).await;
+            delivered =
+                metric(&m, "latssiam_bridge_deliveries_total{channel=\"latssiam\",result=\"ok\"}") - delivered_before;
+            if delivered as usize >= total || start.elapsed() > Duration::from_secs(600) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let delivered_in = start.elapsed();
+        let m = get_metrics(http).await;
+        accept_lat.sort();
+        println!(
+            "email -> LATSSIAM: {total} messages of {} octets, {CLIENTS} SMTP sessions, {CONTACTS} contacts",
+            body.len()
+        );
+        println!(
+            "  accepted with 250: {:.0} msgs/s ({:.2} s)",
+            total as f64 / accepted_in.as_secs_f64(),
+            accepted_in.as_secs_f64()
+        );
+        println!(
+            "  delivered with 31: {:.0} msgs/s ({delivered} in {:.2} s, end to end)",
+            delivered as f64 / delivered_in.as_secs_f64(),
+            delivered_in.as_secs_f64()
+        );
+        println!(
+            "  end of DATA -> 250: p50 {:.2} ms, p99 {:.2} ms",
+            percentile(&accept_lat, 0.5).as_secs_f64() * 1e3,
+            percentile(&accept_lat, 0.99).as_secs_f64() * 1e3
+        );
+        println!(
+            "  arrival -> 31 (gateway histogram): p50 {:.1} ms, p99 {:.1} ms",
+            histogram_quantile(&m, "latssiam_bridge_end_to_end_seconds", 0.5) * 1e3,
+            histogram_quantile(&m, "latssiam_bridge_end_to_end_seconds", 0.99) * 1e3
+        );
+
+        // Phase 2: LATSSIAM -> smarthost, paced at 200 msgs/s from 4 people.
+        let gateway_cert = std::fs::read(dir.path().join("gw/identity/cert.pem")).unwrap();
+        let gateway_cert = latssiam::identity::certificate_from_pem_or_der(&gateway_cert).unwrap().to_vec();
+        let gateway_fp = latssiam::Fingerprint::of(&gateway_cert);
+        let relay_n = 2000usize;
+        let sent_at = Arc::new(Mutex::new(HashMap::new()));
+        let senders: Vec<_> = (0..4)
+            .map(|k| {
+                let id = Arc::clone(&people[k]);
+                let (cert, sent_at) = (gateway_cert.clone(), Arc::clone(&sent_at));
+                tokio::spawn(async move {
+                    let pins = MemoryPins::default();
+                    let mut c = Client::connect(home_addr, "localhost", Some(Arc::clone(&id)), &pins).await.unwrap();
+                    let mut tick = tokio::time::interval(Duration::from_millis(20));
+                    for i in (k..relay_n).step_by(4) {
+                        tick.tick().await;
+                        let subject = format!("relay {i}");
+                        let m = format!("To: out{i}@remote.example\r\nSubject: {subject}\r\n\r\n{}", "x".repeat(4000));
+                        let sealed = crypto::seal(m.as_bytes(), &cert).unwrap();
+                        let sig = crypto::sign(&sealed, &id).unwrap();
+                        let status = c.send(gateway_fp, &sealed, Some(&sig)).await.unwrap();
+                        assert_eq!(status.code(), Code::MessageAccepted);
+                        sent_at.lock().unwrap().insert(subject, Instant::now());
+                    }
+                })
+            })
+            .collect();
+        for s in senders {
+            s.await.unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while arrivals.lock().unwrap().len() < relay_n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut relay: Vec<Duration> = {
+            let a = arrivals.lock().unwrap();
+            let s = sent_at.lock().unwrap();
+            s.iter().filter_map(|(k, t)| a.get(k).map(|at| at.saturating_duration_since(*t))).collect()
+        };
+        relay.sort();
+        println!("LATSSIAM -> smarthost: {relay_n} signed 4 KiB messages at 200 msgs/s from 4 people");
+        println!(
+            "  relayed {} of {relay_n}; home server 31 -> smarthost end of DATA: p50 {:.2} ms, p99 {:.2} ms",
+            relay.len(),
+            percentile(&relay, 0.5).as_secs_f64() * 1e3,
+            percentile(&relay, 0.99).as_secs_f64() * 1e3
+        );
+        shutdown.cancel();
+        let _ = gateway.await;
+    });
+}
