@@ -30,10 +30,16 @@ struct Rig {
     http_port: u16,
     smtp_port: u16,
     gateway_fp: String,
+    env: Vec<(&'static str, &'static str)>,
 }
 
 impl Rig {
     fn new(extra: &str) -> Self {
+        Self::with_env(extra, &[])
+    }
+
+    /// A rig whose gateway runs with these extra environment variables.
+    fn with_env(extra: &str, env: &[(&'static str, &'static str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (smtp_port, http_port, home_port, smarthost_port) = (free_port(), free_port(), free_port(), free_port());
         let smarthost = Process::start(
@@ -80,6 +86,7 @@ max_retry_secs = 2
             http_port,
             smtp_port,
             gateway_fp: String::new(),
+            env: env.to_vec(),
         };
         rig.start();
         rig
@@ -90,11 +97,13 @@ max_retry_secs = 2
     }
 
     fn start(&mut self) {
+        let mut env = vec![("LATSSIAM_LOG", "info")];
+        env.extend_from_slice(&self.env);
         let gw = Process::start_logging(
             self.path(),
             BIN,
             &["run", "--config", self.config.to_str().unwrap()],
-            &[("LATSSIAM_LOG", "info")],
+            &env,
             Some(&self.path().join("gateway.log")),
         );
         // "gateway FP smtp ADDR home ADDR http ADDR"
@@ -510,4 +519,128 @@ fn run_with_no_config_starts_and_answers_healthz() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("another gateway"), "{err}");
+}
+
+/// A raw SMTP session for the protocol's edges: sends `input` and returns everything the server said.
+fn raw_smtp(port: u16, input: &[u8]) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(input).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+#[test]
+fn smtp_listener_speaks_esmtp_with_starttls_and_keeps_its_limits() {
+    let rig = Rig::new("");
+    rig.person("alice");
+    rig.contact("alice", &["--email", "alice@example.org"]);
+
+    // swaks: EHLO capabilities, STARTTLS, pipelining, delivery.
+    let out = Command::new("swaks")
+        .args(["--server", &format!("127.0.0.1:{}", rig.smtp_port), "--from", "s@remote.example"])
+        .args(["--to", "alice@example.org", "--tls", "--pipeline", "--body", "sent by swaks"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for ext in ["SIZE 18000", "8BITMIME", "PIPELINING", "SMTPUTF8", "ENHANCEDSTATUSCODES", "STARTTLS"] {
+        assert!(text.contains(ext), "EHLO lacks {ext}: {text}");
+    }
+    assert!(text.contains("250 2.0.0 Ok: queued as"), "{text}");
+    let (files, _) = rig.fetch("alice", 30);
+    assert!(std::fs::read_to_string(&files[0]).unwrap().contains("with ESMTPS"), "STARTTLS is noted in Received:");
+
+    // smtplib over STARTTLS too.
+    let file = rig.path().join("tls.eml");
+    std::fs::write(&file, "Subject: tls\r\n\r\nover tls\r\n").unwrap();
+    let out = Command::new("python3")
+        .args([&support("smtp_send.py"), "127.0.0.1", &rig.smtp_port.to_string(), "s@remote.example"])
+        .args(["alice@example.org", file.to_str().unwrap(), "--starttls"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("accepted 250"));
+
+    // Sequence, syntax, line length and recipient limits.
+    let long = format!("NOOP {}\r\n", "x".repeat(1100));
+    let mut input = format!("MAIL FROM:<a@remote.example>\r\nEHLO c.example\r\n{long}RCPT TO:<alice@example.org>\r\n");
+    input.push_str("MAIL FROM:<a@remote.example>\r\nMAIL FROM:<b@remote.example>\r\nFROB\r\nRSET\r\nMAIL FROM:<x@remote.example> SIZE=99999999\r\nMAIL FROM:<x@remote.example>\r\n");
+    for _ in 0..101 {
+        input.push_str("RCPT TO:<alice@example.org>\r\n");
+    }
+    input.push_str("QUIT\r\n");
+    let said = raw_smtp(rig.smtp_port, input.as_bytes());
+    let codes: Vec<&str> = said.lines().map(|l| &l[..l.len().min(9)]).collect();
+    assert!(said.starts_with("220 "), "{said}");
+    assert!(said.contains("503 5.5.1 Send EHLO or HELO first"), "{said}");
+    assert!(said.contains("500 5.5.2 Line too long"), "{said}");
+    assert!(said.contains("503 5.5.1 Need MAIL before RCPT"), "{said}");
+    assert!(said.contains("503 5.5.1 Nested MAIL command"), "{said}");
+    assert!(said.contains("500 5.5.1 Command not recognized"), "{said}");
+    assert!(said.contains("552 5.3.4"), "SIZE= over the limit: {said}");
+    assert_eq!(codes.iter().filter(|c| c.starts_with("250 2.1.5")).count(), 100, "{said}");
+    assert!(said.contains("452 4.5.3"), "the 101st recipient: {said}");
+    assert!(said.trim_end().ends_with("221 2.0.0 Bye"), "{said}");
+
+    // A text line over 1000 octets spoils the message: 500 5.5.2 after the dot, nothing queued.
+    let mut input =
+        String::from("EHLO c.example\r\nMAIL FROM:<a@remote.example>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n");
+    input.push_str(&format!("Subject: long\r\n\r\n{}\r\n.\r\nQUIT\r\n", "z".repeat(1200)));
+    let said = raw_smtp(rig.smtp_port, input.as_bytes());
+    assert!(said.contains("354 ") && said.contains("500 5.5.2 Line too long; message refused"), "{said}");
+    let (files, out) = rig.fetch("alice", 1);
+    assert_eq!(files.len(), 2, "only the swaks and smtplib messages: {out}");
+}
+
+#[test]
+fn oversize_mail_can_lose_its_attachments_instead() {
+    // Settings through the environment, which overrides the file.
+    let rig = Rig::with_env(
+        "",
+        &[("LATSSIAM_BRIDGE__SMTP__OVERSIZE", "strip-attachments"), ("LATSSIAM_BRIDGE__GATEWAY__LOG_FORMAT", "json")],
+    );
+    rig.person("alice");
+    rig.contact("alice", &["--email", "alice@example.org"]);
+    let mut m =
+        String::from("From: a@remote.example\r\nTo: alice@example.org\r\nSubject: photos\r\nMIME-Version: 1.0\r\n");
+    m.push_str(
+        "Content-Type: multipart/mixed; boundary=XX\r\n\r\n--XX\r\nContent-Type: text/plain\r\n\r\nSee attached.\r\n",
+    );
+    m.push_str("--XX\r\nContent-Type: image/jpeg\r\nContent-Disposition: attachment; filename=holiday.jpg\r\n");
+    m.push_str("Content-Transfer-Encoding: base64\r\n\r\n");
+    for _ in 0..400 {
+        m.push_str(&"QUJD".repeat(19));
+        m.push_str("\r\n");
+    }
+    m.push_str("--XX--\r\n");
+    let r = rig.smtp_send("a@remote.example", "alice@example.org", m.as_bytes());
+    assert!(r.starts_with("accepted 250"), "{r}");
+    let (files, _) = rig.fetch("alice", 30);
+    let got = std::fs::read_to_string(&files[0]).unwrap();
+    assert!(got.contains("See attached.") && got.contains("holiday.jpg (22800 octets)"), "{got}");
+    assert!(!got.contains("QUJD"), "the attachment itself is gone");
+    let log = rig.log();
+    assert!(log.lines().next().is_some_and(|l| l.starts_with('{')), "JSON logs: {log}");
+}
+
+#[test]
+fn contacts_by_fingerprint_through_verify_and_removal_while_running() {
+    let rig = Rig::new("");
+    let fp = rig.person("frank");
+    let out =
+        rig.cli(&["contacts", "add", "--fingerprint", &fp, "--server", &rig.home, "--email", "frank@example.org"]);
+    assert!(out.starts_with("added frank@localhost"), "{out}");
+    let list = rig.cli(&["contacts", "list"]);
+    assert!(list.contains("frank@localhost") && list.contains("frank@example.org") && list.contains(&fp), "{list}");
+    let r = rig.smtp_send("a@remote.example", "frank@example.org", b"Subject: hi\r\n\r\nhi\r\n");
+    assert!(r.starts_with("accepted 250"), "{r}");
+    assert!(rig.cli(&["contacts", "remove", "frank@example.org"]).starts_with("removed"));
+    let r = rig.smtp_send("a@remote.example", "frank@example.org", b"Subject: hi\r\n\r\nhi\r\n");
+    assert!(r.starts_with("refused 550 5.1.1"), "{r}");
+    // A bad certificate file is one clear line, exit 1.
+    std::fs::write(rig.path().join("junk.pem"), "not a certificate").unwrap();
+    let out = run(rig.path(), &["contacts", "add", "--cert", "junk.pem", "--config", rig.config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
 }
