@@ -234,6 +234,8 @@ fn email_reaches_a_latssiam_contact_signed_by_the_gateway() {
     let got = String::from_utf8(got).unwrap();
     assert!(got.starts_with("Received: from client.example (127.0.0.1)\r\n\tby gw.example.org with ESMTP"), "{got}");
     assert!(got.ends_with(UTF8_MESSAGE), "the message must arrive octet for octet:\n{got}");
+    let queue_id = reply.rsplit(' ').next().unwrap();
+    assert!(got.contains(&format!(" id {queue_id}\r\n")), "Received: names the queue id {queue_id}: {got}");
     // Then the mailbox is empty.
     let (_, out) = rig.fetch("alice", 0);
     assert!(out.starts_with("33"), "{out}");

@@ -113,17 +113,18 @@ async fn take(gw: &Gateway, d: &Delivered) -> Result<(), Refusal> {
         }
     }
     let from = contact.email.clone().unwrap_or_else(|| contact.address.clone());
+    let id = gw.store.new_message_id().map_err(|e| Refusal::Later(e.to_string()))?;
     let header = mail::received(
         &format!("{} ({fp})", contact.address),
         &gw.settings.gateway.hostname,
         "LATSSIAM",
-        "accepted",
+        &message_id_string(id),
         None,
     );
     let body = mail::prepend(&header, &mail::remove_bcc(&plaintext));
     let n = targets.len();
     let origin = Origin::Latssiam { fingerprint: fp.to_string(), from };
-    let id = gw.store.enqueue(&body, targets, &origin).await.map_err(|e| Refusal::Later(e.to_string()))?;
+    gw.store.enqueue_as(id, &body, targets, &origin).await.map_err(|e| Refusal::Later(e.to_string()))?;
     info!(queue_id = %message_id_string(id), recipients = n, "Queued mail from LATSSIAM.");
     Ok(())
 }

@@ -88,12 +88,18 @@ impl Sink for SmtpSink {
         }
         let with = if envelope.tls { "ESMTPS" } else { "ESMTP" };
         let from = format!("{} ({})", envelope.helo, envelope.peer.ip());
-        // The queue id is not known yet; the Received: header names the envelope instead.
+        let id = match gw.store.new_message_id() {
+            Ok(id) => id,
+            Err(e) => {
+                warn!(error = %e, "Cannot queue a message.");
+                return refuse(Reply::new(451, [4, 3, 0], "Temporary local problem: the queue cannot be written"));
+            }
+        };
         let for_rcpt = (envelope.recipients.len() == 1).then(|| envelope.recipients[0].as_str());
-        let header = mail::received(&from, &gw.settings.gateway.hostname, with, "queued", for_rcpt);
+        let header = mail::received(&from, &gw.settings.gateway.hostname, with, &message_id_string(id), for_rcpt);
         let body = mail::prepend(&header, &data);
-        match gw.store.enqueue(&body, targets, &Origin::Smtp { from: envelope.from.clone() }).await {
-            Ok(id) => {
+        match gw.store.enqueue_as(id, &body, targets, &Origin::Smtp { from: envelope.from.clone() }).await {
+            Ok(()) => {
                 gw.metrics.smtp_accepted.fetch_add(1, Ordering::Relaxed);
                 let id = message_id_string(id);
                 info!(queue_id = %id, recipients = envelope.recipients.len(), octets = body.len(), "Queued mail from SMTP.");

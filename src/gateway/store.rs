@@ -412,6 +412,29 @@ impl Store {
     /// either completed by recovery or collected as garbage).
     pub async fn enqueue(&self, body: &[u8], targets: Vec<Target>, origin: &Origin) -> Result<u64, StoreError> {
         let id = self.next_message_id()?;
+        self.enqueue_as(id, body, targets, origin).await?;
+        Ok(id)
+    }
+
+    /// A fresh message id, for a message that names its id (a `Received:` header) before it is queued.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn new_message_id(&self) -> Result<u64, StoreError> {
+        self.next_message_id()
+    }
+
+    /// As [`Store::enqueue`], under an id from [`Store::new_message_id`].
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn enqueue_as(
+        &self,
+        id: u64,
+        body: &[u8],
+        targets: Vec<Target>,
+        origin: &Origin,
+    ) -> Result<(), StoreError> {
         let now = now_ms();
         self.bodies.insert(id.to_be_bytes(), body)?;
         let mut jobs = sled::Batch::default();
@@ -435,7 +458,7 @@ impl Store {
         self.due.apply_batch(due)?;
         self.durable().await?;
         self.wake.notify_one();
-        Ok(id)
+        Ok(())
     }
 
     /// The body of a message.
