@@ -3,17 +3,16 @@
 //! the operator's commands.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 mod common;
-use common::{eml_files, identity, ok, run, BIN};
+use common::{eml_files, identity, ok, run, Process, BIN};
 
 /// A server process; killed when dropped.
 struct ServerProcess {
-    child: Child,
+    process: Process,
     addr: String,
 }
 
@@ -25,32 +24,17 @@ impl ServerProcess {
     }
 
     fn start_with(dir: &Path, args: &[&str]) -> Self {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .current_dir(dir)
-            .env("LATSSIAM_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let process = Process::start(dir, BIN, args, &[("LATSSIAM_LOG", "warn")]);
         // "listening on 127.0.0.1:PORT as FINGERPRINT"
+        let line = &process.first_line;
         let addr = line.split_whitespace().nth(2).unwrap_or_else(|| panic!("server said {line:?}")).to_owned();
         let port = addr.rsplit(':').next().unwrap();
-        Self { child, addr: format!("localhost:{port}") }
+        let addr = format!("localhost:{port}");
+        Self { process, addr }
     }
 
     fn signal(&mut self, sig: &str) -> std::process::ExitStatus {
-        Command::new("kill").args(["-s", sig, &self.child.id().to_string()]).status().unwrap();
-        self.child.wait().unwrap()
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.signal(sig)
     }
 }
 
