@@ -20,7 +20,58 @@ pub struct Settings {
     pub smarthost: SmarthostSettings,
     pub http: HttpSettings,
     pub queue: QueueSettings,
+    pub irc: IrcSettings,
     pub routes: HashMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IrcSettings {
+    pub server: String,
+    pub port: u16,
+    pub tls: bool,
+    pub tls_fingerprint: String,
+    pub nick: String,
+    pub alt_nicks: Vec<String>,
+    pub sasl_user: String,
+    pub sasl_password: String,
+    pub nickserv_password: String,
+    pub burst: f64,
+    pub lines_per_second: f64,
+    pub ping_interval_secs: u64,
+    pub reconnect_min_secs: u64,
+    pub reconnect_max_secs: u64,
+    pub max_lines: usize,
+    pub line_format: String,
+    pub zero_width_names: bool,
+    pub channels: Vec<IrcChannel>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IrcChannel {
+    pub name: String,
+    #[serde(default)]
+    pub key: String,
+    pub network: String,
+    #[serde(default)]
+    pub subscribers: Vec<String>,
+    #[serde(default)]
+    pub digest_window: u64,
+    #[serde(default)]
+    pub relay_joins: bool,
+}
+
+impl IrcSettings {
+    /// The channel bridged as `#name@network`, if any.
+    pub fn channel(&self, name: &str, network: &str) -> Option<&IrcChannel> {
+        self.channels.iter().find(|c| c.name.eq_ignore_ascii_case(name) && c.network.eq_ignore_ascii_case(network))
+    }
+
+    /// Whether `host` is the network of a bridged channel.
+    pub fn is_network(&self, host: &str) -> bool {
+        !self.server.is_empty() && self.channels.iter().any(|c| c.network.eq_ignore_ascii_case(host))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -155,6 +206,17 @@ impl Settings {
         }
         if self.queue.concurrency == 0 {
             bail!("queue.concurrency: at least 1");
+        }
+        for c in &self.irc.channels {
+            if !c.name.starts_with(['#', '&']) || c.name.contains([' ', ',', '\x07']) {
+                bail!("irc.channels: {:?} is not a channel name", c.name);
+            }
+            if !latssiam::identity::is_dns_name(&c.network) {
+                bail!("irc.channels: network {:?} of {} is not a host name", c.network, c.name);
+            }
+        }
+        if !self.irc.server.is_empty() && (self.irc.lines_per_second <= 0.0 || self.irc.burst < 1.0) {
+            bail!("irc.lines_per_second must be positive and irc.burst at least 1");
         }
         if !self.home.register_password.is_empty()
             && latssiam::wire::Password::new(&self.home.register_password).is_err()

@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod irc;
 pub mod mail;
 pub mod metrics;
 pub mod poller;
@@ -85,6 +86,27 @@ fn smtp_tls(s: &Settings) -> Result<Arc<rustls::ServerConfig>> {
         .with_single_cert(vec![identity.cert_der().clone()], identity.key_der().clone_key())
         .context("smtp.tls_cert/tls_key")?;
     Ok(Arc::new(config))
+}
+
+fn irc_config(s: &Settings) -> bridge_irc::IrcConfig {
+    let i = &s.irc;
+    let non_empty = |v: &str| (!v.is_empty()).then(|| v.to_owned());
+    bridge_irc::IrcConfig {
+        server: i.server.clone(),
+        port: i.port,
+        tls: i.tls,
+        tls_fingerprint: non_empty(&i.tls_fingerprint),
+        nick: i.nick.clone(),
+        alt_nicks: i.alt_nicks.clone(),
+        sasl: non_empty(&i.sasl_user).map(|u| (u, i.sasl_password.clone())),
+        nickserv_password: non_empty(&i.nickserv_password),
+        channels: i.channels.iter().map(|c| (c.name.clone(), non_empty(&c.key))).collect(),
+        burst: i.burst,
+        lines_per_second: i.lines_per_second,
+        ping_interval: Duration::from_secs(i.ping_interval_secs.max(5)),
+        reconnect_min: Duration::from_secs(i.reconnect_min_secs.max(1)),
+        reconnect_max: Duration::from_secs(i.reconnect_max_secs.max(1)),
+    }
 }
 
 fn random_password() -> Result<Password> {
@@ -244,6 +266,19 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     tasks.spawn(admin::serve(admin, Arc::clone(&store), shutdown.clone()));
     tasks.spawn(worker::run(Arc::clone(&gw), shutdown.clone()));
     tasks.spawn(poller::run(Arc::clone(&gw), shutdown.clone()));
+    if !settings.irc.server.is_empty() {
+        let core = irc::IrcCore::new(Arc::clone(&gw));
+        let (handle, bot) = bridge_irc::spawn(irc_config(&settings), Arc::clone(&core), shutdown.clone());
+        tasks.spawn(async move {
+            match bot.await {
+                Ok(Err(e)) => tracing::error!(error = %e, "The IRC bot stopped; email keeps working."),
+                Err(e) => tracing::error!(error = %e, "The IRC bot failed."),
+                Ok(Ok(())) => {}
+            }
+        });
+        tasks.spawn(core.digest_timer(shutdown.clone()));
+        tasks.spawn(irc::outbox(Arc::clone(&gw), handle, shutdown.clone()));
+    }
     // One line on stdout for scripts and tests.
     println!("gateway {} smtp {smtp_addr} home {} http {http_addr}", gw.identity.fingerprint(), gw.home.1);
     info!(%smtp_addr, home = %gw.home.1, %http_addr, fingerprint = %gw.identity.fingerprint(), "Gateway running.");

@@ -104,8 +104,13 @@ async fn take(gw: &Gateway, d: &Delivered) -> Result<(), Refusal> {
     if recipients.is_empty() {
         return Err(refuse(Code::MessageRefused, "no recipients in To, Cc or Bcc".into()));
     }
+    let irc_posts = super::irc::posts_for(gw, &contact, &recipients, &plaintext)
+        .map_err(|why| refuse(Code::MessageRefused, why))?;
     let mut targets = Vec::new();
     for r in recipients {
+        if r.rsplit_once('@').is_some_and(|(_, host)| gw.settings.irc.is_network(host)) {
+            continue;
+        }
         match gw.store.contact_by_name(&r) {
             Ok(Some((fp, _))) => targets.push(Target::Latssiam { fingerprint: fp.to_string(), address: r }),
             Ok(None) => targets.push(Target::Smtp { rcpt: r }),
@@ -123,8 +128,14 @@ async fn take(gw: &Gateway, d: &Delivered) -> Result<(), Refusal> {
     );
     let body = mail::prepend(&header, &mail::remove_bcc(&plaintext));
     let n = targets.len();
-    let origin = Origin::Latssiam { fingerprint: fp.to_string(), from };
-    gw.store.enqueue_as(id, &body, targets, &origin).await.map_err(|e| Refusal::Later(e.to_string()))?;
-    info!(queue_id = %message_id_string(id), recipients = n, "Queued mail from LATSSIAM.");
+    if !irc_posts.is_empty() {
+        gw.store.irc_enqueue(&irc_posts).await.map_err(|e| Refusal::Later(e.to_string()))?;
+        info!(posts = irc_posts.len(), "Queued posts for IRC from LATSSIAM.");
+    }
+    if n > 0 {
+        let origin = Origin::Latssiam { fingerprint: fp.to_string(), from };
+        gw.store.enqueue_as(id, &body, targets, &origin).await.map_err(|e| Refusal::Later(e.to_string()))?;
+        info!(queue_id = %message_id_string(id), recipients = n, "Queued mail from LATSSIAM.");
+    }
     Ok(())
 }

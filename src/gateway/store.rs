@@ -7,6 +7,8 @@
 //! - `jobs`: job id = message id (u64 BE) ‖ recipient index (u16 BE) -> [`Job`] (JSON).
 //! - `due`: due time (ms since the epoch, u64 BE) ‖ job id -> empty.
 //! - `dead`: job id -> [`Job`] (JSON) with its last error: dead letters.
+//! - `irc_outbox`: sequence (u64 BE) -> [`IrcPost`] (JSON): posts for IRC,
+//!   sent strictly in key order by one task.
 //! - `tofu_pins`: see `crate::pins`.
 //!
 //! Invariants:
@@ -226,6 +228,15 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }
 
+/// Lines for an IRC channel or nick.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IrcPost {
+    /// A channel or a nick.
+    pub target: String,
+    /// The lines, formatted.
+    pub lines: Vec<String>,
+}
+
 /// Jobs claimed, and when the next one falls due.
 pub type Claimed = (Vec<(JobId, Job)>, Option<u64>);
 
@@ -249,9 +260,12 @@ pub struct Store {
     jobs: sled::Tree,
     due: sled::Tree,
     dead: sled::Tree,
+    irc: sled::Tree,
     flusher: GroupCommit,
     /// Woken when a job becomes due earlier than the worker may think.
     pub wake: Notify,
+    /// Woken when a post for IRC is queued.
+    pub irc_wake: Notify,
     last_id: AtomicU64,
 }
 
@@ -270,9 +284,11 @@ impl Store {
             jobs: db.open_tree("jobs")?,
             due: db.open_tree("due")?,
             dead: db.open_tree("dead")?,
+            irc: db.open_tree("irc_outbox")?,
             db,
             flusher,
             wake: Notify::new(),
+            irc_wake: Notify::new(),
             last_id: AtomicU64::new(0),
         };
         store.recover()?;
@@ -604,6 +620,40 @@ impl Store {
         self.collect_body(id.message)?;
         self.durable().await?;
         Ok(true)
+    }
+
+    /// Queues posts for IRC, durably, after everything queued before.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn irc_enqueue(&self, posts: &[IrcPost]) -> Result<(), StoreError> {
+        for post in posts {
+            let seq = self.db.generate_id()?;
+            self.irc.insert(seq.to_be_bytes(), encode(post))?;
+        }
+        self.durable().await?;
+        self.irc_wake.notify_one();
+        Ok(())
+    }
+
+    /// The oldest post for IRC.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn irc_first(&self) -> Result<Option<(sled::IVec, IrcPost)>, StoreError> {
+        match self.irc.first()? {
+            Some((k, v)) => Ok(Some((k, decode(&v, "irc post")?))),
+            None => Ok(None),
+        }
+    }
+
+    /// A post went out.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn irc_done(&self, key: &[u8]) -> Result<(), StoreError> {
+        self.irc.remove(key)?;
+        Ok(())
     }
 
     /// Queue depth by state.

@@ -2,6 +2,8 @@
 //! that are killed when dropped, identities, free ports.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod rig;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

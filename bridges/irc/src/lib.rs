@@ -1,0 +1,682 @@
+//! The IRC side of latssiam-bridge: a bot that joins channels, reports what
+//! is said there to an [`IrcSink`], and posts lines it is handed through a
+//! [`Handle`]. It knows nothing of LATSSIAM.
+//!
+//! It owns its connection (TCP, or TLS with the system roots or a pinned
+//! certificate fingerprint) and uses `irc-proto` (the protocol half of the
+//! `irc` crate) to parse and build messages, because what bridges get wrong
+//! with the `irc` client lives in its client half:
+//! - every line goes through a paced queue (token bucket: `burst`, then
+//!   `lines_per_second`), PONG and registration lines ahead of relayed ones;
+//! - bodies are split here, one line per PRIVMSG, with CR, LF, NUL and `\x01`
+//!   made harmless, and sized for the 512-octet limit *including* the
+//!   `:nick!user@host` prefix others receive (learnt with USERHOST);
+//! - SASL PLAIN is driven here (`CAP REQ :sasl`, `AUTHENTICATE`), and a `904`
+//!   stops the bot with a clear error;
+//! - input that is not UTF-8 is read as latin-1, never dropped;
+//! - reconnection backs off (doubling) and the backoff resets once a
+//!   connection has stayed up; a nick in use takes the next alternate and the
+//!   main nick is reclaimed later.
+
+pub mod format;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use irc_proto::{Command, Message, Prefix, Response};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// The longest line we read; longer ones are cut (IRCv3 tags can be long).
+const MAX_READ: usize = 8192;
+
+/// Bot settings.
+#[derive(Debug, Clone)]
+pub struct IrcConfig {
+    /// Server host.
+    pub server: String,
+    /// Port.
+    pub port: u16,
+    /// Use TLS.
+    pub tls: bool,
+    /// With TLS: accept exactly the certificate with this SHA-256 fingerprint
+    /// (hex), e.g. a self-signed one; otherwise the system's roots.
+    pub tls_fingerprint: Option<String>,
+    /// Nickname, and alternates to try when it is taken.
+    pub nick: String,
+    /// Alternates.
+    pub alt_nicks: Vec<String>,
+    /// SASL PLAIN account and password.
+    pub sasl: Option<(String, String)>,
+    /// Password for `PRIVMSG NickServ :IDENTIFY`.
+    pub nickserv_password: Option<String>,
+    /// Channels and their keys.
+    pub channels: Vec<(String, Option<String>)>,
+    /// Lines that may be sent at once.
+    pub burst: f64,
+    /// Sustained lines per second.
+    pub lines_per_second: f64,
+    /// Send a PING after this much silence; give up after as long again.
+    pub ping_interval: Duration,
+    /// First reconnection delay; doubles up to `reconnect_max`.
+    pub reconnect_min: Duration,
+    /// Longest reconnection delay.
+    pub reconnect_max: Duration,
+}
+
+/// What happened on IRC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// In a channel.
+    Channel {
+        /// The channel.
+        channel: String,
+        /// Who.
+        nick: String,
+        /// What kind of thing.
+        kind: Kind,
+        /// The text (formatting removed), if any.
+        text: String,
+    },
+    /// A private message to the bot.
+    Private {
+        /// Who.
+        nick: String,
+        /// The text.
+        text: String,
+    },
+}
+
+/// Kinds of channel events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// PRIVMSG.
+    Message,
+    /// CTCP ACTION (`/me`).
+    Action,
+    /// NOTICE.
+    Notice,
+    /// JOIN.
+    Join,
+    /// PART.
+    Part,
+    /// QUIT (one event per channel the person was in).
+    Quit,
+    /// TOPIC.
+    Topic,
+}
+
+/// Where the bot reports: implemented by the gateway core.
+pub trait IrcSink: Send + Sync + 'static {
+    /// Something happened. The answer, if any, is sent back privately (for private messages).
+    fn event(&self, event: Event) -> impl Future<Output = Option<String>> + Send;
+}
+
+/// Why the bot stopped for good.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IrcError {
+    /// SASL failed (`904`/`905`), or the server does not offer it.
+    #[error("SASL authentication failed: {0}")]
+    Sasl(String),
+    /// The server refused every nick.
+    #[error("no usable nickname: {0}")]
+    Nick(String),
+}
+
+struct Post {
+    target: String,
+    lines: Vec<String>,
+    done: oneshot::Sender<()>,
+}
+
+/// Hands lines to the bot.
+#[derive(Clone)]
+pub struct Handle {
+    posts: mpsc::Sender<Post>,
+    joined: watch::Receiver<bool>,
+}
+
+/// Why a post did not go out.
+#[derive(Debug, thiserror::Error)]
+#[error("not connected to IRC")]
+pub struct NotConnected;
+
+impl Handle {
+    /// Whether the bot is connected and has joined its channels.
+    pub fn is_ready(&self) -> bool {
+        *self.joined.borrow()
+    }
+
+    /// Waits until the bot is connected and has joined its channels.
+    pub async fn ready(&mut self) {
+        let _ = self.joined.wait_for(|j| *j).await;
+    }
+
+    /// Posts `lines` (each sent as one or more PRIVMSGs, in order) to
+    /// `target` and waits until all were written to the server.
+    ///
+    /// # Errors
+    /// [`NotConnected`] if the connection went away first (then some lines
+    /// may have gone out; the caller retries the whole post).
+    pub async fn post(&self, target: &str, lines: Vec<String>) -> Result<(), NotConnected> {
+        let (done, rx) = oneshot::channel();
+        self.posts.send(Post { target: target.to_owned(), lines, done }).await.map_err(|_| NotConnected)?;
+        rx.await.map_err(|_| NotConnected)
+    }
+}
+
+/// Starts the bot. It runs until `shutdown`, or until a fatal error, which the
+/// returned task yields.
+pub fn spawn<S: IrcSink>(
+    config: IrcConfig,
+    sink: Arc<S>,
+    shutdown: CancellationToken,
+) -> (Handle, tokio::task::JoinHandle<Result<(), IrcError>>) {
+    let (posts_tx, posts_rx) = mpsc::channel(64);
+    let (joined_tx, joined_rx) = watch::channel(false);
+    let task = tokio::spawn(run(config, sink, shutdown, posts_rx, joined_tx));
+    (Handle { posts: posts_tx, joined: joined_rx }, task)
+}
+
+async fn run<S: IrcSink>(
+    config: IrcConfig,
+    sink: Arc<S>,
+    shutdown: CancellationToken,
+    mut posts: mpsc::Receiver<Post>,
+    joined: watch::Sender<bool>,
+) -> Result<(), IrcError> {
+    let mut backoff = config.reconnect_min;
+    loop {
+        let started = Instant::now();
+        let result = match connect(&config).await {
+            Ok(stream) => {
+                info!(server = %config.server, port = config.port, "Connected to IRC.");
+                let mut session = Session::new(&config, &*sink, &joined);
+                let r = session.run(stream, &mut posts, &shutdown).await;
+                let _ = joined.send(false);
+                r
+            }
+            Err(e) => Err(SessionEnd::Lost(e.to_string())),
+        };
+        match result {
+            Ok(()) => return Ok(()),
+            Err(SessionEnd::Fatal(e)) => {
+                warn!(error = %e, "IRC bot stopped.");
+                return Err(e);
+            }
+            Err(SessionEnd::Lost(why)) => {
+                // A connection that stayed up a while resets the backoff.
+                if started.elapsed() > config.reconnect_max.max(Duration::from_secs(60)) {
+                    backoff = config.reconnect_min;
+                }
+                warn!(reason = %why, retry_in = ?backoff, "IRC connection lost.");
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = shutdown.cancelled() => return Ok(()),
+        }
+        backoff = (backoff * 2).min(config.reconnect_max);
+    }
+}
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+async fn connect(config: &IrcConfig) -> std::io::Result<Box<dyn Stream>> {
+    let tcp = tokio::time::timeout(Duration::from_secs(30), TcpStream::connect((config.server.as_str(), config.port)))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    let _ = tcp.set_nodelay(true);
+    if !config.tls {
+        return Ok(Box::new(tcp));
+    }
+    let tls = tls_config(config.tls_fingerprint.as_deref()).map_err(std::io::Error::other)?;
+    let name = rustls_pki_types::ServerName::try_from(config.server.clone()).map_err(std::io::Error::other)?;
+    Ok(Box::new(tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await?))
+}
+
+fn tls_config(fingerprint: Option<&str>) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder =
+        rustls::ClientConfig::builder_with_provider(Arc::clone(&provider)).with_safe_default_protocol_versions()?;
+    let config = match fingerprint {
+        Some(fp) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedCert { fingerprint: fp.to_ascii_lowercase(), provider }))
+            .with_no_client_auth(),
+        None => {
+            let mut roots = rustls::RootCertStore::empty();
+            for path in ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt"] {
+                if let Ok(pem) = std::fs::read(path) {
+                    for cert in rustls_pki_types::pem::PemObject::pem_slice_iter(&pem).flatten() {
+                        let _ = roots.add(cert);
+                    }
+                }
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+    };
+    Ok(Arc::new(config))
+}
+
+/// Accepts exactly one certificate, by SHA-256 fingerprint (a self-signed IRC server).
+#[derive(Debug)]
+struct PinnedCert {
+    fingerprint: String,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls_pki_types::CertificateDer<'_>,
+        _: &[rustls_pki_types::CertificateDer<'_>],
+        _: &rustls_pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, end_entity);
+        let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        if hex == self.fingerprint {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(format!("IRC server certificate {hex} is not the pinned {}", self.fingerprint)))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+enum SessionEnd {
+    /// Reconnect.
+    Lost(String),
+    /// Stop.
+    Fatal(IrcError),
+}
+
+struct Session<'a, S> {
+    config: &'a IrcConfig,
+    sink: &'a S,
+    joined_tx: &'a watch::Sender<bool>,
+    nick: String,
+    nick_index: usize,
+    registered: bool,
+    /// The length of `nick!user@host` as others see it (a guess until USERHOST answers).
+    prefix_len: usize,
+    urgent: VecDeque<String>,
+    normal: VecDeque<String>,
+    /// Completion of the post whose lines are in `normal`.
+    current: Option<oneshot::Sender<()>>,
+    tokens: f64,
+    refilled: Instant,
+    members: HashMap<String, HashSet<String>>,
+    joined: HashSet<String>,
+    reclaim_at: Option<Instant>,
+}
+
+impl<'a, S: IrcSink> Session<'a, S> {
+    fn new(config: &'a IrcConfig, sink: &'a S, joined_tx: &'a watch::Sender<bool>) -> Self {
+        Self {
+            config,
+            sink,
+            joined_tx,
+            nick: config.nick.clone(),
+            nick_index: 0,
+            registered: false,
+            prefix_len: config.nick.len() + 1 + 10 + 1 + 63,
+            urgent: VecDeque::new(),
+            normal: VecDeque::new(),
+            current: None,
+            tokens: config.burst,
+            refilled: Instant::now(),
+            members: HashMap::new(),
+            joined: HashSet::new(),
+            reclaim_at: None,
+        }
+    }
+
+    fn send_urgent(&mut self, command: Command) {
+        self.urgent.push_back(Message::from(command).to_string());
+    }
+
+    /// When the next line may go out (token bucket).
+    fn next_send(&mut self) -> Instant {
+        let now = Instant::now();
+        let rate = self.config.lines_per_second.max(0.01);
+        self.tokens = (self.tokens + now.duration_since(self.refilled).as_secs_f64() * rate).min(self.config.burst);
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            now
+        } else {
+            now + Duration::from_secs_f64((1.0 - self.tokens) / rate)
+        }
+    }
+
+    async fn run(
+        &mut self,
+        stream: Box<dyn Stream>,
+        posts: &mut mpsc::Receiver<Post>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), SessionEnd> {
+        let (read, mut write) = tokio::io::split(stream);
+        let mut reader = BufReader::new(read);
+        if self.config.sasl.is_some() {
+            self.urgent.push_back("CAP REQ :sasl".into());
+        }
+        self.send_urgent(Command::NICK(self.nick.clone()));
+        self.send_urgent(Command::USER(self.config.nick.clone(), "0".into(), "latssiam-bridge".into()));
+        let mut last_heard = Instant::now();
+        let mut pinged = false;
+        let mut buf = Vec::new();
+        loop {
+            let sending = !self.urgent.is_empty() || !self.normal.is_empty();
+            let send_at = if sending { self.next_send() } else { Instant::now() + Duration::from_secs(3600) };
+            let ping_at = last_heard + self.config.ping_interval * if pinged { 2 } else { 1 };
+            let can_take =
+                self.registered && self.normal.is_empty() && self.current.is_none() && *self.joined_tx.borrow();
+            tokio::select! {
+                r = read_line(&mut reader, &mut buf) => {
+                    match r {
+                        Ok(true) => {}
+                        Ok(false) => return Err(SessionEnd::Lost("the server closed the connection".into())),
+                        Err(e) => return Err(SessionEnd::Lost(e.to_string())),
+                    }
+                    last_heard = Instant::now();
+                    pinged = false;
+                    let line = format::decode(&buf);
+                    self.handle(line.trim_end_matches(['\r', '\n'])).await?;
+                }
+                post = posts.recv(), if can_take => {
+                    let Some(post) = post else { return Ok(()) };
+                    self.queue_post(post);
+                }
+                () = tokio::time::sleep_until(send_at), if sending => {
+                    // Urgent lines (PONG, registration) first; relayed lines after.
+                    let line = match self.urgent.pop_front() {
+                        Some(l) => l,
+                        None => match self.normal.pop_front() {
+                            Some(l) => l,
+                            None => continue,
+                        },
+                    };
+                    self.tokens -= 1.0;
+                    let mut out = line.trim_end_matches(['\r', '\n']).to_owned();
+                    out.push_str("\r\n");
+                    if let Err(e) = write.write_all(out.as_bytes()).await {
+                        return Err(SessionEnd::Lost(e.to_string()));
+                    }
+                    if self.normal.is_empty() {
+                        if let Some(done) = self.current.take() {
+                            let _ = write.flush().await;
+                            let _ = done.send(());
+                        }
+                    }
+                }
+                () = tokio::time::sleep_until(ping_at) => {
+                    if pinged {
+                        return Err(SessionEnd::Lost("ping timeout".into()));
+                    }
+                    pinged = true;
+                    self.send_urgent(Command::PING("latssiam-bridge".into(), None));
+                }
+                () = tokio::time::sleep_until(self.reclaim_at.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))), if self.reclaim_at.is_some() => {
+                    self.reclaim_at = Some(Instant::now() + Duration::from_secs(60));
+                    self.send_urgent(Command::NICK(self.config.nick.clone()));
+                }
+                () = shutdown.cancelled() => {
+                    let _ = write.write_all(b"QUIT :latssiam-bridge shutting down\r\n").await;
+                    let _ = write.flush().await;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn queue_post(&mut self, post: Post) {
+        let target = format::sanitize(&post.target).replace(' ', "");
+        // What others receive: ":" prefix " PRIVMSG " target " :" text "\r\n" within 512.
+        let overhead = 1 + self.prefix_len + 9 + target.len() + 2 + 2;
+        let budget = 512usize.saturating_sub(overhead).max(16);
+        for line in post.lines {
+            let line = format::sanitize(&line);
+            for piece in format::split_to_fit(&line, budget) {
+                let text = if piece.is_empty() { " ".to_owned() } else { piece };
+                self.normal.push_back(format!("PRIVMSG {target} :{text}"));
+            }
+        }
+        if self.normal.is_empty() {
+            let _ = post.done.send(());
+        } else {
+            self.current = Some(post.done);
+        }
+    }
+
+    fn next_nick(&mut self) -> Result<(), SessionEnd> {
+        self.nick_index += 1;
+        let alts = &self.config.alt_nicks;
+        self.nick = match alts.get(self.nick_index - 1) {
+            Some(n) => n.clone(),
+            None if self.nick_index <= alts.len() + 3 => {
+                format!("{}{}", self.config.nick, "_".repeat(self.nick_index - alts.len()))
+            }
+            None => return Err(SessionEnd::Fatal(IrcError::Nick("every alternate is taken".into()))),
+        };
+        self.send_urgent(Command::NICK(self.nick.clone()));
+        Ok(())
+    }
+
+    async fn handle(&mut self, line: &str) -> Result<(), SessionEnd> {
+        let message: Message = match line.parse() {
+            Ok(m) => m,
+            Err(e) => {
+                debug!(error = %e, "Unparsable IRC line.");
+                return Ok(());
+            }
+        };
+        let from = match &message.prefix {
+            Some(Prefix::Nickname(n, _, _)) => n.clone(),
+            Some(Prefix::ServerName(s)) => s.clone(),
+            None => String::new(),
+        };
+        match message.command {
+            Command::PING(a, b) => self.send_urgent(Command::PONG(a, b)),
+            Command::CAP(_, sub, _, params) => {
+                let text = format!("{sub:?} {}", params.unwrap_or_default());
+                if text.starts_with("ACK") && text.contains("sasl") {
+                    self.urgent.push_back("AUTHENTICATE PLAIN".into());
+                } else if text.starts_with("NAK") {
+                    return Err(SessionEnd::Fatal(IrcError::Sasl("the server does not offer SASL".into())));
+                }
+            }
+            Command::AUTHENTICATE(ref a) if a == "+" => {
+                if let Some((user, password)) = &self.config.sasl {
+                    let payload = format!("{user}\0{user}\0{password}");
+                    let b64 = base64::engine::general_purpose::STANDARD.encode(payload);
+                    self.urgent.push_back(format!("AUTHENTICATE {b64}"));
+                }
+            }
+            Command::Response(response, args) => self.response(response, &args)?,
+            Command::NICK(new) if from == self.nick => {
+                self.nick = new;
+                if self.nick == self.config.nick {
+                    self.reclaim_at = None;
+                }
+            }
+            Command::JOIN(channel, _, _) => {
+                let key = channel.to_ascii_lowercase();
+                if from == self.nick {
+                    self.joined.insert(key);
+                    let all = self.config.channels.iter().all(|(c, _)| self.joined.contains(&c.to_ascii_lowercase()));
+                    if all {
+                        let _ = self.joined_tx.send(true);
+                        info!(nick = %self.nick, "Joined the IRC channels.");
+                    }
+                } else {
+                    self.members.entry(key).or_default().insert(from.clone());
+                    self.emit_channel(&channel, &from, Kind::Join, String::new()).await;
+                }
+            }
+            Command::PART(channel, text) => {
+                if let Some(m) = self.members.get_mut(&channel.to_ascii_lowercase()) {
+                    m.remove(&from);
+                }
+                self.emit_channel(&channel, &from, Kind::Part, text.unwrap_or_default()).await;
+            }
+            Command::QUIT(text) => {
+                let channels: Vec<String> =
+                    self.members.iter_mut().filter_map(|(c, m)| m.remove(&from).then(|| c.clone())).collect();
+                for c in channels {
+                    self.emit_channel(&c, &from, Kind::Quit, text.clone().unwrap_or_default()).await;
+                }
+            }
+            Command::KICK(channel, who, _) if who == self.nick => {
+                self.joined.remove(&channel.to_ascii_lowercase());
+                let _ = self.joined_tx.send(false);
+                let key = self
+                    .config
+                    .channels
+                    .iter()
+                    .find(|(c, _)| c.eq_ignore_ascii_case(&channel))
+                    .and_then(|(_, k)| k.clone());
+                self.send_urgent(Command::JOIN(channel, key, None));
+            }
+            Command::TOPIC(channel, Some(text)) => self.emit_channel(&channel, &from, Kind::Topic, text).await,
+            Command::PRIVMSG(target, text) if from != self.nick => self.incoming(&target, &from, &text, false).await,
+            Command::NOTICE(target, text) if from != self.nick => self.incoming(&target, &from, &text, true).await,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    async fn incoming(&mut self, target: &str, from: &str, text: &str, notice: bool) {
+        let (kind, body) = match text.strip_prefix('\x01') {
+            Some(ctcp) => match ctcp.trim_end_matches('\x01').strip_prefix("ACTION ") {
+                Some(action) => (Kind::Action, action),
+                None => return, // other CTCP requests are not relayed
+            },
+            None if notice => (Kind::Notice, text),
+            None => (Kind::Message, text),
+        };
+        let body = format::strip_formatting(body);
+        if target.starts_with(['#', '&', '+', '!']) {
+            self.emit_channel(target, from, kind, body).await;
+        } else if target.eq_ignore_ascii_case(&self.nick) && !notice && kind == Kind::Message {
+            let reply = self.sink.event(Event::Private { nick: from.to_owned(), text: body }).await;
+            if let Some(reply) = reply {
+                self.send_urgent(Command::NOTICE(from.to_owned(), format::sanitize(&reply)));
+            }
+        }
+    }
+
+    async fn emit_channel(&mut self, channel: &str, nick: &str, kind: Kind, text: String) {
+        let event = Event::Channel { channel: channel.to_owned(), nick: nick.to_owned(), kind, text };
+        let _ = self.sink.event(event).await;
+    }
+
+    fn response(&mut self, response: Response, args: &[String]) -> Result<(), SessionEnd> {
+        match response {
+            Response::RPL_WELCOME => {
+                self.registered = true;
+                if let Some(n) = args.first() {
+                    self.nick.clone_from(n);
+                }
+                if self.nick != self.config.nick {
+                    self.reclaim_at = Some(Instant::now() + Duration::from_secs(60));
+                }
+                self.send_urgent(Command::USERHOST(vec![self.nick.clone()]));
+                if let Some(p) = &self.config.nickserv_password {
+                    self.send_urgent(Command::PRIVMSG("NickServ".into(), format!("IDENTIFY {p}")));
+                }
+                for (channel, key) in self.config.channels.clone() {
+                    self.send_urgent(Command::JOIN(channel, key, None));
+                }
+                if self.config.channels.is_empty() {
+                    let _ = self.joined_tx.send(true);
+                }
+            }
+            Response::RPL_USERHOST => {
+                // "nick=+user@host" or "nick*=-user@host"
+                if let Some(entry) = args.last().and_then(|a| a.split_whitespace().next()) {
+                    if let Some((nick, rest)) = entry.split_once('=') {
+                        let userhost = rest.trim_start_matches(['+', '-']);
+                        self.prefix_len = nick.trim_end_matches('*').len() + 1 + userhost.len();
+                    }
+                }
+            }
+            Response::ERR_NICKNAMEINUSE | Response::ERR_ERRONEOUSNICKNAME | Response::ERR_NICKCOLLISION
+                if !self.registered =>
+            {
+                self.next_nick()?;
+            }
+            Response::RPL_NAMREPLY => {
+                if let (Some(channel), Some(names)) = (args.get(2), args.get(3)) {
+                    let m = self.members.entry(channel.to_ascii_lowercase()).or_default();
+                    for n in names.split_whitespace() {
+                        m.insert(n.trim_start_matches(['~', '&', '@', '%', '+']).to_owned());
+                    }
+                }
+            }
+            Response::RPL_SASLSUCCESS => self.urgent.push_back("CAP END".into()),
+            Response::ERR_SASLFAIL | Response::ERR_SASLTOOLONG | Response::ERR_SASLABORT => {
+                return Err(SessionEnd::Fatal(IrcError::Sasl(args.last().cloned().unwrap_or_default())));
+            }
+            Response::ERR_BANNEDFROMCHAN | Response::ERR_BADCHANNELKEY | Response::ERR_INVITEONLYCHAN => {
+                warn!(channel = args.get(1).map_or("", String::as_str), "Cannot join an IRC channel.");
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Reads one line (up to LF) into `buf`, at most [`MAX_READ`] octets kept.
+/// `Ok(false)` at the end of the stream.
+async fn read_line<R: AsyncRead + Unpin>(reader: &mut BufReader<R>, buf: &mut Vec<u8>) -> std::io::Result<bool> {
+    buf.clear();
+    loop {
+        let chunk = reader.fill_buf().await?;
+        if chunk.is_empty() {
+            return Ok(false);
+        }
+        let (part, done) = match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => (&chunk[..=i], true),
+            None => (chunk, false),
+        };
+        let n = part.len();
+        let room = MAX_READ.saturating_sub(buf.len());
+        buf.extend_from_slice(&part[..n.min(room)]);
+        reader.consume(n);
+        if done {
+            return Ok(true);
+        }
+    }
+}

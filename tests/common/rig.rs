@@ -1,0 +1,208 @@
+//! A gateway process with its smarthost (aiosmtpd) in a temporary directory.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use super::{eml_files, files_with, free_port, identity, ok, wait_for, Process, BIN};
+
+pub fn support(script: &str) -> String {
+    format!("{}/tests/support/{script}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A gateway, its smarthost and a working directory.
+pub struct Rig {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub gateway: Option<Process>,
+    pub _smarthost: Process,
+    pub home: String,
+    pub home_port: u16,
+    pub http_port: u16,
+    pub smtp_port: u16,
+    pub gateway_fp: String,
+    pub env: Vec<(&'static str, &'static str)>,
+}
+
+impl Rig {
+    pub fn new(extra: &str) -> Self {
+        Self::with_env(extra, &[])
+    }
+
+    /// A rig whose gateway runs with these extra environment variables.
+    pub fn with_env(extra: &str, env: &[(&'static str, &'static str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (smtp_port, http_port, home_port, smarthost_port) = (free_port(), free_port(), free_port(), free_port());
+        let smarthost = Process::start(
+            dir.path(),
+            "python3",
+            &[&support("smarthost.py"), &smarthost_port.to_string(), "relayed"],
+            &[],
+        );
+        assert_eq!(smarthost.first_line.trim(), "ready");
+        let config = dir.path().join("gateway.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"[gateway]
+data_dir = "gw"
+domains = ["example.org"]
+hostname = "gw.example.org"
+[home]
+listen = "127.0.0.1:{home_port}"
+host = "localhost"
+register_password = "sesame"
+accept_deadline_secs = 30
+[smtp]
+listen = "127.0.0.1:{smtp_port}"
+[smarthost]
+host = "127.0.0.1"
+port = {smarthost_port}
+[http]
+listen = "127.0.0.1:{http_port}"
+[queue]
+first_retry_secs = 1
+max_retry_secs = 2
+{extra}"#
+            ),
+        )
+        .unwrap();
+        let mut rig = Rig {
+            dir,
+            config,
+            gateway: None,
+            _smarthost: smarthost,
+            home: format!("localhost:{home_port}"),
+            home_port,
+            http_port,
+            smtp_port,
+            gateway_fp: String::new(),
+            env: env.to_vec(),
+        };
+        rig.start();
+        rig
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn start(&mut self) {
+        let mut env = vec![("LATSSIAM_LOG", "info")];
+        env.extend_from_slice(&self.env);
+        let gw = Process::start_logging(
+            self.path(),
+            BIN,
+            &["run", "--config", self.config.to_str().unwrap()],
+            &env,
+            Some(&self.path().join("gateway.log")),
+        );
+        // "gateway FP smtp ADDR home ADDR http ADDR"
+        let words: Vec<&str> = gw.first_line.split_whitespace().collect();
+        assert_eq!(words.first(), Some(&"gateway"), "{}", gw.first_line);
+        self.gateway_fp = words[1].to_owned();
+        self.gateway = Some(gw);
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.path().join("gateway.log")).unwrap_or_default()
+    }
+
+    pub fn cli(&self, args: &[&str]) -> String {
+        let mut v = args.to_vec();
+        v.extend(["--config", self.config.to_str().unwrap()]);
+        ok(self.path(), &v)
+    }
+
+    /// A person with a mailbox on the gateway's home server; returns the fingerprint.
+    pub fn person(&self, name: &str) -> String {
+        let fp = identity(self.path(), &format!("{name}@localhost"), name);
+        let out = ok(
+            self.path(),
+            &["register", "--identity", name, "--server", &self.home, "--password", "sesame", "--pins", "pins"],
+        );
+        assert!(out.starts_with("10 "), "{out}");
+        fp
+    }
+
+    pub fn contact(&self, name: &str, extra: &[&str]) {
+        let cert = format!("{name}/cert.pem");
+        let mut args = vec!["contacts", "add", "--cert", &cert];
+        args.extend_from_slice(extra);
+        let out = self.cli(&args);
+        assert!(out.starts_with("added "), "{out}");
+    }
+
+    pub fn smtp_send(&self, from: &str, rcpts: &str, message: &[u8]) -> String {
+        let file = self.path().join(format!("msg-{}.eml", free_port()));
+        std::fs::write(&file, message).unwrap();
+        let out = Command::new("python3")
+            .args([
+                &support("smtp_send.py"),
+                "127.0.0.1",
+                &self.smtp_port.to_string(),
+                from,
+                rcpts,
+                file.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// `fetch` as `who`; returns the files and what fetch printed.
+    pub fn fetch(&self, who: &str, deadline: u64) -> (Vec<PathBuf>, String) {
+        let out_dir = format!("{who}-inbox");
+        let out = ok(
+            self.path(),
+            &[
+                "fetch",
+                "--identity",
+                who,
+                "--server",
+                &self.home,
+                "--deadline",
+                &deadline.to_string(),
+                "--out-dir",
+                &out_dir,
+                "--pins",
+                "pins",
+            ],
+        );
+        (eml_files(&self.path().join(out_dir)), out)
+    }
+
+    /// What the smarthost received, in order.
+    pub fn relayed(&self) -> Vec<serde_json::Value> {
+        files_with(&self.path().join("relayed"), "json")
+            .iter()
+            .map(|p| serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap())
+            .collect()
+    }
+
+    pub fn wait_relayed(&self, n: usize) -> Vec<serde_json::Value> {
+        wait_for(Duration::from_secs(30), || Some(self.relayed()).filter(|r| r.len() >= n))
+            .unwrap_or_else(|| panic!("smarthost got {:?}; log:\n{}", self.relayed(), self.log()))
+    }
+
+    pub fn http_get(&self, path: &str) -> String {
+        http_get(self.http_port, path)
+    }
+
+    pub fn metric(&self, name: &str) -> u64 {
+        let body = self.http_get("/metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no {name} in {body}"))
+    }
+}
+
+pub fn http_get(port: u16, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}

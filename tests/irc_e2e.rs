@@ -1,0 +1,223 @@
+//! The IRC bridge end to end against a real IRC server: Debian's `ngircd`,
+//! started here on a loopback port with a generated configuration, a second
+//! IRC connection acting as a person, and the gateway binary with LATSSIAM
+//! people fetching and sending with the client commands.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::rig::Rig;
+use common::{free_port, ok, wait_for};
+
+/// An ngircd process on `port`; killed when dropped.
+struct Ngircd {
+    child: Child,
+    port: u16,
+}
+
+impl Ngircd {
+    fn start(dir: &Path, port: u16) -> Self {
+        let conf = dir.join("ngircd.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "[Global]\nName = irc.test\nInfo = test\nListen = 127.0.0.1\nPorts = {port}\n\
+                 [Limits]\nMaxNickLength = 30\nPingTimeout = 120\nPongTimeout = 20\n\
+                 [Options]\nDNS = no\nIdent = no\nPAM = no\nRequireAuthPing = no\n"
+            ),
+        )
+        .unwrap();
+        let bin = if Path::new("/usr/sbin/ngircd").exists() { "/usr/sbin/ngircd" } else { "ngircd" };
+        let child = Command::new(bin)
+            .args(["-n", "-f", conf.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("ngircd must be installed (apt-get install ngircd)");
+        wait_for(Duration::from_secs(10), || TcpStream::connect(("127.0.0.1", port)).ok())
+            .expect("ngircd did not start");
+        Self { child, port }
+    }
+}
+
+impl Drop for Ngircd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A person on IRC: a raw connection that answers PINGs and records every line.
+struct Person {
+    stream: TcpStream,
+    heard: Arc<Mutex<Vec<String>>>,
+}
+
+impl Person {
+    fn connect(port: u16, nick: &str, channel: &str) -> Self {
+        let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let (reader, mut writer) = (stream.try_clone().unwrap(), stream.try_clone().unwrap());
+        let h = Arc::clone(&heard);
+        std::thread::spawn(move || {
+            for line in BufReader::new(reader).split(b'\n') {
+                let Ok(line) = line else { return };
+                let line = String::from_utf8_lossy(&line).trim_end().to_owned();
+                if let Some(arg) = line.strip_prefix("PING ") {
+                    let _ = writer.write_all(format!("PONG {arg}\r\n").as_bytes());
+                }
+                h.lock().unwrap().push(line);
+            }
+        });
+        let mut p = Self { stream, heard };
+        p.send(&format!("NICK {nick}\r\nUSER {nick} 0 * :{nick}\r\nJOIN {channel}\r\n"));
+        p.wait_heard(|l| l.contains(" 366 "), "end of NAMES");
+        p
+    }
+
+    fn send(&mut self, text: &str) {
+        self.stream.write_all(text.as_bytes()).unwrap();
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.heard.lock().unwrap().clone()
+    }
+
+    fn wait_heard(&self, f: impl Fn(&str) -> bool, what: &str) -> String {
+        wait_for(Duration::from_secs(30), || self.lines().into_iter().find(|l| f(l)))
+            .unwrap_or_else(|| panic!("never heard {what}: {:#?}", self.lines()))
+    }
+
+    /// What the bot said in the channel, in order.
+    fn from_bot(&self) -> Vec<String> {
+        self.lines()
+            .iter()
+            .filter(|l| l.starts_with(":gwbot!") && l.contains(" PRIVMSG #test :"))
+            .map(|l| l.split_once(" PRIVMSG #test :").unwrap().1.to_owned())
+            .collect()
+    }
+}
+
+/// Whether the person saw the bot leave the server.
+fn bot_quit(person: &Person) -> bool {
+    person.lines().iter().any(|l| l.starts_with(":gwbot!") && l.split(' ').nth(1) == Some("QUIT"))
+}
+
+fn rig_with_irc(port: u16, window: u64, max_lines: usize) -> Rig {
+    Rig::new(&format!(
+        "[irc]\nserver = \"127.0.0.1\"\nport = {port}\nnick = \"gwbot\"\nburst = 4.0\nlines_per_second = 4.0\n\
+         reconnect_min_secs = 1\nreconnect_max_secs = 2\nmax_lines = {max_lines}\n\
+         [[irc.channels]]\nname = \"#test\"\nnetwork = \"irc.test\"\nsubscribers = [\"alice@localhost\"]\n\
+         digest_window = {window}\n"
+    ))
+}
+
+fn send_to_channel(rig: &Rig, who: &str, body: &str) {
+    let file = format!("{who}-{}.eml", free_port());
+    let message = format!("From: {who}@localhost\r\nTo: #test@irc.test\r\nSubject: to the channel\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n{body}");
+    std::fs::write(rig.path().join(&file), message).unwrap();
+    let to = rig.gateway_fp.clone();
+    ok(rig.path(), &["send", "--identity", who, "--server", &rig.home, "--to", &to, "--sign", "--pins", "pins", &file]);
+}
+
+#[test]
+fn channel_lines_reach_subscribers_and_their_answers_reach_the_channel() {
+    let port = free_port();
+    let rig = rig_with_irc(port, 2, 10);
+    let _ircd = Ngircd::start(rig.path(), port);
+    rig.person("alice");
+    rig.contact("alice", &["--allow-send"]);
+    let mut carl = Person::connect(port, "carl", "#test");
+    carl.wait_heard(|l| l.starts_with(":gwbot!") && l.contains("JOIN"), "the bot joining");
+
+    // IRC -> LATSSIAM, gathered into one digest over the 2 s window. One line is latin-1.
+    carl.send("PRIVMSG #test :Grüß euch, \x0304bunt\x03 und \x02fett\x02\r\n");
+    carl.send("PRIVMSG #test :\x01ACTION winkt\x01\r\n");
+    carl.stream.write_all(b"PRIVMSG #test :caf\xe9 latin-1\r\n").unwrap();
+    let (files, out) = rig.fetch("alice", 30);
+    assert_eq!(files.len(), 1, "{out}\n{}", rig.log());
+    let digest = std::fs::read_to_string(&files[0]).unwrap();
+    assert!(digest.contains("From: \"#test\" <#test@irc.test>"), "{digest}");
+    assert!(digest.contains("Subject: #test on irc.test: 3 lines"), "{digest}");
+    assert!(digest.contains("] <carl> Grüß euch, bunt und fett\r\n"), "{digest}");
+    assert!(digest.contains("] * carl winkt\r\n"), "{digest}");
+    assert!(digest.contains("] <carl> café latin-1\r\n"), "{digest}");
+    assert!(out.contains(&format!("signed by gateway@localhost {}", rig.gateway_fp)), "{out}");
+
+    // LATSSIAM -> IRC: multi-line, non-ASCII, quoted lines and signature dropped,
+    // CR/LF and CTCP in the body cannot inject anything.
+    send_to_channel(&rig, "alice", "Hallo zusammen!\r\n> quoted, dropped\r\nZweite Zeile: ✓ 日本\r\nevil \x01ACTION x\x01 QUIT :bye\r\n-- \r\nAlice's signature\r\n");
+    let posted = wait_for(Duration::from_secs(30), || Some(carl.from_bot()).filter(|p| p.len() >= 3))
+        .unwrap_or_else(|| panic!("nothing posted: {:#?}\n{}", carl.lines(), rig.log()));
+    assert_eq!(posted, ["<alice> Hallo zusammen!", "<alice> Zweite Zeile: ✓ 日本", "<alice> evil ACTION x QUIT :bye"]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(carl.from_bot().len(), 3, "the signature is not posted");
+    assert!(!bot_quit(&carl), "the bot stays");
+}
+
+#[test]
+fn posts_wait_while_the_server_is_down_and_go_out_in_order() {
+    let port = free_port();
+    let rig = rig_with_irc(port, 0, 10);
+    let ircd = Ngircd::start(rig.path(), port);
+    rig.person("alice");
+    rig.contact("alice", &["--allow-send"]);
+    let carl = Person::connect(port, "carl", "#test");
+    carl.wait_heard(|l| l.starts_with(":gwbot!") && l.contains("JOIN"), "the bot joining");
+    drop(carl);
+    drop(ircd);
+    for i in 1..=3 {
+        send_to_channel(&rig, "alice", &format!("queued message {i}\r\n"));
+    }
+    // Wait until the gateway has taken all three from the home server.
+    wait_for(Duration::from_secs(30), || (rig.metric("latssiam_bridge_accept_taken_total") >= 3).then_some(()))
+        .unwrap_or_else(|| panic!("not taken: {}", rig.log()));
+    let _ircd = Ngircd::start(rig.path(), port);
+    let carl = Person::connect(port, "carl", "#test");
+    let posted = wait_for(Duration::from_secs(60), || Some(carl.from_bot()).filter(|p| p.len() >= 3))
+        .unwrap_or_else(|| panic!("nothing posted after the restart: {:#?}\n{}", carl.lines(), rig.log()));
+    assert_eq!(posted, ["<alice> queued message 1", "<alice> queued message 2", "<alice> queued message 3"]);
+}
+
+#[test]
+fn a_long_message_is_paced_and_cut_and_strangers_are_refused() {
+    let port = free_port();
+    let rig = rig_with_irc(port, 0, 10);
+    let _ircd = Ngircd::start(rig.path(), port);
+    rig.person("alice");
+    rig.person("mallory");
+    rig.person("nobody");
+    rig.contact("alice", &["--allow-send"]);
+    rig.contact("mallory", &["--allow-send"]);
+    let carl = Person::connect(port, "carl", "#test");
+    carl.wait_heard(|l| l.starts_with(":gwbot!") && l.contains("JOIN"), "the bot joining");
+
+    // Not a subscriber, and not a contact: refused (52), nothing posted.
+    send_to_channel(&rig, "mallory", "let me in\r\n");
+    send_to_channel(&rig, "nobody", "me too\r\n");
+    wait_for(Duration::from_secs(30), || (rig.metric("latssiam_bridge_accept_refused_total") >= 2).then_some(()))
+        .unwrap_or_else(|| panic!("not refused: {}", rig.log()));
+    assert_eq!(rig.log().matches("code=52").count(), 2, "{}", rig.log());
+
+    // 200 lines: 9 posted, then one saying how many were cut; the bot is not flooded off.
+    let body: String = (1..=200).map(|i| format!("line {i} {}\r\n", "x".repeat(40))).collect();
+    send_to_channel(&rig, "alice", &body);
+    let posted = wait_for(Duration::from_secs(60), || Some(carl.from_bot()).filter(|p| p.len() >= 10))
+        .unwrap_or_else(|| panic!("not posted: {:#?}\n{}", carl.lines(), rig.log()));
+    assert_eq!(posted.len(), 10, "{posted:#?}");
+    assert_eq!(posted[0], format!("<alice> line 1 {}", "x".repeat(40)));
+    assert_eq!(posted[8], format!("<alice> line 9 {}", "x".repeat(40)));
+    assert_eq!(posted[9], "<alice> [191 more lines cut]");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(carl.from_bot().len(), 10, "nothing from mallory or the stranger");
+    assert!(!bot_quit(&carl), "{:#?}", carl.lines());
+    // One connection all along (the first attempt may come before ngircd listens).
+    assert_eq!(rig.log().matches("Connected to IRC").count(), 1, "{}", rig.log());
+}
