@@ -19,7 +19,6 @@ use common::{free_port, ok, wait_for};
 /// An ngircd process on `port`; killed when dropped.
 struct Ngircd {
     child: Child,
-    port: u16,
 }
 
 impl Ngircd {
@@ -43,7 +42,7 @@ impl Ngircd {
             .expect("ngircd must be installed (apt-get install ngircd)");
         wait_for(Duration::from_secs(10), || TcpStream::connect(("127.0.0.1", port)).ok())
             .expect("ngircd did not start");
-        Self { child, port }
+        Self { child }
     }
 }
 
@@ -96,7 +95,7 @@ impl Person {
     }
 
     /// What the bot said in the channel, in order.
-    fn from_bot(&self) -> Vec<String> {
+    fn said_by_bot(&self) -> Vec<String> {
         self.lines()
             .iter()
             .filter(|l| l.starts_with(":gwbot!") && l.contains(" PRIVMSG #test :"))
@@ -154,11 +153,11 @@ fn channel_lines_reach_subscribers_and_their_answers_reach_the_channel() {
     // LATSSIAM -> IRC: multi-line, non-ASCII, quoted lines and signature dropped,
     // CR/LF and CTCP in the body cannot inject anything.
     send_to_channel(&rig, "alice", "Hallo zusammen!\r\n> quoted, dropped\r\nZweite Zeile: ✓ 日本\r\nevil \x01ACTION x\x01 QUIT :bye\r\n-- \r\nAlice's signature\r\n");
-    let posted = wait_for(Duration::from_secs(30), || Some(carl.from_bot()).filter(|p| p.len() >= 3))
+    let posted = wait_for(Duration::from_secs(30), || Some(carl.said_by_bot()).filter(|p| p.len() >= 3))
         .unwrap_or_else(|| panic!("nothing posted: {:#?}\n{}", carl.lines(), rig.log()));
     assert_eq!(posted, ["<alice> Hallo zusammen!", "<alice> Zweite Zeile: ✓ 日本", "<alice> evil ACTION x QUIT :bye"]);
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(carl.from_bot().len(), 3, "the signature is not posted");
+    assert_eq!(carl.said_by_bot().len(), 3, "the signature is not posted");
     assert!(!bot_quit(&carl), "the bot stays");
 }
 
@@ -181,7 +180,7 @@ fn posts_wait_while_the_server_is_down_and_go_out_in_order() {
         .unwrap_or_else(|| panic!("not taken: {}", rig.log()));
     let _ircd = Ngircd::start(rig.path(), port);
     let carl = Person::connect(port, "carl", "#test");
-    let posted = wait_for(Duration::from_secs(60), || Some(carl.from_bot()).filter(|p| p.len() >= 3))
+    let posted = wait_for(Duration::from_secs(60), || Some(carl.said_by_bot()).filter(|p| p.len() >= 3))
         .unwrap_or_else(|| panic!("nothing posted after the restart: {:#?}\n{}", carl.lines(), rig.log()));
     assert_eq!(posted, ["<alice> queued message 1", "<alice> queued message 2", "<alice> queued message 3"]);
 }
@@ -209,14 +208,14 @@ fn a_long_message_is_paced_and_cut_and_strangers_are_refused() {
     // 200 lines: 9 posted, then one saying how many were cut; the bot is not flooded off.
     let body: String = (1..=200).map(|i| format!("line {i} {}\r\n", "x".repeat(40))).collect();
     send_to_channel(&rig, "alice", &body);
-    let posted = wait_for(Duration::from_secs(60), || Some(carl.from_bot()).filter(|p| p.len() >= 10))
+    let posted = wait_for(Duration::from_secs(60), || Some(carl.said_by_bot()).filter(|p| p.len() >= 10))
         .unwrap_or_else(|| panic!("not posted: {:#?}\n{}", carl.lines(), rig.log()));
     assert_eq!(posted.len(), 10, "{posted:#?}");
     assert_eq!(posted[0], format!("<alice> line 1 {}", "x".repeat(40)));
     assert_eq!(posted[8], format!("<alice> line 9 {}", "x".repeat(40)));
     assert_eq!(posted[9], "<alice> [191 more lines cut]");
     std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(carl.from_bot().len(), 10, "nothing from mallory or the stranger");
+    assert_eq!(carl.said_by_bot().len(), 10, "nothing from mallory or the stranger");
     assert!(!bot_quit(&carl), "{:#?}", carl.lines());
     // One connection all along (the first attempt may come before ngircd listens).
     assert_eq!(rig.log().matches("Connected to IRC").count(), 1, "{}", rig.log());
