@@ -31,19 +31,12 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+mod common;
+
+use common::{free_port, get_metrics, histogram_quantile, metric, percentile};
+
 const CONTACTS: usize = 50;
 const CLIENTS: usize = 8;
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 async fn expect(reader: &mut BufReader<TcpStream>, code: &str) -> String {
     let mut last = String::new();
@@ -124,45 +117,6 @@ async fn smarthost(listener: TcpListener, arrivals: Arc<Mutex<HashMap<String, In
             }
         });
     }
-}
-
-/// Prometheus-style quantile from cumulative buckets.
-fn histogram_quantile(metrics: &str, name: &str, q: f64) -> f64 {
-    let mut buckets: Vec<(f64, f64)> = metrics
-        .lines()
-        .filter_map(|l| l.strip_prefix(&format!("{name}_bucket{{le=\"")))
-        .filter_map(|rest| {
-            let (le, count) = rest.split_once("\"} ")?;
-            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
-            Some((le, count.trim().parse().ok()?))
-        })
-        .collect();
-    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let total = buckets.last().map_or(0.0, |b| b.1);
-    let rank = q * total;
-    let (mut lo, mut below) = (0.0, 0.0);
-    for (le, count) in buckets {
-        if count >= rank {
-            if le.is_infinite() {
-                return lo;
-            }
-            return lo + (le - lo) * ((rank - below) / (count - below).max(1.0));
-        }
-        (lo, below) = (le, count);
-    }
-    lo
-}
-
-async fn get_metrics(port: u16) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await.unwrap();
-    let mut out = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut s, &mut out).await.unwrap();
-    out
-}
-
-fn metric(metrics: &str, name: &str) -> u64 {
-    metrics.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok())).unwrap_or(0)
 }
 
 fn main() {

@@ -98,6 +98,8 @@ pub struct HomeSettings {
     pub host: String,
     pub register_password: String,
     pub accept_deadline_secs: u64,
+    pub max_unread_per_sender: u32,
+    pub max_unread_per_mailbox: u32,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]

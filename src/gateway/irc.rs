@@ -12,6 +12,7 @@
 //! channels, and removes each only once all its lines were written.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -93,7 +94,11 @@ impl IrcCore {
             m.push_str("\r\n");
         }
         match self.gw.store.enqueue_as(id, m.as_bytes(), targets, &Origin::Gateway).await {
-            Ok(()) => digest.last_message_id = Some(message_id),
+            Ok(()) => {
+                digest.last_message_id = Some(message_id);
+                self.gw.metrics.irc_lines_queued.fetch_add(lines.len() as u64, Ordering::Relaxed);
+                self.gw.metrics.irc_digests_queued.fetch_add(1, Ordering::Relaxed);
+            }
             Err(e) => warn!(error = %e, channel = %channel.name, "Cannot queue an IRC digest; its lines are lost."),
         }
     }
@@ -138,6 +143,7 @@ impl IrcSink for IrcCore {
                 };
                 let now = time::OffsetDateTime::now_utc();
                 let line = format!("[{:02}:{:02}:{:02}] {line}", now.hour(), now.minute(), now.second());
+                self.gw.metrics.irc_lines_heard.fetch_add(1, Ordering::Relaxed);
                 let mut digests = self.digests.lock().await;
                 let d = digests.entry(config.name.to_ascii_lowercase()).or_default();
                 d.lines.push(line);
@@ -148,6 +154,10 @@ impl IrcSink for IrcCore {
                 None
             }
             Event::Private { nick, text } => Some(self.private(&nick, &text).await),
+            Event::Joined => {
+                self.gw.metrics.irc_joins.fetch_add(1, Ordering::Relaxed);
+                None
+            }
         }
     }
 }

@@ -80,6 +80,14 @@ pub struct Metrics {
     pub accept_taken: AtomicU64,
     /// Messages refused on the home server (`32`/`52`).
     pub accept_refused: AtomicU64,
+    /// Times the IRC bot (re)joined its channels.
+    pub irc_joins: AtomicU64,
+    /// Lines heard in bridged IRC channels.
+    pub irc_lines_heard: AtomicU64,
+    /// Lines queued for LATSSIAM subscribers (in digests).
+    pub irc_lines_queued: AtomicU64,
+    /// Digests queued (each one job per subscriber).
+    pub irc_digests_queued: AtomicU64,
     /// From arrival at the gateway to delivery.
     pub end_to_end: Histogram,
 }
@@ -115,6 +123,10 @@ impl Metrics {
             ),
             ("latssiam_bridge_accept_taken_total", "Messages taken from the home server.", &self.accept_taken),
             ("latssiam_bridge_accept_refused_total", "Messages refused on the home server.", &self.accept_refused),
+            ("latssiam_bridge_irc_joins_total", "Times the IRC bot joined its channels.", &self.irc_joins),
+            ("latssiam_bridge_irc_lines_heard_total", "Lines heard in bridged IRC channels.", &self.irc_lines_heard),
+            ("latssiam_bridge_irc_lines_queued_total", "IRC lines queued for subscribers.", &self.irc_lines_queued),
+            ("latssiam_bridge_irc_digests_queued_total", "IRC digests queued.", &self.irc_digests_queued),
         ];
         for (name, help, v) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));

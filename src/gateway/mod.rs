@@ -166,6 +166,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         let mut config = ServerConfig::new(&host, data_dir.join("home"));
         config.listen = settings.home.listen;
         config.register_password = Some(password.clone());
+        config.max_unread_per_sender = settings.home.max_unread_per_sender;
+        config.max_unread_per_mailbox = settings.home.max_unread_per_mailbox;
         // The gateway delivers everything for its people here: it is not rate-limited.
         config.rate_exempt.insert(identity.fingerprint());
         let server = Server::new(config, Arc::new(server_id)).context("cannot start the embedded home server")?;

@@ -85,6 +85,8 @@ pub enum Event {
         /// The text (formatting removed), if any.
         text: String,
     },
+    /// The bot (re)connected and joined all its channels.
+    Joined,
     /// A private message to the bot.
     Private {
         /// Who.
@@ -536,9 +538,10 @@ impl<'a, S: IrcSink> Session<'a, S> {
                 if from == self.nick {
                     self.joined.insert(key);
                     let all = self.config.channels.iter().all(|(c, _)| self.joined.contains(&c.to_ascii_lowercase()));
-                    if all {
+                    if all && !*self.joined_tx.borrow() {
                         let _ = self.joined_tx.send(true);
                         info!(nick = %self.nick, "Joined the IRC channels.");
+                        let _ = self.sink.event(Event::Joined).await;
                     }
                 } else {
                     self.members.entry(key).or_default().insert(from.clone());
