@@ -94,6 +94,10 @@ async fn run_once(window: u64, duration: u64) {
         assert!(admin::call(&socket, &Request::ContactAdd { contact }).await.unwrap().unwrap().ok);
     }
 
+    // The bot must be in the channel before anyone speaks.
+    while metric(&get_metrics(http).await, "latssiam_bridge_irc_joins_total") == 0 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // A bystander in the channel counts what ngircd relays, to tell a line
     // lost before the bot from one lost by it.
     let seen = Arc::new(std::sync::atomic::AtomicU64::new(0));
