@@ -119,11 +119,20 @@ fn rig_with_irc(port: u16, window: u64, max_lines: usize) -> Rig {
 }
 
 fn send_to_channel(rig: &Rig, who: &str, body: &str) {
+    send_message(rig, who, "#test@irc.test", "to the channel", body);
+}
+
+fn send_message(rig: &Rig, who: &str, to: &str, subject: &str, body: &str) {
     let file = format!("{who}-{}.eml", free_port());
-    let message = format!("From: {who}@localhost\r\nTo: #test@irc.test\r\nSubject: to the channel\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n{body}");
+    let message = format!(
+        "From: {who}@localhost\r\nTo: {to}\r\nSubject: {subject}\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n{body}"
+    );
     std::fs::write(rig.path().join(&file), message).unwrap();
-    let to = rig.gateway_fp.clone();
-    ok(rig.path(), &["send", "--identity", who, "--server", &rig.home, "--to", &to, "--sign", "--pins", "pins", &file]);
+    let gateway = rig.gateway_fp.clone();
+    ok(
+        rig.path(),
+        &["send", "--identity", who, "--server", &rig.home, "--to", &gateway, "--sign", "--pins", "pins", &file],
+    );
 }
 
 #[test]
@@ -219,4 +228,41 @@ fn a_long_message_is_paced_and_cut_and_strangers_are_refused() {
     assert!(!bot_quit(&carl), "{:#?}", carl.lines());
     // One connection all along (the first attempt may come before ngircd listens).
     assert_eq!(rig.log().matches("Connected to IRC").count(), 1, "{}", rig.log());
+}
+
+#[test]
+fn contacts_subscribe_and_unsubscribe_by_message() {
+    let port = free_port();
+    let rig = rig_with_irc(port, 0, 10);
+    let _ircd = Ngircd::start(rig.path(), port);
+    rig.person("bob");
+    rig.contact("bob", &[]);
+    let mut carl = Person::connect(port, "carl", "#test");
+    carl.wait_heard(|l| l.starts_with(":gwbot!") && l.contains("JOIN"), "the bot joining");
+
+    send_message(&rig, "bob", "gateway@localhost", "subscribe #test@irc.test", "");
+    let (files, out) = rig.fetch("bob", 30);
+    assert_eq!(files.len(), 1, "{out}\n{}", rig.log());
+    let answer = std::fs::read_to_string(&files[0]).unwrap();
+    assert!(answer.contains("bob@localhost is now subscribed to #test@irc.test"), "{answer}");
+
+    carl.send("PRIVMSG #test :hello new subscriber\r\n");
+    let (files, _) = rig.fetch("bob", 30);
+    assert_eq!(files.len(), 2);
+    let texts: String = files.iter().map(|f| std::fs::read_to_string(f).unwrap()).collect();
+    assert!(texts.contains("] <carl> hello new subscriber"), "{texts}");
+
+    send_message(&rig, "bob", "gateway@localhost", "unsubscribe #test@irc.test", "");
+    let (files, _) = rig.fetch("bob", 30);
+    let texts: String = files.iter().map(|f| std::fs::read_to_string(f).unwrap()).collect();
+    assert!(texts.contains("bob@localhost is no longer subscribed to #test@irc.test"), "{texts}");
+    carl.send("PRIVMSG #test :after bob left\r\n");
+    std::thread::sleep(Duration::from_secs(2));
+    let (after, out) = rig.fetch("bob", 1);
+    assert_eq!(after.len(), files.len(), "nothing more for bob: {out}");
+    // An unknown channel gets an explanation, not silence.
+    send_message(&rig, "bob", "gateway@localhost", "subscribe #nope@irc.test", "");
+    let (files, _) = rig.fetch("bob", 30);
+    let texts: String = files.iter().map(|f| std::fs::read_to_string(f).unwrap()).collect();
+    assert!(texts.contains("#nope@irc.test is not a channel this gateway bridges"), "{texts}");
 }

@@ -59,7 +59,14 @@ impl IrcCore {
         let lines = std::mem::take(&mut digest.lines);
         digest.since = None;
         let mut targets = Vec::new();
-        for address in &channel.subscribers {
+        let subscribers = match self.gw.store.subscribers(&channel_address(channel), &channel.subscribers) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "Cannot read the subscribers; using the configured ones.");
+                channel.subscribers.clone()
+            }
+        };
+        for address in &subscribers {
             match self.gw.store.contact_by_name(address) {
                 Ok(Some((fp, _))) => {
                     targets.push(Target::Latssiam { fingerprint: fp.to_string(), address: address.clone() })
@@ -187,6 +194,39 @@ impl IrcCore {
     }
 }
 
+/// `#name@network`.
+pub fn channel_address(channel: &IrcChannel) -> String {
+    format!("{}@{}", channel.name, channel.network)
+}
+
+/// A `subscribe #channel@network` or `unsubscribe #channel@network` subject
+/// from a contact, sent to the gateway itself: applies it and returns the
+/// answer to send back. `None` if the subject is not such a command.
+pub async fn subscription_command(gw: &Gateway, sender: &Contact, subject: &str) -> Option<Result<String, String>> {
+    let (verb, what) = subject.trim().split_once(' ')?;
+    let on = match verb.to_ascii_lowercase().as_str() {
+        "subscribe" => true,
+        "unsubscribe" => false,
+        _ => return None,
+    };
+    let what = what.trim();
+    let Some((name, network)) = what.rsplit_once('@') else {
+        return Some(Err(format!("{what:?} is not #channel@network")));
+    };
+    let Some(channel) = gw.settings.irc.channel(name, network) else {
+        return Some(Err(format!("{what} is not a channel this gateway bridges")));
+    };
+    match gw.store.set_subscription(&channel_address(channel), &sender.address, on).await {
+        Ok(()) => Some(Ok(format!(
+            "{} {} {}.",
+            sender.address,
+            if on { "is now subscribed to" } else { "is no longer subscribed to" },
+            channel_address(channel)
+        ))),
+        Err(e) => Some(Err(format!("the gateway cannot record it now ({e}); try again later"))),
+    }
+}
+
 /// The IRC side of a message from a LATSSIAM contact: what to post where.
 /// `Err` with a reason if the message must be refused (a channel the sender
 /// does not subscribe to).
@@ -202,7 +242,9 @@ pub fn posts_for(gw: &Gateway, sender: &Contact, recipients: &[String], body: &[
             let Some(channel) = irc.channel(local, host) else {
                 return Err(format!("{r} is not a bridged channel"));
             };
-            if !channel.subscribers.iter().any(|s| s.eq_ignore_ascii_case(&sender.address)) {
+            let subscribers =
+                gw.store.subscribers(&channel_address(channel), &channel.subscribers).map_err(|e| e.to_string())?;
+            if !subscribers.iter().any(|s| s.eq_ignore_ascii_case(&sender.address)) {
                 return Err(format!("{} does not subscribe to {r}", sender.address));
             }
             channel.name.clone()

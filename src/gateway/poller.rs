@@ -90,8 +90,8 @@ async fn take(gw: &Gateway, d: &Delivered) -> Result<(), Refusal> {
         .map_err(|e| refuse(Code::MessageRefused, format!("signature does not verify: {e}")))?;
     let fp = Fingerprint::of(&signer);
     let contact = match gw.store.contact(&fp) {
-        Ok(Some(c)) if c.allow_send => c,
-        Ok(_) => return Err(refuse(Code::MessageRefused, format!("{fp} is not a contact allowed to send"))),
+        Ok(Some(c)) => c,
+        Ok(None) => return Err(refuse(Code::MessageRefused, format!("{fp} is not a contact"))),
         Err(e) => return Err(Refusal::Later(e.to_string())),
     };
     let plaintext = crypto::open(&d.message, &gw.identity)
@@ -103,6 +103,28 @@ async fn take(gw: &Gateway, d: &Delivered) -> Result<(), Refusal> {
         mail::recipients(&plaintext).ok_or_else(|| refuse(Code::MessageRefused, "not an Internet Message".into()))?;
     if recipients.is_empty() {
         return Err(refuse(Code::MessageRefused, "no recipients in To, Cc or Bcc".into()));
+    }
+    // A message to the gateway itself may change IRC subscriptions (any contact).
+    let own = gw.identity.address().map(|a| a.to_string().to_lowercase());
+    if recipients.len() == 1 && own.as_deref() == Some(recipients[0].as_str()) {
+        let subject = mail_parser::MessageParser::default()
+            .parse(&plaintext)
+            .and_then(|m| m.subject().map(str::to_owned))
+            .unwrap_or_default();
+        let Some(answer) = super::irc::subscription_command(gw, &contact, &subject).await else {
+            return Err(refuse(Code::MessageRefused, "a message to the gateway that is no command".into()));
+        };
+        let text = match answer {
+            Ok(t) | Err(t) => t,
+        };
+        let reply = mail::notice(&gw.settings.gateway.hostname, &contact.address, &subject, &text, &plaintext);
+        let target = Target::Latssiam { fingerprint: fp.to_string(), address: contact.address.clone() };
+        gw.store.enqueue(&reply, vec![target], &Origin::Gateway).await.map_err(|e| Refusal::Later(e.to_string()))?;
+        info!(%subject, "Subscription command handled.");
+        return Ok(());
+    }
+    if !contact.allow_send {
+        return Err(refuse(Code::MessageRefused, format!("{fp} is not a contact allowed to send")));
     }
     let irc_posts = super::irc::posts_for(gw, &contact, &recipients, &plaintext)
         .map_err(|why| refuse(Code::MessageRefused, why))?;

@@ -9,6 +9,9 @@
 //! - `dead`: job id -> [`Job`] (JSON) with its last error: dead letters.
 //! - `irc_outbox`: sequence (u64 BE) -> [`IrcPost`] (JSON): posts for IRC,
 //!   sent strictly in key order by one task.
+//! - `irc_subs`: `#channel@network` NUL address (lower case) -> `1`
+//!   (subscribed by message) or `0` (unsubscribed by message); these override
+//!   the subscribers in the settings.
 //! - `tofu_pins`: see `crate::pins`.
 //!
 //! Invariants:
@@ -261,6 +264,7 @@ pub struct Store {
     due: sled::Tree,
     dead: sled::Tree,
     irc: sled::Tree,
+    subs: sled::Tree,
     flusher: GroupCommit,
     /// Woken when a job becomes due earlier than the worker may think.
     pub wake: Notify,
@@ -285,6 +289,7 @@ impl Store {
             due: db.open_tree("due")?,
             dead: db.open_tree("dead")?,
             irc: db.open_tree("irc_outbox")?,
+            subs: db.open_tree("irc_subs")?,
             db,
             flusher,
             wake: Notify::new(),
@@ -654,6 +659,34 @@ impl Store {
     pub fn irc_done(&self, key: &[u8]) -> Result<(), StoreError> {
         self.irc.remove(key)?;
         Ok(())
+    }
+
+    /// Records a (un)subscription by message, durably.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn set_subscription(&self, channel: &str, address: &str, on: bool) -> Result<(), StoreError> {
+        let key = format!("{}\0{}", channel.to_lowercase(), address.to_lowercase());
+        self.subs.insert(key.as_bytes(), if on { &b"1"[..] } else { &b"0"[..] })?;
+        self.durable().await
+    }
+
+    /// The subscribers of `channel` (`#name@network`): `configured`, changed by messages.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn subscribers(&self, channel: &str, configured: &[String]) -> Result<Vec<String>, StoreError> {
+        let prefix = format!("{}\0", channel.to_lowercase());
+        let mut out: Vec<String> = configured.iter().map(|a| a.to_lowercase()).collect();
+        for kv in self.subs.scan_prefix(prefix.as_bytes()) {
+            let (k, v) = kv?;
+            let address = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            out.retain(|a| *a != address);
+            if v.as_ref() == b"1" {
+                out.push(address);
+            }
+        }
+        Ok(out)
     }
 
     /// Queue depth by state.
