@@ -21,19 +21,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use latssiam::client::Client;
+use latssiam::crypto;
 use latssiam::tls::MemoryPins;
-use latssiam::wire::{Code, Password};
-use latssiam::{crypto, Address, Identity};
-use latssiam_bridge::gateway::admin::{self, Request};
+use latssiam::wire::Code;
 use latssiam_bridge::gateway::config::Settings;
-use latssiam_bridge::gateway::store::Contact;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 mod common;
 
-use common::{free_port, get_metrics, histogram_quantile, metric, percentile};
+use common::{free_port, get_metrics, histogram_quantile, metric, percentile, person, wait_for_gateway};
 
 const CONTACTS: usize = 50;
 const CLIENTS: usize = 8;
@@ -143,33 +141,14 @@ fn main() {
         let shutdown = CancellationToken::new();
         let gateway = tokio::spawn(latssiam_bridge::gateway::run(settings, shutdown.clone()));
         let home_addr = format!("127.0.0.1:{home}").parse().unwrap();
-        let password = Password::new("sesame").unwrap();
-        let pins = MemoryPins::default();
         // Wait for the gateway, then make 50 people with mailboxes and contacts.
-        let mut waited = 0;
-        while admin::call(&admin_socket, &Request::ContactList).await.ok().flatten().is_none() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            waited += 1;
-            assert!(waited < 200, "the gateway did not start");
-        }
+        wait_for_gateway(&admin_socket).await;
         let mut people = Vec::new();
         for i in 0..CONTACTS {
-            let id = Arc::new(
-                Identity::generate(&Address::new(&format!("person{i}"), "localhost").unwrap(), None, false).unwrap(),
+            people.push(
+                person(home_addr, &admin_socket, &format!("person{i}"), Some(format!("person{i}@example.org")), true)
+                    .await,
             );
-            let mut c = Client::connect(home_addr, "localhost", Some(Arc::clone(&id)), &pins).await.unwrap();
-            assert_eq!(c.register(&password).await.unwrap().code(), Code::RegistrationComplete);
-            c.quit().await;
-            let contact = Contact {
-                address: format!("person{i}@localhost"),
-                cert: id.cert_der().to_vec(),
-                email: Some(format!("person{i}@example.org")),
-                allow_send: true,
-                server: None,
-            };
-            let r = admin::call(&admin_socket, &Request::ContactAdd { contact }).await.unwrap().unwrap();
-            assert!(r.ok, "{}", r.text);
-            people.push(id);
         }
 
         // Phase 1: email -> LATSSIAM.

@@ -18,14 +18,8 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{free_port, get_metrics, histogram_quantile, metric};
-use latssiam::client::Client;
-use latssiam::tls::MemoryPins;
-use latssiam::wire::{Code, Password};
-use latssiam::{Address, Identity};
-use latssiam_bridge::gateway::admin::{self, Request};
+use common::{free_port, get_metrics, histogram_quantile, metric, person, wait_for_gateway};
 use latssiam_bridge::gateway::config::Settings;
-use latssiam_bridge::gateway::store::Contact;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -72,26 +66,10 @@ async fn run_once(window: u64, duration: u64) {
     let socket = settings.admin_socket();
     let shutdown = CancellationToken::new();
     let gateway = tokio::spawn(latssiam_bridge::gateway::run(settings, shutdown.clone()));
-    while admin::call(&socket, &Request::ContactList).await.ok().flatten().is_none() {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_gateway(&socket).await;
     let home_addr = format!("127.0.0.1:{home}").parse().unwrap();
-    let password = Password::new("sesame").unwrap();
-    let pins = MemoryPins::default();
     for i in 0..SUBSCRIBERS {
-        let id =
-            Arc::new(Identity::generate(&Address::new(&format!("sub{i}"), "localhost").unwrap(), None, false).unwrap());
-        let mut c = Client::connect(home_addr, "localhost", Some(Arc::clone(&id)), &pins).await.unwrap();
-        assert_eq!(c.register(&password).await.unwrap().code(), Code::RegistrationComplete);
-        c.quit().await;
-        let contact = Contact {
-            address: format!("sub{i}@localhost"),
-            cert: id.cert_der().to_vec(),
-            email: None,
-            allow_send: false,
-            server: None,
-        };
-        assert!(admin::call(&socket, &Request::ContactAdd { contact }).await.unwrap().unwrap().ok);
+        person(home_addr, &socket, &format!("sub{i}"), None, false).await;
     }
 
     // The bot must be in the channel before anyone speaks.

@@ -55,3 +55,45 @@ pub async fn get_metrics(port: u16) -> String {
 pub fn metric(metrics: &str, name: &str) -> u64 {
     metrics.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok())).unwrap_or(0)
 }
+
+/// Waits until the gateway answers on its admin socket.
+pub async fn wait_for_gateway(socket: &std::path::Path) {
+    use latssiam_bridge::gateway::admin::{self, Request};
+    for _ in 0..400 {
+        if admin::call(socket, &Request::ContactList).await.ok().flatten().is_some() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the gateway did not start");
+}
+
+/// A person `mailbox@localhost` with a mailbox on the home server (password
+/// `sesame`) who is a contact of the gateway.
+pub async fn person(
+    home: std::net::SocketAddr,
+    socket: &std::path::Path,
+    mailbox: &str,
+    email: Option<String>,
+    allow_send: bool,
+) -> std::sync::Arc<latssiam::Identity> {
+    use latssiam::wire::{Code, Password};
+    use latssiam_bridge::gateway::admin::{self, Request};
+    let address = latssiam::Address::new(mailbox, "localhost").unwrap();
+    let id = std::sync::Arc::new(latssiam::Identity::generate(&address, None, false).unwrap());
+    let pins = latssiam::tls::MemoryPins::default();
+    let mut c =
+        latssiam::client::Client::connect(home, "localhost", Some(std::sync::Arc::clone(&id)), &pins).await.unwrap();
+    assert_eq!(c.register(&Password::new("sesame").unwrap()).await.unwrap().code(), Code::RegistrationComplete);
+    c.quit().await;
+    let contact = latssiam_bridge::gateway::store::Contact {
+        address: address.to_string(),
+        cert: id.cert_der().to_vec(),
+        email,
+        allow_send,
+        server: None,
+    };
+    let r = admin::call(socket, &Request::ContactAdd { contact }).await.unwrap().unwrap();
+    assert!(r.ok, "{}", r.text);
+    id
+}
