@@ -379,12 +379,19 @@ impl Session {
     }
 
     /// The answer for a mailbox that cannot take part in an exchange, if any.
-    fn unavailable(mailbox: Option<&Mailbox>) -> Option<Status> {
-        match mailbox.map(|m| &m.state) {
-            None | Some(MailboxState::Pending) => Some(Status::of(Code::NoMailbox)),
-            Some(MailboxState::Gone) => Some(Status::of(Code::MailboxGone)),
-            Some(MailboxState::Moved(host)) => Some(Status::moved(host).unwrap_or(Status::of(Code::MailboxMoved))),
-            Some(MailboxState::Active) => None,
+    /// The mailbox of `owner` if it is active; otherwise the status to answer
+    /// (`34`, `35`, `38`, or `53` if the store cannot be read).
+    fn active_mailbox(&self, owner: &Fingerprint) -> Result<Mailbox, Status> {
+        let mailbox = self.shared.store.mailbox(owner).map_err(|e| {
+            warn!(error = %e, "Store read failed.");
+            Status::of(Code::InternalError)
+        })?;
+        let Some(m) = mailbox else { return Err(Status::of(Code::NoMailbox)) };
+        match &m.state {
+            MailboxState::Active => Ok(m),
+            MailboxState::Pending => Err(Status::of(Code::NoMailbox)),
+            MailboxState::Gone => Err(Status::of(Code::MailboxGone)),
+            MailboxState::Moved(host) => Err(Status::moved(host).unwrap_or(Status::of(Code::MailboxMoved))),
         }
     }
 
@@ -398,15 +405,7 @@ impl Session {
             reply!(self, Code::CertificateUnauthorised);
             return Flow::Continue;
         }
-        let mailbox = match self.shared.store.mailbox(&to) {
-            Ok(m) => m,
-            Err(e) => {
-                warn!(error = %e, "Store read failed.");
-                reply!(self, Code::InternalError);
-                return Flow::Continue;
-            }
-        };
-        if let Some(status) = Self::unavailable(mailbox.as_ref()) {
+        if let Err(status) = self.active_mailbox(&to) {
             reply!(self, status);
             return Flow::Continue;
         }
@@ -484,20 +483,11 @@ impl Session {
             reply!(self, Status::new(Code::SyntaxError, text).unwrap_or(Status::of(Code::SyntaxError)));
             return Flow::HangUp(None);
         }
-        let store = self.shared.store.clone();
-        match store.mailbox(&me) {
-            Ok(m) => {
-                if let Some(status) = Self::unavailable(m.as_ref()) {
-                    reply!(self, status);
-                    return Flow::Continue;
-                }
-            }
-            Err(e) => {
-                warn!(error = %e, "Store read failed.");
-                reply!(self, Code::InternalError);
-                return Flow::Continue;
-            }
+        if let Err(status) = self.active_mailbox(&me) {
+            reply!(self, status);
+            return Flow::Continue;
         }
+        let store = self.shared.store.clone();
         let notify = store.notifier(&me);
         let until = tokio::time::Instant::now() + deadline;
         loop {
@@ -666,20 +656,12 @@ impl Session {
     }
 
     async fn verify(&mut self, owner: Fingerprint) -> Flow {
-        let mailbox = match self.shared.store.mailbox(&owner) {
+        let m = match self.active_mailbox(&owner) {
             Ok(m) => m,
-            Err(e) => {
-                warn!(error = %e, "Store read failed.");
-                reply!(self, Code::InternalError);
+            Err(status) => {
+                reply!(self, status);
                 return Flow::Continue;
             }
-        };
-        if let Some(status) = Self::unavailable(mailbox.as_ref()) {
-            reply!(self, status);
-            return Flow::Continue;
-        }
-        let Some(m) = mailbox else {
-            return Flow::Continue;
         };
         if self.conn.feed(Code::AttestationFollows).await.is_err()
             || self.conn.feed(Block::new(Label::Certificate, m.attestation)).await.is_err()
