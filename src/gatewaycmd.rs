@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use latssiam::client::{split_host_port, Client, Resolver};
+use latssiam::client::{Client, Resolver};
 use latssiam::identity::{certificate_from_pem_or_der, CertInfo};
 use latssiam::tls::FilePins;
 use latssiam::{Fingerprint, Identity};
@@ -147,15 +147,7 @@ async fn verify_certificate(settings: &Settings, server: &str, fingerprint: Fing
             .context("the gateway identity is needed for VERIFY: start the gateway once first")?,
     );
     let pins = FilePins::open(settings.gateway.data_dir.join("cli-pins"))?;
-    let (host, port) = split_host_port(server);
-    let candidates = match settings.routes.get(&host.to_ascii_lowercase()) {
-        Some(_) => Resolver::new(settings.routes.clone()).resolve(host).await?,
-        None => tokio::net::lookup_host((host, port))
-            .await
-            .with_context(|| format!("cannot resolve {host}"))?
-            .map(|a| (host.to_owned(), a))
-            .collect(),
-    };
+    let candidates = Resolver::new(settings.routes.clone()).resolve_server(server).await?;
     let (name, addr) = candidates.into_iter().next().with_context(|| format!("no address for {server}"))?;
     let mut client = Client::connect(addr, &name, Some(identity), &pins).await?;
     let result = client.verify(fingerprint).await?;

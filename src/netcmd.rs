@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use latssiam::client::{split_host_port, Accepted, Client, Resolver};
+use latssiam::client::{Accepted, Client, Resolver};
 use latssiam::identity::{certificate_from_pem_or_der, CertInfo};
 use latssiam::tls::FilePins;
 use latssiam::wire::{Code, Password, Status};
@@ -108,10 +108,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 /// Connects to `server` (HOST[:PORT]), trying each of its addresses.
 async fn connect(server: &str, identity: &Arc<Identity>, pins: &FilePins) -> Result<Client> {
-    let (host, port) = split_host_port(server);
-    let addrs: Vec<_> =
-        tokio::net::lookup_host((host, port)).await.with_context(|| format!("cannot resolve {host}"))?.collect();
-    connect_any(addrs.into_iter().map(|a| (host.to_owned(), a)), identity, pins).await
+    connect_any(Resolver::default().resolve_server(server).await?, identity, pins).await
 }
 
 async fn connect_any(

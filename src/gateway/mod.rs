@@ -183,13 +183,12 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         routes.entry(host.to_ascii_lowercase()).or_insert_with(|| addr.to_string());
         (addr, Some(password))
     } else {
-        let (host, port) = split_host_port(&settings.home.server);
-        let resolver = Resolver::new(routes.clone());
-        let addr = match routes.get(&host.to_ascii_lowercase()) {
-            Some(_) => resolver.resolve(host).await?.first().map(|(_, a)| *a),
-            None => tokio::net::lookup_host((host, port)).await?.next(),
-        }
-        .with_context(|| format!("home.server: no address for {}", settings.home.server))?;
+        let candidates = Resolver::new(routes.clone()).resolve_server(&settings.home.server).await;
+        let addr = candidates
+            .with_context(|| format!("home.server {}", settings.home.server))?
+            .first()
+            .map(|(_, a)| *a)
+            .with_context(|| format!("home.server: no address for {}", settings.home.server))?;
         let password = match settings.home.register_password.as_str() {
             "" => None,
             p => Some(Password::new(p)?),

@@ -345,6 +345,31 @@ impl Resolver {
     }
 }
 
+impl Resolver {
+    /// Addresses for a server named as `HOST[:PORT]` (port 1977 when absent):
+    /// a static route for the host if there is one, else the host's own
+    /// A/AAAA records (no MX: the server is named, not a mailbox's host).
+    ///
+    /// # Errors
+    /// [`ClientError::Resolve`] if nothing is found.
+    pub async fn resolve_server(&self, server: &str) -> Result<Vec<(String, SocketAddr)>, ClientError> {
+        let (host, port) = split_host_port(server);
+        if self.routes.contains_key(&host.to_ascii_lowercase()) {
+            return self.resolve(host).await;
+        }
+        let fail = |reason: String| ClientError::Resolve { host: host.to_owned(), reason };
+        let addrs: Vec<_> = tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|e| fail(e.to_string()))?
+            .map(|a| (host.to_owned(), a))
+            .collect();
+        if addrs.is_empty() {
+            return Err(fail("no A or AAAA record".into()));
+        }
+        Ok(addrs)
+    }
+}
+
 /// Splits `host[:port]` or `[v6]:port` (port 1977 when absent).
 pub fn split_host_port(s: &str) -> (&str, u16) {
     if let Some(rest) = s.strip_prefix('[') {
@@ -391,5 +416,14 @@ mod tests {
         let r = Resolver::new(HashMap::from([("Mail.Example".to_owned(), "127.0.0.1:4000".to_owned())]));
         let got = r.resolve("mail.example").await.unwrap();
         assert_eq!(got, vec![("127.0.0.1".to_owned(), "127.0.0.1:4000".parse().unwrap())]);
+    }
+
+    #[tokio::test]
+    async fn a_named_server_uses_its_route_or_its_own_port() {
+        let r = Resolver::new(HashMap::from([("home.example".to_owned(), "127.0.0.1:4000".to_owned())]));
+        let got = r.resolve_server("home.example:9").await.unwrap();
+        assert_eq!(got, vec![("127.0.0.1".to_owned(), "127.0.0.1:4000".parse().unwrap())]);
+        let got = r.resolve_server("127.0.0.1:4001").await.unwrap();
+        assert_eq!(got, vec![("127.0.0.1".to_owned(), "127.0.0.1:4001".parse().unwrap())]);
     }
 }
