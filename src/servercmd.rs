@@ -16,7 +16,8 @@ use clap::{Args, Subcommand};
 use latssiam::server::store::{MailboxState, Store};
 use latssiam::server::{Rate, Server, ServerConfig};
 use latssiam::wire::Password;
-use latssiam::{identity::CertInfo, Address, Fingerprint, Identity};
+use latssiam::{identity::CertInfo, Address, Fingerprint};
+use latssiam_bridge::gateway::load_or_create_identity;
 use serde::Deserialize;
 use tracing::info;
 
@@ -173,18 +174,6 @@ impl Settings {
     }
 }
 
-/// Loads the server identity, generating `server@host` on first start.
-fn server_identity(dir: &Path, host: &str) -> Result<Identity> {
-    if dir.join("cert.pem").exists() {
-        return Identity::load(dir).with_context(|| format!("cannot load the server identity from {}", dir.display()));
-    }
-    let address = Address::new("server", host)?;
-    let id = Identity::generate(&address, Some(host), false)?;
-    id.save(dir).with_context(|| format!("cannot save the server identity in {}", dir.display()))?;
-    info!(fingerprint = %id.fingerprint(), dir = %dir.display(), "Created the server identity.");
-    Ok(id)
-}
-
 fn open_store(data_dir: &Path) -> Result<Arc<Store>> {
     Store::open(data_dir).with_context(|| {
         format!(
@@ -206,7 +195,9 @@ pub fn run(args: ServerArgs) -> Result<()> {
 async fn serve(s: &Settings) -> Result<()> {
     let config = s.server_config()?;
     std::fs::create_dir_all(&s.data_dir).with_context(|| format!("cannot create {}", s.data_dir.display()))?;
-    let identity = Arc::new(server_identity(&s.identity_dir(), &s.host)?);
+    // Generated as server@host on first start.
+    let address = Address::new("server", &s.host)?;
+    let identity = Arc::new(load_or_create_identity(&s.identity_dir(), &address, &s.host)?);
     let fingerprint = identity.fingerprint();
     let store = open_store(&s.data_dir)?;
     let server = Server::with_store(config, identity, store)?;
