@@ -67,10 +67,8 @@ impl IrcCore {
             }
         };
         for address in &subscribers {
-            match self.gw.store.contact_by_name(address) {
-                Ok(Some((fp, _))) => {
-                    targets.push(Target::Latssiam { fingerprint: fp.to_string(), address: address.clone() })
-                }
+            match self.gw.store.latssiam_target(address) {
+                Ok(Some(target)) => targets.push(target),
                 Ok(None) => warn!(%address, channel = %channel.name, "A subscriber is not a contact; skipped."),
                 Err(e) => warn!(error = %e, "Cannot read contacts."),
             }

@@ -133,8 +133,8 @@ async fn take(gw: &Gateway, d: &Delivered) -> Result<(), Refusal> {
         if r.rsplit_once('@').is_some_and(|(_, host)| gw.settings.irc.is_network(host)) {
             continue;
         }
-        match gw.store.contact_by_name(&r) {
-            Ok(Some((fp, _))) => targets.push(Target::Latssiam { fingerprint: fp.to_string(), address: r }),
+        match gw.store.latssiam_target(&r) {
+            Ok(Some(target)) => targets.push(target),
             Ok(None) => targets.push(Target::Smtp { rcpt: r }),
             Err(e) => return Err(Refusal::Later(e.to_string())),
         }

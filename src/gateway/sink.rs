@@ -25,16 +25,10 @@ pub struct SmtpSink(pub Arc<Gateway>);
 
 impl SmtpSink {
     fn target_for(&self, rcpt: &str) -> Result<Option<Target>, Reply> {
-        match self.0.store.contact_by_name(rcpt) {
-            Ok(Some((fp, _))) => {
-                Ok(Some(Target::Latssiam { fingerprint: fp.to_string(), address: rcpt.to_lowercase() }))
-            }
-            Ok(None) => Ok(None),
-            Err(e) => {
-                warn!(error = %e, "Cannot read contacts.");
-                Err(Reply::new(451, [4, 3, 0], "Temporary local problem; try again later"))
-            }
-        }
+        self.0.store.latssiam_target(rcpt).map_err(|e| {
+            warn!(error = %e, "Cannot read contacts.");
+            Reply::new(451, [4, 3, 0], "Temporary local problem; try again later")
+        })
     }
 }
 

@@ -403,6 +403,17 @@ impl Store {
         Ok(self.contact(&fp)?.map(|c| (fp, c)))
     }
 
+    /// The LATSSIAM delivery target for `address` if it reaches a contact
+    /// (their LATSSIAM address or email alias, case-insensitively).
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn latssiam_target(&self, address: &str) -> Result<Option<Target>, StoreError> {
+        Ok(self
+            .contact_by_name(address)?
+            .map(|(fp, _)| Target::Latssiam { fingerprint: fp.to_string(), address: address.to_lowercase() }))
+    }
+
     /// All contacts.
     ///
     /// # Errors
