@@ -226,6 +226,13 @@ fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &str) -> Result<T, S
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
 }
 
+/// Every job in a tree of job id -> [`Job`], in id order.
+fn list_jobs(tree: &sled::Tree) -> Result<Vec<(JobId, Job)>, StoreError> {
+    tree.iter()
+        .map(|kv| kv.map_err(StoreError::from).and_then(|(k, v)| Ok((JobId::from_key(&k)?, decode(&v, "job")?))))
+        .collect()
+}
+
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     // Serialising these plain structs to JSON cannot fail (no maps with non-string keys).
     serde_json::to_vec(v).unwrap_or_default()
@@ -568,10 +575,7 @@ impl Store {
     /// # Errors
     /// [`StoreError`].
     pub fn jobs(&self) -> Result<Vec<(JobId, Job)>, StoreError> {
-        self.jobs
-            .iter()
-            .map(|kv| kv.map_err(StoreError::from).and_then(|(k, v)| Ok((JobId::from_key(&k)?, decode(&v, "job")?))))
-            .collect()
+        list_jobs(&self.jobs)
     }
 
     /// Every dead letter, in id order.
@@ -579,10 +583,7 @@ impl Store {
     /// # Errors
     /// [`StoreError`].
     pub fn dead_letters(&self) -> Result<Vec<(JobId, Job)>, StoreError> {
-        self.dead
-            .iter()
-            .map(|kv| kv.map_err(StoreError::from).and_then(|(k, v)| Ok((JobId::from_key(&k)?, decode(&v, "job")?))))
-            .collect()
+        list_jobs(&self.dead)
     }
 
     /// One job, queued or dead (and whether it is dead).
