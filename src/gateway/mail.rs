@@ -73,18 +73,25 @@ pub fn recipients(data: &[u8]) -> Option<Vec<String>> {
 /// The message without its `Bcc:` header fields (continuation lines included).
 pub fn remove_bcc(data: &[u8]) -> Vec<u8> {
     let header_len = header_section(data).len();
+    let mut out = header_fields_without(data, |line| line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"bcc:"));
+    out.extend_from_slice(&data[header_len..]);
+    out
+}
+
+/// The header section's lines, without the fields whose first line `drop`
+/// picks (their continuation lines go with them).
+fn header_fields_without(data: &[u8], drop: impl Fn(&[u8]) -> bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(data.len());
     let mut skipping = false;
-    for line in data[..header_len].split_inclusive(|&b| b == b'\n') {
+    for line in header_section(data).split_inclusive(|&b| b == b'\n') {
         let continuation = line.first().is_some_and(|&b| b == b' ' || b == b'\t');
         if !continuation {
-            skipping = line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"bcc:");
+            skipping = drop(line);
         }
         if !skipping {
             out.extend_from_slice(line);
         }
     }
-    out.extend_from_slice(&data[header_len..]);
     out
 }
 
@@ -111,19 +118,10 @@ pub fn strip_attachments(data: &[u8]) -> Option<Vec<u8>> {
     text.push_str("\n[latssiam-bridge removed these attachments: the message was too large for LATSSIAM]\n");
     text.push_str(&removed.join("\n"));
     text.push('\n');
-    let mut out = Vec::new();
-    let header_len = header_section(data).len();
-    let mut skipping = false;
-    for line in data[..header_len].split_inclusive(|&b| b == b'\n') {
-        let continuation = line.first().is_some_and(|&b| b == b' ' || b == b'\t');
-        if !continuation {
-            let lower = line.to_ascii_lowercase();
-            skipping = lower.starts_with(b"content-") || lower.starts_with(b"mime-version:");
-        }
-        if !skipping {
-            out.extend_from_slice(line);
-        }
-    }
+    let mut out = header_fields_without(data, |line| {
+        let lower = line.to_ascii_lowercase();
+        lower.starts_with(b"content-") || lower.starts_with(b"mime-version:")
+    });
     out.extend_from_slice(b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n");
     out.extend_from_slice(b"Content-Transfer-Encoding: 8bit\r\n\r\n");
     for line in text.lines() {
