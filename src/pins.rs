@@ -56,12 +56,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let fp = Fingerprint::of(b"server certificate");
         {
-            let db = sled::open(dir.path()).unwrap();
+            let db = latssiam::group_commit::open_db(dir.path()).unwrap();
             let pins = SledPins::open(&db).unwrap();
             assert_eq!(pins.get("h.example:1977").unwrap(), None);
             pins.set("h.example:1977", fp).unwrap();
         }
-        let db = sled::open(dir.path()).unwrap();
+        let db = latssiam::group_commit::open_db(dir.path()).unwrap();
         let pins = SledPins::open(&db).unwrap();
         assert_eq!(pins.get("h.example:1977").unwrap(), Some(fp));
         let other = Fingerprint::of(b"new certificate");

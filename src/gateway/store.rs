@@ -286,7 +286,7 @@ impl Store {
     /// # Errors
     /// [`StoreError`] if sled cannot open it (another process holds it) or a record is corrupt.
     pub fn open(dir: &Path) -> Result<Arc<Self>, StoreError> {
-        let db = sled::Config::new().path(dir).open()?;
+        let db = latssiam::group_commit::open_db(dir)?;
         let flusher = GroupCommit::start(db.clone(), "gateway-flusher").map_err(|e| StoreError::Sled(e.into()))?;
         let store = Self {
             contacts: db.open_tree("contacts")?,

@@ -5,11 +5,37 @@
 //! flush ran, then wakes them all. A caller returns only after an fsync that
 //! started after its call, so its writes are on disk.
 
+use std::path::Path;
 use std::sync::{mpsc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
 type Waiter = oneshot::Sender<Result<(), String>>;
+
+/// Opens the sled database in `dir`, waiting up to 2 s for its directory
+/// lock. sled finishes some background writes after a `Db` is dropped, so a
+/// database closed a moment ago in this same process can still hold the lock
+/// briefly (seen as an intermittent "could not acquire lock" when a store is
+/// reopened). Another process that holds the lock still gets the error, after
+/// the wait.
+///
+/// # Errors
+/// The sled error.
+pub fn open_db(dir: &Path) -> sled::Result<sled::Db> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match sled::Config::new().path(dir).open() {
+            // sled reports the lock only as text in an I/O error.
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock") && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            result => return result,
+        }
+    }
+}
 
 /// Why a flush failed.
 #[derive(Debug, thiserror::Error)]

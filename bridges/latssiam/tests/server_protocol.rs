@@ -432,7 +432,7 @@ async fn a_corrupt_store_record_is_answered_53() {
     let dir = tempfile::tempdir().unwrap();
     let victim = id("victim@localhost");
     {
-        let db = sled::open(dir.path().join("db")).unwrap();
+        let db = latssiam::group_commit::open_db(&dir.path().join("db")).unwrap();
         db.open_tree("mailboxes").unwrap().insert(victim.fingerprint().as_bytes(), &[0xff, 0, 1][..]).unwrap();
         db.flush().unwrap();
     }

@@ -222,7 +222,7 @@ impl Store {
     /// [`StoreError::Sled`] if sled cannot open it (for example another
     /// process holds it), [`StoreError::Corrupt`] if a message does not decode.
     pub fn open(dir: &Path) -> Result<Arc<Self>, StoreError> {
-        let db = sled::Config::new().path(dir).open()?;
+        let db = crate::group_commit::open_db(dir)?;
         let mailboxes = db.open_tree("mailboxes")?;
         let messages = db.open_tree("messages")?;
         let mut counts = Counts::default();
