@@ -59,10 +59,9 @@ enum Outcome {
     Delivered,
     /// Temporary: try again later.
     Retry(String),
-    /// The mailbox moved: try again now (the contact was updated).
-    RetryNow(String),
-    /// The server asked us to slow down (`37`): try again shortly.
-    SlowDown(String),
+    /// Try again after this many milliseconds, whatever the backoff: `0` when
+    /// the mailbox moved (the contact was updated), [`SLOW_DOWN_MS`] after `37`.
+    RetryIn(u64, String),
     /// Permanent: dead-letter and report, with an enhanced status code.
     Fail {
         status: &'static str,
@@ -136,7 +135,6 @@ async fn deliver(gw: &Arc<Gateway>, id: JobId, mut job: Job) {
         }
         o => o,
     };
-    let delay = if matches!(outcome, Outcome::SlowDown(_)) { SLOW_DOWN_MS } else { 0 };
     let stored = match outcome {
         Outcome::Delivered => {
             results.ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -152,7 +150,7 @@ async fn deliver(gw: &Arc<Gateway>, id: JobId, mut job: Job) {
             job.last_error = Some(e);
             gw.store.defer(id, &job)
         }
-        Outcome::RetryNow(e) | Outcome::SlowDown(e) => {
+        Outcome::RetryIn(delay, e) => {
             results.deferred.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             job.attempts += 1;
             job.due_ms = now + delay;
@@ -300,7 +298,7 @@ async fn classify(gw: &Gateway, fp: &Fingerprint, host: &str, status: Status, cl
                 return Outcome::Retry(e.to_string());
             }
             gw.pool.put(host, client).await;
-            return Outcome::RetryNow(status.to_string());
+            return Outcome::RetryIn(0, status.to_string());
         }
     }
     if !matches!(code, Code::Timeout | Code::SyntaxError | Code::SequencingError) {
@@ -308,7 +306,7 @@ async fn classify(gw: &Gateway, fp: &Fingerprint, host: &str, status: Status, cl
     }
     match permanent_status(code) {
         Some(s) => Outcome::Fail { status: s, diagnostic: status.to_string() },
-        None if code == Code::SlowDown => Outcome::SlowDown(format!("{host}: {status}")),
+        None if code == Code::SlowDown => Outcome::RetryIn(SLOW_DOWN_MS, format!("{host}: {status}")),
         None => Outcome::Retry(format!("{host}: {status}")),
     }
 }
