@@ -147,10 +147,7 @@ fn refusals() {
     let alice = latssiam::Identity::load(&rig.path().join("alice")).unwrap();
     let forged = latssiam::crypto::sign(b"some other bytes", &alice).unwrap();
     assert_eq!(send_raw(&rig, "alice", Some(forged), out_mail), Code::MessageRefused);
-    let refused = wait_for(Duration::from_secs(30), || {
-        Some(rig.metric("latssiam_bridge_accept_refused_total")).filter(|&n| n >= 3)
-    });
-    assert_eq!(refused, Some(3), "{}", rig.log());
+    assert_eq!(rig.wait_metric("latssiam_bridge_accept_refused_total", 3), 3, "{}", rig.log());
     let log = rig.log();
     assert_eq!(log.matches("code=52").count(), 2, "carol and mallory: {log}");
     assert_eq!(log.matches("code=32").count(), 1, "unsigned: {log}");

@@ -94,6 +94,16 @@ impl Person {
             .unwrap_or_else(|| panic!("never heard {what}: {:#?}", self.lines()))
     }
 
+    fn wait_for_bot(&self) {
+        self.wait_heard(|l| l.starts_with(":gwbot!") && l.contains("JOIN"), "the bot joining");
+    }
+
+    /// Waits up to `secs` until the bot has said at least `n` lines in the channel; returns them all.
+    fn wait_said_by_bot(&self, n: usize, secs: u64, rig: &Rig) -> Vec<String> {
+        wait_for(Duration::from_secs(secs), || Some(self.said_by_bot()).filter(|p| p.len() >= n))
+            .unwrap_or_else(|| panic!("the bot said fewer than {n} lines: {:#?}\n{}", self.lines(), rig.log()))
+    }
+
     /// What the bot said in the channel, in order.
     fn said_by_bot(&self) -> Vec<String> {
         self.lines()
@@ -143,7 +153,7 @@ fn channel_lines_reach_subscribers_and_their_answers_reach_the_channel() {
     rig.person("alice");
     rig.contact("alice", &["--allow-send"]);
     let mut carl = Person::connect(port, "carl", "#test");
-    carl.wait_heard(|l| l.starts_with(":gwbot!") && l.contains("JOIN"), "the bot joining");
+    carl.wait_for_bot();
 
     // IRC -> LATSSIAM, gathered into one digest over the 2 s window. One line is latin-1.
     carl.send("PRIVMSG #test :Grüß euch, \x0304bunt\x03 und \x02fett\x02\r\n");
@@ -162,8 +172,7 @@ fn channel_lines_reach_subscribers_and_their_answers_reach_the_channel() {
     // LATSSIAM -> IRC: multi-line, non-ASCII, quoted lines and signature dropped,
     // CR/LF and CTCP in the body cannot inject anything.
     send_to_channel(&rig, "alice", "Hallo zusammen!\r\n> quoted, dropped\r\nZweite Zeile: ✓ 日本\r\nevil \x01ACTION x\x01 QUIT :bye\r\n-- \r\nAlice's signature\r\n");
-    let posted = wait_for(Duration::from_secs(30), || Some(carl.said_by_bot()).filter(|p| p.len() >= 3))
-        .unwrap_or_else(|| panic!("nothing posted: {:#?}\n{}", carl.lines(), rig.log()));
+    let posted = carl.wait_said_by_bot(3, 30, &rig);
     assert_eq!(posted, ["<alice> Hallo zusammen!", "<alice> Zweite Zeile: ✓ 日本", "<alice> evil ACTION x QUIT :bye"]);
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(carl.said_by_bot().len(), 3, "the signature is not posted");
@@ -178,19 +187,17 @@ fn posts_wait_while_the_server_is_down_and_go_out_in_order() {
     rig.person("alice");
     rig.contact("alice", &["--allow-send"]);
     let carl = Person::connect(port, "carl", "#test");
-    carl.wait_heard(|l| l.starts_with(":gwbot!") && l.contains("JOIN"), "the bot joining");
+    carl.wait_for_bot();
     drop(carl);
     drop(ircd);
     for i in 1..=3 {
         send_to_channel(&rig, "alice", &format!("queued message {i}\r\n"));
     }
     // Wait until the gateway has taken all three from the home server.
-    wait_for(Duration::from_secs(30), || (rig.metric("latssiam_bridge_accept_taken_total") >= 3).then_some(()))
-        .unwrap_or_else(|| panic!("not taken: {}", rig.log()));
+    rig.wait_metric("latssiam_bridge_accept_taken_total", 3);
     let _ircd = Ngircd::start(rig.path(), port);
     let carl = Person::connect(port, "carl", "#test");
-    let posted = wait_for(Duration::from_secs(60), || Some(carl.said_by_bot()).filter(|p| p.len() >= 3))
-        .unwrap_or_else(|| panic!("nothing posted after the restart: {:#?}\n{}", carl.lines(), rig.log()));
+    let posted = carl.wait_said_by_bot(3, 60, &rig);
     assert_eq!(posted, ["<alice> queued message 1", "<alice> queued message 2", "<alice> queued message 3"]);
 }
 
@@ -205,20 +212,18 @@ fn a_long_message_is_paced_and_cut_and_strangers_are_refused() {
     rig.contact("alice", &["--allow-send"]);
     rig.contact("mallory", &["--allow-send"]);
     let carl = Person::connect(port, "carl", "#test");
-    carl.wait_heard(|l| l.starts_with(":gwbot!") && l.contains("JOIN"), "the bot joining");
+    carl.wait_for_bot();
 
     // Not a subscriber, and not a contact: refused (52), nothing posted.
     send_to_channel(&rig, "mallory", "let me in\r\n");
     send_to_channel(&rig, "nobody", "me too\r\n");
-    wait_for(Duration::from_secs(30), || (rig.metric("latssiam_bridge_accept_refused_total") >= 2).then_some(()))
-        .unwrap_or_else(|| panic!("not refused: {}", rig.log()));
+    rig.wait_metric("latssiam_bridge_accept_refused_total", 2);
     assert_eq!(rig.log().matches("code=52").count(), 2, "{}", rig.log());
 
     // 200 lines: 9 posted, then one saying how many were cut; the bot is not flooded off.
     let body: String = (1..=200).map(|i| format!("line {i} {}\r\n", "x".repeat(40))).collect();
     send_to_channel(&rig, "alice", &body);
-    let posted = wait_for(Duration::from_secs(60), || Some(carl.said_by_bot()).filter(|p| p.len() >= 10))
-        .unwrap_or_else(|| panic!("not posted: {:#?}\n{}", carl.lines(), rig.log()));
+    let posted = carl.wait_said_by_bot(10, 60, &rig);
     assert_eq!(posted.len(), 10, "{posted:#?}");
     assert_eq!(posted[0], format!("<alice> line 1 {}", "x".repeat(40)));
     assert_eq!(posted[8], format!("<alice> line 9 {}", "x".repeat(40)));
@@ -238,7 +243,7 @@ fn contacts_subscribe_and_unsubscribe_by_message() {
     rig.person("bob");
     rig.contact("bob", &[]);
     let mut carl = Person::connect(port, "carl", "#test");
-    carl.wait_heard(|l| l.starts_with(":gwbot!") && l.contains("JOIN"), "the bot joining");
+    carl.wait_for_bot();
 
     send_message(&rig, "bob", "gateway@localhost", "subscribe #test@irc.test", "");
     let (files, out) = rig.fetch("bob", 30);

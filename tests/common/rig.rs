@@ -191,6 +191,12 @@ max_retry_secs = 2
         http_get(self.http_port, path)
     }
 
+    /// Waits up to 30 s until the metric `name` is at least `n`, and returns its value then.
+    pub fn wait_metric(&self, name: &str, n: u64) -> u64 {
+        wait_for(Duration::from_secs(30), || Some(self.metric(name)).filter(|&v| v >= n))
+            .unwrap_or_else(|| panic!("{name} stayed below {n}; log:\n{}", self.log()))
+    }
+
     pub fn metric(&self, name: &str) -> u64 {
         let body = self.http_get("/metrics");
         body.lines()
