@@ -36,6 +36,13 @@ fn fails(args: &[&str], dir: &Path) -> String {
     err
 }
 
+/// Runs the real `openssl` in `dir`, requires success, and returns its stdout.
+fn openssl(dir: &Path, args: &[&str]) -> Vec<u8> {
+    let out = Command::new("openssl").args(args).current_dir(dir).output().unwrap();
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
 #[test]
 fn identity_new_and_show() {
     let d = tempfile::tempdir().unwrap();
@@ -49,13 +56,8 @@ fn identity_new_and_show() {
         let mode = std::fs::metadata(d.path().join("alice/key.pem")).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
     }
-    let out = Command::new("openssl")
-        .args(["x509", "-in", "alice/cert.pem", "-noout", "-fingerprint", "-sha256"])
-        .current_dir(d.path())
-        .output()
-        .unwrap();
-    let openssl_fp =
-        String::from_utf8_lossy(&out.stdout).split('=').nth(1).unwrap().trim().replace(':', "").to_lowercase();
+    let out = openssl(d.path(), &["x509", "-in", "alice/cert.pem", "-noout", "-fingerprint", "-sha256"]);
+    let openssl_fp = String::from_utf8_lossy(&out).split('=').nth(1).unwrap().trim().replace(':', "").to_lowercase();
     assert_eq!(openssl_fp, fp);
 
     let show = ok(&["identity", "show", "alice", "--qr"], d.path());
@@ -103,8 +105,9 @@ fn seal_der_is_opened_by_openssl_and_signature_verified_by_openssl() {
     new_identity(d.path(), "bob@example.org", "bob", &[]);
     std::fs::write(d.path().join("msg"), vec![b'x'; 4096]).unwrap();
     ok(&["seal", "--to", "bob/cert.pem", "--sign", "alice", "msg", "-o", "msg.der"], d.path());
-    let dec = Command::new("openssl")
-        .args([
+    let dec = openssl(
+        d.path(),
+        &[
             "cms",
             "-decrypt",
             "-binary",
@@ -116,14 +119,12 @@ fn seal_der_is_opened_by_openssl_and_signature_verified_by_openssl() {
             "bob/cert.pem",
             "-inkey",
             "bob/key.pem",
-        ])
-        .current_dir(d.path())
-        .output()
-        .unwrap();
-    assert!(dec.status.success(), "{}", String::from_utf8_lossy(&dec.stderr));
-    assert_eq!(dec.stdout, vec![b'x'; 4096]);
-    let ver = Command::new("openssl")
-        .args([
+        ],
+    );
+    assert_eq!(dec, vec![b'x'; 4096]);
+    openssl(
+        d.path(),
+        &[
             "cms",
             "-verify",
             "-binary",
@@ -136,11 +137,8 @@ fn seal_der_is_opened_by_openssl_and_signature_verified_by_openssl() {
             "msg.der",
             "-out",
             "/dev/null",
-        ])
-        .current_dir(d.path())
-        .output()
-        .unwrap();
-    assert!(ver.status.success(), "{}", String::from_utf8_lossy(&ver.stderr));
+        ],
+    );
 }
 
 #[test]
