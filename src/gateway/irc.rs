@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use bridge_irc::{Event, Handle, IrcSink, Kind};
 use latssiam::identity::CertInfo;
-use mail_parser::MessageParser;
+use mail_parser::Message;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -228,9 +228,15 @@ pub async fn subscription_command(gw: &Gateway, sender: &Contact, subject: &str)
 /// The IRC side of a message from a LATSSIAM contact: what to post where.
 /// `Err` with a reason if the message must be refused (a channel the sender
 /// does not subscribe to).
-pub fn posts_for(gw: &Gateway, sender: &Contact, recipients: &[String], body: &[u8]) -> Result<Vec<IrcPost>, String> {
+pub fn posts_for(
+    gw: &Gateway,
+    sender: &Contact,
+    recipients: &[String],
+    message: &Message<'_>,
+) -> Result<Vec<IrcPost>, String> {
     let irc = &gw.settings.irc;
     let mut posts = Vec::new();
+    let mut lines: Option<Vec<String>> = None;
     for r in recipients {
         let Some((local, host)) = r.rsplit_once('@') else { continue };
         if !irc.is_network(host) {
@@ -249,7 +255,8 @@ pub fn posts_for(gw: &Gateway, sender: &Contact, recipients: &[String], body: &[
         } else {
             local.to_owned()
         };
-        posts.push(IrcPost { target, lines: lines_for(gw, sender, body) });
+        let lines = lines.get_or_insert_with(|| lines_for(gw, sender, message)).clone();
+        posts.push(IrcPost { target, lines });
     }
     Ok(posts)
 }
@@ -257,12 +264,11 @@ pub fn posts_for(gw: &Gateway, sender: &Contact, recipients: &[String], body: &[
 /// The lines to post: the text body without quoted lines and signature,
 /// empty lines dropped, at most `max_lines` (the last then says how many
 /// were cut), each in `line_format`.
-fn lines_for(gw: &Gateway, sender: &Contact, body: &[u8]) -> Vec<String> {
+fn lines_for(gw: &Gateway, sender: &Contact, message: &Message<'_>) -> Vec<String> {
     let irc = &gw.settings.irc;
-    let text = MessageParser::default()
-        .parse(body)
-        .and_then(|m| m.body_text(0).map(|t| t.into_owned()))
-        .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
+    let text = message
+        .body_text(0)
+        .map_or_else(|| String::from_utf8_lossy(message.raw_message()).into_owned(), |t| t.into_owned());
     let mut lines: Vec<&str> = Vec::new();
     for line in text.lines() {
         if line == "-- " {

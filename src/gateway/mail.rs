@@ -1,7 +1,7 @@
 //! Internet Message work: `Received:` headers, loop detection, recipients,
 //! `Bcc` removal, attachment stripping, RFC 3464 bounces and notices.
 
-use mail_parser::{MessageParser, MimeHeaders};
+use mail_parser::{Message, MessageParser, MimeHeaders};
 use time::format_description::well_known::Rfc2822;
 use time::OffsetDateTime;
 
@@ -53,9 +53,7 @@ pub fn prepend(header: &str, data: &[u8]) -> Vec<u8> {
 }
 
 /// The addresses in `To`, `Cc` and `Bcc`, lower-cased and deduplicated, in order.
-/// `None` if the message does not parse.
-pub fn recipients(data: &[u8]) -> Option<Vec<String>> {
-    let message = MessageParser::default().parse(data)?;
+pub fn recipients(message: &Message<'_>) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for list in [message.to(), message.cc(), message.bcc()].into_iter().flatten() {
         for addr in list.iter() {
@@ -67,7 +65,7 @@ pub fn recipients(data: &[u8]) -> Option<Vec<String>> {
             }
         }
     }
-    Some(out)
+    out
 }
 
 /// The message without its `Bcc:` header fields (continuation lines included).
@@ -204,13 +202,17 @@ pub fn notice(hostname: &str, to: &str, subject: &str, text: &str, original: &[u
 mod tests {
     use super::*;
 
+    fn parse(data: &[u8]) -> Message<'_> {
+        MessageParser::default().parse(data).unwrap()
+    }
+
     const MSG: &[u8] = b"Received: a\r\nReceived: b\r\nTo: A <a@x.example>, b@y.example\r\nCc: c@z.example\r\nBcc: hidden@q.example,\r\n other@q.example\r\nSubject: hi\r\n\r\nReceived: not a header\r\n";
 
     #[test]
     fn headers_are_counted_and_bcc_removed() {
         assert_eq!(count_received(MSG), 2);
         assert_eq!(
-            recipients(MSG).unwrap(),
+            recipients(&parse(MSG)),
             ["a@x.example", "b@y.example", "c@z.example", "hidden@q.example", "other@q.example"]
         );
         let stripped = remove_bcc(MSG);
@@ -240,6 +242,6 @@ mod tests {
         assert!(d.contains("Status: 5.1.1"));
         assert!(d.contains("Diagnostic-Code: x-latssiam; 38 Mailbox gone"));
         assert!(d.contains("text/rfc822-headers\r\n\r\nReceived: a"));
-        assert_eq!(recipients(&raw).unwrap(), ["alice@else.example"]);
+        assert_eq!(recipients(&parse(&raw)), ["alice@else.example"]);
     }
 }

@@ -99,18 +99,17 @@ async fn take(gw: &Gateway, d: &Delivered) -> Result<(), Refusal> {
     if mail::count_received(&plaintext) > mail::MAX_RECEIVED {
         return Err(refuse(Code::MessageRefused, "mail loop (too many Received: headers)".into()));
     }
-    let recipients =
-        mail::recipients(&plaintext).ok_or_else(|| refuse(Code::MessageRefused, "not an Internet Message".into()))?;
+    let message = mail_parser::MessageParser::default()
+        .parse(&plaintext)
+        .ok_or_else(|| refuse(Code::MessageRefused, "not an Internet Message".into()))?;
+    let recipients = mail::recipients(&message);
     if recipients.is_empty() {
         return Err(refuse(Code::MessageRefused, "no recipients in To, Cc or Bcc".into()));
     }
     // A message to the gateway itself may change IRC subscriptions (any contact).
     let own = gw.identity.address().map(|a| a.to_string().to_lowercase());
     if recipients.len() == 1 && own.as_deref() == Some(recipients[0].as_str()) {
-        let subject = mail_parser::MessageParser::default()
-            .parse(&plaintext)
-            .and_then(|m| m.subject().map(str::to_owned))
-            .unwrap_or_default();
+        let subject = message.subject().unwrap_or_default().to_owned();
         let Some(answer) = super::irc::subscription_command(gw, &contact, &subject).await else {
             return Err(refuse(Code::MessageRefused, "a message to the gateway that is no command".into()));
         };
@@ -126,8 +125,8 @@ async fn take(gw: &Gateway, d: &Delivered) -> Result<(), Refusal> {
     if !contact.allow_send {
         return Err(refuse(Code::MessageRefused, format!("{fp} is not a contact allowed to send")));
     }
-    let irc_posts = super::irc::posts_for(gw, &contact, &recipients, &plaintext)
-        .map_err(|why| refuse(Code::MessageRefused, why))?;
+    let irc_posts =
+        super::irc::posts_for(gw, &contact, &recipients, &message).map_err(|why| refuse(Code::MessageRefused, why))?;
     let mut targets = Vec::new();
     for r in recipients {
         if r.rsplit_once('@').is_some_and(|(_, host)| gw.settings.irc.is_network(host)) {
