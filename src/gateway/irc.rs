@@ -25,7 +25,7 @@ use tracing::{info, warn};
 
 use super::config::IrcChannel;
 use super::mail;
-use super::store::{message_id_string, Contact, IrcPost, Origin, Target};
+use super::store::{message_id_string, Contact, IrcPost, Origin, StoreError, Target};
 use super::Gateway;
 
 #[derive(Default)]
@@ -225,15 +225,19 @@ pub async fn subscription_command(gw: &Gateway, sender: &Contact, subject: &str)
     }
 }
 
-/// The IRC side of a message from a LATSSIAM contact: what to post where.
-/// `Err` with a reason if the message must be refused (a channel the sender
-/// does not subscribe to).
+/// The IRC side of a message from a LATSSIAM contact: what to post where,
+/// or (inner `Err`) the reason to refuse it (a channel the sender does not
+/// subscribe to).
+///
+/// # Errors
+/// [`StoreError`] if the subscriptions cannot be read: a local problem, not
+/// a reason to refuse the message.
 pub fn posts_for(
     gw: &Gateway,
     sender: &Contact,
     recipients: &[String],
     message: &Message<'_>,
-) -> Result<Vec<IrcPost>, String> {
+) -> Result<Result<Vec<IrcPost>, String>, StoreError> {
     let irc = &gw.settings.irc;
     let mut posts = Vec::new();
     let mut lines: Option<Vec<String>> = None;
@@ -244,12 +248,11 @@ pub fn posts_for(
         }
         let target = if local.starts_with(['#', '&']) {
             let Some(channel) = irc.channel(local, host) else {
-                return Err(format!("{r} is not a bridged channel"));
+                return Ok(Err(format!("{r} is not a bridged channel")));
             };
-            let subscribers =
-                gw.store.subscribers(&channel_address(channel), &channel.subscribers).map_err(|e| e.to_string())?;
+            let subscribers = gw.store.subscribers(&channel_address(channel), &channel.subscribers)?;
             if !subscribers.iter().any(|s| s.eq_ignore_ascii_case(&sender.address)) {
-                return Err(format!("{} does not subscribe to {r}", sender.address));
+                return Ok(Err(format!("{} does not subscribe to {r}", sender.address)));
             }
             channel.name.clone()
         } else {
@@ -258,7 +261,7 @@ pub fn posts_for(
         let lines = lines.get_or_insert_with(|| lines_for(gw, sender, message)).clone();
         posts.push(IrcPost { target, lines });
     }
-    Ok(posts)
+    Ok(Ok(posts))
 }
 
 /// The lines to post: the text body without quoted lines and signature,

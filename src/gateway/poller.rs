@@ -125,8 +125,9 @@ async fn take(gw: &Gateway, d: &Delivered) -> Result<(), Refusal> {
     if !contact.allow_send {
         return Err(refuse(Code::MessageRefused, format!("{fp} is not a contact allowed to send")));
     }
-    let irc_posts =
-        super::irc::posts_for(gw, &contact, &recipients, &message).map_err(|why| refuse(Code::MessageRefused, why))?;
+    let irc_posts = super::irc::posts_for(gw, &contact, &recipients, &message)
+        .map_err(|e| Refusal::Later(e.to_string()))?
+        .map_err(|why| refuse(Code::MessageRefused, why))?;
     let mut targets = Vec::new();
     for r in recipients {
         if r.rsplit_once('@').is_some_and(|(_, host)| gw.settings.irc.is_network(host)) {
