@@ -10,7 +10,7 @@ use tracing::{info, warn};
 
 use super::config::Oversize;
 use super::mail;
-use super::store::{message_id_string, Origin, Target};
+use super::store::{message_id_string, Origin, StoreError, Target};
 use super::Gateway;
 
 /// The largest Internet Message the gateway accepts for LATSSIAM: what still
@@ -82,21 +82,19 @@ impl Sink for SmtpSink {
         }
         let with = if envelope.tls { "ESMTPS" } else { "ESMTP" };
         let from = format!("{} ({})", envelope.helo, envelope.peer.ip());
-        let id = match gw.store.new_message_id() {
-            Ok(id) => id,
-            Err(e) => {
-                warn!(error = %e, "Cannot queue a message.");
-                return refuse(Reply::new(451, [4, 3, 0], "Temporary local problem: the queue cannot be written"));
-            }
+        let queued = async {
+            let id = gw.store.new_message_id()?;
+            let for_rcpt = (envelope.recipients.len() == 1).then(|| envelope.recipients[0].as_str());
+            let header = mail::received(&from, &gw.settings.gateway.hostname, with, &message_id_string(id), for_rcpt);
+            let body = mail::prepend(&header, &data);
+            gw.store.enqueue_as(id, &body, targets, &Origin::Smtp { from: envelope.from.clone() }).await?;
+            Ok::<_, StoreError>((id, body.len()))
         };
-        let for_rcpt = (envelope.recipients.len() == 1).then(|| envelope.recipients[0].as_str());
-        let header = mail::received(&from, &gw.settings.gateway.hostname, with, &message_id_string(id), for_rcpt);
-        let body = mail::prepend(&header, &data);
-        match gw.store.enqueue_as(id, &body, targets, &Origin::Smtp { from: envelope.from.clone() }).await {
-            Ok(()) => {
+        match queued.await {
+            Ok((id, octets)) => {
                 gw.metrics.smtp_accepted.fetch_add(1, Ordering::Relaxed);
                 let id = message_id_string(id);
-                info!(queue_id = %id, recipients = envelope.recipients.len(), octets = body.len(), "Queued mail from SMTP.");
+                info!(queue_id = %id, recipients = envelope.recipients.len(), octets, "Queued mail from SMTP.");
                 Reply::new(250, [2, 0, 0], format!("Ok: queued as {id}"))
             }
             Err(e) => {
