@@ -119,13 +119,25 @@ fn bot_quit(person: &Person) -> bool {
     person.lines().iter().any(|l| l.starts_with(":gwbot!") && l.split(' ').nth(1) == Some("QUIT"))
 }
 
-fn rig_with_irc(port: u16, window: u64, max_lines: usize) -> Rig {
-    Rig::new(&format!(
+/// A gateway bridging `#test@irc.test` (subscriber alice@localhost, at most
+/// 10 lines per post) to an ngircd of its own; returns them and ngircd's port.
+fn irc_rig(window: u64) -> (Rig, Ngircd, u16) {
+    let port = free_port();
+    let rig = Rig::new(&format!(
         "[irc]\nserver = \"127.0.0.1\"\nport = {port}\nnick = \"gwbot\"\nburst = 4.0\nlines_per_second = 4.0\n\
-         reconnect_min_secs = 1\nreconnect_max_secs = 2\nmax_lines = {max_lines}\n\
+         reconnect_min_secs = 1\nreconnect_max_secs = 2\nmax_lines = 10\n\
          [[irc.channels]]\nname = \"#test\"\nnetwork = \"irc.test\"\nsubscribers = [\"alice@localhost\"]\n\
          digest_window = {window}\n"
-    ))
+    ));
+    let ircd = Ngircd::start(rig.path(), port);
+    (rig, ircd, port)
+}
+
+/// Carl in `#test`, once the bot is there too.
+fn carl_with_the_bot(port: u16) -> Person {
+    let carl = Person::connect(port, "carl", "#test");
+    carl.wait_for_bot();
+    carl
 }
 
 fn send_to_channel(rig: &Rig, who: &str, body: &str) {
@@ -147,13 +159,10 @@ fn send_message(rig: &Rig, who: &str, to: &str, subject: &str, body: &str) {
 
 #[test]
 fn channel_lines_reach_subscribers_and_their_answers_reach_the_channel() {
-    let port = free_port();
-    let rig = rig_with_irc(port, 2, 10);
-    let _ircd = Ngircd::start(rig.path(), port);
+    let (rig, _ircd, port) = irc_rig(2);
     rig.person("alice");
     rig.contact("alice", &["--allow-send"]);
-    let mut carl = Person::connect(port, "carl", "#test");
-    carl.wait_for_bot();
+    let mut carl = carl_with_the_bot(port);
 
     // IRC -> LATSSIAM, gathered into one digest over the 2 s window. One line is latin-1.
     carl.send("PRIVMSG #test :Grüß euch, \x0304bunt\x03 und \x02fett\x02\r\n");
@@ -181,13 +190,10 @@ fn channel_lines_reach_subscribers_and_their_answers_reach_the_channel() {
 
 #[test]
 fn posts_wait_while_the_server_is_down_and_go_out_in_order() {
-    let port = free_port();
-    let rig = rig_with_irc(port, 0, 10);
-    let ircd = Ngircd::start(rig.path(), port);
+    let (rig, ircd, port) = irc_rig(0);
     rig.person("alice");
     rig.contact("alice", &["--allow-send"]);
-    let carl = Person::connect(port, "carl", "#test");
-    carl.wait_for_bot();
+    let carl = carl_with_the_bot(port);
     drop(carl);
     drop(ircd);
     for i in 1..=3 {
@@ -203,16 +209,13 @@ fn posts_wait_while_the_server_is_down_and_go_out_in_order() {
 
 #[test]
 fn a_long_message_is_paced_and_cut_and_strangers_are_refused() {
-    let port = free_port();
-    let rig = rig_with_irc(port, 0, 10);
-    let _ircd = Ngircd::start(rig.path(), port);
+    let (rig, _ircd, port) = irc_rig(0);
     rig.person("alice");
     rig.person("mallory");
     rig.person("nobody");
     rig.contact("alice", &["--allow-send"]);
     rig.contact("mallory", &["--allow-send"]);
-    let carl = Person::connect(port, "carl", "#test");
-    carl.wait_for_bot();
+    let carl = carl_with_the_bot(port);
 
     // Not a subscriber, and not a contact: refused (52), nothing posted.
     send_to_channel(&rig, "mallory", "let me in\r\n");
@@ -237,13 +240,10 @@ fn a_long_message_is_paced_and_cut_and_strangers_are_refused() {
 
 #[test]
 fn contacts_subscribe_and_unsubscribe_by_message() {
-    let port = free_port();
-    let rig = rig_with_irc(port, 0, 10);
-    let _ircd = Ngircd::start(rig.path(), port);
+    let (rig, _ircd, port) = irc_rig(0);
     rig.person("bob");
     rig.contact("bob", &[]);
-    let mut carl = Person::connect(port, "carl", "#test");
-    carl.wait_for_bot();
+    let mut carl = carl_with_the_bot(port);
 
     send_message(&rig, "bob", "gateway@localhost", "subscribe #test@irc.test", "");
     let (files, out) = rig.fetch("bob", 30);
