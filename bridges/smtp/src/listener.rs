@@ -5,17 +5,33 @@
 //! octets including CRLF (`500 5.5.2`, and a text line over it spoils the
 //! whole message), at most `max_recipients` recipients (`452 4.5.3`), a
 //! message of at most `read_limit` octets (`552 5.3.4`), and timeouts while
-//! waiting for a command or for data (`421 4.4.2`). Replies to pipelined
-//! commands are written together when the client's input runs dry.
+//! waiting for a command or for data (`421 4.4.2`).
+//!
+//! Defences against hostile clients, each bounded whatever the peer sends or
+//! refuses to read:
+//! - Replies to pipelined commands are written together when the client's
+//!   input runs dry, or as soon as [`MAX_PENDING_REPLIES`] octets are waiting;
+//!   every write must finish within `command_timeout` or the session ends.
+//! - A bare LF or bare CR in `DATA` never ends the message (only
+//!   `<CR><LF>.<CR><LF>` does); a message that contains one is refused with
+//!   `550 5.5.2` and the session is closed (Postfix's
+//!   `smtpd_forbid_bare_newline = reject`), so no second transaction can be
+//!   smuggled inside one.
+//! - Per client address ([`ClientLimits`], Postfix's anvil): simultaneous
+//!   connections, connections per minute and messages per minute, with
+//!   `421 4.7.0` beyond them; the global `max_connections` stays for everyone.
+//! - Per session: `junk_command_limit` NOOP/RSET/VRFY/HELP/HELO/EHLO before each
+//!   further one counts as an error, [`MAX_ERRORS`] errors, and `max_session`.
 
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use smtp_proto::{Error as ParseError, Request};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -32,6 +48,205 @@ pub const MAX_LINE: usize = 1000;
 /// Postfix's `smtpd_hard_error_limit`).
 const MAX_ERRORS: u32 = 20;
 
+/// The enhanced status of the refusal of a message with a bare LF or CR.
+const BARE_NEWLINE: [u8; 3] = [5, 5, 2];
+
+/// Replies waiting for a pipelining client are written once they reach this
+/// many octets, even if the client's input has not run dry.
+pub const MAX_PENDING_REPLIES: usize = 8 * 1024;
+
+/// Most client addresses tracked at once; past it, idle entries are dropped,
+/// and if none is idle new clients are refused until some are.
+const MAX_TRACKED_CLIENTS: usize = 100_000;
+
+/// Limits per client address.
+#[derive(Clone, Debug)]
+pub struct ClientLimits {
+    /// Simultaneous sessions from one address (0: no limit).
+    pub max_connections: usize,
+    /// New connections per minute from one address (0: no limit).
+    pub connection_rate: u32,
+    /// `MAIL FROM` commands per minute from one address (0: no limit).
+    pub message_rate: u32,
+    /// Networks the limits do not apply to, as (address, prefix length).
+    pub exempt: Vec<(IpAddr, u8)>,
+}
+
+impl Default for ClientLimits {
+    fn default() -> Self {
+        Self { max_connections: 50, connection_rate: 0, message_rate: 0, exempt: Vec::new() }
+    }
+}
+
+impl ClientLimits {
+    fn exempts(&self, ip: IpAddr) -> bool {
+        self.exempt.iter().any(|&(net, bits)| in_network(ip, net, bits))
+    }
+}
+
+/// Parses `ADDRESS` or `ADDRESS/BITS` (IPv4 or IPv6).
+///
+/// # Errors
+/// A message naming what is wrong.
+pub fn parse_network(s: &str) -> Result<(IpAddr, u8), String> {
+    let (addr, bits) = match s.split_once('/') {
+        Some((a, b)) => (a, Some(b)),
+        None => (s, None),
+    };
+    let addr: IpAddr = addr.trim().parse().map_err(|_| format!("{s:?} is not an address or CIDR block"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let bits = match bits {
+        None => max,
+        Some(b) => b.trim().parse::<u8>().ok().filter(|&b| b <= max).ok_or_else(|| format!("{s:?}: bad prefix length"))?,
+    };
+    Ok((addr, bits))
+}
+
+fn in_network(ip: IpAddr, net: IpAddr, bits: u8) -> bool {
+    let ip = match (ip, net) {
+        (IpAddr::V6(v6), IpAddr::V4(_)) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        _ => ip,
+    };
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(bits)).unwrap_or(0);
+            u32::from(a) & mask == u32::from(n) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(bits)).unwrap_or(0);
+            u128::from(a) & mask == u128::from(n) & mask
+        }
+        _ => false,
+    }
+}
+
+/// One client address's counts.
+#[derive(Default)]
+struct Client {
+    sessions: usize,
+    window: Option<Instant>,
+    connections: u32,
+    messages: u32,
+}
+
+impl Client {
+    fn roll(&mut self, now: Instant) {
+        if self.window.is_none_or(|w| now.duration_since(w) >= Duration::from_secs(60)) {
+            self.window = Some(now);
+            self.connections = 0;
+            self.messages = 0;
+        }
+    }
+
+    fn idle(&self, now: Instant) -> bool {
+        self.sessions == 0 && self.window.is_none_or(|w| now.duration_since(w) >= Duration::from_secs(60))
+    }
+}
+
+/// The per-address counters (Postfix's anvil), shared by all sessions.
+pub struct Anvil {
+    limits: ClientLimits,
+    clients: Mutex<HashMap<IpAddr, Client>>,
+}
+
+/// Why a client was turned away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Too many simultaneous sessions from the address.
+    Connections,
+    /// Too many connections in the last minute.
+    ConnectionRate,
+    /// Too many messages in the last minute.
+    MessageRate,
+    /// Too many addresses are tracked (a flood from many addresses).
+    Busy,
+}
+
+impl Refused {
+    fn reply(self) -> Reply {
+        let text = match self {
+            Refused::Connections => "Too many connections from your address; try again later",
+            Refused::ConnectionRate => "Too many connections from your address per minute; try again later",
+            Refused::MessageRate => "Too many messages from your address per minute; try again later",
+            Refused::Busy => "Server busy; try again later",
+        };
+        Reply::new(421, [4, 7, 0], text)
+    }
+}
+
+/// A session counted against its client address; uncounted when dropped.
+pub struct Admission {
+    anvil: Arc<Anvil>,
+    ip: Option<IpAddr>,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if let Some(ip) = self.ip {
+            let mut clients = self.anvil.clients.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(c) = clients.get_mut(&ip) {
+                c.sessions = c.sessions.saturating_sub(1);
+            }
+        }
+    }
+}
+
+impl Anvil {
+    /// Counters under `limits`.
+    pub fn new(limits: ClientLimits) -> Arc<Self> {
+        Arc::new(Self { limits, clients: Mutex::new(HashMap::new()) })
+    }
+
+    /// Counts a new session from `ip`, or says why it is refused.
+    ///
+    /// # Errors
+    /// [`Refused`] when a limit is reached.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admission, Refused> {
+        if self.limits.exempts(ip) {
+            return Ok(Admission { anvil: Arc::clone(self), ip: None });
+        }
+        let now = Instant::now();
+        let mut clients = self.clients.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if clients.len() >= MAX_TRACKED_CLIENTS && !clients.contains_key(&ip) {
+            clients.retain(|_, c| !c.idle(now));
+            if clients.len() >= MAX_TRACKED_CLIENTS {
+                return Err(Refused::Busy);
+            }
+        }
+        let c = clients.entry(ip).or_default();
+        c.roll(now);
+        let l = &self.limits;
+        if l.max_connections > 0 && c.sessions >= l.max_connections {
+            return Err(Refused::Connections);
+        }
+        if l.connection_rate > 0 && c.connections >= l.connection_rate {
+            return Err(Refused::ConnectionRate);
+        }
+        c.connections += 1;
+        c.sessions += 1;
+        Ok(Admission { anvil: Arc::clone(self), ip: Some(ip) })
+    }
+
+    /// Counts a message (`MAIL FROM`) from `ip`.
+    ///
+    /// # Errors
+    /// [`Refused::MessageRate`] beyond the limit.
+    pub fn message(&self, ip: IpAddr) -> Result<(), Refused> {
+        if self.limits.message_rate == 0 || self.limits.exempts(ip) {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let mut clients = self.clients.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(c) = clients.get_mut(&ip) else { return Ok(()) };
+        c.roll(now);
+        if c.messages >= self.limits.message_rate {
+            return Err(Refused::MessageRate);
+        }
+        c.messages += 1;
+        Ok(())
+    }
+}
+
 /// Listener settings.
 #[derive(Clone)]
 pub struct ListenerConfig {
@@ -44,12 +259,19 @@ pub struct ListenerConfig {
     pub read_limit: usize,
     /// Most recipients per transaction.
     pub max_recipients: usize,
-    /// Wait for a command.
+    /// Wait for a command, and for each write to the client.
     pub command_timeout: Duration,
     /// Wait for each chunk of message data.
     pub data_timeout: Duration,
     /// Most simultaneous sessions.
     pub max_connections: usize,
+    /// Limits per client address.
+    pub client_limits: ClientLimits,
+    /// NOOP, RSET, VRFY, HELP, HELO and EHLO allowed per session before each
+    /// further one counts as an error (reset by an accepted message).
+    pub junk_command_limit: u32,
+    /// The longest a session may last.
+    pub max_session: Duration,
     /// STARTTLS, if configured.
     pub tls: Option<Arc<rustls::ServerConfig>>,
 }
@@ -65,6 +287,9 @@ impl ListenerConfig {
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(180),
             max_connections: 200,
+            client_limits: ClientLimits::default(),
+            junk_command_limit: 100,
+            max_session: Duration::from_secs(3600),
             tls: None,
         }
     }
@@ -79,6 +304,7 @@ pub async fn serve<S: Sink>(
     shutdown: CancellationToken,
 ) {
     let limit = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    let anvil = Anvil::new(config.client_limits.clone());
     let tracker = TaskTracker::new();
     loop {
         let permit = tokio::select! {
@@ -90,7 +316,7 @@ pub async fn serve<S: Sink>(
             a = listener.accept() => a,
             () = shutdown.cancelled() => break,
         };
-        let (tcp, peer) = match accepted {
+        let (mut tcp, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 warn!(error = %e, "SMTP accept failed; backing off.");
@@ -99,10 +325,25 @@ pub async fn serve<S: Sink>(
             }
         };
         let _ = tcp.set_nodelay(true);
-        let (config, sink, shutdown) = (Arc::clone(&config), Arc::clone(&sink), shutdown.clone());
+        let admission = anvil.admit(peer.ip());
+        let (config, sink, shutdown, anvil) =
+            (Arc::clone(&config), Arc::clone(&sink), shutdown.clone(), Arc::clone(&anvil));
         tracker.spawn(async move {
-            if let Err(e) = session(tcp, peer, &config, &*sink, &shutdown).await {
-                debug!(%peer, error = %e, "SMTP session ended with an error.");
+            match admission {
+                Ok(_admission) => {
+                    if let Err(e) = run_session(tcp, peer, &config, &*sink, Some(&anvil), &shutdown).await {
+                        debug!(%peer, error = %e, "SMTP session ended with an error.");
+                    }
+                }
+                Err(why) => {
+                    info!(%peer, reason = ?why, "SMTP client over its limits; refused with 421.");
+                    let line = format!("{}\r\n", why.reply());
+                    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                        tcp.write_all(line.as_bytes()).await?;
+                        tcp.shutdown().await
+                    })
+                    .await;
+                }
             }
             drop(permit);
         });
@@ -111,29 +352,40 @@ pub async fn serve<S: Sink>(
     tracker.wait().await;
 }
 
-async fn session<S: Sink>(
-    tcp: TcpStream,
+/// Runs one SMTP session over `io` (a connected client) until it ends:
+/// greeting, commands, STARTTLS if configured, `QUIT`, a limit or `shutdown`.
+/// `anvil` counts its messages against the client address.
+///
+/// # Errors
+/// An I/O error or a timeout of the stream.
+pub async fn run_session<IO, S>(
+    io: IO,
     peer: SocketAddr,
     config: &ListenerConfig,
     sink: &S,
+    anvil: Option<&Anvil>,
     shutdown: &CancellationToken,
-) -> io::Result<()> {
-    let mut state = Session::new(peer, config, sink);
+) -> io::Result<()>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send,
+    S: Sink,
+{
+    let mut state = Session::new(peer, config, sink, anvil);
     let greeting = format!("220 {} ESMTP latssiam-bridge\r\n", config.hostname);
-    let tcp = match state.run(BufReader::new(tcp), Some(greeting), shutdown).await? {
+    let io = match state.run(BufReader::new(io), Some(greeting), shutdown).await? {
         Outcome::Closed => return Ok(()),
-        Outcome::StartTls(tcp) => tcp,
+        Outcome::StartTls(io) => io,
     };
     let Some(tls) = config.tls.clone() else { return Ok(()) };
-    let stream =
-        match tokio::time::timeout(config.command_timeout, tokio_rustls::TlsAcceptor::from(tls).accept(tcp)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                debug!(%peer, error = %e, "STARTTLS handshake failed.");
-                return Ok(());
-            }
-            Err(_) => return Ok(()),
-        };
+    let wait = config.command_timeout.min(state.remaining());
+    let stream = match tokio::time::timeout(wait, tokio_rustls::TlsAcceptor::from(tls).accept(io)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            debug!(%peer, error = %e, "STARTTLS handshake failed.");
+            return Ok(());
+        }
+        Err(_) => return Ok(()),
+    };
     state.tls = true;
     // RFC 3207: the client starts over with EHLO; whatever it pipelined before is gone.
     state.helo = None;
@@ -150,8 +402,8 @@ enum Outcome<IO> {
 
 /// What reading one line found.
 enum Line {
-    /// A line (without its line end).
-    Ok(Vec<u8>),
+    /// A line (without its line end) and whether it ended in CRLF (not a bare LF).
+    Ok(Vec<u8>, bool),
     /// The line was longer than the limit; it has been consumed.
     TooLong,
     /// The client closed the connection.
@@ -187,10 +439,11 @@ async fn read_line<R: AsyncRead + Unpin>(reader: &mut BufReader<R>, max: usize) 
                 return Ok(Line::TooLong);
             }
             line.pop();
-            if line.last() == Some(&b'\r') {
+            let crlf = line.last() == Some(&b'\r');
+            if crlf {
                 line.pop();
             }
-            return Ok(Line::Ok(line));
+            return Ok(Line::Ok(line, crlf));
         }
     }
 }
@@ -199,11 +452,14 @@ struct Session<'a, S> {
     peer: SocketAddr,
     config: &'a ListenerConfig,
     sink: &'a S,
+    anvil: Option<&'a Anvil>,
     helo: Option<String>,
     tls: bool,
     from: Option<String>,
     recipients: Vec<String>,
     errors: u32,
+    junk: u32,
+    started: Instant,
     out: Vec<u8>,
 }
 
@@ -212,17 +468,33 @@ fn reply(code: u16, status: [u8; 3], text: &str) -> Reply {
 }
 
 impl<'a, S: Sink> Session<'a, S> {
-    fn new(peer: SocketAddr, config: &'a ListenerConfig, sink: &'a S) -> Self {
+    fn new(peer: SocketAddr, config: &'a ListenerConfig, sink: &'a S, anvil: Option<&'a Anvil>) -> Self {
         Self {
             peer,
             config,
             sink,
+            anvil,
             helo: None,
             tls: false,
             from: None,
             recipients: Vec::new(),
             errors: 0,
+            junk: 0,
+            started: Instant::now(),
             out: Vec::new(),
+        }
+    }
+
+    /// What is left of the session's lifetime.
+    fn remaining(&self) -> Duration {
+        self.config.max_session.saturating_sub(self.started.elapsed())
+    }
+
+    /// Counts a command that moves no mail; past the limit each one is an error.
+    fn junk(&mut self) {
+        self.junk += 1;
+        if self.junk > self.config.junk_command_limit {
+            self.errors += 1;
         }
     }
 
@@ -238,13 +510,28 @@ impl<'a, S: Sink> Session<'a, S> {
         self.out.extend_from_slice(format!("{r}\r\n").as_bytes());
     }
 
+    /// Writes the pending replies, within `command_timeout`: a client that
+    /// does not read cannot hold the session.
     async fn flush<IO: AsyncWrite + Unpin>(&mut self, io: &mut IO) -> io::Result<()> {
         if !self.out.is_empty() {
-            io.write_all(&self.out).await?;
-            io.flush().await?;
+            let write = async {
+                io.write_all(&self.out).await?;
+                io.flush().await
+            };
+            tokio::time::timeout(self.config.command_timeout, write)
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the client does not read its replies"))??;
             self.out.clear();
         }
         Ok(())
+    }
+
+    /// Answers `reply`, writes everything pending and ends the session.
+    async fn close<IO: AsyncWrite + Unpin>(&mut self, io: &mut IO, reply: &Reply) -> io::Result<Outcome<IO>> {
+        self.push(reply);
+        self.flush(io).await?;
+        let _ = tokio::time::timeout(Duration::from_secs(5), io.shutdown()).await;
+        Ok(Outcome::Closed)
     }
 
     async fn run<IO: AsyncRead + AsyncWrite + Unpin>(
@@ -257,29 +544,27 @@ impl<'a, S: Sink> Session<'a, S> {
             self.out.extend_from_slice(g.as_bytes());
         }
         loop {
-            // Pipelining: answer once everything the client sent is handled.
-            if io.buffer().is_empty() {
+            // Pipelining: answer once everything the client sent is handled,
+            // or once enough replies wait (a client that never lets its input
+            // run dry must not grow them without bound).
+            if io.buffer().is_empty() || self.out.len() >= MAX_PENDING_REPLIES {
                 self.flush(io.get_mut()).await?;
             }
             if self.errors >= MAX_ERRORS {
-                self.push(&reply(421, [4, 7, 0], "Too many errors; closing"));
-                self.flush(io.get_mut()).await?;
-                return Ok(Outcome::Closed);
+                return self.close(io.get_mut(), &reply(421, [4, 7, 0], "Too many errors; closing")).await;
+            }
+            let remaining = self.remaining();
+            if remaining.is_zero() {
+                return self.close(io.get_mut(), &reply(421, [4, 4, 2], "Session too long; closing")).await;
             }
             let line = tokio::select! {
-                l = tokio::time::timeout(self.config.command_timeout, read_line(&mut io, MAX_LINE)) => l,
+                l = tokio::time::timeout(self.config.command_timeout.min(remaining), read_line(&mut io, MAX_LINE)) => l,
                 () = shutdown.cancelled() => {
-                    self.push(&reply(421, [4, 3, 2], "Shutting down; try again later"));
-                    self.flush(io.get_mut()).await?;
-                    return Ok(Outcome::Closed);
+                    return self.close(io.get_mut(), &reply(421, [4, 3, 2], "Shutting down; try again later")).await;
                 }
             };
             let line = match line {
-                Err(_) => {
-                    self.push(&reply(421, [4, 4, 2], "Timeout; closing"));
-                    self.flush(io.get_mut()).await?;
-                    return Ok(Outcome::Closed);
-                }
+                Err(_) => return self.close(io.get_mut(), &reply(421, [4, 4, 2], "Timeout; closing")).await,
                 Ok(r) => r?,
             };
             let mut line = match line {
@@ -288,7 +573,8 @@ impl<'a, S: Sink> Session<'a, S> {
                     self.push(&reply(500, [5, 5, 2], "Line too long"));
                     continue;
                 }
-                Line::Ok(l) => l,
+                // Commands may end in a bare LF (read as CRLF); only DATA must not.
+                Line::Ok(l, _) => l,
             };
             line.extend_from_slice(b"\r\n");
             let request = match Request::parse(&mut line.iter()) {
@@ -301,11 +587,13 @@ impl<'a, S: Sink> Session<'a, S> {
             };
             match request {
                 Request::Ehlo { host } => {
+                    self.junk();
                     self.reset();
                     self.helo = Some(host);
                     self.ehlo();
                 }
                 Request::Helo { host } => {
+                    self.junk();
                     self.reset();
                     self.helo = Some(host);
                     let r = reply(250, [2, 0, 0], &self.config.hostname);
@@ -313,6 +601,10 @@ impl<'a, S: Sink> Session<'a, S> {
                 }
                 Request::Lhlo { .. } => self.push(&reply(500, [5, 5, 1], "This is SMTP, not LMTP")),
                 Request::Mail { from } => {
+                    if let Some(Err(why)) = self.anvil.map(|a| a.message(self.peer.ip())) {
+                        info!(peer = %self.peer, reason = ?why, "SMTP client over its message rate; closing.");
+                        return self.close(io.get_mut(), &why.reply()).await;
+                    }
                     let r = if self.helo.is_none() {
                         reply(503, [5, 5, 1], "Send EHLO or HELO first")
                     } else if self.from.is_some() {
@@ -350,24 +642,35 @@ impl<'a, S: Sink> Session<'a, S> {
                         self.push(&reply(354, [2, 0, 0], "End data with <CR><LF>.<CR><LF>"));
                         self.flush(io.get_mut()).await?;
                         let r = self.data(&mut io).await?;
-                        self.push(&r);
                         self.reset();
+                        if r.code == 550 && r.status == BARE_NEWLINE {
+                            return self.close(io.get_mut(), &r).await;
+                        }
+                        if r.is_positive() {
+                            self.junk = 0;
+                        }
+                        self.push(&r);
                     }
                 }
                 Request::Bdat { .. } => self.push(&reply(502, [5, 5, 1], "BDAT is not offered; use DATA")),
                 Request::Rset => {
+                    self.junk();
                     self.reset();
                     self.push(&reply(250, [2, 0, 0], "Ok"));
                 }
-                Request::Noop { .. } => self.push(&reply(250, [2, 0, 0], "Ok")),
-                Request::Vrfy { .. } => self.push(&reply(252, [2, 5, 0], "Send some mail and see")),
-                Request::Help { .. } => self.push(&reply(214, [2, 0, 0], "See RFC 5321")),
-                Request::Quit => {
-                    self.push(&reply(221, [2, 0, 0], "Bye"));
-                    self.flush(io.get_mut()).await?;
-                    let _ = io.get_mut().shutdown().await;
-                    return Ok(Outcome::Closed);
+                Request::Noop { .. } => {
+                    self.junk();
+                    self.push(&reply(250, [2, 0, 0], "Ok"));
                 }
+                Request::Vrfy { .. } => {
+                    self.junk();
+                    self.push(&reply(252, [2, 5, 0], "Send some mail and see"));
+                }
+                Request::Help { .. } => {
+                    self.junk();
+                    self.push(&reply(214, [2, 0, 0], "See RFC 5321"));
+                }
+                Request::Quit => return self.close(io.get_mut(), &reply(221, [2, 0, 0], "Bye")).await,
                 Request::StartTls => {
                     if self.tls {
                         self.push(&reply(503, [5, 5, 1], "Already under TLS"));
@@ -402,29 +705,44 @@ impl<'a, S: Sink> Session<'a, S> {
         }
     }
 
-    /// Reads message data up to the lone dot, then hands it to the sink.
+    /// Reads message data up to `<CR><LF>.<CR><LF>`, then hands it to the sink.
     async fn data<IO: AsyncRead + Unpin>(&mut self, io: &mut BufReader<IO>) -> io::Result<Reply> {
         let mut message = Vec::new();
-        let (mut too_long, mut too_big) = (false, false);
+        let (mut too_long, mut too_big, mut bare) = (false, false, false);
+        // The DATA command line ended the previous line.
+        let mut after_crlf = true;
         loop {
-            let line = tokio::time::timeout(self.config.data_timeout, read_line(io, MAX_LINE))
+            let wait = self.config.data_timeout.min(self.remaining());
+            let line = tokio::time::timeout(wait, read_line(io, MAX_LINE))
                 .await
                 .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "timeout in DATA"))??;
             match line {
                 Line::Eof => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed in DATA")),
-                Line::TooLong => too_long = true,
-                Line::Ok(l) if l == b"." => break,
-                Line::Ok(l) => {
+                Line::TooLong => {
+                    too_long = true;
+                    after_crlf = true;
+                }
+                // Only a dot alone between two CRLFs ends the data.
+                Line::Ok(l, true) if after_crlf && l == b"." => break,
+                Line::Ok(l, crlf) => {
+                    if !crlf || l.contains(&b'\r') {
+                        bare = true;
+                    }
+                    after_crlf = crlf;
                     let l = l.strip_prefix(b".").unwrap_or(&l);
                     if message.len() + l.len() + 2 > self.config.read_limit {
                         too_big = true;
                     }
-                    if !too_big && !too_long {
+                    if !too_big && !too_long && !bare {
                         message.extend_from_slice(l);
                         message.extend_from_slice(b"\r\n");
                     }
                 }
             }
+        }
+        if bare {
+            warn!(peer = %self.peer, "Bare <LF> or <CR> in DATA (SMTP smuggling?); message refused.");
+            return Ok(reply(550, BARE_NEWLINE, "Message refused: bare <LF> or <CR> received"));
         }
         if too_long {
             return Ok(reply(500, [5, 5, 2], "Line too long; message refused"));
@@ -464,13 +782,156 @@ fn parse_error(e: &ParseError) -> Reply {
 mod tests {
     use super::*;
 
+    /// Accepts `@example.org` and keeps every message it is given.
+    #[derive(Default)]
+    struct Keep(Mutex<Vec<Vec<u8>>>);
+
+    impl Sink for Keep {
+        async fn recipient(&self, _from: &str, to: &str) -> Result<(), Reply> {
+            if to.ends_with("@example.org") {
+                Ok(())
+            } else {
+                Err(Reply::new(550, [5, 7, 1], "no"))
+            }
+        }
+
+        async fn message(&self, _envelope: Envelope, data: Vec<u8>) -> Reply {
+            self.0.lock().unwrap().push(data);
+            Reply::new(250, [2, 0, 0], "Ok")
+        }
+    }
+
+    fn peer() -> SocketAddr {
+        "192.0.2.1:2525".parse().unwrap()
+    }
+
+    /// Runs a session on `input` (then end of input); returns the replies and what the sink kept.
+    async fn converse(config: &ListenerConfig, input: &[u8]) -> (String, Vec<Vec<u8>>) {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let sink = Keep::default();
+        let (mut r, mut w) = tokio::io::split(client);
+        w.write_all(input).await.unwrap();
+        w.shutdown().await.unwrap();
+        let stop = CancellationToken::new();
+        let session = run_session(server, peer(), config, &sink, None, &stop);
+        let mut out = Vec::new();
+        let (result, _) = tokio::join!(session, tokio::io::AsyncReadExt::read_to_end(&mut r, &mut out));
+        result.unwrap();
+        (String::from_utf8_lossy(&out).into_owned(), sink.0.into_inner().unwrap())
+    }
+
+    const HEAD: &[u8] = b"EHLO client.test\r\nMAIL FROM:<a@client.test>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n";
+
+    #[tokio::test]
+    async fn a_bare_lf_never_ends_data_and_smuggling_is_refused() {
+        let config = ListenerConfig::new("mx.test", 10_000);
+        let mut input = HEAD.to_vec();
+        input.extend_from_slice(
+            b"Subject: hi\r\n\r\nhi\n.\r\nMAIL FROM:<evil@attacker.test>\r\nRCPT TO:<victim@example.org>\r\nDATA\r\n\
+              From: ceo@bank.example\r\n\r\nsmuggled\r\n.\r\nQUIT\r\n",
+        );
+        let (replies, kept) = converse(&config, &input).await;
+        assert!(kept.is_empty(), "nothing is delivered: {kept:?}");
+        assert!(replies.contains("550 5.5.2"), "{replies}");
+        // The session ends with the refusal: the smuggled commands were never read as commands.
+        assert!(!replies.contains("221"), "{replies}");
+        assert_eq!(replies.matches("354").count(), 1, "{replies}");
+    }
+
+    #[tokio::test]
+    async fn a_bare_cr_in_data_is_refused_and_proper_crlf_mail_passes() {
+        let config = ListenerConfig::new("mx.test", 10_000);
+        let mut input = HEAD.to_vec();
+        input.extend_from_slice(b"hi\r.\r\nMAIL FROM:<e@x>\r\n.\r\n");
+        let (replies, kept) = converse(&config, &input).await;
+        assert!(kept.is_empty() && replies.contains("550 5.5.2"), "{replies}");
+
+        let mut input = HEAD.to_vec();
+        input.extend_from_slice(b"Subject: ok\r\n\r\n..dot\r\nline\r\n.\r\nQUIT\r\n");
+        let (replies, kept) = converse(&config, &input).await;
+        assert_eq!(kept, vec![b"Subject: ok\r\n\r\n.dot\r\nline\r\n".to_vec()], "{replies}");
+        assert!(replies.contains("221"), "{replies}");
+    }
+
+    #[tokio::test]
+    async fn junk_commands_end_the_session() {
+        let mut config = ListenerConfig::new("mx.test", 10_000);
+        config.junk_command_limit = 5;
+        let input = b"NOOP\r\n".repeat(1000);
+        let (replies, _) = converse(&config, &input).await;
+        assert_eq!(replies.matches("250 2.0.0 Ok").count(), 5 + MAX_ERRORS as usize, "{replies}");
+        assert!(replies.ends_with("421 4.7.0 Too many errors; closing\r\n"), "{replies}");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_does_not_read_is_dropped_after_the_write_timeout() {
+        let mut config = ListenerConfig::new("mx.test", 10_000);
+        config.command_timeout = Duration::from_millis(500);
+        config.junk_command_limit = u32::MAX;
+        // A tiny pipe that the client never reads; it keeps its input from running dry.
+        let (client, server) = tokio::io::duplex(256);
+        let (_r, mut w) = tokio::io::split(client);
+        let writer = tokio::spawn(async move {
+            for _ in 0..100_000 {
+                if w.write_all(b"HELP\r\nHELP\r\nHE").await.is_err() || w.write_all(b"LP\r\n").await.is_err() {
+                    break;
+                }
+            }
+        });
+        let sink = Keep::default();
+        let started = Instant::now();
+        let result = run_session(server, peer(), &config, &sink, None, &CancellationToken::new()).await;
+        assert_eq!(result.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        assert!(started.elapsed() < Duration::from_secs(30));
+        writer.abort();
+    }
+
+    #[test]
+    fn the_anvil_limits_one_address_and_not_another() {
+        let anvil = Anvil::new(ClientLimits {
+            max_connections: 2,
+            connection_rate: 3,
+            message_rate: 1,
+            exempt: vec![parse_network("10.0.0.0/8").unwrap()],
+        });
+        let (a, b): (IpAddr, IpAddr) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        let first = anvil.admit(a).unwrap();
+        let _second = anvil.admit(a).unwrap();
+        assert_eq!(anvil.admit(a).err(), Some(Refused::Connections));
+        let _other = anvil.admit(b).unwrap();
+        drop(first);
+        let _third = anvil.admit(a).unwrap();
+        // Three connections this minute: the rate stops the fourth even with a free slot.
+        drop(_third);
+        assert_eq!(anvil.admit(a).err(), Some(Refused::ConnectionRate));
+        assert!(anvil.message(a).is_ok());
+        assert_eq!(anvil.message(a), Err(Refused::MessageRate));
+        for _ in 0..10 {
+            std::mem::forget(anvil.admit("10.1.2.3".parse().unwrap()).unwrap());
+        }
+        assert!(anvil.message("::ffff:10.0.0.1".parse().unwrap()).is_ok());
+    }
+
+    #[test]
+    fn networks_parse_and_match() {
+        let (n, b) = parse_network("127.0.0.0/8").unwrap();
+        assert!(in_network("127.9.9.9".parse().unwrap(), n, b));
+        assert!(!in_network("128.0.0.1".parse().unwrap(), n, b));
+        assert!(in_network("::ffff:127.0.0.2".parse().unwrap(), n, b));
+        let (n, b) = parse_network("::1").unwrap();
+        assert!(in_network("::1".parse().unwrap(), n, b) && !in_network("::2".parse().unwrap(), n, b));
+        let (n, b) = parse_network("0.0.0.0/0").unwrap();
+        assert!(in_network("8.8.8.8".parse().unwrap(), n, b));
+        assert!(parse_network("10.0.0.0/33").is_err() && parse_network("nope").is_err());
+    }
+
     #[tokio::test]
     async fn read_line_caps_and_recovers() {
         let input: &[u8] = b"short\r\nxxxxxxxxxxxxxxxxxxxx\r\nbare lf\nend";
         let mut r = BufReader::with_capacity(4, input);
-        assert!(matches!(read_line(&mut r, 10).await.unwrap(), Line::Ok(l) if l == b"short"));
+        assert!(matches!(read_line(&mut r, 10).await.unwrap(), Line::Ok(l, true) if l == b"short"));
         assert!(matches!(read_line(&mut r, 10).await.unwrap(), Line::TooLong));
-        assert!(matches!(read_line(&mut r, 10).await.unwrap(), Line::Ok(l) if l == b"bare lf"));
+        assert!(matches!(read_line(&mut r, 10).await.unwrap(), Line::Ok(l, false) if l == b"bare lf"));
         assert!(matches!(read_line(&mut r, 10).await.unwrap(), Line::Eof));
     }
 }
