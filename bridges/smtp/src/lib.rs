@@ -5,6 +5,7 @@
 pub mod listener;
 pub mod smarthost;
 
+use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -67,4 +68,58 @@ pub trait Sink: Send + Sync + 'static {
 
     /// Takes a whole message (CRLF line ends, dot-stuffing removed).
     fn message(&self, envelope: Envelope, data: Vec<u8>) -> impl Future<Output = Reply> + Send;
+}
+
+/// `data` with CRLF line ends only: a bare LF or a bare CR becomes CRLF.
+///
+/// Whatever a message's author wrote, what goes out on the wire can then
+/// neither end `DATA` early at a receiver that accepts `<LF>.<CR><LF>` (SMTP
+/// smuggling) nor escape dot-stuffing, which works line by line on CRLF.
+pub fn crlf_only(data: &[u8]) -> Cow<'_, [u8]> {
+    let clean = data.iter().enumerate().all(|(i, &b)| match b {
+        b'\r' => data.get(i + 1) == Some(&b'\n'),
+        b'\n' => i > 0 && data[i - 1] == b'\r',
+        _ => true,
+    });
+    if clean {
+        return Cow::Borrowed(data);
+    }
+    let mut out = Vec::with_capacity(data.len() + data.len() / 16);
+    let mut i = 0;
+    while i < data.len() {
+        match data[i] {
+            b'\r' if data.get(i + 1) == Some(&b'\n') => {
+                out.extend_from_slice(b"\r\n");
+                i += 1;
+            }
+            b'\r' | b'\n' => out.extend_from_slice(b"\r\n"),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::crlf_only;
+
+    #[test]
+    fn crlf_only_leaves_no_bare_lf_or_cr() {
+        assert_eq!(&*crlf_only(b"a\r\nb\r\n"), b"a\r\nb\r\n");
+        assert!(matches!(crlf_only(b"a\r\nb"), std::borrow::Cow::Borrowed(_)));
+        assert_eq!(&*crlf_only(b"hi\n.\r\nMAIL FROM:<e@x>\r"), b"hi\r\n.\r\nMAIL FROM:<e@x>\r\n");
+        assert_eq!(&*crlf_only(b"\n\r\r\n\r"), b"\r\n\r\n\r\n\r\n");
+        for input in [&b"x\ny\rz\r\r\n\n"[..], b"\r", b"\n\n", b""] {
+            let out = crlf_only(input);
+            for (i, &b) in out.iter().enumerate() {
+                if b == b'\r' {
+                    assert_eq!(out.get(i + 1), Some(&b'\n'), "{input:?}");
+                }
+                if b == b'\n' {
+                    assert!(i > 0 && out[i - 1] == b'\r', "{input:?}");
+                }
+            }
+        }
+    }
 }

@@ -53,6 +53,9 @@ pub struct SendError {
 /// A pooled connection to the smarthost.
 pub struct Smarthost {
     transport: AsyncSmtpTransport<Tokio1Executor>,
+    /// Bounds a whole relay (connect, TLS, every command and the data):
+    /// lettre's own timeout covers the connect and each reply, not writes.
+    deadline: Duration,
 }
 
 impl Smarthost {
@@ -82,7 +85,7 @@ impl Smarthost {
         if let Some((user, password)) = &config.credentials {
             builder = builder.credentials(Credentials::new(user.clone(), password.clone()));
         }
-        Ok(Self { transport: builder.build() })
+        Ok(Self { transport: builder.build(), deadline: config.timeout.saturating_mul(4) })
     }
 
     /// Relays `data` from `from` (empty: the null sender) to `to`.
@@ -98,9 +101,12 @@ impl Smarthost {
         let to = to.iter().map(|a| a.parse::<Address>().map_err(|e| bad(a, e))).collect::<Result<Vec<_>, _>>()?;
         let envelope = LettreEnvelope::new(from, to)
             .map_err(|e| SendError { permanent: true, text: format!("bad envelope: {e}") })?;
-        match self.transport.send_raw(&envelope, data).await {
-            Ok(_) => Ok(()),
-            Err(e) => Err(SendError { permanent: e.is_permanent(), text: e.to_string() }),
+        // lettre dot-stuffs line by line on CRLF; make sure there is nothing else.
+        let data = crate::crlf_only(data);
+        match tokio::time::timeout(self.deadline, self.transport.send_raw(&envelope, &data)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(SendError { permanent: e.is_permanent(), text: e.to_string() }),
+            Err(_) => Err(SendError { permanent: false, text: format!("the smarthost took over {:?}", self.deadline) }),
         }
     }
 }
