@@ -133,15 +133,36 @@ impl Client {
         identity: Option<Arc<Identity>>,
         pins: &dyn PinStore,
     ) -> Result<Self, ClientError> {
-        let tcp = tokio::time::timeout(Duration::from_secs(30), TcpStream::connect(addr))
+        Self::connect_within(addr, host, identity, pins, Duration::from_secs(30)).await
+    }
+
+    /// As [`Client::connect`], with at most `timeout` for the TCP connection
+    /// and the TLS handshake together (a server that accepts and then says
+    /// nothing cannot hold the caller).
+    ///
+    /// # Errors
+    /// [`ClientError::Connect`] (also when the time is up) or [`ClientError::Tls`].
+    pub async fn connect_within(
+        addr: SocketAddr,
+        host: &str,
+        identity: Option<Arc<Identity>>,
+        pins: &dyn PinStore,
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        let timed_out = || ClientError::Connect {
+            addr: addr.to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect or TLS handshake timed out"),
+        };
+        let started = tokio::time::Instant::now();
+        let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
             .await
-            .map_err(|_| ClientError::Connect {
-                addr: addr.to_string(),
-                source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
-            })?
+            .map_err(|_| timed_out())?
             .map_err(|source| ClientError::Connect { addr: addr.to_string(), source })?;
         let _ = tcp.set_nodelay(true);
-        let stream = tls::connect(tcp, host, addr.port(), identity.as_deref(), pins).await?;
+        let left = timeout.saturating_sub(started.elapsed());
+        let stream = tokio::time::timeout(left, tls::connect(tcp, host, addr.port(), identity.as_deref(), pins))
+            .await
+            .map_err(|_| timed_out())??;
         let server_cert =
             tls::server_certificate(&stream).ok_or_else(|| ClientError::Unexpected("no server certificate".into()))?;
         Ok(Self { conn: Connection::new(stream), server_cert, identity })

@@ -24,15 +24,34 @@ pub enum ReadError {
     Timeout,
 }
 
+/// How long a write may wait for a peer that does not read, unless set otherwise.
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Frames over a stream.
+///
+/// Every write is bounded by a timeout, so a peer that stops reading cannot
+/// hold a session (and what it has queued for it) forever; reads take their
+/// timeout as an argument.
 pub struct Connection<S> {
     framed: Framed<S, FrameCodec>,
+    write_timeout: Duration,
+}
+
+fn write_timed_out() -> WireError {
+    WireError::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, "the peer does not read"))
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Wraps a connected stream.
     pub fn new(stream: S) -> Self {
-        Self { framed: Framed::with_capacity(stream, FrameCodec::new(), 8 * 1024) }
+        Self { framed: Framed::with_capacity(stream, FrameCodec::new(), 8 * 1024), write_timeout: DEFAULT_WRITE_TIMEOUT }
+    }
+
+    /// Sets the longest a write may take.
+    #[must_use]
+    pub fn with_write_timeout(mut self, timeout: Duration) -> Self {
+        self.write_timeout = timeout;
+        self
     }
 
     /// The stream underneath.
@@ -70,7 +89,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// # Errors
     /// [`WireError`] if the frame cannot be encoded or written.
     pub async fn feed(&mut self, frame: impl Into<Frame>) -> Result<(), WireError> {
-        self.framed.feed(frame.into()).await
+        tokio::time::timeout(self.write_timeout, self.framed.feed(frame.into())).await.map_err(|_| write_timed_out())?
     }
 
     /// Writes a frame and flushes.
@@ -78,7 +97,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// # Errors
     /// [`WireError`] if the frame cannot be encoded or written.
     pub async fn send(&mut self, frame: impl Into<Frame>) -> Result<(), WireError> {
-        self.framed.send(frame.into()).await
+        tokio::time::timeout(self.write_timeout, self.framed.send(frame.into())).await.map_err(|_| write_timed_out())?
     }
 
     /// Flushes queued frames.
@@ -86,7 +105,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// # Errors
     /// [`WireError::Io`] if the stream fails.
     pub async fn flush(&mut self) -> Result<(), WireError> {
-        SinkExt::<Frame>::flush(&mut self.framed).await
+        tokio::time::timeout(self.write_timeout, SinkExt::<Frame>::flush(&mut self.framed))
+            .await
+            .map_err(|_| write_timed_out())?
     }
 
     /// Sends `code` (best effort) and closes the stream (TLS close_notify).
@@ -99,7 +120,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// Closes the stream without a status line.
     pub async fn close(&mut self) {
-        let _ = SinkExt::<Frame>::flush(&mut self.framed).await;
-        let _ = self.framed.get_mut().shutdown().await;
+        let _ = self.flush().await;
+        let _ = tokio::time::timeout(self.write_timeout, self.framed.get_mut().shutdown()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::Command;
+
+    #[tokio::test]
+    async fn a_peer_that_does_not_read_cannot_hold_a_write() {
+        // A pipe of 64 octets whose other end is never read.
+        let (ours, _theirs) = tokio::io::duplex(64);
+        let mut conn = Connection::new(ours).with_write_timeout(Duration::from_millis(200));
+        let started = std::time::Instant::now();
+        let mut result = Ok(());
+        for _ in 0..1000 {
+            result = conn.send(Command::Quit).await;
+            if result.is_err() {
+                break;
+            }
+        }
+        assert!(matches!(result, Err(WireError::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut));
+        assert!(started.elapsed() < Duration::from_secs(10));
     }
 }
