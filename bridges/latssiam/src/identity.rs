@@ -296,17 +296,20 @@ impl Identity {
             let path = path.display().to_string();
             move |source| IdentityError::Io { path, source }
         };
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
-        let key_path = dir.join("key.pem");
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut file = options.open(&key_path).map_err(io(&key_path))?;
-        use std::io::Write as _;
-        file.write_all(self.key_pem().as_bytes()).and_then(|()| file.sync_all()).map_err(io(&key_path))?;
+        crate::files::create_private_dir(dir).map_err(io(dir))?;
+        // An identity is there once its certificate is: refuse to replace one.
+        // A key without a certificate is what a crash between the two writes
+        // leaves; it is replaced.
         let cert_path = dir.join("cert.pem");
-        std::fs::write(&cert_path, self.cert_pem()).map_err(io(&cert_path))?;
+        if cert_path.exists() {
+            return Err(IdentityError::Io {
+                path: cert_path.display().to_string(),
+                source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "an identity is already there"),
+            });
+        }
+        let key_path = dir.join("key.pem");
+        crate::files::write_atomic(&key_path, self.key_pem().as_bytes(), 0o600).map_err(io(&key_path))?;
+        crate::files::write_atomic(&cert_path, self.cert_pem().as_bytes(), 0o644).map_err(io(&cert_path))?;
         Ok(())
     }
 

@@ -5,6 +5,7 @@
 //! - [`identity`]: X.509 identities, addresses and LATSSIAM URLs.
 //! - [`crypto`]: CMS sealing, opening, signing and verifying, interoperable
 //!   with `openssl cms`.
+//! - [`files`]: private directories and atomic file writes.
 //! - [`group_commit`]: one fsync for many concurrent sled writers.
 //! - [`tls`]: rustls configurations with Trust On First Use in both directions.
 //! - [`attest`]: attestations of a server's key by mailbox owners.
@@ -14,6 +15,7 @@ pub mod attest;
 pub mod client;
 pub mod conn;
 pub mod crypto;
+pub mod files;
 pub mod fingerprint;
 pub mod group_commit;
 pub mod identity;

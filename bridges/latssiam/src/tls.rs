@@ -155,7 +155,7 @@ impl FilePins {
     fn write(&self, pins: &BTreeMap<String, Fingerprint>) -> io::Result<()> {
         use std::io::Write as _;
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)?;
+            crate::files::create_private_dir(dir)?;
         }
         let tmp = self.path.with_extension("tmp");
         let mut f = std::fs::File::create(&tmp)?;
