@@ -50,6 +50,23 @@ pub fn strip_formatting(s: &str) -> String {
     out
 }
 
+/// Makes text heard on IRC safe to relay elsewhere (into a mail header or
+/// body): mIRC formatting removed, CR and LF (and NEL, LS, PS) become spaces,
+/// every other control character (C0 but TAB, DEL, C1) is removed. The bot
+/// passes every text, nick and channel of an [`Event`](crate::Event) through
+/// it; it is idempotent.
+pub fn clean_text(s: &str) -> String {
+    strip_formatting(s)
+        .chars()
+        .filter_map(|c| match c {
+            '\r' | '\n' | '\u{85}' | '\u{2028}' | '\u{2029}' => Some(' '),
+            '\t' => Some('\t'),
+            c if c.is_control() => None,
+            c => Some(c),
+        })
+        .collect()
+}
+
 /// Makes text safe as the trailing parameter of one IRC line: CR, LF and NUL
 /// become spaces and CTCP's `\x01` is removed, so it can never start another
 /// command or a CTCP request.
@@ -109,6 +126,16 @@ mod tests {
     #[test]
     fn nothing_can_inject() {
         assert_eq!(sanitize("hi\r\nQUIT :bye\0\x01ACTION x\x01"), "hi  QUIT :bye ACTION x");
+    }
+
+    #[test]
+    fn relayed_text_has_no_controls() {
+        let dirty = "a\rb\nc\0d\x01e\x07f\tg\x7fh\u{85}i\u{9b}j\u{2028}k \x0304red\x03 \x02b\x02";
+        let clean = clean_text(dirty);
+        assert_eq!(clean, "a b cdef\tgh ij k red b");
+        assert!(!clean.chars().any(|c| c.is_control() && c != '\t'));
+        assert_eq!(clean_text(&clean), clean, "idempotent");
+        assert_eq!(clean_text("grüße ☺"), "grüße ☺");
     }
 
     #[test]

@@ -7,7 +7,11 @@
 //! `irc` crate) to parse and build messages, because what bridges get wrong
 //! with the `irc` client lives in its client half:
 //! - every line goes through a paced queue (token bucket: `burst`, then
-//!   `lines_per_second`), PONG and registration lines ahead of relayed ones;
+//!   `lines_per_second`): PONG and registration lines ahead of everything,
+//!   then answers to private messages (at most 32 waiting, more dropped) and
+//!   posted lines taking turns;
+//! - connecting (with the TLS handshake) and every write are bounded by
+//!   `timeout`, and no line read is kept beyond 8,192 octets;
 //! - bodies are split here, one line per PRIVMSG, with CR, LF, NUL and `\x01`
 //!   made harmless, and sized for the 512-octet limit *including* the
 //!   `:nick!user@host` prefix others receive (learnt with USERHOST);
@@ -36,6 +40,12 @@ use tracing::{debug, info, warn};
 
 /// The longest line we read; longer ones are cut (IRCv3 tags can be long).
 const MAX_READ: usize = 8192;
+/// Most answers to private messages waiting to be sent; more are dropped.
+const MAX_REPLIES: usize = 32;
+/// Most protocol lines waiting (more only from a server flooding PINGs); more are dropped.
+const MAX_URGENT: usize = 256;
+/// Most PRIVMSG lines one post becomes; the rest is dropped.
+const MAX_POST_LINES: usize = 1000;
 
 /// Bot settings.
 #[derive(Debug, Clone)]
@@ -69,6 +79,9 @@ pub struct IrcConfig {
     pub reconnect_min: Duration,
     /// Longest reconnection delay.
     pub reconnect_max: Duration,
+    /// Longest time for connecting (TCP and TLS handshake) and for any write
+    /// to the server; a write that takes longer ends the connection.
+    pub timeout: Duration,
 }
 
 /// What happened on IRC.
@@ -82,7 +95,8 @@ pub enum Event {
         nick: String,
         /// What kind of thing.
         kind: Kind,
-        /// The text (formatting removed), if any.
+        /// The text, if any (formatting and control characters removed, as
+        /// from every text, nick and channel of an event: [`format::clean_text`]).
         text: String,
     },
     /// The bot (re)connected and joined all its channels.
@@ -233,10 +247,21 @@ async fn run<S: IrcSink>(
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
+/// `io`, or a `TimedOut` error once `limit` has passed.
+async fn timed<T>(limit: Duration, what: &str, io: impl Future<Output = std::io::Result<T>>) -> std::io::Result<T> {
+    match tokio::time::timeout(limit, io).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{what} timed out after {limit:?}"))),
+    }
+}
+
+/// Connects, TCP and TLS handshake together within `config.timeout`.
 async fn connect(config: &IrcConfig) -> std::io::Result<Box<dyn Stream>> {
-    let tcp = tokio::time::timeout(Duration::from_secs(30), TcpStream::connect((config.server.as_str(), config.port)))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    timed(config.timeout.max(Duration::from_secs(1)), "connecting to IRC", connect_untimed(config)).await
+}
+
+async fn connect_untimed(config: &IrcConfig) -> std::io::Result<Box<dyn Stream>> {
+    let tcp = TcpStream::connect((config.server.as_str(), config.port)).await?;
     let _ = tcp.set_nodelay(true);
     if !config.tls {
         return Ok(Box::new(tcp));
@@ -334,8 +359,7 @@ struct Session<'a, S> {
     registered: bool,
     /// The length of `nick!user@host` as others see it (a guess until USERHOST answers).
     prefix_len: usize,
-    urgent: VecDeque<String>,
-    normal: VecDeque<String>,
+    out: Outgoing,
     /// Completion of the post whose lines are in `normal`.
     current: Option<oneshot::Sender<()>>,
     tokens: f64,
@@ -355,8 +379,7 @@ impl<'a, S: IrcSink> Session<'a, S> {
             nick_index: 0,
             registered: false,
             prefix_len: config.nick.len() + 1 + 10 + 1 + 63,
-            urgent: VecDeque::new(),
-            normal: VecDeque::new(),
+            out: Outgoing::default(),
             current: None,
             tokens: config.burst,
             refilled: Instant::now(),
@@ -367,7 +390,7 @@ impl<'a, S: IrcSink> Session<'a, S> {
     }
 
     fn send_urgent(&mut self, command: Command) {
-        self.urgent.push_back(Message::from(command).to_string());
+        self.out.urgent(Message::from(command).to_string());
     }
 
     /// When the next line may go out (token bucket).
@@ -391,8 +414,9 @@ impl<'a, S: IrcSink> Session<'a, S> {
     ) -> Result<(), SessionEnd> {
         let (read, mut write) = tokio::io::split(stream);
         let mut reader = BufReader::new(read);
+        let timeout = self.config.timeout.max(Duration::from_secs(1));
         if self.config.sasl.is_some() {
-            self.urgent.push_back("CAP REQ :sasl".into());
+            self.out.urgent("CAP REQ :sasl".into());
         }
         self.send_urgent(Command::NICK(self.nick.clone()));
         self.send_urgent(Command::USER(self.config.nick.clone(), "0".into(), "latssiam-bridge".into()));
@@ -400,11 +424,11 @@ impl<'a, S: IrcSink> Session<'a, S> {
         let mut pinged = false;
         let mut buf = Vec::new();
         loop {
-            let sending = !self.urgent.is_empty() || !self.normal.is_empty();
+            let sending = !self.out.is_empty();
             let send_at = if sending { self.next_send() } else { Instant::now() + Duration::from_secs(3600) };
             let ping_at = last_heard + self.config.ping_interval * if pinged { 2 } else { 1 };
             let can_take =
-                self.registered && self.normal.is_empty() && self.current.is_none() && *self.joined_tx.borrow();
+                self.registered && self.out.normal.is_empty() && self.current.is_none() && *self.joined_tx.borrow();
             tokio::select! {
                 r = read_line(&mut reader, &mut buf) => {
                     match r {
@@ -423,23 +447,21 @@ impl<'a, S: IrcSink> Session<'a, S> {
                     self.queue_post(post);
                 }
                 () = tokio::time::sleep_until(send_at), if sending => {
-                    // Urgent lines (PONG, registration) first; relayed lines after.
-                    let line = match self.urgent.pop_front() {
-                        Some(l) => l,
-                        None => match self.normal.pop_front() {
-                            Some(l) => l,
-                            None => continue,
-                        },
-                    };
+                    // Urgent lines (PONG, registration) first; replies and posts after.
+                    let Some(line) = self.out.next() else { continue };
                     self.tokens -= 1.0;
                     let mut out = line.trim_end_matches(['\r', '\n']).to_owned();
                     out.push_str("\r\n");
-                    if let Err(e) = write.write_all(out.as_bytes()).await {
+                    // A server that stops reading must not hold the bot: a slow write ends the session.
+                    let written = timed(timeout, "writing to IRC", async {
+                        write.write_all(out.as_bytes()).await?;
+                        write.flush().await
+                    });
+                    if let Err(e) = written.await {
                         return Err(SessionEnd::Lost(e.to_string()));
                     }
-                    if self.normal.is_empty() {
+                    if self.out.normal.is_empty() {
                         if let Some(done) = self.current.take() {
-                            let _ = write.flush().await;
                             let _ = done.send(());
                         }
                     }
@@ -456,27 +478,50 @@ impl<'a, S: IrcSink> Session<'a, S> {
                     self.send_urgent(Command::NICK(self.config.nick.clone()));
                 }
                 () = shutdown.cancelled() => {
-                    let _ = write.write_all(b"QUIT :latssiam-bridge shutting down\r\n").await;
-                    let _ = write.flush().await;
+                    let _ = timed(timeout, "writing to IRC", async {
+                        write.write_all(b"QUIT :latssiam-bridge shutting down\r\n").await?;
+                        write.flush().await
+                    })
+                    .await;
                     return Ok(());
                 }
             }
         }
     }
 
-    fn queue_post(&mut self, post: Post) {
-        let target = format::sanitize(&post.target).replace(' ', "");
-        // What others receive: ":" prefix " PRIVMSG " target " :" text "\r\n" within 512.
+    /// The budget for the text of a PRIVMSG or NOTICE to `target`: what others
+    /// receive, ":" prefix " PRIVMSG " target " :" text "\r\n", within 512.
+    fn text_budget(&self, target: &str) -> usize {
         let overhead = 1 + self.prefix_len + 9 + target.len() + 2 + 2;
-        let budget = 512usize.saturating_sub(overhead).max(16);
+        512usize.saturating_sub(overhead).max(16)
+    }
+
+    fn queue_post(&mut self, post: Post) {
+        // One target: no spaces, no comma (a target list), no leading ':' (a trailing parameter).
+        let target: String = format::sanitize(&post.target).chars().filter(|c| !matches!(c, ' ' | ',')).collect();
+        let target = target.trim_start_matches(':').to_owned();
+        if target.is_empty() {
+            warn!(target_name = %post.target, "An IRC post without a usable target; dropped.");
+            let _ = post.done.send(());
+            return;
+        }
+        let budget = self.text_budget(&target);
+        let mut cut = 0usize;
         for line in post.lines {
             let line = format::sanitize(&line);
             for piece in format::split_to_fit(&line, budget) {
+                if self.out.normal.len() >= MAX_POST_LINES {
+                    cut += 1;
+                    continue;
+                }
                 let text = if piece.is_empty() { " ".to_owned() } else { piece };
-                self.normal.push_back(format!("PRIVMSG {target} :{text}"));
+                self.out.normal.push_back(format!("PRIVMSG {target} :{text}"));
             }
         }
-        if self.normal.is_empty() {
+        if cut > 0 {
+            warn!(target_name = %target, cut, max = MAX_POST_LINES, "An IRC post was too long; its end was dropped.");
+        }
+        if self.out.normal.is_empty() {
             let _ = post.done.send(());
         } else {
             self.current = Some(post.done);
@@ -515,7 +560,7 @@ impl<'a, S: IrcSink> Session<'a, S> {
             Command::CAP(_, sub, _, params) => {
                 let text = format!("{sub:?} {}", params.unwrap_or_default());
                 if text.starts_with("ACK") && text.contains("sasl") {
-                    self.urgent.push_back("AUTHENTICATE PLAIN".into());
+                    self.out.urgent("AUTHENTICATE PLAIN".into());
                 } else if text.starts_with("NAK") {
                     return Err(SessionEnd::Fatal(IrcError::Sasl("the server does not offer SASL".into())));
                 }
@@ -524,7 +569,7 @@ impl<'a, S: IrcSink> Session<'a, S> {
                 if let Some((user, password)) = &self.config.sasl {
                     let payload = format!("{user}\0{user}\0{password}");
                     let b64 = base64::engine::general_purpose::STANDARD.encode(payload);
-                    self.urgent.push_back(format!("AUTHENTICATE {b64}"));
+                    self.out.urgent(format!("AUTHENTICATE {b64}"));
                 }
             }
             Command::Response(response, args) => self.response(response, &args)?,
@@ -542,7 +587,7 @@ impl<'a, S: IrcSink> Session<'a, S> {
                     if all && !*self.joined_tx.borrow() {
                         let _ = self.joined_tx.send(true);
                         info!(nick = %self.nick, "Joined the IRC channels.");
-                        let _ = self.sink.event(Event::Joined).await;
+                        let _ = self.emit(Event::Joined).await;
                     }
                 } else {
                     self.members.entry(key).or_default().insert(from.clone());
@@ -590,20 +635,40 @@ impl<'a, S: IrcSink> Session<'a, S> {
             None if notice => (Kind::Notice, text),
             None => (Kind::Message, text),
         };
-        let body = format::strip_formatting(body);
         if target.starts_with(['#', '&', '+', '!']) {
-            self.emit_channel(target, from, kind, body).await;
+            self.emit_channel(target, from, kind, body.to_owned()).await;
         } else if target.eq_ignore_ascii_case(&self.nick) && !notice && kind == Kind::Message {
-            let reply = self.sink.event(Event::Private { nick: from.to_owned(), text: body }).await;
+            let reply = self.emit(Event::Private { nick: from.to_owned(), text: body.to_owned() }).await;
             if let Some(reply) = reply {
-                self.send_urgent(Command::NOTICE(from.to_owned(), format::sanitize(&reply)));
+                // One line, cut to fit, in the bounded queue of replies (never ahead of a PONG).
+                let text = format::sanitize(&reply);
+                let text = format::split_to_fit(&text, self.text_budget(from)).into_iter().next().unwrap_or_default();
+                self.out.reply(Message::from(Command::NOTICE(from.to_owned(), text)).to_string());
             }
         }
     }
 
     async fn emit_channel(&mut self, channel: &str, nick: &str, kind: Kind, text: String) {
         let event = Event::Channel { channel: channel.to_owned(), nick: nick.to_owned(), kind, text };
-        let _ = self.sink.event(event).await;
+        let _ = self.emit(event).await;
+    }
+
+    /// Reports `event` to the sink: the one place IRC input leaves the bot, so
+    /// every text, nick and channel goes through [`format::clean_text`] here.
+    async fn emit(&self, event: Event) -> Option<String> {
+        let event = match event {
+            Event::Channel { channel, nick, kind, text } => Event::Channel {
+                channel: format::clean_text(&channel),
+                nick: format::clean_text(&nick),
+                kind,
+                text: format::clean_text(&text),
+            },
+            Event::Private { nick, text } => {
+                Event::Private { nick: format::clean_text(&nick), text: format::clean_text(&text) }
+            }
+            Event::Joined => Event::Joined,
+        };
+        self.sink.event(event).await
     }
 
     fn response(&mut self, response: Response, args: &[String]) -> Result<(), SessionEnd> {
@@ -649,7 +714,7 @@ impl<'a, S: IrcSink> Session<'a, S> {
                     }
                 }
             }
-            Response::RPL_SASLSUCCESS => self.urgent.push_back("CAP END".into()),
+            Response::RPL_SASLSUCCESS => self.out.urgent("CAP END".into()),
             Response::ERR_SASLFAIL | Response::ERR_SASLTOOLONG | Response::ERR_SASLABORT => {
                 return Err(SessionEnd::Fatal(IrcError::Sasl(args.last().cloned().unwrap_or_default())));
             }
@@ -659,6 +724,66 @@ impl<'a, S: IrcSink> Session<'a, S> {
             _ => {}
         }
         Ok(())
+    }
+}
+
+/// What the bot has to send, in three queues: protocol lines (PONG, PING,
+/// NICK, JOIN, CAP, AUTHENTICATE, USERHOST, NickServ) ahead of everything,
+/// then answers to private messages and the lines of the current post taking
+/// turns. Only the post's lines are not bounded here (one post at a time).
+#[derive(Default)]
+struct Outgoing {
+    urgent: VecDeque<String>,
+    replies: VecDeque<String>,
+    normal: VecDeque<String>,
+    /// Whether the last reply-or-post line sent was a reply.
+    replied_last: bool,
+    dropped_replies: u64,
+    dropped_urgent: u64,
+}
+
+impl Outgoing {
+    /// Queues a protocol line; dropped beyond [`MAX_URGENT`] waiting.
+    fn urgent(&mut self, line: String) {
+        if self.urgent.len() >= MAX_URGENT {
+            self.dropped_urgent += 1;
+            debug!(dropped = self.dropped_urgent, "Too many protocol lines waiting; one dropped.");
+            return;
+        }
+        self.urgent.push_back(line);
+    }
+
+    /// Queues an answer to someone; dropped beyond [`MAX_REPLIES`] waiting.
+    fn reply(&mut self, line: String) {
+        if self.replies.len() >= MAX_REPLIES {
+            self.dropped_replies += 1;
+            debug!(dropped = self.dropped_replies, "Too many replies waiting; one dropped.");
+            return;
+        }
+        self.replies.push_back(line);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.urgent.is_empty() && self.replies.is_empty() && self.normal.is_empty()
+    }
+
+    /// The next line to send.
+    fn next(&mut self) -> Option<String> {
+        if let Some(line) = self.urgent.pop_front() {
+            return Some(line);
+        }
+        let reply_first = !self.replied_last || self.normal.is_empty();
+        let line = if reply_first { self.replies.pop_front() } else { None };
+        match line {
+            Some(line) => {
+                self.replied_last = true;
+                Some(line)
+            }
+            None => {
+                self.replied_last = false;
+                self.normal.pop_front().or_else(|| self.replies.pop_front())
+            }
+        }
     }
 }
 
@@ -708,5 +833,164 @@ mod tests {
         buf.clear();
         assert!(read_line(&mut reader, &mut buf).await.unwrap());
         assert_eq!(buf, b"next\r\n");
+    }
+
+    #[tokio::test]
+    async fn an_overlong_line_is_cut_and_the_next_one_is_whole() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut reader = BufReader::new(server);
+        let mut buf = Vec::new();
+        let writer = tokio::spawn(async move {
+            client.write_all(&vec![b'x'; 100_000]).await.unwrap();
+            client.write_all(b"\r\nnext\r\n").await.unwrap();
+            client
+        });
+        assert!(read_line(&mut reader, &mut buf).await.unwrap());
+        assert_eq!(buf.len(), MAX_READ);
+        buf.clear();
+        assert!(read_line(&mut reader, &mut buf).await.unwrap());
+        assert_eq!(buf, b"next\r\n");
+        drop(writer.await.unwrap());
+    }
+
+    /// Records events; answers private messages with `reply`.
+    #[derive(Default)]
+    struct Recorder {
+        events: std::sync::Mutex<Vec<Event>>,
+        reply: Option<String>,
+    }
+
+    impl IrcSink for Recorder {
+        async fn event(&self, event: Event) -> Option<String> {
+            let private = matches!(event, Event::Private { .. });
+            self.events.lock().unwrap().push(event);
+            if private {
+                self.reply.clone()
+            } else {
+                None
+            }
+        }
+    }
+
+    fn config() -> IrcConfig {
+        IrcConfig {
+            server: "127.0.0.1".into(),
+            port: 6667,
+            tls: false,
+            tls_fingerprint: None,
+            nick: "bot".into(),
+            alt_nicks: Vec::new(),
+            sasl: None,
+            nickserv_password: None,
+            channels: vec![("#c".into(), None)],
+            burst: 4.0,
+            lines_per_second: 1.0,
+            ping_interval: Duration::from_secs(120),
+            reconnect_min: Duration::from_secs(1),
+            reconnect_max: Duration::from_secs(10),
+            timeout: Duration::from_millis(200),
+        }
+    }
+
+    fn post(target: &str, lines: &[&str]) -> Post {
+        Post { target: target.into(), lines: lines.iter().map(|&l| l.to_owned()).collect(), done: oneshot::channel().0 }
+    }
+
+    #[tokio::test]
+    async fn a_pong_goes_out_ahead_of_a_thousand_replies_which_stay_bounded() {
+        let config = config();
+        let sink = Recorder { reply: Some("relayed".into()), ..Recorder::default() };
+        let (joined, _) = watch::channel(false);
+        let mut session = Session::new(&config, &sink, &joined);
+        for i in 0..1000 {
+            session.handle(&format!(":flood{i}!u@h PRIVMSG bot :alice@example.org hi")).await.ok();
+        }
+        assert_eq!(sink.events.lock().unwrap().len(), 1000);
+        assert_eq!(session.out.replies.len(), MAX_REPLIES);
+        assert_eq!(session.out.dropped_replies, 1000 - MAX_REPLIES as u64);
+        session.handle(":irc.test PING :token").await.ok();
+        assert_eq!(session.out.next().as_deref(), Some("PONG token\r\n"));
+        assert_eq!(session.out.next().as_deref(), Some("NOTICE flood0 relayed\r\n"));
+    }
+
+    #[test]
+    fn replies_and_posts_take_turns_behind_protocol_lines() {
+        let mut out = Outgoing::default();
+        for i in 0..3 {
+            out.reply(format!("r{i}"));
+            out.normal.push_back(format!("p{i}"));
+        }
+        out.urgent("PONG".into());
+        let order: Vec<String> = std::iter::from_fn(|| out.next()).collect();
+        assert_eq!(order, ["PONG", "r0", "p0", "r1", "p1", "r2", "p2"]);
+        for i in 0..(MAX_URGENT + 5) {
+            out.urgent(format!("u{i}"));
+        }
+        assert_eq!(out.urgent.len(), MAX_URGENT);
+    }
+
+    #[tokio::test]
+    async fn a_post_has_one_target_and_bounded_lines() {
+        let config = config();
+        let sink = Recorder::default();
+        let (joined, _) = watch::channel(false);
+        let mut session = Session::new(&config, &sink, &joined);
+        session.queue_post(post(" :alice,#secret", &["hi\r\nQUIT"]));
+        assert_eq!(session.out.normal.pop_front().as_deref(), Some("PRIVMSG alice#secret :hi  QUIT"));
+        session.current = None;
+        let long = "y".repeat(400);
+        let lines = vec![long.as_str(); 3 * MAX_POST_LINES];
+        session.queue_post(post("#c", &lines));
+        assert_eq!(session.out.normal.len(), MAX_POST_LINES);
+    }
+
+    #[tokio::test]
+    async fn every_event_text_is_cleaned() {
+        let config = config();
+        let sink = Recorder::default();
+        let (joined, _) = watch::channel(false);
+        let mut session = Session::new(&config, &sink, &joined);
+        session.handle(":carl!u@h PRIVMSG #c :one\rFrom: x\x07 \x02bold\x02").await.ok();
+        session.handle(":carl!u@h TOPIC #c :new\rtopic\x0304red").await.ok();
+        session.handle(":carl!u@h PRIVMSG bot :alice@example.org a\rb").await.ok();
+        let events = sink.events.lock().unwrap().clone();
+        let texts: Vec<&str> = events
+            .iter()
+            .map(|e| match e {
+                Event::Channel { text, .. } | Event::Private { text, .. } => text.as_str(),
+                Event::Joined => "",
+            })
+            .collect();
+        assert_eq!(texts, ["one From: x bold", "new topicred", "alice@example.org a b"]);
+    }
+
+    #[tokio::test]
+    async fn a_server_that_does_not_read_ends_the_session() {
+        let config = config();
+        let sink = Recorder::default();
+        let (joined, _) = watch::channel(false);
+        let mut session = Session::new(&config, &sink, &joined);
+        // The server side never reads: the registration lines cannot all be written.
+        let (server, client) = tokio::io::duplex(8);
+        let (_posts_tx, mut posts) = mpsc::channel(1);
+        let shutdown = CancellationToken::new();
+        let started = Instant::now();
+        let ended = session.run(Box::new(client), &mut posts, &shutdown).await;
+        assert!(matches!(ended, Err(SessionEnd::Lost(ref why)) if why.contains("timed out")));
+        assert!(started.elapsed() < Duration::from_secs(5));
+        drop(server);
+    }
+
+    #[tokio::test]
+    async fn a_tls_handshake_that_never_answers_times_out() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let held = tokio::spawn(async move { listener.accept().await });
+        let config = IrcConfig { port, tls: true, tls_fingerprint: Some("00".into()), ..config() };
+        let started = Instant::now();
+        let e = connect(&config).await.err().unwrap();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        held.abort();
     }
 }
