@@ -181,7 +181,7 @@ pub fn contacts(command: ContactsCommand) -> Result<()> {
                         bail!("--email {e:?} is not an email address");
                     }
                 }
-                let contact = Contact { address: address.to_string(), cert, email, allow_send, server };
+                let contact = Contact { address: address.to_string(), cert, email, allow_send, server, gone: false };
                 operate(&settings, Request::ContactAdd { contact }).await
             }
             ContactsCommand::List { config } => {

@@ -194,7 +194,8 @@ pub fn run(args: ServerArgs) -> Result<()> {
 
 async fn serve(s: &Settings) -> Result<()> {
     let config = s.server_config()?;
-    std::fs::create_dir_all(&s.data_dir).with_context(|| format!("cannot create {}", s.data_dir.display()))?;
+    latssiam::files::private_data_dir(&s.data_dir)
+        .with_context(|| format!("cannot create {}", s.data_dir.display()))?;
     // Generated as server@host on first start.
     let address = Address::new("server", &s.host)?;
     let identity = Arc::new(load_or_create_identity(&s.identity_dir(), &address, &s.host)?);

@@ -92,6 +92,7 @@ pub async fn person(
         email,
         allow_send,
         server: None,
+        gone: false,
     };
     let r = admin::call(socket, &Request::ContactAdd { contact }).await.unwrap().unwrap();
     assert!(r.ok, "{}", r.text);

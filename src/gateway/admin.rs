@@ -1,10 +1,11 @@
 //! Operator commands on the queue and contacts, and the admin socket through
 //! which they reach a running gateway (sled admits one process).
 //!
-//! The socket is `<data_dir>/admin.sock` (mode 0600 by the umask of the
-//! gateway; only local users who can reach the data dir can use it). A
-//! client writes one JSON [`Request`] and a newline; the gateway answers one
-//! JSON [`Response`] and closes.
+//! The socket is `<data_dir>/admin.sock`. It is created inside the data dir,
+//! which is mode 0700, so no other user can reach it even before it is made
+//! 0600; and the gateway answers only a peer whose uid (`SO_PEERCRED`) is its
+//! own or root's. A client writes one JSON [`Request`] and a newline; the
+//! gateway answers one JSON [`Response`] and closes.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -179,8 +180,15 @@ async fn execute_inner(store: &Store, request: Request) -> Result<String, String
     }
 }
 
-/// Serves the admin socket until `shutdown`.
-pub async fn serve(listener: UnixListener, store: Arc<Store>, shutdown: CancellationToken) {
+/// Whether a peer with `uid` may use the admin socket of a gateway running as `own`.
+pub fn peer_allowed(uid: u32, own: u32) -> bool {
+    uid == own || uid == 0
+}
+
+/// Serves the admin socket until `shutdown`, to peers whose uid is `own_uid` or root's.
+pub async fn serve(listener: UnixListener, store: Arc<Store>, own_uid: u32, shutdown: CancellationToken) {
+    // Few operators at once: more wait their turn.
+    let slots = Arc::new(tokio::sync::Semaphore::new(8));
     loop {
         let stream = tokio::select! {
             a = listener.accept() => match a {
@@ -193,8 +201,21 @@ pub async fn serve(listener: UnixListener, store: Arc<Store>, shutdown: Cancella
             },
             () = shutdown.cancelled() => return,
         };
+        match stream.peer_cred() {
+            Ok(cred) if peer_allowed(cred.uid(), own_uid) => {}
+            Ok(cred) => {
+                warn!(uid = cred.uid(), "Admin socket: refused a peer of another user.");
+                continue;
+            }
+            Err(e) => {
+                warn!(error = %e, "Admin socket: cannot tell who the peer is; refused.");
+                continue;
+            }
+        }
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else { return };
         let store = Arc::clone(&store);
         tokio::spawn(async move {
+            let _slot = slot;
             let (read, mut write) = stream.into_split();
             let mut line = String::new();
             // Requests are small: at most 1 MiB is read.
@@ -208,7 +229,7 @@ pub async fn serve(listener: UnixListener, store: Arc<Store>, shutdown: Cancella
             };
             let mut out = serde_json::to_vec(&response).unwrap_or_default();
             out.push(b'\n');
-            let _ = write.write_all(&out).await;
+            let _ = tokio::time::timeout(Duration::from_secs(10), write.write_all(&out)).await;
         });
     }
 }

@@ -20,6 +20,7 @@ pub struct Settings {
     pub smarthost: SmarthostSettings,
     pub http: HttpSettings,
     pub queue: QueueSettings,
+    pub relay: RelaySettings,
     pub irc: IrcSettings,
     pub routes: HashMap<String, String>,
 }
@@ -44,6 +45,8 @@ pub struct IrcSettings {
     pub max_lines: usize,
     pub line_format: String,
     pub zero_width_names: bool,
+    pub private_messages_per_minute: u32,
+    pub timeout_secs: u64,
     pub channels: Vec<IrcChannel>,
 }
 
@@ -120,6 +123,12 @@ pub struct SmtpSettings {
     pub data_timeout_secs: u64,
     pub max_connections: usize,
     pub oversize: Oversize,
+    pub max_connections_per_client: usize,
+    pub client_connection_rate_limit: u32,
+    pub client_message_rate_limit: u32,
+    pub limit_exempt: Vec<String>,
+    pub junk_command_limit: u32,
+    pub max_session_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -156,6 +165,28 @@ pub struct QueueSettings {
     pub max_retry_secs: u64,
     pub lifetime_secs: u64,
     pub concurrency: usize,
+    pub destination_concurrency: usize,
+    pub connect_timeout_secs: u64,
+    pub max_bounces_per_hour: u32,
+}
+
+/// What LATSSIAM contacts may send out through the gateway.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelaySettings {
+    pub from_mismatch: FromMismatch,
+    pub max_recipients: usize,
+    pub messages_per_hour: u32,
+}
+
+/// What to do with a contact's message whose `From:`/`Sender:` is not theirs.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FromMismatch {
+    /// Refuse it (`52`) and tell the sender why.
+    Reject,
+    /// Send it with `From:` set to the contact's address, the original moved to `Reply-To:`.
+    Rewrite,
 }
 
 impl Settings {
@@ -194,6 +225,10 @@ impl Settings {
                 bail!("gateway.domains: {d:?} is not a domain name");
             }
         }
+        self.smtp_limit_exempt()?;
+        if self.queue.destination_concurrency == 0 {
+            bail!("queue.destination_concurrency: must be at least 1");
+        }
         if !latssiam::identity::is_dns_name(&self.gateway.hostname) {
             bail!("gateway.hostname: {:?} is not a host name", self.gateway.hostname);
         }
@@ -226,6 +261,15 @@ impl Settings {
             bail!("home.register_password: 1-54 printable ASCII characters, not starting with a space");
         }
         Ok(())
+    }
+
+    /// The networks `smtp.limit_exempt` names.
+    pub fn smtp_limit_exempt(&self) -> Result<Vec<(std::net::IpAddr, u8)>> {
+        self.smtp
+            .limit_exempt
+            .iter()
+            .map(|n| bridge_smtp::listener::parse_network(n).map_err(|e| anyhow::anyhow!("smtp.limit_exempt: {e}")))
+            .collect()
     }
 
     /// Where the gateway's own state (queue, contacts, pins) lives.

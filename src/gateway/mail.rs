@@ -70,8 +70,18 @@ pub fn recipients(message: &Message<'_>) -> Vec<String> {
 
 /// The message without its `Bcc:` header fields (continuation lines included).
 pub fn remove_bcc(data: &[u8]) -> Vec<u8> {
+    without_fields(data, &["bcc"])
+}
+
+/// The message without the header fields with these (lower-case) names,
+/// continuation lines included.
+pub fn without_fields(data: &[u8], names: &[&str]) -> Vec<u8> {
     let header_len = header_section(data).len();
-    let mut out = header_fields_without(data, |line| line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"bcc:"));
+    let mut out = header_fields_without(data, |line| {
+        let name = line.split(|&b| b == b':').next().unwrap_or_default();
+        let name = String::from_utf8_lossy(name);
+        line.contains(&b':') && names.iter().any(|n| name.trim_end_matches([' ', '\t']).eq_ignore_ascii_case(n))
+    });
     out.extend_from_slice(&data[header_len..]);
     out
 }

@@ -54,6 +54,12 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     /// The home server: name to pin it under, and address.
     pub home: (String, SocketAddr),
+    /// Deliveries in flight per destination.
+    pub destinations: worker::Destinations,
+    /// Failure reports per address and hour.
+    pub bounces: worker::HourlyLimit,
+    /// Messages relayed per contact and hour.
+    pub relayed: poller::RelayLimiter,
     pool: worker::Pool,
 }
 
@@ -106,6 +112,7 @@ fn irc_config(s: &Settings) -> bridge_irc::IrcConfig {
         ping_interval: Duration::from_secs(i.ping_interval_secs.max(5)),
         reconnect_min: Duration::from_secs(i.reconnect_min_secs.max(1)),
         reconnect_max: Duration::from_secs(i.reconnect_max_secs.max(1)),
+        timeout: Duration::from_secs(i.timeout_secs.max(1)),
     }
 }
 
@@ -137,7 +144,7 @@ async fn register(gw: &Gateway, password: &Password) -> Result<()> {
 /// Start-up failures (settings, a port in use, the data dir held by another process).
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> {
     let data_dir = settings.gateway.data_dir.clone();
-    std::fs::create_dir_all(&data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
+    latssiam::files::private_data_dir(&data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
     let store = Store::open(&settings.queue_dir()).with_context(|| {
         format!("cannot open the queue in {} (is another gateway running on it?)", settings.queue_dir().display())
     })?;
@@ -222,6 +229,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         smarthost,
         metrics: Arc::new(Metrics::default()),
         home: (home_host, home_addr),
+        destinations: worker::Destinations::default(),
+        bounces: worker::HourlyLimit::default(),
+        relayed: poller::RelayLimiter::default(),
         pool: worker::Pool::default(),
     });
     if let Some(password) = &password {
@@ -239,6 +249,14 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     smtp_config.command_timeout = Duration::from_secs(settings.smtp.command_timeout_secs);
     smtp_config.data_timeout = Duration::from_secs(settings.smtp.data_timeout_secs);
     smtp_config.max_connections = settings.smtp.max_connections;
+    smtp_config.client_limits = bridge_smtp::listener::ClientLimits {
+        max_connections: settings.smtp.max_connections_per_client,
+        connection_rate: settings.smtp.client_connection_rate_limit,
+        message_rate: settings.smtp.client_message_rate_limit,
+        exempt: settings.smtp_limit_exempt()?,
+    };
+    smtp_config.junk_command_limit = settings.smtp.junk_command_limit;
+    smtp_config.max_session = Duration::from_secs(settings.smtp.max_session_secs.max(1));
     smtp_config.tls = Some(smtp_tls(&settings)?);
     let smtp = tokio::net::TcpListener::bind(settings.smtp.listen)
         .await
@@ -246,14 +264,17 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     let http = tokio::net::TcpListener::bind(settings.http.listen)
         .await
         .with_context(|| format!("http.listen {}", settings.http.listen))?;
+    // The socket appears inside the data dir, which is 0700: no other user
+    // can reach it in the moment before it is made 0600.
     let socket = settings.admin_socket();
     let _ = std::fs::remove_file(&socket);
     let admin = tokio::net::UnixListener::bind(&socket).with_context(|| format!("cannot bind {}", socket.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt as _;
-        let _ = std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600));
-    }
+    let own_uid = {
+        use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("cannot chmod {}", socket.display()))?;
+        std::fs::metadata(&socket).with_context(|| format!("cannot stat {}", socket.display()))?.uid()
+    };
 
     let smtp_addr = smtp.local_addr()?;
     let http_addr = http.local_addr()?;
@@ -264,7 +285,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         shutdown.clone(),
     ));
     tasks.spawn(metrics::serve(http, Arc::clone(&gw.metrics), Arc::clone(&store), shutdown.clone()));
-    tasks.spawn(admin::serve(admin, Arc::clone(&store), shutdown.clone()));
+    tasks.spawn(admin::serve(admin, Arc::clone(&store), own_uid, shutdown.clone()));
     tasks.spawn(worker::run(Arc::clone(&gw), shutdown.clone()));
     tasks.spawn(poller::run(Arc::clone(&gw), shutdown.clone()));
     if !settings.irc.server.is_empty() {

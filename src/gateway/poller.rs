@@ -4,8 +4,15 @@
 //! For each message: the signature must verify (unsigned: `32`; bad: `52`),
 //! its signer must be a contact allowed to send (else `52`), it must decrypt
 //! and parse as an Internet Message with at least one recipient and no mail
-//! loop (else `52`). Then `Bcc:` is removed, a `Received:` header added, one
-//! job per recipient is written and flushed, and only then is `31` sent.
+//! loop (else `52`). Then [`inspect`] applies the relay policy: one `From:`
+//! and at most one `Sender:`, each the contact's email alias or LATSSIAM
+//! address (else `52` and a notice saying why, or with
+//! `relay.from_mismatch = "rewrite"` the contact's address in `From:` and the
+//! original in `Reply-To:`; a message without `From:` gets the contact's),
+//! at most `relay.max_recipients` recipients, and at most
+//! `relay.messages_per_hour` messages per contact. Then `Bcc:` is removed, a
+//! `Received:` header added, one job per recipient is written and flushed,
+//! and only then is `31` sent.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -17,9 +24,129 @@ use latssiam::{crypto, Fingerprint};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::config::FromMismatch;
 use super::mail;
-use super::store::{message_id_string, Origin, Target};
+use super::store::{message_id_string, Contact, Origin, Target};
 use super::Gateway;
+
+/// The relay policy for contacts' messages (from `[relay]`).
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// What to do with a `From:`/`Sender:` that is not the contact's.
+    pub from_mismatch: FromMismatch,
+    /// Most recipients of one message.
+    pub max_recipients: usize,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self { from_mismatch: FromMismatch::Reject, max_recipients: 50 }
+    }
+}
+
+/// A contact's message that passed [`inspect`].
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    /// Its recipients (To, Cc, Bcc), lower case, deduplicated.
+    pub recipients: Vec<String>,
+    /// Its subject (empty if none).
+    pub subject: String,
+    /// The message to relay: as written, or with `From:` made the contact's.
+    pub message: Vec<u8>,
+}
+
+/// The header fields named `name` (case-insensitive), unfolded, without the name.
+fn fields(header: &[u8], name: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut current: Option<String> = None;
+    for line in header.split_inclusive(|&b| b == b'\n') {
+        let text = String::from_utf8_lossy(line);
+        let text = text.trim_end_matches(['\r', '\n']);
+        if line.first().is_some_and(|&b| b == b' ' || b == b'\t') {
+            if let Some(c) = current.as_mut() {
+                c.push_str(text);
+            }
+            continue;
+        }
+        out.extend(current.take());
+        if let Some((field, value)) = text.split_once(':') {
+            if field.trim_end_matches([' ', '\t']).eq_ignore_ascii_case(name) {
+                current = Some(value.to_owned());
+            }
+        }
+    }
+    out.extend(current);
+    out
+}
+
+/// The addresses in one address-list field value, lower case; `None` if it does not parse.
+fn addresses(value: &str) -> Option<Vec<String>> {
+    let raw = format!("From:{value}\r\n\r\n");
+    let message = mail_parser::MessageParser::default().parse(raw.as_bytes())?;
+    let list: Vec<String> =
+        message.from()?.iter().filter_map(|a| a.address()).map(|a| a.trim().to_lowercase()).collect();
+    (!list.is_empty()).then_some(list)
+}
+
+/// Applies the relay policy to a decrypted message from `contact`.
+///
+/// # Errors
+/// The code to refuse it with (`52`) and why, for the sender's notice.
+pub fn inspect(plaintext: &[u8], contact: &Contact, policy: &Policy) -> Result<Outbound, (Code, String)> {
+    let refuse = |why: String| (Code::MessageRefused, why);
+    if mail::count_received(plaintext) > mail::MAX_RECEIVED {
+        return Err(refuse("mail loop (too many Received: headers)".into()));
+    }
+    let message = mail_parser::MessageParser::default()
+        .parse(plaintext)
+        .ok_or_else(|| refuse("not an Internet Message".into()))?;
+    let recipients = mail::recipients(&message);
+    if recipients.is_empty() {
+        return Err(refuse("no recipients in To, Cc or Bcc".into()));
+    }
+    if recipients.len() > policy.max_recipients {
+        return Err(refuse(format!(
+            "{} recipients; at most {} per message through this gateway",
+            recipients.len(),
+            policy.max_recipients
+        )));
+    }
+    let subject = message.subject().unwrap_or_default().to_owned();
+    let own: Vec<String> = contact.email.iter().chain([&contact.address]).map(|a| a.to_lowercase()).collect();
+    let you = own.join(" or ");
+    let header = mail::header_section(plaintext);
+    let from = fields(header, "from");
+    let sender = fields(header, "sender");
+    let problem = if from.len() > 1 || sender.len() > 1 {
+        Some("more than one From: or Sender: field".to_owned())
+    } else {
+        from.iter().chain(&sender).find_map(|value| match addresses(value) {
+            None => Some(format!("From:/Sender: {:?} does not parse", value.trim())),
+            Some(list) => {
+                list.into_iter().find(|a| !own.contains(a)).map(|a| format!("<{a}> is not your address ({you})"))
+            }
+        })
+    };
+    let own_from = format!("From: <{}>\r\n", own[0]);
+    let message = match (problem, policy.from_mismatch) {
+        (None, _) if from.is_empty() => mail::prepend(&own_from, plaintext),
+        (None, _) => plaintext.to_vec(),
+        (Some(why), FromMismatch::Reject) => return Err(refuse(format!("you may send only as yourself: {why}"))),
+        (Some(_), FromMismatch::Rewrite) => {
+            let reply_to = if fields(header, "reply-to").is_empty() {
+                from.first().map(|f| format!("Reply-To:{}\r\n", f.replace(['\r', '\n'], ""))).unwrap_or_default()
+            } else {
+                String::new()
+            };
+            let body = mail::without_fields(plaintext, &["from", "sender"]);
+            mail::prepend(&format!("{own_from}{reply_to}"), &body)
+        }
+    };
+    Ok(Outbound { recipients, subject, message })
+}
+
+/// Messages per contact per hour.
+pub type RelayLimiter = super::worker::HourlyLimit;
 
 /// Runs until `shutdown`, reconnecting with backoff (1 s doubling to 60 s,
 /// reset after a good round trip).
@@ -43,7 +170,8 @@ pub async fn run(gw: Arc<Gateway>, shutdown: CancellationToken) {
 
 async fn session(gw: &Gateway, backoff: &mut Duration) -> Result<(), String> {
     let (name, addr) = gw.home.clone();
-    let mut client = Client::connect(addr, &name, Some(Arc::clone(&gw.identity)), &gw.pins)
+    let timeout = Duration::from_secs(gw.settings.queue.connect_timeout_secs.max(1));
+    let mut client = Client::connect_within(addr, &name, Some(Arc::clone(&gw.identity)), &gw.pins, timeout)
         .await
         .map_err(|e| format!("{name} ({addr}): {e}"))?;
     let deadline = Duration::from_secs(gw.settings.home.accept_deadline_secs);
@@ -81,6 +209,28 @@ enum Refusal {
     Later(String),
 }
 
+/// Refuses a contact's message and tells them why in a notice (at most
+/// `queue.max_bounces_per_hour` notices to one contact).
+async fn refuse_with_notice(
+    gw: &Gateway,
+    fp: &Fingerprint,
+    contact: &Contact,
+    code: Code,
+    why: String,
+    plaintext: &[u8],
+) -> Refusal {
+    if gw.bounces.allow(&contact.address, gw.settings.queue.max_bounces_per_hour) {
+        let text = format!("The gateway did not relay your message.\r\n\r\nReason: {why}");
+        let notice =
+            mail::notice(&gw.settings.gateway.hostname, &contact.address, "Message not relayed", &text, plaintext);
+        let target = Target::Latssiam { fingerprint: fp.to_string(), address: contact.address.clone() };
+        if let Err(e) = gw.store.enqueue(&notice, vec![target], &Origin::Gateway).await {
+            warn!(error = %e, "Cannot queue a refusal notice.");
+        }
+    }
+    Refusal::Refuse(code, why)
+}
+
 async fn take(gw: &Gateway, d: &Delivered) -> Result<(), Refusal> {
     let refuse = |code, why: String| Refusal::Refuse(code, why);
     let Some(signature) = &d.signature else {
@@ -96,20 +246,18 @@ async fn take(gw: &Gateway, d: &Delivered) -> Result<(), Refusal> {
     };
     let plaintext = crypto::open(&d.message, &gw.identity)
         .map_err(|e| refuse(Code::MessageRefused, format!("does not decrypt: {e}")))?;
-    if mail::count_received(&plaintext) > mail::MAX_RECEIVED {
-        return Err(refuse(Code::MessageRefused, "mail loop (too many Received: headers)".into()));
-    }
+    let relay = &gw.settings.relay;
+    let policy = Policy { from_mismatch: relay.from_mismatch, max_recipients: relay.max_recipients };
+    let Outbound { recipients, subject, message: plaintext } = match inspect(&plaintext, &contact, &policy) {
+        Ok(o) => o,
+        Err((code, why)) => return Err(refuse_with_notice(gw, &fp, &contact, code, why, &plaintext).await),
+    };
     let message = mail_parser::MessageParser::default()
         .parse(&plaintext)
         .ok_or_else(|| refuse(Code::MessageRefused, "not an Internet Message".into()))?;
-    let recipients = mail::recipients(&message);
-    if recipients.is_empty() {
-        return Err(refuse(Code::MessageRefused, "no recipients in To, Cc or Bcc".into()));
-    }
     // A message to the gateway itself may change IRC subscriptions (any contact).
     let own = gw.identity.address().map(|a| a.to_string().to_lowercase());
     if recipients.len() == 1 && own.as_deref() == Some(recipients[0].as_str()) {
-        let subject = message.subject().unwrap_or_default().to_owned();
         let Some(answer) = super::irc::subscription_command(gw, &contact, &subject).await else {
             return Err(refuse(Code::MessageRefused, "a message to the gateway that is no command".into()));
         };
@@ -124,6 +272,10 @@ async fn take(gw: &Gateway, d: &Delivered) -> Result<(), Refusal> {
     }
     if !contact.allow_send {
         return Err(refuse(Code::MessageRefused, format!("{fp} is not a contact allowed to send")));
+    }
+    if !gw.relayed.allow(&fp.to_string(), relay.messages_per_hour) {
+        let why = format!("more than {} messages in an hour; try again later", relay.messages_per_hour);
+        return Err(refuse_with_notice(gw, &fp, &contact, Code::MessageRefused, why, &plaintext).await);
     }
     let irc_posts = super::irc::posts_for(gw, &contact, &recipients, &message)
         .map_err(|e| Refusal::Later(e.to_string()))?

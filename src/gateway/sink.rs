@@ -24,11 +24,20 @@ pub const MAX_PLAINTEXT: usize = latssiam::wire::MAX_BLOCK_DER - 1200;
 pub struct SmtpSink(pub Arc<Gateway>);
 
 impl SmtpSink {
+    /// The LATSSIAM target for `rcpt`; a contact whose mailbox is gone (`38`)
+    /// is refused here, before anything is accepted (no backscatter).
     fn target_for(&self, rcpt: &str) -> Result<Option<Target>, Reply> {
-        self.0.store.latssiam_target(rcpt).map_err(|e| {
+        let found = self.0.store.contact_by_name(rcpt).map_err(|e| {
             warn!(error = %e, "Cannot read contacts.");
             Reply::new(451, [4, 3, 0], "Temporary local problem; try again later")
-        })
+        })?;
+        match found {
+            Some((_, c)) if c.gone => {
+                Err(Reply::new(550, [5, 1, 1], format!("<{rcpt}>: Recipient address rejected: mailbox gone")))
+            }
+            Some((fp, _)) => Ok(Some(Target::Latssiam { fingerprint: fp.to_string(), address: rcpt.to_lowercase() })),
+            None => Ok(None),
+        }
     }
 }
 

@@ -32,6 +32,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use latssiam::group_commit::GroupCommit;
 use latssiam::Fingerprint;
 use serde::{Deserialize, Serialize};
+use sled::Transactional as _;
 use tokio::sync::Notify;
 
 /// Why the store failed.
@@ -82,6 +83,10 @@ pub struct Contact {
     pub allow_send: bool,
     /// Their server, `host[:port]`; default: the host of their address.
     pub server: Option<String>,
+    /// Their server answered `38 Mailbox gone`: mail to them is refused at
+    /// `RCPT` from then on (no backscatter). Adding them again clears it.
+    #[serde(default)]
+    pub gone: bool,
 }
 
 impl Contact {
@@ -429,6 +434,21 @@ impl Store {
         self.contacts.iter().map(|kv| decode(&kv?.1, "contact")).collect()
     }
 
+    /// Marks a contact whose mailbox is gone (`38`), durably.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn mark_gone(&self, fp: &Fingerprint) -> Result<(), StoreError> {
+        if let Some(mut c) = self.contact(fp)? {
+            if !c.gone {
+                c.gone = true;
+                self.contacts.insert(fp.as_bytes(), encode(&c))?;
+                self.durable().await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Points a contact at another server (after `35 Mailbox moved`).
     ///
     /// # Errors
@@ -475,7 +495,6 @@ impl Store {
         origin: &Origin,
     ) -> Result<(), StoreError> {
         let now = now_ms();
-        self.bodies.insert(id.to_be_bytes(), body)?;
         let mut jobs = sled::Batch::default();
         let mut due = sled::Batch::default();
         for (i, target) in targets.into_iter().enumerate() {
@@ -493,11 +512,29 @@ impl Store {
             jobs.insert(&jid.key(), encode(&job));
             due.insert(&due_key(now, jid), &[]);
         }
-        self.jobs.apply_batch(jobs)?;
+        let written = async {
+            self.bodies.insert(id.to_be_bytes(), body)?;
+            self.jobs.apply_batch(jobs)?;
+            self.durable().await
+        };
+        if let Err(e) = written.await {
+            // Not acknowledged, so not to be delivered: take back what was written.
+            self.discard_message(id);
+            return Err(e);
+        }
+        // The due index is rebuilt from the jobs at every open: no flush needed.
         self.due.apply_batch(due)?;
-        self.durable().await?;
         self.wake.notify_one();
         Ok(())
+    }
+
+    /// Removes a message that was not acknowledged, with its jobs (best effort).
+    fn discard_message(&self, id: u64) {
+        let prefix = id.to_be_bytes();
+        for key in self.jobs.scan_prefix(prefix).keys().flatten() {
+            let _ = self.jobs.remove(key);
+        }
+        let _ = self.bodies.remove(prefix);
     }
 
     /// The body of a message.
@@ -560,14 +597,59 @@ impl Store {
         Ok(())
     }
 
-    /// A permanent failure: moves the job to the dead letters, durably.
+    /// A permanent failure: moves the job to the dead letters and, if given,
+    /// queues the failure report (a message and its one target) in the same
+    /// transaction, durably. Returns the report's message id.
     ///
     /// # Errors
-    /// [`StoreError`].
-    pub async fn kill(&self, id: JobId, job: &Job) -> Result<(), StoreError> {
-        self.dead.insert(id.key(), encode(job))?;
-        self.jobs.remove(id.key())?;
-        self.durable().await
+    /// [`StoreError`]; then nothing was changed.
+    pub async fn kill(
+        &self,
+        id: JobId,
+        job: &Job,
+        report: Option<(Vec<u8>, Target)>,
+    ) -> Result<Option<u64>, StoreError> {
+        let now = now_ms();
+        let report = match report {
+            Some((body, target)) => {
+                let rid = JobId { message: self.next_message_id()?, index: 0 };
+                let rjob = Job {
+                    message: rid.message,
+                    target,
+                    origin: Origin::Gateway,
+                    arrived_ms: now,
+                    attempts: 0,
+                    due_ms: now,
+                    last_error: None,
+                };
+                Some((rid, body, encode(&rjob)))
+            }
+            None => None,
+        };
+        let dead = encode(job);
+        (&self.bodies, &self.jobs, &self.dead)
+            .transaction(|(bodies, jobs, dead_letters)| {
+                dead_letters.insert(&id.key(), dead.as_slice())?;
+                jobs.remove(&id.key())?;
+                if let Some((rid, body, rjob)) = &report {
+                    bodies.insert(&rid.message.to_be_bytes(), body.as_slice())?;
+                    jobs.insert(&rid.key(), rjob.as_slice())?;
+                }
+                Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| match e {
+                sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
+                sled::transaction::TransactionError::Abort(()) => corrupt("dead-letter transaction aborted"),
+            })?;
+        self.durable().await?;
+        Ok(match report {
+            Some((rid, _, _)) => {
+                self.due.insert(due_key(now, rid), &[])?;
+                self.wake.notify_one();
+                Some(rid.message)
+            }
+            None => None,
+        })
     }
 
     /// Every queued job, in id order.
@@ -741,8 +823,15 @@ mod tests {
         assert_eq!(claimed.len(), 2);
         s.complete(claimed[0].0).unwrap();
         assert_eq!(s.body(id).unwrap().as_deref(), Some(&b"body"[..]));
-        s.kill(claimed[1].0, &claimed[1].1).await.unwrap();
+        let report = Some((b"report".to_vec(), smtp("a@example.org")));
+        let rid = s.kill(claimed[1].0, &claimed[1].1, report).await.unwrap().unwrap();
         assert!(s.body(id).unwrap().is_some(), "a dead letter keeps its body");
+        // The report is queued with the dead letter, and due.
+        let (reports, _) = s.claim_due(now_ms(), 10).unwrap();
+        assert_eq!(reports.len(), 1);
+        assert_eq!((reports[0].0.message, &reports[0].1.target), (rid, &smtp("a@example.org")));
+        assert_eq!(s.body(rid).unwrap().as_deref(), Some(&b"report"[..]));
+        s.complete(reports[0].0).unwrap();
         assert!(s.delete(claimed[1].0).await.unwrap());
         assert_eq!(s.body(id).unwrap(), None);
         assert!(s.jobs().unwrap().is_empty() && s.dead_letters().unwrap().is_empty());

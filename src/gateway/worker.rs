@@ -3,8 +3,16 @@
 //! TLS connection per server) or to the smarthost, and acts on the result:
 //! delete after `31`, back off after a temporary failure, dead-letter and
 //! bounce after a permanent one.
+//!
+//! One destination (a LATSSIAM server host, or the smarthost) has at most
+//! `queue.destination_concurrency` deliveries in flight; its further jobs
+//! wait in memory (at most [`MAX_PARKED`] per destination, beyond that they
+//! go back to the queue for a second) without holding a worker slot, so a
+//! slow or stalled server holds only its share. Every connection and TLS
+//! handshake is bounded by `queue.connect_timeout_secs`, every read and
+//! write after it by the client's timeouts.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -54,6 +62,85 @@ impl Pool {
 /// How long to wait after a `37 Slow down`, however many attempts before.
 const SLOW_DOWN_MS: u64 = 2000;
 
+/// Most jobs waiting in memory for one destination's free slot.
+pub const MAX_PARKED: usize = 1000;
+
+/// Deliveries in flight and jobs waiting, per destination.
+#[derive(Default)]
+pub struct Destinations {
+    state: std::sync::Mutex<HashMap<String, Destination>>,
+}
+
+#[derive(Default)]
+struct Destination {
+    active: usize,
+    parked: VecDeque<(JobId, Job)>,
+}
+
+/// What to do with a claimed job.
+enum Admit {
+    /// Deliver it now.
+    Go(JobId, Job),
+    /// It waits for the destination (nothing to do now).
+    Parked,
+    /// The destination is full and so is its waiting line: back to the queue.
+    Full(JobId, Job),
+}
+
+impl Destinations {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Destination>> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn admit(&self, key: &str, limit: usize, id: JobId, job: Job) -> Admit {
+        let mut state = self.lock();
+        let d = state.entry(key.to_owned()).or_default();
+        if d.active < limit.max(1) {
+            d.active += 1;
+            Admit::Go(id, job)
+        } else if d.parked.len() < MAX_PARKED {
+            d.parked.push_back((id, job));
+            Admit::Parked
+        } else {
+            Admit::Full(id, job)
+        }
+    }
+
+    /// A delivery to `key` ended: the next waiting job, which keeps its slot.
+    fn next(&self, key: &str) -> Option<(JobId, Job)> {
+        let mut state = self.lock();
+        let d = state.get_mut(key)?;
+        if let Some(job) = d.parked.pop_front() {
+            return Some(job);
+        }
+        d.active = d.active.saturating_sub(1);
+        if d.active == 0 {
+            state.remove(key);
+        }
+        None
+    }
+
+    /// Deliveries in flight to `key` (for tests and metrics).
+    pub fn active(&self, key: &str) -> usize {
+        self.lock().get(key).map_or(0, |d| d.active)
+    }
+}
+
+/// The destination a job counts against.
+fn destination(gw: &Gateway, job: &Job) -> String {
+    match &job.target {
+        Target::Smtp { .. } => "smtp:smarthost".to_owned(),
+        Target::Latssiam { fingerprint, .. } => {
+            let host = fingerprint
+                .parse::<Fingerprint>()
+                .ok()
+                .and_then(|fp| gw.store.contact(&fp).ok().flatten())
+                .map(|c| c.server_host().to_ascii_lowercase());
+            format!("latssiam:{}", host.unwrap_or_default())
+        }
+    }
+}
+
 /// What one attempt came to.
 enum Outcome {
     Delivered,
@@ -91,11 +178,35 @@ pub async fn run(gw: Arc<Gateway>, shutdown: CancellationToken) {
             }
         };
         let got = jobs.len();
+        let limit = gw.settings.queue.destination_concurrency;
         for (id, job) in jobs {
+            let key = destination(&gw, &job);
+            let (id, job) = match gw.destinations.admit(&key, limit, id, job) {
+                Admit::Go(id, job) => (id, job),
+                Admit::Parked => continue,
+                Admit::Full(id, mut job) => {
+                    job.due_ms = now_ms() + 1000;
+                    if let Err(e) = gw.store.defer(id, &job) {
+                        warn!(job = %id, error = %e, "Cannot put a job back in the queue.");
+                    }
+                    continue;
+                }
+            };
             let Ok(permit) = Arc::clone(&slots).acquire_owned().await else { break };
             let gw = Arc::clone(&gw);
             tracker.spawn(async move {
-                deliver(&gw, id, job).await;
+                let mut next = Some((id, job));
+                while let Some((id, job)) = next.take() {
+                    deliver(&gw, id, job).await;
+                    // A waiting job for the same destination takes over this slot,
+                    // unless it was deleted or retried by the operator meanwhile.
+                    while let Some((id, job)) = gw.destinations.next(&key) {
+                        if matches!(gw.store.job(id), Ok(Some((_, false)))) {
+                            next = Some((id, job));
+                            break;
+                        }
+                    }
+                }
                 drop(permit);
             });
         }
@@ -129,10 +240,13 @@ async fn deliver(gw: &Arc<Gateway>, id: JobId, mut job: Job) {
         Target::Smtp { .. } => &gw.metrics.to_smtp,
     };
     let now = now_ms();
+    let expired = now.saturating_sub(job.arrived_ms) >= gw.settings.queue.lifetime_secs.saturating_mul(1000);
     let outcome = match outcome {
-        Outcome::Retry(e) if now.saturating_sub(job.arrived_ms) >= gw.settings.queue.lifetime_secs * 1000 => {
+        Outcome::Retry(e) | Outcome::RetryIn(_, e) if expired => {
             Outcome::Fail { status: "5.4.7", diagnostic: format!("delivery time expired; last error: {e}") }
         }
+        // A mailbox that moved again and again: follow it no faster than the backoff.
+        Outcome::RetryIn(0, e) if job.attempts >= 3 => Outcome::Retry(e),
         o => o,
     };
     let stored = match outcome {
@@ -161,11 +275,13 @@ async fn deliver(gw: &Arc<Gateway>, id: JobId, mut job: Job) {
             results.failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             warn!(job = %id, status, error = %diagnostic, "Delivery failed for good; dead-lettered.");
             job.last_error = Some(diagnostic.clone());
-            match gw.store.kill(id, &job).await {
-                Ok(()) => {
-                    report(gw, &job, status, &diagnostic).await;
+            let report = failure_report(gw, &job, status, &diagnostic);
+            match gw.store.kill(id, &job, report).await {
+                Ok(Some(bounce)) => {
+                    info!(bounce = %super::store::message_id_string(bounce), "Queued a failure report to the sender.");
                     Ok(())
                 }
+                Ok(None) => Ok(()),
                 Err(e) => Err(e),
             }
         }
@@ -175,38 +291,42 @@ async fn deliver(gw: &Arc<Gateway>, id: JobId, mut job: Job) {
     }
 }
 
-/// Reports a permanent failure to whoever sent the message: an RFC 3464 DSN
-/// to an email sender, a notice to a LATSSIAM sender; nothing for `<>` or the
-/// gateway's own messages.
-async fn report(gw: &Gateway, job: &Job, status: &str, diagnostic: &str) {
-    let Ok(Some(original)) = gw.store.body(job.message) else { return };
+/// The report of a permanent failure to whoever sent the message: an RFC
+/// 3464 DSN to an email sender, a notice to a LATSSIAM sender; nothing for
+/// `<>`, the gateway's own messages, or an address that had
+/// `queue.max_bounces_per_hour` reports already (backscatter).
+fn failure_report(gw: &Gateway, job: &Job, status: &str, diagnostic: &str) -> Option<(Vec<u8>, Target)> {
+    let original = gw.store.body(job.message).ok().flatten()?;
     let recipient = match &job.target {
         Target::Latssiam { address, .. } => address.clone(),
         Target::Smtp { rcpt } => rcpt.clone(),
     };
     let hostname = &gw.settings.gateway.hostname;
-    let (body, target) = match &job.origin {
-        Origin::Gateway => return,
-        Origin::Smtp { from } if from.is_empty() => return,
-        Origin::Smtp { from } => {
-            let arrived = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(job.arrived_ms) * 1_000_000)
-                .ok()
-                .and_then(|t| t.format(&time::format_description::well_known::Rfc2822).ok())
-                .unwrap_or_default();
-            let failure = Failure { recipient: &recipient, status, diagnostic };
-            (mail::dsn(hostname, from, &arrived, &failure, &original), Target::Smtp { rcpt: from.clone() })
-        }
+    let to = match &job.origin {
+        Origin::Gateway => return None,
+        Origin::Smtp { from } if from.is_empty() => return None,
+        Origin::Smtp { from } | Origin::Latssiam { from, .. } => from,
+    };
+    if !gw.bounces.allow(to, gw.settings.queue.max_bounces_per_hour) {
+        warn!(to = %to, "Failure reports to this address are over their hourly limit; not sent.");
+        return None;
+    }
+    Some(match &job.origin {
         Origin::Latssiam { fingerprint, from } => {
             let text =
                 format!("Your message could not be delivered to <{recipient}>.\r\n\r\nStatus {status}: {diagnostic}");
             let body = mail::notice(hostname, from, "Undelivered message", &text, &original);
             (body, Target::Latssiam { fingerprint: fingerprint.clone(), address: from.clone() })
         }
-    };
-    match gw.store.enqueue(&body, vec![target], &Origin::Gateway).await {
-        Ok(id) => info!(bounce = %super::store::message_id_string(id), "Queued a failure report to the sender."),
-        Err(e) => warn!(error = %e, "Cannot queue a failure report."),
-    }
+        _ => {
+            let arrived = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(job.arrived_ms) * 1_000_000)
+                .ok()
+                .and_then(|t| t.format(&time::format_description::well_known::Rfc2822).ok())
+                .unwrap_or_default();
+            let failure = Failure { recipient: &recipient, status, diagnostic };
+            (mail::dsn(hostname, to, &arrived, &failure, &original), Target::Smtp { rcpt: to.clone() })
+        }
+    })
 }
 
 async fn to_smtp(gw: &Gateway, job: &Job, rcpt: &str) -> Outcome {
@@ -263,6 +383,8 @@ async fn to_latssiam(gw: &Gateway, job: &Job, fingerprint: &str) -> Outcome {
         Err(e) => return Outcome::Retry(format!("cannot sign: {e}")),
     };
     let host = contact.server_host().to_owned();
+    // A server named with HOST[:PORT] is reached there; else the mailbox host is looked up (MX, A/AAAA).
+    let named = contact.server.is_some();
     // A pooled session may have been closed by the server meanwhile: on any
     // failure over a reused session, try once more over a fresh one.
     let mut pooled = gw.pool.take(&host).await;
@@ -270,7 +392,7 @@ async fn to_latssiam(gw: &Gateway, job: &Job, fingerprint: &str) -> Outcome {
         let reused = pooled.is_some();
         let mut client = match pooled.take() {
             Some(c) => c,
-            None => match connect(gw, &host).await {
+            None => match connect(gw, &host, named).await {
                 Ok(c) => c,
                 Err(e) => return Outcome::Retry(e),
             },
@@ -292,13 +414,26 @@ async fn classify(gw: &Gateway, fp: &Fingerprint, host: &str, status: Status, cl
         return Outcome::Delivered;
     }
     if code == Code::MailboxMoved {
-        if let Some(to) = status.moved_to() {
-            info!(%fp, from = host, to, "Mailbox moved; following it.");
-            if let Err(e) = gw.store.move_contact(fp, to).await {
-                return Outcome::Retry(e.to_string());
-            }
-            gw.pool.put(host, client).await;
-            return Outcome::RetryIn(0, status.to_string());
+        gw.pool.put(host, client).await;
+        let Some(to) = status.moved_to() else { return Outcome::Retry(format!("{host}: {status}")) };
+        if to.eq_ignore_ascii_case(host) {
+            return Outcome::Retry(format!("{host}: {status} (names the same host)"));
+        }
+        // Only a server that proves it serves the mailbox (VERIFY) takes it over.
+        if let Err(e) = verify_moved(gw, fp, to).await {
+            warn!(%fp, from = host, to, error = %e, "Mailbox moved, but the new server does not verify it.");
+            return Outcome::Retry(format!("{host}: {status}; {to} does not verify the mailbox: {e}"));
+        }
+        info!(%fp, from = host, to, "Mailbox moved; following it.");
+        if let Err(e) = gw.store.move_contact(fp, to).await {
+            return Outcome::Retry(e.to_string());
+        }
+        return Outcome::RetryIn(0, status.to_string());
+    }
+    if code == Code::MailboxGone {
+        // Refused at RCPT from now on.
+        if let Err(e) = gw.store.mark_gone(fp).await {
+            warn!(%fp, error = %e, "Cannot mark a contact as gone.");
         }
     }
     if !matches!(code, Code::Timeout | Code::SyntaxError | Code::SequencingError) {
@@ -311,11 +446,28 @@ async fn classify(gw: &Gateway, fp: &Fingerprint, host: &str, status: Status, cl
     }
 }
 
-async fn connect(gw: &Gateway, host: &str) -> Result<Client, String> {
-    let candidates = gw.resolver.resolve(host).await.map_err(|e| e.to_string())?;
+/// Whether `server` names a port (`host:port`, `[v6]:port`).
+fn names_port(server: &str) -> bool {
+    match server.rsplit_once(':') {
+        Some((h, p)) => p.parse::<u16>().is_ok() && (!h.contains(':') || h.ends_with(']')),
+        None => false,
+    }
+}
+
+/// Connects to the server for `host`: looked up as a mailbox host (routes,
+/// MX, A/AAAA), or, when `named` (a contact's `HOST[:PORT]`) or a port is
+/// given, at that host and port.
+async fn connect(gw: &Gateway, host: &str, named: bool) -> Result<Client, String> {
+    let candidates = if named || names_port(host) {
+        gw.resolver.resolve_server(host).await
+    } else {
+        gw.resolver.resolve(host).await
+    };
+    let candidates = candidates.map_err(|e| e.to_string())?;
+    let timeout = Duration::from_secs(gw.settings.queue.connect_timeout_secs.max(1));
     let mut last = String::from("no address");
     for (name, addr) in candidates {
-        match Client::connect(addr, &name, Some(Arc::clone(&gw.identity)), &gw.pins).await {
+        match Client::connect_within(addr, &name, Some(Arc::clone(&gw.identity)), &gw.pins, timeout).await {
             Ok(c) => return Ok(c),
             Err(e @ ClientError::Tls(_)) => {
                 warn!(%addr, error = %e, "TLS or TOFU refused a server.");
@@ -328,4 +480,109 @@ async fn connect(gw: &Gateway, host: &str) -> Result<Client, String> {
         }
     }
     Err(format!("{host}: {last}"))
+}
+
+/// Asks the server at `to` to prove (VERIFY) that it serves the mailbox `fp`.
+async fn verify_moved(gw: &Gateway, fp: &Fingerprint, to: &str) -> Result<(), String> {
+    let mut client = connect(gw, to, false).await?;
+    let answer = tokio::time::timeout(Duration::from_secs(60), client.verify(*fp)).await;
+    client.quit().await;
+    match answer {
+        Ok(Ok(Ok(_))) => Ok(()),
+        Ok(Ok(Err(status))) => Err(status.to_string()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("VERIFY timed out".into()),
+    }
+}
+
+/// Events per key (an address, a fingerprint) in the current hour: failure
+/// reports per address, relayed messages per contact. Bounded: at most
+/// 100,000 keys, the expired ones dropped first.
+#[derive(Default)]
+pub struct HourlyLimit {
+    sent: std::sync::Mutex<HashMap<String, (Instant, u32)>>,
+}
+
+impl HourlyLimit {
+    /// Counts an event for `to`; false if it is over `per_hour` (0: no limit).
+    pub fn allow(&self, to: &str, per_hour: u32) -> bool {
+        if per_hour == 0 {
+            return true;
+        }
+        let now = Instant::now();
+        let hour = Duration::from_secs(3600);
+        let mut sent = self.sent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if sent.len() >= 100_000 {
+            sent.retain(|_, (since, _)| now.duration_since(*since) < hour);
+            if sent.len() >= 100_000 && !sent.contains_key(&to.to_ascii_lowercase()) {
+                return false;
+            }
+        }
+        let entry = sent.entry(to.to_ascii_lowercase()).or_insert((now, 0));
+        if now.duration_since(entry.0) >= hour {
+            *entry = (now, 0);
+        }
+        if entry.1 >= per_hour {
+            return false;
+        }
+        entry.1 += 1;
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(n: u64) -> (JobId, Job) {
+        let job = Job {
+            message: n,
+            target: Target::Smtp { rcpt: "x@e".into() },
+            origin: Origin::Gateway,
+            arrived_ms: 0,
+            attempts: 0,
+            due_ms: 0,
+            last_error: None,
+        };
+        (JobId { message: n, index: 0 }, job)
+    }
+
+    #[test]
+    fn one_destination_holds_at_most_its_share_and_hands_its_slot_on() {
+        let d = Destinations::default();
+        let mut went = 0;
+        for n in 0..(3 + MAX_PARKED as u64 + 2) {
+            let (id, j) = job(n);
+            match d.admit("latssiam:stalled", 3, id, j) {
+                Admit::Go(..) => went += 1,
+                Admit::Parked => {}
+                Admit::Full(id, _) => assert!(id.message >= 3 + MAX_PARKED as u64),
+            }
+        }
+        assert_eq!(went, 3);
+        assert_eq!(d.active("latssiam:stalled"), 3);
+        // Another destination is not held up.
+        let (id, j) = job(99_999);
+        assert!(matches!(d.admit("latssiam:healthy", 3, id, j), Admit::Go(..)));
+        // A finished delivery hands its slot to the first waiting job, in order.
+        assert_eq!(d.next("latssiam:stalled").map(|(id, _)| id.message), Some(3));
+        assert_eq!(d.active("latssiam:stalled"), 3);
+        assert!(d.next("latssiam:healthy").is_none());
+        assert_eq!(d.active("latssiam:healthy"), 0);
+    }
+
+    #[test]
+    fn bounces_are_limited_per_address() {
+        let b = HourlyLimit::default();
+        assert!((0..3).all(|_| b.allow("a@example.org", 3)));
+        assert!(!b.allow("A@example.org", 3));
+        assert!(b.allow("b@example.org", 3));
+        assert!((0..100).all(|_| b.allow("c@example.org", 0)));
+    }
+
+    #[test]
+    fn ports_are_told_from_host_names() {
+        assert!(names_port("127.0.0.1:2000") && names_port("h.example:1977") && names_port("[::1]:5"));
+        assert!(!names_port("h.example") && !names_port("::1") && !names_port("[::1]"));
+    }
 }
