@@ -229,9 +229,16 @@ fn a_gone_mailbox_bounces_to_the_original_sender() {
     assert!(data.contains("Message-ID: <gone-1@remote.example>"), "{data}");
     let dead = rig.cli(&["queue", "list"]);
     assert!(dead.contains("! "), "the failed job is a dead letter: {dead}");
+    // From now on mail to dave is refused before it is accepted (no backscatter).
+    let r = rig.smtp_send("frank@remote.example", "dave@example.org", b"Subject: again\r\n\r\nx\r\n");
+    assert!(r.starts_with("refused 550 5.1.1"), "{r}");
     // A bounce is never bounced: mail from <> to a gone mailbox dead-letters quietly.
-    let r = rig.smtp_send("", "dave@example.org", b"Subject: from the void\r\n\r\nx\r\n");
+    rig.person("gina");
+    rig.contact("gina", &["--email", "gina@example.org"]);
+    ok(rig.path(), &["deregister", "--identity", "gina", "--server", &rig.home, "--pins", "pins"]);
+    let r = rig.smtp_send("", "gina@example.org", b"Subject: from the void\r\n\r\nx\r\n");
     assert!(r.starts_with("accepted 250"), "{r}");
+    wait_for(Duration::from_secs(20), || rig.cli(&["queue", "list"]).contains("gina@example.org").then_some(()));
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(rig.relayed().len(), 1);
 }

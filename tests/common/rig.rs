@@ -33,14 +33,15 @@ impl Rig {
 
     /// A rig whose gateway runs with these extra environment variables.
     pub fn with_env(extra: &str, env: &[(&'static str, &'static str)]) -> Self {
+        Self::with_smarthost(extra, env, "smarthost.py")
+    }
+
+    /// A rig whose smarthost is `script` (in tests/support; arguments PORT OUTDIR).
+    pub fn with_smarthost(extra: &str, env: &[(&'static str, &'static str)], script: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (smtp_port, http_port, home_port, smarthost_port) = (free_port(), free_port(), free_port(), free_port());
-        let smarthost = Process::start(
-            dir.path(),
-            "python3",
-            &[&support("smarthost.py"), &smarthost_port.to_string(), "relayed"],
-            &[],
-        );
+        let smarthost =
+            Process::start(dir.path(), "python3", &[&support(script), &smarthost_port.to_string(), "relayed"], &[]);
         assert_eq!(smarthost.first_line.trim(), "ready");
         let config = dir.path().join("gateway.toml");
         std::fs::write(
@@ -65,10 +66,11 @@ listen = "127.0.0.1:{http_port}"
 [queue]
 first_retry_secs = 1
 max_retry_secs = 2
-{extra}"#
+"#
             ),
         )
         .unwrap();
+        merge_settings(&config, extra);
         let mut rig = Rig {
             dir,
             config,
@@ -136,6 +138,11 @@ max_retry_secs = 2
     }
 
     pub fn smtp_send(&self, from: &str, rcpts: &str, message: &[u8]) -> String {
+        self.smtp_send_from("127.0.0.1", from, rcpts, message)
+    }
+
+    /// As [`Rig::smtp_send`], from the client address `source` (any 127.x.y.z).
+    pub fn smtp_send_from(&self, source: &str, from: &str, rcpts: &str, message: &[u8]) -> String {
         let file = self.path().join(format!("msg-{}.eml", free_port()));
         std::fs::write(&file, message).unwrap();
         let out = Command::new("python3")
@@ -146,6 +153,8 @@ max_retry_secs = 2
                 from,
                 rcpts,
                 file.to_str().unwrap(),
+                "--source",
+                source,
             ])
             .output()
             .unwrap();
@@ -172,6 +181,35 @@ max_retry_secs = 2
             ],
         );
         (eml_files(&self.path().join(out_dir)), out)
+    }
+
+    /// SENDs `message`, signed, as `who` to the gateway's mailbox on the home server.
+    pub fn send_to_gateway(&self, who: &str, message: &[u8]) -> latssiam::wire::Code {
+        let identity = std::sync::Arc::new(latssiam::Identity::load(&self.path().join(who)).unwrap());
+        let gateway_cert = std::fs::read(self.path().join("gw/identity/cert.pem")).unwrap();
+        let gateway_cert = latssiam::identity::certificate_from_pem_or_der(&gateway_cert).unwrap();
+        let sealed = latssiam::crypto::seal(message, &gateway_cert).unwrap();
+        let signature = latssiam::crypto::sign(&sealed, &identity).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let addr = format!("127.0.0.1:{}", self.home_port).parse().unwrap();
+            let pins = latssiam::tls::MemoryPins::default();
+            let mut c = latssiam::client::Client::connect(addr, "localhost", Some(identity), &pins).await.unwrap();
+            let status = c.send(self.gateway_fp.parse().unwrap(), &sealed, Some(&signature)).await.unwrap();
+            c.quit().await;
+            status.code()
+        })
+    }
+
+    /// The gateway's resident memory (VmRSS), in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let pid = self.gateway.as_ref().unwrap().child.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
     }
 
     /// What the smarthost received, in order.
@@ -203,6 +241,38 @@ max_retry_secs = 2
             .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
             .unwrap_or_else(|| panic!("no {name} in {body}"))
     }
+}
+
+/// Adds `extra` (TOML) to the settings file: the lines of a section the file
+/// already has go into it, lines before any section header go into `[queue]`,
+/// other sections are appended.
+fn merge_settings(config: &Path, extra: &str) {
+    let mut text = std::fs::read_to_string(config).unwrap();
+    let mut section = String::from("[queue]");
+    let mut appended = String::new();
+    let mut pending: Vec<(String, String)> = Vec::new();
+    for line in extra.lines() {
+        if line.starts_with('[') {
+            section = line.trim().to_owned();
+            if !text.contains(&format!("\n{section}\n")) {
+                appended.push_str(line);
+                appended.push('\n');
+            }
+            continue;
+        }
+        if text.contains(&format!("\n{section}\n")) && !section.starts_with("[[") {
+            pending.push((section.clone(), line.to_owned()));
+        } else {
+            appended.push_str(line);
+            appended.push('\n');
+        }
+    }
+    for (section, line) in pending.into_iter().rev() {
+        let at = text.find(&format!("\n{section}\n")).unwrap() + section.len() + 2;
+        text.insert_str(at, &format!("{line}\n"));
+    }
+    text.push_str(&appended);
+    std::fs::write(config, text).unwrap();
 }
 
 pub fn http_get(port: u16, path: &str) -> String {

@@ -1,4 +1,4 @@
-"""Sends one message with smtplib: smtp_send.py HOST PORT FROM RCPT[,RCPT...] FILE [--starttls].
+"""Sends one message with smtplib: smtp_send.py HOST PORT FROM RCPT[,RCPT...] FILE [--starttls] [--source ADDR].
 Prints "accepted CODE TEXT" with the reply to DATA, or "refused CODE TEXT" with
 the first refusal (at MAIL, RCPT or DATA). Exits 0 either way; 2 on a broken session."""
 import smtplib
@@ -8,10 +8,13 @@ import sys
 def main():
     host, port, sender, rcpts, path = sys.argv[1:6]
     starttls = "--starttls" in sys.argv[6:]
+    source = None
+    if "--source" in sys.argv[6:]:
+        source = (sys.argv[sys.argv.index("--source") + 1], 0)
     with open(path, "rb") as f:
         data = f.read()
     try:
-        with smtplib.SMTP(host, int(port), timeout=60) as s:
+        with smtplib.SMTP(host, int(port), timeout=60, source_address=source) as s:
             s.ehlo("client.example")
             if starttls:
                 import ssl

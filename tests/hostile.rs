@@ -1,0 +1,367 @@
+//! The hostile-peer suite: each attack or fault of issue 10, played against
+//! the real `latssiam-bridge run` with real peers on loopback (Python's
+//! smtplib, raw TCP clients, a reference server, an aiosmtpd smarthost, and a
+//! lenient SMTP receiver that ends DATA at `<LF>.<CR><LF>`), asserting the
+//! defended behaviour.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::rig::{support, Rig};
+use common::{eml_files, free_port, identity, ok, wait_for, Process, BIN};
+
+/// Per-client limits apply to loopback in these tests (the default exempts it).
+const NO_EXEMPTIONS: &str = "limit_exempt = []\n";
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// Reads what the server sends within `limit` (or until it closes).
+fn read_for(s: &mut TcpStream, limit: Duration) -> String {
+    s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let (mut out, end) = (Vec::new(), Instant::now() + limit);
+    let mut buf = [0u8; 4096];
+    while Instant::now() < end {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn pipelined_commands_that_never_let_the_input_run_dry_keep_memory_bounded() {
+    // Junk commands are allowed without end here, so only the reply cap and
+    // the write timeout can bound what this client costs.
+    let rig = Rig::new("[smtp]\ncommand_timeout_secs = 3\njunk_command_limit = 4000000000\n");
+    let before = rig.rss_kib();
+    let addr = ("127.0.0.1", rig.smtp_port);
+    let stop = Arc::new(AtomicBool::new(false));
+    // Each segment ends in the middle of a line, so the server's read buffer never runs empty.
+    let flood = |read_replies: bool| {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            let mut reader = s.try_clone().unwrap();
+            let drained = Arc::new(AtomicUsize::new(0));
+            if read_replies {
+                let drained = Arc::clone(&drained);
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 65536];
+                    while let Ok(n) = reader.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        drained.fetch_add(n, Ordering::Relaxed);
+                    }
+                });
+            }
+            s.write_all(b"EHLO flood.test\r\n").unwrap();
+            let started = Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                if s.write_all(b"NOOP\r\nHELP\r\nNO").and_then(|()| s.write_all(b"OP\r\n")).is_err() {
+                    // The gateway closed the connection.
+                    return (false, started.elapsed(), drained.load(Ordering::Relaxed));
+                }
+            }
+            (true, started.elapsed(), drained.load(Ordering::Relaxed))
+        })
+    };
+    let reading = flood(true);
+    let not_reading = flood(false);
+    std::thread::sleep(Duration::from_secs(12));
+    let during = rig.rss_kib();
+    stop.store(true, Ordering::Relaxed);
+    let (open, _, drained) = reading.join().unwrap();
+    let (still_open, dropped_after, _) = not_reading.join().unwrap();
+    assert!(open && drained > 1_000_000, "the reading client is served: {drained} octets of replies");
+    assert!(!still_open, "the client that never reads is disconnected");
+    assert!(dropped_after < Duration::from_secs(11), "dropped after {dropped_after:?}");
+    // Before the fix this grew by 450 MB in as long; allow 64 MB for noise.
+    assert!(during < before + 64 * 1024, "RSS grew from {before} KiB to {during} KiB");
+}
+
+#[test]
+fn one_address_cannot_take_every_slot_and_another_address_gets_in() {
+    let rig = Rig::new(&format!("[smtp]\nmax_connections = 40\nmax_connections_per_client = 5\n{NO_EXEMPTIONS}"));
+    rig.person("alice");
+    rig.contact("alice", &["--email", "alice@example.org"]);
+    // 50 connections from 127.0.0.1 that send NOOP now and then.
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..50 {
+        let mut s = TcpStream::connect(("127.0.0.1", rig.smtp_port)).unwrap();
+        let greeting = read_for(&mut s, Duration::from_millis(300));
+        if greeting.starts_with("220 ") {
+            s.write_all(b"NOOP\r\n").unwrap();
+            held.push(s);
+        } else {
+            assert!(greeting.starts_with("421 4.7.0"), "{greeting:?}");
+            refused += 1;
+        }
+    }
+    assert_eq!((held.len(), refused), (5, 45));
+    // Another client address is served while those 5 are held.
+    let r = rig.smtp_send_from("127.0.0.2", "b@remote.example", "alice@example.org", b"Subject: hi\r\n\r\nhi\r\n");
+    assert!(r.starts_with("accepted 250"), "{r}");
+    // The connection rate per address is limited too.
+    drop(held);
+    let rig = Rig::new(&format!("[smtp]\nclient_connection_rate_limit = 3\n{NO_EXEMPTIONS}"));
+    let greetings: Vec<String> = (0..5)
+        .map(|_| read_for(&mut TcpStream::connect(("127.0.0.1", rig.smtp_port)).unwrap(), Duration::from_millis(300)))
+        .collect();
+    assert!(greetings[..3].iter().all(|g| g.starts_with("220 ")), "{greetings:?}");
+    assert!(greetings[3..].iter().all(|g| g.starts_with("421 4.7.0")), "{greetings:?}");
+}
+
+#[test]
+fn a_stalled_latssiam_server_holds_only_its_share_of_the_workers() {
+    // A "server" that accepts TCP and never says a word (no TLS handshake).
+    let stall = TcpListener::bind("127.0.0.1:0").unwrap();
+    let stall_port = stall.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    {
+        let accepted = Arc::clone(&accepted);
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for s in stall.incoming().flatten() {
+                accepted.fetch_add(1, Ordering::Relaxed);
+                held.push(s);
+            }
+        });
+    }
+    let rig = Rig::new("concurrency = 8\ndestination_concurrency = 3\nconnect_timeout_secs = 600\n");
+    rig.person("alice");
+    rig.contact("alice", &["--email", "alice@example.org", "--allow-send"]);
+    identity(rig.path(), "stuck@stallhost", "stuck");
+    rig.contact("stuck", &["--email", "stuck@example.org", "--server", &format!("127.0.0.1:{stall_port}")]);
+
+    // 80 messages for the stalled server.
+    let out = std::process::Command::new("python3")
+        .args([
+            &support("smtp_flood.py"),
+            "127.0.0.1",
+            &rig.smtp_port.to_string(),
+            "a@remote.example",
+            "stuck@example.org",
+            "80",
+            "4",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).matches("ok ").count(), 80);
+    wait_for(Duration::from_secs(10), || (accepted.load(Ordering::Relaxed) >= 3).then_some(()))
+        .expect("the gateway never tried the stalled server");
+
+    // Email to a healthy contact still arrives, and LATSSIAM to email still goes out.
+    let r = rig.smtp_send("b@remote.example", "alice@example.org", b"Subject: still here\r\n\r\nhello\r\n");
+    assert!(r.starts_with("accepted 250"), "{r}");
+    let (files, _) = rig.fetch("alice", 20);
+    assert_eq!(files.len(), 1, "{}", rig.log());
+    let code =
+        rig.send_to_gateway("alice", b"From: alice@example.org\r\nTo: x@remote.example\r\nSubject: out\r\n\r\nout\r\n");
+    assert_eq!(code, latssiam::wire::Code::MessageAccepted);
+    assert_eq!(rig.wait_relayed(1)[0]["rcpt_tos"][0], "x@remote.example");
+    // The stalled server got no more than its share of connections.
+    assert_eq!(accepted.load(Ordering::Relaxed), 3);
+}
+
+#[test]
+fn contacts_may_send_only_as_themselves_within_their_limits() {
+    let rig = Rig::new("[relay]\nmax_recipients = 2\nmessages_per_hour = 3\n");
+    rig.person("alice");
+    rig.contact("alice", &["--email", "alice@example.org", "--allow-send"]);
+    let sent = |m: &str| assert_eq!(rig.send_to_gateway("alice", m.as_bytes()), latssiam::wire::Code::MessageAccepted);
+
+    sent("From: The CEO <ceo@bank.example>\r\nTo: victim@remote.example\r\nSubject: wire money\r\n\r\nnow\r\n");
+    sent("From: alice@example.org\r\nSender: ceo@bank.example\r\nTo: victim@remote.example\r\nSubject: s\r\n\r\nx\r\n");
+    sent("From: alice@example.org\r\nFrom: ceo@bank.example\r\nTo: victim@remote.example\r\nSubject: two\r\n\r\nx\r\n");
+    sent("From: alice@example.org\r\nTo: a@remote.example, b@remote.example, c@remote.example\r\nSubject: many\r\n\r\nx\r\n");
+    // Her own addresses pass (email alias, LATSSIAM address, or none: then the gateway supplies hers).
+    sent("From: Alice <alice@example.org>\r\nTo: ok1@remote.example\r\nSubject: ok1\r\n\r\nx\r\n");
+    sent("From: alice@localhost\r\nTo: ok2@remote.example\r\nSubject: ok2\r\n\r\nx\r\n");
+    sent("To: ok3@remote.example\r\nSubject: ok3\r\n\r\nx\r\n");
+    // The fourth good one in the hour is over messages_per_hour = 3.
+    sent("From: alice@example.org\r\nTo: ok4@remote.example\r\nSubject: ok4\r\n\r\nx\r\n");
+
+    rig.wait_metric("latssiam_bridge_accept_refused_total", 5);
+    let relayed = rig.wait_relayed(3);
+    std::thread::sleep(Duration::from_secs(2));
+    let mut relayed_to: Vec<String> =
+        rig.relayed().iter().map(|r| r["rcpt_tos"][0].as_str().unwrap().to_owned()).collect();
+    relayed_to.sort();
+    assert_eq!(relayed_to, ["ok1@remote.example", "ok2@remote.example", "ok3@remote.example"], "{relayed:?}");
+    let third = rig.relayed().into_iter().find(|r| r["rcpt_tos"][0] == "ok3@remote.example").unwrap();
+    let third = third["data"].as_str().unwrap();
+    assert!(third.contains("From: <alice@example.org>\r\nTo: ok3"), "the gateway supplies her From: {third}");
+
+    // Alice learns why, once per refused message.
+    let (files, _) = rig.fetch("alice", 10);
+    let notices: Vec<String> = files.iter().map(|f| std::fs::read_to_string(f).unwrap()).collect();
+    let all = notices.join("\n----\n");
+    assert_eq!(notices.len(), 5, "{all}");
+    assert!(all.contains("<ceo@bank.example> is not your address"), "{all}");
+    assert!(all.contains("more than one From: or Sender: field"), "{all}");
+    assert!(all.contains("3 recipients; at most 2"), "{all}");
+    assert!(all.contains("more than 3 messages in an hour"), "{all}");
+}
+
+#[test]
+fn with_rewrite_a_foreign_from_goes_to_reply_to() {
+    let rig = Rig::new("[relay]\nfrom_mismatch = \"rewrite\"\n");
+    rig.person("alice");
+    rig.contact("alice", &["--email", "alice@example.org", "--allow-send"]);
+    let m = "From: The CEO <ceo@bank.example>\r\nTo: v@remote.example\r\nSubject: hi\r\n\r\nx\r\n";
+    assert_eq!(rig.send_to_gateway("alice", m.as_bytes()), latssiam::wire::Code::MessageAccepted);
+    let data = rig.wait_relayed(1)[0]["data"].as_str().unwrap().to_owned();
+    assert!(data.contains("From: <alice@example.org>\r\nReply-To: The CEO <ceo@bank.example>\r\n"), "{data}");
+    assert_eq!(data.matches("From:").count(), 1, "{data}");
+}
+
+#[test]
+fn outbound_smuggling_never_reaches_a_receiver_that_ends_data_at_a_bare_lf() {
+    let rig = Rig::with_smarthost("", &[], "lenient_smtp.py");
+    rig.person("alice");
+    rig.contact("alice", &["--email", "alice@example.org", "--allow-send"]);
+    let m = "From: alice@example.org\r\nTo: bob@remote.example\r\nSubject: innocent\r\n\r\nhi\n.\r\n\
+             MAIL FROM:<evil@attacker.test>\r\nRCPT TO:<victim@mail.test>\r\nDATA\r\n\
+             From: ceo@bank.example\r\nSubject: smuggled\r\n\r\nevil\r\n.\r\nbye\r\n";
+    assert_eq!(rig.send_to_gateway("alice", m.as_bytes()), latssiam::wire::Code::MessageAccepted);
+    rig.wait_relayed(1);
+    std::thread::sleep(Duration::from_secs(2));
+    let relayed = rig.relayed();
+    assert_eq!(relayed.len(), 1, "one transaction only: {relayed:?}");
+    assert_eq!(relayed[0]["rcpt_tos"][0], "bob@remote.example");
+    let data = relayed[0]["data"].as_str().unwrap();
+    assert!(data.contains("hi\r\n.\r\nMAIL FROM:<evil@attacker.test>\r\n"), "carried as text: {data:?}");
+    assert!(!data.contains("\n.\n") && data.replace("\r\n", "").find('\n').is_none(), "CRLF only: {data:?}");
+}
+
+#[test]
+fn inbound_smuggling_is_refused_and_the_inner_message_is_not_delivered() {
+    let rig = Rig::new("");
+    rig.person("alice");
+    rig.contact("alice", &["--email", "alice@example.org"]);
+    let mut s = TcpStream::connect(("127.0.0.1", rig.smtp_port)).unwrap();
+    s.write_all(
+        b"EHLO attacker.test\r\nMAIL FROM:<a@attacker.test>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n\
+          Subject: outer\r\n\r\nhi\n.\r\nMAIL FROM:<evil@attacker.test>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n\
+          From: ceo@bank.example\r\nSubject: smuggled\r\n\r\nevil\r\n.\r\nQUIT\r\n",
+    )
+    .unwrap();
+    let replies = read_for(&mut s, Duration::from_secs(5));
+    assert!(replies.contains("550 5.5.2"), "{replies}");
+    assert_eq!(replies.matches("354").count(), 1, "the inner DATA was never a command: {replies}");
+    let (files, _) = rig.fetch("alice", 2);
+    assert!(files.is_empty(), "nothing was delivered");
+    assert_eq!(rig.metric("latssiam_bridge_smtp_accepted_total"), 0);
+    // A well-formed message on a new session still goes through.
+    let r = rig.smtp_send("b@remote.example", "alice@example.org", b"Subject: fine\r\n\r\nfine\r\n");
+    assert!(r.starts_with("accepted 250"), "{r}");
+}
+
+#[test]
+fn state_is_private_to_its_owner() {
+    let rig = Rig::new("");
+    let gw = rig.path().join("gw");
+    assert_eq!(mode(&gw), 0o700, "gateway.data_dir");
+    assert_eq!(mode(&gw.join("admin.sock")), 0o600);
+    assert_eq!(mode(&gw.join("identity/key.pem")), 0o600);
+    assert_eq!(mode(&gw.join("home/identity/key.pem")), 0o600);
+    // The reference server's data dir too.
+    let port = free_port();
+    let _srv = Process::start(
+        rig.path(),
+        BIN,
+        &["server", "--listen", &format!("127.0.0.1:{port}"), "--data-dir", "srv", "--register-password", "x"],
+        &[("LATSSIAM_LOG", "warn")],
+    );
+    assert_eq!(mode(&rig.path().join("srv")), 0o700, "the server's data dir");
+    // An identity directory whose certificate is missing (a crash between
+    // the two writes) does not stop the next start: it is made anew.
+    let id = rig.path().join("half");
+    std::fs::create_dir(&id).unwrap();
+    std::fs::write(id.join("key.pem"), "partial").unwrap();
+    let port = free_port();
+    let _srv = Process::start(
+        rig.path(),
+        BIN,
+        &["server", "--listen", &format!("127.0.0.1:{port}"), "--data-dir", "srv2", "--identity", "half"],
+        &[("LATSSIAM_LOG", "warn")],
+    );
+    assert!(id.join("cert.pem").exists() && !id.join("key.pem.tmp").exists());
+}
+
+#[test]
+fn a_contact_on_a_server_named_by_host_and_port_receives_mail() {
+    // No route for bobhost: the contact's server is only known as 127.0.0.1:PORT.
+    let rig = Rig::new("");
+    let port = free_port();
+    let server = format!("127.0.0.1:{port}");
+    let _srv = Process::start(
+        rig.path(),
+        BIN,
+        &["server", "--listen", &server, "--data-dir", "bobsrv", "--host", "bobhost", "--register-password", "pw"],
+        &[("LATSSIAM_LOG", "warn")],
+    );
+    let fp = identity(rig.path(), "bob@bobhost", "bob");
+    let out =
+        ok(rig.path(), &["register", "--identity", "bob", "--server", &server, "--password", "pw", "--pins", "pins"]);
+    assert!(out.starts_with("10 "), "{out}");
+    let added = rig.cli(&["contacts", "add", "--fingerprint", &fp, "--server", &server, "--email", "bob@example.org"]);
+    assert!(added.starts_with("added bob@bobhost"), "{added}");
+    let r = rig.smtp_send("a@remote.example", "bob@example.org", b"Subject: by port\r\n\r\nreached\r\n");
+    assert!(r.starts_with("accepted 250"), "{r}");
+    let files = wait_for(Duration::from_secs(30), || {
+        ok(rig.path(), &["fetch", "--identity", "bob", "--server", &server, "--out-dir", "inbox", "--pins", "pins"]);
+        Some(eml_files(&rig.path().join("inbox"))).filter(|f| !f.is_empty())
+    })
+    .unwrap_or_else(|| panic!("never delivered: {}\n{}", rig.cli(&["queue", "list"]), rig.log()));
+    assert!(std::fs::read_to_string(&files[0]).unwrap().contains("reached"));
+}
+
+#[test]
+fn a_mailbox_moved_to_its_own_host_is_an_error_not_a_loop() {
+    let port = free_port();
+    let rig = Rig::new(&format!("[routes]\nbobhost = \"127.0.0.1:{port}\"\n"));
+    let server = format!("127.0.0.1:{port}");
+    let start = || {
+        Process::start(
+            rig.path(),
+            BIN,
+            &["server", "--listen", &server, "--data-dir", "srv", "--host", "bobhost", "--register-password", "pw"],
+            &[("LATSSIAM_LOG", "warn")],
+        )
+    };
+    let mut srv = start();
+    let fp = identity(rig.path(), "bob@bobhost", "bob");
+    ok(rig.path(), &["register", "--identity", "bob", "--server", &server, "--password", "pw", "--pins", "pins"]);
+    rig.contact("bob", &["--email", "bob@example.org", "--server", "bobhost"]);
+    srv.signal("TERM");
+    // The operator "moves" bob to the host he is on: the server answers 35 naming that host.
+    ok(rig.path(), &["server", "move", &fp, "bobhost", "--data-dir", "srv"]);
+    let _srv = start();
+    let r = rig.smtp_send("a@remote.example", "bob@example.org", b"Subject: m\r\n\r\nm\r\n");
+    assert!(r.starts_with("accepted 250"), "{r}");
+    let listing = wait_for(Duration::from_secs(20), || {
+        let l = rig.cli(&["queue", "list"]);
+        l.contains("names the same host").then_some(l)
+    })
+    .unwrap_or_else(|| panic!("{}\n{}", rig.cli(&["queue", "list"]), rig.log()));
+    std::thread::sleep(Duration::from_secs(3));
+    // With retries after 1 then 2 s, a few attempts at most, not a hot loop.
+    let deferred = rig.metric("latssiam_bridge_deliveries_total{channel=\"latssiam\",result=\"deferred\"}");
+    assert!((1..=4).contains(&deferred), "{deferred} attempts; {listing}");
+}
