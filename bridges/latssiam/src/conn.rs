@@ -44,7 +44,10 @@ fn write_timed_out() -> WireError {
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Wraps a connected stream.
     pub fn new(stream: S) -> Self {
-        Self { framed: Framed::with_capacity(stream, FrameCodec::new(), 8 * 1024), write_timeout: DEFAULT_WRITE_TIMEOUT }
+        Self {
+            framed: Framed::with_capacity(stream, FrameCodec::new(), 8 * 1024),
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
+        }
     }
 
     /// Sets the longest a write may take.

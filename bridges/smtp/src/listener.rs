@@ -97,7 +97,9 @@ pub fn parse_network(s: &str) -> Result<(IpAddr, u8), String> {
     let max = if addr.is_ipv4() { 32 } else { 128 };
     let bits = match bits {
         None => max,
-        Some(b) => b.trim().parse::<u8>().ok().filter(|&b| b <= max).ok_or_else(|| format!("{s:?}: bad prefix length"))?,
+        Some(b) => {
+            b.trim().parse::<u8>().ok().filter(|&b| b <= max).ok_or_else(|| format!("{s:?}: bad prefix length"))?
+        }
     };
     Ok((addr, bits))
 }
