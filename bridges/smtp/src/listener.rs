@@ -104,6 +104,18 @@ pub fn parse_network(s: &str) -> Result<(IpAddr, u8), String> {
     Ok((addr, bits))
 }
 
+/// The key a client address is counted under: IPv4 as is (also when mapped
+/// into IPv6), IPv6 by its /64, which one host usually has whole.
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
+        v4 => v4,
+    }
+}
+
 fn in_network(ip: IpAddr, net: IpAddr, bits: u8) -> bool {
     let ip = match (ip, net) {
         (IpAddr::V6(v6), IpAddr::V4(_)) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
@@ -207,10 +219,16 @@ impl Anvil {
         if self.limits.exempts(ip) {
             return Ok(Admission { anvil: Arc::clone(self), ip: None });
         }
+        let ip = client_key(ip);
         let now = Instant::now();
         let mut clients = self.clients.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if clients.len() >= MAX_TRACKED_CLIENTS && !clients.contains_key(&ip) {
+            // A flood from many addresses: forget the idle ones, then (losing
+            // their rate counts) those without a session.
             clients.retain(|_, c| !c.idle(now));
+            if clients.len() >= MAX_TRACKED_CLIENTS / 2 {
+                clients.retain(|_, c| c.sessions > 0);
+            }
             if clients.len() >= MAX_TRACKED_CLIENTS {
                 return Err(Refused::Busy);
             }
@@ -237,6 +255,7 @@ impl Anvil {
         if self.limits.message_rate == 0 || self.limits.exempts(ip) {
             return Ok(());
         }
+        let ip = client_key(ip);
         let now = Instant::now();
         let mut clients = self.clients.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let Some(c) = clients.get_mut(&ip) else { return Ok(()) };
@@ -406,8 +425,8 @@ enum Outcome<IO> {
 enum Line {
     /// A line (without its line end) and whether it ended in CRLF (not a bare LF).
     Ok(Vec<u8>, bool),
-    /// The line was longer than the limit; it has been consumed.
-    TooLong,
+    /// The line was longer than the limit; it has been consumed. Whether it ended in CRLF.
+    TooLong(bool),
     /// The client closed the connection.
     Eof,
 }
@@ -417,6 +436,8 @@ enum Line {
 async fn read_line<R: AsyncRead + Unpin>(reader: &mut BufReader<R>, max: usize) -> io::Result<Line> {
     let mut line = Vec::new();
     let mut too_long = false;
+    // Whether the previous chunk ended in CR (a CRLF split across two reads).
+    let mut last_cr = false;
     loop {
         let buf = reader.fill_buf().await?;
         if buf.is_empty() {
@@ -435,10 +456,12 @@ async fn read_line<R: AsyncRead + Unpin>(reader: &mut BufReader<R>, max: usize) 
                 line.extend_from_slice(chunk);
             }
         }
+        let ends_crlf = done && (if n >= 2 { chunk[n - 2] == b'\r' } else { last_cr });
+        last_cr = chunk.last() == Some(&b'\r');
         reader.consume(n);
         if done {
             if too_long {
-                return Ok(Line::TooLong);
+                return Ok(Line::TooLong(ends_crlf));
             }
             line.pop();
             let crlf = line.last() == Some(&b'\r');
@@ -520,7 +543,7 @@ impl<'a, S: Sink> Session<'a, S> {
                 io.write_all(&self.out).await?;
                 io.flush().await
             };
-            tokio::time::timeout(self.config.command_timeout, write)
+            tokio::time::timeout(self.config.command_timeout.min(self.remaining().max(Duration::from_secs(1))), write)
                 .await
                 .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the client does not read its replies"))??;
             self.out.clear();
@@ -571,7 +594,7 @@ impl<'a, S: Sink> Session<'a, S> {
             };
             let mut line = match line {
                 Line::Eof => return Ok(Outcome::Closed),
-                Line::TooLong => {
+                Line::TooLong(_) => {
                     self.push(&reply(500, [5, 5, 2], "Line too long"));
                     continue;
                 }
@@ -720,9 +743,10 @@ impl<'a, S: Sink> Session<'a, S> {
                 .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "timeout in DATA"))??;
             match line {
                 Line::Eof => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed in DATA")),
-                Line::TooLong => {
+                Line::TooLong(crlf) => {
                     too_long = true;
-                    after_crlf = true;
+                    bare |= !crlf;
+                    after_crlf = crlf;
                 }
                 // Only a dot alone between two CRLFs ends the data.
                 Line::Ok(l, true) if after_crlf && l == b"." => break,
@@ -912,6 +936,25 @@ mod tests {
             std::mem::forget(anvil.admit("10.1.2.3".parse().unwrap()).unwrap());
         }
         assert!(anvil.message("::ffff:10.0.0.1".parse().unwrap()).is_ok());
+        // One IPv6 /64 is one client.
+        let v6 = Anvil::new(ClientLimits { max_connections: 1, ..ClientLimits::default() });
+        let _a = v6.admit("2001:db8::1".parse().unwrap()).unwrap();
+        assert_eq!(v6.admit("2001:db8::2:3".parse().unwrap()).err(), Some(Refused::Connections));
+        assert!(v6.admit("2001:db8:0:1::1".parse().unwrap()).is_ok());
+    }
+
+    #[tokio::test]
+    async fn an_overlong_line_ending_in_a_bare_lf_does_not_end_data_early() {
+        let config = ListenerConfig::new("mx.test", 10_000);
+        let mut input = HEAD.to_vec();
+        input.extend_from_slice(&vec![b'x'; 1200]);
+        input.extend_from_slice(
+            b"\n.\r\nMAIL FROM:<evil@attacker.test>\r\nRCPT TO:<victim@example.org>\r\nDATA\r\nevil\r\n.\r\nQUIT\r\n",
+        );
+        let (replies, kept) = converse(&config, &input).await;
+        assert!(kept.is_empty(), "{kept:?}");
+        assert!(replies.contains("550 5.5.2") && !replies.contains("221"), "{replies}");
+        assert_eq!(replies.matches("354").count(), 1, "{replies}");
     }
 
     #[test]
@@ -932,7 +975,7 @@ mod tests {
         let input: &[u8] = b"short\r\nxxxxxxxxxxxxxxxxxxxx\r\nbare lf\nend";
         let mut r = BufReader::with_capacity(4, input);
         assert!(matches!(read_line(&mut r, 10).await.unwrap(), Line::Ok(l, true) if l == b"short"));
-        assert!(matches!(read_line(&mut r, 10).await.unwrap(), Line::TooLong));
+        assert!(matches!(read_line(&mut r, 10).await.unwrap(), Line::TooLong(true)));
         assert!(matches!(read_line(&mut r, 10).await.unwrap(), Line::Ok(l, false) if l == b"bare lf"));
         assert!(matches!(read_line(&mut r, 10).await.unwrap(), Line::Eof));
     }
