@@ -91,6 +91,7 @@ struct Settings {
     require_signature: bool,
     allowed_senders: Vec<String>,
     max_connections: usize,
+    max_connections_per_client: usize,
     idle_timeout_secs: u64,
     max_accept_deadline_secs: u64,
     max_unread_per_sender: u32,
@@ -159,6 +160,7 @@ impl Settings {
             c.allowed_senders = Some(parsed);
         }
         c.max_connections = self.max_connections;
+        c.max_connections_per_client = self.max_connections_per_client;
         c.idle_timeout = Duration::from_secs(self.idle_timeout_secs);
         c.max_accept_deadline = Duration::from_secs(self.max_accept_deadline_secs);
         c.max_unread_per_sender = self.max_unread_per_sender;

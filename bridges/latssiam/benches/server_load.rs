@@ -148,6 +148,8 @@ fn main() {
         config.send_rate = Rate { per_second: 1e9, burst: 1e9 };
         config.max_unread_per_sender = u32::MAX;
         config.max_unread_per_mailbox = u32::MAX;
+        // One host opens every connection here.
+        config.max_connections_per_client = 0;
         let server = Server::new(config, id("server@localhost")).unwrap();
         let token = server.shutdown_token();
         let listener = server.bind().await.unwrap();

@@ -525,3 +525,38 @@ async fn an_accept_that_finds_nothing_is_answered_33_not_54() {
         assert_eq!(answer, Accepted::Nothing(Status::of(Code::NoMoreMessages)));
     }
 }
+
+#[tokio::test]
+async fn one_address_holds_at_most_its_share_of_connections() {
+    let server = TestServer::start(|c| c.max_connections_per_client = 2).await;
+    let alice = server.registered("alice@localhost").await;
+    // Let the registration's session end first.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _first = server.client(&alice).await;
+    let _second = server.client(&alice).await;
+    // The third from the same address is closed before the TLS handshake.
+    let third = tokio::time::timeout(T, Client::connect(server.addr, HOST, Some(alice.clone()), &server.pins)).await;
+    assert!(matches!(third, Ok(Err(_))), "a third connection got through");
+    drop(_first);
+    // Once one is gone, the address may connect again.
+    let again = tokio::time::timeout(T, async {
+        loop {
+            if let Ok(c) = Client::connect(server.addr, HOST, Some(alice.clone()), &server.pins).await {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(again.is_ok());
+    server.stop().await;
+}
+
+#[test]
+fn ipv6_clients_are_counted_by_their_64() {
+    use latssiam::server::client_key;
+    let a = client_key("2001:db8:1:2:aaaa::1".parse().unwrap());
+    assert_eq!(a, client_key("2001:db8:1:2:ffff::9".parse().unwrap()));
+    assert_ne!(a, client_key("2001:db8:1:3::1".parse().unwrap()));
+    assert_eq!(client_key("::ffff:192.0.2.1".parse().unwrap()), "192.0.2.1".parse::<std::net::IpAddr>().unwrap());
+}

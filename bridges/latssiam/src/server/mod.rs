@@ -13,7 +13,7 @@
 pub mod store;
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -66,6 +66,9 @@ pub struct ServerConfig {
     pub rate_exempt: HashSet<Fingerprint>,
     /// Most simultaneous connections.
     pub max_connections: usize,
+    /// Most simultaneous connections from one client address (IPv6: one
+    /// /64); more are closed before the TLS handshake. 0: no limit.
+    pub max_connections_per_client: usize,
     /// How long a session may sit silent before `54` and a hang-up.
     pub idle_timeout: Duration,
     /// Longest `ACCEPT` deadline; a longer one is hung up on.
@@ -96,6 +99,7 @@ impl ServerConfig {
             allowed_senders: None,
             rate_exempt: HashSet::new(),
             max_connections: 4096,
+            max_connections_per_client: 256,
             idle_timeout: Duration::from_secs(300),
             max_accept_deadline: Duration::from_secs(900),
             max_unread_per_sender: 1000,
@@ -176,6 +180,52 @@ struct Shared {
     csr: Vec<u8>,
     limiter: RateLimiter,
     shutdown: CancellationToken,
+    /// Sessions per client address (IPv6 by /64).
+    per_client: std::sync::Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// The key a client address is counted under: IPv4 as is (also when mapped
+/// into IPv6), IPv6 by its /64, which one host usually has whole.
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
+        v4 => v4,
+    }
+}
+
+/// A session counted against its client address.
+struct ClientSlot {
+    shared: Arc<Shared>,
+    key: IpAddr,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut map = self.shared.per_client.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = map.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl Shared {
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<ClientSlot> {
+        let key = client_key(ip);
+        let mut map = self.per_client.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = map.entry(key).or_insert(0);
+        let max = self.config.max_connections_per_client;
+        if max > 0 && *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot { shared: Arc::clone(self), key })
+    }
 }
 
 /// A LATSSIAM server.
@@ -209,6 +259,7 @@ impl Server {
             csr,
             limiter: RateLimiter::default(),
             shutdown: CancellationToken::new(),
+            per_client: std::sync::Mutex::new(HashMap::new()),
         });
         Ok(Self { shared, tls })
     }
@@ -260,10 +311,15 @@ impl Server {
                     continue;
                 }
             };
+            let Some(slot) = self.shared.admit(peer.ip()) else {
+                debug!(%peer, "Too many connections from this address; closed.");
+                continue;
+            };
             let shared = self.shared.clone();
             let acceptor = self.tls.clone();
             tracker.spawn(async move {
                 let _permit = permit;
+                let _slot = slot;
                 session(shared, acceptor, tcp, peer).await;
             });
         }
