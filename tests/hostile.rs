@@ -189,6 +189,8 @@ fn contacts_may_send_only_as_themselves_within_their_limits() {
     sent("From: alice@example.org\r\nSender: ceo@bank.example\r\nTo: victim@remote.example\r\nSubject: s\r\n\r\nx\r\n");
     sent("From: alice@example.org\r\nFrom: ceo@bank.example\r\nTo: victim@remote.example\r\nSubject: two\r\n\r\nx\r\n");
     sent("From: alice@example.org\r\nTo: a@remote.example, b@remote.example, c@remote.example\r\nSubject: many\r\n\r\nx\r\n");
+    // A bare CR, which the wire would turn into a line break, hides a forged From: above hers.
+    sent("To: victim@remote.example\r\nSubject: s\rFrom: ceo@bank.example\r\r\nFrom: alice@example.org\r\n\r\nx\r\n");
     // Her own addresses pass (email alias, LATSSIAM address, or none: then the gateway supplies hers).
     sent("From: Alice <alice@example.org>\r\nTo: ok1@remote.example\r\nSubject: ok1\r\n\r\nx\r\n");
     sent("From: alice@localhost\r\nTo: ok2@remote.example\r\nSubject: ok2\r\n\r\nx\r\n");
@@ -196,7 +198,7 @@ fn contacts_may_send_only_as_themselves_within_their_limits() {
     // The fourth good one in the hour is over messages_per_hour = 3.
     sent("From: alice@example.org\r\nTo: ok4@remote.example\r\nSubject: ok4\r\n\r\nx\r\n");
 
-    rig.wait_metric("latssiam_bridge_accept_refused_total", 5);
+    rig.wait_metric("latssiam_bridge_accept_refused_total", 6);
     let relayed = rig.wait_relayed(3);
     std::thread::sleep(Duration::from_secs(2));
     let mut relayed_to: Vec<String> =
@@ -211,7 +213,7 @@ fn contacts_may_send_only_as_themselves_within_their_limits() {
     let (files, _) = rig.fetch("alice", 10);
     let notices: Vec<String> = files.iter().map(|f| std::fs::read_to_string(f).unwrap()).collect();
     let all = notices.join("\n----\n");
-    assert_eq!(notices.len(), 5, "{all}");
+    assert_eq!(notices.len(), 6, "{all}");
     assert!(all.contains("<ceo@bank.example> is not your address"), "{all}");
     assert!(all.contains("more than one From: or Sender: field"), "{all}");
     assert!(all.contains("3 recipients; at most 2"), "{all}");

@@ -79,12 +79,16 @@ fn fields(header: &[u8], name: &str) -> Vec<String> {
     out
 }
 
-/// The addresses in one address-list field value, lower case; `None` if it does not parse.
+/// The addresses in one address-list field value, lower case; `None` if it
+/// does not parse or has an entry without an address (a display name alone).
 fn addresses(value: &str) -> Option<Vec<String>> {
     let raw = format!("From:{value}\r\n\r\n");
     let message = mail_parser::MessageParser::default().parse(raw.as_bytes())?;
-    let list: Vec<String> =
-        message.from()?.iter().filter_map(|a| a.address()).map(|a| a.trim().to_lowercase()).collect();
+    let list = message
+        .from()?
+        .iter()
+        .map(|a| a.address().map(|a| a.trim().to_lowercase()).filter(|a| !a.is_empty()))
+        .collect::<Option<Vec<String>>>()?;
     (!list.is_empty()).then_some(list)
 }
 
@@ -94,6 +98,9 @@ fn addresses(value: &str) -> Option<Vec<String>> {
 /// The code to refuse it with (`52`) and why, for the sender's notice.
 pub fn inspect(plaintext: &[u8], contact: &Contact, policy: &Policy) -> Result<Outbound, (Code, String)> {
     let refuse = |why: String| (Code::MessageRefused, why);
+    // The bytes checked here are the bytes that go out: a bare CR or LF that
+    // the smarthost path would turn into a line break is one already.
+    let plaintext = &*bridge_smtp::crlf_only(plaintext);
     if mail::count_received(plaintext) > mail::MAX_RECEIVED {
         return Err(refuse("mail loop (too many Received: headers)".into()));
     }
@@ -117,10 +124,11 @@ pub fn inspect(plaintext: &[u8], contact: &Contact, policy: &Policy) -> Result<O
     let header = mail::header_section(plaintext);
     let from = fields(header, "from");
     let sender = fields(header, "sender");
+    let resent: Vec<String> = ["resent-from", "resent-sender"].iter().flat_map(|n| fields(header, n)).collect();
     let problem = if from.len() > 1 || sender.len() > 1 {
         Some("more than one From: or Sender: field".to_owned())
     } else {
-        from.iter().chain(&sender).find_map(|value| match addresses(value) {
+        from.iter().chain(&sender).chain(&resent).find_map(|value| match addresses(value) {
             None => Some(format!("From:/Sender: {:?} does not parse", value.trim())),
             Some(list) => {
                 list.into_iter().find(|a| !own.contains(a)).map(|a| format!("<{a}> is not your address ({you})"))
@@ -138,7 +146,7 @@ pub fn inspect(plaintext: &[u8], contact: &Contact, policy: &Policy) -> Result<O
             } else {
                 String::new()
             };
-            let body = mail::without_fields(plaintext, &["from", "sender"]);
+            let body = mail::without_fields(plaintext, &["from", "sender", "resent-from", "resent-sender"]);
             mail::prepend(&format!("{own_from}{reply_to}"), &body)
         }
     };
@@ -312,4 +320,51 @@ async fn take(gw: &Gateway, d: &Delivered) -> Result<(), Refusal> {
         info!(queue_id = %message_id_string(id), recipients = n, "Queued mail from LATSSIAM.");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alice() -> Contact {
+        Contact {
+            address: "alice@localhost".into(),
+            cert: Vec::new(),
+            email: Some("alice@example.org".into()),
+            allow_send: true,
+            server: None,
+            gone: false,
+        }
+    }
+
+    fn check(m: &str) -> Result<Outbound, (Code, String)> {
+        inspect(m.as_bytes(), &alice(), &Policy::default())
+    }
+
+    #[test]
+    fn from_and_sender_must_be_the_contacts() {
+        assert!(check("From: Alice <ALICE@example.org>\r\nTo: v@x.test\r\n\r\nb").is_ok());
+        assert!(check("From: alice@localhost\r\nSender: alice@example.org\r\nTo: v@x.test\r\n\r\nb").is_ok());
+        for forged in [
+            "From: ceo@bank.example\r\nTo: v@x.test\r\n\r\nb",
+            "From: alice@example.org\r\nFrom : ceo@bank.example\r\nTo: v@x.test\r\n\r\nb",
+            "From: alice@example.org,\r\n ceo@bank.example\r\nTo: v@x.test\r\n\r\nb",
+            "From: alice@example.org\r\nResent-From: ceo@bank.example\r\nTo: v@x.test\r\n\r\nb",
+            "From: alice@example.org, \"CEO\"\r\nTo: v@x.test\r\n\r\nb",
+            // A bare CR that the wire would make a line break hides a second From:.
+            "To: v@x.test\r\nSubject: s\rFrom: ceo@bank.example\r\r\nFrom: alice@example.org\r\n\r\nb",
+            // So does a bare LF.
+            "To: v@x.test\r\nSubject: s\nFrom: ceo@bank.example\r\nFrom: alice@example.org\r\n\r\nb",
+        ] {
+            let refused = check(forged);
+            assert!(matches!(refused, Err((Code::MessageRefused, _))), "{forged:?}: {refused:?}");
+        }
+    }
+
+    #[test]
+    fn what_goes_out_has_crlf_only() {
+        let out = check("From: alice@example.org\nTo: v@x.test\n\nhi\n.\r\nMAIL FROM:<e@x>\r").unwrap();
+        assert_eq!(out.message, b"From: alice@example.org\r\nTo: v@x.test\r\n\r\nhi\r\n.\r\nMAIL FROM:<e@x>\r\n");
+        assert_eq!(out.recipients, ["v@x.test"]);
+    }
 }

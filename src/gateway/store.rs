@@ -522,8 +522,11 @@ impl Store {
             self.discard_message(id);
             return Err(e);
         }
-        // The due index is rebuilt from the jobs at every open: no flush needed.
-        self.due.apply_batch(due)?;
+        // The due index is rebuilt from the jobs at every open: no flush needed,
+        // and the message is kept now, so a failure here must not refuse it.
+        if let Err(e) = self.due.apply_batch(due) {
+            tracing::warn!(error = %e, "Cannot index queued jobs; they are due again after a restart.");
+        }
         self.wake.notify_one();
         Ok(())
     }
@@ -602,7 +605,9 @@ impl Store {
     /// transaction, durably. Returns the report's message id.
     ///
     /// # Errors
-    /// [`StoreError`]; then nothing was changed.
+    /// [`StoreError`]: if the transaction failed nothing was changed; if only
+    /// the flush failed, the change may or may not survive a crash, and the
+    /// report becomes due at the next start.
     pub async fn kill(
         &self,
         id: JobId,

@@ -120,9 +120,52 @@ impl Destinations {
         None
     }
 
+    /// Gives up a slot without taking a waiting job (shutdown, or a task
+    /// that ended abnormally); the waiting jobs are due again at the next start.
+    fn release(&self, key: &str) {
+        let mut state = self.lock();
+        if let Some(d) = state.get_mut(key) {
+            d.active = d.active.saturating_sub(1);
+            if d.active == 0 && d.parked.is_empty() {
+                state.remove(key);
+            }
+        }
+    }
+
     /// Deliveries in flight to `key` (for tests and metrics).
     pub fn active(&self, key: &str) -> usize {
         self.lock().get(key).map_or(0, |d| d.active)
+    }
+}
+
+/// A destination's delivery slot held by one task.
+struct Slot<'a> {
+    gw: &'a Gateway,
+    key: &'a str,
+    held: bool,
+}
+
+impl Slot<'_> {
+    /// The next waiting job for the destination (the slot passes to it), or
+    /// none (the slot is released). A job deleted or retried by the operator
+    /// meanwhile is skipped; one whose state cannot be read is delivered.
+    fn hand_on(&mut self) -> Option<(JobId, Job)> {
+        while let Some((id, job)) = self.gw.destinations.next(self.key) {
+            match self.gw.store.job(id) {
+                Ok(Some((_, false))) | Err(_) => return Some((id, job)),
+                Ok(_) => {}
+            }
+        }
+        self.held = false;
+        None
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        if self.held {
+            self.gw.destinations.release(self.key);
+        }
     }
 }
 
@@ -177,39 +220,44 @@ pub async fn run(gw: Arc<Gateway>, shutdown: CancellationToken) {
                 continue;
             }
         };
-        let got = jobs.len();
         let limit = gw.settings.queue.destination_concurrency;
+        // Only jobs that start count as progress: parked ones leave the slots free.
+        let mut started = 0;
         for (id, job) in jobs {
             let key = destination(&gw, &job);
             let (id, job) = match gw.destinations.admit(&key, limit, id, job) {
                 Admit::Go(id, job) => (id, job),
                 Admit::Parked => continue,
                 Admit::Full(id, mut job) => {
-                    job.due_ms = now_ms() + 1000;
+                    // Its destination has a full waiting line: look again in half a minute or so.
+                    job.due_ms = now_ms() + 30_000 + u64::from(id.index) * 7 + id.message % 1000;
                     if let Err(e) = gw.store.defer(id, &job) {
                         warn!(job = %id, error = %e, "Cannot put a job back in the queue.");
                     }
                     continue;
                 }
             };
+            started += 1;
             let Ok(permit) = Arc::clone(&slots).acquire_owned().await else { break };
-            let gw = Arc::clone(&gw);
+            let (gw, shutdown) = (Arc::clone(&gw), shutdown.clone());
             tracker.spawn(async move {
+                // Releases the destination's slot whatever happens (a panic too);
+                // its waiting jobs then stay for the next start (they have no due entry).
+                let mut slot = Slot { gw: &gw, key: &key, held: true };
                 let mut next = Some((id, job));
                 while let Some((id, job)) = next.take() {
                     deliver(&gw, id, job).await;
-                    // A waiting job for the same destination takes over this slot,
-                    // unless it was deleted or retried by the operator meanwhile.
-                    while let Some((id, job)) = gw.destinations.next(&key) {
-                        if matches!(gw.store.job(id), Ok(Some((_, false)))) {
-                            next = Some((id, job));
-                            break;
-                        }
+                    if shutdown.is_cancelled() {
+                        break;
                     }
+                    next = slot.hand_on();
                 }
+                drop(slot);
                 drop(permit);
             });
         }
+        let got = started;
+        tokio::task::yield_now().await;
         if got == free {
             continue;
         }
@@ -307,7 +355,9 @@ fn failure_report(gw: &Gateway, job: &Job, status: &str, diagnostic: &str) -> Op
         Origin::Smtp { from } if from.is_empty() => return None,
         Origin::Smtp { from } | Origin::Latssiam { from, .. } => from,
     };
-    if !gw.bounces.allow(to, gw.settings.queue.max_bounces_per_hour) {
+    // Per address, and in all (forged senders that change each time): 100 times the per-address number.
+    let per_hour = gw.settings.queue.max_bounces_per_hour;
+    if !gw.bounces.allow(to, per_hour) || !gw.bounces.allow("*", per_hour.saturating_mul(100)) {
         warn!(to = %to, "Failure reports to this address are over their hourly limit; not sent.");
         return None;
     }
