@@ -117,6 +117,32 @@ async fn smarthost(listener: TcpListener, arrivals: Arc<Mutex<HashMap<String, In
     }
 }
 
+/// CPU time (user + system) of this process so far, from /proc/self/stat
+/// (in USER_HZ = 100 ticks per second, fixed by the Linux ABI).
+fn process_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<u64> = rest.split_whitespace().filter_map(|f| f.parse().ok()).collect();
+    // utime and stime are fields 14 and 15 of the line: 11 and 12 after the state letter.
+    let ticks = fields.get(10).copied().unwrap_or(0) + fields.get(11).copied().unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
+/// The crypto one delivered message costs on one core: the gateway seals and
+/// signs it, the recipient's server verifies the signature.
+fn crypto_cost(who: &latssiam::Identity, octets: usize) -> Duration {
+    let body = vec![b'x'; octets];
+    let rounds = 300u32;
+    let started = Instant::now();
+    for _ in 0..rounds {
+        let sealed = crypto::seal(&body, who.cert_der()).unwrap();
+        let signature = crypto::sign(&sealed, who).unwrap();
+        crypto::verify(&signature, &sealed).unwrap();
+    }
+    started.elapsed() / rounds
+}
+
 fn main() {
     let messages: usize = std::env::var("MESSAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(12_000);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
@@ -156,6 +182,7 @@ fn main() {
         let body = Arc::new("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\r\n".repeat(62));
         let before = get_metrics(http).await;
         let delivered_before = metric(&before, "latssiam_bridge_deliveries_total{channel=\"latssiam\",result=\"ok\"}");
+        let cpu_before = process_cpu();
         let start = Instant::now();
         let per = messages / CLIENTS;
         let tasks: Vec<_> =
@@ -177,6 +204,7 @@ fn main() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let delivered_in = start.elapsed();
+        let cpu = process_cpu() - cpu_before;
         let m = get_metrics(http).await;
         accept_lat.sort();
         println!(
@@ -192,6 +220,14 @@ fn main() {
             "  delivered with 31: {:.0} msgs/s ({delivered} in {:.2} s, end to end)",
             delivered as f64 / delivered_in.as_secs_f64(),
             delivered_in.as_secs_f64()
+        );
+        let crypto = crypto_cost(&people[0], body.len());
+        println!(
+            "  CPU per delivered message: {:.0} us (whole process: gateway, home server and SMTP clients; \
+             {:.2} cores busy) vs crypto {:.0} us (seal + sign + verify of one message on one core)",
+            cpu.as_secs_f64() * 1e6 / delivered.max(1) as f64,
+            cpu.as_secs_f64() / delivered_in.as_secs_f64(),
+            crypto.as_secs_f64() * 1e6
         );
         println!(
             "  end of DATA -> 250: p50 {:.2} ms, p99 {:.2} ms",
