@@ -63,7 +63,8 @@ fn check_replies(out: &[u8]) {
         return;
     }
     assert!(out.ends_with(b"\r\n"), "reply output does not end with CRLF");
-    for line in out[..out.len() - 2].split(|&b| b == b'\n') {
+    // Every line, the last included, ends with CRLF: split after each LF.
+    for line in out[..out.len() - 1].split(|&b| b == b'\n') {
         let line = line.strip_suffix(b"\r").unwrap_or_else(|| panic!("reply line without CRLF: {line:?}"));
         assert!(!line.contains(&b'\r'), "bare CR in reply {line:?}");
         assert!(
