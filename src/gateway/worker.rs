@@ -466,8 +466,12 @@ async fn classify(gw: &Gateway, fp: &Fingerprint, host: &str, status: Status, cl
     if code == Code::MailboxMoved {
         gw.pool.put(host, client).await;
         let Some(to) = status.moved_to() else { return Outcome::Retry(format!("{host}: {status}")) };
-        if to.eq_ignore_ascii_case(host) {
-            return Outcome::Retry(format!("{host}: {status} (names the same host)"));
+        if same_server(to, host) {
+            // Following it would ask the same server again and again.
+            return Outcome::Fail {
+                status: "5.4.6",
+                diagnostic: format!("{host}: {status} (names the same host: a routing loop)"),
+            };
         }
         // Only a server that proves it serves the mailbox (VERIFY) takes it over.
         if let Err(e) = verify_moved(gw, fp, to).await {
@@ -494,6 +498,16 @@ async fn classify(gw: &Gateway, fp: &Fingerprint, host: &str, status: Status, cl
         None if code == Code::SlowDown => Outcome::RetryIn(SLOW_DOWN_MS, format!("{host}: {status}")),
         None => Outcome::Retry(format!("{host}: {status}")),
     }
+}
+
+/// Whether two `host[:port]` names are one server: case, a trailing dot
+/// and the default port 1977 do not tell them apart.
+fn same_server(a: &str, b: &str) -> bool {
+    let norm = |s: &str| {
+        let (host, port) = latssiam::client::split_host_port(s.trim());
+        (host.trim_end_matches('.').to_ascii_lowercase(), port)
+    };
+    norm(a) == norm(b)
 }
 
 /// Whether `server` names a port (`host:port`, `[v6]:port`).
@@ -534,7 +548,8 @@ async fn connect(gw: &Gateway, host: &str, named: bool) -> Result<Client, String
 
 /// Asks the server at `to` to prove (VERIFY) that it serves the mailbox `fp`.
 async fn verify_moved(gw: &Gateway, fp: &Fingerprint, to: &str) -> Result<(), String> {
-    let mut client = connect(gw, to, false).await?;
+    // Reached as later deliveries will reach it: `to` becomes the contact's named server.
+    let mut client = connect(gw, to, true).await?;
     let answer = tokio::time::timeout(Duration::from_secs(60), client.verify(*fp)).await;
     client.quit().await;
     match answer {
@@ -628,6 +643,13 @@ mod tests {
         assert!(!b.allow("A@example.org", 3));
         assert!(b.allow("b@example.org", 3));
         assert!((0..100).all(|_| b.allow("c@example.org", 0)));
+    }
+
+    #[test]
+    fn one_server_under_several_spellings() {
+        assert!(same_server("BobHost.", "bobhost") && same_server("bobhost:1977", "bobhost"));
+        assert!(same_server("[::1]:1977", "::1") && same_server("127.0.0.1:2000", "127.0.0.1:2000"));
+        assert!(!same_server("bobhost:2000", "bobhost") && !same_server("a.example", "b.example"));
     }
 
     #[test]
