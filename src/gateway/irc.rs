@@ -26,10 +26,10 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::config::IrcChannel;
+use super::config::{IrcChannel, IrcSettings};
 use super::mail;
 use super::sink::MAX_PLAINTEXT;
-use super::store::{message_id_string, Contact, IrcPost, Origin, StoreError, Target};
+use super::store::{message_id_string, Contact, IrcPost, Origin, Reach, StoreError};
 use super::Gateway;
 
 /// Most octets of digest lines in one message: what a LATSSIAM message
@@ -99,9 +99,14 @@ impl IrcCore {
             }
         };
         for address in &subscribers {
-            match self.gw.store.latssiam_target(address) {
-                Ok(Some(target)) => targets.push(target),
-                Ok(None) => warn!(%address, channel = %channel.name, "A subscriber is not a contact; skipped."),
+            match self.gw.store.reach(address) {
+                Ok(Reach::Contact { target, .. }) => targets.push(target),
+                Ok(Reach::Unknown) => {
+                    warn!(%address, channel = %channel.name, "A subscriber is not a contact; skipped.")
+                }
+                Ok(Reach::Gone) => {
+                    debug!(%address, channel = %channel.name, "A subscriber's mailbox is gone; skipped.")
+                }
                 Err(e) => warn!(error = %e, "Cannot read contacts."),
             }
         }
@@ -186,7 +191,7 @@ impl IrcCore {
         match verdict {
             Verdict::Relay => {}
             Verdict::SlowDown(n) => {
-                debug!(%nick, limit = n, "An IRC nick sends too many private messages.");
+                info!(%nick, limit = n, "An IRC nick sends too many private messages; refused.");
                 return format!("slow down: at most {n} messages a minute");
             }
             Verdict::Busy => {
@@ -194,14 +199,13 @@ impl IrcCore {
                 return "the gateway is busy; try later".into();
             }
         }
-        let contact = match self.gw.store.contact_by_name(address) {
-            Ok(Some((fp, c))) if c.allow_send => (fp, c),
+        let target = match self.gw.store.reach(address) {
+            Ok(Reach::Contact { target, contact }) if contact.allow_send => target,
             Ok(_) => return format!("{address} is not someone this gateway relays to. {usage}"),
             Err(_) => return "the gateway cannot read its contacts now; try later".into(),
         };
         let network = self.gw.settings.irc.channels.first().map_or("irc", |c| c.network.as_str());
         let m = private_message(nick, network, address, body, &mail::date_now());
-        let target = Target::Latssiam { fingerprint: contact.0.to_string(), address: address.to_owned() };
         match self.gw.store.enqueue(m.as_bytes(), vec![target], &Origin::Gateway).await {
             Ok(_) => format!("relayed to {address}"),
             Err(_) => "the gateway cannot queue messages now; try later".into(),
@@ -398,7 +402,23 @@ pub fn posts_for(
     recipients: &[String],
     message: &Message<'_>,
 ) -> Result<Result<Vec<IrcPost>, String>, StoreError> {
-    let irc = &gw.settings.irc;
+    irc_posts(&gw.settings.irc, sender, recipients, message, |c| {
+        gw.store.subscribers(&channel_address(c), &c.subscribers)
+    })
+}
+
+/// [`posts_for`] with the settings and the subscribers of a channel given:
+/// everything it decides, without the store (for tests and fuzzing).
+///
+/// # Errors
+/// What `subscribers` returns.
+pub fn irc_posts(
+    irc: &IrcSettings,
+    sender: &Contact,
+    recipients: &[String],
+    message: &Message<'_>,
+    subscribers: impl Fn(&IrcChannel) -> Result<Vec<String>, StoreError>,
+) -> Result<Result<Vec<IrcPost>, String>, StoreError> {
     let mut posts = Vec::new();
     let mut lines: Option<Vec<String>> = None;
     for r in recipients {
@@ -410,8 +430,7 @@ pub fn posts_for(
             let Some(channel) = irc.channel(local, host) else {
                 return Ok(Err(format!("{r} is not a bridged channel")));
             };
-            let subscribers = gw.store.subscribers(&channel_address(channel), &channel.subscribers)?;
-            if !subscribers.iter().any(|s| s.eq_ignore_ascii_case(&sender.address)) {
+            if !subscribers(channel)?.iter().any(|s| s.eq_ignore_ascii_case(&sender.address)) {
                 return Ok(Err(format!("{} does not subscribe to {r}", sender.address)));
             }
             channel.name.clone()
@@ -422,7 +441,7 @@ pub fn posts_for(
         } else {
             return Ok(Err(format!("{r} is neither a bridged channel nor a valid IRC nick")));
         };
-        let lines = lines.get_or_insert_with(|| lines_for(gw, sender, message)).clone();
+        let lines = lines.get_or_insert_with(|| lines_for(irc, sender, message)).clone();
         posts.push(IrcPost { target, lines });
     }
     Ok(Ok(posts))
@@ -453,8 +472,7 @@ fn is_service(nick: &str) -> bool {
 /// The lines to post: the text body without quoted lines and signature,
 /// empty lines dropped, at most `max_lines` (the last then says how many
 /// were cut), each in `line_format`.
-fn lines_for(gw: &Gateway, sender: &Contact, message: &Message<'_>) -> Vec<String> {
-    let irc = &gw.settings.irc;
+fn lines_for(irc: &IrcSettings, sender: &Contact, message: &Message<'_>) -> Vec<String> {
     let text = message
         .body_text(0)
         .map_or_else(|| String::from_utf8_lossy(message.raw_message()).into_owned(), |t| t.into_owned());

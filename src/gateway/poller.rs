@@ -26,7 +26,7 @@ use tracing::{info, warn};
 
 use super::config::FromMismatch;
 use super::mail;
-use super::store::{message_id_string, Contact, Origin, Target};
+use super::store::{message_id_string, Contact, Origin, Reach, Target};
 use super::Gateway;
 
 /// The relay policy for contacts' messages (from `[relay]`).
@@ -293,9 +293,13 @@ async fn take(gw: &Gateway, d: &Delivered) -> Result<(), Refusal> {
         if r.rsplit_once('@').is_some_and(|(_, host)| gw.settings.irc.is_network(host)) {
             continue;
         }
-        match gw.store.latssiam_target(&r) {
-            Ok(Some(target)) => targets.push(target),
-            Ok(None) => targets.push(Target::Smtp { rcpt: r }),
+        match gw.store.reach(&r) {
+            Ok(Reach::Contact { target, .. }) => targets.push(target),
+            Ok(Reach::Unknown) => targets.push(Target::Smtp { rcpt: r }),
+            Ok(Reach::Gone) => {
+                let why = format!("the LATSSIAM mailbox of <{r}> is gone");
+                return Err(refuse_with_notice(gw, &fp, &contact, Code::MessageRefused, why, &plaintext).await);
+            }
             Err(e) => return Err(Refusal::Later(e.to_string())),
         }
     }
@@ -310,15 +314,14 @@ async fn take(gw: &Gateway, d: &Delivered) -> Result<(), Refusal> {
     );
     let body = mail::prepend(&header, &mail::remove_bcc(&plaintext));
     let n = targets.len();
-    if !irc_posts.is_empty() {
-        gw.store.irc_enqueue(&irc_posts).await.map_err(|e| Refusal::Later(e.to_string()))?;
-        info!(posts = irc_posts.len(), "Queued posts for IRC from LATSSIAM.");
-    }
-    if n > 0 {
-        let origin = Origin::Latssiam { fingerprint: fp.to_string(), from };
-        gw.store.enqueue_as(id, &body, targets, &origin).await.map_err(|e| Refusal::Later(e.to_string()))?;
-        info!(queue_id = %message_id_string(id), recipients = n, "Queued mail from LATSSIAM.");
-    }
+    let origin = Origin::Latssiam { fingerprint: fp.to_string(), from };
+    // Jobs and IRC posts are kept in one step: all of them, or (not
+    // acknowledged, handed out again) none.
+    gw.store
+        .enqueue_with_posts(id, &body, targets, &origin, &irc_posts)
+        .await
+        .map_err(|e| Refusal::Later(e.to_string()))?;
+    info!(queue_id = %message_id_string(id), recipients = n, posts = irc_posts.len(), "Queued a message from LATSSIAM.");
     Ok(())
 }
 

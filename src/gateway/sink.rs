@@ -10,7 +10,7 @@ use tracing::{info, warn};
 
 use super::config::Oversize;
 use super::mail;
-use super::store::{message_id_string, Origin, StoreError, Target};
+use super::store::{message_id_string, Origin, Reach, StoreError, Target};
 use super::Gateway;
 
 /// The largest Internet Message the gateway accepts for LATSSIAM: what still
@@ -27,16 +27,16 @@ impl SmtpSink {
     /// The LATSSIAM target for `rcpt`; a contact whose mailbox is gone (`38`)
     /// is refused here, before anything is accepted (no backscatter).
     fn target_for(&self, rcpt: &str) -> Result<Option<Target>, Reply> {
-        let found = self.0.store.contact_by_name(rcpt).map_err(|e| {
+        let found = self.0.store.reach(rcpt).map_err(|e| {
             warn!(error = %e, "Cannot read contacts.");
             Reply::new(451, [4, 3, 0], "Temporary local problem; try again later")
         })?;
         match found {
-            Some((_, c)) if c.gone => {
+            Reach::Gone => {
                 Err(Reply::new(550, [5, 1, 1], format!("<{rcpt}>: Recipient address rejected: mailbox gone")))
             }
-            Some((fp, _)) => Ok(Some(Target::Latssiam { fingerprint: fp.to_string(), address: rcpt.to_lowercase() })),
-            None => Ok(None),
+            Reach::Contact { target, .. } => Ok(Some(target)),
+            Reach::Unknown => Ok(None),
         }
     }
 }

@@ -101,6 +101,22 @@ impl Contact {
     }
 }
 
+/// What an address reaches, from [`Store::reach`].
+#[derive(Debug)]
+pub enum Reach {
+    /// A contact: deliver to `target`.
+    Contact {
+        /// The delivery target.
+        target: Target,
+        /// The contact.
+        contact: Box<Contact>,
+    },
+    /// A contact whose mailbox is gone (`38`): refuse, do not queue.
+    Gone,
+    /// Not a contact.
+    Unknown,
+}
+
 /// Where a job delivers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -415,15 +431,22 @@ impl Store {
         Ok(self.contact(&fp)?.map(|c| (fp, c)))
     }
 
-    /// The LATSSIAM delivery target for `address` if it reaches a contact
-    /// (their LATSSIAM address or email alias, case-insensitively).
+    /// Whom `address` reaches on LATSSIAM (a contact's LATSSIAM address or
+    /// email alias, case-insensitively): the one lookup behind every delivery
+    /// to a contact (SMTP `RCPT`, a contact's message, IRC digests and private
+    /// messages), so a contact whose mailbox is gone is refused everywhere.
     ///
     /// # Errors
     /// [`StoreError`].
-    pub fn latssiam_target(&self, address: &str) -> Result<Option<Target>, StoreError> {
-        Ok(self
-            .contact_by_name(address)?
-            .map(|(fp, _)| Target::Latssiam { fingerprint: fp.to_string(), address: address.to_lowercase() }))
+    pub fn reach(&self, address: &str) -> Result<Reach, StoreError> {
+        Ok(match self.contact_by_name(address)? {
+            None => Reach::Unknown,
+            Some((_, c)) if c.gone => Reach::Gone,
+            Some((fp, contact)) => Reach::Contact {
+                target: Target::Latssiam { fingerprint: fp.to_string(), address: address.to_lowercase() },
+                contact: Box::new(contact),
+            },
+        })
     }
 
     /// All contacts.
@@ -494,9 +517,27 @@ impl Store {
         targets: Vec<Target>,
         origin: &Origin,
     ) -> Result<(), StoreError> {
+        self.enqueue_with_posts(id, body, targets, origin, &[]).await
+    }
+
+    /// As [`Store::enqueue_as`], and queues `posts` for IRC (after everything
+    /// queued before) in the same durable step: when this fails, neither the
+    /// jobs nor the posts remain.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn enqueue_with_posts(
+        &self,
+        id: u64,
+        body: &[u8],
+        targets: Vec<Target>,
+        origin: &Origin,
+        posts: &[IrcPost],
+    ) -> Result<(), StoreError> {
         let now = now_ms();
         let mut jobs = sled::Batch::default();
         let mut due = sled::Batch::default();
+        let has_jobs = !targets.is_empty();
         for (i, target) in targets.into_iter().enumerate() {
             let index = u16::try_from(i).map_err(|_| corrupt("more than 65535 recipients"))?;
             let jid = JobId { message: id, index };
@@ -512,15 +553,32 @@ impl Store {
             jobs.insert(&jid.key(), encode(&job));
             due.insert(&due_key(now, jid), &[]);
         }
+        let mut post_keys = Vec::new();
         let written = async {
-            self.bodies.insert(id.to_be_bytes(), body)?;
-            self.jobs.apply_batch(jobs)?;
+            for post in posts {
+                let key = self.db.generate_id()?.to_be_bytes();
+                self.irc.insert(key, encode(post))?;
+                post_keys.push(key);
+            }
+            if has_jobs {
+                self.bodies.insert(id.to_be_bytes(), body)?;
+                self.jobs.apply_batch(jobs)?;
+            }
             self.durable().await
         };
         if let Err(e) = written.await {
             // Not acknowledged, so not to be delivered: take back what was written.
             self.discard_message(id);
+            for key in post_keys {
+                let _ = self.irc.remove(key);
+            }
             return Err(e);
+        }
+        if !posts.is_empty() {
+            self.irc_wake.notify_one();
+        }
+        if !has_jobs {
+            return Ok(());
         }
         // The due index is rebuilt from the jobs at every open: no flush needed,
         // and the message is kept now, so a failure here must not refuse it.
@@ -724,20 +782,6 @@ impl Store {
         self.collect_body(id.message)?;
         self.durable().await?;
         Ok(true)
-    }
-
-    /// Queues posts for IRC, durably, after everything queued before.
-    ///
-    /// # Errors
-    /// [`StoreError`].
-    pub async fn irc_enqueue(&self, posts: &[IrcPost]) -> Result<(), StoreError> {
-        for post in posts {
-            let seq = self.db.generate_id()?;
-            self.irc.insert(seq.to_be_bytes(), encode(post))?;
-        }
-        self.durable().await?;
-        self.irc_wake.notify_one();
-        Ok(())
     }
 
     /// The oldest post for IRC.
