@@ -196,6 +196,7 @@ pub fn run(args: ServerArgs) -> Result<()> {
 
 async fn serve(s: &Settings) -> Result<()> {
     let config = s.server_config()?;
+    latssiam::files::private_umask();
     latssiam::files::private_data_dir(&s.data_dir)
         .with_context(|| format!("cannot create {}", s.data_dir.display()))?;
     // Generated as server@host on first start.

@@ -144,6 +144,7 @@ async fn register(gw: &Gateway, password: &Password) -> Result<()> {
 /// Start-up failures (settings, a port in use, the data dir held by another process).
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> {
     let data_dir = settings.gateway.data_dir.clone();
+    latssiam::files::private_umask();
     latssiam::files::private_data_dir(&data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
     let store = Store::open(&settings.queue_dir()).with_context(|| {
         format!("cannot open the queue in {} (is another gateway running on it?)", settings.queue_dir().display())
@@ -264,8 +265,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     let http = tokio::net::TcpListener::bind(settings.http.listen)
         .await
         .with_context(|| format!("http.listen {}", settings.http.listen))?;
-    // The socket appears inside the data dir, which is 0700: no other user
-    // can reach it in the moment before it is made 0600.
+    // The socket is made under umask 077 inside the 0700 data dir: no other
+    // user can reach it, not even in the moment before it is made 0600.
     let socket = settings.admin_socket();
     let _ = std::fs::remove_file(&socket);
     let admin = tokio::net::UnixListener::bind(&socket).with_context(|| format!("cannot bind {}", socket.display()))?;

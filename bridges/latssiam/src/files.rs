@@ -3,6 +3,14 @@
 use std::io::{self, Write as _};
 use std::path::Path;
 
+/// Makes every file and directory this process creates from now on private
+/// to its owner (umask 077): queued mail, keys, pins and sockets never exist,
+/// even for a moment, with a wider mode than their creator asked minus this.
+pub fn private_umask() {
+    #[cfg(unix)]
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+}
+
 /// Creates `dir` and any missing parents accessible to their owner only
 /// (mode 0700 on Unix); a directory that exists is left as it is.
 ///

@@ -312,7 +312,7 @@ impl Server {
                 }
             };
             let Some(slot) = self.shared.admit(peer.ip()) else {
-                debug!(%peer, "Too many connections from this address; closed.");
+                info!(%peer, "Too many connections from this address; closed.");
                 continue;
             };
             let shared = self.shared.clone();
