@@ -589,6 +589,9 @@ impl<'a, S: Sink> Session<'a, S> {
                 }
             };
             let line = match line {
+                Err(_) if self.remaining().is_zero() => {
+                    return self.close(io.get_mut(), &reply(421, [4, 4, 2], "Session too long; closing")).await;
+                }
                 Err(_) => return self.close(io.get_mut(), &reply(421, [4, 4, 2], "Timeout; closing")).await,
                 Ok(r) => r?,
             };
