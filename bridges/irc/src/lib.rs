@@ -244,6 +244,37 @@ async fn run<S: IrcSink>(
     }
 }
 
+/// One session of the bot over an already connected `stream`, until the
+/// server closes it, a fatal error, or `shutdown`, with `posts` (target,
+/// lines) waiting to go out once it has joined, as if handed over by
+/// [`Handle::post`]. [`spawn`] runs the same session over each connection it
+/// makes; this entry point serves tests and fuzzing over in-memory streams.
+///
+/// # Errors
+/// Why the session ended, other than `shutdown`.
+pub async fn run_session<S: IrcSink>(
+    config: &IrcConfig,
+    sink: &S,
+    stream: impl AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    posts: Vec<(String, Vec<String>)>,
+    shutdown: &CancellationToken,
+) -> Result<(), String> {
+    let (tx, mut rx) = mpsc::channel(posts.len().max(1));
+    for (target, lines) in posts {
+        let (done, _) = oneshot::channel();
+        let _ = tx.try_send(Post { target, lines, done });
+    }
+    let (joined, _) = watch::channel(false);
+    let mut session = Session::new(config, sink, &joined);
+    let result = session.run(Box::new(stream), &mut rx, shutdown).await;
+    // Kept open until here: a session ends with its stream, not with its posts.
+    drop(tx);
+    result.map_err(|e| match e {
+        SessionEnd::Lost(why) => why,
+        SessionEnd::Fatal(e) => e.to_string(),
+    })
+}
+
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
@@ -450,8 +481,7 @@ impl<'a, S: IrcSink> Session<'a, S> {
                     // Urgent lines (PONG, registration) first; replies and posts after.
                     let Some(line) = self.out.next() else { continue };
                     self.tokens -= 1.0;
-                    let mut out = line.trim_end_matches(['\r', '\n']).to_owned();
-                    out.push_str("\r\n");
+                    let out = wire_line(&line);
                     // A server that stops reading must not hold the bot: a slow write ends the session.
                     let written = timed(timeout, "writing to IRC", async {
                         write.write_all(out.as_bytes()).await?;
@@ -639,7 +669,11 @@ impl<'a, S: IrcSink> Session<'a, S> {
             self.emit_channel(target, from, kind, body.to_owned()).await;
         } else if target.eq_ignore_ascii_case(&self.nick) && !notice && kind == Kind::Message {
             let reply = self.emit(Event::Private { nick: from.to_owned(), text: body.to_owned() }).await;
-            if let Some(reply) = reply {
+            // The answer goes to one nick: never to a list, a channel or a mask a server may have sent as `from`.
+            let one_nick = !from.is_empty()
+                && !from.contains([' ', ',', '*', '?'])
+                && !from.starts_with([':', '#', '&', '+', '!', '$']);
+            if let Some(reply) = reply.filter(|_| one_nick) {
                 // One line, cut to fit, in the bounded queue of replies (never ahead of a PONG).
                 let text = format::sanitize(&reply);
                 let text = format::split_to_fit(&text, self.text_budget(from)).into_iter().next().unwrap_or_default();
@@ -787,6 +821,21 @@ impl Outgoing {
     }
 }
 
+/// `line` as it goes on the wire: one IRC line whatever it holds (a PONG
+/// echoes what the server sent): CR, LF and NUL inside become spaces, and
+/// it is cut to 510 octets (on a character boundary) before its CRLF. Every
+/// line the bot writes passes through here.
+fn wire_line(line: &str) -> String {
+    let line = line.trim_end_matches(['\r', '\n']);
+    let mut cut = line.len().min(510);
+    while !line.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let mut out: String = line[..cut].chars().map(|c| if matches!(c, '\r' | '\n' | '\0') { ' ' } else { c }).collect();
+    out.push_str("\r\n");
+    out
+}
+
 /// Reads one line (up to LF) onto the end of `buf`, at most [`MAX_READ`]
 /// octets kept. `Ok(false)` at the end of the stream.
 ///
@@ -894,6 +943,28 @@ mod tests {
 
     fn post(target: &str, lines: &[&str]) -> Post {
         Post { target: target.into(), lines: lines.iter().map(|&l| l.to_owned()).collect(), done: oneshot::channel().0 }
+    }
+
+    /// Regression (fuzz `irc_line`): a `from` with a comma made the answer a NOTICE to a list.
+    #[tokio::test]
+    async fn an_answer_goes_to_one_nick_only() {
+        let config = config();
+        let sink = Recorder { reply: Some("relayed".into()), ..Recorder::default() };
+        let (joined, _) = watch::channel(false);
+        let mut session = Session::new(&config, &sink, &joined);
+        for from in ["a,ice", "#chan", "$*.example", "ali*"] {
+            session.handle(&format!(":{from}!u@h PRIVMSG bot :alice@example.org hi")).await.ok();
+        }
+        session.handle(":alice!u@h PRIVMSG bot :alice@example.org hi").await.ok();
+        assert_eq!(session.out.replies.iter().collect::<Vec<_>>(), ["NOTICE alice relayed\r\n"]);
+    }
+
+    #[test]
+    fn what_goes_on_the_wire_is_one_line_of_at_most_512_octets() {
+        assert_eq!(wire_line("PONG a\rb\0c\nd\r\n"), "PONG a b c d\r\n");
+        let long = format!("PONG :{}", "é".repeat(400));
+        let out = wire_line(&long);
+        assert!(out.len() <= 512 && out.ends_with("\r\n") && out.starts_with("PONG :é"), "{}", out.len());
     }
 
     #[tokio::test]
