@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs the fuzz targets for SECONDS each, starting from their committed seed
-# corpora, and prints one summary line per target.
+# Runs the fuzz targets for SECONDS (wall clock) each, starting from their
+# committed seed corpora, and prints one summary line per target with the
+# CPU seconds the fuzzer used (user + system), executions and coverage.
 #
 #   scripts/fuzz.sh SECONDS [TARGET...]
 #
@@ -45,10 +46,13 @@ for t in "${targets[@]}"; do
     seeds=$(find "$corpus" -type f | wc -l)
     before=$(find "$artifacts" -type f | sort)
     echo "== $t: ${secs}s from $seeds seeds (log: ${log#"$root"/})" >&2
+    # Built first, so that the CPU time measured below is the fuzzer's alone.
+    (cd "$dir" && RUSTC_BOOTSTRAP=1 nice -n "${NICE:-19}" cargo fuzz build "$t") >"$log" 2>&1
     # shellcheck disable=SC2086 # FUZZ_FLAGS is a list of flags
-    (cd "$dir" && RUSTC_BOOTSTRAP=1 nice -n "${NICE:-19}" cargo fuzz run "$t" "$corpus" -- \
-        -max_total_time="$secs" -print_final_stats=1 -timeout="${FUZZ_TIMEOUT:-10}" ${FUZZ_FLAGS:-}) >"$log" 2>&1
+    cpu=$( { TIMEFORMAT='%U %S'; time (cd "$dir" && RUSTC_BOOTSTRAP=1 nice -n "${NICE:-19}" cargo fuzz run "$t" "$corpus" -- \
+        -max_total_time="$secs" -print_final_stats=1 -timeout="${FUZZ_TIMEOUT:-10}" ${FUZZ_FLAGS:-} >>"$log" 2>&1); } 2>&1 )
     rc=$?
+    cpu=$(awk '{printf "%.0f", $1 + $2}' <<<"$cpu")
     new=$(comm -13 <(echo "$before") <(find "$artifacts" -type f | sort) | sed '/^$/d')
     crashes=$(printf '%s' "$new" | grep -c . || true)
     if ! grep -q 'stat::number_of_executed_units' "$log" && [ "$crashes" -eq 0 ]; then
@@ -64,8 +68,8 @@ for t in "${targets[@]}"; do
     cov=$(grep -oE 'cov: [0-9]+' "$log" | tail -n1 | grep -oE '[0-9]+')
     ft=$(grep -oE 'ft: [0-9]+' "$log" | tail -n1 | grep -oE '[0-9]+')
     units=$(find "$corpus" -type f | wc -l)
-    line=$(printf '%-15s execs=%-9s cov=%-6s ft=%-6s corpus=%s->%s crashes=%s' \
-        "$t" "${execs:-?}" "${cov:-?}" "${ft:-?}" "$seeds" "$units" "$crashes")
+    line=$(printf '%-15s cpu=%-6ss execs=%-9s cov=%-6s ft=%-6s corpus=%s->%s crashes=%s' \
+        "$t" "${cpu:-?}" "${execs:-?}" "${cov:-?}" "${ft:-?}" "$seeds" "$units" "$crashes")
     if [ "$crashes" -gt 0 ]; then
         line+=" ($(echo "$new" | sed "s|^$root/||" | tr '\n' ' '))"
         status=1

@@ -1,27 +1,36 @@
-//! Any bytes from an IRC server, and any text to relay to IRC, through the
-//! public text handling of bridge-irc (`format`) and irc-proto, the way the
-//! bot uses them. What the bot does with a parsed line lives in its private
-//! `Session::handle`/`incoming`/`queue_post`; this target mirrors those few
-//! lines (marked MIRROR) until they are reachable from outside.
+//! Any bytes from an IRC server through the bot's real session
+//! (`bridge_irc::run_session` over an in-memory stream: its line reader,
+//! `handle`, registration, CTCP, private messages and the posts it sends),
+//! and any text through the public text handling of bridge-irc (`format`).
+//! Time is paused and auto-advances, so the bot's pacing and ping timers run
+//! at once; the session ends when the input does.
 //!
 //! Invariants (documented in bridges/irc/src/format.rs and lib.rs):
+//! - every line the bot writes is one IRC line: CRLF-terminated, no other
+//!   CR, LF or NUL, at most 512 octets, parsed by irc-proto, and a PRIVMSG
+//!   or NOTICE has one target (no space, no comma);
+//! - every event the bot hands the gateway has clean text: no CR, LF or
+//!   other control character but TAB, no mIRC formatting;
 //! - `decode`: UTF-8 stays as is; anything else is latin-1, one char per octet;
 //! - `strip_formatting`: no mIRC code survives, the rest is kept in order,
 //!   stripping twice changes nothing;
 //! - `sanitize`: no CR, LF, NUL or `\x01`, nothing else changes;
 //! - `split_to_fit`: pieces within the budget (at least 4), on char
-//!   boundaries, losing nothing but spaces at the cuts;
-//! - a relayed line is one IRC line: `PRIVMSG target :piece` with no CR, LF
-//!   or NUL, within 512 octets with the prefix others see, and it parses back
-//!   to the same target and text.
+//!   boundaries, losing nothing but spaces at the cuts.
 #![no_main]
 
-use bridge_irc::format::{decode, defang, sanitize, split_to_fit, strip_formatting};
-use irc_proto::{Command, Message, Prefix, Response};
-use libfuzzer_sys::fuzz_target;
+use std::future::Future;
+use std::sync::OnceLock;
+use std::time::Duration;
 
-/// MIRROR of bridge_irc's `MAX_READ`.
-const MAX_READ: usize = 8192;
+use bridge_irc::format::{decode, sanitize, split_to_fit, strip_formatting};
+use bridge_irc::{run_session, Event, IrcConfig, IrcSink};
+use irc_proto::{Command, Message};
+use libfuzzer_sys::fuzz_target;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::runtime::Runtime;
+use tokio_util::sync::CancellationToken;
+
 const FORMATTING: [char; 9] = ['\x02', '\x03', '\x04', '\x0f', '\x11', '\x16', '\x1d', '\x1e', '\x1f'];
 
 fn check_decode(bytes: &[u8]) -> String {
@@ -70,88 +79,101 @@ fn check_split(text: &str, budget: usize) -> Vec<String> {
     pieces
 }
 
-/// MIRROR of `Session::queue_post`: the PRIVMSG lines for one relayed line.
-fn relay(target: &str, prefix_len: usize, line: &str) {
-    let overhead = 1 + prefix_len + 9 + target.len() + 2 + 2;
-    let budget = 512usize.saturating_sub(overhead).max(16);
-    let line = check_sanitize(line);
-    for piece in check_split(&line, budget) {
-        let text = if piece.is_empty() { " ".to_owned() } else { piece };
-        let out = format!("PRIVMSG {target} :{text}");
-        assert!(!out.contains(['\r', '\n', '\0']), "relayed line {out:?} is not one line");
-        // What others receive: ":" prefix " PRIVMSG " target " :" text CRLF.
-        if overhead + 16 <= 512 {
-            assert!(overhead + text.len() <= 512, "relayed line over 512 octets with the prefix");
-        }
-        let parsed: Message = out.parse().expect("a relayed line parses");
-        assert_eq!(parsed.command, Command::PRIVMSG(target.to_owned(), text), "relayed line parsed differently");
+fn clean(s: &str) {
+    assert!(!s.chars().any(|c| c.is_control() && c != '\t'), "control character handed to the gateway: {s:?}");
+    assert!(!s.contains(FORMATTING), "formatting handed to the gateway: {s:?}");
+}
+
+/// The gateway's side: checks every event, and answers a private message
+/// with the worst reply there is, the sender's own text.
+struct FuzzSink;
+
+impl IrcSink for FuzzSink {
+    fn event(&self, event: Event) -> impl Future<Output = Option<String>> + Send {
+        let reply = match event {
+            Event::Channel { channel, nick, text, .. } => {
+                [channel, nick, text].iter().for_each(|s| clean(s));
+                None
+            }
+            Event::Private { nick, text } => {
+                clean(&nick);
+                clean(&text);
+                Some(format!("{nick}: {text}"))
+            }
+            _ => None,
+        };
+        async move { reply }
     }
 }
 
-/// MIRROR of the parts of `Session::handle` and `incoming` that turn what
-/// others said into text for the gateway, or a line back to IRC.
-fn incoming(line: &str, nick: &str) {
-    let Ok(message) = line.parse::<Message>() else { return };
-    let from = match &message.prefix {
-        Some(Prefix::Nickname(n, _, _)) => n.clone(),
-        Some(Prefix::ServerName(s)) => s.clone(),
-        None => String::new(),
-    };
-    let (target, text, notice) = match message.command {
-        Command::PRIVMSG(t, x) => (t, x, false),
-        Command::NOTICE(t, x) => (t, x, true),
-        Command::PING(a, b) => {
-            // The PONG goes back verbatim: only the server chose its argument.
-            let out = Message::from(Command::PONG(a, b)).to_string();
-            assert!(!out.trim_end_matches(['\r', '\n']).contains('\n'), "PONG split into two lines: {out:?}");
-            return;
-        }
-        Command::Response(Response::RPL_USERHOST, args) => {
-            if let Some(entry) = args.last().and_then(|a| a.split_whitespace().next()) {
-                if let Some((n, rest)) = entry.split_once('=') {
-                    let prefix_len = n.trim_end_matches('*').len() + 1 + rest.trim_start_matches(['+', '-']).len();
-                    relay("#bridge", prefix_len, line);
-                }
-            }
-            return;
-        }
-        _ => return,
-    };
-    let (kind_text, private_ok) = match text.strip_prefix('\x01') {
-        Some(ctcp) => match ctcp.trim_end_matches('\x01').strip_prefix("ACTION ") {
-            Some(action) => (action.to_owned(), false),
-            None => return,
-        },
-        None => (text.clone(), !notice),
-    };
-    let body = check_strip(&kind_text);
-    if !target.starts_with(['#', '&', '+', '!']) && target.eq_ignore_ascii_case(nick) && private_ok {
-        // The gateway's answer to a private message goes back as a NOTICE:
-        // here the worst answer, the sender's own text.
-        let reply = check_sanitize(&body);
-        if !from.contains(['\r', '\n', '\0', ' ']) && !from.is_empty() {
-            let out = Message::from(Command::NOTICE(from.clone(), reply)).to_string();
-            let one = out.strip_suffix("\r\n").expect("irc-proto ends lines with CRLF");
-            assert!(!one.contains(['\r', '\n', '\0']), "NOTICE reply {out:?} is not one line");
+fn check_written(out: &[u8]) {
+    for line in out.split_inclusive(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r\n").unwrap_or_else(|| panic!("a line without CRLF: {line:?}"));
+        assert!(!line.contains(&b'\r') && !line.contains(&0), "CR or NUL inside a line: {line:?}");
+        assert!(line.len() + 2 <= 512, "a line of {} octets", line.len() + 2);
+        let text = std::str::from_utf8(line).unwrap_or_else(|_| panic!("the bot wrote non-UTF-8: {line:?}"));
+        let parsed: Message = text.parse().unwrap_or_else(|e| panic!("{text:?} does not parse: {e}"));
+        if let Command::PRIVMSG(target, _) | Command::NOTICE(target, _) = &parsed.command {
+            assert!(!target.is_empty() && !target.contains([' ', ',']), "not one target: {target:?}");
         }
     }
-    // What the gateway relays onwards (e.g. to another channel), attributed.
-    relay("#bridge", from.len() + 20, &format!("<{}> {body}", defang(&from)));
+}
+
+fn runtime() -> &'static Runtime {
+    static RT: OnceLock<Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().expect("runtime")
+    })
+}
+
+fn config() -> &'static IrcConfig {
+    static CONFIG: OnceLock<IrcConfig> = OnceLock::new();
+    CONFIG.get_or_init(|| IrcConfig {
+        server: "irc.example.net".into(),
+        port: 6667,
+        tls: false,
+        tls_fingerprint: None,
+        nick: "latssiam".into(),
+        alt_nicks: vec!["latssiam2".into()],
+        sasl: Some(("latssiam".into(), "secret".into())),
+        nickserv_password: None,
+        channels: vec![("#latssiam".into(), None)],
+        burst: 4.0,
+        lines_per_second: 2.0,
+        ping_interval: Duration::from_secs(120),
+        reconnect_min: Duration::from_secs(1),
+        reconnect_max: Duration::from_secs(10),
+        timeout: Duration::from_secs(5),
+    })
 }
 
 fuzz_target!(|data: &[u8]| {
-    // MIRROR of the bot's read loop: lines up to LF, at most MAX_READ octets
-    // kept, decoded, CR/LF trimmed.
-    for raw in data.split_inclusive(|&b| b == b'\n') {
-        let kept = &raw[..raw.len().min(MAX_READ)];
-        let line = check_decode(kept);
-        let line = line.trim_end_matches(['\r', '\n']);
-        incoming(line, "latssiam");
-        check_strip(line);
-    }
-    // The whole input as text to relay, with a prefix length from its first octet.
+    // The input is what the server sends; its text is also a post to relay.
     let text = check_decode(data);
-    let prefix_len = data.first().map_or(30, |&b| usize::from(b) * 2);
-    relay("#latssiam", prefix_len, &text);
+    let post_lines: Vec<String> = text.lines().take(50).map(str::to_owned).collect();
+    runtime().block_on(async {
+        let (bot_end, server_end) = tokio::io::duplex(1 << 16);
+        let (mut from_bot, mut to_bot) = tokio::io::split(server_end);
+        let shutdown = CancellationToken::new();
+        let write = async move {
+            let _ = to_bot.write_all(data).await;
+            let _ = to_bot.shutdown().await;
+        };
+        let read = async move {
+            let mut out = Vec::new();
+            let _ = from_bot.read_to_end(&mut out).await;
+            out
+        };
+        let posts = vec![("#latssiam".to_owned(), post_lines)];
+        let session = async {
+            let _ = run_session(config(), &FuzzSink, bot_end, posts, &shutdown).await;
+        };
+        let ((), out, ()) = tokio::join!(write, read, session);
+        check_written(&out);
+    });
+    for line in text.lines() {
+        check_strip(line);
+        check_sanitize(line);
+    }
     check_split(&text, usize::from(data.last().copied().unwrap_or(0)));
 });
