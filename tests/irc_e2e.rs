@@ -28,7 +28,7 @@ impl Ngircd {
             &conf,
             format!(
                 "[Global]\nName = irc.test\nInfo = test\nListen = 127.0.0.1\nPorts = {port}\n\
-                 [Limits]\nMaxNickLength = 30\nPingTimeout = 120\nPongTimeout = 20\n\
+                 [Limits]\nMaxNickLength = 30\nPingTimeout = 120\nPongTimeout = 20\nMaxConnectionsIP = 0\n\
                  [Options]\nDNS = no\nIdent = no\nPAM = no\nRequireAuthPing = no\n"
             ),
         )
@@ -270,4 +270,98 @@ fn contacts_subscribe_and_unsubscribe_by_message() {
     let (files, _) = rig.fetch("bob", 30);
     let texts: String = files.iter().map(|f| std::fs::read_to_string(f).unwrap()).collect();
     assert!(texts.contains("#nope@irc.test is not a channel this gateway bridges"), "{texts}");
+}
+
+/// The bot's notices to `person` so far.
+fn notices_from_bot(person: &Person, nick: &str) -> Vec<String> {
+    let marker = format!(" NOTICE {nick} :");
+    person
+        .lines()
+        .iter()
+        .filter(|l| l.starts_with(":gwbot!"))
+        .filter_map(|l| l.split_once(&marker).map(|(_, t)| t.to_owned()))
+        .collect()
+}
+
+#[test]
+fn a_flood_of_private_messages_is_limited_per_nick_and_the_bot_stays() {
+    // irc.private_messages_per_minute = 5 (the default).
+    let (rig, _ircd, port) = irc_rig(0);
+    rig.person("alice");
+    rig.contact("alice", &["--allow-send"]);
+    let mut carl = carl_with_the_bot(port);
+    let mut flooders: Vec<Person> = (0..3).map(|i| Person::connect(port, &format!("flood{i}"), "#test")).collect();
+    for (i, f) in flooders.iter_mut().enumerate() {
+        let burst: String = (0..12).map(|n| format!("PRIVMSG gwbot :alice@localhost flood{i} says {n}\r\n")).collect();
+        f.send(&burst);
+    }
+    // ngircd paces each flooder to about a line a second: 12 lines take about 12 s.
+    for (i, f) in flooders.iter().enumerate() {
+        let nick = format!("flood{i}");
+        let notices = wait_for(Duration::from_secs(60), || Some(notices_from_bot(f, &nick)).filter(|n| n.len() >= 12))
+            .unwrap_or_else(|| panic!("{nick} heard {:#?}\n{}", f.lines(), rig.log()));
+        assert_eq!(notices.iter().filter(|n| n.starts_with("relayed to alice@localhost")).count(), 5, "{notices:#?}");
+        assert_eq!(notices.iter().filter(|n| n.starts_with("slow down")).count(), 7, "{notices:#?}");
+    }
+    // Alice gets 15 private messages, no more.
+    let files = wait_for(Duration::from_secs(30), || {
+        let (files, _) = rig.fetch("alice", 1);
+        Some(files).filter(|f| f.len() >= 15)
+    })
+    .unwrap_or_else(|| panic!("{}", rig.log()));
+    std::thread::sleep(Duration::from_secs(1));
+    let (files_after, _) = rig.fetch("alice", 1);
+    assert_eq!((files.len(), files_after.len()), (15, 15));
+    // The bot answered the server's PINGs and the channel all along: still there, one connection.
+    carl.send("PRIVMSG #test :after the flood\r\n");
+    let (files, _) = rig.fetch("alice", 30);
+    let texts: String = files.iter().map(|f| std::fs::read_to_string(f).unwrap()).collect();
+    assert!(texts.contains("] <carl> after the flood"), "{texts}");
+    assert!(!bot_quit(&carl), "{:#?}", carl.lines());
+    assert_eq!(rig.log().matches("Connected to IRC").count(), 1, "{}", rig.log());
+}
+
+#[test]
+fn a_busy_window_becomes_several_digests_that_each_fit_and_none_is_dead_lettered() {
+    let (rig, _ircd, port) = irc_rig(20);
+    rig.person("alice");
+    rig.contact("alice", &[]);
+    let _carl = carl_with_the_bot(port);
+    // 6 people, 8 lines of 400 characters each: about 20 KB in one window,
+    // more than one LATSSIAM message holds.
+    let mut people: Vec<Person> = (0..6).map(|i| Person::connect(port, &format!("busy{i}"), "#test")).collect();
+    for (i, p) in people.iter_mut().enumerate() {
+        let lines: String =
+            (0..8).map(|n| format!("PRIVMSG #test :busy{i} line {n} {}\r\n", "y".repeat(400))).collect();
+        p.send(&lines);
+    }
+    let files = wait_for(Duration::from_secs(60), || {
+        let (files, _) = rig.fetch("alice", 1);
+        let texts: String = files.iter().map(|f| std::fs::read_to_string(f).unwrap()).collect();
+        (texts.matches(" line ").count() >= 48).then_some(files)
+    })
+    .unwrap_or_else(|| panic!("{}", rig.log()));
+    assert!(files.len() >= 2, "one window, several digests: {}", files.len());
+    for f in &files {
+        assert!(std::fs::metadata(f).unwrap().len() <= 18_000, "{} fits a LATSSIAM message", f.display());
+    }
+    assert_eq!(rig.metric("latssiam_bridge_deliveries_total{channel=\"latssiam\",result=\"failed\"}"), 0);
+}
+
+#[test]
+fn a_post_to_any_kind_of_channel_is_checked_like_a_hash_channel() {
+    let (rig, _ircd, port) = irc_rig(0);
+    rig.person("mallory");
+    rig.contact("mallory", &["--allow-send"]);
+    let mut mallory_irc = Person::connect(port, "watcher", "+test");
+    let _carl = carl_with_the_bot(port);
+    // Channels with the other prefixes are channels too: not bridged, so refused, never posted to as a nick.
+    for target in ["+test@irc.test", "!test@irc.test", "&test@irc.test"] {
+        send_message(&rig, "mallory", target, "hi", "let me in\r\n");
+    }
+    rig.wait_metric("latssiam_bridge_accept_refused_total", 3);
+    assert_eq!(rig.log().matches("is not a bridged channel").count(), 3, "{}", rig.log());
+    mallory_irc.send("PING :x\r\n");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(!mallory_irc.lines().iter().any(|l| l.starts_with(":gwbot!") && l.contains("PRIVMSG")), "nothing posted");
 }
