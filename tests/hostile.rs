@@ -562,3 +562,91 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// A tmpfs of `size` at a new temporary directory, unmounted when dropped;
+/// `None` where mounting is not allowed (not root).
+struct SmallDisk(tempfile::TempDir);
+
+impl SmallDisk {
+    fn mount(size: &str) -> Option<Self> {
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        mounted.then_some(Self(dir))
+    }
+
+    /// Fills the disk with one file; returns its path.
+    fn fill(&self) -> std::path::PathBuf {
+        let path = self.0.path().join("filler");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(self.0.path()).status();
+    }
+}
+
+#[test]
+fn a_full_disk_answers_451_and_nothing_acknowledged_is_lost() {
+    let Some(disk) = SmallDisk::mount("64m") else {
+        eprintln!(
+            "SKIPPED a_full_disk_answers_451_and_nothing_acknowledged_is_lost: cannot mount a tmpfs (needs root)"
+        );
+        return;
+    };
+    let rig = Rig::new(&format!("[gateway]\ndata_dir = {:?}\n", disk.0.path().join("gw")));
+    rig.person("alice");
+    rig.contact("alice", &["--email", "alice@example.org"]);
+    let body = format!("Subject: filling\r\n\r\n{}", format!("{}\r\n", "z".repeat(78)).repeat(100));
+    let mut accepted = 0;
+    let mut refused = 0;
+    for _ in 0..3 {
+        let r = rig.smtp_send("b@remote.example", "alice@example.org", body.as_bytes());
+        assert!(r.starts_with("accepted 250"), "{r}");
+        accepted += 1;
+    }
+    let filler = disk.fill();
+    // Until the first refusal: never a 250 for what could not be stored.
+    while refused == 0 && accepted < 200 {
+        let r = rig.smtp_send("b@remote.example", "alice@example.org", body.as_bytes());
+        if r.starts_with("accepted 250") {
+            accepted += 1;
+        } else {
+            assert!(r.contains("451") && r.contains("4.3.0"), "{r}");
+            refused += 1;
+        }
+    }
+    assert!(refused > 0, "the disk never filled: {accepted} accepted");
+    // sled refuses every write after an I/O error, so the gateway stops (no
+    // panic) with one line saying why, for its supervisor to start it again.
+    let mut rig = rig;
+    let status = wait_for(Duration::from_secs(40), || rig.gateway.as_mut().unwrap().child.try_wait().unwrap())
+        .unwrap_or_else(|| panic!("still running: {}", rig.log()));
+    assert!(!status.success());
+    assert!(rig.log().contains("the queue store failed") && !rig.log().contains("panicked"), "{}", rig.log());
+    // Room again: started anew, it accepts mail and delivers everything acknowledged.
+    std::fs::remove_file(filler).unwrap();
+    rig.start();
+    let r = wait_for(Duration::from_secs(30), || {
+        let r = rig.smtp_send("b@remote.example", "alice@example.org", b"Subject: after\r\n\r\nafter\r\n");
+        r.starts_with("accepted 250").then_some(r)
+    });
+    assert!(r.is_some(), "never accepted again after the disk had room: {}", rig.log());
+    accepted += 1;
+    let files = wait_for(Duration::from_secs(60), || {
+        let (files, _) = rig.fetch("alice", 1);
+        (files.len() >= accepted).then_some(files)
+    })
+    .unwrap_or_else(|| panic!("{accepted} accepted; {}\n{}", rig.cli(&["queue", "list"]), rig.log()));
+    assert_eq!(files.len(), accepted, "every 250 delivered once, nothing refused delivered");
+}

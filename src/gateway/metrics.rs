@@ -178,7 +178,12 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, store: Arc<Stor
                 (Some("GET"), Some("/metrics")) => {
                     ("200 OK", metrics.render(&store), "text/plain; version=0.0.4; charset=utf-8")
                 }
-                (Some("GET"), Some("/healthz")) => ("200 OK", "ok\n".to_owned(), "text/plain; charset=utf-8"),
+                (Some("GET"), Some("/healthz")) => match store.broken() {
+                    None => ("200 OK", "ok\n".to_owned(), "text/plain; charset=utf-8"),
+                    Some(e) => {
+                        ("503 Service Unavailable", format!("queue store failed: {e}\n"), "text/plain; charset=utf-8")
+                    }
+                },
                 (Some("GET"), _) => ("404 Not Found", "not found\n".to_owned(), "text/plain; charset=utf-8"),
                 _ => ("405 Method Not Allowed", "only GET\n".to_owned(), "text/plain; charset=utf-8"),
             };

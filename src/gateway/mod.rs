@@ -306,12 +306,22 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     println!("gateway {} smtp {smtp_addr} home {} http {http_addr}", gw.identity.fingerprint(), gw.home.1);
     info!(%smtp_addr, home = %gw.home.1, %http_addr, fingerprint = %gw.identity.fingerprint(), "Gateway running.");
     tasks.close();
-    shutdown.cancelled().await;
-    info!("Shutdown requested; finishing work in flight.");
+    tokio::select! {
+        () = shutdown.cancelled() => info!("Shutdown requested; finishing work in flight."),
+        () = store.failed.notified() => {
+            // Everything still answers 451 or leaves messages on the home
+            // server meanwhile: nothing unstored is acknowledged.
+            tracing::error!(error = store.broken().unwrap_or_default(), "The queue store cannot write; stopping so that a restart opens it anew.");
+            shutdown.cancel();
+        }
+    }
     if tokio::time::timeout(Duration::from_secs(30), tasks.wait()).await.is_err() {
         warn!("Some tasks did not finish within 30 s; their jobs stay queued.");
     }
     let _ = std::fs::remove_file(&socket);
     drop(gw);
+    if let Some(e) = store.broken() {
+        bail!("the queue store failed ({e}); start the gateway again once the disk has room: sled does not recover from a write error while it runs");
+    }
     Ok(())
 }

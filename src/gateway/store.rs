@@ -296,6 +296,9 @@ pub struct Store {
     flusher: GroupCommit,
     /// Woken when a job becomes due earlier than the worker may think.
     pub wake: Notify,
+    /// Woken once, when a write fails for good (see [`Store::broken`]).
+    pub failed: Notify,
+    broken: std::sync::OnceLock<String>,
     /// Woken when a post for IRC is queued.
     pub irc_wake: Notify,
     last_id: AtomicU64,
@@ -322,6 +325,8 @@ impl Store {
             flusher,
             wake: Notify::new(),
             irc_wake: Notify::new(),
+            failed: Notify::new(),
+            broken: std::sync::OnceLock::new(),
             last_id: AtomicU64::new(0),
         };
         store.recover()?;
@@ -354,7 +359,26 @@ impl Store {
     /// # Errors
     /// [`StoreError::Flush`].
     pub async fn durable(&self) -> Result<(), StoreError> {
-        Ok(self.flusher.durable().await?)
+        self.flusher.durable().await.map_err(|e| self.record(e.into()))
+    }
+
+    /// Notes `e` if it is an I/O error: sled keeps the first I/O error of its
+    /// log (a full disk, a failed fsync) and refuses every later write with
+    /// it, so the store is broken until the process opens it anew.
+    fn record(&self, e: StoreError) -> StoreError {
+        let io = matches!(
+            e,
+            StoreError::Sled(sled::Error::Io(_)) | StoreError::Flush(latssiam::group_commit::FlushError::Io(_))
+        );
+        if io && self.broken.set(e.to_string()).is_ok() {
+            self.failed.notify_one();
+        }
+        e
+    }
+
+    /// Why the store can no longer write, once it cannot (see [`Store::failed`]).
+    pub fn broken(&self) -> Option<&str> {
+        self.broken.get().map(String::as_str)
     }
 
     fn next_message_id(&self) -> Result<u64, StoreError> {
@@ -572,7 +596,7 @@ impl Store {
             for key in post_keys {
                 let _ = self.irc.remove(key);
             }
-            return Err(e);
+            return Err(self.record(e));
         }
         if !posts.is_empty() {
             self.irc_wake.notify_one();

@@ -55,7 +55,13 @@ impl Process {
             .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
         let mut first_line = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut first_line).unwrap();
-        assert!(!first_line.is_empty(), "{program} {args:?} exited without a word");
+        if first_line.is_empty() {
+            let log = log.and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default();
+            panic!(
+                "{program} {args:?} exited without a word{}",
+                if log.is_empty() { String::new() } else { format!(":\n{log}") }
+            );
+        }
         Self { child, first_line }
     }
 

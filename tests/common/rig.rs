@@ -244,10 +244,11 @@ max_retry_secs = 2
 }
 
 /// Adds `extra` (TOML) to the settings file: the lines of a section the file
-/// already has go into it, lines before any section header go into `[queue]`,
-/// other sections are appended.
+/// already has go into it (replacing a key it has), lines before any section
+/// header go into `[queue]`, other sections are appended.
 fn merge_settings(config: &Path, extra: &str) {
-    let mut text = std::fs::read_to_string(config).unwrap();
+    // A leading newline, so the first section is found like the others.
+    let mut text = format!("\n{}", std::fs::read_to_string(config).unwrap());
     let mut section = String::from("[queue]");
     let mut appended = String::new();
     let mut pending: Vec<(String, String)> = Vec::new();
@@ -269,10 +270,21 @@ fn merge_settings(config: &Path, extra: &str) {
     }
     for (section, line) in pending.into_iter().rev() {
         let at = text.find(&format!("\n{section}\n")).unwrap() + section.len() + 2;
-        text.insert_str(at, &format!("{line}\n"));
+        // A key the section has already is replaced, not repeated (TOML refuses that).
+        let end = text[at..].find("\n[").map_or(text.len(), |i| at + i + 1);
+        let key = line.split('=').next().unwrap_or_default().trim();
+        let existing =
+            text[at..end].lines().find(|l| !key.is_empty() && l.split('=').next().unwrap_or_default().trim() == key);
+        match existing.map(str::to_owned) {
+            Some(old) => {
+                let from = at + text[at..end].find(&old).unwrap();
+                text.replace_range(from..from + old.len(), &line);
+            }
+            None => text.insert_str(at, &format!("{line}\n")),
+        }
     }
     text.push_str(&appended);
-    std::fs::write(config, text).unwrap();
+    std::fs::write(config, &text[1..]).unwrap();
 }
 
 pub fn http_get(port: u16, path: &str) -> String {
