@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 #[derive(Args)]
 pub struct ConfigArg {
     /// A TOML file of settings (see config/default.toml).
-    #[arg(long)]
+    #[arg(long, env = "LATSSIAM_BRIDGE_CONFIG")]
     config: Option<PathBuf>,
 }
 
@@ -117,6 +117,60 @@ pub fn run(args: RunArgs, log_json: &dyn Fn(bool)) -> Result<()> {
         });
         latssiam_bridge::gateway::run(settings, shutdown).await
     })
+}
+
+#[derive(Args)]
+pub struct HealthcheckArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+}
+
+/// Where to reach a listener bound to `addr` from this host (an unspecified
+/// address is reached on loopback).
+fn local(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => (std::net::Ipv4Addr::LOCALHOST, addr.port()).into(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => (std::net::Ipv6Addr::LOCALHOST, addr.port()).into(),
+        _ => addr,
+    }
+}
+
+/// Connects to `addr`, with every step within 5 s.
+fn connect(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpStream> {
+    let limit = std::time::Duration::from_secs(5);
+    let s = std::net::TcpStream::connect_timeout(&addr, limit)?;
+    s.set_read_timeout(Some(limit))?;
+    s.set_write_timeout(Some(limit))?;
+    Ok(s)
+}
+
+/// `latssiam-bridge healthcheck`: the running gateway's `/healthz` (queue
+/// writable, home server reachable) and its SMTP greeting.
+pub fn healthcheck(args: HealthcheckArgs) -> Result<()> {
+    use std::io::{BufRead as _, Read as _, Write as _};
+    let settings = Settings::load(args.config.config.as_deref())?;
+    let http = local(settings.http.listen);
+    let mut s = connect(http).with_context(|| format!("unhealthy: http.listen {http}"))?;
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .with_context(|| format!("unhealthy: http.listen {http}"))?;
+    let mut answer = String::new();
+    s.take(64 * 1024).read_to_string(&mut answer).with_context(|| format!("unhealthy: http.listen {http}"))?;
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b).trim();
+    if !answer.starts_with("HTTP/1.1 200") {
+        bail!("unhealthy: {}", if body.is_empty() { answer.lines().next().unwrap_or("no answer") } else { body });
+    }
+    let smtp = local(settings.smtp.listen);
+    let s = connect(smtp).with_context(|| format!("unhealthy: smtp.listen {smtp}"))?;
+    let mut greeting = String::new();
+    std::io::BufReader::new(&s)
+        .take(1024)
+        .read_line(&mut greeting)
+        .with_context(|| format!("unhealthy: smtp.listen {smtp}"))?;
+    let _ = (&s).write_all(b"QUIT\r\n");
+    if !greeting.starts_with("220") {
+        bail!("unhealthy: smtp.listen {smtp} greeted {:?}", greeting.trim_end());
+    }
+    Ok(())
 }
 
 /// Sends `request` to the running gateway, or carries it out on the data dir.

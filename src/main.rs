@@ -23,6 +23,9 @@ enum Command {
     /// Run the gateway: SMTP listener, delivery worker, ACCEPT poller, metrics
     /// (and the embedded home server unless home.server is set).
     Run(gatewaycmd::RunArgs),
+    /// Exit 0 if the running gateway is healthy (queue writable, home server
+    /// reachable, SMTP and HTTP listeners answering), else 1 with one line.
+    Healthcheck(gatewaycmd::HealthcheckArgs),
     /// Manage the people the gateway knows (works while the gateway runs).
     #[command(subcommand)]
     Contacts(gatewaycmd::ContactsCommand),
@@ -90,6 +93,7 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Run(a) => gatewaycmd::run(a, &init_logging),
+        Command::Healthcheck(a) => gatewaycmd::healthcheck(a),
         Command::Contacts(c) => gatewaycmd::contacts(c),
         Command::Queue(c) => gatewaycmd::queue(c),
         Command::Identity(c) => toolkit::identity(c),

@@ -97,6 +97,7 @@ struct Settings {
     max_unread_per_sender: u32,
     max_unread_per_mailbox: u32,
     max_message_octets: usize,
+    min_free_mb: u64,
     send_rate_per_second: f64,
     send_burst: f64,
     empty_accept_rate_per_second: f64,
@@ -127,7 +128,22 @@ fn settings(opts: &ServerOptions) -> Result<Settings> {
     }
     s.require_approval |= opts.require_approval;
     s.require_signature |= opts.require_signature;
+    if s.host.is_empty() {
+        s.host = identity_host(&s.identity_dir())?.unwrap_or_else(|| "localhost".to_owned());
+    }
     Ok(s)
+}
+
+/// The host of the identity in `dir`, if there is one there.
+fn identity_host(dir: &Path) -> Result<Option<String>> {
+    let cert = dir.join("cert.pem");
+    if !cert.exists() {
+        return Ok(None);
+    }
+    let bytes = std::fs::read(&cert).with_context(|| format!("cannot read {}", cert.display()))?;
+    let der = latssiam::identity::certificate_from_pem_or_der(&bytes)?;
+    let info = latssiam::identity::CertInfo::from_der(&der)?;
+    Ok(info.address.map(|a| a.host().to_owned()))
 }
 
 impl Settings {
@@ -166,6 +182,7 @@ impl Settings {
         c.max_unread_per_sender = self.max_unread_per_sender;
         c.max_unread_per_mailbox = self.max_unread_per_mailbox;
         c.max_message_octets = self.max_message_octets;
+        c.min_free = self.min_free_mb.saturating_mul(1 << 20);
         c.send_rate = Rate { per_second: self.send_rate_per_second, burst: self.send_burst };
         c.empty_accept_rate = Rate { per_second: self.empty_accept_rate_per_second, burst: self.empty_accept_burst };
         Ok(c)

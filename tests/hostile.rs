@@ -563,48 +563,57 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     out
 }
 
-/// A tmpfs of `size` at a new temporary directory, unmounted when dropped;
-/// `None` where mounting is not allowed (not root).
-struct SmallDisk(tempfile::TempDir);
-
-impl SmallDisk {
-    fn mount(size: &str) -> Option<Self> {
-        let dir = tempfile::tempdir().unwrap();
-        let mounted = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
-            .arg(dir.path())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        mounted.then_some(Self(dir))
-    }
-
-    /// Fills the disk with one file; returns its path.
-    fn fill(&self) -> std::path::PathBuf {
-        let path = self.0.path().join("filler");
-        let mut f = std::fs::File::create(&path).unwrap();
-        let block = vec![0u8; 64 * 1024];
-        while f.write_all(&block).is_ok() {}
-        let _ = f.sync_all();
-        path
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(self.0.path()).status();
-    }
+#[test]
+fn a_disk_low_on_space_refuses_mail_with_452_and_recovers_by_itself() {
+    let Some(disk) = common::SmallDisk::mount("64m") else {
+        eprintln!("SKIPPED a_disk_low_on_space_refuses_mail_with_452_and_recovers_by_itself: cannot mount a tmpfs");
+        return;
+    };
+    // queue.min_free_mb = 32 (the default) of 64 MiB.
+    let mut rig = Rig::new(&format!("[gateway]\ndata_dir = {:?}\n", disk.path().join("gw")));
+    rig.person("alice");
+    rig.contact("alice", &["--email", "alice@example.org", "--allow-send"]);
+    let r = rig.smtp_send("b@remote.example", "alice@example.org", b"Subject: before\r\n\r\nbefore\r\n");
+    assert!(r.starts_with("accepted 250"), "{r}");
+    let filler = disk.fill();
+    std::thread::sleep(Duration::from_millis(1100));
+    let r = rig.smtp_send("b@remote.example", "alice@example.org", b"Subject: full\r\n\r\nfull\r\n");
+    assert!(r.contains("452") && r.contains("4.3.1"), "refused at RCPT: {r}");
+    let health = rig.http_get("/healthz");
+    assert!(health.starts_with("HTTP/1.1 503") && health.contains("queue not writable"), "{health}");
+    // The embedded home server shares the disk: a SEND is answered 53
+    // (temporary) before anything is written, and the sender keeps it.
+    let m = b"From: alice@example.org\r\nTo: x@remote.example\r\nSubject: out\r\n\r\nout\r\n";
+    assert_eq!(rig.send_to_gateway("alice", m), latssiam::wire::Code::InternalError);
+    // Room again: no restart needed.
+    std::fs::remove_file(filler).unwrap();
+    let r = wait_for(Duration::from_secs(10), || {
+        let r = rig.smtp_send("b@remote.example", "alice@example.org", b"Subject: after\r\n\r\nafter\r\n");
+        r.starts_with("accepted 250").then_some(r)
+    });
+    assert!(r.is_some(), "{}", rig.log());
+    // Its sender tries again (the server looks at the disk at most once a second).
+    let sent = wait_for(Duration::from_secs(5), || {
+        (rig.send_to_gateway("alice", m) == latssiam::wire::Code::MessageAccepted).then_some(())
+    });
+    assert!(sent.is_some(), "{}", rig.log());
+    assert_eq!(rig.wait_relayed(1)[0]["rcpt_tos"][0], "x@remote.example");
+    let files = wait_for(Duration::from_secs(30), || Some(rig.fetch("alice", 2).0).filter(|f| f.len() >= 2))
+        .unwrap_or_else(|| panic!("{}", rig.log()));
+    assert_eq!(files.len(), 2, "before and after, once each");
+    assert!(rig.gateway.as_mut().unwrap().child.try_wait().unwrap().is_none(), "never restarted");
 }
 
 #[test]
 fn a_full_disk_answers_451_and_nothing_acknowledged_is_lost() {
-    let Some(disk) = SmallDisk::mount("64m") else {
+    let Some(disk) = common::SmallDisk::mount("64m") else {
         eprintln!(
             "SKIPPED a_full_disk_answers_451_and_nothing_acknowledged_is_lost: cannot mount a tmpfs (needs root)"
         );
         return;
     };
-    let rig = Rig::new(&format!("[gateway]\ndata_dir = {:?}\n", disk.0.path().join("gw")));
+    // Without the free-space check, sled itself meets the full disk.
+    let rig = Rig::new(&format!("min_free_mb = 0\n[gateway]\ndata_dir = {:?}\n", disk.path().join("gw")));
     rig.person("alice");
     rig.contact("alice", &["--email", "alice@example.org"]);
     let body = format!("Subject: filling\r\n\r\n{}", format!("{}\r\n", "z".repeat(78)).repeat(100));

@@ -168,6 +168,7 @@ pub struct QueueSettings {
     pub destination_concurrency: usize,
     pub connect_timeout_secs: u64,
     pub max_bounces_per_hour: u32,
+    pub min_free_mb: u64,
 }
 
 /// What LATSSIAM contacts may send out through the gateway.
@@ -189,6 +190,23 @@ pub enum FromMismatch {
     Rewrite,
 }
 
+/// A secret that may be read from a file named by an environment variable.
+enum Secret {
+    Register,
+    Smarthost,
+    Sasl,
+}
+
+/// The secret whose file the environment variable `var` names, if any.
+fn secret_key(var: &str) -> Option<Secret> {
+    match var {
+        "LATSSIAM_BRIDGE__HOME__REGISTER_PASSWORD_FILE" => Some(Secret::Register),
+        "LATSSIAM_BRIDGE__SMARTHOST__PASSWORD_FILE" => Some(Secret::Smarthost),
+        "LATSSIAM_BRIDGE__IRC__SASL_PASSWORD_FILE" => Some(Secret::Sasl),
+        _ => None,
+    }
+}
+
 impl Settings {
     /// Loads the settings: defaults, then `file`, then the environment.
     ///
@@ -203,17 +221,44 @@ impl Settings {
             }
             builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
         }
+        // The variables that name a secret's file are read here, not by `config`.
+        let (files, env): (Vec<_>, Vec<_>) = std::env::vars().partition(|(k, _)| secret_key(k).is_some());
         builder = builder.add_source(
             config::Environment::with_prefix("LATSSIAM_BRIDGE")
                 .prefix_separator("__")
                 .separator("__")
                 .list_separator(",")
                 .with_list_parse_key("gateway.domains")
-                .try_parsing(true),
+                .try_parsing(true)
+                .source(Some(env.into_iter().collect())),
         );
-        let s: Settings = builder.build().and_then(config::Config::try_deserialize).context("bad settings")?;
+        let mut s: Settings = builder.build().and_then(config::Config::try_deserialize).context("bad settings")?;
+        for (var, path) in files {
+            let secret = std::fs::read_to_string(&path).with_context(|| format!("{var}: cannot read {path}"))?;
+            let secret = secret.strip_suffix('\n').map_or(&*secret, |s| s.strip_suffix('\r').unwrap_or(s)).to_owned();
+            match secret_key(&var) {
+                Some(Secret::Register) => s.home.register_password = secret,
+                Some(Secret::Smarthost) => s.smarthost.password = secret,
+                Some(Secret::Sasl) => s.irc.sasl_password = secret,
+                None => {}
+            }
+        }
+        if s.home.host.is_empty() {
+            s.home.host = s.gateway.domains.first().cloned().unwrap_or_default();
+        }
         s.check()?;
         Ok(s)
+    }
+
+    /// Where `home.register_password` came from, for the start-up message.
+    pub fn register_password_source() -> &'static str {
+        if std::env::var_os("LATSSIAM_BRIDGE__HOME__REGISTER_PASSWORD_FILE").is_some() {
+            "the file named by LATSSIAM_BRIDGE__HOME__REGISTER_PASSWORD_FILE"
+        } else if std::env::var_os("LATSSIAM_BRIDGE__HOME__REGISTER_PASSWORD").is_some() {
+            "LATSSIAM_BRIDGE__HOME__REGISTER_PASSWORD"
+        } else {
+            "home.register_password"
+        }
     }
 
     fn check(&self) -> Result<()> {

@@ -1,16 +1,16 @@
-//! Counters and the `/metrics` + `/healthz` HTTP endpoint (Prometheus text
-//! format, HTTP/1.1 with `Connection: close`; nothing else is served).
+//! Counters, and what `http.listen` serves: `/metrics` (Prometheus text
+//! format) and `/healthz` (`200 ok`, or `503` and what is wrong).
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use std::net::SocketAddr;
 
+use hyper::StatusCode;
+
+use super::http::{Answer, Handler};
 use super::store::Store;
 
 /// Latency histogram bucket bounds, seconds.
@@ -138,63 +138,56 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` and `/healthz` until `shutdown`.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, store: Arc<Store>, shutdown: CancellationToken) {
-    loop {
-        let (mut tcp, _) = tokio::select! {
-            a = listener.accept() => match a {
-                Ok(x) => x,
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
+/// What `http.listen` serves: `/metrics` and `/healthz`.
+pub struct Monitor {
+    /// The counters.
+    pub metrics: Arc<Metrics>,
+    /// The queue, for its depth and the health check.
+    pub store: Arc<Store>,
+    /// The home server, for the health check.
+    pub home: SocketAddr,
+}
+
+impl Monitor {
+    /// Whether the gateway can do its work: the queue takes a durable write,
+    /// and the home server accepts a connection.
+    ///
+    /// # Errors
+    /// What is wrong, in one line.
+    pub async fn health(&self) -> Result<(), String> {
+        if let Some(e) = self.store.broken() {
+            return Err(format!("queue store failed: {e}"));
+        }
+        if let Err(free) = self.store.room() {
+            return Err(format!("queue not writable: {} MiB free, below queue.min_free_mb", free >> 20));
+        }
+        match tokio::time::timeout(Duration::from_secs(5), self.store.probe()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(format!("queue not writable: {e}")),
+            Err(_) => return Err("queue not writable: no fsync within 5 s".into()),
+        }
+        match tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(self.home)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("home server {} unreachable: {e}", self.home)),
+            Err(_) => Err(format!("home server {} unreachable: no answer within 5 s", self.home)),
+        }
+    }
+}
+
+impl Handler for Monitor {
+    async fn get(&self, path: &str, _query: Option<&str>) -> Answer {
+        match path {
+            "/metrics" => Answer {
+                status: StatusCode::OK,
+                content_type: "text/plain; version=0.0.4; charset=utf-8",
+                body: self.metrics.render(&self.store).into(),
+                headers: Vec::new(),
             },
-            () = shutdown.cancelled() => return,
-        };
-        let (metrics, store) = (Arc::clone(&metrics), Arc::clone(&store));
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut used = 0;
-            let read = tokio::time::timeout(Duration::from_secs(10), async {
-                while used < buf.len() {
-                    let n = tcp.read(&mut buf[used..]).await?;
-                    if n == 0 {
-                        break;
-                    }
-                    used += n;
-                    if buf[..used].windows(4).any(|w| w == b"\r\n\r\n") {
-                        break;
-                    }
-                }
-                Ok::<_, std::io::Error>(())
-            })
-            .await;
-            if !matches!(read, Ok(Ok(()))) {
-                return;
-            }
-            let request = String::from_utf8_lossy(&buf[..used]);
-            let mut words = request.split_ascii_whitespace();
-            let (status, body, ctype) = match (words.next(), words.next()) {
-                (Some("GET"), Some("/metrics")) => {
-                    ("200 OK", metrics.render(&store), "text/plain; version=0.0.4; charset=utf-8")
-                }
-                (Some("GET"), Some("/healthz")) => match store.broken() {
-                    None => ("200 OK", "ok\n".to_owned(), "text/plain; charset=utf-8"),
-                    Some(e) => {
-                        ("503 Service Unavailable", format!("queue store failed: {e}\n"), "text/plain; charset=utf-8")
-                    }
-                },
-                (Some("GET"), _) => ("404 Not Found", "not found\n".to_owned(), "text/plain; charset=utf-8"),
-                _ => ("405 Method Not Allowed", "only GET\n".to_owned(), "text/plain; charset=utf-8"),
-            };
-            let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            if let Err(e) = tcp.write_all(response.as_bytes()).await {
-                debug!(error = %e, "metrics response not sent");
-            }
-            let _ = tcp.shutdown().await;
-        });
+            "/healthz" => match self.health().await {
+                Ok(()) => Answer::text(StatusCode::OK, "ok\n"),
+                Err(e) => Answer::text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+            },
+            _ => Answer::text(StatusCode::NOT_FOUND, "not found\n"),
+        }
     }
 }

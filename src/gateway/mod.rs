@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod http;
 pub mod irc;
 pub mod mail;
 pub mod metrics;
@@ -146,7 +147,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     let data_dir = settings.gateway.data_dir.clone();
     latssiam::files::private_umask();
     latssiam::files::private_data_dir(&data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
-    let store = Store::open(&settings.queue_dir()).with_context(|| {
+    let min_free = settings.queue.min_free_mb.saturating_mul(1 << 20);
+    let store = Store::open_keeping(&settings.queue_dir(), min_free).with_context(|| {
         format!("cannot open the queue in {} (is another gateway running on it?)", settings.queue_dir().display())
     })?;
     let pins = SledPins::open(store.db())?;
@@ -176,6 +178,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         config.register_password = Some(password.clone());
         config.max_unread_per_sender = settings.home.max_unread_per_sender;
         config.max_unread_per_mailbox = settings.home.max_unread_per_mailbox;
+        config.min_free = min_free;
         // The gateway delivers everything for its people here: it is not rate-limited.
         config.rate_exempt.insert(identity.fingerprint());
         let server = Server::new(config, Arc::new(server_id)).context("cannot start the embedded home server")?;
@@ -189,6 +192,16 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         });
         tasks.spawn(server.serve(listener));
         routes.entry(host.to_ascii_lowercase()).or_insert_with(|| addr.to_string());
+        if settings.home.register_password.is_empty() {
+            info!(%addr, "The embedded home server serves {host}; no home.register_password is set, so only the gateway registers there (a random password each start).");
+        } else {
+            info!(
+                %addr,
+                password = Settings::register_password_source(),
+                "People register their mailboxes on the embedded home server as NAME@{host}, with the password from {}.",
+                Settings::register_password_source()
+            );
+        }
         (addr, Some(password))
     } else {
         let candidates = Resolver::new(routes.clone()).resolve_server(&settings.home.server).await;
@@ -285,7 +298,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         Arc::new(sink::SmtpSink(Arc::clone(&gw))),
         shutdown.clone(),
     ));
-    tasks.spawn(metrics::serve(http, Arc::clone(&gw.metrics), Arc::clone(&store), shutdown.clone()));
+    let monitor = metrics::Monitor { metrics: Arc::clone(&gw.metrics), store: Arc::clone(&store), home: gw.home.1 };
+    tasks.spawn(http::serve(http, Arc::new(monitor), "http.listen", shutdown.clone()));
     tasks.spawn(admin::serve(admin, Arc::clone(&store), own_uid, shutdown.clone()));
     tasks.spawn(worker::run(Arc::clone(&gw), shutdown.clone()));
     tasks.spawn(poller::run(Arc::clone(&gw), shutdown.clone()));

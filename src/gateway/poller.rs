@@ -241,6 +241,9 @@ async fn refuse_with_notice(
 
 async fn take(gw: &Gateway, d: &Delivered) -> Result<(), Refusal> {
     let refuse = |code, why: String| Refusal::Refuse(code, why);
+    if let Err(free) = gw.store.room() {
+        return Err(Refusal::Later(format!("the queue's disk is low on space ({} MiB free)", free >> 20)));
+    }
     let Some(signature) = &d.signature else {
         return Err(refuse(Code::SignatureRequired, "unsigned".into()));
     };

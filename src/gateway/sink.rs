@@ -39,10 +39,20 @@ impl SmtpSink {
             Reach::Unknown => Ok(None),
         }
     }
+
+    /// `452 4.3.1` while the queue's filesystem is below `queue.min_free_mb`.
+    fn room(&self) -> Result<(), Reply> {
+        self.0.store.room().map_err(|free| {
+            let min_free_mb = self.0.settings.queue.min_free_mb;
+            warn!(free_mb = free >> 20, min_free_mb, "The queue's disk is low on space; mail refused.");
+            Reply::new(452, [4, 3, 1], "Insufficient system storage; try again later")
+        })
+    }
 }
 
 impl Sink for SmtpSink {
     async fn recipient(&self, _from: &str, to: &str) -> Result<(), Reply> {
+        self.room()?;
         if self.target_for(to)?.is_some() {
             return Ok(());
         }
@@ -88,6 +98,9 @@ impl Sink for SmtpSink {
                 Ok(None) => return refuse(Reply::new(550, [5, 1, 1], format!("<{r}>: no such user here"))),
                 Err(reply) => return refuse(reply),
             }
+        }
+        if let Err(reply) = self.room() {
+            return refuse(reply);
         }
         let with = if envelope.tls { "ESMTPS" } else { "ESMTP" };
         let from = format!("{} ({})", envelope.helo, envelope.peer.ip());

@@ -13,6 +13,7 @@
 //!   (subscribed by message) or `0` (unsubscribed by message); these override
 //!   the subscribers in the settings.
 //! - `tofu_pins`: see `crate::pins`.
+//! - the default tree: `health.probe` -> time (u64 BE), written by each health check.
 //!
 //! Invariants:
 //! - A message is acknowledged to whoever handed it over only after
@@ -299,6 +300,7 @@ pub struct Store {
     /// Woken once, when a write fails for good (see [`Store::broken`]).
     pub failed: Notify,
     broken: std::sync::OnceLock<String>,
+    free_space: latssiam::files::FreeSpace,
     /// Woken when a post for IRC is queued.
     pub irc_wake: Notify,
     last_id: AtomicU64,
@@ -310,6 +312,14 @@ impl Store {
     /// # Errors
     /// [`StoreError`] if sled cannot open it (another process holds it) or a record is corrupt.
     pub fn open(dir: &Path) -> Result<Arc<Self>, StoreError> {
+        Self::open_keeping(dir, 0)
+    }
+
+    /// As [`Store::open`], with [`Store::room`] keeping `min_free` octets free on `dir`'s filesystem.
+    ///
+    /// # Errors
+    /// As [`Store::open`].
+    pub fn open_keeping(dir: &Path, min_free: u64) -> Result<Arc<Self>, StoreError> {
         let db = latssiam::group_commit::open_db(dir)?;
         let flusher = GroupCommit::start(db.clone(), "gateway-flusher").map_err(|e| StoreError::Sled(e.into()))?;
         let store = Self {
@@ -327,6 +337,7 @@ impl Store {
             irc_wake: Notify::new(),
             failed: Notify::new(),
             broken: std::sync::OnceLock::new(),
+            free_space: latssiam::files::FreeSpace::new(dir, min_free),
             last_id: AtomicU64::new(0),
         };
         store.recover()?;
@@ -374,6 +385,24 @@ impl Store {
             self.failed.notify_one();
         }
         e
+    }
+
+    /// Whether the filesystem of the queue keeps `queue.min_free_mb` (see
+    /// [`latssiam::files::FreeSpace`]); `Err` with the octets free.
+    ///
+    /// # Errors
+    /// The octets free, when below the minimum.
+    pub fn room(&self) -> Result<(), u64> {
+        self.free_space.check()
+    }
+
+    /// A durable write that nothing reads: whether the queue can keep a message now.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        self.db.insert(b"health.probe", &now_ms().to_be_bytes()).map_err(|e| self.record(e.into()))?;
+        self.durable().await
     }
 
     /// Why the store can no longer write, once it cannot (see [`Store::failed`]).

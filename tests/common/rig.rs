@@ -91,6 +91,13 @@ max_retry_secs = 2
         self.dir.path()
     }
 
+    /// The gateway's data dir (`gateway.data_dir` of its settings file).
+    pub fn data_dir(&self) -> PathBuf {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let value = text.lines().find_map(|l| l.strip_prefix("data_dir = ")).unwrap().trim().trim_matches('"');
+        self.path().join(value)
+    }
+
     pub fn start(&mut self) {
         let mut env = vec![("LATSSIAM_LOG", "info")];
         env.extend_from_slice(&self.env);
@@ -186,7 +193,7 @@ max_retry_secs = 2
     /// SENDs `message`, signed, as `who` to the gateway's mailbox on the home server.
     pub fn send_to_gateway(&self, who: &str, message: &[u8]) -> latssiam::wire::Code {
         let identity = std::sync::Arc::new(latssiam::Identity::load(&self.path().join(who)).unwrap());
-        let gateway_cert = std::fs::read(self.path().join("gw/identity/cert.pem")).unwrap();
+        let gateway_cert = std::fs::read(self.data_dir().join("identity/cert.pem")).unwrap();
         let gateway_cert = latssiam::identity::certificate_from_pem_or_der(&gateway_cert).unwrap();
         let sealed = latssiam::crypto::seal(message, &gateway_cert).unwrap();
         let signature = latssiam::crypto::sign(&sealed, &identity).unwrap();

@@ -1,7 +1,9 @@
 //! Files that hold secrets or state: private directories and atomic writes.
 
 use std::io::{self, Write as _};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Makes every file and directory this process creates from now on private
 /// to its owner (umask 077): queued mail, keys, pins and sockets never exist,
@@ -100,5 +102,64 @@ mod tests {
         assert_eq!(std::fs::read(&file).unwrap(), b"two");
         assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
         assert!(!dir.join("key.pem.tmp").exists());
+    }
+}
+
+/// Whether the filesystem of a store keeps a minimum of free space: a store
+/// (sled) refuses every write after it once met a full disk, so writes are
+/// refused before that, while it still recovers by itself. The free space is
+/// looked up (`statvfs`) at most once a second, so a check costs nothing per
+/// message.
+#[derive(Debug)]
+pub struct FreeSpace {
+    dir: PathBuf,
+    min_free: u64,
+    /// Octets free at the last look-up, and when that was (ms since the epoch).
+    free: AtomicU64,
+    checked_ms: AtomicU64,
+}
+
+impl FreeSpace {
+    /// A check that `dir`'s filesystem keeps `min_free` octets (0: no check).
+    pub fn new(dir: &Path, min_free: u64) -> Self {
+        Self { dir: dir.to_path_buf(), min_free, free: AtomicU64::new(u64::MAX), checked_ms: AtomicU64::new(0) }
+    }
+
+    /// `Err` with the octets free when below the minimum.
+    ///
+    /// # Errors
+    /// The octets free, when fewer than the minimum.
+    pub fn check(&self) -> Result<(), u64> {
+        if self.min_free == 0 {
+            return Ok(());
+        }
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let free = if now.saturating_sub(self.checked_ms.load(Ordering::Relaxed)) < 1000 {
+            self.free.load(Ordering::Relaxed)
+        } else {
+            let free = free_octets(&self.dir).unwrap_or(u64::MAX);
+            self.free.store(free, Ordering::Relaxed);
+            self.checked_ms.store(now, Ordering::Relaxed);
+            free
+        };
+        if free >= self.min_free {
+            Ok(())
+        } else {
+            Err(free)
+        }
+    }
+}
+
+/// Octets available to this process on the filesystem of `dir`, if known.
+fn free_octets(dir: &Path) -> Option<u64> {
+    #[cfg(unix)]
+    {
+        let s = rustix::fs::statvfs(dir).ok()?;
+        Some(s.f_bavail.saturating_mul(s.f_frsize))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        None
     }
 }

@@ -79,6 +79,11 @@ pub struct ServerConfig {
     pub max_unread_per_mailbox: u32,
     /// Largest message DER accepted (`39`); at most the 400-line ceiling.
     pub max_message_octets: usize,
+    /// Free space (octets) the data dir's filesystem must keep: below it a
+    /// `SEND` is answered `53` (temporary; the sender retries) before
+    /// anything is written, since sled refuses every write after it met a
+    /// full disk. 0: no check.
+    pub min_free: u64,
     /// Per-client rate of `SEND`s (`37`).
     pub send_rate: Rate,
     /// Per-client rate of `ACCEPT`s that find nothing (`37`).
@@ -105,6 +110,7 @@ impl ServerConfig {
             max_unread_per_sender: 1000,
             max_unread_per_mailbox: 10_000,
             max_message_octets: MAX_BLOCK_DER,
+            min_free: 32 << 20,
             send_rate: Rate { per_second: 200.0, burst: 1000.0 },
             empty_accept_rate: Rate { per_second: 1.0, burst: 10.0 },
         }
@@ -182,6 +188,7 @@ struct Shared {
     shutdown: CancellationToken,
     /// Sessions per client address (IPv6 by /64).
     per_client: std::sync::Mutex<HashMap<IpAddr, usize>>,
+    free_space: crate::files::FreeSpace,
 }
 
 /// The key a client address is counted under: IPv4 as is (also when mapped
@@ -252,7 +259,9 @@ impl Server {
     pub fn with_store(config: ServerConfig, identity: Arc<Identity>, store: Arc<Store>) -> Result<Self, ServerError> {
         let tls = tokio_rustls::TlsAcceptor::from(tls::server_config(&identity)?);
         let csr = attest::server_csr(&identity, &config.host)?;
+        let free_space = crate::files::FreeSpace::new(&config.data_dir, config.min_free);
         let shared = Arc::new(Shared {
+            free_space,
             config,
             identity,
             store,
@@ -521,6 +530,15 @@ impl Session {
                     return Flow::Continue;
                 }
             }
+        }
+        if let Err(free) = self.shared.free_space.check() {
+            warn!(free_mb = free >> 20, "The data dir's disk is low on space; a message refused with 53.");
+            reply!(
+                self,
+                Status::new(Code::InternalError, "Storage low; try again later")
+                    .unwrap_or(Status::of(Code::InternalError))
+            );
+            return Flow::Continue;
         }
         match self.shared.store.store_message(&to, &me, signature.as_deref(), &message).await {
             Ok(_) => reply!(self, Code::MessageAccepted),
