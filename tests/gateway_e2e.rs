@@ -452,3 +452,23 @@ fn contacts_by_fingerprint_through_verify_and_removal_while_running() {
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
 }
+
+#[test]
+fn the_home_server_keeps_its_mailboxes_in_the_gateway_database_across_restarts() {
+    let mut rig = Rig::new("");
+    rig.person("alice");
+    rig.contact("alice", &["--email", "alice@example.org"]);
+    rig.gateway.as_mut().unwrap().signal("TERM");
+    // The mailboxes live in the gateway's database, not in a database of their own in home/.
+    assert!(!rig.path().join("gw/home/conf").exists());
+    // An operator who points the server commands at home/ makes an empty
+    // database there; the gateway still serves the mailboxes it has.
+    let listing = ok(rig.path(), &["server", "mailboxes", "--data-dir", "gw/home"]);
+    assert!(!listing.contains("alice"), "{listing}");
+    assert!(rig.path().join("gw/home/conf").exists());
+    rig.start();
+    let r = rig.smtp_send("b@remote.example", "alice@example.org", b"Subject: still\r\n\r\nthere\r\n");
+    assert!(r.starts_with("accepted 250"), "{r}");
+    let (files, _) = rig.fetch("alice", 10);
+    assert_eq!(files.len(), 1, "{}", rig.log());
+}

@@ -37,6 +37,9 @@ use config::{Security, Settings};
 use metrics::Metrics;
 use store::Store;
 
+/// The prefix of the embedded home server's trees in the gateway's database.
+const HOME_TREES: &str = "home.";
+
 /// Everything the gateway's tasks share.
 pub struct Gateway {
     /// The settings it started with.
@@ -181,7 +184,21 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         config.min_free = min_free;
         // The gateway delivers everything for its people here: it is not rate-limited.
         config.rate_exempt.insert(identity.fingerprint());
-        let server = Server::new(config, Arc::new(server_id)).context("cannot start the embedded home server")?;
+        // The home server keeps its mailboxes in the gateway's database, so
+        // that one fsync covers a message's SMTP `250` and its `31` alike. A
+        // data dir from before this kept them in a database of their own in
+        // home/: that one stays in use while it holds the mailboxes.
+        let legacy = data_dir.join("home/conf").exists()
+            && store.db().open_tree(format!("{HOME_TREES}mailboxes")).map(|t| t.is_empty()).unwrap_or(false);
+        let home_store = if legacy {
+            info!("The embedded home server keeps its own database in home/ (made by an earlier version).");
+            latssiam::server::store::Store::open(&data_dir.join("home"))
+        } else {
+            latssiam::server::store::Store::in_db(store.db().clone(), store.flusher(), HOME_TREES)
+        }
+        .context("cannot open the embedded home server's store")?;
+        let server = Server::with_store(config, Arc::new(server_id), home_store)
+            .context("cannot start the embedded home server")?;
         let listener = server.bind().await.with_context(|| format!("home.listen {}", settings.home.listen))?;
         let addr = listener.local_addr()?;
         let token = server.shutdown_token();

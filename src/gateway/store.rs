@@ -14,6 +14,8 @@
 //!   the subscribers in the settings.
 //! - `tofu_pins`: see `crate::pins`.
 //! - the default tree: `health.probe` -> time (u64 BE), written by each health check.
+//! - `home.mailboxes`, `home.messages`: the embedded home server's store
+//!   (`latssiam::server::store`), sharing this database and its fsyncs.
 //!
 //! Invariants:
 //! - A message is acknowledged to whoever handed it over only after
@@ -294,7 +296,7 @@ pub struct Store {
     dead: sled::Tree,
     irc: sled::Tree,
     subs: sled::Tree,
-    flusher: GroupCommit,
+    flusher: Arc<GroupCommit>,
     /// Woken when a job becomes due earlier than the worker may think.
     pub wake: Notify,
     /// Woken once, when a write fails for good (see [`Store::broken`]).
@@ -332,7 +334,7 @@ impl Store {
             irc: db.open_tree("irc_outbox")?,
             subs: db.open_tree("irc_subs")?,
             db,
-            flusher,
+            flusher: Arc::new(flusher),
             wake: Notify::new(),
             irc_wake: Notify::new(),
             failed: Notify::new(),
@@ -360,9 +362,15 @@ impl Store {
         Ok(())
     }
 
-    /// The sled database (for the pin store).
+    /// The sled database (for the pin store and the embedded home server).
     pub fn db(&self) -> &sled::Db {
         &self.db
+    }
+
+    /// The group commit that makes the database durable, to share with
+    /// others who write in it (the embedded home server).
+    pub fn flusher(&self) -> Arc<GroupCommit> {
+        Arc::clone(&self.flusher)
     }
 
     /// Waits until everything written so far is on disk.

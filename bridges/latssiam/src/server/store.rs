@@ -123,7 +123,7 @@ pub struct Store {
     mailboxes: sled::Tree,
     messages: sled::Tree,
     counts: Mutex<Counts>,
-    flusher: GroupCommit,
+    flusher: Arc<GroupCommit>,
     waiters: Mutex<HashMap<Fingerprint, Arc<Notify>>>,
 }
 
@@ -223,16 +223,27 @@ impl Store {
     /// process holds it), [`StoreError::Corrupt`] if a message does not decode.
     pub fn open(dir: &Path) -> Result<Arc<Self>, StoreError> {
         let db = crate::group_commit::open_db(dir)?;
-        let mailboxes = db.open_tree("mailboxes")?;
-        let messages = db.open_tree("messages")?;
+        let flusher =
+            GroupCommit::start(db.clone(), "latssiam-flusher").map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
+        Self::in_db(db, Arc::new(flusher), "")
+    }
+
+    /// Opens the store in trees of an open database, named with `prefix`,
+    /// and makes it durable through `flusher` (which flushes `db`): a program
+    /// that keeps its own state in `db` then shares every fsync with the
+    /// server (one seal and one fsync of the log for both).
+    ///
+    /// # Errors
+    /// As [`Store::open`].
+    pub fn in_db(db: sled::Db, flusher: Arc<GroupCommit>, prefix: &str) -> Result<Arc<Self>, StoreError> {
+        let mailboxes = db.open_tree(format!("{prefix}mailboxes"))?;
+        let messages = db.open_tree(format!("{prefix}messages"))?;
         let mut counts = Counts::default();
         for kv in messages.iter() {
             let (k, v) = kv?;
             let m = decode_message(&k, &v)?;
             counts.add(fingerprint_from(&k[..32])?, m.sender);
         }
-        let flusher =
-            GroupCommit::start(db.clone(), "latssiam-flusher").map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
         Ok(Arc::new(Self { db, mailboxes, messages, counts: Mutex::new(counts), flusher, waiters: Mutex::default() }))
     }
 
