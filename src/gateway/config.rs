@@ -101,6 +101,7 @@ pub struct HomeSettings {
     pub host: String,
     pub register_password: String,
     pub accept_deadline_secs: u64,
+    pub local_delivery: bool,
     pub max_unread_per_sender: u32,
     pub max_unread_per_mailbox: u32,
 }

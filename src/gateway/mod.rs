@@ -64,6 +64,9 @@ pub struct Gateway {
     pub bounces: worker::HourlyLimit,
     /// Messages relayed per contact and hour.
     pub relayed: poller::RelayLimiter,
+    /// The embedded home server's host and in-process delivery, with
+    /// `home.local_delivery`.
+    pub local: Option<(String, latssiam::server::LocalDelivery)>,
     pool: worker::Pool,
 }
 
@@ -168,6 +171,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     let identity = Arc::new(load_or_create_identity(&data_dir.join("identity"), &gateway_address, "latssiam-bridge")?);
 
     // The home server: configured, or embedded.
+    let mut local = None;
     let (home_addr, password) = if settings.home.server.is_empty() {
         let host = home_host.clone();
         let server_address = Address::new("server", &host)?;
@@ -199,6 +203,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         .context("cannot open the embedded home server's store")?;
         let server = Server::with_store(config, Arc::new(server_id), home_store)
             .context("cannot start the embedded home server")?;
+        if settings.home.local_delivery {
+            local = Some((host.to_ascii_lowercase(), server.local_delivery()));
+        }
         let listener = server.bind().await.with_context(|| format!("home.listen {}", settings.home.listen))?;
         let addr = listener.local_addr()?;
         let token = server.shutdown_token();
@@ -263,6 +270,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         destinations: worker::Destinations::default(),
         bounces: worker::HourlyLimit::default(),
         relayed: poller::RelayLimiter::default(),
+        local,
         pool: worker::Pool::default(),
     });
     if let Some(password) = &password {

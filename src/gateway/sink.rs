@@ -10,7 +10,8 @@ use tracing::{info, warn};
 
 use super::config::Oversize;
 use super::mail;
-use super::store::{message_id_string, Origin, Reach, StoreError, Target};
+use super::store::{message_id_string, Contact, Origin, Reach, StoreError, Target};
+use super::worker;
 use super::Gateway;
 
 /// The largest Internet Message the gateway accepts for LATSSIAM: what still
@@ -26,7 +27,7 @@ pub struct SmtpSink(pub Arc<Gateway>);
 impl SmtpSink {
     /// The LATSSIAM target for `rcpt`; a contact whose mailbox is gone (`38`)
     /// is refused here, before anything is accepted (no backscatter).
-    fn target_for(&self, rcpt: &str) -> Result<Option<Target>, Reply> {
+    fn target_for(&self, rcpt: &str) -> Result<Option<(Target, Box<Contact>)>, Reply> {
         let found = self.0.store.reach(rcpt).map_err(|e| {
             warn!(error = %e, "Cannot read contacts.");
             Reply::new(451, [4, 3, 0], "Temporary local problem; try again later")
@@ -35,7 +36,7 @@ impl SmtpSink {
             Reach::Gone => {
                 Err(Reply::new(550, [5, 1, 1], format!("<{rcpt}>: Recipient address rejected: mailbox gone")))
             }
-            Reach::Contact { target, .. } => Ok(Some(target)),
+            Reach::Contact { target, contact } => Ok(Some((target, contact))),
             Reach::Unknown => Ok(None),
         }
     }
@@ -104,19 +105,56 @@ impl Sink for SmtpSink {
         }
         let with = if envelope.tls { "ESMTPS" } else { "ESMTP" };
         let from = format!("{} ({})", envelope.helo, envelope.peer.ip());
+        let started = std::time::Instant::now();
+        let mut local = Vec::new();
         let queued = async {
             let id = gw.store.new_message_id()?;
             let for_rcpt = (envelope.recipients.len() == 1).then(|| envelope.recipients[0].as_str());
             let header = mail::received(&from, &gw.settings.gateway.hostname, with, &message_id_string(id), for_rcpt);
             let body = mail::prepend(&header, &data);
-            gw.store.enqueue_as(id, &body, targets, &Origin::Smtp { from: envelope.from.clone() }).await?;
+            // People on the embedded home server get it in their mailbox now,
+            // within the same fsync; the others (and any the home server
+            // refuses now) get a job.
+            let mut jobs = Vec::new();
+            for (target, contact) in targets {
+                if worker::is_local(gw, &contact) {
+                    if let Ok((sealed, signature)) = worker::seal_for(gw, &contact, &body) {
+                        let fp = contact.fingerprint();
+                        if let Some(p) = worker::local_prepare(gw, &contact, &fp, &sealed, &signature) {
+                            local.push(p);
+                            continue;
+                        }
+                    }
+                }
+                jobs.push(target);
+            }
+            if jobs.is_empty() {
+                gw.store.durable().await?;
+            } else {
+                gw.store.enqueue_as(id, &body, jobs, &Origin::Smtp { from: envelope.from.clone() }).await?;
+            }
             Ok::<_, StoreError>((id, body.len()))
         };
-        match queued.await {
+        let result = queued.await;
+        let delivered = local.len();
+        for p in local {
+            if result.is_ok() {
+                worker::local_commit(gw, p);
+            } else {
+                worker::local_discard(gw, p);
+            }
+        }
+        match result {
             Ok((id, octets)) => {
                 gw.metrics.smtp_accepted.fetch_add(1, Ordering::Relaxed);
+                if delivered > 0 {
+                    gw.metrics.to_latssiam.ok.fetch_add(delivered as u64, Ordering::Relaxed);
+                    for _ in 0..delivered {
+                        gw.metrics.end_to_end.observe(started.elapsed());
+                    }
+                }
                 let id = message_id_string(id);
-                info!(queue_id = %id, recipients = envelope.recipients.len(), octets, "Queued mail from SMTP.");
+                info!(queue_id = %id, recipients = envelope.recipients.len(), delivered, octets, "Queued mail from SMTP.");
                 Reply::new(250, [2, 0, 0], format!("Ok: queued as {id}"))
             }
             Err(e) => {

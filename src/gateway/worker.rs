@@ -25,7 +25,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::mail::{self, Failure};
-use super::store::{now_ms, Job, JobId, Origin, Target};
+use super::store::{now_ms, Contact, Job, JobId, Origin, Target};
 use super::Gateway;
 
 /// Pooled connections idle longer than this are dropped rather than reused
@@ -185,7 +185,7 @@ fn destination(gw: &Gateway, job: &Job) -> String {
 }
 
 /// What one attempt came to.
-enum Outcome {
+pub enum Outcome {
     Delivered,
     /// Temporary: try again later.
     Retry(String),
@@ -414,9 +414,9 @@ async fn to_latssiam(gw: &Gateway, job: &Job, fingerprint: &str) -> Outcome {
         Ok(None) => return Outcome::Fail { status: "5.3.0", diagnostic: "the message body is missing".into() },
         Err(e) => return Outcome::Retry(e.to_string()),
     };
-    let sealed = match crypto::seal(&body, &contact.cert) {
+    let (sealed, signature) = match seal_for(gw, &contact, &body) {
         Ok(s) => s,
-        Err(e) => return Outcome::Fail { status: "5.7.5", diagnostic: format!("cannot encrypt to the contact: {e}") },
+        Err(outcome) => return outcome,
     };
     if sealed.len() > latssiam::wire::MAX_BLOCK_DER {
         return Outcome::Fail {
@@ -428,10 +428,21 @@ async fn to_latssiam(gw: &Gateway, job: &Job, fingerprint: &str) -> Outcome {
             ),
         };
     }
-    let signature = match crypto::sign(&sealed, &gw.identity) {
-        Ok(s) => s,
-        Err(e) => return Outcome::Retry(format!("cannot sign: {e}")),
-    };
+    // On the embedded home server: in-process, one fsync for the mailbox
+    // write and nothing else; a refusal takes the network path below, which
+    // answers the same and knows what to do with each answer.
+    if let Some(prepared) = local_prepare(gw, &contact, &fp, &sealed, &signature) {
+        match gw.store.durable().await {
+            Ok(()) => {
+                local_commit(gw, prepared);
+                return Outcome::Delivered;
+            }
+            Err(e) => {
+                local_discard(gw, prepared);
+                return Outcome::Retry(e.to_string());
+            }
+        }
+    }
     let host = contact.server_host().to_owned();
     // A server named with HOST[:PORT] is reached there; else the mailbox host is looked up (MX, A/AAAA).
     let named = contact.server.is_some();
@@ -454,6 +465,60 @@ async fn to_latssiam(gw: &Gateway, job: &Job, fingerprint: &str) -> Outcome {
             Err(e) => return Outcome::Retry(format!("{host}: {e}")),
         };
         return classify(gw, &fp, &host, status, client).await;
+    }
+}
+
+/// Whether `contact`'s mailbox is on the embedded home server with
+/// `home.local_delivery`.
+pub fn is_local(gw: &Gateway, contact: &Contact) -> bool {
+    gw.local.as_ref().is_some_and(|(host, _)| contact.server_host().eq_ignore_ascii_case(host))
+}
+
+/// Seals `body` to `contact` and signs it as the gateway.
+///
+/// # Errors
+/// Why it cannot be, as a permanent failure.
+pub fn seal_for(gw: &Gateway, contact: &Contact, body: &[u8]) -> Result<(Vec<u8>, Vec<u8>), Outcome> {
+    let sealed = crypto::seal(body, &contact.cert)
+        .map_err(|e| Outcome::Fail { status: "5.7.5", diagnostic: format!("cannot encrypt to the contact: {e}") })?;
+    let signature = crypto::sign(&sealed, &gw.identity).map_err(|e| Outcome::Retry(format!("cannot sign: {e}")))?;
+    Ok((sealed, signature))
+}
+
+/// Writes a sealed and signed message into a local contact's mailbox (not
+/// yet durable), or `None` if the contact is not local or the home server
+/// refuses it now (then the network path answers the same refusal).
+pub fn local_prepare(
+    gw: &Gateway,
+    contact: &Contact,
+    fp: &Fingerprint,
+    sealed: &[u8],
+    signature: &[u8],
+) -> Option<latssiam::server::Prepared> {
+    if !is_local(gw, contact) {
+        return None;
+    }
+    let (_, local) = gw.local.as_ref()?;
+    match local.prepare(&gw.identity.fingerprint(), fp, Some(signature), sealed) {
+        Ok(p) => Some(p),
+        Err(status) => {
+            debug!(%fp, %status, "The embedded home server refused a local delivery; going over the network.");
+            None
+        }
+    }
+}
+
+/// A local delivery's fsync happened: it counts as delivered.
+pub fn local_commit(gw: &Gateway, prepared: latssiam::server::Prepared) {
+    if let Some((_, local)) = &gw.local {
+        local.commit(prepared);
+    }
+}
+
+/// A local delivery's fsync failed: it is taken back.
+pub fn local_discard(gw: &Gateway, prepared: latssiam::server::Prepared) {
+    if let Some((_, local)) = &gw.local {
+        local.discard(prepared);
     }
 }
 

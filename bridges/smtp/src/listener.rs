@@ -787,7 +787,12 @@ impl<'a, S: Sink> Session<'a, S> {
             recipients: self.recipients.clone(),
         };
         let r = self.sink.message(envelope, message).await;
-        info!(peer = %self.peer, code = r.code, "SMTP message handled.");
+        // The sink logs what it kept; a refusal is logged here.
+        if r.is_positive() {
+            debug!(peer = %self.peer, code = r.code, "SMTP message handled.");
+        } else {
+            info!(peer = %self.peer, code = r.code, "SMTP message refused.");
+        }
         Ok(r)
     }
 }

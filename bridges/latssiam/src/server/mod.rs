@@ -222,6 +222,76 @@ impl Drop for ClientSlot {
 }
 
 impl Shared {
+    /// The mailbox of `owner` if it is active; otherwise the status to answer
+    /// (`34`, `35`, `38`, or `53` if the store cannot be read).
+    fn active_mailbox(&self, owner: &Fingerprint) -> Result<Mailbox, Status> {
+        let mailbox = self.store.mailbox(owner).map_err(|e| {
+            warn!(error = %e, "Store read failed.");
+            Status::of(Code::InternalError)
+        })?;
+        let Some(m) = mailbox else { return Err(Status::of(Code::NoMailbox)) };
+        match &m.state {
+            MailboxState::Active => Ok(m),
+            MailboxState::Pending => Err(Status::of(Code::NoMailbox)),
+            MailboxState::Gone => Err(Status::of(Code::MailboxGone)),
+            MailboxState::Moved(host) => Err(Status::moved(host).unwrap_or(Status::of(Code::MailboxMoved))),
+        }
+    }
+
+    /// Whether `me` may SEND to `to` now: rate (`37`), allowed senders
+    /// (`21`), the mailbox (`34`, `35`, `38`), quotas (`36`).
+    fn may_send(&self, me: &Fingerprint, to: &Fingerprint) -> Result<(), Status> {
+        let cfg = &self.config;
+        if !cfg.rate_exempt.contains(me) && !self.limiter.take(*me, Limit::Send, cfg.send_rate) {
+            return Err(Status::of(Code::SlowDown));
+        }
+        if cfg.allowed_senders.as_ref().is_some_and(|allowed| !allowed.contains(me)) {
+            return Err(Status::of(Code::CertificateUnauthorised));
+        }
+        self.active_mailbox(to)?;
+        let (total, mine) = self.store.unread(to, me);
+        if mine >= cfg.max_unread_per_sender || total >= cfg.max_unread_per_mailbox {
+            return Err(Status::of(Code::MailboxFull));
+        }
+        Ok(())
+    }
+
+    /// Whether a message from `me` may be kept: size (`39`), structure and
+    /// signature (`50` with a hang-up when either does not parse; `52` when the
+    /// signature does not verify or is not `me`'s), free space (`53`).
+    fn may_keep(&self, me: &Fingerprint, signature: Option<&[u8]>, message: &[u8]) -> Result<(), (Status, bool)> {
+        let refuse = |code, text: &str| (Status::new(code, text).unwrap_or(Status::of(code)), false);
+        if message.len() > self.config.max_message_octets {
+            return Err((Status::of(Code::MessageTooLong), false));
+        }
+        if let Err(e) = crypto::check_message_structure(message) {
+            debug!(error = %e, "ENCRYPTED MESSAGE is not CMS AuthEnvelopedData.");
+            return Err((Status::of(Code::SyntaxError), true));
+        }
+        if let Some(sig) = signature {
+            match crypto::verify(sig, message) {
+                Ok(signer) if Fingerprint::of(&signer) == *me => {}
+                Ok(_) => {
+                    debug!("Signature by someone other than the TLS client.");
+                    return Err(refuse(Code::MessageRefused, "Signer is not the TLS client"));
+                }
+                Err(CryptoError::Malformed(e)) => {
+                    debug!(error = %e, "SIGNATURE is not CMS SignedData.");
+                    return Err((Status::of(Code::SyntaxError), true));
+                }
+                Err(e) => {
+                    debug!(error = %e, "Signature refused.");
+                    return Err(refuse(Code::MessageRefused, "Signature does not verify"));
+                }
+            }
+        }
+        if let Err(free) = self.free_space.check() {
+            warn!(free_mb = free >> 20, "The data dir's disk is low on space; a message refused with 53.");
+            return Err(refuse(Code::InternalError, "Storage low; try again later"));
+        }
+        Ok(())
+    }
+
     fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<ClientSlot> {
         let key = client_key(ip);
         let mut map = self.per_client.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -232,6 +302,66 @@ impl Shared {
         }
         *n += 1;
         Some(ClientSlot { shared: Arc::clone(self), key })
+    }
+}
+
+/// Delivery into the server's mailboxes from the process it runs in (the
+/// gateway and its embedded home server): what `SEND` does after it has
+/// read the blocks, without the wire. `sender` stands where the TLS client
+/// certificate's fingerprint stands for `SEND`: every check applies (rate,
+/// allowed senders, mailbox state, quotas, size, structure, the signature
+/// verified and its signer `sender`, free space), and the message is written
+/// but not yet durable, so that the caller's one fsync of the shared database
+/// covers it with its own writes.
+#[derive(Clone)]
+pub struct LocalDelivery {
+    shared: Arc<Shared>,
+}
+
+/// A message written by [`LocalDelivery::prepare`], to be committed once
+/// durable or discarded.
+#[derive(Debug)]
+#[must_use]
+pub struct Prepared {
+    owner: Fingerprint,
+    id: u64,
+}
+
+impl LocalDelivery {
+    /// Checks and writes a message from `sender` to `to`.
+    ///
+    /// # Errors
+    /// The status a `SEND` would have been answered with instead of `31`.
+    pub fn prepare(
+        &self,
+        sender: &Fingerprint,
+        to: &Fingerprint,
+        signature: Option<&[u8]>,
+        message: &[u8],
+    ) -> Result<Prepared, Status> {
+        self.shared.may_send(sender, to)?;
+        if self.shared.config.require_signature && signature.is_none() {
+            return Err(Status::of(Code::SignatureRequired));
+        }
+        self.shared.may_keep(sender, signature, message).map_err(|(status, _)| status)?;
+        match self.shared.store.insert_message(to, sender, signature, message) {
+            Ok(id) => Ok(Prepared { owner: *to, id }),
+            Err(e) => {
+                warn!(error = %e, "Storing a message failed.");
+                Err(Status::of(Code::InternalError))
+            }
+        }
+    }
+
+    /// The message is durable (the caller's fsync covered it): it counts as
+    /// `31` now, and waiting `ACCEPT`s are woken.
+    pub fn commit(&self, prepared: Prepared) {
+        self.shared.store.notifier(&prepared.owner).notify_waiters();
+    }
+
+    /// The caller's fsync failed: the message is taken back.
+    pub fn discard(&self, prepared: Prepared) {
+        self.shared.store.discard_message(&prepared.owner, prepared.id);
     }
 }
 
@@ -271,6 +401,12 @@ impl Server {
             per_client: std::sync::Mutex::new(HashMap::new()),
         });
         Ok(Self { shared, tls })
+    }
+
+    /// A handle that delivers into this server's mailboxes from inside the
+    /// process, with every check a `SEND` gets (see [`LocalDelivery`]).
+    pub fn local_delivery(&self) -> LocalDelivery {
+        LocalDelivery { shared: Arc::clone(&self.shared) }
     }
 
     /// The store, for operator commands.
@@ -443,45 +579,14 @@ impl Session {
         }
     }
 
-    /// The answer for a mailbox that cannot take part in an exchange, if any.
-    /// The mailbox of `owner` if it is active; otherwise the status to answer
-    /// (`34`, `35`, `38`, or `53` if the store cannot be read).
-    fn active_mailbox(&self, owner: &Fingerprint) -> Result<Mailbox, Status> {
-        let mailbox = self.shared.store.mailbox(owner).map_err(|e| {
-            warn!(error = %e, "Store read failed.");
-            Status::of(Code::InternalError)
-        })?;
-        let Some(m) = mailbox else { return Err(Status::of(Code::NoMailbox)) };
-        match &m.state {
-            MailboxState::Active => Ok(m),
-            MailboxState::Pending => Err(Status::of(Code::NoMailbox)),
-            MailboxState::Gone => Err(Status::of(Code::MailboxGone)),
-            MailboxState::Moved(host) => Err(Status::moved(host).unwrap_or(Status::of(Code::MailboxMoved))),
-        }
-    }
-
     async fn send(&mut self, me: Fingerprint, to: Fingerprint) -> Flow {
-        let cfg = &self.shared.config;
-        if !cfg.rate_exempt.contains(&me) && !self.shared.limiter.take(me, Limit::Send, cfg.send_rate) {
-            reply!(self, Code::SlowDown);
-            return Flow::Continue;
-        }
-        if cfg.allowed_senders.as_ref().is_some_and(|allowed| !allowed.contains(&me)) {
-            reply!(self, Code::CertificateUnauthorised);
-            return Flow::Continue;
-        }
-        if let Err(status) = self.active_mailbox(&to) {
+        if let Err(status) = self.shared.may_send(&me, &to) {
             reply!(self, status);
             return Flow::Continue;
         }
-        let (total, mine) = self.shared.store.unread(&to, &me);
-        if mine >= cfg.max_unread_per_sender || total >= cfg.max_unread_per_mailbox {
-            reply!(self, Code::MailboxFull);
-            return Flow::Continue;
-        }
-        let required = cfg.require_signature;
+        let required = self.shared.config.require_signature;
         reply!(self, if required { Code::SignatureRequired } else { Code::Proceed });
-        let idle = cfg.idle_timeout;
+        let idle = self.shared.config.idle_timeout;
         let first = match self.conn.read_block(&[Label::Signature, Label::EncryptedMessage], idle).await {
             Ok(Ok(b)) => b,
             Ok(Err(_)) => return Flow::HangUp(Some(Code::SequencingError)),
@@ -496,49 +601,13 @@ impl Session {
             _ if required => return Flow::HangUp(Some(Code::SequencingError)),
             _ => (None, first.der),
         };
-        if message.len() > cfg.max_message_octets {
-            reply!(self, Code::MessageTooLong);
-            return Flow::Continue;
-        }
-        if let Err(e) = crypto::check_message_structure(&message) {
-            debug!(error = %e, "ENCRYPTED MESSAGE is not CMS AuthEnvelopedData.");
-            return Flow::HangUp(Some(Code::SyntaxError));
-        }
-        if let Some(sig) = &signature {
-            match crypto::verify(sig, &message) {
-                Ok(signer) if Fingerprint::of(&signer) == me => {}
-                Ok(_) => {
-                    debug!("Signature by someone other than the TLS client.");
-                    reply!(
-                        self,
-                        Status::new(Code::MessageRefused, "Signer is not the TLS client")
-                            .unwrap_or(Status::of(Code::MessageRefused))
-                    );
-                    return Flow::Continue;
-                }
-                Err(CryptoError::Malformed(e)) => {
-                    debug!(error = %e, "SIGNATURE is not CMS SignedData.");
-                    return Flow::HangUp(Some(Code::SyntaxError));
-                }
-                Err(e) => {
-                    debug!(error = %e, "Signature refused.");
-                    reply!(
-                        self,
-                        Status::new(Code::MessageRefused, "Signature does not verify")
-                            .unwrap_or(Status::of(Code::MessageRefused))
-                    );
-                    return Flow::Continue;
-                }
+        match self.shared.may_keep(&me, signature.as_deref(), &message) {
+            Ok(()) => {}
+            Err((status, true)) => return Flow::HangUp(Some(status.code())),
+            Err((status, false)) => {
+                reply!(self, status);
+                return Flow::Continue;
             }
-        }
-        if let Err(free) = self.shared.free_space.check() {
-            warn!(free_mb = free >> 20, "The data dir's disk is low on space; a message refused with 53.");
-            reply!(
-                self,
-                Status::new(Code::InternalError, "Storage low; try again later")
-                    .unwrap_or(Status::of(Code::InternalError))
-            );
-            return Flow::Continue;
         }
         match self.shared.store.store_message(&to, &me, signature.as_deref(), &message).await {
             Ok(_) => reply!(self, Code::MessageAccepted),
@@ -557,7 +626,7 @@ impl Session {
             reply!(self, Status::new(Code::SyntaxError, text).unwrap_or(Status::of(Code::SyntaxError)));
             return Flow::HangUp(None);
         }
-        if let Err(status) = self.active_mailbox(&me) {
+        if let Err(status) = self.shared.active_mailbox(&me) {
             reply!(self, status);
             return Flow::Continue;
         }
@@ -730,7 +799,7 @@ impl Session {
     }
 
     async fn verify(&mut self, owner: Fingerprint) -> Flow {
-        let m = match self.active_mailbox(&owner) {
+        let m = match self.shared.active_mailbox(&owner) {
             Ok(m) => m,
             Err(status) => {
                 reply!(self, status);

@@ -321,6 +321,30 @@ impl Store {
         signature: Option<&[u8]>,
         message: &[u8],
     ) -> Result<u64, StoreError> {
+        let id = self.insert_message(owner, sender, signature, message)?;
+        if let Err(e) = self.durable().await {
+            // Not acknowledged: take it back out so it is neither delivered nor counted.
+            self.discard_message(owner, id);
+            return Err(e);
+        }
+        self.notifier(owner).notify_waiters();
+        Ok(id)
+    }
+
+    /// Writes a message (counted at once) without making it durable: the
+    /// caller makes it durable with [`Store::durable`] (or a flush of the
+    /// shared database), then wakes `ACCEPT`s with [`Store::notifier`], or
+    /// takes it back with [`Store::discard_message`] if that failed.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the write fails.
+    pub fn insert_message(
+        &self,
+        owner: &Fingerprint,
+        sender: &Fingerprint,
+        signature: Option<&[u8]>,
+        message: &[u8],
+    ) -> Result<u64, StoreError> {
         let id = self.db.generate_id()?;
         let sig = signature.unwrap_or_default();
         let mut value = Vec::with_capacity(36 + sig.len() + message.len());
@@ -329,13 +353,13 @@ impl Store {
         value.extend_from_slice(message);
         self.messages.insert(message_key(owner, id), value)?;
         self.counts.lock().unwrap_or_else(|e| e.into_inner()).add(*owner, *sender);
-        if let Err(e) = self.durable().await {
-            // Not acknowledged: take it back out so it is neither delivered nor counted.
-            let _ = self.remove_message(owner, id);
-            return Err(e);
-        }
-        self.notifier(owner).notify_waiters();
         Ok(id)
+    }
+
+    /// Takes back a message written by [`Store::insert_message`] that was
+    /// not acknowledged (best effort).
+    pub fn discard_message(&self, owner: &Fingerprint, id: u64) {
+        let _ = self.remove_message(owner, id);
     }
 
     /// The oldest message in `owner`'s mailbox.
