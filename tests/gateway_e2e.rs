@@ -472,3 +472,42 @@ fn the_home_server_keeps_its_mailboxes_in_the_gateway_database_across_restarts()
     let (files, _) = rig.fetch("alice", 10);
     assert_eq!(files.len(), 1, "{}", rig.log());
 }
+
+#[test]
+fn local_delivery_goes_through_the_home_servers_checks_and_the_network_path_stays() {
+    // In-process (the default): a full mailbox (36) is refused as SEND would
+    // be, and the message waits in the queue like any deferred delivery.
+    let rig = Rig::new("[home]\nmax_unread_per_sender = 1\n");
+    rig.person("alice");
+    rig.contact("alice", &["--email", "alice@example.org"]);
+    for n in 1..=2 {
+        let m = format!("Subject: local {n}\r\n\r\nlocal {n}\r\n");
+        let r = rig.smtp_send("b@remote.example", "alice@example.org", m.as_bytes());
+        assert!(r.starts_with("accepted 250"), "{r}");
+    }
+    let listing = wait_for(Duration::from_secs(20), || {
+        Some(rig.cli(&["queue", "list"])).filter(|l| l.contains("36 "))
+    })
+    .unwrap_or_else(|| panic!("{}\n{}", rig.cli(&["queue", "list"]), rig.log()));
+    assert_eq!(listing.matches("alice@example.org").count(), 1, "{listing}");
+    assert_eq!(rig.metric("latssiam_bridge_deliveries_total{channel=\"latssiam\",result=\"ok\"}"), 1);
+    // Once she has read the first, the second arrives.
+    let (files, _) = rig.fetch("alice", 1);
+    assert_eq!(files.len(), 1);
+    rig.cli(&["queue", "retry", "--all"]);
+    let (files, _) = rig.fetch("alice", 20);
+    assert_eq!(files.len(), 2, "{}", rig.log());
+    let texts: String = files.iter().map(|f| std::fs::read_to_string(f).unwrap()).collect();
+    assert!(texts.contains("local 1") && texts.contains("local 2"), "{texts}");
+
+    // With home.local_delivery = false the same goes over TLS on loopback.
+    let rig = Rig::new("[home]\nlocal_delivery = false\n");
+    rig.person("alice");
+    rig.contact("alice", &["--email", "alice@example.org"]);
+    let r = rig.smtp_send("b@remote.example", "alice@example.org", b"Subject: wire\r\n\r\nover the wire\r\n");
+    assert!(r.starts_with("accepted 250"), "{r}");
+    let (files, out) = rig.fetch("alice", 20);
+    assert_eq!(files.len(), 1, "{out}\n{}", rig.log());
+    assert!(out.contains(&format!("signed by gateway@localhost {}", rig.gateway_fp)), "{out}");
+    assert!(rig.log().contains("Delivered."), "the worker delivered it: {}", rig.log());
+}
