@@ -485,10 +485,8 @@ fn local_delivery_goes_through_the_home_servers_checks_and_the_network_path_stay
         let r = rig.smtp_send("b@remote.example", "alice@example.org", m.as_bytes());
         assert!(r.starts_with("accepted 250"), "{r}");
     }
-    let listing = wait_for(Duration::from_secs(20), || {
-        Some(rig.cli(&["queue", "list"])).filter(|l| l.contains("36 "))
-    })
-    .unwrap_or_else(|| panic!("{}\n{}", rig.cli(&["queue", "list"]), rig.log()));
+    let listing = wait_for(Duration::from_secs(20), || Some(rig.cli(&["queue", "list"])).filter(|l| l.contains("36 ")))
+        .unwrap_or_else(|| panic!("{}\n{}", rig.cli(&["queue", "list"]), rig.log()));
     assert_eq!(listing.matches("alice@example.org").count(), 1, "{listing}");
     assert_eq!(rig.metric("latssiam_bridge_deliveries_total{channel=\"latssiam\",result=\"ok\"}"), 1);
     // Once she has read the first, the second arrives.
