@@ -123,3 +123,38 @@ fn healthcheck_reports_a_queue_that_cannot_be_written() {
     let healthy = wait_for(Duration::from_secs(10), || healthcheck(&rig).0.then_some(()));
     assert!(healthy.is_some(), "healthy again once there is room");
 }
+
+#[test]
+fn metrics_keep_every_name_they_had() {
+    let rig = Rig::new("");
+    let body = rig.http_get("/metrics");
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    let mut names: Vec<String> = vec!["latssiam_bridge_end_to_end_seconds_bucket{le=\"0.001\"} ".into()];
+    for state in ["active", "deferred", "dead"] {
+        names.push(format!("latssiam_bridge_queue_jobs{{state=\"{state}\"}} "));
+    }
+    for channel in ["latssiam", "smtp"] {
+        for result in ["ok", "deferred", "failed"] {
+            names.push(format!("latssiam_bridge_deliveries_total{{channel=\"{channel}\",result=\"{result}\"}} "));
+        }
+    }
+    for counter in [
+        "smtp_accepted",
+        "smtp_refused",
+        "accept_round_trips",
+        "accept_taken",
+        "accept_refused",
+        "irc_joins",
+        "irc_lines_heard",
+        "irc_lines_queued",
+        "irc_digests_queued",
+    ] {
+        names.push(format!("latssiam_bridge_{counter}_total "));
+    }
+    names.push("latssiam_bridge_end_to_end_seconds_bucket{le=\"+Inf\"} ".into());
+    names.push("latssiam_bridge_end_to_end_seconds_sum ".into());
+    names.push("latssiam_bridge_end_to_end_seconds_count ".into());
+    for name in names {
+        assert!(body.lines().any(|l| l.starts_with(&name)), "no {name:?} in\n{body}");
+    }
+}

@@ -15,7 +15,6 @@
 //! channels, and removes each only once all its lines were written.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -121,8 +120,8 @@ impl IrcCore {
         match self.gw.store.enqueue_as(id, m.as_bytes(), targets, &Origin::Gateway).await {
             Ok(()) => {
                 digest.last_message_id = Some(message_id);
-                self.gw.metrics.irc_lines_queued.fetch_add(lines.len() as u64, Ordering::Relaxed);
-                self.gw.metrics.irc_digests_queued.fetch_add(1, Ordering::Relaxed);
+                self.gw.metrics.irc_lines_queued.inc_by(lines.len() as u64);
+                self.gw.metrics.irc_digests_queued.inc();
             }
             Err(e) => warn!(error = %e, channel = %channel.name, "Cannot queue an IRC digest; its lines are lost."),
         }
@@ -158,7 +157,7 @@ impl IrcSink for IrcCore {
                 let config = self.channel(&channel)?;
                 let now = time::OffsetDateTime::now_utc();
                 let line = digest_line(kind, &nick, &text, config.relay_joins, now)?;
-                self.gw.metrics.irc_lines_heard.fetch_add(1, Ordering::Relaxed);
+                self.gw.metrics.irc_lines_heard.inc();
                 let mut digests = self.digests.lock().await;
                 let d = digests.entry(config.name.to_ascii_lowercase()).or_default();
                 if !d.fits(&line) {
@@ -173,7 +172,7 @@ impl IrcSink for IrcCore {
             }
             Event::Private { nick, text } => Some(self.private(&nick, &text).await),
             Event::Joined => {
-                self.gw.metrics.irc_joins.fetch_add(1, Ordering::Relaxed);
+                self.gw.metrics.irc_joins.inc();
                 None
             }
         }

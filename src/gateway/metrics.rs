@@ -1,14 +1,17 @@
 //! Counters, and what `http.listen` serves: `/metrics` (Prometheus text
 //! format) and `/healthz` (`200 ok`, or `503` and what is wrong).
 
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use std::net::SocketAddr;
 
 use hyper::StatusCode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 
 use super::http::{Answer, Handler};
 use super::store::Store;
@@ -19,121 +22,131 @@ const BUCKETS: [f64; 20] = [
     600.0, 3600.0,
 ];
 
-/// A Prometheus histogram.
-#[derive(Default)]
-pub struct Histogram {
-    counts: [AtomicU64; BUCKETS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Delivery {
+    channel: &'static str,
+    result: &'static str,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueState {
+    state: &'static str,
+}
+
+/// A latency histogram.
+pub struct Histogram(prometheus_client::metrics::histogram::Histogram);
 
 impl Histogram {
     /// Records one observation.
     pub fn observe(&self, d: Duration) {
-        let s = d.as_secs_f64();
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if s <= *b {
-                self.counts[i].fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add(u64::try_from(d.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
-    }
-
-    fn render(&self, name: &str, labels: &str, out: &mut String) {
-        for (i, b) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{b}\"}} {}", self.counts[i].load(Ordering::Relaxed));
-        }
-        let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{labels}le=\"+Inf\"}} {count}");
-        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{name}_sum{{{}}} {sum}", labels.trim_end_matches(','));
-        let _ = writeln!(out, "{name}_count{{{}}} {count}", labels.trim_end_matches(','));
+        self.0.observe(d.as_secs_f64());
     }
 }
 
 /// Delivery results, by channel.
-#[derive(Default)]
 pub struct Results {
     /// Delivered.
-    pub ok: AtomicU64,
+    pub ok: Counter,
     /// Temporary failure (retried).
-    pub deferred: AtomicU64,
+    pub deferred: Counter,
     /// Permanent failure (dead-lettered and bounced).
-    pub failed: AtomicU64,
+    pub failed: Counter,
 }
 
-/// Everything counted.
-#[derive(Default)]
+/// Everything counted, registered once (prometheus-client) under the names
+/// the gateway has always exposed.
 pub struct Metrics {
     /// Messages accepted over SMTP (`250`).
-    pub smtp_accepted: AtomicU64,
+    pub smtp_accepted: Counter,
     /// Messages refused over SMTP at `DATA`.
-    pub smtp_refused: AtomicU64,
+    pub smtp_refused: Counter,
     /// Deliveries to LATSSIAM.
     pub to_latssiam: Results,
     /// Relays to the smarthost.
     pub to_smtp: Results,
     /// `ACCEPT` round trips on the home server.
-    pub accept_round_trips: AtomicU64,
+    pub accept_round_trips: Counter,
     /// Messages taken from the home server (`31`).
-    pub accept_taken: AtomicU64,
+    pub accept_taken: Counter,
     /// Messages refused on the home server (`32`/`52`).
-    pub accept_refused: AtomicU64,
+    pub accept_refused: Counter,
     /// Times the IRC bot (re)joined its channels.
-    pub irc_joins: AtomicU64,
+    pub irc_joins: Counter,
     /// Lines heard in bridged IRC channels.
-    pub irc_lines_heard: AtomicU64,
+    pub irc_lines_heard: Counter,
     /// Lines queued for LATSSIAM subscribers (in digests).
-    pub irc_lines_queued: AtomicU64,
+    pub irc_lines_queued: Counter,
     /// Digests queued (each one job per subscriber).
-    pub irc_digests_queued: AtomicU64,
+    pub irc_digests_queued: Counter,
     /// From arrival at the gateway to delivery.
     pub end_to_end: Histogram,
+    queue_jobs: Family<QueueState, Gauge>,
+    registry: Registry,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let mut counter = |name: &str, help: &str| {
+            let c = Counter::default();
+            registry.register(name, help, c.clone());
+            c
+        };
+        let smtp_accepted = counter("latssiam_bridge_smtp_accepted", "Messages accepted over SMTP");
+        let smtp_refused = counter("latssiam_bridge_smtp_refused", "Messages refused over SMTP after DATA");
+        let accept_round_trips = counter("latssiam_bridge_accept_round_trips", "ACCEPT round trips on the home server");
+        let accept_taken = counter("latssiam_bridge_accept_taken", "Messages taken from the home server");
+        let accept_refused = counter("latssiam_bridge_accept_refused", "Messages refused on the home server");
+        let irc_joins = counter("latssiam_bridge_irc_joins", "Times the IRC bot joined its channels");
+        let irc_lines_heard = counter("latssiam_bridge_irc_lines_heard", "Lines heard in bridged IRC channels");
+        let irc_lines_queued = counter("latssiam_bridge_irc_lines_queued", "IRC lines queued for subscribers");
+        let irc_digests_queued = counter("latssiam_bridge_irc_digests_queued", "IRC digests queued");
+        let deliveries = Family::<Delivery, Counter>::default();
+        registry.register("latssiam_bridge_deliveries", "Delivery attempts by channel and result", deliveries.clone());
+        let results = |channel| {
+            let one = |result| deliveries.get_or_create(&Delivery { channel, result }).clone();
+            Results { ok: one("ok"), deferred: one("deferred"), failed: one("failed") }
+        };
+        let (to_latssiam, to_smtp) = (results("latssiam"), results("smtp"));
+        let end_to_end = prometheus_client::metrics::histogram::Histogram::new(BUCKETS);
+        registry.register(
+            "latssiam_bridge_end_to_end_seconds",
+            "From arrival at the gateway to delivery",
+            end_to_end.clone(),
+        );
+        let queue_jobs = Family::<QueueState, Gauge>::default();
+        registry.register("latssiam_bridge_queue_jobs", "Jobs in the queue by state", queue_jobs.clone());
+        Self {
+            smtp_accepted,
+            smtp_refused,
+            to_latssiam,
+            to_smtp,
+            accept_round_trips,
+            accept_taken,
+            accept_refused,
+            irc_joins,
+            irc_lines_heard,
+            irc_lines_queued,
+            irc_digests_queued,
+            end_to_end: Histogram(end_to_end),
+            queue_jobs,
+            registry,
+        }
+    }
 }
 
 impl Metrics {
-    /// Prometheus text.
+    /// The exposition (OpenMetrics text, which Prometheus reads), with the
+    /// queue's depth as it is now.
     pub fn render(&self, store: &Store) -> String {
-        let mut out = String::new();
         let depth = store.depth();
-        out.push_str("# HELP latssiam_bridge_queue_jobs Jobs in the queue by state.\n");
-        out.push_str("# TYPE latssiam_bridge_queue_jobs gauge\n");
         for (state, n) in [("active", depth.active), ("deferred", depth.deferred), ("dead", depth.dead)] {
-            let _ = writeln!(out, "latssiam_bridge_queue_jobs{{state=\"{state}\"}} {n}");
+            self.queue_jobs.get_or_create(&QueueState { state }).set(i64::try_from(n).unwrap_or(i64::MAX));
         }
-        out.push_str("# HELP latssiam_bridge_deliveries_total Delivery attempts by channel and result.\n");
-        out.push_str("# TYPE latssiam_bridge_deliveries_total counter\n");
-        for (channel, r) in [("latssiam", &self.to_latssiam), ("smtp", &self.to_smtp)] {
-            for (result, n) in [("ok", &r.ok), ("deferred", &r.deferred), ("failed", &r.failed)] {
-                let _ = writeln!(
-                    out,
-                    "latssiam_bridge_deliveries_total{{channel=\"{channel}\",result=\"{result}\"}} {}",
-                    n.load(Ordering::Relaxed)
-                );
-            }
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::warn!(error = %e, "Cannot encode the metrics.");
         }
-        let counters = [
-            ("latssiam_bridge_smtp_accepted_total", "Messages accepted over SMTP.", &self.smtp_accepted),
-            ("latssiam_bridge_smtp_refused_total", "Messages refused over SMTP after DATA.", &self.smtp_refused),
-            (
-                "latssiam_bridge_accept_round_trips_total",
-                "ACCEPT round trips on the home server.",
-                &self.accept_round_trips,
-            ),
-            ("latssiam_bridge_accept_taken_total", "Messages taken from the home server.", &self.accept_taken),
-            ("latssiam_bridge_accept_refused_total", "Messages refused on the home server.", &self.accept_refused),
-            ("latssiam_bridge_irc_joins_total", "Times the IRC bot joined its channels.", &self.irc_joins),
-            ("latssiam_bridge_irc_lines_heard_total", "Lines heard in bridged IRC channels.", &self.irc_lines_heard),
-            ("latssiam_bridge_irc_lines_queued_total", "IRC lines queued for subscribers.", &self.irc_lines_queued),
-            ("latssiam_bridge_irc_digests_queued_total", "IRC digests queued.", &self.irc_digests_queued),
-        ];
-        for (name, help, v) in counters {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
-        }
-        out.push_str("# HELP latssiam_bridge_end_to_end_seconds From arrival at the gateway to delivery.\n");
-        out.push_str("# TYPE latssiam_bridge_end_to_end_seconds histogram\n");
-        self.end_to_end.render("latssiam_bridge_end_to_end_seconds", "", &mut out);
         out
     }
 }
@@ -179,7 +192,7 @@ impl Handler for Monitor {
         match path {
             "/metrics" => Answer {
                 status: StatusCode::OK,
-                content_type: "text/plain; version=0.0.4; charset=utf-8",
+                content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 body: self.metrics.render(&self.store).into(),
                 headers: Vec::new(),
             },

@@ -14,7 +14,6 @@
 //! `Received:` header added, one job per recipient is written and flushed,
 //! and only then is `31` sent.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -185,19 +184,19 @@ async fn session(gw: &Gateway, backoff: &mut Duration) -> Result<(), String> {
     let deadline = Duration::from_secs(gw.settings.home.accept_deadline_secs);
     loop {
         let answer = client.accept(deadline).await.map_err(|e| e.to_string())?;
-        gw.metrics.accept_round_trips.fetch_add(1, Ordering::Relaxed);
+        gw.metrics.accept_round_trips.inc();
         match answer {
             Accepted::Message(d) => {
                 *backoff = Duration::from_secs(1);
                 match take(gw, &d).await {
                     Ok(()) => {
                         client.ack().await.map_err(|e| e.to_string())?;
-                        gw.metrics.accept_taken.fetch_add(1, Ordering::Relaxed);
+                        gw.metrics.accept_taken.inc();
                     }
                     Err(Refusal::Refuse(code, why)) => {
                         warn!(code = code.as_u8(), reason = %why, "Refused a message on the home server.");
                         client.refuse(Status::of(code)).await.map_err(|e| e.to_string())?;
-                        gw.metrics.accept_refused.fetch_add(1, Ordering::Relaxed);
+                        gw.metrics.accept_refused.inc();
                     }
                     // Not acknowledged: the server hands it out again later.
                     Err(Refusal::Later(why)) => return Err(format!("cannot keep a message: {why}")),

@@ -2,7 +2,6 @@
 //! accepted mail for LATSSIAM delivery (one job per recipient, flushed
 //! before the `250`).
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bridge_smtp::{Envelope, Reply, Sink};
@@ -68,7 +67,7 @@ impl Sink for SmtpSink {
     async fn message(&self, envelope: Envelope, data: Vec<u8>) -> Reply {
         let gw = &self.0;
         let refuse = |r: Reply| {
-            gw.metrics.smtp_refused.fetch_add(1, Ordering::Relaxed);
+            gw.metrics.smtp_refused.inc();
             r
         };
         if mail::count_received(&data) > mail::MAX_RECEIVED {
@@ -146,9 +145,9 @@ impl Sink for SmtpSink {
         }
         match result {
             Ok((id, octets)) => {
-                gw.metrics.smtp_accepted.fetch_add(1, Ordering::Relaxed);
+                gw.metrics.smtp_accepted.inc();
                 if delivered > 0 {
-                    gw.metrics.to_latssiam.ok.fetch_add(delivered as u64, Ordering::Relaxed);
+                    gw.metrics.to_latssiam.ok.inc_by(delivered as u64);
                     for _ in 0..delivered {
                         gw.metrics.end_to_end.observe(started.elapsed());
                     }

@@ -299,13 +299,13 @@ async fn deliver(gw: &Arc<Gateway>, id: JobId, mut job: Job) {
     };
     let stored = match outcome {
         Outcome::Delivered => {
-            results.ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            results.ok.inc();
             gw.metrics.end_to_end.observe(Duration::from_millis(now.saturating_sub(job.arrived_ms)));
             info!(job = %id, target = job.target.kind(), "Delivered.");
             gw.store.complete(id)
         }
         Outcome::Retry(e) => {
-            results.deferred.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            results.deferred.inc();
             job.attempts += 1;
             job.due_ms = now + backoff(gw, job.attempts);
             info!(job = %id, attempts = job.attempts, error = %e, "Deferred.");
@@ -313,14 +313,14 @@ async fn deliver(gw: &Arc<Gateway>, id: JobId, mut job: Job) {
             gw.store.defer(id, &job)
         }
         Outcome::RetryIn(delay, e) => {
-            results.deferred.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            results.deferred.inc();
             job.attempts += 1;
             job.due_ms = now + delay;
             job.last_error = Some(e);
             gw.store.defer(id, &job)
         }
         Outcome::Fail { status, diagnostic } => {
-            results.failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            results.failed.inc();
             warn!(job = %id, status, error = %diagnostic, "Delivery failed for good; dead-lettered.");
             job.last_error = Some(diagnostic.clone());
             let report = failure_report(gw, &job, status, &diagnostic);
