@@ -19,6 +19,7 @@ pub struct Settings {
     pub smtp: SmtpSettings,
     pub smarthost: SmarthostSettings,
     pub http: HttpSettings,
+    pub gemini: GeminiSettings,
     pub queue: QueueSettings,
     pub relay: RelaySettings,
     pub irc: IrcSettings,
@@ -157,6 +158,15 @@ pub struct SmarthostSettings {
 #[serde(deny_unknown_fields)]
 pub struct HttpSettings {
     pub listen: SocketAddr,
+    /// Empty: off.
+    pub public_listen: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GeminiSettings {
+    /// Empty: off.
+    pub listen: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -300,6 +310,11 @@ impl Settings {
         }
         if !self.irc.server.is_empty() && (self.irc.lines_per_second <= 0.0 || self.irc.burst < 1.0) {
             bail!("irc.lines_per_second must be positive and irc.burst at least 1");
+        }
+        for (key, v) in [("http.public_listen", &self.http.public_listen), ("gemini.listen", &self.gemini.listen)] {
+            if !v.is_empty() && v.parse::<SocketAddr>().is_err() {
+                bail!("{key}: {v:?} is not an address:port");
+            }
         }
         if !self.home.register_password.is_empty()
             && latssiam::wire::Password::new(&self.home.register_password).is_err()

@@ -193,6 +193,11 @@ pub fn dsn(hostname: &str, to: &str, arrived: &str, failure: &Failure<'_>, origi
     m.into_bytes()
 }
 
+/// The header field that carries a LATSSIAM person's URL on mail the
+/// gateway relays for them: `LATSSIAM-URL: latssiam:<fp>//host/path`. One the
+/// sender wrote is replaced by the gateway's.
+pub const LATSSIAM_URL_FIELD: &str = "LATSSIAM-URL";
+
 /// A plain notice from the gateway to a LATSSIAM person (a failed relay).
 pub fn notice(hostname: &str, to: &str, subject: &str, text: &str, original: &[u8]) -> Vec<u8> {
     let headers = String::from_utf8_lossy(header_section(original));

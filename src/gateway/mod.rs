@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod discovery;
 pub mod http;
 pub mod irc;
 pub mod mail;
@@ -64,6 +65,8 @@ pub struct Gateway {
     pub bounces: worker::HourlyLimit,
     /// Messages relayed per contact and hour.
     pub relayed: poller::RelayLimiter,
+    /// The embedded home server's store (for WebFinger and the capsule).
+    pub home_store: Option<Arc<latssiam::server::store::Store>>,
     /// The embedded home server's host and in-process delivery, with
     /// `home.local_delivery`.
     pub local: Option<(String, latssiam::server::LocalDelivery)>,
@@ -172,6 +175,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
 
     // The home server: configured, or embedded.
     let mut local = None;
+    let mut home_store = None;
     let (home_addr, password) = if settings.home.server.is_empty() {
         let host = home_host.clone();
         let server_address = Address::new("server", &host)?;
@@ -194,14 +198,15 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         // home/: that one stays in use while it holds the mailboxes.
         let legacy = data_dir.join("home/conf").exists()
             && store.db().open_tree(format!("{HOME_TREES}mailboxes")).map(|t| t.is_empty()).unwrap_or(false);
-        let home_store = if legacy {
+        let store_of_home = if legacy {
             info!("The embedded home server keeps its own database in home/ (made by an earlier version).");
             latssiam::server::store::Store::open(&data_dir.join("home"))
         } else {
             latssiam::server::store::Store::in_db(store.db().clone(), store.flusher(), HOME_TREES)
         }
         .context("cannot open the embedded home server's store")?;
-        let server = Server::with_store(config, Arc::new(server_id), home_store)
+        home_store = Some(Arc::clone(&store_of_home));
+        let server = Server::with_store(config, Arc::new(server_id), store_of_home)
             .context("cannot start the embedded home server")?;
         if settings.home.local_delivery {
             local = Some((host.to_ascii_lowercase(), server.local_delivery()));
@@ -271,6 +276,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         bounces: worker::HourlyLimit::default(),
         relayed: poller::RelayLimiter::default(),
         local,
+        home_store,
         pool: worker::Pool::default(),
     });
     if let Some(password) = &password {
@@ -303,6 +309,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     let http = tokio::net::TcpListener::bind(settings.http.listen)
         .await
         .with_context(|| format!("http.listen {}", settings.http.listen))?;
+    let public = match settings.http.public_listen.as_str() {
+        "" => None,
+        a => Some(tokio::net::TcpListener::bind(a).await.with_context(|| format!("http.public_listen {a}"))?),
+    };
     // The socket is made under umask 077 inside the 0700 data dir: no other
     // user can reach it, not even in the moment before it is made 0600.
     let socket = settings.admin_socket();
@@ -342,7 +352,17 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         tasks.spawn(irc::outbox(Arc::clone(&gw), handle, shutdown.clone()));
     }
     // One line on stdout for scripts and tests.
-    println!("gateway {} smtp {smtp_addr} home {} http {http_addr}", gw.identity.fingerprint(), gw.home.1);
+    let mut extra = String::new();
+    if let Some(public) = public {
+        extra.push_str(&format!(" webfinger {}", public.local_addr()?));
+        tasks.spawn(http::serve(
+            public,
+            Arc::new(discovery::Discovery(Arc::clone(&gw))),
+            "http.public_listen",
+            shutdown.clone(),
+        ));
+    }
+    println!("gateway {} smtp {smtp_addr} home {} http {http_addr}{extra}", gw.identity.fingerprint(), gw.home.1);
     info!(%smtp_addr, home = %gw.home.1, %http_addr, fingerprint = %gw.identity.fingerprint(), "Gateway running.");
     tasks.close();
     tokio::select! {

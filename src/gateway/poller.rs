@@ -314,7 +314,28 @@ async fn take(gw: &Gateway, d: &Delivered) -> Result<(), Refusal> {
         &message_id_string(id),
         None,
     );
-    let body = mail::prepend(&header, &mail::remove_bcc(&plaintext));
+    // What leaves has the fields RFC 5322 requires (a contact's client may
+    // leave them to the gateway, and MTAs do not add them for mail relayed
+    // from elsewhere), and tells correspondents the encrypted way to write:
+    // the contact's LATSSIAM URL (`LATSSIAM-URL:`, see README.md).
+    let mut added = header;
+    if message.date().is_none() {
+        added.push_str(&format!("Date: {}\r\n", mail::date_now()));
+    }
+    if message.message_id().is_none() {
+        added.push_str(&format!(
+            "Message-ID: <latssiam.{}@{}>\r\n",
+            message_id_string(id),
+            gw.settings.gateway.hostname
+        ));
+    }
+    if let Some(url) = latssiam::identity::CertInfo::from_der(&contact.cert)
+        .ok()
+        .and_then(|info| latssiam::identity::LatssiamUrl::for_certificate(&info))
+    {
+        added.push_str(&format!("{}: {url}\r\n", mail::LATSSIAM_URL_FIELD));
+    }
+    let body = mail::prepend(&added, &mail::without_fields(&mail::remove_bcc(&plaintext), &["latssiam-url"]));
     let n = targets.len();
     let origin = Origin::Latssiam { fingerprint: fp.to_string(), from };
     // Jobs and IRC posts are kept in one step: all of them, or (not

@@ -79,6 +79,11 @@ pub struct Mailbox {
     pub attestation: Vec<u8>,
 }
 
+/// The address (lower case) a certificate names, if any.
+fn owner_address(cert: &[u8]) -> Option<String> {
+    crate::identity::CertInfo::from_der(cert).ok()?.address.map(|a| a.to_string().to_ascii_lowercase())
+}
+
 /// A stored message, as `ACCEPT` hands it out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredMessage {
@@ -125,6 +130,9 @@ pub struct Store {
     counts: Mutex<Counts>,
     flusher: Arc<GroupCommit>,
     waiters: Mutex<HashMap<Fingerprint, Arc<Notify>>>,
+    /// Owner address (lower case) -> fingerprint, for every mailbox record:
+    /// built at open, kept by [`Store::put_mailbox`].
+    by_address: Mutex<HashMap<String, Fingerprint>>,
 }
 
 fn message_key(owner: &Fingerprint, id: u64) -> [u8; 40] {
@@ -244,7 +252,22 @@ impl Store {
             let m = decode_message(&k, &v)?;
             counts.add(fingerprint_from(&k[..32])?, m.sender);
         }
-        Ok(Arc::new(Self { db, mailboxes, messages, counts: Mutex::new(counts), flusher, waiters: Mutex::default() }))
+        let mut by_address = HashMap::new();
+        for kv in mailboxes.iter() {
+            let (k, v) = kv?;
+            if let Some(address) = owner_address(&Mailbox::decode(&v)?.owner_cert) {
+                by_address.insert(address, fingerprint_from(&k)?);
+            }
+        }
+        Ok(Arc::new(Self {
+            db,
+            mailboxes,
+            messages,
+            counts: Mutex::new(counts),
+            flusher,
+            waiters: Mutex::default(),
+            by_address: Mutex::new(by_address),
+        }))
     }
 
     /// Waits until everything written so far is on disk.
@@ -272,7 +295,22 @@ impl Store {
     /// [`StoreError`] if the write or the fsync fails.
     pub async fn put_mailbox(&self, owner: &Fingerprint, mailbox: &Mailbox) -> Result<(), StoreError> {
         self.mailboxes.insert(owner.as_bytes(), mailbox.encode())?;
+        if let Some(address) = owner_address(&mailbox.owner_cert) {
+            self.by_address.lock().unwrap_or_else(|e| e.into_inner()).insert(address, *owner);
+        }
         self.durable().await
+    }
+
+    /// The certificate (DER) of the active mailbox of `address`
+    /// (`mailbox@host`, any case), if there is one: what the Gemini capsule
+    /// and WebFinger serve. A pending, moved or deregistered mailbox has none.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the record cannot be read.
+    pub fn active_certificate(&self, address: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let fp = self.by_address.lock().unwrap_or_else(|e| e.into_inner()).get(&address.to_ascii_lowercase()).copied();
+        let Some(fp) = fp else { return Ok(None) };
+        Ok(self.mailbox(&fp)?.filter(|m| m.state == MailboxState::Active).map(|m| m.owner_cert))
     }
 
     /// Changes a mailbox's state (operator approval, move). Returns false if there is no such mailbox.
