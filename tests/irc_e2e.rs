@@ -353,8 +353,9 @@ fn a_post_to_any_kind_of_channel_is_checked_like_a_hash_channel() {
     let (rig, _ircd, port) = irc_rig(0);
     rig.person("mallory");
     rig.contact("mallory", &["--allow-send"]);
-    let mut mallory_irc = Person::connect(port, "watcher", "+test");
+    // Carl first: the bot's JOIN must come after he is in the channel.
     let _carl = carl_with_the_bot(port);
+    let mut mallory_irc = Person::connect(port, "watcher", "+test");
     // Channels with the other prefixes are channels too: not bridged, so refused, never posted to as a nick.
     for target in ["+test@irc.test", "!test@irc.test", "&test@irc.test"] {
         send_message(&rig, "mallory", target, "hi", "let me in\r\n");
