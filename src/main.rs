@@ -1,10 +1,9 @@
 //! `latssiam-bridge`: the command line. Errors are one line on stderr and a
 //! non-zero exit status.
 
-mod gatewaycmd;
-mod netcmd;
-mod servercmd;
-mod toolkit;
+mod cli;
+
+use cli::{gateway, net, server, toolkit};
 
 use std::process::ExitCode;
 
@@ -22,16 +21,16 @@ struct Cli {
 enum Command {
     /// Run the gateway: SMTP listener, delivery worker, ACCEPT poller, metrics
     /// (and the embedded home server unless home.server is set).
-    Run(gatewaycmd::RunArgs),
+    Run(gateway::RunArgs),
     /// Exit 0 if the running gateway is healthy (queue writable, home server
     /// reachable, SMTP and HTTP listeners answering), else 1 with one line.
-    Healthcheck(gatewaycmd::HealthcheckArgs),
+    Healthcheck(gateway::HealthcheckArgs),
     /// Manage the people the gateway knows (works while the gateway runs).
     #[command(subcommand)]
-    Contacts(gatewaycmd::ContactsCommand),
+    Contacts(gateway::ContactsCommand),
     /// Inspect and act on the gateway's queue, like mailq and postsuper.
     #[command(subcommand)]
-    Queue(gatewaycmd::QueueCommand),
+    Queue(gateway::QueueCommand),
     /// Create and inspect identities (certificate + private key).
     #[command(subcommand)]
     Identity(toolkit::IdentityCommand),
@@ -45,15 +44,15 @@ enum Command {
     /// prove it serves a mailbox (--server HOST --identity DIR FINGERPRINT).
     Verify(VerifyArgs),
     /// Run the reference LATSSIAM server, or operate on its mailboxes.
-    Server(servercmd::ServerArgs),
+    Server(server::ServerArgs),
     /// Register your identity's mailbox on a server (MAILBOX REGISTER).
-    Register(netcmd::RegisterArgs),
+    Register(net::RegisterArgs),
     /// Deregister your mailbox (MAILBOX DEREGISTER).
-    Deregister(netcmd::DeregisterArgs),
+    Deregister(net::DeregisterArgs),
     /// Encrypt (and optionally sign) a message and SEND it.
-    Send(netcmd::SendArgs),
+    Send(net::SendArgs),
     /// Fetch your messages (ACCEPT), decrypt them and save one .eml each.
-    Fetch(netcmd::FetchArgs),
+    Fetch(net::FetchArgs),
 }
 
 #[derive(clap::Args)]
@@ -92,10 +91,10 @@ fn main() -> ExitCode {
         init_logging(false);
     }
     let result = match cli.command {
-        Command::Run(a) => gatewaycmd::run(a, &init_logging),
-        Command::Healthcheck(a) => gatewaycmd::healthcheck(a),
-        Command::Contacts(c) => gatewaycmd::contacts(c),
-        Command::Queue(c) => gatewaycmd::queue(c),
+        Command::Run(a) => gateway::run(a, &init_logging),
+        Command::Healthcheck(a) => gateway::healthcheck(a),
+        Command::Contacts(c) => gateway::contacts(c),
+        Command::Queue(c) => gateway::queue(c),
         Command::Identity(c) => toolkit::identity(c),
         Command::Seal(a) => toolkit::seal(a),
         Command::Open(a) => toolkit::open(a),
@@ -103,7 +102,7 @@ fn main() -> ExitCode {
         Command::Verify(a) => match (a.signature, a.server, a.identity) {
             (Some(signature), None, _) => toolkit::verify(&signature, a.arg.as_deref().map(std::path::Path::new)),
             (None, Some(server), Some(identity)) => match a.arg.as_deref().map(str::parse) {
-                Some(Ok(fingerprint)) => netcmd::verify(&server, &identity, a.pins.as_deref(), fingerprint),
+                Some(Ok(fingerprint)) => net::verify(&server, &identity, a.pins.as_deref(), fingerprint),
                 _ => Err(anyhow::anyhow!(
                     "verify --server needs the mailbox owner's FINGERPRINT (64 lower-case hex digits)"
                 )),
@@ -113,11 +112,11 @@ fn main() -> ExitCode {
                 Err(anyhow::anyhow!("verify needs --signature SIG [FILE], or --server HOST --identity DIR FINGERPRINT"))
             }
         },
-        Command::Server(a) => servercmd::run(a),
-        Command::Register(a) => netcmd::register(a),
-        Command::Deregister(a) => netcmd::deregister(a),
-        Command::Send(a) => netcmd::send(a),
-        Command::Fetch(a) => netcmd::fetch(a),
+        Command::Server(a) => server::run(a),
+        Command::Register(a) => net::register(a),
+        Command::Deregister(a) => net::deregister(a),
+        Command::Send(a) => net::send(a),
+        Command::Fetch(a) => net::fetch(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -145,6 +145,97 @@ impl Handler for Discovery {
     }
 }
 
+/// Most time a WebFinger look-up may take, and the largest JRD read.
+const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const MAX_JRD: usize = 64 * 1024;
+
+/// Asks WebFinger for `address` (`user@domain`) and returns the LATSSIAM
+/// URL its JRD names (the `urn:latssiam:url` link). `base` is where to ask:
+/// `https://DOMAIN` unless given (`http://` only when given explicitly).
+///
+/// # Errors
+/// What failed, in one line.
+pub async fn lookup(address: &str, base: Option<&str>) -> Result<LatssiamUrl, String> {
+    let (_, domain) = address.rsplit_once('@').ok_or_else(|| format!("{address:?} is not user@domain"))?;
+    if !latssiam::identity::is_dns_name(domain) {
+        return Err(format!("{domain:?} is not a domain name"));
+    }
+    let base = base.map_or_else(|| format!("https://{domain}"), str::to_owned);
+    let resource: String =
+        percent_encoding::utf8_percent_encode(&format!("acct:{address}"), percent_encoding::NON_ALPHANUMERIC).collect();
+    let url = format!("{}/.well-known/webfinger?resource={resource}", base.trim_end_matches('/'));
+    let body = tokio::time::timeout(LOOKUP_TIMEOUT, get(&url))
+        .await
+        .map_err(|_| format!("{url}: no answer within {} s", LOOKUP_TIMEOUT.as_secs()))??;
+    let jrd: serde_json::Value = serde_json::from_slice(&body).map_err(|e| format!("{url}: not a JRD: {e}"))?;
+    let href = jrd["links"]
+        .as_array()
+        .and_then(|links| links.iter().find(|l| l["rel"] == REL_URL))
+        .and_then(|l| l["href"].as_str())
+        .ok_or_else(|| format!("{url}: the JRD names no LATSSIAM URL ({REL_URL})"))?;
+    href.parse().map_err(|e| format!("{url}: {href:?}: {e}"))
+}
+
+/// `GET url` (http or https), the body of a `200`.
+async fn get(url: &str) -> Result<Vec<u8>, String> {
+    use http_body_util::BodyExt as _;
+    let (tls, rest) = match (url.strip_prefix("https://"), url.strip_prefix("http://")) {
+        (Some(r), _) => (true, r),
+        (_, Some(r)) => (false, r),
+        _ => return Err(format!("{url}: only http:// and https:// URLs")),
+    };
+    let (authority, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') || h.ends_with(']') => {
+            (h.trim_matches(['[', ']']), p.parse::<u16>().map_err(|_| format!("{url}: bad port"))?)
+        }
+        _ => (authority.trim_matches(['[', ']']), if tls { 443 } else { 80 }),
+    };
+    let tcp = tokio::net::TcpStream::connect((host, port)).await.map_err(|e| format!("{url}: {e}"))?;
+    let request = hyper::Request::get(&path)
+        .header(hyper::header::HOST, authority)
+        .header(hyper::header::ACCEPT, "application/jrd+json")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|e| format!("{url}: {e}"))?;
+    let response = if tls {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|e| format!("{url}: {e}"))?;
+        let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("{url}: TLS: {e}"))?;
+        send(hyper_util::rt::TokioIo::new(stream), request).await
+    } else {
+        send(hyper_util::rt::TokioIo::new(tcp), request).await
+    }
+    .map_err(|e| format!("{url}: {e}"))?;
+    if response.status() != hyper::StatusCode::OK {
+        return Err(format!("{url}: {}", response.status()));
+    }
+    let limited = http_body_util::Limited::new(response.into_body(), MAX_JRD);
+    Ok(limited.collect().await.map_err(|e| format!("{url}: {e}"))?.to_bytes().to_vec())
+}
+
+async fn send<IO>(
+    io: IO,
+    request: hyper::Request<http_body_util::Empty<bytes::Bytes>>,
+) -> Result<hyper::Response<hyper::body::Incoming>, hyper::Error>
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await?;
+    tokio::spawn(connection);
+    sender.send_request(request).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,7 +21,7 @@ use latssiam_bridge::gateway::load_or_create_identity;
 use serde::Deserialize;
 use tracing::info;
 
-const DEFAULTS: &str = include_str!("../config/server.toml");
+const DEFAULTS: &str = include_str!("../../config/server.toml");
 
 #[derive(Args)]
 pub struct ServerArgs {

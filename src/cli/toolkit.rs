@@ -38,6 +38,9 @@ pub enum IdentityCommand {
         /// Also draw the LATSSIAM URL as a QR code.
         #[arg(long)]
         qr: bool,
+        /// With --qr: write the QR code into this PNG file instead.
+        #[arg(long, requires = "qr", value_name = "FILE")]
+        png: Option<PathBuf>,
     },
 }
 
@@ -154,7 +157,7 @@ pub fn identity(cmd: IdentityCommand) -> Result<()> {
             println!("{}", id.fingerprint());
             Ok(())
         }
-        IdentityCommand::Show { dir, qr } => {
+        IdentityCommand::Show { dir, qr, png } => {
             let cert_path = if dir.is_dir() { dir.join("cert.pem") } else { dir.clone() };
             let bytes = std::fs::read(&cert_path).with_context(|| format!("cannot read {}", cert_path.display()))?;
             let der = certificate_from_pem_or_der(&bytes)?;
@@ -175,6 +178,11 @@ pub fn identity(cmd: IdentityCommand) -> Result<()> {
             }
             if qr {
                 let url = url.context("the certificate names no address, so it has no LATSSIAM URL")?;
+                if let Some(png) = png {
+                    crate::cli::qr::write_png(&url.to_string(), &png)?;
+                    println!("qr code:     {}", png.display());
+                    return Ok(());
+                }
                 let code = qrcode::QrCode::new(url.to_string().as_bytes()).context("cannot encode QR code")?;
                 let image = code
                     .render::<qrcode::render::unicode::Dense1x2>()

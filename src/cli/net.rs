@@ -16,7 +16,7 @@ use latssiam::tls::FilePins;
 use latssiam::wire::{Code, Password, Status};
 use latssiam::{crypto, Fingerprint, Identity};
 
-use crate::toolkit::{load_identity, read_input};
+use crate::cli::toolkit::{load_identity, read_input};
 
 #[derive(Args)]
 pub struct Common {

@@ -112,7 +112,7 @@ pub fn run(args: RunArgs, log_json: &dyn Fn(bool)) -> Result<()> {
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
         tokio::spawn(async move {
-            crate::servercmd::shutdown_signal().await;
+            crate::cli::server::shutdown_signal().await;
             token.cancel();
         });
         latssiam_bridge::gateway::run(settings, shutdown).await

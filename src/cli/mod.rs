@@ -1,0 +1,8 @@
+//! The command line, one file per command family: argument parsing and
+//! printing; the work is done by the library (`latssiam`, the gateway core).
+
+pub mod gateway;
+pub mod net;
+pub mod qr;
+pub mod server;
+pub mod toolkit;

@@ -1,0 +1,91 @@
+//! Contact cards as pictures: a LATSSIAM URL drawn as a QR code in a PNG
+//! (qrcode, png), and read back from one (png, rqrr).
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+
+/// Pixels per QR module, and the quiet zone in modules (the standard's 4).
+const SCALE: usize = 8;
+const QUIET: usize = 4;
+/// Largest picture read: 8192 x 8192 pixels (a phone's photo fits).
+const MAX_SIDE: u32 = 8192;
+
+/// Writes `text` as a QR code into a greyscale PNG at `path`.
+///
+/// # Errors
+/// If it cannot be encoded or written.
+pub fn write_png(text: &str, path: &Path) -> Result<()> {
+    let code = qrcode::QrCode::new(text.as_bytes()).context("cannot encode the QR code")?;
+    let modules = code.width();
+    let colors = code.to_colors();
+    let side = (modules + 2 * QUIET) * SCALE;
+    let mut pixels = vec![255u8; side * side];
+    for (i, c) in colors.iter().enumerate() {
+        if *c == qrcode::Color::Dark {
+            let (mx, my) = (i % modules + QUIET, i / modules + QUIET);
+            for y in my * SCALE..(my + 1) * SCALE {
+                pixels[y * side + mx * SCALE..y * side + (mx + 1) * SCALE].fill(0);
+            }
+        }
+    }
+    let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let side32 = u32::try_from(side).context("QR code too large")?;
+    let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), side32, side32);
+    encoder.set_color(png::ColorType::Grayscale);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header().with_context(|| format!("cannot write {}", path.display()))?;
+    writer.write_image_data(&pixels).with_context(|| format!("cannot write {}", path.display()))?;
+    writer.finish().with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// The text of the first QR code found in the PNG at `path`.
+///
+/// # Errors
+/// If the file is no PNG this can read, or holds no readable QR code.
+pub fn read_png(path: &Path) -> Result<String> {
+    let file = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut decoder = png::Decoder::new(std::io::BufReader::new(file));
+    decoder.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
+    let mut reader = decoder.read_info().with_context(|| format!("{} is not a PNG", path.display()))?;
+    let info = reader.info();
+    if info.width > MAX_SIDE || info.height > MAX_SIDE {
+        bail!("{}: a picture of {}x{} pixels is too large (at most {MAX_SIDE})", path.display(), info.width, info.height);
+    }
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let frame = reader.next_frame(&mut buf).with_context(|| format!("{} is not a PNG", path.display()))?;
+    let (w, h) = (frame.width as usize, frame.height as usize);
+    let channels = frame.color_type.samples();
+    let luma = |x: usize, y: usize| -> u8 {
+        let p = &buf[(y * w + x) * channels..(y * w + x + 1) * channels];
+        match channels {
+            1 | 2 => p[0],
+            // RGB(A): luma, an alpha channel ignored.
+            _ => ((u32::from(p[0]) * 299 + u32::from(p[1]) * 587 + u32::from(p[2]) * 114) / 1000) as u8,
+        }
+    };
+    let mut image = rqrr::PreparedImage::prepare_from_greyscale(w, h, luma);
+    for grid in image.detect_grids() {
+        if let Ok((_, text)) = grid.decode() {
+            return Ok(text);
+        }
+    }
+    bail!("{}: no readable QR code in the picture", path.display())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_code_written_is_read_back() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("card.png");
+        let text = "latssiam:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef//example.org/.well-known/latssiam/alice.pem";
+        write_png(text, &path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(read_png(&path).unwrap_or_else(|e| panic!("{e}")), text);
+        std::fs::write(&path, b"not a png").unwrap_or_else(|e| panic!("{e}"));
+        assert!(read_png(&path).is_err());
+    }
+}
