@@ -9,6 +9,8 @@
 //! - [`group_commit`]: one fsync for many concurrent sled writers.
 //! - [`tls`]: rustls configurations with Trust On First Use in both directions.
 //! - [`attest`]: attestations of a server's key by mailbox owners.
+//! - [`gemini`]: the Gemini capsule serving certificates at LATSSIAM URLs, and
+//!   its client.
 //! - [`conn`]: frames over a stream; [`server`] and `client` sit on it.
 
 pub mod attest;
@@ -17,6 +19,7 @@ pub mod conn;
 pub mod crypto;
 pub mod files;
 pub mod fingerprint;
+pub mod gemini;
 pub mod group_commit;
 pub mod identity;
 pub mod server;
