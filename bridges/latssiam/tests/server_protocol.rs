@@ -560,3 +560,146 @@ fn ipv6_clients_are_counted_by_their_64() {
     assert_ne!(a, client_key("2001:db8:1:3::1".parse().unwrap()));
     assert_eq!(client_key("::ffff:192.0.2.1".parse().unwrap()), "192.0.2.1".parse::<std::net::IpAddr>().unwrap());
 }
+
+/// Stores `n` messages for `to` ("message 0", "message 1", ..., oldest
+/// first), straight into the server's store.
+async fn fill(s: &TestServer, to: &Identity, n: usize) {
+    let sender = latssiam::Fingerprint::of(b"some sender");
+    for i in 0..n {
+        let msg = sealed_for(to, &format!("message {i}"));
+        s.store.store_message(&to.fingerprint(), &sender, None, &msg).await.unwrap();
+    }
+}
+
+fn text(d: &latssiam::client::Delivered, to: &Identity) -> String {
+    String::from_utf8(crypto::open(&d.message, to).unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn two_sessions_accepting_at_once_get_different_messages() {
+    let s = TestServer::start(|_| {}).await;
+    let alice = s.registered("alice@localhost").await;
+    fill(&s, &alice, 2).await;
+    let (mut a1, mut a2) = (s.client(&alice).await, s.client(&alice).await);
+    let (r1, r2) = tokio::join!(a1.accept(Duration::ZERO), a2.accept(Duration::ZERO));
+    let (Accepted::Message(d1), Accepted::Message(d2)) = (r1.unwrap(), r2.unwrap()) else {
+        panic!("each session gets a message")
+    };
+    let mut got = [text(&d1, &alice), text(&d2, &alice)];
+    got.sort();
+    assert_eq!(got, ["message 0", "message 1"], "different messages");
+    a1.ack().await.unwrap();
+    a2.ack().await.unwrap();
+    // The next ACCEPT on each session is read after its ack was handled.
+    for c in [&mut a1, &mut a2] {
+        assert_eq!(c.accept(Duration::ZERO).await.unwrap(), Accepted::Nothing(Status::of(Code::NoMoreMessages)));
+    }
+    assert_eq!(s.store.unread(&alice.fingerprint(), &alice.fingerprint()).0, 0, "the mailbox is empty");
+    assert_eq!(s.store.offered(), 0);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn two_pollers_drain_a_mailbox_with_every_message_delivered_once() {
+    const N: usize = 200;
+    let s = TestServer::start(|_| {}).await;
+    let alice = s.registered("alice@localhost").await;
+    fill(&s, &alice, N).await;
+    let start = Arc::new(tokio::sync::Barrier::new(2));
+    let mut pollers = Vec::new();
+    for _ in 0..2 {
+        let mut c = s.client(&alice).await;
+        let (start, alice) = (start.clone(), alice.clone());
+        pollers.push(tokio::spawn(async move {
+            start.wait().await;
+            let mut got = Vec::new();
+            loop {
+                match c.accept(Duration::ZERO).await.unwrap() {
+                    Accepted::Message(d) => {
+                        got.push(text(&d, &alice));
+                        c.ack().await.unwrap();
+                    }
+                    Accepted::Nothing(st) => {
+                        assert_eq!(st.code(), Code::NoMoreMessages);
+                        return got;
+                    }
+                }
+            }
+        }));
+    }
+    let mut all = Vec::new();
+    for p in pollers {
+        let got = tokio::time::timeout(Duration::from_secs(60), p).await.unwrap().unwrap();
+        eprintln!("one poller got {} messages", got.len());
+        assert!(!got.is_empty(), "both pollers took part");
+        all.extend(got);
+    }
+    assert_eq!(all.len(), N, "no message delivered twice");
+    all.sort();
+    all.dedup();
+    let mut expected: Vec<String> = (0..N).map(|i| format!("message {i}")).collect();
+    expected.sort();
+    assert_eq!(all, expected, "every message delivered");
+    assert_eq!(s.store.unread(&alice.fingerprint(), &alice.fingerprint()).0, 0);
+    assert_eq!(s.store.offered(), 0);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_message_offered_to_a_session_that_vanishes_wakes_a_waiting_accept() {
+    let s = TestServer::start(|_| {}).await;
+    let alice = s.registered("alice@localhost").await;
+    fill(&s, &alice, 1).await;
+    let mut first = s.client(&alice).await;
+    let Accepted::Message(offered) = first.accept(Duration::ZERO).await.unwrap() else { panic!("no message") };
+    let mut second = s.client(&alice).await;
+    let waiting = tokio::spawn(async move {
+        let got = second.accept(Duration::from_secs(30)).await.unwrap();
+        (got, Instant::now(), second)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "the message is not offered to a second session meanwhile");
+    assert_eq!(s.store.offered(), 1);
+    let dropped_at = Instant::now();
+    drop(first); // gone without answering
+    let (got, answered_at, mut second) = tokio::time::timeout(T, waiting).await.unwrap().unwrap();
+    assert_eq!(got, Accepted::Message(offered), "offered again");
+    let latency = answered_at.duration_since(dropped_at);
+    eprintln!("hang-up of the first session -> 40 to the waiting one: {latency:?}");
+    assert!(latency < Duration::from_secs(1), "woken {latency:?} after the release");
+    second.ack().await.unwrap();
+    assert_eq!(second.accept(Duration::ZERO).await.unwrap(), Accepted::Nothing(Status::of(Code::NoMoreMessages)));
+    assert_eq!(s.store.offered(), 0);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_message_offered_to_a_session_that_times_out_is_offered_again() {
+    let idle = Duration::from_millis(600);
+    let s = TestServer::start(|c| c.idle_timeout = idle).await;
+    let alice = s.registered("alice@localhost").await;
+    fill(&s, &alice, 1).await;
+    let mut silent = s.raw(Some(&alice)).await;
+    silent.send(Command::Accept(Duration::ZERO)).await.unwrap();
+    assert_eq!(status(&mut silent).await, Code::MessageFollows);
+    let Frame::Block(offered) = silent.read(T).await.unwrap() else { panic!("expected the message") };
+    let offered_at = Instant::now();
+    assert_eq!(offered.label, Label::EncryptedMessage);
+    let mut second = s.client(&alice).await;
+    let waiting = tokio::spawn(async move {
+        let got = second.accept(Duration::from_secs(5)).await.unwrap();
+        (got, Instant::now(), second)
+    });
+    tokio::time::sleep(idle / 2).await;
+    assert!(!waiting.is_finished(), "still offered to the silent session");
+    // The silent session answers nothing: the server ends it with 54.
+    assert_eq!(status(&mut silent).await, Code::Timeout);
+    hung_up(&mut silent).await;
+    let (got, answered_at, mut second) = tokio::time::timeout(T, waiting).await.unwrap().unwrap();
+    let Accepted::Message(again) = got else { panic!("expected 40") };
+    assert_eq!(again.message, offered.der, "offered again");
+    assert!(answered_at.duration_since(offered_at) >= idle - Duration::from_millis(50), "not before the timeout");
+    second.ack().await.unwrap();
+    assert_eq!(second.accept(Duration::ZERO).await.unwrap(), Accepted::Nothing(Status::of(Code::NoMoreMessages)));
+    s.stop().await;
+}

@@ -6,6 +6,11 @@
 //! finish, answers waiting `ACCEPT`s with `33`, and [`Server::serve`] returns
 //! once every session has ended.
 //!
+//! Concurrent `ACCEPT`s of one mailbox (several gateway nodes polling it) are
+//! handed different messages: a message offered to one session is skipped by
+//! the others until that session answers it (deleted) or ends without an
+//! answer (offered again, waking waiting `ACCEPT`s); see [`store::Offer`].
+//!
 //! Privacy (after the SMP server's rules): nothing of a message's content, and
 //! no sender/recipient pair, is logged at the default level; deleted messages
 //! leave nothing behind in the store.
@@ -32,7 +37,7 @@ use crate::identity::{CertInfo, Identity};
 use crate::tls::{self, ServerStream};
 use crate::wire::{Block, Code, Command, Frame, Label, Password, Status, MAX_BLOCK_DER};
 use crate::{attest, Address};
-use store::{Mailbox, MailboxState, Store, StoredMessage};
+use store::{Mailbox, MailboxState, Offer, Store, StoredMessage};
 
 /// A token-bucket rate: a sustained rate and a burst.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -631,14 +636,15 @@ impl Session {
             return Flow::Continue;
         }
         let store = self.shared.store.clone();
+        // Woken by an arrival and by an offer let go unanswered by another session.
         let notify = store.notifier(&me);
         let until = tokio::time::Instant::now() + deadline;
         loop {
             let notified = notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            match store.oldest(&me) {
-                Ok(Some(m)) => return self.deliver(me, m).await,
+            match store.offer_oldest(&me) {
+                Ok(Some((m, offer))) => return self.deliver(m, offer).await,
                 Ok(None) => {}
                 Err(e) => {
                     warn!(error = %e, "Store read failed.");
@@ -671,7 +677,10 @@ impl Session {
         Flow::Continue
     }
 
-    async fn deliver(&mut self, me: Fingerprint, m: StoredMessage) -> Flow {
+    /// Hands `m` out and waits for the answer. `offer` keeps it from every
+    /// other session meanwhile; it is let go when this returns, so a session
+    /// that ends without answering puts the message back for the others.
+    async fn deliver(&mut self, m: StoredMessage, offer: Offer) -> Flow {
         let mut sent = self.conn.feed(Code::MessageFollows).await;
         if let (Ok(()), Some(sig)) = (&sent, m.signature) {
             sent = self.conn.feed(Block::new(Label::Signature, sig)).await;
@@ -686,7 +695,7 @@ impl Session {
             Ok(Frame::Status(s))
                 if matches!(s.code(), Code::MessageAccepted | Code::SignatureRequired | Code::MessageRefused) =>
             {
-                if let Err(e) = self.shared.store.delete_message(&me, m.id).await {
+                if let Err(e) = offer.answered().await {
                     warn!(error = %e, "Deleting a delivered message failed.");
                 }
                 Flow::Continue

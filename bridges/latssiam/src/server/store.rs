@@ -17,8 +17,16 @@
 //! - Deleting a message removes its key; nothing else refers to it (no history).
 //! - The in-memory unread counts (per mailbox, per sender) are rebuilt from
 //!   `messages` at open and kept in step with every insert and delete.
+//! - Offers (in memory only): a message handed to one `ACCEPT`
+//!   ([`Store::offer_oldest`]) is held by that session's [`Offer`] and skipped
+//!   by every other `ACCEPT` of the mailbox until the offer is answered (the
+//!   message is deleted first, then the offer let go) or dropped unanswered
+//!   (let go, and waiting `ACCEPT`s woken, so it is offered again: delivery
+//!   stays at-least-once). A session holds at most one offer at a time, so
+//!   the set holds at most one entry per live session. A restart forgets
+//!   every offer, which is the same as every session having ended.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -130,6 +138,9 @@ pub struct Store {
     counts: Mutex<Counts>,
     flusher: Arc<GroupCommit>,
     waiters: Mutex<HashMap<Fingerprint, Arc<Notify>>>,
+    /// (owner, message id) of every message offered to a session that has not
+    /// answered yet: one entry per live [`Offer`].
+    offered: Mutex<HashSet<(Fingerprint, u64)>>,
     /// Owner address (lower case) -> fingerprint, for every mailbox record:
     /// built at open, kept by [`Store::put_mailbox`].
     by_address: Mutex<HashMap<String, Fingerprint>>,
@@ -255,8 +266,14 @@ impl Store {
         let mut by_address = HashMap::new();
         for kv in mailboxes.iter() {
             let (k, v) = kv?;
-            if let Some(address) = owner_address(&Mailbox::decode(&v)?.owner_cert) {
-                by_address.insert(address, fingerprint_from(&k)?);
+            // A record that does not decode is left out of the index, not
+            // fatal: reading it answers `53`, and the other mailboxes are served.
+            let Ok(mailbox) = Mailbox::decode(&v) else {
+                tracing::warn!("A mailbox record does not decode; left out of the address index.");
+                continue;
+            };
+            if let (Some(address), Ok(fp)) = (owner_address(&mailbox.owner_cert), fingerprint_from(&k)) {
+                by_address.insert(address, fp);
             }
         }
         Ok(Arc::new(Self {
@@ -266,6 +283,7 @@ impl Store {
             counts: Mutex::new(counts),
             flusher,
             waiters: Mutex::default(),
+            offered: Mutex::default(),
             by_address: Mutex::new(by_address),
         }))
     }
@@ -400,7 +418,8 @@ impl Store {
         let _ = self.remove_message(owner, id);
     }
 
-    /// The oldest message in `owner`'s mailbox.
+    /// The oldest message in `owner`'s mailbox, offered or not (see
+    /// [`Store::offer_oldest`] for what `ACCEPT` hands out).
     ///
     /// # Errors
     /// [`StoreError`] if it cannot be read.
@@ -412,6 +431,41 @@ impl Store {
             }
             None => Ok(None),
         }
+    }
+
+    /// Offers the oldest message of `owner`'s mailbox that no other session
+    /// holds an offer for: the message, and the [`Offer`] that keeps it from
+    /// every other caller until it is answered or dropped.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the mailbox cannot be read.
+    pub fn offer_oldest(self: &Arc<Self>, owner: &Fingerprint) -> Result<Option<(StoredMessage, Offer)>, StoreError> {
+        for key in self.messages.scan_prefix(owner.as_bytes()).keys() {
+            let key = key?;
+            let id_bytes: [u8; 8] =
+                key.get(32..40).and_then(|b| b.try_into().ok()).ok_or(StoreError::Corrupt("message key"))?;
+            let id = u64::from_be_bytes(id_bytes);
+            if !self.lock_offered().insert((*owner, id)) {
+                continue; // Offered to another session.
+            }
+            let offer = Offer { store: Arc::clone(self), owner: *owner, id, answered: false };
+            // Read it again now that it is ours: the session that held it
+            // before may have answered (deleted it, then let go) since the scan saw it.
+            match self.messages.get(&key)? {
+                Some(value) => return Ok(Some((decode_message(&key, &value)?, offer))),
+                None => offer.forget(),
+            }
+        }
+        Ok(None)
+    }
+
+    fn lock_offered(&self) -> std::sync::MutexGuard<'_, HashSet<(Fingerprint, u64)>> {
+        self.offered.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// How many messages are offered to sessions that have not answered yet.
+    pub fn offered(&self) -> usize {
+        self.lock_offered().len()
     }
 
     fn remove_message(&self, owner: &Fingerprint, id: u64) -> Result<bool, StoreError> {
@@ -466,6 +520,63 @@ impl Store {
     }
 }
 
+/// A message offered to one session: while this lives, no other
+/// [`Store::offer_oldest`] hands it out. [`Offer::answered`] deletes it;
+/// dropping the offer unanswered lets the message go back to the mailbox and
+/// wakes the `ACCEPT`s waiting on it.
+#[must_use = "dropping an offer puts the message back at once"]
+pub struct Offer {
+    store: Arc<Store>,
+    owner: Fingerprint,
+    id: u64,
+    answered: bool,
+}
+
+impl std::fmt::Debug for Offer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Offer").field("owner", &self.owner).field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+impl Offer {
+    /// The offered message's sequence number.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The session answered (`31`, `32` or `52`): deletes the message, lets
+    /// the offer go, and waits for the fsync. If the delete fails the message
+    /// is offered again.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the delete or the fsync fails.
+    pub async fn answered(mut self) -> Result<(), StoreError> {
+        let store = Arc::clone(&self.store);
+        // Delete before letting go, so that no other session is offered it in between.
+        let removed = store.remove_message(&self.owner, self.id)?;
+        self.answered = true;
+        drop(self);
+        if removed {
+            store.durable().await?;
+        }
+        Ok(())
+    }
+
+    /// Lets go of an offer whose message is already gone, waking nobody.
+    fn forget(mut self) {
+        self.answered = true;
+    }
+}
+
+impl Drop for Offer {
+    fn drop(&mut self) {
+        self.store.lock_offered().remove(&(self.owner, self.id));
+        if !self.answered {
+            self.store.notifier(&self.owner).notify_waiters();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -499,6 +610,40 @@ mod tests {
         assert_eq!(store.oldest(&owner).unwrap(), None);
         assert_eq!(store.mailbox(&owner).unwrap().unwrap().state, MailboxState::Gone);
         assert_eq!(store.unread(&owner, &a), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn an_offered_message_is_skipped_until_answered_or_let_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (owner, other, sender) = (Fingerprint::of(b"owner"), Fingerprint::of(b"other"), Fingerprint::of(b"s"));
+        store.store_message(&owner, &sender, None, b"first").await.unwrap();
+        store.store_message(&owner, &sender, None, b"second").await.unwrap();
+        store.store_message(&other, &sender, None, b"elsewhere").await.unwrap();
+        let (m1, o1) = store.offer_oldest(&owner).unwrap().unwrap();
+        let (m2, o2) = store.offer_oldest(&owner).unwrap().unwrap();
+        assert_eq!((m1.message.as_slice(), m2.message.as_slice()), (&b"first"[..], &b"second"[..]));
+        assert!(store.offer_oldest(&owner).unwrap().is_none(), "both are offered");
+        assert_eq!(store.oldest(&owner).unwrap().unwrap(), m1, "oldest ignores offers");
+        let (m3, o3) = store.offer_oldest(&other).unwrap().unwrap();
+        assert_eq!(m3.message, b"elsewhere", "offers are per mailbox");
+        assert_eq!(store.offered(), 3);
+        // Let go unanswered: offered again, and waiting ACCEPTs are woken.
+        let notify = store.notifier(&owner);
+        let woken = notify.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        drop(o1);
+        tokio::time::timeout(std::time::Duration::from_secs(1), woken).await.unwrap();
+        let (again, o1) = store.offer_oldest(&owner).unwrap().unwrap();
+        assert_eq!(again, m1);
+        // Answered: deleted, never offered again.
+        o1.answered().await.unwrap();
+        o2.answered().await.unwrap();
+        o3.answered().await.unwrap();
+        assert_eq!(store.offered(), 0);
+        assert!(store.offer_oldest(&owner).unwrap().is_none());
+        assert_eq!(store.unread(&owner, &sender), (0, 0));
     }
 
     #[test]
