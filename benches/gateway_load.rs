@@ -155,7 +155,7 @@ fn main() {
             format!(
                 "[gateway]\ndata_dir = \"{}\"\ndomains = [\"example.org\"]\n[home]\nhost = \"localhost\"\nlisten = \"127.0.0.1:{home}\"\n\
                  register_password = \"sesame\"\naccept_deadline_secs = 30\n[smtp]\nlisten = \"127.0.0.1:{smtp}\"\n\
-                 [smarthost]\nport = {sink}\n[http]\nlisten = \"127.0.0.1:{http}\"\n\
+                 [smarthost]\nport = {sink}\n[http]\nlisten = \"127.0.0.1:{http}\"\n[gemini]\nlisten = \"\"\n\
                  [relay]\nmessages_per_hour = 0\n",
                 dir.path().join("gw").display()
             ),

@@ -54,7 +54,7 @@ async fn run_once(window: u64, duration: u64) {
         &config,
         format!(
             "[gateway]\ndata_dir = \"{}\"\ndomains = [\"example.org\"]\n[home]\nhost = \"localhost\"\nlisten = \"127.0.0.1:{home}\"\n\
-             register_password = \"sesame\"\nmax_unread_per_sender = 100000\n[smtp]\nlisten = \"127.0.0.1:{smtp}\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n\
+             register_password = \"sesame\"\nmax_unread_per_sender = 100000\n[smtp]\nlisten = \"127.0.0.1:{smtp}\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n[gemini]\nlisten = \"\"\n\
              [irc]\nserver = \"127.0.0.1\"\nport = {irc_port}\nnick = \"gwbot\"\n\
              [[irc.channels]]\nname = \"#load\"\nnetwork = \"irc.test\"\ndigest_window = {window}\nsubscribers = [{}]\n",
             dir.path().join("gw").display(),

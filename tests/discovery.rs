@@ -83,3 +83,143 @@ fn relayed_mail_names_the_senders_latssiam_url() {
     assert_eq!(data.matches("LATSSIAM-URL:").count(), 1, "{data}");
     assert!(data.contains("\r\nDate: ") && data.contains("\r\nMessage-ID: <latssiam."), "{data}");
 }
+
+/// A Gemini request sent with `openssl s_client` (an independent TLS peer)
+/// to the capsule on 127.0.0.1:`port` as `host`; what came back.
+fn gemini(port: u16, host: &str, request: &[u8]) -> String {
+    use std::io::Write as _;
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-connect", &format!("127.0.0.1:{port}"), "-servername", host, "-quiet"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("openssl is installed");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(request).unwrap();
+    // Kept open: the capsule, not the end of our input, must end the exchange.
+    let out = child.wait_with_output().unwrap();
+    drop(stdin);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A rig whose capsule listens on a free port; returns it and the port.
+fn rig_with_capsule(extra: &str) -> (Rig, u16) {
+    let port = free_port();
+    let rig = Rig::new(&format!("[gemini]\nlisten = \"127.0.0.1:{port}\"\n{extra}"));
+    (rig, port)
+}
+
+#[test]
+fn the_capsule_serves_what_latssiam_urls_name() {
+    let (rig, port) = rig_with_capsule("");
+    rig.person("alice");
+    let shown = common::ok(rig.path(), &["identity", "show", "alice"]);
+    let url = shown.lines().find_map(|l| l.strip_prefix("url:")).unwrap().trim().to_owned();
+    let (_, path) = url.split_once("//localhost").unwrap();
+    let answer = gemini(port, "localhost", format!("gemini://localhost{path}\r\n").as_bytes());
+    assert!(answer.starts_with("20 application/x-pem-file\r\n"), "{answer:?}");
+    let cert = std::fs::read_to_string(rig.path().join("alice/cert.pem")).unwrap();
+    let served = answer.split_once("\r\n").unwrap().1;
+    let der = |pem: &str| latssiam::identity::certificate_from_pem_or_der(pem.as_bytes()).unwrap().to_vec();
+    assert_eq!(der(served), der(&cert), "exactly her certificate");
+    // The gateway's own identity too.
+    assert!(gemini(port, "localhost", b"gemini://localhost/.well-known/latssiam/gateway.pem\r\n").starts_with("20 "));
+    // Unknown path, an over-long request, and after she deregisters.
+    assert!(gemini(port, "localhost", b"gemini://localhost/.well-known/latssiam/nobody.pem\r\n").starts_with("51"));
+    let long = format!("gemini://localhost/{}\r\n", "a".repeat(1025 - "gemini://localhost/".len()));
+    assert_eq!(long.len(), 1027);
+    assert!(gemini(port, "localhost", long.as_bytes()).starts_with("59"), "1025 octets before CRLF");
+    common::ok(rig.path(), &["deregister", "--identity", "alice", "--server", &rig.home, "--pins", "pins"]);
+    assert!(gemini(port, "localhost", format!("gemini://localhost{path}\r\n").as_bytes()).starts_with("51"));
+}
+
+#[test]
+fn contacts_come_from_urls_qr_pictures_and_addresses() {
+    let (first, capsule) = rig_with_capsule("");
+    let alice = first.person("alice");
+    first.contact("alice", &["--email", "alice@example.org"]);
+    let connect = format!("127.0.0.1:{capsule}");
+    let url = format!("latssiam:{alice}//localhost/.well-known/latssiam/alice.pem");
+
+    // --url on a second gateway: fetched over Gemini, the fingerprint checked.
+    let (second, _) = rig_with_capsule("");
+    let added = second.cli(&["contacts", "add", "--url", &url, "--gemini-connect", &connect]);
+    assert!(added.starts_with("added alice@localhost"), "{added}");
+    let forged = format!("latssiam:{}//localhost/.well-known/latssiam/alice.pem", "0".repeat(64));
+    let out = common::run(
+        second.path(),
+        &[
+            "contacts",
+            "add",
+            "--url",
+            &forged,
+            "--gemini-connect",
+            &connect,
+            "--config",
+            second.config.to_str().unwrap(),
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains(&"0".repeat(64)) && err.contains(&alice), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    // A QR picture written by `identity show --qr --png` adds the same contact.
+    common::ok(first.path(), &["identity", "show", "alice", "--qr", "--png", "card.png"]);
+    let card = first.path().join("card.png");
+    let (third, _) = rig_with_capsule("");
+    let added = third.cli(&["contacts", "add", "--qr", card.to_str().unwrap(), "--gemini-connect", &connect]);
+    assert!(added.starts_with("added alice@localhost"), "{added}");
+    assert!(third.cli(&["contacts", "list"]).contains(&alice));
+
+    // --address: WebFinger on the first gateway, then Gemini.
+    let port = free_port();
+    drop(first);
+    let (first, capsule) = rig_with_capsule(&format!("[http]\npublic_listen = \"127.0.0.1:{port}\"\n"));
+    let bob = first.person("bob");
+    first.contact("bob", &["--email", "bob@example.org"]);
+    let (fourth, _) = rig_with_capsule("");
+    let added = fourth.cli(&[
+        "contacts",
+        "add",
+        "--address",
+        "bob@example.org",
+        "--webfinger",
+        &format!("http://127.0.0.1:{port}"),
+        "--gemini-connect",
+        &format!("127.0.0.1:{capsule}"),
+        "--email",
+        "bob@example.org",
+    ]);
+    assert!(added.starts_with("added bob@localhost"), "{added}");
+    assert!(fourth.cli(&["contacts", "list"]).contains(&bob));
+
+    // send --to a LATSSIAM URL: the certificate from the capsule, the message to her mailbox.
+    std::fs::write(
+        first.path().join("m.eml"),
+        "From: x@localhost\r\nTo: bob@localhost\r\nSubject: by url\r\n\r\nhi\r\n",
+    )
+    .unwrap();
+    let bob_url = format!("latssiam:{bob}//localhost/.well-known/latssiam/bob.pem");
+    common::identity(first.path(), "carol@localhost", "carol");
+    let sent = common::ok(
+        first.path(),
+        &[
+            "send",
+            "--identity",
+            "carol",
+            "--server",
+            &first.home,
+            "--to",
+            &bob_url,
+            "--gemini-connect",
+            &format!("127.0.0.1:{capsule}"),
+            "--pins",
+            "pins",
+            "m.eml",
+        ],
+    );
+    assert!(sent.starts_with("31 "), "{sent}");
+    let (files, _) = first.fetch("bob", 10);
+    assert_eq!(files.len(), 1);
+}

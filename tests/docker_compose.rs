@@ -387,6 +387,7 @@ fn sidecar_deployment_with_postfix_and_ngircd() {
             ("NGIRCD_IMAGE", NGIRCD_IMAGE.to_owned()),
             ("LATSSIAM_BASE", base.clone()),
             ("GATEWAY_HOME_PUBLISH", format!("127.0.0.1:{home_port}")),
+            ("GATEWAY_GEMINI_PUBLISH", format!("127.0.0.1:{}", free_port())),
             ("GATEWAY_HTTP_PORT", http_port.to_string()),
             ("POSTFIX_SMTP_PUBLISH", format!("127.0.0.1:{smtp_port}")),
             ("NGIRCD_PUBLISH", format!("127.0.0.1:{irc_port}")),

@@ -30,6 +30,8 @@ pub struct RunArgs {
     config: ConfigArg,
 }
 
+// Parsed once per command line: the size of the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub enum ContactsCommand {
     /// Add (or replace) a contact, from a certificate file or by asking their server (VERIFY).
@@ -37,11 +39,29 @@ pub enum ContactsCommand {
         #[command(flatten)]
         config: ConfigArg,
         /// Their certificate (PEM or DER).
-        #[arg(long, conflicts_with = "fingerprint")]
+        #[arg(long, group = "source")]
         cert: Option<PathBuf>,
         /// Their fingerprint; the certificate is obtained with VERIFY from --server.
-        #[arg(long, requires = "server")]
+        #[arg(long, requires = "server", group = "source")]
         fingerprint: Option<Fingerprint>,
+        /// Their LATSSIAM URL (latssiam:FP//HOST/PATH): the certificate is
+        /// fetched over Gemini and accepted only if its fingerprint is the URL's.
+        #[arg(long, group = "source")]
+        url: Option<String>,
+        /// A PNG picture of their QR code (what `identity show --qr --png` writes): read, then as --url.
+        #[arg(long, group = "source", value_name = "FILE.png")]
+        qr: Option<PathBuf>,
+        /// Their address (user@domain): its LATSSIAM URL is found by WebFinger
+        /// (https://DOMAIN/.well-known/webfinger), then as --url.
+        #[arg(long, group = "source", value_name = "ADDRESS")]
+        address: Option<String>,
+        /// With --address: where to ask WebFinger instead of https://DOMAIN (e.g. http://127.0.0.1:8080).
+        #[arg(long, requires = "address", value_name = "URL")]
+        webfinger: Option<String>,
+        /// With --url, --qr or --address: fetch the certificate from this
+        /// ADDR:PORT instead of the URL's host (TLS name, pin and fingerprint check stay the URL's).
+        #[arg(long, value_name = "ADDR:PORT")]
+        gemini_connect: Option<std::net::SocketAddr>,
         /// Their server, HOST[:PORT] (default: the host of their address).
         #[arg(long)]
         server: Option<String>,
@@ -216,15 +236,44 @@ async fn verify_certificate(settings: &Settings, server: &str, fingerprint: Fing
 pub fn contacts(command: ContactsCommand) -> Result<()> {
     runtime()?.block_on(async {
         match command {
-            ContactsCommand::Add { config, cert, fingerprint, server, email, allow_send } => {
+            ContactsCommand::Add {
+                config,
+                cert,
+                fingerprint,
+                url,
+                qr,
+                address,
+                webfinger,
+                gemini_connect,
+                server,
+                email,
+                allow_send,
+            } => {
                 let settings = Settings::load(config.config.as_deref())?;
-                let cert = match (cert, fingerprint, &server) {
-                    (Some(path), _, _) => {
+                let url = match (url, qr, address) {
+                    (Some(u), _, _) => Some(u),
+                    (None, Some(png), _) => Some(crate::cli::qr::read_png(&png)?),
+                    (None, None, Some(a)) => Some(
+                        latssiam_bridge::gateway::discovery::lookup(&a, webfinger.as_deref())
+                            .await
+                            .map_err(|e| anyhow::anyhow!("WebFinger: {e}"))?
+                            .to_string(),
+                    ),
+                    _ => None,
+                };
+                let cert = match (cert, fingerprint, &server, url) {
+                    (Some(path), _, _, _) => {
                         let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
                         certificate_from_pem_or_der(&bytes)?.to_vec()
                     }
-                    (None, Some(fp), Some(server)) => verify_certificate(&settings, server, fp).await?,
-                    _ => bail!("contacts add needs --cert FILE, or --fingerprint FP --server HOST"),
+                    (None, Some(fp), Some(server), _) => verify_certificate(&settings, server, fp).await?,
+                    (None, None, _, Some(url)) => {
+                        let pins = FilePins::open(settings.gateway.data_dir.join("cli-pins"))?;
+                        crate::cli::net::fetch_certificate(&url, gemini_connect, &pins).await?
+                    }
+                    _ => bail!(
+                        "contacts add needs --cert FILE, --fingerprint FP --server HOST, --url URL, --qr FILE.png or --address ADDRESS"
+                    ),
                 };
                 let info = CertInfo::from_der(&cert)?;
                 let Some(address) = info.address else {

@@ -55,11 +55,18 @@ pub struct SendArgs {
     common: Common,
     /// The recipient's server, HOST[:PORT]; default: found from the
     /// recipient certificate's host by DNS (MX, then A/AAAA).
+    /// (`--to` is a certificate file, a fingerprint with `--server`, or a
+    /// LATSSIAM URL, whose certificate is fetched over Gemini and must have
+    /// the URL's fingerprint.)
     #[arg(long)]
     server: Option<String>,
     /// The recipient: a certificate file, or a fingerprint (the certificate is then obtained with VERIFY).
     #[arg(long)]
     to: String,
+    /// With `--to latssiam:...`: fetch the certificate from this ADDR:PORT
+    /// instead of the URL's host (the TLS name, pin and fingerprint check stay the URL's).
+    #[arg(long, value_name = "ADDR:PORT")]
+    gemini_connect: Option<std::net::SocketAddr>,
     /// Sign the message with your identity.
     #[arg(long)]
     sign: bool,
@@ -88,7 +95,25 @@ pub struct FetchArgs {
     require_signature: bool,
 }
 
-fn pin_file(path: Option<&Path>) -> Result<FilePins> {
+/// The certificate a LATSSIAM URL names, fetched over Gemini (from
+/// `connect` if given) and accepted only with the URL's fingerprint.
+///
+/// # Errors
+/// A bad URL, an unreachable capsule, or a certificate that is not the URL's.
+pub async fn fetch_certificate(
+    url: &str,
+    connect: Option<std::net::SocketAddr>,
+    pins: &dyn latssiam::tls::PinStore,
+) -> Result<Vec<u8>> {
+    let timeout = Duration::from_secs(30);
+    let fetched = match connect {
+        Some(addr) => latssiam::gemini::fetch_certificate_at(addr, url, pins, timeout).await,
+        None => latssiam::gemini::fetch_certificate(url, pins, timeout).await,
+    };
+    fetched.with_context(|| format!("cannot obtain the certificate of {url}"))
+}
+
+pub fn pin_file(path: Option<&Path>) -> Result<FilePins> {
     let path = match path {
         Some(p) => p.to_path_buf(),
         None => {
@@ -170,7 +195,10 @@ pub fn send(args: SendArgs) -> Result<()> {
     let pins = pin_file(args.common.pins.as_deref())?;
     let plaintext = read_input(args.file.as_deref())?;
     let to_file = Path::new(&args.to);
-    let recipient_cert = if to_file.is_file() {
+    let rt = runtime()?;
+    let recipient_cert = if args.to.to_ascii_lowercase().starts_with("latssiam:") {
+        Some(rt.block_on(fetch_certificate(&args.to, args.gemini_connect, &pins))?)
+    } else if to_file.is_file() {
         let bytes = std::fs::read(to_file).with_context(|| format!("cannot read {}", to_file.display()))?;
         Some(certificate_from_pem_or_der(&bytes)?.to_vec())
     } else {
@@ -178,12 +206,11 @@ pub fn send(args: SendArgs) -> Result<()> {
     };
     let fingerprint = match &recipient_cert {
         Some(c) => Fingerprint::of(c),
-        None => args
-            .to
-            .parse()
-            .with_context(|| format!("--to {:?}: neither a certificate file nor a fingerprint", args.to))?,
+        None => args.to.parse().with_context(|| {
+            format!("--to {:?}: neither a certificate file, a LATSSIAM URL nor a fingerprint", args.to)
+        })?,
     };
-    runtime()?.block_on(async {
+    rt.block_on(async {
         let mut client = match (&args.server, &recipient_cert) {
             (Some(server), _) => connect(server, &identity, &pins).await?,
             (None, Some(cert)) => {

@@ -51,7 +51,12 @@ pub fn read_png(path: &Path) -> Result<String> {
     let mut reader = decoder.read_info().with_context(|| format!("{} is not a PNG", path.display()))?;
     let info = reader.info();
     if info.width > MAX_SIDE || info.height > MAX_SIDE {
-        bail!("{}: a picture of {}x{} pixels is too large (at most {MAX_SIDE})", path.display(), info.width, info.height);
+        bail!(
+            "{}: a picture of {}x{} pixels is too large (at most {MAX_SIDE})",
+            path.display(),
+            info.width,
+            info.height
+        );
     }
     let mut buf = vec![0; reader.output_buffer_size()];
     let frame = reader.next_frame(&mut buf).with_context(|| format!("{} is not a PNG", path.display()))?;

@@ -48,6 +48,10 @@ pub struct ServerOptions {
     /// The host name the server answers for.
     #[arg(long)]
     host: Option<String>,
+    /// Also serve the mailboxes' certificates over Gemini here (the paths
+    /// their LATSSIAM URLs name), e.g. 0.0.0.0:1965.
+    #[arg(long, value_name = "ADDR:PORT")]
+    gemini_listen: Option<SocketAddr>,
     /// The pre-shared registration password.
     #[arg(long)]
     register_password: Option<String>,
@@ -85,6 +89,7 @@ struct Settings {
     data_dir: PathBuf,
     identity: Option<PathBuf>,
     host: String,
+    gemini_listen: String,
     domains: Vec<String>,
     register_password: Option<String>,
     require_approval: bool,
@@ -122,6 +127,9 @@ fn settings(opts: &ServerOptions) -> Result<Settings> {
     }
     if let Some(v) = &opts.host {
         s.host = v.clone();
+    }
+    if let Some(v) = opts.gemini_listen {
+        s.gemini_listen = v.to_string();
     }
     if let Some(v) = &opts.register_password {
         s.register_password = Some(v.clone());
@@ -221,7 +229,23 @@ async fn serve(s: &Settings) -> Result<()> {
     let identity = Arc::new(load_or_create_identity(&s.identity_dir(), &address, &s.host)?);
     let fingerprint = identity.fingerprint();
     let store = open_store(&s.data_dir)?;
-    let server = Server::with_store(config, identity, store)?;
+    let server = Server::with_store(config, Arc::clone(&identity), Arc::clone(&store))?;
+    if !s.gemini_listen.is_empty() {
+        let addr: SocketAddr =
+            s.gemini_listen.parse().with_context(|| format!("gemini_listen {:?}", s.gemini_listen))?;
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("gemini_listen {addr}"))?;
+        let capsule = latssiam_bridge::gateway::discovery::Capsule { store: Some(store), own: Vec::new() };
+        let tls = latssiam::gemini::server_tls(&identity).context("gemini_listen: TLS")?;
+        let local = listener.local_addr().context("gemini listener")?;
+        info!(%local, "Gemini capsule serving the mailboxes' certificates.");
+        tokio::spawn(latssiam::gemini::serve(
+            listener,
+            tls,
+            Arc::new(capsule),
+            Default::default(),
+            server.shutdown_token(),
+        ));
+    }
     let listener = server.bind().await?;
     let local = listener.local_addr().context("listener address")?;
     let token = server.shutdown_token();

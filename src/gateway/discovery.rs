@@ -145,6 +145,40 @@ impl Handler for Discovery {
     }
 }
 
+/// The address a capsule path names at `host`:
+/// `/.well-known/latssiam/<mailbox>.pem`, as [`LatssiamUrl::for_certificate`]
+/// makes them (lower case).
+pub fn path_address(host: &str, path: &str) -> Option<String> {
+    let mailbox = path.strip_prefix("/.well-known/latssiam/")?.strip_suffix(".pem")?;
+    let valid = !mailbox.is_empty() && !mailbox.contains(['/', '@']) && mailbox.len() <= 64;
+    valid.then(|| format!("{mailbox}@{host}").to_ascii_lowercase())
+}
+
+/// What the Gemini capsule serves: the certificate of every active mailbox
+/// of a server's store, and of a few identities of its own (the gateway's).
+pub struct Capsule {
+    /// The mailboxes (the embedded home server's, or the reference server's).
+    pub store: Option<Arc<latssiam::server::store::Store>>,
+    /// Address (lower case) and certificate (DER) of identities served besides.
+    pub own: Vec<(String, Vec<u8>)>,
+}
+
+impl latssiam::gemini::Lookup for Capsule {
+    fn certificate(&self, host: &str, path: &str) -> Option<Vec<u8>> {
+        let address = path_address(host, path)?;
+        if let Some((_, cert)) = self.own.iter().find(|(a, _)| *a == address) {
+            return Some(cert.clone());
+        }
+        match self.store.as_ref()?.active_certificate(&address) {
+            Ok(cert) => cert,
+            Err(e) => {
+                tracing::warn!(error = %e, "Gemini capsule: cannot read the mailboxes.");
+                None
+            }
+        }
+    }
+}
+
 /// Most time a WebFinger look-up may take, and the largest JRD read.
 const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 const MAX_JRD: usize = 64 * 1024;
@@ -239,6 +273,22 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn capsule_paths_name_one_mailbox() {
+        assert_eq!(
+            path_address("example.org", "/.well-known/latssiam/Alice.pem").as_deref(),
+            Some("alice@example.org")
+        );
+        for bad in [
+            "/.well-known/latssiam/.pem",
+            "/.well-known/latssiam/a/b.pem",
+            "/x/alice.pem",
+            "/.well-known/latssiam/a@b.pem",
+        ] {
+            assert_eq!(path_address("example.org", bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn the_resource_parameter_is_found_and_decoded() {

@@ -176,6 +176,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     // The home server: configured, or embedded.
     let mut local = None;
     let mut home_store = None;
+    // The Gemini capsule presents the embedded home server's identity (the
+    // host's server), or the gateway's when the home server is elsewhere.
+    let mut capsule_identity = Arc::clone(&identity);
     let (home_addr, password) = if settings.home.server.is_empty() {
         let host = home_host.clone();
         let server_address = Address::new("server", &host)?;
@@ -206,7 +209,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         }
         .context("cannot open the embedded home server's store")?;
         home_store = Some(Arc::clone(&store_of_home));
-        let server = Server::with_store(config, Arc::new(server_id), store_of_home)
+        capsule_identity = Arc::new(server_id);
+        let server = Server::with_store(config, Arc::clone(&capsule_identity), store_of_home)
             .context("cannot start the embedded home server")?;
         if settings.home.local_delivery {
             local = Some((host.to_ascii_lowercase(), server.local_delivery()));
@@ -353,6 +357,16 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     }
     // One line on stdout for scripts and tests.
     let mut extra = String::new();
+    if !settings.gemini.listen.is_empty() {
+        let listener = tokio::net::TcpListener::bind(&settings.gemini.listen)
+            .await
+            .with_context(|| format!("gemini.listen {}", settings.gemini.listen))?;
+        extra.push_str(&format!(" gemini {}", listener.local_addr()?));
+        let own = gw.identity.address().map(|a| (a.to_string().to_ascii_lowercase(), gw.identity.cert_der().to_vec()));
+        let capsule = discovery::Capsule { store: gw.home_store.clone(), own: own.into_iter().collect() };
+        let tls = latssiam::gemini::server_tls(&capsule_identity).context("gemini.listen: TLS")?;
+        tasks.spawn(latssiam::gemini::serve(listener, tls, Arc::new(capsule), Default::default(), shutdown.clone()));
+    }
     if let Some(public) = public {
         extra.push_str(&format!(" webfinger {}", public.local_addr()?));
         tasks.spawn(http::serve(

@@ -40,6 +40,7 @@ impl Rig {
     pub fn with_smarthost(extra: &str, env: &[(&'static str, &'static str)], script: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (smtp_port, http_port, home_port, smarthost_port) = (free_port(), free_port(), free_port(), free_port());
+        let gemini_port = free_port();
         let smarthost =
             Process::start(dir.path(), "python3", &[&support(script), &smarthost_port.to_string(), "relayed"], &[]);
         assert_eq!(smarthost.first_line.trim(), "ready");
@@ -63,6 +64,8 @@ host = "127.0.0.1"
 port = {smarthost_port}
 [http]
 listen = "127.0.0.1:{http_port}"
+[gemini]
+listen = "127.0.0.1:{gemini_port}"
 [queue]
 first_retry_secs = 1
 max_retry_secs = 2
