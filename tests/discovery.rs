@@ -223,3 +223,44 @@ fn contacts_come_from_urls_qr_pictures_and_addresses() {
     let (files, _) = first.fetch("bob", 10);
     assert_eq!(files.len(), 1);
 }
+
+#[test]
+fn the_public_listeners_hold_one_address_to_its_share_and_drop_slow_clients() {
+    use std::io::{Read as _, Write as _};
+    let (rig, base) = rig_with_webfinger("");
+    let port: u16 = base.rsplit(':').next().unwrap().parse().unwrap();
+    // 16 connections from one address are held; the 17th and later are closed at once.
+    let held: Vec<std::net::TcpStream> =
+        (0..16).map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut extra = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    extra.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 64];
+    assert_eq!(extra.read(&mut buf).unwrap_or(0), 0, "closed without an answer");
+    // Another address is still served meanwhile.
+    let (status, _, _) = curl(&format!("http://127.0.0.1:{port}/.well-known/webfinger"));
+    assert_eq!(status, 0, "curl from 127.0.0.1 is over the limit too");
+    let out = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--interface", "127.0.0.2", "--max-time", "10"])
+        .arg(format!("http://127.0.0.1:{port}/.well-known/webfinger"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "400");
+    // A client that sends its request head a byte at a time is dropped by the head timeout (10 s).
+    drop(held);
+    let mut slow = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let started = std::time::Instant::now();
+    let mut dropped = false;
+    slow.write_all(b"GET /.well-known/webfinger?resource=acct:x@example.org HTTP/1.1\r\nX-Slow: ").unwrap();
+    for _ in 0..60 {
+        // One more octet of a header value that never ends.
+        if slow.write_all(b"a").is_err() {
+            dropped = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(400));
+    }
+    assert!(dropped, "still connected after {:?}", started.elapsed());
+    assert!(started.elapsed() < std::time::Duration::from_secs(16), "held {:?}", started.elapsed());
+    drop(rig);
+}

@@ -98,9 +98,19 @@ pub fn files_with(dir: &Path, ext: &str) -> Vec<PathBuf> {
     v
 }
 
-/// A port that was free a moment ago.
+/// A port that was free a moment ago, and never handed out before by this
+/// test process (the kernel may give the same ephemeral port twice in a row
+/// once the probing socket is closed, and a rig asks for several at once).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut given = GIVEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Polls `f` every 50 ms until it returns Some, for at most `limit`.
