@@ -12,12 +12,11 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::irc::IrcPerson;
 use common::rig::support;
 use common::{free_port, identity, ok, wait_for, BIN};
 
@@ -197,48 +196,6 @@ impl Alice<'_> {
             ],
         );
         assert!(out.starts_with("31"), "{out}");
-    }
-}
-
-/// A person on ngircd: a raw connection that answers PINGs and records every line.
-struct IrcPerson {
-    stream: TcpStream,
-    heard: Arc<Mutex<Vec<String>>>,
-}
-
-impl IrcPerson {
-    fn connect(port: u16, nick: &str, channel: &str) -> Self {
-        let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        let heard = Arc::new(Mutex::new(Vec::new()));
-        let (reader, mut writer) = (stream.try_clone().unwrap(), stream.try_clone().unwrap());
-        let h = Arc::clone(&heard);
-        std::thread::spawn(move || {
-            for line in BufReader::new(reader).split(b'\n') {
-                let Ok(line) = line else { return };
-                let line = String::from_utf8_lossy(&line).trim_end().to_owned();
-                if let Some(arg) = line.strip_prefix("PING ") {
-                    let _ = writer.write_all(format!("PONG {arg}\r\n").as_bytes());
-                }
-                h.lock().unwrap().push(line);
-            }
-        });
-        let mut p = Self { stream, heard };
-        p.send(&format!("NICK {nick}\r\nUSER {nick} 0 * :{nick}\r\nJOIN {channel}\r\n"));
-        p.wait(|l| l.contains(" 366 "), "end of NAMES");
-        p
-    }
-
-    fn send(&mut self, line: &str) {
-        self.stream.write_all(line.as_bytes()).unwrap();
-    }
-
-    fn lines(&self) -> Vec<String> {
-        self.heard.lock().unwrap().clone()
-    }
-
-    fn wait(&self, f: impl Fn(&str) -> bool, what: &str) -> String {
-        wait_for(Duration::from_secs(60), || self.lines().into_iter().find(|l| f(l)))
-            .unwrap_or_else(|| panic!("never heard {what}: {:#?}", self.lines()))
     }
 }
 
@@ -484,7 +441,7 @@ fn sidecar_deployment_with_postfix_and_ngircd() {
 
     // 4. IRC: a channel line on ngircd reaches the subscriber (alice@example.org), and her answer the channel.
     let mut carl = IrcPerson::connect(irc_port, "carl", "#chat");
-    carl.wait(
+    carl.wait_heard(
         |l| {
             (l.contains(" 353 ") && l.split_whitespace().any(|w| w.trim_start_matches([':', '@', '+']) == "latssiam"))
                 || (l.starts_with(":latssiam!") && l.contains(" JOIN "))
@@ -503,7 +460,7 @@ fn sidecar_deployment_with_postfix_and_ngircd() {
         "to-chat.eml",
         "From: alice@example.org\r\nTo: #chat@irc.example.org\r\nSubject: chat\r\n\r\nHello IRC from LATSSIAM\r\n",
     );
-    carl.wait(
+    carl.wait_heard(
         |l| l.starts_with(":latssiam!") && l.contains("PRIVMSG #chat :") && l.contains("Hello IRC from LATSSIAM"),
         "Alice's answer",
     );

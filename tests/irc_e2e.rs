@@ -6,13 +6,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::irc::IrcPerson as Person;
 use common::rig::Rig;
 use common::{free_port, ok, wait_for};
 
@@ -53,47 +53,14 @@ impl Drop for Ngircd {
     }
 }
 
-/// A person on IRC: a raw connection that answers PINGs and records every line.
-struct Person {
-    stream: TcpStream,
-    heard: Arc<Mutex<Vec<String>>>,
+/// What the tests watch the bot do, as a person in `#test` sees it.
+trait BotWatch {
+    fn wait_for_bot(&self);
+    fn wait_said_by_bot(&self, n: usize, secs: u64, rig: &Rig) -> Vec<String>;
+    fn said_by_bot(&self) -> Vec<String>;
 }
 
-impl Person {
-    fn connect(port: u16, nick: &str, channel: &str) -> Self {
-        let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        let heard = Arc::new(Mutex::new(Vec::new()));
-        let (reader, mut writer) = (stream.try_clone().unwrap(), stream.try_clone().unwrap());
-        let h = Arc::clone(&heard);
-        std::thread::spawn(move || {
-            for line in BufReader::new(reader).split(b'\n') {
-                let Ok(line) = line else { return };
-                let line = String::from_utf8_lossy(&line).trim_end().to_owned();
-                if let Some(arg) = line.strip_prefix("PING ") {
-                    let _ = writer.write_all(format!("PONG {arg}\r\n").as_bytes());
-                }
-                h.lock().unwrap().push(line);
-            }
-        });
-        let mut p = Self { stream, heard };
-        p.send(&format!("NICK {nick}\r\nUSER {nick} 0 * :{nick}\r\nJOIN {channel}\r\n"));
-        p.wait_heard(|l| l.contains(" 366 "), "end of NAMES");
-        p
-    }
-
-    fn send(&mut self, text: &str) {
-        self.stream.write_all(text.as_bytes()).unwrap();
-    }
-
-    fn lines(&self) -> Vec<String> {
-        self.heard.lock().unwrap().clone()
-    }
-
-    fn wait_heard(&self, f: impl Fn(&str) -> bool, what: &str) -> String {
-        wait_for(Duration::from_secs(30), || self.lines().into_iter().find(|l| f(l)))
-            .unwrap_or_else(|| panic!("never heard {what}: {:#?}", self.lines()))
-    }
-
+impl BotWatch for Person {
     fn wait_for_bot(&self) {
         self.wait_heard(|l| l.starts_with(":gwbot!") && l.contains("JOIN"), "the bot joining");
     }

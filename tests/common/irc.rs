@@ -1,0 +1,56 @@
+//! A person on IRC for the tests: a raw connection to a real IRC server
+//! (ngircd) that answers PINGs and records every line it hears.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::wait_for;
+
+/// A person on IRC.
+pub struct IrcPerson {
+    pub stream: TcpStream,
+    heard: Arc<Mutex<Vec<String>>>,
+}
+
+impl IrcPerson {
+    /// Connects to 127.0.0.1:`port` as `nick`, joins `channel` and waits for its names.
+    pub fn connect(port: u16, nick: &str, channel: &str) -> Self {
+        let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let (reader, mut writer) = (stream.try_clone().unwrap(), stream.try_clone().unwrap());
+        let h = Arc::clone(&heard);
+        std::thread::spawn(move || {
+            for line in BufReader::new(reader).split(b'\n') {
+                let Ok(line) = line else { return };
+                let line = String::from_utf8_lossy(&line).trim_end().to_owned();
+                if let Some(arg) = line.strip_prefix("PING ") {
+                    let _ = writer.write_all(format!("PONG {arg}\r\n").as_bytes());
+                }
+                h.lock().unwrap().push(line);
+            }
+        });
+        let mut p = Self { stream, heard };
+        p.send(&format!("NICK {nick}\r\nUSER {nick} 0 * :{nick}\r\nJOIN {channel}\r\n"));
+        p.wait_heard(|l| l.contains(" 366 "), "end of NAMES");
+        p
+    }
+
+    /// Sends raw IRC text.
+    pub fn send(&mut self, text: &str) {
+        self.stream.write_all(text.as_bytes()).unwrap();
+    }
+
+    /// Every line heard so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.heard.lock().unwrap().clone()
+    }
+
+    /// Waits up to a minute for a line `f` accepts.
+    pub fn wait_heard(&self, f: impl Fn(&str) -> bool, what: &str) -> String {
+        wait_for(Duration::from_secs(60), || self.lines().into_iter().find(|l| f(l)))
+            .unwrap_or_else(|| panic!("never heard {what}: {:#?}", self.lines()))
+    }
+}
