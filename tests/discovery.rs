@@ -60,7 +60,11 @@ fn webfinger_describes_contacts_and_mailboxes_and_nobody_else() {
     let jrd: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(jrd["properties"]["urn:latssiam:fingerprint"], bob.as_str());
     assert!(!body.contains("mailto:"), "{body}");
-    // Anyone else, and a request without a resource.
+    // Anyone else, a contact known only at another domain (not the
+    // gateway's to vouch for), and a request without a resource.
+    common::identity(rig.path(), "carol@localhost", "carol");
+    rig.contact("carol", &["--email", "carol@other.example"]);
+    assert_eq!(wf("acct:carol@other.example").0, 404);
     assert_eq!(wf("acct:nobody@example.org").0, 404);
     assert_eq!(curl(&format!("{base}/.well-known/webfinger")).0, 400);
     assert_eq!(curl(&format!("{base}/metrics")).0, 404, "metrics stay on http.listen");
@@ -175,10 +179,19 @@ fn contacts_come_from_urls_qr_pictures_and_addresses() {
     // --address: WebFinger on the first gateway, then Gemini.
     let port = free_port();
     drop(first);
-    let (first, capsule) = rig_with_capsule(&format!("[http]\npublic_listen = \"127.0.0.1:{port}\"\n"));
-    let bob = first.person("bob");
-    first.contact("bob", &["--email", "bob@example.org"]);
+    // Here the home server serves the mail domain (home.host empty): Bob's
+    // LATSSIAM address is his mail address, which WebFinger speaks for.
+    let (first, capsule) =
+        rig_with_capsule(&format!("[http]\npublic_listen = \"127.0.0.1:{port}\"\n[home]\nhost = \"\"\n"));
+    let bob = common::identity(first.path(), "bob@example.org", "bob");
+    let home = format!("127.0.0.1:{}", first.home_port);
+    let out = common::ok(
+        first.path(),
+        &["register", "--identity", "bob", "--server", &home, "--password", "sesame", "--pins", "pins"],
+    );
+    assert!(out.starts_with("10 "), "{out}");
     let (fourth, _) = rig_with_capsule("");
+    let gemini_first = format!("127.0.0.1:{capsule}");
     let added = fourth.cli(&[
         "contacts",
         "add",
@@ -191,37 +204,33 @@ fn contacts_come_from_urls_qr_pictures_and_addresses() {
         "--email",
         "bob@example.org",
     ]);
-    assert!(added.starts_with("added bob@localhost"), "{added}");
+    assert!(added.starts_with("added bob@example.org"), "{added}");
     assert!(fourth.cli(&["contacts", "list"]).contains(&bob));
+    // The first gateway's own contacts at another host are not its to vouch for.
+    common::identity(first.path(), "dave@localhost", "dave");
+    first.contact("dave", &["--email", "dave@example.org"]);
+    let wf = format!("http://127.0.0.1:{port}");
+    let args =
+        ["contacts", "add", "--address", "dave@example.org", "--webfinger", &wf, "--gemini-connect", &gemini_first];
+    let out = common::run(fourth.path(), &[&args[..], &["--config", fourth.config.to_str().unwrap()]].concat());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("dave@localhost"), "{err}");
 
-    // send --to a LATSSIAM URL: the certificate from the capsule, the message to her mailbox.
+    // send --to a LATSSIAM URL: the certificate from the capsule, the message to his mailbox.
     std::fs::write(
         first.path().join("m.eml"),
-        "From: x@localhost\r\nTo: bob@localhost\r\nSubject: by url\r\n\r\nhi\r\n",
+        "From: x@localhost\r\nTo: bob@example.org\r\nSubject: url\r\n\r\nhi\r\n",
     )
     .unwrap();
-    let bob_url = format!("latssiam:{bob}//localhost/.well-known/latssiam/bob.pem");
+    let bob_url = format!("latssiam:{bob}//example.org/.well-known/latssiam/bob.pem");
     common::identity(first.path(), "carol@localhost", "carol");
-    let sent = common::ok(
-        first.path(),
-        &[
-            "send",
-            "--identity",
-            "carol",
-            "--server",
-            &first.home,
-            "--to",
-            &bob_url,
-            "--gemini-connect",
-            &format!("127.0.0.1:{capsule}"),
-            "--pins",
-            "pins",
-            "m.eml",
-        ],
-    );
+    let gemini = format!("127.0.0.1:{capsule}");
+    let args = ["send", "--identity", "carol", "--server", &home, "--to", &bob_url, "--gemini-connect", &gemini];
+    let sent = common::ok(first.path(), &[&args[..], &["--pins", "pins", "m.eml"]].concat());
     assert!(sent.starts_with("31 "), "{sent}");
-    let (files, _) = first.fetch("bob", 10);
-    assert_eq!(files.len(), 1);
+    let args = ["fetch", "--identity", "bob", "--server", &home, "--deadline", "10", "--out-dir", "bob-inbox"];
+    let fetched = common::ok(first.path(), &[&args[..], &["--pins", "pins"]].concat());
+    assert_eq!(common::eml_files(&first.path().join("bob-inbox")).len(), 1, "{fetched}");
 }
 
 #[test]

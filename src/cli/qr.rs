@@ -70,13 +70,25 @@ pub fn read_png(path: &Path) -> Result<String> {
             _ => ((u32::from(p[0]) * 299 + u32::from(p[1]) * 587 + u32::from(p[2]) * 114) / 1000) as u8,
         }
     };
-    let mut image = rqrr::PreparedImage::prepare_from_greyscale(w, h, luma);
-    for grid in image.detect_grids() {
-        if let Ok((_, text)) = grid.decode() {
-            return Ok(text);
-        }
+    // Large pictures are sampled down to at most 2048 pixels a side (a QR
+    // code stays readable; rqrr's time grows with the pixels).
+    let step = w.max(h).div_ceil(2048).max(1);
+    let (sw, sh) = (w.div_ceil(step), h.div_ceil(step));
+    let sampled = |x: usize, y: usize| luma((x * step).min(w - 1), (y * step).min(h - 1));
+    // rqrr asserts on some hostile pictures (its issue #54): a panic there is
+    // a picture that cannot be read, not a crash of the command.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let found = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut image = rqrr::PreparedImage::prepare_from_greyscale(sw, sh, sampled);
+        image.detect_grids().into_iter().find_map(|grid| grid.decode().ok().map(|(_, text)| text))
+    }));
+    std::panic::set_hook(hook);
+    match found {
+        Ok(Some(text)) => Ok(text),
+        Ok(None) => bail!("{}: no readable QR code in the picture", path.display()),
+        Err(_) => bail!("{}: the picture could not be read as a QR code", path.display()),
     }
-    bail!("{}: no readable QR code in the picture", path.display())
 }
 
 #[cfg(test)]

@@ -39,7 +39,15 @@ struct Found {
 impl Discovery {
     fn find(&self, address: &str) -> Result<Option<Found>, String> {
         let gw = &self.0;
-        if let Some((_, contact)) = gw.store.contact_by_name(address).map_err(|e| e.to_string())? {
+        // Only for the addresses this gateway speaks for: its mail domains and
+        // its home server's host (not whom else it knows).
+        let domain = address.rsplit_once('@').map_or("", |(_, d)| d);
+        if !gw.settings.is_local_domain(domain) && !domain.eq_ignore_ascii_case(&gw.home.0) {
+            return Ok(None);
+        }
+        if let Some((_, contact)) =
+            gw.store.contact_by_name(address).map_err(|e| e.to_string())?.filter(|(_, c)| !c.gone)
+        {
             let reachable = |a: &str| a.rsplit_once('@').is_some_and(|(_, d)| gw.settings.is_local_domain(d));
             let mailto = contact
                 .email

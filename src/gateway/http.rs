@@ -4,16 +4,15 @@
 //! bodies are never read.
 //!
 //! Bounds, whoever connects: [`MAX_CONNECTIONS`] at once and
-//! [`MAX_PER_CLIENT`] from one address (IPv6: one /64), closed before a byte
-//! is read beyond that; request head within [`HEADER_TIMEOUT`] and at most
+//! [`MAX_PER_CLIENT`] from one address (IPv6: one /64; a /48 four times
+//! that, see `latssiam::limits`), closed before a byte is read beyond that; request head within [`HEADER_TIMEOUT`] and at most
 //! [`MAX_HEAD`] octets (hyper's limit; `431` beyond it); one request per
 //! connection and the whole exchange within [`EXCHANGE_TIMEOUT`].
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -88,38 +87,6 @@ async fn answer<H: Handler>(handler: &H, request: &Request<Incoming>) -> Respons
     response(handler.get(request.uri().path(), request.uri().query()).await, head)
 }
 
-/// Connections per client address.
-#[derive(Default)]
-struct Clients(Mutex<HashMap<IpAddr, usize>>);
-
-/// One connection's place in [`Clients`], given back when dropped.
-struct ClientSlot(Arc<Clients>, IpAddr);
-
-impl Clients {
-    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<ClientSlot> {
-        let key = bridge_smtp::listener::client_key(ip);
-        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let n = map.entry(key).or_insert(0);
-        if *n >= MAX_PER_CLIENT {
-            return None;
-        }
-        *n += 1;
-        Some(ClientSlot(Arc::clone(self), key))
-    }
-}
-
-impl Drop for ClientSlot {
-    fn drop(&mut self) {
-        let mut map = self.0 .0.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(n) = map.get_mut(&self.1) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                map.remove(&self.1);
-            }
-        }
-    }
-}
-
 /// Serves `handler` on `listener` until `shutdown`, then lets exchanges in
 /// flight finish (within [`EXCHANGE_TIMEOUT`]).
 pub async fn serve<H: Handler>(
@@ -129,7 +96,8 @@ pub async fn serve<H: Handler>(
     shutdown: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let clients = Arc::new(Clients::default());
+    let clients = Arc::new(latssiam::limits::PerClient::default());
+    let refusals = latssiam::limits::LogThrottle::default();
     let tracker = TaskTracker::new();
     loop {
         let (tcp, peer): (_, SocketAddr) = tokio::select! {
@@ -144,11 +112,15 @@ pub async fn serve<H: Handler>(
             () = shutdown.cancelled() => break,
         };
         let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
-            info!(listener = name, %peer, "Too many HTTP connections; closed.");
+            if let Some(more) = refusals.admit() {
+                info!(listener = name, %peer, also_refused = more, "Too many HTTP connections; closed.");
+            }
             continue;
         };
-        let Some(slot) = clients.admit(peer.ip()) else {
-            info!(listener = name, %peer, "Too many HTTP connections from this address; closed.");
+        let Some(slot) = clients.admit(peer.ip(), MAX_PER_CLIENT) else {
+            if let Some(more) = refusals.admit() {
+                info!(listener = name, %peer, also_refused = more, "Too many HTTP connections from this address or its site; closed.");
+            }
             continue;
         };
         let handler = Arc::clone(&handler);

@@ -174,15 +174,16 @@ impl Monitor {
         if let Err(free) = self.store.room() {
             return Err(format!("queue not writable: {} MiB free, below queue.min_free_mb", free >> 20));
         }
-        match tokio::time::timeout(Duration::from_secs(5), self.store.probe()).await {
+        // Within 3 s in all, so that a runtime's 5 s health timeout holds.
+        match tokio::time::timeout(Duration::from_secs(2), self.store.probe()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(format!("queue not writable: {e}")),
-            Err(_) => return Err("queue not writable: no fsync within 5 s".into()),
+            Err(_) => return Err("queue not writable: no fsync within 2 s".into()),
         }
-        match tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(self.home)).await {
+        match tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(self.home)).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(format!("home server {} unreachable: {e}", self.home)),
-            Err(_) => Err(format!("home server {} unreachable: no answer within 5 s", self.home)),
+            Err(_) => Err(format!("home server {} unreachable: no answer within 1 s", self.home)),
         }
     }
 }

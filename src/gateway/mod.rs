@@ -212,7 +212,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         capsule_identity = Arc::new(server_id);
         let server = Server::with_store(config, Arc::clone(&capsule_identity), store_of_home)
             .context("cannot start the embedded home server")?;
-        if settings.home.local_delivery {
+        // In-process delivery makes the mailbox write durable with the
+        // gateway's fsync: only when both live in one database.
+        if settings.home.local_delivery && !legacy {
             local = Some((host.to_ascii_lowercase(), server.local_delivery()));
         }
         let listener = server.bind().await.with_context(|| format!("home.listen {}", settings.home.listen))?;

@@ -16,10 +16,9 @@
 //!
 //! Request paths are logged at `debug` only.
 
-use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::net::{Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rustls_pki_types::pem::{PemObject, SectionKind};
@@ -361,41 +360,6 @@ pub fn server_tls(identity: &Identity) -> Result<Arc<rustls::ServerConfig>, TlsE
     Ok(Arc::new(config))
 }
 
-/// Connections per client key (see [`crate::server::client_key`]).
-#[derive(Default)]
-struct PerClient(Mutex<HashMap<IpAddr, usize>>);
-
-/// One connection counted against its client key.
-struct Slot {
-    table: Arc<PerClient>,
-    key: IpAddr,
-}
-
-impl PerClient {
-    fn admit(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<Slot> {
-        let key = crate::server::client_key(ip);
-        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let n = map.entry(key).or_insert(0);
-        if max > 0 && *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(Slot { table: Arc::clone(self), key })
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut map = self.table.0.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(n) = map.get_mut(&self.key) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.key);
-            }
-        }
-    }
-}
-
 /// Serves certificates on `listener` until `shutdown` is cancelled, then
 /// waits for the connections in flight (each ends within
 /// `request_timeout + write_timeout`).
@@ -408,7 +372,8 @@ pub async fn serve<L: Lookup>(
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let clients = Arc::new(PerClient::default());
+    let clients = Arc::new(crate::limits::PerClient::default());
+    let refusals = crate::limits::LogThrottle::default();
     let tracker = TaskTracker::new();
     let mut backoff = Duration::from_millis(10);
     loop {
@@ -433,11 +398,15 @@ pub async fn serve<L: Lookup>(
             }
         };
         let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
-            info!(%peer, max = limits.max_connections, "Too many Gemini connections; closed.");
+            if let Some(more) = refusals.admit() {
+                info!(%peer, max = limits.max_connections, also_refused = more, "Too many Gemini connections; closed.");
+            }
             continue;
         };
         let Some(slot) = clients.admit(peer.ip(), limits.max_per_client) else {
-            info!(%peer, max = limits.max_per_client, "Too many Gemini connections from this address; closed.");
+            if let Some(more) = refusals.admit() {
+                info!(%peer, max = limits.max_per_client, also_refused = more, "Too many Gemini connections from this address or its site; closed.");
+            }
             continue;
         };
         let acceptor = acceptor.clone();
@@ -795,6 +764,8 @@ fn parse_header(header: &[u8]) -> Result<(u8, String), FetchError> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
     use crate::tls::MemoryPins;
     use crate::Address;

@@ -7,6 +7,7 @@
 //!   with `openssl cms`.
 //! - [`files`]: private directories and atomic file writes.
 //! - [`group_commit`]: one fsync for many concurrent sled writers.
+//! - [`limits`]: connections per client address and site, and throttled refusal logs.
 //! - [`tls`]: rustls configurations with Trust On First Use in both directions.
 //! - [`attest`]: attestations of a server's key by mailbox owners.
 //! - [`gemini`]: the Gemini capsule serving certificates at LATSSIAM URLs, and
@@ -22,6 +23,7 @@ pub mod fingerprint;
 pub mod gemini;
 pub mod group_commit;
 pub mod identity;
+pub mod limits;
 pub mod server;
 pub mod tls;
 pub mod wire;

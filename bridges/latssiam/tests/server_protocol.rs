@@ -703,3 +703,40 @@ async fn a_message_offered_to_a_session_that_times_out_is_offered_again() {
     assert_eq!(second.accept(Duration::ZERO).await.unwrap(), Accepted::Nothing(Status::of(Code::NoMoreMessages)));
     s.stop().await;
 }
+
+/// Regression (review): a second certificate naming a registered address
+/// took the address over in the capsule and WebFinger.
+#[tokio::test]
+async fn an_address_held_by_one_certificate_cannot_be_registered_by_another() {
+    let s = TestServer::start(|_| {}).await;
+    let alice = s.registered("alice@localhost").await;
+    let impostor = id("alice@localhost");
+    let mut c = s.client(&impostor).await;
+    let st = c.register(&Password::new(PASSWORD).unwrap()).await.unwrap();
+    assert_eq!(st.code(), Code::RegistrationRefused, "{st}");
+    assert_eq!(s.store.active_certificate("ALICE@localhost").unwrap().as_deref(), Some(alice.cert_der().as_ref()));
+    // Once she has left, a new key may take her address.
+    let mut a = s.client(&alice).await;
+    assert_eq!(a.deregister().await.unwrap().code(), Code::RegistrationComplete);
+    let st = c.register(&Password::new(PASSWORD).unwrap()).await.unwrap();
+    assert_eq!(st.code(), Code::RegistrationComplete, "{st}");
+    assert_eq!(s.store.active_certificate("alice@localhost").unwrap().as_deref(), Some(impostor.cert_der().as_ref()));
+    s.stop().await;
+}
+
+/// A message written for local delivery is not handed out before its fsync.
+#[tokio::test]
+async fn a_written_message_is_hidden_until_published() {
+    let s = TestServer::start(|_| {}).await;
+    let bob = s.registered("bob@localhost").await;
+    let (owner, sender) = (bob.fingerprint(), s.identity.fingerprint());
+    let id = s.store.insert_message(&owner, &sender, None, b"m").unwrap();
+    assert!(s.store.offer_oldest(&owner).unwrap().is_none(), "not yet durable");
+    s.store.publish_message(&owner, id);
+    assert!(s.store.offer_oldest(&owner).unwrap().is_some());
+    // One taken back is never handed out.
+    let other = s.store.insert_message(&owner, &sender, None, b"n").unwrap();
+    s.store.discard_message(&owner, other);
+    assert_eq!(s.store.offered(), 0, "nothing left marked");
+    s.stop().await;
+}

@@ -191,40 +191,14 @@ struct Shared {
     csr: Vec<u8>,
     limiter: RateLimiter,
     shutdown: CancellationToken,
-    /// Sessions per client address (IPv6 by /64).
-    per_client: std::sync::Mutex<HashMap<IpAddr, usize>>,
+    /// Sessions per client address and site.
+    per_client: Arc<crate::limits::PerClient>,
+    /// Refusals by the per-client limit, logged at most once a second.
+    refusals: crate::limits::LogThrottle,
     free_space: crate::files::FreeSpace,
 }
 
-/// The key a client address is counted under: IPv4 as is (also when mapped
-/// into IPv6), IPv6 by its /64, which one host usually has whole.
-pub fn client_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
-        },
-        v4 => v4,
-    }
-}
-
-/// A session counted against its client address.
-struct ClientSlot {
-    shared: Arc<Shared>,
-    key: IpAddr,
-}
-
-impl Drop for ClientSlot {
-    fn drop(&mut self) {
-        let mut map = self.shared.per_client.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(n) = map.get_mut(&self.key) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.key);
-            }
-        }
-    }
-}
+pub use crate::limits::client_key;
 
 impl Shared {
     /// The mailbox of `owner` if it is active; otherwise the status to answer
@@ -297,16 +271,8 @@ impl Shared {
         Ok(())
     }
 
-    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<ClientSlot> {
-        let key = client_key(ip);
-        let mut map = self.per_client.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let n = map.entry(key).or_insert(0);
-        let max = self.config.max_connections_per_client;
-        if max > 0 && *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(ClientSlot { shared: Arc::clone(self), key })
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<crate::limits::ClientSlot> {
+        self.per_client.admit(ip, self.config.max_connections_per_client)
     }
 }
 
@@ -324,12 +290,21 @@ pub struct LocalDelivery {
 }
 
 /// A message written by [`LocalDelivery::prepare`], to be committed once
-/// durable or discarded.
-#[derive(Debug)]
+/// durable or discarded; dropped without either, it is discarded.
 #[must_use]
 pub struct Prepared {
+    store: Arc<Store>,
     owner: Fingerprint,
     id: u64,
+    settled: bool,
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.store.discard_message(&self.owner, self.id);
+        }
+    }
 }
 
 impl LocalDelivery {
@@ -350,7 +325,7 @@ impl LocalDelivery {
         }
         self.shared.may_keep(sender, signature, message).map_err(|(status, _)| status)?;
         match self.shared.store.insert_message(to, sender, signature, message) {
-            Ok(id) => Ok(Prepared { owner: *to, id }),
+            Ok(id) => Ok(Prepared { store: Arc::clone(&self.shared.store), owner: *to, id, settled: false }),
             Err(e) => {
                 warn!(error = %e, "Storing a message failed.");
                 Err(Status::of(Code::InternalError))
@@ -360,13 +335,14 @@ impl LocalDelivery {
 
     /// The message is durable (the caller's fsync covered it): it counts as
     /// `31` now, and waiting `ACCEPT`s are woken.
-    pub fn commit(&self, prepared: Prepared) {
-        self.shared.store.notifier(&prepared.owner).notify_waiters();
+    pub fn commit(&self, mut prepared: Prepared) {
+        prepared.settled = true;
+        self.shared.store.publish_message(&prepared.owner, prepared.id);
     }
 
     /// The caller's fsync failed: the message is taken back.
     pub fn discard(&self, prepared: Prepared) {
-        self.shared.store.discard_message(&prepared.owner, prepared.id);
+        drop(prepared);
     }
 }
 
@@ -403,7 +379,8 @@ impl Server {
             csr,
             limiter: RateLimiter::default(),
             shutdown: CancellationToken::new(),
-            per_client: std::sync::Mutex::new(HashMap::new()),
+            per_client: Arc::default(),
+            refusals: crate::limits::LogThrottle::default(),
         });
         Ok(Self { shared, tls })
     }
@@ -462,7 +439,9 @@ impl Server {
                 }
             };
             let Some(slot) = self.shared.admit(peer.ip()) else {
-                info!(%peer, "Too many connections from this address; closed.");
+                if let Some(more) = self.shared.refusals.admit() {
+                    info!(%peer, also_refused = more, "Too many connections from this address or its site; closed.");
+                }
                 continue;
             };
             let shared = self.shared.clone();
@@ -740,6 +719,25 @@ impl Session {
                 reply!(self, Code::InternalError);
                 return Flow::Continue;
             }
+        }
+        // One address, one active certificate: another key may not take it over.
+        let address = CertInfo::from_der(my_cert).ok().and_then(|i| i.address).map(|a| a.to_string());
+        match address.map(|a| self.shared.store.address_taken(&a, &me)) {
+            Some(Ok(true)) => {
+                info!("A registration for an address another mailbox holds; refused.");
+                reply!(
+                    self,
+                    Status::new(Code::RegistrationRefused, "Address held by another certificate")
+                        .unwrap_or(Status::of(Code::RegistrationRefused))
+                );
+                return Flow::Continue;
+            }
+            Some(Err(e)) => {
+                warn!(error = %e, "Store read failed.");
+                reply!(self, Code::InternalError);
+                return Flow::Continue;
+            }
+            _ => {}
         }
         if self.conn.feed(Code::AttestationRequested).await.is_err()
             || self.conn.send(Block::new(Label::CertificateRequest, self.shared.csr.clone())).await.is_err()

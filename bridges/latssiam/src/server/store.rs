@@ -141,9 +141,10 @@ pub struct Store {
     /// (owner, message id) of every message offered to a session that has not
     /// answered yet: one entry per live [`Offer`].
     offered: Mutex<HashSet<(Fingerprint, u64)>>,
-    /// Owner address (lower case) -> fingerprint, for every mailbox record:
-    /// built at open, kept by [`Store::put_mailbox`].
-    by_address: Mutex<HashMap<String, Fingerprint>>,
+    /// Owner address (lower case) -> the fingerprints of every mailbox
+    /// record naming it (old keys too): built at open, kept by
+    /// [`Store::put_mailbox`].
+    by_address: Mutex<HashMap<String, Vec<Fingerprint>>>,
 }
 
 fn message_key(owner: &Fingerprint, id: u64) -> [u8; 40] {
@@ -273,7 +274,7 @@ impl Store {
                 continue;
             };
             if let (Some(address), Ok(fp)) = (owner_address(&mailbox.owner_cert), fingerprint_from(&k)) {
-                by_address.insert(address, fp);
+                by_address.entry(address).or_insert_with(Vec::new).push(fp);
             }
         }
         Ok(Arc::new(Self {
@@ -314,7 +315,11 @@ impl Store {
     pub async fn put_mailbox(&self, owner: &Fingerprint, mailbox: &Mailbox) -> Result<(), StoreError> {
         self.mailboxes.insert(owner.as_bytes(), mailbox.encode())?;
         if let Some(address) = owner_address(&mailbox.owner_cert) {
-            self.by_address.lock().unwrap_or_else(|e| e.into_inner()).insert(address, *owner);
+            let mut index = self.by_address.lock().unwrap_or_else(|e| e.into_inner());
+            let holders = index.entry(address).or_default();
+            if !holders.contains(owner) {
+                holders.push(*owner);
+            }
         }
         self.durable().await
     }
@@ -326,9 +331,33 @@ impl Store {
     /// # Errors
     /// [`StoreError`] if the record cannot be read.
     pub fn active_certificate(&self, address: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let fp = self.by_address.lock().unwrap_or_else(|e| e.into_inner()).get(&address.to_ascii_lowercase()).copied();
-        let Some(fp) = fp else { return Ok(None) };
-        Ok(self.mailbox(&fp)?.filter(|m| m.state == MailboxState::Active).map(|m| m.owner_cert))
+        for fp in self.holders(address) {
+            if let Some(m) = self.mailbox(&fp)?.filter(|m| m.state == MailboxState::Active) {
+                return Ok(Some(m.owner_cert));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Whether a mailbox other than `owner`'s that is active or pending
+    /// names `address`: then `owner` may not register it (one address, one
+    /// certificate, or the capsule and WebFinger could be made to serve an
+    /// impostor's).
+    ///
+    /// # Errors
+    /// [`StoreError`] if a record cannot be read.
+    pub fn address_taken(&self, address: &str, owner: &Fingerprint) -> Result<bool, StoreError> {
+        for fp in self.holders(address).into_iter().filter(|fp| fp != owner) {
+            if self.mailbox(&fp)?.is_some_and(|m| matches!(m.state, MailboxState::Active | MailboxState::Pending)) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    fn holders(&self, address: &str) -> Vec<Fingerprint> {
+        let index = self.by_address.lock().unwrap_or_else(|e| e.into_inner());
+        index.get(&address.to_ascii_lowercase()).cloned().unwrap_or_default()
     }
 
     /// Changes a mailbox's state (operator approval, move). Returns false if there is no such mailbox.
@@ -383,14 +412,16 @@ impl Store {
             self.discard_message(owner, id);
             return Err(e);
         }
-        self.notifier(owner).notify_waiters();
+        self.publish_message(owner, id);
         Ok(id)
     }
 
-    /// Writes a message (counted at once) without making it durable: the
-    /// caller makes it durable with [`Store::durable`] (or a flush of the
-    /// shared database), then wakes `ACCEPT`s with [`Store::notifier`], or
-    /// takes it back with [`Store::discard_message`] if that failed.
+    /// Writes a message (counted at once) without making it durable, and
+    /// hidden from `ACCEPT` (as if offered to a session) until
+    /// [`Store::publish_message`]: the caller makes it durable with
+    /// [`Store::durable`] (or a flush of the shared database) and publishes
+    /// it, or takes it back with [`Store::discard_message`] if that failed.
+    /// So nothing is handed out before it is on disk.
     ///
     /// # Errors
     /// [`StoreError`] if the write fails.
@@ -407,15 +438,29 @@ impl Store {
         value.extend_from_slice(sender.as_bytes());
         push32(&mut value, sig);
         value.extend_from_slice(message);
-        self.messages.insert(message_key(owner, id), value)?;
+        self.lock_offered().insert((*owner, id));
+        if let Err(e) = self.messages.insert(message_key(owner, id), value) {
+            self.lock_offered().remove(&(*owner, id));
+            return Err(e.into());
+        }
         self.counts.lock().unwrap_or_else(|e| e.into_inner()).add(*owner, *sender);
         Ok(id)
     }
 
+    /// A message written by [`Store::insert_message`] is durable: `ACCEPT`
+    /// may hand it out now, and waiting ones are woken.
+    pub fn publish_message(&self, owner: &Fingerprint, id: u64) {
+        self.lock_offered().remove(&(*owner, id));
+        self.notifier(owner).notify_waiters();
+    }
+
     /// Takes back a message written by [`Store::insert_message`] that was
-    /// not acknowledged (best effort).
+    /// not acknowledged. If even that fails (the store refuses writes), it
+    /// stays hidden from `ACCEPT` until the process ends.
     pub fn discard_message(&self, owner: &Fingerprint, id: u64) {
-        let _ = self.remove_message(owner, id);
+        if self.remove_message(owner, id).is_ok() {
+            self.lock_offered().remove(&(*owner, id));
+        }
     }
 
     /// The oldest message in `owner`'s mailbox, offered or not (see

@@ -1,0 +1,139 @@
+//! What one client may hold of a listener, shared by the LATSSIAM server,
+//! the Gemini capsule and the gateway's HTTP listeners: connections at once
+//! per client address (IPv4 as is, IPv6 by its /64, which one host usually
+//! has whole), and per IPv6 /48 (a site: a home or an office gets a /48 or a
+//! /56, so one site cannot fill a listener with many /64s); and refusal logs
+//! that a flood cannot turn into a flood of log lines.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// How many clients' worth one IPv6 /48 may hold: 4 times one address's.
+pub const SITE_FACTOR: usize = 4;
+
+/// The key a client address is counted under: IPv4 as is (also when mapped
+/// into IPv6), IPv6 by its /64.
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    prefix(ip, 64)
+}
+
+/// The site a client address belongs to: its IPv6 /48; `None` for IPv4.
+pub fn site_key(ip: IpAddr) -> Option<IpAddr> {
+    match prefix(ip, 48) {
+        v6 @ IpAddr::V6(_) => Some(v6),
+        IpAddr::V4(_) => None,
+    }
+}
+
+fn prefix(ip: IpAddr, bits: u32) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << (128 - bits)) - 1))),
+        },
+        v4 => v4,
+    }
+}
+
+/// Connections at once, per client key and per site.
+#[derive(Default)]
+pub struct PerClient(Mutex<HashMap<IpAddr, usize>>);
+
+/// One connection counted against its client (and site), given back when dropped.
+pub struct ClientSlot {
+    table: Arc<PerClient>,
+    keys: Vec<IpAddr>,
+}
+
+impl PerClient {
+    /// Counts a connection from `ip`, or `None` if its address already has
+    /// `max` or its site `max * SITE_FACTOR` (`max` 0: no limit).
+    pub fn admit(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<ClientSlot> {
+        let mut keys = vec![client_key(ip)];
+        if max == 0 {
+            return Some(ClientSlot { table: Arc::clone(self), keys: Vec::new() });
+        }
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if map.get(&keys[0]).copied().unwrap_or(0) >= max {
+            return None;
+        }
+        if let Some(site) = site_key(ip).filter(|s| *s != keys[0]) {
+            if map.get(&site).copied().unwrap_or(0) >= max.saturating_mul(SITE_FACTOR) {
+                return None;
+            }
+            keys.push(site);
+        }
+        for k in &keys {
+            *map.entry(*k).or_insert(0) += 1;
+        }
+        Some(ClientSlot { table: Arc::clone(self), keys })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut map = self.table.0.lock().unwrap_or_else(PoisonError::into_inner);
+        for k in &self.keys {
+            if let Some(n) = map.get_mut(k) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    map.remove(k);
+                }
+            }
+        }
+    }
+}
+
+/// Lets one refusal log line through per second: a flood of refused
+/// connections costs one line a second, which says how many it stands for.
+#[derive(Default)]
+pub struct LogThrottle {
+    last_second: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl LogThrottle {
+    /// `Some(n)` if this refusal is to be logged, `n` being how many were
+    /// not logged since the last line; `None` to stay quiet.
+    pub fn admit(&self) -> Option<u64> {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let last = self.last_second.load(Ordering::Relaxed);
+        if now != last && self.last_second.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            return Some(self.suppressed.swap(0, Ordering::Relaxed));
+        }
+        self.suppressed.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_address_and_one_site_hold_their_share() {
+        let t = Arc::new(PerClient::default());
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap_or_else(|e| panic!("{e}"));
+        let held: Vec<_> = (0..2).filter_map(|_| t.admit(ip("192.0.2.1"), 2)).collect();
+        assert_eq!(held.len(), 2);
+        assert!(t.admit(ip("192.0.2.1"), 2).is_none());
+        assert!(t.admit(ip("192.0.2.2"), 2).is_some(), "another address");
+        // One /64 holds 2; one /48 holds 8, whatever /64s it uses.
+        let site: Vec<_> = (0..20).filter_map(|i| t.admit(ip(&format!("2001:db8:1:{i:x}::1")), 2)).collect();
+        assert_eq!(site.len(), 8);
+        assert!(t.admit(ip("2001:db8:2::1"), 2).is_some(), "another site");
+        drop(site);
+        assert!(t.admit(ip("2001:db8:1:ff::1"), 2).is_some(), "given back");
+        assert_eq!(client_key(ip("::ffff:192.0.2.9")), ip("192.0.2.9"));
+    }
+
+    #[test]
+    fn refusal_logs_are_one_a_second() {
+        let t = LogThrottle::default();
+        assert_eq!(t.admit(), Some(0));
+        assert!((0..100).all(|_| t.admit().is_none()));
+    }
+}
