@@ -180,6 +180,25 @@ pub struct QueueSettings {
     pub connect_timeout_secs: u64,
     pub max_bounces_per_hour: u32,
     pub min_free_mb: u64,
+    pub backend: QueueBackend,
+    pub nats_url: String,
+    pub stream: String,
+    pub nats_user: String,
+    pub nats_password: String,
+    pub nats_token: String,
+    pub nats_tls_ca: PathBuf,
+    pub nats_replicas: usize,
+    pub ack_wait_secs: u64,
+}
+
+/// Where the queue lives.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueBackend {
+    /// In the gateway's own sled database (one node).
+    Sled,
+    /// On NATS JetStream, shared by every node that names the same stream.
+    Jetstream,
 }
 
 /// What LATSSIAM contacts may send out through the gateway.
@@ -206,6 +225,8 @@ enum Secret {
     Register,
     Smarthost,
     Sasl,
+    NatsPassword,
+    NatsToken,
 }
 
 /// The secret whose file the environment variable `var` names, if any.
@@ -214,6 +235,8 @@ fn secret_key(var: &str) -> Option<Secret> {
         "LATSSIAM_BRIDGE__HOME__REGISTER_PASSWORD_FILE" => Some(Secret::Register),
         "LATSSIAM_BRIDGE__SMARTHOST__PASSWORD_FILE" => Some(Secret::Smarthost),
         "LATSSIAM_BRIDGE__IRC__SASL_PASSWORD_FILE" => Some(Secret::Sasl),
+        "LATSSIAM_BRIDGE__QUEUE__NATS_PASSWORD_FILE" => Some(Secret::NatsPassword),
+        "LATSSIAM_BRIDGE__QUEUE__NATS_TOKEN_FILE" => Some(Secret::NatsToken),
         _ => None,
     }
 }
@@ -251,6 +274,8 @@ impl Settings {
                 Some(Secret::Register) => s.home.register_password = secret,
                 Some(Secret::Smarthost) => s.smarthost.password = secret,
                 Some(Secret::Sasl) => s.irc.sasl_password = secret,
+                Some(Secret::NatsPassword) => s.queue.nats_password = secret,
+                Some(Secret::NatsToken) => s.queue.nats_token = secret,
                 None => {}
             }
         }
@@ -296,6 +321,13 @@ impl Settings {
         }
         if self.queue.first_retry_secs == 0 || self.queue.max_retry_secs < self.queue.first_retry_secs {
             bail!("queue.first_retry_secs must be at least 1 and at most queue.max_retry_secs");
+        }
+        if self.queue.backend == QueueBackend::Jetstream {
+            let valid = !self.queue.stream.is_empty()
+                && self.queue.stream.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            if !valid {
+                bail!("queue.stream: {:?} is not a stream name (letters, digits, - and _)", self.queue.stream);
+            }
         }
         if self.queue.concurrency == 0 {
             bail!("queue.concurrency: at least 1");

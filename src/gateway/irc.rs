@@ -112,12 +112,12 @@ impl IrcCore {
         if targets.is_empty() {
             return;
         }
-        let Ok(id) = self.gw.store.new_message_id() else { return };
+        let Ok(id) = self.gw.queue.new_message_id() else { return };
         let hostname = &self.gw.settings.gateway.hostname;
         let message_id =
             format!("<irc.{}.{}@{hostname}>", message_id_string(id), channel.name.trim_start_matches(['#', '&']));
         let m = digest_message(channel, &lines, &message_id, digest.last_message_id.as_deref(), &mail::date_now());
-        match self.gw.store.enqueue_as(id, m.as_bytes(), targets, &Origin::Gateway).await {
+        match self.gw.queue.enqueue_as(id, m.as_bytes(), targets, &Origin::Gateway).await {
             Ok(()) => {
                 digest.last_message_id = Some(message_id);
                 self.gw.metrics.irc_lines_queued.inc_by(lines.len() as u64);
@@ -205,7 +205,7 @@ impl IrcCore {
         };
         let network = self.gw.settings.irc.channels.first().map_or("irc", |c| c.network.as_str());
         let m = private_message(nick, network, address, body, &mail::date_now());
-        match self.gw.store.enqueue(m.as_bytes(), vec![target], &Origin::Gateway).await {
+        match self.gw.queue.enqueue(m.as_bytes(), vec![target], &Origin::Gateway).await {
             Ok(_) => format!("relayed to {address}"),
             Err(_) => "the gateway cannot queue messages now; try later".into(),
         }

@@ -14,6 +14,7 @@ pub mod irc;
 pub mod mail;
 pub mod metrics;
 pub mod poller;
+pub mod queue;
 pub mod sink;
 pub mod store;
 pub mod worker;
@@ -45,8 +46,10 @@ const HOME_TREES: &str = "home.";
 pub struct Gateway {
     /// The settings it started with.
     pub settings: Settings,
-    /// Queue and contacts.
+    /// Contacts, pins, the IRC outbox (and the queue with the sled backend).
     pub store: Arc<Store>,
+    /// The delivery queue.
+    pub queue: queue::Queue,
     /// The gateway's LATSSIAM identity.
     pub identity: Arc<Identity>,
     /// Finds LATSSIAM servers.
@@ -162,6 +165,19 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     })?;
     let pins = SledPins::open(store.db())?;
     let tasks = tokio_util::task::TaskTracker::new();
+    let queue = match settings.queue.backend {
+        config::QueueBackend::Sled => queue::Queue::Sled(Arc::clone(&store)),
+        config::QueueBackend::Jetstream => {
+            let shared = Arc::new(queue::jetstream::connect(&settings).await?);
+            store.share_contacts(Arc::clone(&shared));
+            shared
+                .mirror_contacts(Arc::clone(&store), shutdown.clone())
+                .await
+                .context("cannot read the shared contacts")?;
+            tasks.spawn(Arc::clone(&shared).keep_alive(shutdown.clone()));
+            queue::Queue::JetStream(shared, Arc::clone(&store))
+        }
+    };
     let mut routes = settings.routes.clone();
 
     // The gateway's identity lives on its home server's host.
@@ -273,6 +289,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         resolver: Resolver::new(routes),
         settings: settings.clone(),
         store: Arc::clone(&store),
+        queue,
         identity,
         pins,
         smarthost,

@@ -231,7 +231,7 @@ async fn refuse_with_notice(
         let notice =
             mail::notice(&gw.settings.gateway.hostname, &contact.address, "Message not relayed", &text, plaintext);
         let target = Target::Latssiam { fingerprint: fp.to_string(), address: contact.address.clone() };
-        if let Err(e) = gw.store.enqueue(&notice, vec![target], &Origin::Gateway).await {
+        if let Err(e) = gw.queue.enqueue(&notice, vec![target], &Origin::Gateway).await {
             warn!(error = %e, "Cannot queue a refusal notice.");
         }
     }
@@ -276,7 +276,7 @@ async fn take(gw: &Gateway, d: &Delivered) -> Result<(), Refusal> {
         };
         let reply = mail::notice(&gw.settings.gateway.hostname, &contact.address, &subject, &text, &plaintext);
         let target = Target::Latssiam { fingerprint: fp.to_string(), address: contact.address.clone() };
-        gw.store.enqueue(&reply, vec![target], &Origin::Gateway).await.map_err(|e| Refusal::Later(e.to_string()))?;
+        gw.queue.enqueue(&reply, vec![target], &Origin::Gateway).await.map_err(|e| Refusal::Later(e.to_string()))?;
         info!(%subject, "Subscription command handled.");
         return Ok(());
     }
@@ -306,7 +306,7 @@ async fn take(gw: &Gateway, d: &Delivered) -> Result<(), Refusal> {
         }
     }
     let from = contact.email.clone().unwrap_or_else(|| contact.address.clone());
-    let id = gw.store.new_message_id().map_err(|e| Refusal::Later(e.to_string()))?;
+    let id = gw.queue.new_message_id().map_err(|e| Refusal::Later(e.to_string()))?;
     let header = mail::received(
         &format!("{} ({fp})", contact.address),
         &gw.settings.gateway.hostname,
@@ -340,7 +340,7 @@ async fn take(gw: &Gateway, d: &Delivered) -> Result<(), Refusal> {
     let origin = Origin::Latssiam { fingerprint: fp.to_string(), from };
     // Jobs and IRC posts are kept in one step: all of them, or (not
     // acknowledged, handed out again) none.
-    gw.store
+    gw.queue
         .enqueue_with_posts(id, &body, targets, &origin, &irc_posts)
         .await
         .map_err(|e| Refusal::Later(e.to_string()))?;

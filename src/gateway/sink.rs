@@ -107,7 +107,7 @@ impl Sink for SmtpSink {
         let started = std::time::Instant::now();
         let mut local = Vec::new();
         let queued = async {
-            let id = gw.store.new_message_id()?;
+            let id = gw.queue.new_message_id()?;
             let for_rcpt = (envelope.recipients.len() == 1).then(|| envelope.recipients[0].as_str());
             let header = mail::received(&from, &gw.settings.gateway.hostname, with, &message_id_string(id), for_rcpt);
             let body = mail::prepend(&header, &data);
@@ -130,7 +130,7 @@ impl Sink for SmtpSink {
             if jobs.is_empty() {
                 gw.store.durable().await?;
             } else {
-                gw.store.enqueue_as(id, &body, jobs, &Origin::Smtp { from: envelope.from.clone() }).await?;
+                gw.queue.enqueue_as(id, &body, jobs, &Origin::Smtp { from: envelope.from.clone() }).await?;
             }
             Ok::<_, StoreError>((id, body.len()))
         };

@@ -51,6 +51,9 @@ pub enum StoreError {
     /// A record does not decode.
     #[error("queue store is corrupt: {0}")]
     Corrupt(String),
+    /// The shared queue (NATS JetStream) failed or did not answer in time.
+    #[error("shared queue: {0}")]
+    Shared(String),
 }
 
 /// Milliseconds since the epoch.
@@ -306,6 +309,8 @@ pub struct Store {
     /// Woken when a post for IRC is queued.
     pub irc_wake: Notify,
     last_id: AtomicU64,
+    /// With `queue.backend = "jetstream"`: where contact changes go first.
+    shared: std::sync::OnceLock<Arc<crate::gateway::queue::jetstream::JetQueue>>,
 }
 
 impl Store {
@@ -341,6 +346,7 @@ impl Store {
             broken: std::sync::OnceLock::new(),
             free_space: latssiam::files::FreeSpace::new(dir, min_free),
             last_id: AtomicU64::new(0),
+            shared: std::sync::OnceLock::new(),
         };
         store.recover()?;
         Ok(Arc::new(store))
@@ -442,15 +448,48 @@ impl Store {
                 }
             }
         }
-        if let Some(old) = self.contact(&fp)? {
-            self.remove_names(&old)?;
-        }
-        self.contacts.insert(fp.as_bytes(), encode(contact))?;
-        for n in &names {
-            self.names.insert(n.as_bytes(), fp.as_bytes())?;
-        }
+        self.share(&fp, Some(contact)).await?;
+        self.apply_contact(&fp, Some(contact))?;
         self.durable().await?;
         Ok(Ok(()))
+    }
+
+    /// Contact changes go to the shared bucket first (then to this store, as
+    /// every node's mirror applies them): `queue.backend = "jetstream"`.
+    pub fn share_contacts(&self, queue: Arc<crate::gateway::queue::jetstream::JetQueue>) {
+        let _ = self.shared.set(queue);
+    }
+
+    async fn share(&self, fp: &Fingerprint, contact: Option<&Contact>) -> Result<(), StoreError> {
+        match self.shared.get() {
+            Some(q) => q.share_contact(fp, contact).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Sets (or, with `None`, removes) a contact in this store and its name
+    /// index, without a flush: for the mirror of the shared contacts, which
+    /// replays them at every start.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn apply_contact(&self, fp: &Fingerprint, contact: Option<&Contact>) -> Result<(), StoreError> {
+        if let Some(old) = self.contact(fp)? {
+            self.remove_names(&old)?;
+        }
+        match contact {
+            Some(c) => {
+                self.contacts.insert(fp.as_bytes(), encode(c))?;
+                self.names.insert(c.address.to_lowercase().as_bytes(), fp.as_bytes())?;
+                if let Some(e) = &c.email {
+                    self.names.insert(e.to_lowercase().as_bytes(), fp.as_bytes())?;
+                }
+            }
+            None => {
+                self.contacts.remove(fp.as_bytes())?;
+            }
+        }
+        Ok(())
     }
 
     fn remove_names(&self, c: &Contact) -> Result<(), StoreError> {
@@ -466,9 +505,11 @@ impl Store {
     /// # Errors
     /// [`StoreError`].
     pub async fn remove_contact(&self, fp: &Fingerprint) -> Result<bool, StoreError> {
-        let Some(old) = self.contact(fp)? else { return Ok(false) };
-        self.remove_names(&old)?;
-        self.contacts.remove(fp.as_bytes())?;
+        if self.contact(fp)?.is_none() {
+            return Ok(false);
+        }
+        self.share(fp, None).await?;
+        self.apply_contact(fp, None)?;
         self.durable().await?;
         Ok(true)
     }
@@ -526,6 +567,7 @@ impl Store {
         if let Some(mut c) = self.contact(fp)? {
             if !c.gone {
                 c.gone = true;
+                self.share(fp, Some(&c)).await?;
                 self.contacts.insert(fp.as_bytes(), encode(&c))?;
                 self.durable().await?;
             }
@@ -540,6 +582,7 @@ impl Store {
     pub async fn move_contact(&self, fp: &Fingerprint, server: &str) -> Result<(), StoreError> {
         if let Some(mut c) = self.contact(fp)? {
             c.server = Some(server.to_owned());
+            self.share(fp, Some(&c)).await?;
             self.contacts.insert(fp.as_bytes(), encode(&c))?;
             self.durable().await?;
         }
@@ -648,6 +691,35 @@ impl Store {
         }
         self.wake.notify_one();
         Ok(())
+    }
+
+    /// Queues posts for IRC on their own, durably; returns their keys (for
+    /// [`Store::unqueue_posts`]).
+    ///
+    /// # Errors
+    /// [`StoreError`]; then none of them remains.
+    pub async fn queue_posts(&self, posts: &[IrcPost]) -> Result<Vec<[u8; 8]>, StoreError> {
+        let mut keys = Vec::new();
+        let written = async {
+            for post in posts {
+                let key = self.db.generate_id()?.to_be_bytes();
+                self.irc.insert(key, encode(post))?;
+                keys.push(key);
+            }
+            self.durable().await
+        };
+        if let Err(e) = written.await {
+            self.unqueue_posts(&keys);
+            return Err(self.record(e));
+        }
+        Ok(keys)
+    }
+
+    /// Takes back posts that were queued for a message that was then not acknowledged (best effort).
+    pub fn unqueue_posts(&self, keys: &[[u8; 8]]) {
+        for key in keys {
+            let _ = self.irc.remove(key);
+        }
     }
 
     /// Removes a message that was not acknowledged, with its jobs (best effort).

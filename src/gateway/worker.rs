@@ -151,9 +151,8 @@ impl Slot<'_> {
     /// meanwhile is skipped; one whose state cannot be read is delivered.
     fn hand_on(&mut self) -> Option<(JobId, Job)> {
         while let Some((id, job)) = self.gw.destinations.next(self.key) {
-            match self.gw.store.job(id) {
-                Ok(Some((_, false))) | Err(_) => return Some((id, job)),
-                Ok(_) => {}
+            if self.gw.queue.pending(id) {
+                return Some((id, job));
             }
         }
         self.held = false;
@@ -212,7 +211,11 @@ pub async fn run(gw: Arc<Gateway>, shutdown: CancellationToken) {
             }
             continue;
         }
-        let (jobs, next) = match gw.store.claim_due(now_ms(), free) {
+        let claimed = tokio::select! {
+            c = gw.queue.claim(free) => c,
+            () = shutdown.cancelled() => break,
+        };
+        let (jobs, next) = match claimed {
             Ok(x) => x,
             Err(e) => {
                 warn!(error = %e, "Cannot read the queue; retrying in a second.");
@@ -231,7 +234,7 @@ pub async fn run(gw: Arc<Gateway>, shutdown: CancellationToken) {
                 Admit::Full(id, mut job) => {
                     // Its destination has a full waiting line: look again in half a minute or so.
                     job.due_ms = now_ms() + 30_000 + u64::from(id.index) * 7 + id.message % 1000;
-                    if let Err(e) = gw.store.defer(id, &job) {
+                    if let Err(e) = gw.queue.defer(id, &job).await {
                         warn!(job = %id, error = %e, "Cannot put a job back in the queue.");
                     }
                     continue;
@@ -261,15 +264,17 @@ pub async fn run(gw: Arc<Gateway>, shutdown: CancellationToken) {
         if got == free {
             continue;
         }
-        let wait = next.map_or(Duration::from_secs(60), |at| Duration::from_millis(at.saturating_sub(now_ms())));
         tokio::select! {
-            () = gw.store.wake.notified() => {}
-            () = tokio::time::sleep(wait.min(Duration::from_secs(60))) => {}
+            () = gw.queue.wait(next) => {}
             () = shutdown.cancelled() => break,
         }
     }
     tracker.close();
     tracker.wait().await;
+    // Jobs claimed but not started (waiting for their destination) go back at once.
+    if let Some(j) = gw.queue.jetstream() {
+        j.release_all().await;
+    }
 }
 
 fn backoff(gw: &Gateway, attempts: u32) -> u64 {
@@ -280,8 +285,8 @@ fn backoff(gw: &Gateway, attempts: u32) -> u64 {
 
 async fn deliver(gw: &Arc<Gateway>, id: JobId, mut job: Job) {
     let outcome = match &job.target {
-        Target::Latssiam { fingerprint, .. } => to_latssiam(gw, &job, fingerprint).await,
-        Target::Smtp { rcpt } => to_smtp(gw, &job, rcpt).await,
+        Target::Latssiam { fingerprint, .. } => to_latssiam(gw, id, fingerprint).await,
+        Target::Smtp { rcpt } => to_smtp(gw, id, &job, rcpt).await,
     };
     let results = match job.target {
         Target::Latssiam { .. } => &gw.metrics.to_latssiam,
@@ -302,7 +307,7 @@ async fn deliver(gw: &Arc<Gateway>, id: JobId, mut job: Job) {
             results.ok.inc();
             gw.metrics.end_to_end.observe(Duration::from_millis(now.saturating_sub(job.arrived_ms)));
             info!(job = %id, target = job.target.kind(), "Delivered.");
-            gw.store.complete(id)
+            gw.queue.complete(id).await
         }
         Outcome::Retry(e) => {
             results.deferred.inc();
@@ -310,21 +315,21 @@ async fn deliver(gw: &Arc<Gateway>, id: JobId, mut job: Job) {
             job.due_ms = now + backoff(gw, job.attempts);
             info!(job = %id, attempts = job.attempts, error = %e, "Deferred.");
             job.last_error = Some(e);
-            gw.store.defer(id, &job)
+            gw.queue.defer(id, &job).await
         }
         Outcome::RetryIn(delay, e) => {
             results.deferred.inc();
             job.attempts += 1;
             job.due_ms = now + delay;
             job.last_error = Some(e);
-            gw.store.defer(id, &job)
+            gw.queue.defer(id, &job).await
         }
         Outcome::Fail { status, diagnostic } => {
             results.failed.inc();
             warn!(job = %id, status, error = %diagnostic, "Delivery failed for good; dead-lettered.");
             job.last_error = Some(diagnostic.clone());
-            let report = failure_report(gw, &job, status, &diagnostic);
-            match gw.store.kill(id, &job, report).await {
+            let report = failure_report(gw, id, &job, status, &diagnostic);
+            match gw.queue.kill(id, &job, report).await {
                 Ok(Some(bounce)) => {
                     info!(bounce = %super::store::message_id_string(bounce), "Queued a failure report to the sender.");
                     Ok(())
@@ -343,8 +348,8 @@ async fn deliver(gw: &Arc<Gateway>, id: JobId, mut job: Job) {
 /// 3464 DSN to an email sender, a notice to a LATSSIAM sender; nothing for
 /// `<>`, the gateway's own messages, or an address that had
 /// `queue.max_bounces_per_hour` reports already (backscatter).
-fn failure_report(gw: &Gateway, job: &Job, status: &str, diagnostic: &str) -> Option<(Vec<u8>, Target)> {
-    let original = gw.store.body(job.message).ok().flatten()?;
+fn failure_report(gw: &Gateway, id: JobId, job: &Job, status: &str, diagnostic: &str) -> Option<(Vec<u8>, Target)> {
+    let original = gw.queue.body(id).ok().flatten()?;
     let recipient = match &job.target {
         Target::Latssiam { address, .. } => address.clone(),
         Target::Smtp { rcpt } => rcpt.clone(),
@@ -379,8 +384,8 @@ fn failure_report(gw: &Gateway, job: &Job, status: &str, diagnostic: &str) -> Op
     })
 }
 
-async fn to_smtp(gw: &Gateway, job: &Job, rcpt: &str) -> Outcome {
-    let Ok(Some(body)) = gw.store.body(job.message) else {
+async fn to_smtp(gw: &Gateway, id: JobId, job: &Job, rcpt: &str) -> Outcome {
+    let Ok(Some(body)) = gw.queue.body(id) else {
         return Outcome::Fail { status: "5.3.0", diagnostic: "the message body is missing from the queue".into() };
     };
     match gw.smarthost.send(job.origin.envelope_from(), &[rcpt.to_owned()], &body).await {
@@ -400,7 +405,7 @@ fn permanent_status(code: Code) -> Option<&'static str> {
     }
 }
 
-async fn to_latssiam(gw: &Gateway, job: &Job, fingerprint: &str) -> Outcome {
+async fn to_latssiam(gw: &Gateway, id: JobId, fingerprint: &str) -> Outcome {
     let Ok(fp) = fingerprint.parse::<Fingerprint>() else {
         return Outcome::Fail { status: "5.1.3", diagnostic: format!("bad fingerprint {fingerprint:?}") };
     };
@@ -409,7 +414,7 @@ async fn to_latssiam(gw: &Gateway, job: &Job, fingerprint: &str) -> Outcome {
         Ok(None) => return Outcome::Fail { status: "5.1.1", diagnostic: "no such contact (removed?)".into() },
         Err(e) => return Outcome::Retry(e.to_string()),
     };
-    let body = match gw.store.body(job.message) {
+    let body = match gw.queue.body(id) {
         Ok(Some(b)) => b,
         Ok(None) => return Outcome::Fail { status: "5.3.0", diagnostic: "the message body is missing".into() },
         Err(e) => return Outcome::Retry(e.to_string()),

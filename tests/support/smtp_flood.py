@@ -1,5 +1,6 @@
 """Sends N numbered messages over SESSIONS parallel smtplib sessions:
-smtp_flood.py HOST PORT FROM RCPT N SESSIONS. Prints "ok I QUEUEID" as each is
+smtp_flood.py HOST PORT FROM RCPT N SESSIONS [--from START] (numbers START..N,
+default 0..N). Prints "ok I QUEUEID" as each is
 acknowledged with 250, flushing at once; stops a session at its first error."""
 import smtplib
 import sys
@@ -25,9 +26,10 @@ def session(host, port, sender, rcpt, numbers):
 def main():
     host, port, sender, rcpt, n, sessions = sys.argv[1:7]
     n, sessions = int(n), int(sessions)
+    start = int(sys.argv[8]) if len(sys.argv) > 8 and sys.argv[7] == "--from" else 0
     threads = []
     for k in range(sessions):
-        t = threading.Thread(target=session, args=(host, int(port), sender, rcpt, range(k, n, sessions)))
+        t = threading.Thread(target=session, args=(host, int(port), sender, rcpt, range(start + k, n, sessions)))
         t.start()
         threads.append(t)
     for t in threads:

