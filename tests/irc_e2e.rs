@@ -7,51 +7,11 @@
 mod common;
 
 use std::io::Write;
-use std::net::TcpStream;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::irc::IrcPerson as Person;
+use common::irc::{IrcPerson as Person, Ngircd};
 use common::rig::Rig;
 use common::{free_port, ok, wait_for};
-
-/// An ngircd process on `port`; killed when dropped.
-struct Ngircd {
-    child: Child,
-}
-
-impl Ngircd {
-    fn start(dir: &Path, port: u16) -> Self {
-        let conf = dir.join("ngircd.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "[Global]\nName = irc.test\nInfo = test\nListen = 127.0.0.1\nPorts = {port}\n\
-                 [Limits]\nMaxNickLength = 30\nPingTimeout = 120\nPongTimeout = 20\nMaxConnectionsIP = 0\n\
-                 [Options]\nDNS = no\nIdent = no\nPAM = no\nRequireAuthPing = no\n"
-            ),
-        )
-        .unwrap();
-        let bin = if Path::new("/usr/sbin/ngircd").exists() { "/usr/sbin/ngircd" } else { "ngircd" };
-        let child = Command::new(bin)
-            .args(["-n", "-f", conf.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("ngircd must be installed (apt-get install ngircd)");
-        wait_for(Duration::from_secs(10), || TcpStream::connect(("127.0.0.1", port)).ok())
-            .expect("ngircd did not start");
-        Self { child }
-    }
-}
-
-impl Drop for Ngircd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// What the tests watch the bot do, as a person in `#test` sees it.
 trait BotWatch {

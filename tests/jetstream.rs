@@ -481,3 +481,65 @@ fn two_nodes_polling_one_mailbox_relay_each_message_once() {
         assert!(cluster.log(n).contains("Queued a message from LATSSIAM."), "node{n} relayed nothing");
     }
 }
+
+/// Sends a signed message as `who` to the gateway (through the home server) with the `send` command.
+fn send_cli(cluster: &Cluster, who: &str, to: &str, body: &str) {
+    let file = format!("{who}-{}.eml", free_port());
+    let message = format!(
+        "From: {who}@example.org\r\nTo: {to}\r\nSubject: to the channel\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n{body}"
+    );
+    std::fs::write(cluster.path().join(&file), message).unwrap();
+    let (home, gateway) = (cluster.home(), cluster.nodes[0].gateway_fp.clone());
+    ok(
+        cluster.path(),
+        &["send", "--identity", who, "--server", &home, "--to", &gateway, "--sign", "--pins", "pins", &file],
+    );
+}
+
+#[test]
+fn one_irc_bot_across_the_cluster_and_another_node_takes_over_when_it_dies() {
+    let mut cluster = Cluster::new();
+    let port = free_port();
+    let _ircd = common::irc::Ngircd::start(cluster.path(), port);
+    let irc = format!(
+        "[irc]\nserver = \"127.0.0.1\"\nport = {port}\nnick = \"gwbot\"\nreconnect_min_secs = 1\nreconnect_max_secs = 2\n\
+         lease_secs = 6\n[[irc.channels]]\nname = \"#test\"\nnetwork = \"irc.test\"\nsubscribers = [\"bob@localhost\"]\n"
+    );
+    cluster.add_node(&irc);
+    cluster.add_node(&irc);
+    cluster.start(0);
+    cluster.person("bob", &["--allow-send"]);
+    cluster.add_node_identity(1);
+    cluster.start(1);
+    let carl = common::irc::IrcPerson::connect(port, "carl", "#test");
+    carl.wait_heard(|l| l.starts_with(":gwbot!") && l.contains("JOIN"), "the bot joining");
+    let said = |text: &str| {
+        let text = text.to_owned();
+        move |l: &str| l.starts_with(":gwbot!") && l.contains(" PRIVMSG #test :") && l.contains(&text)
+    };
+    send_cli(&cluster, "bob", "#test@irc.test", "before the failover");
+    carl.wait_heard(said("before the failover"), "the first post");
+    let leaders: Vec<usize> = (0..2).filter(|&n| cluster.log(n).contains("This node holds the IRC lease")).collect();
+    assert_eq!(leaders.len(), 1, "exactly one node runs the bot:\n{}", cluster.logs());
+    let leader = leaders[0];
+    let joins = |p: &common::irc::IrcPerson| {
+        p.lines().iter().filter(|l| l.starts_with(":gwbot!") && l.contains("JOIN")).count()
+    };
+    assert_eq!(joins(&carl), 1, "one bot in the channel");
+
+    cluster.nodes[leader].process.as_mut().unwrap().signal("KILL");
+    let killed = std::time::Instant::now();
+    send_cli(&cluster, "bob", "#test@irc.test", "sent while the bot's node is dead");
+    let back = wait_for(Duration::from_secs(40), || (joins(&carl) >= 2).then_some(()));
+    assert!(back.is_some(), "no node took the bot over:\n{}", cluster.logs());
+    let took = killed.elapsed();
+    carl.wait_heard(said("sent while the bot's node is dead"), "the post sent meanwhile");
+    eprintln!(
+        "IRC failover: the bot was back in the channel {:.1} s after the SIGKILL (lease 6 s)",
+        took.as_secs_f64()
+    );
+    let other = 1 - leader;
+    assert!(cluster.log(other).contains("This node holds the IRC lease"), "{}", cluster.log(other));
+    // Within the lease and the bot's own (re)connection: the lease's 6 s plus at most 14 s to notice, connect, register and join.
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+}

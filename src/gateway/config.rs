@@ -48,6 +48,7 @@ pub struct IrcSettings {
     pub zero_width_names: bool,
     pub private_messages_per_minute: u32,
     pub timeout_secs: u64,
+    pub lease_secs: u64,
     pub channels: Vec<IrcChannel>,
 }
 

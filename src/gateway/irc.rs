@@ -507,38 +507,101 @@ fn lines_for(irc: &IrcSettings, sender: &Contact, message: &Message<'_>) -> Vec<
 /// Posts the outbox in order while the bot is in its channels; runs until `shutdown`.
 pub async fn outbox(gw: Arc<Gateway>, mut handle: Handle, shutdown: CancellationToken) {
     loop {
-        let next = match gw.store.irc_first() {
-            Ok(n) => n,
+        let next = tokio::select! {
+            n = gw.queue.next_post() => n,
+            () = shutdown.cancelled() => return,
+        };
+        let (key, post) = match next {
+            Ok(Some(n)) => n,
+            Ok(None) => continue,
             Err(e) => {
                 warn!(error = %e, "Cannot read the IRC outbox.");
-                None
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    () = shutdown.cancelled() => return,
+                }
             }
         };
-        let Some((key, post)) = next else {
+        let posted = tokio::select! {
+            () = handle.ready() => tokio::select! {
+                r = handle.post(&post.target, post.lines) => r.is_ok(),
+                () = shutdown.cancelled() => false,
+            },
+            () = shutdown.cancelled() => false,
+        };
+        if posted {
+            info!(target_name = %post.target, "Posted to IRC.");
+        }
+        if let Err(e) = gw.queue.post_done(key, posted).await {
+            warn!(error = %e, "Cannot mark a post for IRC done; it may be posted again.");
+        }
+        if shutdown.is_cancelled() {
+            return;
+        }
+        if !posted {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+/// Runs the IRC bot, with the outbox and the digests, until `shutdown`: at
+/// once with one node; with `queue.backend = "jetstream"` only while this
+/// node holds the lease `irc` (one bot per network across the cluster).
+pub async fn run(gw: Arc<Gateway>, config: bridge_irc::IrcConfig, shutdown: CancellationToken) {
+    let Some(shared) = gw.queue.jetstream().cloned() else {
+        bot(&gw, config, shutdown).await;
+        return;
+    };
+    let holder = format!("{}-{}", gw.settings.gateway.hostname, std::process::id());
+    let ttl = Duration::from_secs(gw.settings.irc.lease_secs.max(3));
+    loop {
+        let Some(mut revision) = shared.lease("irc", &holder, None).await else {
             tokio::select! {
-                () = gw.store.irc_wake.notified() => continue,
-                () = tokio::time::sleep(Duration::from_secs(5)) => continue,
+                () = tokio::time::sleep(ttl / 3) => continue,
                 () = shutdown.cancelled() => return,
             }
         };
-        tokio::select! {
-            () = handle.ready() => {}
-            () = shutdown.cancelled() => return,
-        }
-        let posted = tokio::select! {
-            r = handle.post(&post.target, post.lines) => r,
-            () = shutdown.cancelled() => return,
-        };
-        match posted {
-            Ok(()) => {
-                info!(target_name = %post.target, "Posted to IRC.");
-                if let Err(e) = gw.store.irc_done(&key) {
-                    warn!(error = %e, "Cannot remove a posted IRC message; it may be posted again.");
+        info!(holder = %holder, "This node holds the IRC lease: it runs the bot.");
+        let lead = shutdown.child_token();
+        let task = tokio::spawn(bot_owned(Arc::clone(&gw), config.clone(), lead.clone()));
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(ttl / 3) => {}
+                () = shutdown.cancelled() => break,
+            }
+            match shared.lease("irc", &holder, Some(revision)).await {
+                Some(r) => revision = r,
+                None => {
+                    warn!("Lost the IRC lease; stopping the bot here (another node runs it).");
+                    break;
                 }
             }
-            Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+        lead.cancel();
+        let _ = task.await;
+        if shutdown.is_cancelled() {
+            shared.release_lease("irc", revision).await;
+            return;
         }
     }
+}
+
+async fn bot_owned(gw: Arc<Gateway>, config: bridge_irc::IrcConfig, shutdown: CancellationToken) {
+    bot(&gw, config, shutdown).await;
+}
+
+async fn bot(gw: &Arc<Gateway>, config: bridge_irc::IrcConfig, shutdown: CancellationToken) {
+    let core = IrcCore::new(Arc::clone(gw));
+    let (handle, bot) = bridge_irc::spawn(config, Arc::clone(&core), shutdown.clone());
+    let digests = tokio::spawn(core.digest_timer(shutdown.clone()));
+    let posts = tokio::spawn(outbox(Arc::clone(gw), handle, shutdown.clone()));
+    match bot.await {
+        Ok(Err(e)) => tracing::error!(error = %e, "The IRC bot stopped; email keeps working."),
+        Err(e) => tracing::error!(error = %e, "The IRC bot failed."),
+        Ok(Ok(())) => {}
+    }
+    let _ = digests.await;
+    let _ = posts.await;
 }
 
 #[cfg(test)]

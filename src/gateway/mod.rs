@@ -170,10 +170,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         config::QueueBackend::Jetstream => {
             let shared = Arc::new(queue::jetstream::connect(&settings).await?);
             store.share_contacts(Arc::clone(&shared));
-            shared
-                .mirror_contacts(Arc::clone(&store), shutdown.clone())
-                .await
-                .context("cannot read the shared contacts")?;
+            shared.mirror(Arc::clone(&store), shutdown.clone()).await.context("cannot read the shared contacts")?;
             tasks.spawn(Arc::clone(&shared).keep_alive(shutdown.clone()));
             queue::Queue::JetStream(shared, Arc::clone(&store))
         }
@@ -362,17 +359,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     tasks.spawn(worker::run(Arc::clone(&gw), shutdown.clone()));
     tasks.spawn(poller::run(Arc::clone(&gw), shutdown.clone()));
     if !settings.irc.server.is_empty() {
-        let core = irc::IrcCore::new(Arc::clone(&gw));
-        let (handle, bot) = bridge_irc::spawn(irc_config(&settings), Arc::clone(&core), shutdown.clone());
-        tasks.spawn(async move {
-            match bot.await {
-                Ok(Err(e)) => tracing::error!(error = %e, "The IRC bot stopped; email keeps working."),
-                Err(e) => tracing::error!(error = %e, "The IRC bot failed."),
-                Ok(Ok(())) => {}
-            }
-        });
-        tasks.spawn(core.digest_timer(shutdown.clone()));
-        tasks.spawn(irc::outbox(Arc::clone(&gw), handle, shutdown.clone()));
+        tasks.spawn(irc::run(Arc::clone(&gw), irc_config(&settings), shutdown.clone()));
     }
     // One line on stdout for scripts and tests.
     let mut extra = String::new();

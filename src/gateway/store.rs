@@ -943,8 +943,24 @@ impl Store {
     /// [`StoreError`].
     pub async fn set_subscription(&self, channel: &str, address: &str, on: bool) -> Result<(), StoreError> {
         let key = format!("{}\0{}", channel.to_lowercase(), address.to_lowercase());
-        self.subs.insert(key.as_bytes(), if on { &b"1"[..] } else { &b"0"[..] })?;
+        if let Some(q) = self.shared.get() {
+            q.share_subscription(key.as_bytes(), on).await?;
+        }
+        self.apply_subscription(key.as_bytes(), Some(on))?;
         self.durable().await
+    }
+
+    /// Sets (or, with `None`, forgets) a subscription record by its key,
+    /// without a flush: for the mirror of the shared subscriptions.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn apply_subscription(&self, key: &[u8], on: Option<bool>) -> Result<(), StoreError> {
+        match on {
+            Some(on) => self.subs.insert(key, if on { &b"1"[..] } else { &b"0"[..] })?,
+            None => self.subs.remove(key)?,
+        };
+        Ok(())
     }
 
     /// The subscribers of `channel` (`#name@network`): `configured`, changed by messages.

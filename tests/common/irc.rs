@@ -4,6 +4,8 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -52,5 +54,42 @@ impl IrcPerson {
     pub fn wait_heard(&self, f: impl Fn(&str) -> bool, what: &str) -> String {
         wait_for(Duration::from_secs(60), || self.lines().into_iter().find(|l| f(l)))
             .unwrap_or_else(|| panic!("never heard {what}: {:#?}", self.lines()))
+    }
+}
+
+/// An ngircd process on `port`; killed when dropped.
+pub struct Ngircd {
+    child: Child,
+}
+
+impl Ngircd {
+    pub fn start(dir: &Path, port: u16) -> Self {
+        let conf = dir.join("ngircd.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "[Global]\nName = irc.test\nInfo = test\nListen = 127.0.0.1\nPorts = {port}\n\
+                 [Limits]\nMaxNickLength = 30\nPingTimeout = 120\nPongTimeout = 20\nMaxConnectionsIP = 0\n\
+                 [Options]\nDNS = no\nIdent = no\nPAM = no\nRequireAuthPing = no\n"
+            ),
+        )
+        .unwrap();
+        let bin = if Path::new("/usr/sbin/ngircd").exists() { "/usr/sbin/ngircd" } else { "ngircd" };
+        let child = Command::new(bin)
+            .args(["-n", "-f", conf.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("ngircd must be installed (apt-get install ngircd)");
+        wait_for(Duration::from_secs(10), || TcpStream::connect(("127.0.0.1", port)).ok())
+            .expect("ngircd did not start");
+        Self { child }
+    }
+}
+
+impl Drop for Ngircd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -23,7 +23,14 @@
 //! - Contacts: the key-value bucket `STREAM-contacts` (fingerprint in hex ->
 //!   [`Contact`] as JSON) is the truth; every node mirrors it into its own
 //!   sled tree (a watcher from the start of the bucket's history), so lookups
-//!   stay local and a change made on any node reaches the others.
+//!   stay local and a change made on any node reaches the others. IRC
+//!   subscriptions likewise, in `STREAM-subs` (key: the hex of
+//!   `#channel@network NUL address`, value `1` or `0`).
+//! - IRC: the posts for IRC in the work-queue stream `STREAM-irc` (subject
+//!   `STREAM.irc`), read by one consumer with one post in flight (in order);
+//!   one node at a time runs the bot: the holder of the lease `irc` in the
+//!   bucket `STREAM-leases`, whose entries expire `irc.lease_secs` after
+//!   their last renewal (created only if absent, renewed by compare-and-set).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -68,6 +75,10 @@ pub struct JetQueue {
     consumer: consumer::PullConsumer,
     delivered: kv::Store,
     contacts: kv::Store,
+    subs: kv::Store,
+    leases: kv::Store,
+    irc_subject: String,
+    irc: consumer::PullConsumer,
     held: Mutex<HashMap<JobId, Held>>,
     ack_wait: Duration,
     /// Redelivered jobs found delivered already (not sent again).
@@ -151,6 +162,35 @@ pub async fn connect(s: &Settings) -> anyhow::Result<JetQueue> {
     };
     let delivered = open_bucket(&js, bucket("delivered", MARKER_AGE)).await?;
     let contacts = open_bucket(&js, bucket("contacts", Duration::ZERO)).await?;
+    let subs = open_bucket(&js, bucket("subs", Duration::ZERO)).await?;
+    let leases = open_bucket(&js, bucket("leases", Duration::from_secs(s.irc.lease_secs.max(3)))).await?;
+    let irc_subject = format!("{name}.irc");
+    let irc = js
+        .get_or_create_stream(stream::Config {
+            name: format!("{name}-irc"),
+            subjects: vec![irc_subject.clone()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("queue.stream {name}: cannot make the IRC outbox stream"))?
+        .get_or_create_consumer(
+            "irc",
+            consumer::pull::Config {
+                durable_name: Some("irc".into()),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(30),
+                max_deliver: -1,
+                // One post at a time: they go out in the order they were queued.
+                max_ack_pending: 1,
+                ..Default::default()
+            },
+        )
+        .await
+        .with_context(|| format!("queue.stream {name}: cannot make the IRC outbox consumer"))?;
     info!(url = %q.nats_url, stream = %name, "The queue is on NATS JetStream.");
     Ok(JetQueue {
         client,
@@ -160,6 +200,10 @@ pub async fn connect(s: &Settings) -> anyhow::Result<JetQueue> {
         consumer,
         delivered,
         contacts,
+        subs,
+        leases,
+        irc_subject,
+        irc,
         held: Mutex::new(HashMap::new()),
         ack_wait,
         skipped: Default::default(),
@@ -420,68 +464,152 @@ impl JetQueue {
         }
     }
 
-    /// Mirrors the shared contacts into `store` until `shutdown`: first every
-    /// contact there is, then each change as it happens. Returns once the
-    /// first full pass is applied (the mirror goes on in a task).
+    /// Writes a subscription change to the shared bucket.
     ///
     /// # Errors
-    /// [`StoreError::Shared`] if the bucket cannot be watched.
-    pub async fn mirror_contacts(
-        self: &Arc<Self>,
-        store: Arc<Store>,
-        shutdown: CancellationToken,
-    ) -> Result<(), StoreError> {
-        let mut watch = self.contacts.watch_all_from_revision(1).await.map_err(|e| shared("contacts bucket", e))?;
-        let pending = self.contacts.status().await.map(|s| s.values()).unwrap_or(0);
-        let (ready, mut ready_rx) = tokio::sync::watch::channel(pending == 0);
-        let me = Arc::clone(self);
-        tokio::spawn(async move {
-            let mut seen = 0u64;
-            loop {
-                let entry = tokio::select! {
-                    e = watch.next() => e,
-                    () = shutdown.cancelled() => return,
-                };
-                let Some(entry) = entry else {
-                    // The watch ended (NATS went away for long): watch again from the start.
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    match me.contacts.watch_all_from_revision(1).await {
-                        Ok(w) => watch = w,
-                        Err(e) => warn!(error = %e, "Cannot watch the shared contacts; retrying."),
-                    }
-                    continue;
-                };
-                let entry = match entry {
-                    Ok(e) => e,
-                    Err(e) => {
-                        warn!(error = %e, "Shared contacts watch failed.");
-                        continue;
-                    }
-                };
-                let Ok(fp) = entry.key.parse::<Fingerprint>() else { continue };
-                let contact = match entry.operation {
-                    kv::Operation::Put => match serde_json::from_slice::<Contact>(&entry.value) {
-                        Ok(c) => Some(c),
-                        Err(e) => {
-                            warn!(key = %entry.key, error = %e, "A shared contact does not decode; ignored.");
-                            continue;
-                        }
-                    },
-                    kv::Operation::Delete | kv::Operation::Purge => None,
-                };
-                if let Err(e) = store.apply_contact(&fp, contact.as_ref()) {
-                    warn!(error = %e, "Cannot mirror a shared contact.");
-                }
-                seen += 1;
-                if entry.delta == 0 || seen >= pending {
-                    let _ = ready.send(true);
-                }
+    /// [`StoreError::Shared`].
+    pub async fn share_subscription(&self, key: &[u8], on: bool) -> Result<(), StoreError> {
+        let value = Bytes::from_static(if on { b"1" } else { b"0" });
+        self.subs.put(hex(key), value).await.map(drop).map_err(|e| shared("subscriptions bucket", e))
+    }
+
+    /// Mirrors the shared contacts and subscriptions into `store` until
+    /// `shutdown`: first everything there is, then each change as it
+    /// happens. Returns once the first full pass is applied (or after 10 s);
+    /// the mirrors go on in tasks.
+    ///
+    /// # Errors
+    /// [`StoreError::Shared`] if a bucket cannot be watched.
+    pub async fn mirror(self: &Arc<Self>, store: Arc<Store>, shutdown: CancellationToken) -> Result<(), StoreError> {
+        let s = Arc::clone(&store);
+        let contacts = mirror_bucket(self.contacts.clone(), shutdown.clone(), move |key, value| {
+            let Ok(fp) = key.parse::<Fingerprint>() else { return };
+            let contact = match value.map(serde_json::from_slice::<Contact>).transpose() {
+                Ok(c) => c,
+                Err(e) => return warn!(key, error = %e, "A shared contact does not decode; ignored."),
+            };
+            if let Err(e) = s.apply_contact(&fp, contact.as_ref()) {
+                warn!(error = %e, "Cannot mirror a shared contact.");
             }
-        });
-        // The SMTP listener starts once the contacts are known (or after 10 s).
-        let _ = tokio::time::timeout(Duration::from_secs(10), ready_rx.wait_for(|r| *r)).await;
+        })
+        .await?;
+        let subs = mirror_bucket(self.subs.clone(), shutdown, move |key, value| {
+            let Some(k) = unhex(key) else { return };
+            if let Err(e) = store.apply_subscription(&k, value.map(|v| v == b"1")) {
+                warn!(error = %e, "Cannot mirror a shared subscription.");
+            }
+        })
+        .await?;
+        for mut ready in [contacts, subs] {
+            let _ = tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|r| *r)).await;
+        }
         Ok(())
     }
+
+    // ---- IRC ----
+
+    /// Queues posts for IRC on the shared outbox, in order, acknowledged.
+    ///
+    /// # Errors
+    /// [`StoreError::Shared`].
+    pub async fn post_irc(&self, id: u64, posts: &[super::super::store::IrcPost]) -> Result<(), StoreError> {
+        for (i, post) in posts.iter().enumerate() {
+            let payload = serde_json::to_vec(post).map_err(|e| shared("IRC post", e))?;
+            let ack = self.publish(&self.irc_subject, &format!("post-{id:016X}-{i}"), payload.into()).await?;
+            wait_ack(ack).await?;
+        }
+        Ok(())
+    }
+
+    /// The next post for IRC (waiting up to [`FETCH_WAIT`]), with the message to ack once it is posted.
+    ///
+    /// # Errors
+    /// [`StoreError::Shared`].
+    pub async fn next_post(&self) -> Result<Option<(jetstream::Message, super::super::store::IrcPost)>, StoreError> {
+        let batch =
+            self.irc.fetch().max_messages(1).expires(FETCH_WAIT).messages().await.map_err(|e| shared("fetch", e))?;
+        let mut batch = std::pin::pin!(batch);
+        while let Some(m) = batch.next().await {
+            let Ok(m) = m else { break };
+            match serde_json::from_slice(&m.payload) {
+                Ok(post) => return Ok(Some((m, post))),
+                Err(e) => {
+                    warn!(error = %e, "A post in the IRC outbox does not decode; dropped.");
+                    let _ = m.ack_with(AckKind::Term).await;
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Tries to take (or keep, with the revision of the last renewal) the lease `name`.
+    pub async fn lease(&self, name: &str, holder: &str, revision: Option<u64>) -> Option<u64> {
+        let value = Bytes::copy_from_slice(holder.as_bytes());
+        match revision {
+            None => self.leases.create(name, value).await.ok(),
+            Some(r) => self.leases.update(name, value, r).await.ok(),
+        }
+    }
+
+    /// Gives the lease up (shutdown): another node takes it at once.
+    pub async fn release_lease(&self, name: &str, revision: u64) {
+        let _ = self.leases.delete_expect_revision(name, Some(revision)).await;
+    }
+}
+
+/// Applies every entry of `bucket` (from its start, then as they come) with
+/// `apply(key, value or None for a deletion)`; the receiver turns true once
+/// the entries there were at the start are applied.
+async fn mirror_bucket(
+    bucket: kv::Store,
+    shutdown: CancellationToken,
+    apply: impl Fn(&str, Option<&[u8]>) + Send + 'static,
+) -> Result<tokio::sync::watch::Receiver<bool>, StoreError> {
+    let mut watch = bucket.watch_all_from_revision(1).await.map_err(|e| shared("watch", e))?;
+    let pending = bucket.status().await.map(|s| s.values()).unwrap_or(0);
+    let (ready, ready_rx) = tokio::sync::watch::channel(pending == 0);
+    tokio::spawn(async move {
+        let mut seen = 0u64;
+        loop {
+            let entry = tokio::select! {
+                e = watch.next() => e,
+                () = shutdown.cancelled() => return,
+            };
+            let Some(entry) = entry else {
+                // The watch ended (NATS went away for long): watch again from the start.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                match bucket.watch_all_from_revision(1).await {
+                    Ok(w) => watch = w,
+                    Err(e) => warn!(error = %e, "Cannot watch a shared bucket; retrying."),
+                }
+                continue;
+            };
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) => {
+                    warn!(error = %e, "A shared bucket's watch failed.");
+                    continue;
+                }
+            };
+            match entry.operation {
+                kv::Operation::Put => apply(&entry.key, Some(&entry.value)),
+                kv::Operation::Delete | kv::Operation::Purge => apply(&entry.key, None),
+            }
+            seen += 1;
+            if entry.delta == 0 || seen >= pending {
+                let _ = ready.send(true);
+            }
+        }
+    });
+    Ok(ready_rx)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    (0..s.len()).step_by(2).map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok())).collect()
 }
 
 async fn wait_ack(ack: jetstream::context::PublishAckFuture) -> Result<(), StoreError> {
@@ -514,5 +642,12 @@ mod tests {
         for junk in [&b""[..], b"\0\0", b"\xff\xff\xff\xff{}", b"\0\0\0\x02{x"] {
             assert!(unframe(&Bytes::copy_from_slice(junk)).is_none(), "{junk:?}");
         }
+    }
+
+    #[test]
+    fn bucket_keys_round_trip_through_hex() {
+        let key = b"#chat@irc.example.org\0alice@localhost";
+        assert_eq!(unhex(&hex(key)).unwrap(), key);
+        assert!(unhex("zz").is_none() && unhex("abc").is_none());
     }
 }

@@ -14,7 +14,17 @@ pub mod jetstream;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::jetstream::AckKind;
+
 use super::store::{now_ms, Claimed, IrcPost, Job, JobId, Origin, Store, StoreError, Target};
+
+/// Which post [`Queue::next_post`] gave.
+pub enum PostKey {
+    /// Its key in the sled outbox.
+    Sled(sled::IVec),
+    /// Its message on the shared outbox.
+    Shared(Box<async_nats::jetstream::Message>),
+}
 
 /// The queue of this gateway node.
 pub enum Queue {
@@ -75,10 +85,10 @@ impl Queue {
         self.enqueue_with_posts(id, body, targets, origin, &[]).await
     }
 
-    /// Queues the jobs and the IRC posts: when this fails, neither remain
-    /// (with jetstream: the posts are taken back; a job whose publish was
-    /// acknowledged before another failed stays, and is delivered, so the
-    /// sender's retry may deliver that recipient twice).
+    /// Queues the jobs and the IRC posts: with sled, when this fails neither
+    /// remain; with jetstream, what JetStream acknowledged before another
+    /// publish failed stays and goes out, so the sender's retry may deliver
+    /// that recipient (or post) twice.
     ///
     /// # Errors
     /// [`StoreError`].
@@ -92,17 +102,42 @@ impl Queue {
     ) -> Result<(), StoreError> {
         match self {
             Queue::Sled(s) => s.enqueue_with_posts(id, body, targets, origin, posts).await,
-            Queue::JetStream(j, s) => {
-                let keys = if posts.is_empty() { Vec::new() } else { s.queue_posts(posts).await? };
-                if let Err(e) = j.enqueue(id, body, targets, origin).await {
-                    s.unqueue_posts(&keys);
-                    return Err(e);
-                }
-                if !keys.is_empty() {
-                    s.irc_wake.notify_one();
-                }
-                Ok(())
+            Queue::JetStream(j, _) => {
+                j.enqueue(id, body, targets, origin).await?;
+                j.post_irc(id, posts).await
             }
+        }
+    }
+
+    /// The oldest post for IRC, waiting a little for one.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn next_post(&self) -> Result<Option<(PostKey, IrcPost)>, StoreError> {
+        match self {
+            Queue::Sled(s) => {
+                if let Some((k, p)) = s.irc_first()? {
+                    return Ok(Some((PostKey::Sled(k), p)));
+                }
+                let _ = tokio::time::timeout(Duration::from_secs(5), s.irc_wake.notified()).await;
+                Ok(None)
+            }
+            Queue::JetStream(j, _) => Ok(j.next_post().await?.map(|(m, p)| (PostKey::Shared(Box::new(m)), p))),
+        }
+    }
+
+    /// The post went out (`true`) or could not (it comes again, first).
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn post_done(&self, key: PostKey, posted: bool) -> Result<(), StoreError> {
+        match (self, key) {
+            (Queue::Sled(s), PostKey::Sled(k)) if posted => s.irc_done(&k),
+            (_, PostKey::Shared(m)) => {
+                let kind = if posted { AckKind::Ack } else { AckKind::Nak(Some(Duration::from_secs(1))) };
+                m.ack_with(kind).await.map_err(|e| StoreError::Shared(format!("IRC outbox: {e}")))
+            }
+            _ => Ok(()),
         }
     }
 
