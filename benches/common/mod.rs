@@ -86,7 +86,7 @@ pub async fn person(
         latssiam::client::Client::connect(home, "localhost", Some(std::sync::Arc::clone(&id)), &pins).await.unwrap();
     assert_eq!(c.register(&Password::new("sesame").unwrap()).await.unwrap().code(), Code::RegistrationComplete);
     c.quit().await;
-    let contact = latssiam_bridge::gateway::store::Contact {
+    let contact = latssiam_bridge::gateway::contacts::Contact {
         address: address.to_string(),
         cert: id.cert_der().to_vec(),
         email,

@@ -15,7 +15,7 @@ use latssiam::wire::Code;
 use latssiam_bridge::gateway::config::{IrcChannel, IrcSettings, Settings};
 use latssiam_bridge::gateway::irc::irc_posts;
 use latssiam_bridge::gateway::poller::{inspect, Policy};
-use latssiam_bridge::gateway::store::Contact;
+use latssiam_bridge::gateway::contacts::Contact;
 use libfuzzer_sys::fuzz_target;
 
 fn contact() -> &'static Contact {

@@ -14,7 +14,8 @@ use latssiam::tls::FilePins;
 use latssiam::{Fingerprint, Identity};
 use latssiam_bridge::gateway::admin::{self, Request};
 use latssiam_bridge::gateway::config::{LogFormat, Settings};
-use latssiam_bridge::gateway::store::{Contact, Store};
+use latssiam_bridge::gateway::contacts::Contact;
+use latssiam_bridge::gateway::db::Store;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Args)]

@@ -18,7 +18,9 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::store::{message_id_string, Contact, JobId, Store};
+use super::contacts::Contact;
+use super::db::Store;
+use super::queue::{message_id_string, JobId};
 
 /// One operator command.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -63,7 +65,7 @@ pub async fn execute(store: &Store, request: Request) -> Response {
 }
 
 async fn execute_inner(store: &Store, request: Request) -> Result<String, String> {
-    let e = |e: super::store::StoreError| e.to_string();
+    let e = |e: super::db::StoreError| e.to_string();
     match request {
         Request::ContactAdd { contact } => {
             let fp = contact.fingerprint();

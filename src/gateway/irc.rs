@@ -26,9 +26,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::config::{IrcChannel, IrcSettings};
+use super::contacts::{Contact, Reach};
+use super::db::StoreError;
 use super::mail;
+use super::outbox::IrcPost;
+use super::queue::{message_id_string, Origin};
 use super::sink::MAX_PLAINTEXT;
-use super::store::{message_id_string, Contact, IrcPost, Origin, Reach, StoreError};
 use super::Gateway;
 
 /// Most octets of digest lines in one message: what a LATSSIAM message

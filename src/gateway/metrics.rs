@@ -13,8 +13,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use super::db::Store;
 use super::http::{Answer, Handler};
-use super::store::Store;
 
 /// Latency histogram bucket bounds, seconds.
 const BUCKETS: [f64; 20] = [

@@ -8,15 +8,17 @@
 
 pub mod admin;
 pub mod config;
+pub mod contacts;
+pub mod db;
 pub mod discovery;
 pub mod http;
 pub mod irc;
 pub mod mail;
 pub mod metrics;
+pub mod outbox;
 pub mod poller;
 pub mod queue;
 pub mod sink;
-pub mod store;
 pub mod worker;
 
 use std::net::SocketAddr;
@@ -36,8 +38,8 @@ use tracing::{info, warn};
 
 use crate::pins::SledPins;
 use config::{Security, Settings};
+use db::Store;
 use metrics::Metrics;
-use store::Store;
 
 /// The prefix of the embedded home server's trees in the gateway's database.
 const HOME_TREES: &str = "home.";

@@ -24,8 +24,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::config::FromMismatch;
+use super::contacts::{Contact, Reach};
 use super::mail;
-use super::store::{message_id_string, Contact, Origin, Reach, Target};
+use super::queue::{message_id_string, Origin, Target};
 use super::Gateway;
 
 /// The relay policy for contacts' messages (from `[relay]`).

@@ -8,8 +8,10 @@ use bridge_smtp::{Envelope, Reply, Sink};
 use tracing::{info, warn};
 
 use super::config::Oversize;
+use super::contacts::{Contact, Reach};
+use super::db::StoreError;
 use super::mail;
-use super::store::{message_id_string, Contact, Origin, Reach, StoreError, Target};
+use super::queue::{message_id_string, Origin, Target};
 use super::worker;
 use super::Gateway;
 

@@ -24,8 +24,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use super::contacts::Contact;
 use super::mail::{self, Failure};
-use super::store::{now_ms, Contact, Job, JobId, Origin, Target};
+use super::queue::{now_ms, Job, JobId, Origin, Target};
 use super::Gateway;
 
 /// Pooled connections idle longer than this are dropped rather than reused
@@ -331,7 +332,7 @@ async fn deliver(gw: &Arc<Gateway>, id: JobId, mut job: Job) {
             let report = failure_report(gw, id, &job, status, &diagnostic);
             match gw.queue.kill(id, &job, report).await {
                 Ok(Some(bounce)) => {
-                    info!(bounce = %super::store::message_id_string(bounce), "Queued a failure report to the sender.");
+                    info!(bounce = %super::queue::message_id_string(bounce), "Queued a failure report to the sender.");
                     Ok(())
                 }
                 Ok(None) => Ok(()),

@@ -43,8 +43,11 @@ use latssiam::Fingerprint;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::super::config::Settings;
-use super::super::store::{now_ms, Contact, Job, JobId, Origin, Store, StoreError, Target};
+use super::{now_ms, Job, JobId, Origin, Target};
+use crate::gateway::config::Settings;
+use crate::gateway::contacts::Contact;
+use crate::gateway::db::{Store, StoreError};
+use crate::gateway::outbox::IrcPost;
 
 /// How long a publish may wait for JetStream's ack before the message is
 /// refused (`451`): a NATS outage must not hold SMTP sessions.
@@ -512,7 +515,7 @@ impl JetQueue {
     ///
     /// # Errors
     /// [`StoreError::Shared`].
-    pub async fn post_irc(&self, id: u64, posts: &[super::super::store::IrcPost]) -> Result<(), StoreError> {
+    pub async fn post_irc(&self, id: u64, posts: &[IrcPost]) -> Result<(), StoreError> {
         for (i, post) in posts.iter().enumerate() {
             let payload = serde_json::to_vec(post).map_err(|e| shared("IRC post", e))?;
             let ack = self.publish(&self.irc_subject, &format!("post-{id:016X}-{i}"), payload.into()).await?;
@@ -525,7 +528,7 @@ impl JetQueue {
     ///
     /// # Errors
     /// [`StoreError::Shared`].
-    pub async fn next_post(&self) -> Result<Option<(jetstream::Message, super::super::store::IrcPost)>, StoreError> {
+    pub async fn next_post(&self) -> Result<Option<(jetstream::Message, IrcPost)>, StoreError> {
         let batch =
             self.irc.fetch().max_messages(1).expires(FETCH_WAIT).messages().await.map_err(|e| shared("fetch", e))?;
         let mut batch = std::pin::pin!(batch);

@@ -10,18 +10,24 @@
 //! contacts are mirrored from a shared key-value bucket.
 
 pub mod jetstream;
+pub mod sled;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::AckKind;
 
-use super::store::{now_ms, Claimed, IrcPost, Job, JobId, Origin, Store, StoreError, Target};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::db::{corrupt, Store, StoreError};
+use super::outbox::IrcPost;
 
 /// Which post [`Queue::next_post`] gave.
 pub enum PostKey {
     /// Its key in the sled outbox.
-    Sled(sled::IVec),
+    Sled(::sled::IVec),
     /// Its message on the shared outbox.
     Shared(Box<async_nats::jetstream::Message>),
 }
@@ -231,4 +237,138 @@ impl Queue {
             }
         }
     }
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Where a job delivers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Target {
+    /// To a LATSSIAM contact, by fingerprint; `address` is how the sender named them.
+    Latssiam { fingerprint: String, address: String },
+    /// To an email address, through the smarthost.
+    Smtp { rcpt: String },
+}
+
+impl Target {
+    /// The channel's name.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Target::Latssiam { .. } => "latssiam",
+            Target::Smtp { .. } => "smtp",
+        }
+    }
+
+    /// For listings.
+    pub fn describe(&self) -> String {
+        match self {
+            Target::Latssiam { fingerprint, address } => format!("latssiam:<{address}> {fingerprint}"),
+            Target::Smtp { rcpt } => format!("smtp:<{rcpt}>"),
+        }
+    }
+}
+
+/// Who handed the message over: where failures are reported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Origin {
+    /// An SMTP client; `from` is the envelope sender (empty for `<>`).
+    Smtp { from: String },
+    /// A LATSSIAM contact, by fingerprint; `from` is the envelope sender used towards email.
+    Latssiam { fingerprint: String, from: String },
+    /// The gateway itself (bounces and notices): never reported on.
+    Gateway,
+}
+
+impl Origin {
+    /// The envelope sender towards email (empty for `<>`).
+    pub fn envelope_from(&self) -> &str {
+        match self {
+            Origin::Smtp { from } | Origin::Latssiam { from, .. } => from,
+            Origin::Gateway => "",
+        }
+    }
+}
+
+/// One recipient of one message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    /// The message's id (its body's key).
+    pub message: u64,
+    /// Where it goes.
+    pub target: Target,
+    /// Who sent it.
+    pub origin: Origin,
+    /// When the message arrived (ms).
+    pub arrived_ms: u64,
+    /// Attempts so far.
+    pub attempts: u32,
+    /// When it is next due (ms).
+    pub due_ms: u64,
+    /// The last failure, if any.
+    pub last_error: Option<String>,
+}
+
+/// A job id: message id and recipient index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JobId {
+    /// The message.
+    pub message: u64,
+    /// The recipient's index in it.
+    pub index: u16,
+}
+
+impl JobId {
+    pub(crate) fn key(self) -> [u8; 10] {
+        let mut k = [0u8; 10];
+        k[..8].copy_from_slice(&self.message.to_be_bytes());
+        k[8..].copy_from_slice(&self.index.to_be_bytes());
+        k
+    }
+
+    pub(crate) fn from_key(k: &[u8]) -> Result<Self, StoreError> {
+        let m: [u8; 8] = k.get(..8).and_then(|s| s.try_into().ok()).ok_or_else(|| corrupt("job key"))?;
+        let i: [u8; 2] = k.get(8..10).and_then(|s| s.try_into().ok()).ok_or_else(|| corrupt("job key"))?;
+        Ok(Self { message: u64::from_be_bytes(m), index: u16::from_be_bytes(i) })
+    }
+}
+
+impl std::fmt::Display for JobId {
+    /// `MESSAGEID.N`, the message id in upper-case hex as Postfix shows queue ids.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:012X}.{}", self.message, self.index)
+    }
+}
+
+impl std::str::FromStr for JobId {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not a queue id (like 00000000002A.0)");
+        let (m, i) = s.split_once('.').ok_or_else(bad)?;
+        Ok(Self { message: u64::from_str_radix(m, 16).map_err(|_| bad())?, index: i.parse().map_err(|_| bad())? })
+    }
+}
+
+/// The display form of a message id.
+pub fn message_id_string(id: u64) -> String {
+    format!("{id:012X}")
+}
+
+/// Jobs claimed, and when the next one falls due.
+pub type Claimed = (Vec<(JobId, Job)>, Option<u64>);
+
+/// Counts for metrics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Depth {
+    /// Jobs waiting for their first attempt or in flight.
+    pub active: u64,
+    /// Jobs waiting for a retry after a failure.
+    pub deferred: u64,
+    /// Dead letters.
+    pub dead: u64,
 }

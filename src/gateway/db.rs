@@ -1,0 +1,201 @@
+//! The node's sled database (`<data_dir>/queue`): one database and one
+//! group commit for the queue ([`super::queue::sled`]), the contacts
+//! ([`super::contacts`]), the IRC outbox and subscriptions
+//! ([`super::outbox`]), the TOFU pins (`crate::pins`) and the embedded home
+//! server's trees.
+//!
+//! Key layout:
+//! - `contacts`: owner fingerprint (32 octets) -> `Contact` (JSON).
+//! - `contact_names`: lower-cased LATSSIAM address or email alias -> fingerprint (32).
+//! - `bodies`: message id (u64 BE) -> the message octets (an Internet Message).
+//! - `jobs`: job id = message id (u64 BE) ‖ recipient index (u16 BE) -> `Job` (JSON).
+//! - `due`: due time (ms since the epoch, u64 BE) ‖ job id -> empty.
+//! - `dead`: job id -> `Job` (JSON) with its last error: dead letters.
+//! - `irc_outbox`: sequence (u64 BE) -> `IrcPost` (JSON): posts for IRC,
+//!   sent strictly in key order by one task.
+//! - `irc_subs`: `#channel@network` NUL address (lower case) -> `1`
+//!   (subscribed by message) or `0` (unsubscribed by message); these override
+//!   the subscribers in the settings.
+//! - `tofu_pins`: see `crate::pins`.
+//! - the default tree: `health.probe` -> time (u64 BE), written by each health check.
+//! - `home.mailboxes`, `home.messages`: the embedded home server's store
+//!   (`latssiam::server::store`), sharing this database and its fsyncs.
+//!
+//! With `queue.backend = "jetstream"` the jobs, bodies and dead letters are
+//! on JetStream instead, and `contacts`/`irc_subs` mirror shared buckets
+//! ([`super::queue::jetstream`]).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use latssiam::group_commit::GroupCommit;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use super::queue::now_ms;
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// sled failed, or the data directory is held by another process.
+    #[error("queue store: {0}")]
+    Sled(#[from] sled::Error),
+    /// The flush did not happen.
+    #[error("queue store: {0}")]
+    Flush(#[from] latssiam::group_commit::FlushError),
+    /// A record does not decode.
+    #[error("queue store is corrupt: {0}")]
+    Corrupt(String),
+    /// The shared queue (NATS JetStream) failed or did not answer in time.
+    #[error("shared queue: {0}")]
+    Shared(String),
+}
+
+pub(crate) fn corrupt(what: &str) -> StoreError {
+    StoreError::Corrupt(what.to_owned())
+}
+
+pub(crate) fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &str) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+pub(crate) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // Serialising these plain structs to JSON cannot fail (no maps with non-string keys).
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+/// The gateway's store.
+pub struct Store {
+    pub(crate) db: sled::Db,
+    pub(crate) contacts: sled::Tree,
+    pub(crate) names: sled::Tree,
+    pub(crate) bodies: sled::Tree,
+    pub(crate) jobs: sled::Tree,
+    pub(crate) due: sled::Tree,
+    pub(crate) dead: sled::Tree,
+    pub(crate) irc: sled::Tree,
+    pub(crate) subs: sled::Tree,
+    pub(crate) flusher: Arc<GroupCommit>,
+    /// Woken when a job becomes due earlier than the worker may think.
+    pub wake: Notify,
+    /// Woken once, when a write fails for good (see [`Store::broken`]).
+    pub failed: Notify,
+    pub(crate) broken: std::sync::OnceLock<String>,
+    pub(crate) free_space: latssiam::files::FreeSpace,
+    /// Woken when a post for IRC is queued.
+    pub irc_wake: Notify,
+    pub(crate) last_id: AtomicU64,
+    /// With `queue.backend = "jetstream"`: where contact changes go first.
+    pub(crate) shared: std::sync::OnceLock<Arc<crate::gateway::queue::jetstream::JetQueue>>,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir` and rebuilds the due index.
+    ///
+    /// # Errors
+    /// [`StoreError`] if sled cannot open it (another process holds it) or a record is corrupt.
+    pub fn open(dir: &Path) -> Result<Arc<Self>, StoreError> {
+        Self::open_keeping(dir, 0)
+    }
+
+    /// As [`Store::open`], with [`Store::room`] keeping `min_free` octets free on `dir`'s filesystem.
+    ///
+    /// # Errors
+    /// As [`Store::open`].
+    pub fn open_keeping(dir: &Path, min_free: u64) -> Result<Arc<Self>, StoreError> {
+        let db = latssiam::group_commit::open_db(dir)?;
+        let flusher = GroupCommit::start(db.clone(), "gateway-flusher").map_err(|e| StoreError::Sled(e.into()))?;
+        let store = Self {
+            contacts: db.open_tree("contacts")?,
+            names: db.open_tree("contact_names")?,
+            bodies: db.open_tree("bodies")?,
+            jobs: db.open_tree("jobs")?,
+            due: db.open_tree("due")?,
+            dead: db.open_tree("dead")?,
+            irc: db.open_tree("irc_outbox")?,
+            subs: db.open_tree("irc_subs")?,
+            db,
+            flusher: Arc::new(flusher),
+            wake: Notify::new(),
+            irc_wake: Notify::new(),
+            failed: Notify::new(),
+            broken: std::sync::OnceLock::new(),
+            free_space: latssiam::files::FreeSpace::new(dir, min_free),
+            last_id: AtomicU64::new(0),
+            shared: std::sync::OnceLock::new(),
+        };
+        store.recover()?;
+        Ok(Arc::new(store))
+    }
+
+    /// The sled database (for the pin store and the embedded home server).
+    pub fn db(&self) -> &sled::Db {
+        &self.db
+    }
+
+    /// The group commit that makes the database durable, to share with
+    /// others who write in it (the embedded home server).
+    pub fn flusher(&self) -> Arc<GroupCommit> {
+        Arc::clone(&self.flusher)
+    }
+
+    /// Waits until everything written so far is on disk.
+    ///
+    /// # Errors
+    /// [`StoreError::Flush`].
+    pub async fn durable(&self) -> Result<(), StoreError> {
+        self.flusher.durable().await.map_err(|e| self.record(e.into()))
+    }
+
+    /// Notes `e` if it is an I/O error: sled keeps the first I/O error of its
+    /// log (a full disk, a failed fsync) and refuses every later write with
+    /// it, so the store is broken until the process opens it anew.
+    pub(crate) fn record(&self, e: StoreError) -> StoreError {
+        let io = matches!(
+            e,
+            StoreError::Sled(sled::Error::Io(_)) | StoreError::Flush(latssiam::group_commit::FlushError::Io(_))
+        );
+        if io && self.broken.set(e.to_string()).is_ok() {
+            self.failed.notify_one();
+        }
+        e
+    }
+
+    /// Whether the filesystem of the queue keeps `queue.min_free_mb` (see
+    /// [`latssiam::files::FreeSpace`]); `Err` with the octets free.
+    ///
+    /// # Errors
+    /// The octets free, when below the minimum.
+    pub fn room(&self) -> Result<(), u64> {
+        self.free_space.check()
+    }
+
+    /// A durable write that nothing reads: whether the queue can keep a message now.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        self.db.insert(b"health.probe", &now_ms().to_be_bytes()).map_err(|e| self.record(e.into()))?;
+        self.durable().await
+    }
+
+    /// Why the store can no longer write, once it cannot (see [`Store::failed`]).
+    pub fn broken(&self) -> Option<&str> {
+        self.broken.get().map(String::as_str)
+    }
+
+    pub(crate) fn next_message_id(&self) -> Result<u64, StoreError> {
+        // generate_id is monotonic across restarts; keep ids non-zero and increasing.
+        let id = self.db.generate_id()? + 1;
+        self.last_id.fetch_max(id, Ordering::Relaxed);
+        Ok(id)
+    }
+
+    /// Contact changes go to the shared bucket first (then to this store, as
+    /// every node's mirror applies them): `queue.backend = "jetstream"`.
+    pub fn share_contacts(&self, queue: Arc<crate::gateway::queue::jetstream::JetQueue>) {
+        let _ = self.shared.set(queue);
+    }
+}

@@ -1,0 +1,428 @@
+//! The queue in the node's sled database (`queue.backend = "sled"`, the
+//! default).
+//!
+//! Invariants:
+//! - A message is acknowledged to whoever handed it over only after
+//!   [`Store::enqueue`] returned, which is after an fsync covering its body and
+//!   every job (group commit: concurrent writers share one fsync).
+//! - Every job has a body under its message id; a body with neither jobs
+//!   nor dead letters is garbage and is removed.
+//! - `due` is an index of `jobs` and is rebuilt from it at every open, so a
+//!   crash between the writes of the two trees loses nothing. While the
+//!   gateway runs, a job that a worker has claimed has no `due` entry.
+
+use sled::Transactional as _;
+
+use super::{now_ms, Claimed, Depth, Job, JobId, Origin, Target};
+use crate::gateway::db::{corrupt, decode, encode, Store, StoreError};
+use crate::gateway::outbox::IrcPost;
+
+fn due_key(due_ms: u64, id: JobId) -> [u8; 18] {
+    let mut k = [0u8; 18];
+    k[..8].copy_from_slice(&due_ms.to_be_bytes());
+    k[8..].copy_from_slice(&id.key());
+    k
+}
+
+/// Every job in a tree of job id -> [`Job`], in id order.
+fn list_jobs(tree: &sled::Tree) -> Result<Vec<(JobId, Job)>, StoreError> {
+    tree.iter()
+        .map(|kv| kv.map_err(StoreError::from).and_then(|(k, v)| Ok((JobId::from_key(&k)?, decode(&v, "job")?))))
+        .collect()
+}
+
+impl Store {
+    pub(crate) fn recover(&self) -> Result<(), StoreError> {
+        self.due.clear()?;
+        for kv in self.jobs.iter() {
+            let (k, v) = kv?;
+            let job: Job = decode(&v, "job")?;
+            self.due.insert(due_key(job.due_ms, JobId::from_key(&k)?), &[])?;
+        }
+        for kv in self.bodies.iter() {
+            let (k, _) = kv?;
+            if self.jobs.scan_prefix(&k).next().is_none() && self.dead.scan_prefix(&k).next().is_none() {
+                self.bodies.remove(&k)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues `body` for each target, durably, and returns the message id.
+    ///
+    /// # Errors
+    /// [`StoreError`]; then nothing is acknowledged (a partial write is
+    /// either completed by recovery or collected as garbage).
+    pub async fn enqueue(&self, body: &[u8], targets: Vec<Target>, origin: &Origin) -> Result<u64, StoreError> {
+        let id = self.next_message_id()?;
+        self.enqueue_as(id, body, targets, origin).await?;
+        Ok(id)
+    }
+
+    /// A fresh message id, for a message that names its id (a `Received:` header) before it is queued.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn new_message_id(&self) -> Result<u64, StoreError> {
+        self.next_message_id()
+    }
+
+    /// As [`Store::enqueue`], under an id from [`Store::new_message_id`].
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn enqueue_as(
+        &self,
+        id: u64,
+        body: &[u8],
+        targets: Vec<Target>,
+        origin: &Origin,
+    ) -> Result<(), StoreError> {
+        self.enqueue_with_posts(id, body, targets, origin, &[]).await
+    }
+
+    /// As [`Store::enqueue_as`], and queues `posts` for IRC (after everything
+    /// queued before) in the same durable step: when this fails, neither the
+    /// jobs nor the posts remain.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn enqueue_with_posts(
+        &self,
+        id: u64,
+        body: &[u8],
+        targets: Vec<Target>,
+        origin: &Origin,
+        posts: &[IrcPost],
+    ) -> Result<(), StoreError> {
+        let now = now_ms();
+        let mut jobs = sled::Batch::default();
+        let mut due = sled::Batch::default();
+        let has_jobs = !targets.is_empty();
+        for (i, target) in targets.into_iter().enumerate() {
+            let index = u16::try_from(i).map_err(|_| corrupt("more than 65535 recipients"))?;
+            let jid = JobId { message: id, index };
+            let job = Job {
+                message: id,
+                target,
+                origin: origin.clone(),
+                arrived_ms: now,
+                attempts: 0,
+                due_ms: now,
+                last_error: None,
+            };
+            jobs.insert(&jid.key(), encode(&job));
+            due.insert(&due_key(now, jid), &[]);
+        }
+        let mut post_keys = Vec::new();
+        let written = async {
+            for post in posts {
+                let key = self.db.generate_id()?.to_be_bytes();
+                self.irc.insert(key, encode(post))?;
+                post_keys.push(key);
+            }
+            if has_jobs {
+                self.bodies.insert(id.to_be_bytes(), body)?;
+                self.jobs.apply_batch(jobs)?;
+            }
+            self.durable().await
+        };
+        if let Err(e) = written.await {
+            // Not acknowledged, so not to be delivered: take back what was written.
+            self.discard_message(id);
+            for key in post_keys {
+                let _ = self.irc.remove(key);
+            }
+            return Err(self.record(e));
+        }
+        if !posts.is_empty() {
+            self.irc_wake.notify_one();
+        }
+        if !has_jobs {
+            return Ok(());
+        }
+        // The due index is rebuilt from the jobs at every open: no flush needed,
+        // and the message is kept now, so a failure here must not refuse it.
+        if let Err(e) = self.due.apply_batch(due) {
+            tracing::warn!(error = %e, "Cannot index queued jobs; they are due again after a restart.");
+        }
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Removes a message that was not acknowledged, with its jobs (best effort).
+    fn discard_message(&self, id: u64) {
+        let prefix = id.to_be_bytes();
+        for key in self.jobs.scan_prefix(prefix).keys().flatten() {
+            let _ = self.jobs.remove(key);
+        }
+        let _ = self.bodies.remove(prefix);
+    }
+
+    /// The body of a message.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn body(&self, message: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.bodies.get(message.to_be_bytes())?.map(|v| v.to_vec()))
+    }
+
+    /// Claims up to `max` jobs due at `now`: removes their due entries and
+    /// returns them. Returns also the time the next job falls due, if any.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn claim_due(&self, now: u64, max: usize) -> Result<Claimed, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.due.iter() {
+            let (k, _) = kv?;
+            let at: [u8; 8] = k.get(..8).and_then(|s| s.try_into().ok()).ok_or_else(|| corrupt("due key"))?;
+            let at = u64::from_be_bytes(at);
+            if at > now || out.len() >= max {
+                return Ok((out, Some(at)));
+            }
+            self.due.remove(&k)?;
+            let jid = JobId::from_key(&k[8..])?;
+            if let Some(v) = self.jobs.get(jid.key())? {
+                out.push((jid, decode(&v, "job")?));
+            }
+        }
+        Ok((out, None))
+    }
+
+    /// A job is done: removes it, and its body if it was the last.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn complete(&self, id: JobId) -> Result<(), StoreError> {
+        self.jobs.remove(id.key())?;
+        self.collect_body(id.message)
+    }
+
+    fn collect_body(&self, message: u64) -> Result<(), StoreError> {
+        let prefix = message.to_be_bytes();
+        if self.jobs.scan_prefix(prefix).next().is_none() && self.dead.scan_prefix(prefix).next().is_none() {
+            self.bodies.remove(prefix)?;
+        }
+        Ok(())
+    }
+
+    /// A temporary failure: records it and schedules the job at `due_ms`.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn defer(&self, id: JobId, job: &Job) -> Result<(), StoreError> {
+        self.jobs.insert(id.key(), encode(job))?;
+        self.due.insert(due_key(job.due_ms, id), &[])?;
+        // The worker may be asleep until a later job: let it look again.
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// A permanent failure: moves the job to the dead letters and, if given,
+    /// queues the failure report (a message and its one target) in the same
+    /// transaction, durably. Returns the report's message id.
+    ///
+    /// # Errors
+    /// [`StoreError`]: if the transaction failed nothing was changed; if only
+    /// the flush failed, the change may or may not survive a crash, and the
+    /// report becomes due at the next start.
+    pub async fn kill(
+        &self,
+        id: JobId,
+        job: &Job,
+        report: Option<(Vec<u8>, Target)>,
+    ) -> Result<Option<u64>, StoreError> {
+        let now = now_ms();
+        let report = match report {
+            Some((body, target)) => {
+                let rid = JobId { message: self.next_message_id()?, index: 0 };
+                let rjob = Job {
+                    message: rid.message,
+                    target,
+                    origin: Origin::Gateway,
+                    arrived_ms: now,
+                    attempts: 0,
+                    due_ms: now,
+                    last_error: None,
+                };
+                Some((rid, body, encode(&rjob)))
+            }
+            None => None,
+        };
+        let dead = encode(job);
+        (&self.bodies, &self.jobs, &self.dead)
+            .transaction(|(bodies, jobs, dead_letters)| {
+                dead_letters.insert(&id.key(), dead.as_slice())?;
+                jobs.remove(&id.key())?;
+                if let Some((rid, body, rjob)) = &report {
+                    bodies.insert(&rid.message.to_be_bytes(), body.as_slice())?;
+                    jobs.insert(&rid.key(), rjob.as_slice())?;
+                }
+                Ok::<_, sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|e| match e {
+                sled::transaction::TransactionError::Storage(e) => StoreError::Sled(e),
+                sled::transaction::TransactionError::Abort(()) => corrupt("dead-letter transaction aborted"),
+            })?;
+        self.durable().await?;
+        Ok(match report {
+            Some((rid, _, _)) => {
+                self.due.insert(due_key(now, rid), &[])?;
+                self.wake.notify_one();
+                Some(rid.message)
+            }
+            None => None,
+        })
+    }
+
+    /// Every queued job, in id order.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn jobs(&self) -> Result<Vec<(JobId, Job)>, StoreError> {
+        list_jobs(&self.jobs)
+    }
+
+    /// Every dead letter, in id order.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn dead_letters(&self) -> Result<Vec<(JobId, Job)>, StoreError> {
+        list_jobs(&self.dead)
+    }
+
+    /// One job, queued or dead (and whether it is dead).
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn job(&self, id: JobId) -> Result<Option<(Job, bool)>, StoreError> {
+        if let Some(v) = self.jobs.get(id.key())? {
+            return Ok(Some((decode(&v, "job")?, false)));
+        }
+        Ok(self.dead.get(id.key())?.map(|v| decode(&v, "job")).transpose()?.map(|j| (j, true)))
+    }
+
+    /// Makes a queued job due now, or puts a dead letter back in the queue.
+    /// Returns false if there is no such job.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn retry(&self, id: JobId) -> Result<bool, StoreError> {
+        let now = now_ms();
+        let found = if let Some((mut job, dead)) = self.job(id)? {
+            if !dead {
+                self.due.remove(due_key(job.due_ms, id))?;
+            }
+            job.due_ms = now;
+            if dead {
+                job.arrived_ms = now;
+                job.attempts = 0;
+            }
+            self.jobs.insert(id.key(), encode(&job))?;
+            self.dead.remove(id.key())?;
+            self.due.insert(due_key(now, id), &[])?;
+            true
+        } else {
+            false
+        };
+        self.durable().await?;
+        self.wake.notify_one();
+        Ok(found)
+    }
+
+    /// Deletes a queued job or dead letter. Returns false if there is no such job.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub async fn delete(&self, id: JobId) -> Result<bool, StoreError> {
+        let Some((job, _)) = self.job(id)? else { return Ok(false) };
+        self.due.remove(due_key(job.due_ms, id))?;
+        self.jobs.remove(id.key())?;
+        self.dead.remove(id.key())?;
+        self.collect_body(id.message)?;
+        self.durable().await?;
+        Ok(true)
+    }
+
+    /// Queue depth by state.
+    pub fn depth(&self) -> Depth {
+        let mut d = Depth { dead: self.dead.len() as u64, ..Depth::default() };
+        for (_, v) in self.jobs.iter().flatten() {
+            match decode::<Job>(&v, "job") {
+                Ok(j) if j.attempts > 0 => d.deferred += 1,
+                _ => d.active += 1,
+            }
+        }
+        d
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn smtp(rcpt: &str) -> Target {
+        Target::Smtp { rcpt: rcpt.into() }
+    }
+
+    #[tokio::test]
+    async fn jobs_survive_reopening_and_bodies_go_with_the_last_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let origin = Origin::Smtp { from: "a@example.org".into() };
+        let id = {
+            let s = Store::open(dir.path()).unwrap();
+            let id = s.enqueue(b"body", vec![smtp("x@e"), smtp("y@e")], &origin).await.unwrap();
+            let (claimed, _) = s.claim_due(now_ms(), 10).unwrap();
+            assert_eq!(claimed.len(), 2);
+            // Claimed jobs are not handed out twice while the gateway runs.
+            assert!(s.claim_due(now_ms(), 10).unwrap().0.is_empty());
+            id
+        };
+        let s = Store::open(dir.path()).unwrap();
+        // After a restart the due index is rebuilt: both jobs are due again.
+        let (claimed, _) = s.claim_due(now_ms(), 10).unwrap();
+        assert_eq!(claimed.len(), 2);
+        s.complete(claimed[0].0).unwrap();
+        assert_eq!(s.body(id).unwrap().as_deref(), Some(&b"body"[..]));
+        let report = Some((b"report".to_vec(), smtp("a@example.org")));
+        let rid = s.kill(claimed[1].0, &claimed[1].1, report).await.unwrap().unwrap();
+        assert!(s.body(id).unwrap().is_some(), "a dead letter keeps its body");
+        // The report is queued with the dead letter, and due.
+        let (reports, _) = s.claim_due(now_ms(), 10).unwrap();
+        assert_eq!(reports.len(), 1);
+        assert_eq!((reports[0].0.message, &reports[0].1.target), (rid, &smtp("a@example.org")));
+        assert_eq!(s.body(rid).unwrap().as_deref(), Some(&b"report"[..]));
+        s.complete(reports[0].0).unwrap();
+        assert!(s.delete(claimed[1].0).await.unwrap());
+        assert_eq!(s.body(id).unwrap(), None);
+        assert!(s.jobs().unwrap().is_empty() && s.dead_letters().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn deferred_jobs_wait_for_their_time_and_retry_brings_them_forward() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.enqueue(b"b", vec![smtp("x@e")], &Origin::Gateway).await.unwrap();
+        let (mut claimed, _) = s.claim_due(now_ms(), 10).unwrap();
+        let (id, mut job) = claimed.remove(0);
+        job.attempts = 1;
+        job.due_ms = now_ms() + 60_000;
+        s.defer(id, &job).unwrap();
+        let (none, next) = s.claim_due(now_ms(), 10).unwrap();
+        assert!(none.is_empty());
+        assert_eq!(next, Some(job.due_ms));
+        assert_eq!(s.depth().deferred, 1);
+        assert!(s.retry(id).await.unwrap());
+        assert_eq!(s.claim_due(now_ms(), 10).unwrap().0.len(), 1);
+        assert!(!s.retry(JobId { message: 999, index: 0 }).await.unwrap());
+    }
+
+    #[test]
+    fn job_ids_print_and_parse() {
+        let id = JobId { message: 42, index: 3 };
+        assert_eq!(id.to_string(), "00000000002A.3");
+        assert_eq!("00000000002A.3".parse::<JobId>().unwrap(), id);
+        assert!("nope".parse::<JobId>().is_err());
+    }
+}
