@@ -543,3 +543,79 @@ fn one_irc_bot_across_the_cluster_and_another_node_takes_over_when_it_dies() {
     // Within the lease and the bot's own (re)connection: the lease's 6 s plus at most 14 s to notice, connect, register and join.
     assert!(took < Duration::from_secs(20), "took {took:?}");
 }
+
+#[test]
+fn contacts_and_the_queue_from_a_machine_with_only_the_cli_and_the_nats_url() {
+    let mut cluster = Cluster::new();
+    identity(cluster.path(), "alice@localhost", "alice");
+    let home = cluster.home();
+    let out = ok(
+        cluster.path(),
+        &["register", "--identity", "alice", "--server", &home, "--password", "sesame", "--pins", "pins"],
+    );
+    assert!(out.starts_with("10 "), "{out}");
+    // No node runs, and this settings file names no data dir of a node's.
+    let cli = cluster.path().join("cli.toml");
+    std::fs::write(
+        &cli,
+        format!(
+            "[gateway]\ndata_dir = \"no-node-here\"\ndomains = [\"example.org\"]\n[queue]\nbackend = \"jetstream\"\nnats_url = \"{}\"\n",
+            cluster.nats.url()
+        ),
+    )
+    .unwrap();
+    let cli_run = |args: &[&str]| {
+        let mut v = args.to_vec();
+        v.extend(["--config", cli.to_str().unwrap()]);
+        ok(cluster.path(), &v)
+    };
+    let added = cli_run(&["contacts", "add", "--cert", "alice/cert.pem", "--email", "alice@example.org"]);
+    assert!(added.starts_with("added alice@localhost"), "{added}");
+    let refused = common::run(
+        cluster.path(),
+        &["contacts", "add", "--cert", "alice/cert.pem", "--email", "x@example.org", "--config", cli.to_str().unwrap()],
+    );
+    assert!(refused.status.success(), "the same contact may be changed");
+    identity(cluster.path(), "mallory@localhost", "mallory");
+    let taken = common::run(
+        cluster.path(),
+        &[
+            "contacts",
+            "add",
+            "--cert",
+            "mallory/cert.pem",
+            "--email",
+            "x@example.org",
+            "--config",
+            cli.to_str().unwrap(),
+        ],
+    );
+    assert!(!taken.status.success(), "an alias held by another contact is refused");
+    assert!(String::from_utf8_lossy(&taken.stderr).contains("already belongs to another contact"));
+    cli_run(&["contacts", "add", "--cert", "alice/cert.pem", "--email", "alice@example.org"]);
+    assert!(cli_run(&["contacts", "list"]).contains("alice@example.org"));
+    assert!(!cluster.path().join("no-node-here").exists(), "the command line made no node's database");
+    let queue = cli_run(&["queue", "list"]);
+    assert!(queue.contains("0 jobs on the JetStream stream latssiam-bridge"), "{queue}");
+
+    // A node started later knows the contact from the shared bucket, and delivers to it.
+    cluster.add_node("");
+    cluster.start(0);
+    assert!(cluster.cli(0, &["contacts", "list"]).contains("alice@example.org"));
+    let msg = cluster.path().join("m.eml");
+    std::fs::write(&msg, "From: x@remote.example\r\nTo: alice@example.org\r\nSubject: flood 7\r\n\r\nhi\r\n").unwrap();
+    let out = Command::new("python3")
+        .args([
+            &support("smtp_send.py"),
+            "127.0.0.1",
+            &cluster.nodes[0].smtp_port.to_string(),
+            "x@remote.example",
+            "alice@example.org",
+            msg.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("accepted 250"));
+    let got = wait_for(Duration::from_secs(30), || cluster.delivered("alice").get(&7).copied());
+    assert_eq!(got, Some(1), "{}", cluster.log(0));
+}

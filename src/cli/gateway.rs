@@ -203,11 +203,20 @@ pub fn healthcheck(args: HealthcheckArgs) -> Result<()> {
 async fn operate(settings: &Settings, request: Request) -> Result<()> {
     let response = match admin::call(&settings.admin_socket(), &request).await.map_err(anyhow::Error::msg)? {
         Some(r) => r,
+        // With the shared queue, no node is needed: the contacts and the
+        // queue are on NATS (a machine with only this command and the URL).
+        None if settings.queue.backend == latssiam_bridge::gateway::config::QueueBackend::Jetstream => {
+            let shared = latssiam_bridge::gateway::queue::jetstream::connect(settings).await?;
+            match admin::execute_shared(&shared, request).await {
+                Ok(text) => admin::Response { ok: true, text },
+                Err(text) => admin::Response { ok: false, text },
+            }
+        }
         None => {
             let store = Store::open(&settings.queue_dir()).with_context(|| {
                 format!("cannot open {} and no gateway answers on its admin socket", settings.queue_dir().display())
             })?;
-            admin::execute(&store, request).await
+            admin::execute(&store, None, request).await
         }
     };
     if response.ok {

@@ -20,6 +20,7 @@ use tracing::warn;
 
 use super::contacts::Contact;
 use super::db::Store;
+use super::queue::jetstream::JetQueue;
 use super::queue::{message_id_string, JobId};
 
 /// One operator command.
@@ -56,11 +57,79 @@ fn find_contact(store: &Store, who: &str) -> Result<Option<Fingerprint>, String>
     Ok(store.contact_by_name(who).map_err(|e| e.to_string())?.map(|(fp, _)| fp))
 }
 
-/// Carries out `request` on `store`.
-pub async fn execute(store: &Store, request: Request) -> Response {
-    match execute_inner(store, request).await {
+fn contact_table(contacts: &[Contact]) -> String {
+    let mut out = format!("{:<36} {:<36} {:<5} {:<64} server\n", "address", "email", "send", "fingerprint");
+    for c in contacts {
+        out.push_str(&format!(
+            "{:<36} {:<36} {:<5} {} {}\n",
+            c.address,
+            c.email.as_deref().unwrap_or("-"),
+            if c.allow_send { "yes" } else { "no" },
+            c.fingerprint(),
+            c.server_host()
+        ));
+    }
+    out
+}
+
+/// Carries out `request` on `store`, and with `shared` (`queue.backend =
+/// "jetstream"`) the queue requests on JetStream.
+pub async fn execute(store: &Store, shared: Option<&JetQueue>, request: Request) -> Response {
+    let result = match (shared, request) {
+        (
+            Some(j),
+            r @ (Request::QueueList
+            | Request::QueueShow { .. }
+            | Request::QueueRetry { .. }
+            | Request::QueueDelete { .. }),
+        ) => execute_shared(j, r).await,
+        (_, r) => execute_inner(store, r).await,
+    };
+    match result {
         Ok(text) => Response { ok: true, text },
         Err(text) => Response { ok: false, text },
+    }
+}
+
+/// `request` on the shared queue and contacts alone, without a node's
+/// database: for the command line on a machine with only the NATS URL, and
+/// for the queue requests on any node.
+pub async fn execute_shared(j: &JetQueue, request: Request) -> Result<String, String> {
+    let e = |e: super::db::StoreError| e.to_string();
+    let find = |contacts: &[Contact], who: &str| {
+        contacts
+            .iter()
+            .find(|c| {
+                c.fingerprint().to_string().eq_ignore_ascii_case(who)
+                    || c.address.eq_ignore_ascii_case(who)
+                    || c.email.as_deref().is_some_and(|m| m.eq_ignore_ascii_case(who))
+            })
+            .map(Contact::fingerprint)
+    };
+    match request {
+        Request::ContactAdd { contact } => {
+            let fp = contact.fingerprint();
+            let all = j.contacts().await.map_err(e)?;
+            for name in std::iter::once(&contact.address).chain(contact.email.as_ref()) {
+                if find(&all, name).is_some_and(|other| other != fp) {
+                    return Err(format!("{name} already belongs to another contact"));
+                }
+            }
+            j.share_contact(&fp, Some(&contact)).await.map_err(e)?;
+            Ok(format!("added {} {fp}", contact.address))
+        }
+        Request::ContactList => Ok(contact_table(&j.contacts().await.map_err(e)?)),
+        Request::ContactRemove { who } => {
+            let fp = find(&j.contacts().await.map_err(e)?, &who).ok_or_else(|| format!("no contact {who}"))?;
+            j.share_contact(&fp, None).await.map_err(e)?;
+            Ok(format!("removed {fp}"))
+        }
+        Request::QueueList => j.summary().await.map_err(e),
+        Request::QueueShow { .. } | Request::QueueRetry { .. } | Request::QueueDelete { .. } => Err(format!(
+            "with queue.backend = \"jetstream\" the jobs are JetStream messages: see them with the nats CLI \
+             (`nats stream view {0}`, dead letters in `{0}-dead`)",
+            j.stream_name()
+        )),
     }
 }
 
@@ -72,20 +141,7 @@ async fn execute_inner(store: &Store, request: Request) -> Result<String, String
             store.put_contact(&contact).await.map_err(e)??;
             Ok(format!("added {} {fp}", contact.address))
         }
-        Request::ContactList => {
-            let mut out = format!("{:<36} {:<36} {:<5} {:<64} server\n", "address", "email", "send", "fingerprint");
-            for c in store.contacts().map_err(e)? {
-                out.push_str(&format!(
-                    "{:<36} {:<36} {:<5} {} {}\n",
-                    c.address,
-                    c.email.as_deref().unwrap_or("-"),
-                    if c.allow_send { "yes" } else { "no" },
-                    c.fingerprint(),
-                    c.server_host()
-                ));
-            }
-            Ok(out)
-        }
+        Request::ContactList => Ok(contact_table(&store.contacts().map_err(e)?)),
         Request::ContactRemove { who } => {
             let fp = find_contact(store, &who)?.ok_or_else(|| format!("no contact {who}"))?;
             if store.remove_contact(&fp).await.map_err(e)? {
@@ -188,7 +244,13 @@ pub fn peer_allowed(uid: u32, own: u32) -> bool {
 }
 
 /// Serves the admin socket until `shutdown`, to peers whose uid is `own_uid` or root's.
-pub async fn serve(listener: UnixListener, store: Arc<Store>, own_uid: u32, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: UnixListener,
+    store: Arc<Store>,
+    shared: Option<Arc<JetQueue>>,
+    own_uid: u32,
+    shutdown: CancellationToken,
+) {
     // Few operators at once: more wait their turn.
     let slots = Arc::new(tokio::sync::Semaphore::new(8));
     loop {
@@ -216,6 +278,7 @@ pub async fn serve(listener: UnixListener, store: Arc<Store>, own_uid: u32, shut
         }
         let Ok(slot) = Arc::clone(&slots).acquire_owned().await else { return };
         let store = Arc::clone(&store);
+        let shared = shared.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let (read, mut write) = stream.into_split();
@@ -224,7 +287,7 @@ pub async fn serve(listener: UnixListener, store: Arc<Store>, own_uid: u32, shut
             let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(read, 1 << 20));
             let response = match tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line)).await {
                 Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
-                    Ok(request) => execute(&store, request).await,
+                    Ok(request) => execute(&store, shared.as_deref(), request).await,
                     Err(e) => Response { ok: false, text: format!("bad admin request: {e}") },
                 },
                 _ => return,

@@ -357,7 +357,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     ));
     let monitor = metrics::Monitor { metrics: Arc::clone(&gw.metrics), store: Arc::clone(&store), home: gw.home.1 };
     tasks.spawn(http::serve(http, Arc::new(monitor), "http.listen", shutdown.clone()));
-    tasks.spawn(admin::serve(admin, Arc::clone(&store), own_uid, shutdown.clone()));
+    tasks.spawn(admin::serve(admin, Arc::clone(&store), gw.queue.jetstream().cloned(), own_uid, shutdown.clone()));
     tasks.spawn(worker::run(Arc::clone(&gw), shutdown.clone()));
     tasks.spawn(poller::run(Arc::clone(&gw), shutdown.clone()));
     if !settings.irc.server.is_empty() {

@@ -72,6 +72,7 @@ struct Held {
 /// The JetStream queue of one node.
 pub struct JetQueue {
     client: async_nats::Client,
+    stream: String,
     js: jetstream::Context,
     subject: String,
     dead_subject: String,
@@ -197,6 +198,7 @@ pub async fn connect(s: &Settings) -> anyhow::Result<JetQueue> {
     info!(url = %q.nats_url, stream = %name, "The queue is on NATS JetStream.");
     Ok(JetQueue {
         client,
+        stream: name.clone(),
         js,
         subject,
         dead_subject,
@@ -450,7 +452,51 @@ impl JetQueue {
         }
     }
 
+    /// The jobs stream's name (`queue.stream`).
+    pub fn stream_name(&self) -> &str {
+        &self.stream
+    }
+
+    /// What the shared queue holds, for `queue list`.
+    ///
+    /// # Errors
+    /// [`StoreError::Shared`].
+    pub async fn summary(&self) -> Result<String, StoreError> {
+        let count = |name: String| async move {
+            let mut stream = self.js.get_stream(&name).await.map_err(|e| shared("stream", e))?;
+            let info = stream.info().await.map_err(|e| shared("stream info", e))?;
+            Ok::<_, StoreError>(info.state.messages)
+        };
+        let jobs = count(self.stream.clone()).await?;
+        let dead = count(format!("{}-dead", self.stream)).await?;
+        let irc = count(format!("{}-irc", self.stream)).await?;
+        Ok(format!(
+            "-- {jobs} jobs on the JetStream stream {0} (in flight or waiting), {dead} dead letters on {0}-dead, \
+             {irc} posts for IRC on {0}-irc; `nats stream view {0}` shows them\n",
+            self.stream
+        ))
+    }
+
     // ---- contacts ----
+
+    /// Every shared contact.
+    ///
+    /// # Errors
+    /// [`StoreError::Shared`].
+    pub async fn contacts(&self) -> Result<Vec<Contact>, StoreError> {
+        let keys = self.contacts.keys().await.map_err(|e| shared("contacts bucket", e))?;
+        let keys: Vec<String> = keys.filter_map(|k| async move { k.ok() }).collect().await;
+        let mut out = Vec::new();
+        for key in keys {
+            if let Some(value) = self.contacts.get(key).await.map_err(|e| shared("contacts bucket", e))? {
+                match serde_json::from_slice::<Contact>(&value) {
+                    Ok(c) => out.push(c),
+                    Err(e) => warn!(error = %e, "A shared contact does not decode; skipped."),
+                }
+            }
+        }
+        Ok(out)
+    }
 
     /// Writes a contact (or its removal) to the shared bucket.
     ///
