@@ -8,7 +8,7 @@
 # Targets: decode, open, gemini_request (bridges/latssiam/fuzz) and
 # smtp_session, irc_line, poller_message (fuzz/); default: all six. Each run works on a scratch copy
 # of corpus/TARGET under the fuzz crate's target/ (the committed corpus is
-# never written to). Crash inputs land in the crate's artifacts/TARGET/ as
+# never written to; CONTINUE=1 keeps the scratch corpus of the last run). Crash inputs land in the crate's artifacts/TARGET/ as
 # cargo-fuzz puts them. Builds and runs are `nice -n ${NICE:-19}`; extra
 # libFuzzer flags can be given in FUZZ_FLAGS (e.g. FUZZ_FLAGS=-jobs=2).
 # Exit status: 0 if every target built and found nothing, 1 otherwise.
@@ -40,9 +40,10 @@ for t in "${targets[@]}"; do
     corpus=$scratch/corpus/$t
     log=$scratch/$t.log
     artifacts=$dir/artifacts/$t
-    rm -rf "$corpus"
+    # CONTINUE=1 goes on from the corpus the last run left (a run in parts).
+    [ "${CONTINUE:-0}" = 1 ] || rm -rf "$corpus"
     mkdir -p "$corpus" "$artifacts"
-    [ -d "$dir/corpus/$t" ] && cp -a "$dir/corpus/$t/." "$corpus/"
+    [ -d "$dir/corpus/$t" ] && cp -an "$dir/corpus/$t/." "$corpus/"
     seeds=$(find "$corpus" -type f | wc -l)
     before=$(find "$artifacts" -type f | sort)
     echo "== $t: ${secs}s from $seeds seeds (log: ${log#"$root"/})" >&2
