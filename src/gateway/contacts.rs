@@ -123,10 +123,14 @@ impl Store {
         Ok(())
     }
 
+    /// Removes the names of `c` from the index, those that still point to it.
     fn remove_names(&self, c: &Contact) -> Result<(), StoreError> {
-        self.names.remove(c.address.to_lowercase().as_bytes())?;
-        if let Some(e) = &c.email {
-            self.names.remove(e.to_lowercase().as_bytes())?;
+        let fp = c.fingerprint();
+        for name in std::iter::once(&c.address).chain(c.email.as_ref()) {
+            let key = name.to_lowercase();
+            if self.names.get(key.as_bytes())?.is_some_and(|v| v.as_ref() == fp.as_bytes()) {
+                self.names.remove(key.as_bytes())?;
+            }
         }
         Ok(())
     }
@@ -195,15 +199,7 @@ impl Store {
     /// # Errors
     /// [`StoreError`].
     pub async fn mark_gone(&self, fp: &Fingerprint) -> Result<(), StoreError> {
-        if let Some(mut c) = self.contact(fp)? {
-            if !c.gone {
-                c.gone = true;
-                self.share(fp, Some(&c)).await?;
-                self.contacts.insert(fp.as_bytes(), encode(&c))?;
-                self.durable().await?;
-            }
-        }
-        Ok(())
+        self.change_contact(fp, |c| c.gone = true).await
     }
 
     /// Points a contact at another server (after `35 Mailbox moved`).
@@ -211,10 +207,22 @@ impl Store {
     /// # Errors
     /// [`StoreError`].
     pub async fn move_contact(&self, fp: &Fingerprint, server: &str) -> Result<(), StoreError> {
-        if let Some(mut c) = self.contact(fp)? {
-            c.server = Some(server.to_owned());
-            self.share(fp, Some(&c)).await?;
-            self.contacts.insert(fp.as_bytes(), encode(&c))?;
+        self.change_contact(fp, |c| c.server = Some(server.to_owned())).await
+    }
+
+    /// Changes one contact in place; with the shared contacts by
+    /// compare-and-set on the newest version (an operator may change or
+    /// remove it on another node meanwhile: a removed contact stays removed).
+    async fn change_contact(&self, fp: &Fingerprint, change: impl Fn(&mut Contact)) -> Result<(), StoreError> {
+        let changed = match self.shared.get() {
+            Some(q) => q.update_contact(fp, &change).await?,
+            None => self.contact(fp)?.map(|mut c| {
+                change(&mut c);
+                c
+            }),
+        };
+        if let Some(c) = changed {
+            self.apply_contact(fp, Some(&c))?;
             self.durable().await?;
         }
         Ok(())

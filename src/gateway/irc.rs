@@ -525,12 +525,18 @@ pub async fn outbox(gw: Arc<Gateway>, mut handle: Handle, shutdown: Cancellation
                 }
             }
         };
-        let posted = tokio::select! {
-            () = handle.ready() => tokio::select! {
-                r = handle.post(&post.target, post.lines) => r.is_ok(),
-                () = shutdown.cancelled() => false,
-            },
-            () = shutdown.cancelled() => false,
+        let sending = async {
+            handle.ready().await;
+            handle.post(&post.target, post.lines).await.is_ok()
+        };
+        let mut sending = std::pin::pin!(sending);
+        let alive_every = super::queue::jetstream::IRC_ACK_WAIT / 3;
+        let posted = loop {
+            tokio::select! {
+                r = &mut sending => break r,
+                () = tokio::time::sleep(alive_every) => gw.queue.post_alive(&key).await,
+                () = shutdown.cancelled() => break false,
+            }
         };
         if posted {
             info!(target_name = %post.target, "Posted to IRC.");
@@ -556,7 +562,8 @@ pub async fn run(gw: Arc<Gateway>, config: bridge_irc::IrcConfig, shutdown: Canc
         return;
     };
     let holder = format!("{}-{}", gw.settings.gateway.hostname, std::process::id());
-    let ttl = Duration::from_secs(gw.settings.irc.lease_secs.max(3));
+    // The bucket's own lease time (made by the first node, with its irc.lease_secs).
+    let ttl = shared.lease_ttl();
     loop {
         let Some(mut revision) = shared.lease("irc", &holder, None).await else {
             tokio::select! {
@@ -566,11 +573,18 @@ pub async fn run(gw: Arc<Gateway>, config: bridge_irc::IrcConfig, shutdown: Canc
         };
         info!(holder = %holder, "This node holds the IRC lease: it runs the bot.");
         let lead = shutdown.child_token();
-        let task = tokio::spawn(bot_owned(Arc::clone(&gw), config.clone(), lead.clone()));
+        let mut task = tokio::spawn(bot_owned(Arc::clone(&gw), config.clone(), lead.clone()));
+        let mut bot_ended = false;
         loop {
             tokio::select! {
                 () = tokio::time::sleep(ttl / 3) => {}
                 () = shutdown.cancelled() => break,
+                _ = &mut task => {
+                    // The bot gave up here (refused nick or SASL): let another node try.
+                    warn!("The IRC bot ended on this node; giving the lease up.");
+                    bot_ended = true;
+                    break;
+                }
             }
             match shared.lease("irc", &holder, Some(revision)).await {
                 Some(r) => revision = r,
@@ -581,10 +595,21 @@ pub async fn run(gw: Arc<Gateway>, config: bridge_irc::IrcConfig, shutdown: Canc
             }
         }
         lead.cancel();
-        let _ = task.await;
-        if shutdown.is_cancelled() {
+        if !bot_ended {
+            let _ = task.await;
+        }
+        if shutdown.is_cancelled() || bot_ended {
             shared.release_lease("irc", revision).await;
+        }
+        if shutdown.is_cancelled() {
             return;
+        }
+        if bot_ended {
+            // Not at once again: the other nodes get the first chance.
+            tokio::select! {
+                () = tokio::time::sleep(ttl) => {}
+                () = shutdown.cancelled() => return,
+            }
         }
     }
 }

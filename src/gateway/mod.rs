@@ -173,7 +173,6 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
             let shared = Arc::new(queue::jetstream::connect(&settings).await?);
             store.share_contacts(Arc::clone(&shared));
             shared.mirror(Arc::clone(&store), shutdown.clone()).await.context("cannot read the shared contacts")?;
-            tasks.spawn(Arc::clone(&shared).keep_alive(shutdown.clone()));
             queue::Queue::JetStream(shared, Arc::clone(&store))
         }
     };

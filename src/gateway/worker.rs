@@ -133,6 +133,11 @@ impl Destinations {
         }
     }
 
+    /// Jobs waiting for their destination, over all destinations.
+    fn parked(&self) -> usize {
+        self.lock().values().map(|d| d.parked.len()).sum()
+    }
+
     /// Deliveries in flight to `key` (for tests and metrics).
     pub fn active(&self, key: &str) -> usize {
         self.lock().get(key).map_or(0, |d| d.active)
@@ -203,8 +208,25 @@ pub enum Outcome {
 pub async fn run(gw: Arc<Gateway>, shutdown: CancellationToken) {
     let slots = Arc::new(Semaphore::new(gw.settings.queue.concurrency));
     let tracker = TaskTracker::new();
+    // With jetstream, the jobs this node holds stay its own while it lives:
+    // until the last delivery in flight has ended, past `shutdown`.
+    let alive = CancellationToken::new();
+    if let Some(j) = gw.queue.jetstream() {
+        tokio::spawn(Arc::clone(j).keep_alive(alive.clone()));
+    }
     while !shutdown.is_cancelled() {
-        let free = slots.available_permits();
+        let mut free = slots.available_permits();
+        if gw.queue.jetstream().is_some() {
+            // Jobs taken from the shared queue are another node's to take
+            // while they wait here: hold no more than can start.
+            free = free.saturating_sub(gw.destinations.parked());
+            if free == 0 {
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(50)) => continue,
+                    () = shutdown.cancelled() => break,
+                }
+            }
+        }
         if free == 0 {
             tokio::select! {
                 p = Arc::clone(&slots).acquire_owned() => drop(p),
@@ -276,6 +298,7 @@ pub async fn run(gw: Arc<Gateway>, shutdown: CancellationToken) {
     if let Some(j) = gw.queue.jetstream() {
         j.release_all().await;
     }
+    alive.cancel();
 }
 
 fn backoff(gw: &Gateway, attempts: u32) -> u64 {

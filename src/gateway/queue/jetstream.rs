@@ -56,6 +56,9 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one fetch waits for jobs when the stream is empty.
 const FETCH_WAIT: Duration = Duration::from_secs(2);
 
+/// The IRC outbox consumer's ack wait (the bot keeps a post alive while it goes out).
+pub const IRC_ACK_WAIT: Duration = Duration::from_secs(10);
+
 /// How long a delivered-marker is kept (longer than any redelivery can take).
 const MARKER_AGE: Duration = Duration::from_secs(24 * 3600);
 
@@ -85,6 +88,7 @@ pub struct JetQueue {
     irc: consumer::PullConsumer,
     held: Mutex<HashMap<JobId, Held>>,
     ack_wait: Duration,
+    lease_ttl: Duration,
     /// Redelivered jobs found delivered already (not sent again).
     pub skipped: std::sync::atomic::AtomicU64,
 }
@@ -140,14 +144,13 @@ pub async fn connect(s: &Settings) -> anyhow::Result<JetQueue> {
     })
     .await
     .with_context(|| format!("queue.stream {name}: cannot make the dead-letter stream"))?;
-    let ack_wait = Duration::from_secs(q.ack_wait_secs.max(3));
     let consumer = jobs
         .get_or_create_consumer(
             "workers",
             consumer::pull::Config {
                 durable_name: Some("workers".into()),
                 ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait,
+                ack_wait: Duration::from_secs(q.ack_wait_secs.max(3)),
                 // The gateway applies queue.lifetime_secs itself.
                 max_deliver: -1,
                 max_ack_pending: -1,
@@ -164,10 +167,20 @@ pub async fn connect(s: &Settings) -> anyhow::Result<JetQueue> {
         num_replicas: replicas,
         ..Default::default()
     };
+    // The consumer and buckets may have been made by another node with other
+    // settings: the times that matter are the ones they have.
+    let ack_wait = consumer.cached_info().config.ack_wait;
+    if ack_wait != Duration::from_secs(q.ack_wait_secs.max(3)) {
+        warn!(
+            ack_wait_secs = ack_wait.as_secs(),
+            "The shared consumer's ack wait differs from queue.ack_wait_secs; using the consumer's."
+        );
+    }
     let delivered = open_bucket(&js, bucket("delivered", MARKER_AGE)).await?;
     let contacts = open_bucket(&js, bucket("contacts", Duration::ZERO)).await?;
     let subs = open_bucket(&js, bucket("subs", Duration::ZERO)).await?;
     let leases = open_bucket(&js, bucket("leases", Duration::from_secs(s.irc.lease_secs.max(3)))).await?;
+    let lease_ttl = leases.status().await.map(|st| st.max_age()).context("the leases bucket")?;
     let irc_subject = format!("{name}.irc");
     let irc = js
         .get_or_create_stream(stream::Config {
@@ -186,7 +199,8 @@ pub async fn connect(s: &Settings) -> anyhow::Result<JetQueue> {
             consumer::pull::Config {
                 durable_name: Some("irc".into()),
                 ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(30),
+                // Kept alive while a post goes out: a dead leader's post comes back soon.
+                ack_wait: IRC_ACK_WAIT,
                 max_deliver: -1,
                 // One post at a time: they go out in the order they were queued.
                 max_ack_pending: 1,
@@ -211,6 +225,7 @@ pub async fn connect(s: &Settings) -> anyhow::Result<JetQueue> {
         irc,
         held: Mutex::new(HashMap::new()),
         ack_wait,
+        lease_ttl,
         skipped: Default::default(),
     })
 }
@@ -307,7 +322,8 @@ impl JetQueue {
     /// Up to `max` jobs for this node, waiting at most [`FETCH_WAIT`] for the first.
     ///
     /// # Errors
-    /// [`StoreError::Shared`] if NATS cannot be reached.
+    /// [`StoreError::Shared`] if NATS cannot be reached or JetStream answers
+    /// with an error status (then the worker waits a second).
     pub async fn claim(&self, max: usize) -> Result<Vec<(JobId, Job)>, StoreError> {
         let batch = self
             .consumer
@@ -319,27 +335,44 @@ impl JetQueue {
             .map_err(|e| shared("fetch", e))?;
         let mut batch = std::pin::pin!(batch);
         let mut out = Vec::new();
+        let now = now_ms();
         while let Some(message) = batch.next().await {
             let message = match message {
                 Ok(m) => m,
+                Err(e) if out.is_empty() => return Err(shared("fetch", e)),
                 Err(e) => {
                     debug!(error = %e, "JetStream fetch ended.");
                     break;
                 }
             };
-            let Some((mut job, body)) = unframe(&message.payload) else {
+            let Some((job, body)) = unframe(&message.payload) else {
                 warn!(subject = %message.subject, "A job on the stream does not decode; terminated.");
                 let _ = message.ack_with(AckKind::Term).await;
                 continue;
             };
-            let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
             let index = message
                 .headers
                 .as_ref()
                 .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
-                .and_then(|v| v.as_str().parse::<JobId>().ok())
+                .and_then(|v| v.as_str().split('/').next().and_then(|id| id.parse::<JobId>().ok()))
                 .map_or(0, |id| id.index);
             let id = JobId { message: job.message, index };
+            // A deferred job, re-published with its new state, before its time.
+            if job.due_ms > now + 50 {
+                let _ = message.ack_with(AckKind::Nak(Some(Duration::from_millis(job.due_ms - now)))).await;
+                continue;
+            }
+            {
+                let mut held = self.held();
+                if let Some(h) = held.get_mut(&id) {
+                    // Handed out again to this very node (its keep-alives were
+                    // lost in a NATS outage): the copy it holds goes on, acked
+                    // through the newest delivery.
+                    h.message = message;
+                    continue;
+                }
+            }
+            let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
             if delivered > 1 {
                 // Handed out before: to a node that may have delivered it and died before the ack.
                 if matches!(self.delivered.get(id.to_string()).await, Ok(Some(_))) {
@@ -348,7 +381,6 @@ impl JetQueue {
                     let _ = message.double_ack().await;
                     continue;
                 }
-                job.attempts = job.attempts.max(u32::try_from(delivered - 1).unwrap_or(u32::MAX));
             }
             self.held().insert(id, Held { message, body });
             out.push((id, job));
@@ -383,14 +415,30 @@ impl JetQueue {
         held.message.double_ack().await.map_err(|e| shared("ack", e))
     }
 
-    /// A temporary failure: back to the stream, due again at `job.due_ms`.
+    /// A temporary failure (or a job put back unstarted): re-published with
+    /// its new state (attempts, last error, due time; JetStream's own
+    /// delivery count also counts hand-outs that were no attempt), then the
+    /// old message acked. Should the re-publish fail, the old message comes
+    /// back when due, with its old state.
     ///
     /// # Errors
-    /// [`StoreError::Shared`]; the job then comes back after the ack wait.
+    /// [`StoreError::Shared`].
     pub async fn defer(&self, id: JobId, job: &Job) -> Result<(), StoreError> {
         let held = self.take(id)?;
         let delay = Duration::from_millis(job.due_ms.saturating_sub(now_ms()));
-        held.message.ack_with(AckKind::Nak(Some(delay))).await.map_err(|e| shared("nak", e))
+        let republished = async {
+            // A fresh id for each re-publish (two within the duplicate window must both stay).
+            let mut nonce = [0u8; 8];
+            aws_lc_rs::rand::fill(&mut nonce).map_err(|_| shared("defer", "no randomness"))?;
+            let msg_id = format!("{id}/{}", hex(&nonce));
+            let ack = self.publish(&self.subject, &msg_id, frame(job, &held.body)).await?;
+            wait_ack(ack).await
+        };
+        if let Err(e) = republished.await {
+            let _ = held.message.ack_with(AckKind::Nak(Some(delay))).await;
+            return Err(e);
+        }
+        held.message.double_ack().await.map_err(|e| shared("ack", e))
     }
 
     /// A permanent failure: the dead letter and the report (as a job of
@@ -406,9 +454,22 @@ impl JetQueue {
         report: Option<(Vec<u8>, Target)>,
         report_id: u64,
     ) -> Result<(), StoreError> {
-        let body = self.body(id).unwrap_or_default();
-        let dead = self.publish(&self.dead_subject, &format!("dead-{id}"), frame(job, &body)).await?;
-        wait_ack(dead).await?;
+        let held = self.take(id)?;
+        let recorded = async {
+            let dead = self.publish(&self.dead_subject, &format!("dead-{id}"), frame(job, &held.body)).await?;
+            wait_ack(dead).await?;
+            self.report(id, report, report_id).await
+        };
+        if let Err(e) = recorded.await {
+            // Comes back in a while and fails again (the re-publishes are
+            // dropped as duplicates within two minutes).
+            let _ = held.message.ack_with(AckKind::Nak(Some(Duration::from_secs(10)))).await;
+            return Err(e);
+        }
+        held.message.double_ack().await.map_err(|e| shared("ack", e))
+    }
+
+    async fn report(&self, id: JobId, report: Option<(Vec<u8>, Target)>, report_id: u64) -> Result<(), StoreError> {
         if let Some((body, target)) = report {
             let now = now_ms();
             let rjob = Job {
@@ -425,8 +486,7 @@ impl JetQueue {
             let ack = self.publish(&self.subject, &format!("report-{id}"), frame(&rjob, &body)).await?;
             wait_ack(ack).await?;
         }
-        let held = self.take(id)?;
-        held.message.double_ack().await.map_err(|e| shared("ack", e))
+        Ok(())
     }
 
     /// Gives up every held job at once (shutdown): each comes back at once to another node.
@@ -435,6 +495,12 @@ impl JetQueue {
         for h in held {
             let _ = h.message.ack_with(AckKind::Nak(None)).await;
         }
+        let _ = self.client.flush().await;
+    }
+
+    /// The lease time of the leases bucket (`irc.lease_secs` of the node that made it).
+    pub fn lease_ttl(&self) -> Duration {
+        self.lease_ttl
     }
 
     /// Keeps the held jobs from being handed to another node, until `shutdown`.
@@ -513,6 +579,35 @@ impl JetQueue {
         }
     }
 
+    /// Changes a shared contact by compare-and-set (another node may change
+    /// it at the same time): `change` is applied to the newest version;
+    /// nothing is done if the contact was removed. Returns the contact as written.
+    ///
+    /// # Errors
+    /// [`StoreError::Shared`], also after five conflicts in a row.
+    pub async fn update_contact(
+        &self,
+        fp: &Fingerprint,
+        change: impl Fn(&mut Contact),
+    ) -> Result<Option<Contact>, StoreError> {
+        let key = fp.to_string();
+        for _ in 0..5 {
+            let Some(entry) = self.contacts.entry(key.clone()).await.map_err(|e| shared("contacts bucket", e))? else {
+                return Ok(None);
+            };
+            if entry.operation != kv::Operation::Put {
+                return Ok(None);
+            }
+            let mut contact: Contact = serde_json::from_slice(&entry.value).map_err(|e| shared("contact", e))?;
+            change(&mut contact);
+            let value = serde_json::to_vec(&contact).map_err(|e| shared("contact", e))?;
+            if self.contacts.update(key.clone(), value.into(), entry.revision).await.is_ok() {
+                return Ok(Some(contact));
+            }
+        }
+        Err(shared("contacts bucket", "changed by others five times in a row"))
+    }
+
     /// Writes a subscription change to the shared bucket.
     ///
     /// # Errors
@@ -524,11 +619,11 @@ impl JetQueue {
 
     /// Mirrors the shared contacts and subscriptions into `store` until
     /// `shutdown`: first everything there is, then each change as it
-    /// happens. Returns once the first full pass is applied (or after 10 s);
-    /// the mirrors go on in tasks.
+    /// happens. Returns once the first full pass is applied; the mirrors go
+    /// on in tasks.
     ///
     /// # Errors
-    /// [`StoreError::Shared`] if a bucket cannot be watched.
+    /// [`StoreError::Shared`] if a bucket cannot be watched or is not read within 30 s.
     pub async fn mirror(self: &Arc<Self>, store: Arc<Store>, shutdown: CancellationToken) -> Result<(), StoreError> {
         let s = Arc::clone(&store);
         let contacts = mirror_bucket(self.contacts.clone(), shutdown.clone(), move |key, value| {
@@ -549,8 +644,12 @@ impl JetQueue {
             }
         })
         .await?;
+        // Mail is taken only once every contact is known (an unknown one would get a 550).
         for mut ready in [contacts, subs] {
-            let _ = tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|r| *r)).await;
+            match tokio::time::timeout(Duration::from_secs(30), ready.wait_for(|r| *r)).await {
+                Ok(Ok(_)) => {}
+                _ => return Err(shared("mirror", "the shared contacts did not arrive within 30 s")),
+            }
         }
         Ok(())
     }
@@ -579,7 +678,7 @@ impl JetQueue {
             self.irc.fetch().max_messages(1).expires(FETCH_WAIT).messages().await.map_err(|e| shared("fetch", e))?;
         let mut batch = std::pin::pin!(batch);
         while let Some(m) = batch.next().await {
-            let Ok(m) = m else { break };
+            let m = m.map_err(|e| shared("fetch", e))?;
             match serde_json::from_slice(&m.payload) {
                 Ok(post) => return Ok(Some((m, post))),
                 Err(e) => {
@@ -589,6 +688,11 @@ impl JetQueue {
             }
         }
         Ok(None)
+    }
+
+    /// Keeps a post being sent from going to another node.
+    pub async fn post_alive(&self, m: &jetstream::Message) {
+        let _ = m.ack_with(AckKind::Progress).await;
     }
 
     /// Tries to take (or keep, with the revision of the last renewal) the lease `name`.
@@ -615,7 +719,7 @@ async fn mirror_bucket(
     apply: impl Fn(&str, Option<&[u8]>) + Send + 'static,
 ) -> Result<tokio::sync::watch::Receiver<bool>, StoreError> {
     let mut watch = bucket.watch_all_from_revision(1).await.map_err(|e| shared("watch", e))?;
-    let pending = bucket.status().await.map(|s| s.values()).unwrap_or(0);
+    let pending = bucket.status().await.map_err(|e| shared("bucket status", e))?.values();
     let (ready, ready_rx) = tokio::sync::watch::channel(pending == 0);
     tokio::spawn(async move {
         let mut seen = 0u64;

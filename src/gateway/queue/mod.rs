@@ -132,6 +132,13 @@ impl Queue {
         }
     }
 
+    /// While a post goes out (with jetstream: keeps it this node's).
+    pub async fn post_alive(&self, key: &PostKey) {
+        if let (Queue::JetStream(j, _), PostKey::Shared(m)) = (self, key) {
+            j.post_alive(m).await;
+        }
+    }
+
     /// The post went out (`true`) or could not (it comes again, first).
     ///
     /// # Errors
