@@ -19,7 +19,8 @@
 //! of the bench's own on a free port; NODES gateway nodes in this process,
 //! default 1, the later ones with node 0's identity and node 0's embedded
 //! server as their home, the SMTP sessions spread over all of them).
-//! LOCAL_DELIVERY=0 turns off `home.local_delivery` (the in-process delivery
+//! NATS_SYNC=always makes that server fsync every write (its default: every
+//! two minutes). LOCAL_DELIVERY=0 turns off `home.local_delivery` (the in-process delivery
 //! that bypasses the queue), which jetstream mode always does, so that the
 //! two queues are compared on the same path.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -179,9 +180,21 @@ fn main() {
         let mut queue = String::new();
         let _nats = if jetstream {
             let port = free_port();
+            // NATS_SYNC=always: JetStream fsyncs every write (as sled's group
+            // commit does), instead of its default of every two minutes.
+            let sync = std::env::var("NATS_SYNC").unwrap_or_else(|_| "2m".to_owned());
+            let conf = dir.path().join("nats.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "listen: 127.0.0.1:{port}\njetstream {{\n  store_dir: \"{}\"\n  sync_interval: {sync}\n}}\n",
+                    dir.path().join("nats").display()
+                ),
+            )
+            .unwrap();
             let child = std::process::Command::new("nats-server")
-                .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-                .arg(dir.path().join("nats"))
+                .arg("-c")
+                .arg(&conf)
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
                 .spawn()
@@ -253,7 +266,14 @@ fn main() {
         };
         println!(
             "queue: {}{}",
-            if jetstream { format!("jetstream, {nodes} node(s)") } else { "sled".to_owned() },
+            if jetstream {
+                format!(
+                    "jetstream, {nodes} node(s), nats sync_interval {}",
+                    std::env::var("NATS_SYNC").unwrap_or_else(|_| "2m (default)".to_owned())
+                )
+            } else {
+                "sled".to_owned()
+            },
             if local_delivery { ", home.local_delivery on" } else { ", home.local_delivery off" }
         );
 
