@@ -3,8 +3,15 @@
 //! Tree `tofu_pins`: key = `host:port` (UTF-8), value = the 32 raw SHA-256
 //! octets of the pinned certificate. Every `set` is flushed before it returns,
 //! so a pin made just before a crash is still there after it.
+//!
+//! With `queue.backend = "jetstream"` every pin made is also written to the
+//! shared bucket `STREAM-pins`, whose entries every node mirrors into its tree:
+//! all nodes trust the same certificate for a server (the first pin reaches
+//! the others; a node that meets another certificate there is refused as a
+//! changed one).
 
 use std::io;
+use std::sync::{Arc, OnceLock};
 
 use latssiam::tls::{PinStore, TlsError};
 use latssiam::Fingerprint;
@@ -15,6 +22,7 @@ const TREE: &str = "tofu_pins";
 #[derive(Clone)]
 pub struct SledPins {
     tree: sled::Tree,
+    shared: Arc<OnceLock<Arc<crate::gateway::queue::jetstream::JetQueue>>>,
 }
 
 fn store_error(source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> TlsError {
@@ -27,7 +35,30 @@ impl SledPins {
     /// # Errors
     /// The sled error, if the tree cannot be opened.
     pub fn open(db: &sled::Db) -> Result<Self, sled::Error> {
-        Ok(Self { tree: db.open_tree(TREE)? })
+        Ok(Self { tree: db.open_tree(TREE)?, shared: Arc::default() })
+    }
+
+    /// Pins made from now on go to the shared bucket too.
+    pub fn share(&self, queue: Arc<crate::gateway::queue::jetstream::JetQueue>) {
+        let _ = self.shared.set(queue);
+    }
+
+    /// Sets (or removes) a pin from the shared bucket, without a flush (the
+    /// mirror replays the bucket at every start).
+    ///
+    /// # Errors
+    /// The sled error.
+    pub fn apply(&self, peer: &str, fingerprint: Option<&[u8]>) -> Result<(), sled::Error> {
+        match fingerprint {
+            Some(fp) if fp.len() == 32 => {
+                self.tree.insert(peer.as_bytes(), fp)?;
+            }
+            Some(_) => {}
+            None => {
+                self.tree.remove(peer.as_bytes())?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -43,6 +74,12 @@ impl PinStore for SledPins {
     fn set(&self, peer: &str, fingerprint: Fingerprint) -> Result<(), TlsError> {
         self.tree.insert(peer.as_bytes(), &fingerprint.as_bytes()[..]).map_err(store_error)?;
         self.tree.flush().map_err(store_error)?;
+        // Called inside a TLS handshake, so not awaited: the pin is this
+        // node's at once and the others' a moment later.
+        if let (Some(q), Ok(rt)) = (self.shared.get(), tokio::runtime::Handle::try_current()) {
+            let (q, peer) = (Arc::clone(q), peer.to_owned());
+            rt.spawn(async move { q.share_pin(&peer, fingerprint).await });
+        }
         Ok(())
     }
 }

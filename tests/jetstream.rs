@@ -685,3 +685,54 @@ fn a_deferred_job_counts_its_attempts_and_expires_into_a_dead_letter_and_a_dsn()
     let dsns = cluster.relayed().iter().filter(|r| r["rcpt_tos"].to_string().contains("x@remote.example")).count();
     assert_eq!(dsns, 1);
 }
+
+/// The entries of a key-value bucket on `url`, key -> value.
+fn bucket_entries(url: &str, bucket: &str) -> BTreeMap<String, Vec<u8>> {
+    use futures_util::StreamExt as _;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
+        let kv = js.get_key_value(bucket).await.unwrap();
+        let keys: Vec<String> = kv.keys().await.unwrap().filter_map(|k| async move { k.ok() }).collect().await;
+        let mut out = BTreeMap::new();
+        for k in keys {
+            if let Some(v) = kv.get(&k).await.unwrap() {
+                out.insert(k, v.to_vec());
+            }
+        }
+        out
+    })
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[test]
+fn tofu_pins_are_one_for_the_cluster() {
+    let mut cluster = Cluster::new();
+    cluster.add_node("");
+    cluster.add_node("");
+    cluster.start(0);
+    // Node 0 pinned the home server on its first connection (registration), for every node.
+    let home_fp = cluster._server.first_line.split_whitespace().nth(4).unwrap().to_owned();
+    let key = hex(format!("localhost:{}", cluster.home_port).as_bytes());
+    let pins = wait_for(Duration::from_secs(10), || {
+        Some(bucket_entries(&cluster.nats.url(), "latssiam-bridge-pins")).filter(|p| p.contains_key(&key))
+    });
+    let pins = pins.unwrap_or_else(|| panic!("no shared pin for the home server:\n{}", cluster.log(0)));
+    assert_eq!(hex(&pins[&key]), home_fp.to_ascii_lowercase().replace(':', ""), "{pins:?}");
+
+    // A pin planted in the shared bucket (as if another node had met another
+    // certificate there first) is what node 1 trusts: it refuses the home server.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(cluster.nats.url()).await.unwrap());
+        let kv = js.get_key_value("latssiam-bridge-pins").await.unwrap();
+        kv.put(&key, vec![7u8; 32].into()).await.unwrap();
+    });
+    cluster.add_node_identity(1);
+    cluster.start(1);
+    let refused = wait_for(Duration::from_secs(20), || cluster.log(1).contains("but 0707").then_some(()));
+    assert!(refused.is_some(), "node 1 did not hold the shared pin against the server:\n{}", cluster.log(1));
+}

@@ -172,7 +172,11 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         config::QueueBackend::Jetstream => {
             let shared = Arc::new(queue::jetstream::connect(&settings).await?);
             store.share_contacts(Arc::clone(&shared));
-            shared.mirror(Arc::clone(&store), shutdown.clone()).await.context("cannot read the shared contacts")?;
+            pins.share(Arc::clone(&shared));
+            shared
+                .mirror(Arc::clone(&store), pins.clone(), shutdown.clone())
+                .await
+                .context("cannot read the shared contacts, subscriptions and pins")?;
             queue::Queue::JetStream(shared, Arc::clone(&store))
         }
     };

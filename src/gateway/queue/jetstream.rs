@@ -25,7 +25,8 @@
 //!   sled tree (a watcher from the start of the bucket's history), so lookups
 //!   stay local and a change made on any node reaches the others. IRC
 //!   subscriptions likewise, in `STREAM-subs` (key: the hex of
-//!   `#channel@network NUL address`, value `1` or `0`).
+//!   `#channel@network NUL address`, value `1` or `0`), and the TOFU pins in
+//!   `STREAM-pins` (key: the hex of `host:port`, value: the 32 octets).
 //! - IRC: the posts for IRC in the work-queue stream `STREAM-irc` (subject
 //!   `STREAM.irc`), read by one consumer with one post in flight (in order);
 //!   one node at a time runs the bot: the holder of the lease `irc` in the
@@ -83,6 +84,7 @@ pub struct JetQueue {
     delivered: kv::Store,
     contacts: kv::Store,
     subs: kv::Store,
+    pins: kv::Store,
     leases: kv::Store,
     irc_subject: String,
     irc: consumer::PullConsumer,
@@ -179,6 +181,7 @@ pub async fn connect(s: &Settings) -> anyhow::Result<JetQueue> {
     let delivered = open_bucket(&js, bucket("delivered", MARKER_AGE)).await?;
     let contacts = open_bucket(&js, bucket("contacts", Duration::ZERO)).await?;
     let subs = open_bucket(&js, bucket("subs", Duration::ZERO)).await?;
+    let pins = open_bucket(&js, bucket("pins", Duration::ZERO)).await?;
     let leases = open_bucket(&js, bucket("leases", Duration::from_secs(s.irc.lease_secs.max(3)))).await?;
     let lease_ttl = leases.status().await.map(|st| st.max_age()).context("the leases bucket")?;
     let irc_subject = format!("{name}.irc");
@@ -220,6 +223,7 @@ pub async fn connect(s: &Settings) -> anyhow::Result<JetQueue> {
         delivered,
         contacts,
         subs,
+        pins,
         leases,
         irc_subject,
         irc,
@@ -608,6 +612,14 @@ impl JetQueue {
         Err(shared("contacts bucket", "changed by others five times in a row"))
     }
 
+    /// Writes a TOFU pin to the shared bucket (best effort: logged if it fails).
+    pub async fn share_pin(&self, peer: &str, fingerprint: Fingerprint) {
+        let value = Bytes::copy_from_slice(fingerprint.as_bytes());
+        if let Err(e) = self.pins.put(hex(peer.as_bytes()), value).await {
+            warn!(peer, error = %e, "Cannot share a TOFU pin; the other nodes pin for themselves.");
+        }
+    }
+
     /// Writes a subscription change to the shared bucket.
     ///
     /// # Errors
@@ -624,7 +636,12 @@ impl JetQueue {
     ///
     /// # Errors
     /// [`StoreError::Shared`] if a bucket cannot be watched or is not read within 30 s.
-    pub async fn mirror(self: &Arc<Self>, store: Arc<Store>, shutdown: CancellationToken) -> Result<(), StoreError> {
+    pub async fn mirror(
+        self: &Arc<Self>,
+        store: Arc<Store>,
+        pins: crate::pins::SledPins,
+        shutdown: CancellationToken,
+    ) -> Result<(), StoreError> {
         let s = Arc::clone(&store);
         let contacts = mirror_bucket(self.contacts.clone(), shutdown.clone(), move |key, value| {
             let Ok(fp) = key.parse::<Fingerprint>() else { return };
@@ -637,6 +654,13 @@ impl JetQueue {
             }
         })
         .await?;
+        let pinned = mirror_bucket(self.pins.clone(), shutdown.clone(), move |key, value| {
+            let Some(peer) = unhex(key).and_then(|k| String::from_utf8(k).ok()) else { return };
+            if let Err(e) = pins.apply(&peer, value) {
+                warn!(error = %e, "Cannot mirror a shared TOFU pin.");
+            }
+        })
+        .await?;
         let subs = mirror_bucket(self.subs.clone(), shutdown, move |key, value| {
             let Some(k) = unhex(key) else { return };
             if let Err(e) = store.apply_subscription(&k, value.map(|v| v == b"1")) {
@@ -645,7 +669,7 @@ impl JetQueue {
         })
         .await?;
         // Mail is taken only once every contact is known (an unknown one would get a 550).
-        for mut ready in [contacts, subs] {
+        for mut ready in [contacts, subs, pinned] {
             match tokio::time::timeout(Duration::from_secs(30), ready.wait_for(|r| *r)).await {
                 Ok(Ok(_)) => {}
                 _ => return Err(shared("mirror", "the shared contacts did not arrive within 30 s")),
