@@ -243,6 +243,22 @@ concurrency = 8
         seen
     }
 
+    /// `smtp_send.py` of `file` from x@remote.example to `rcpt` through node `n`; what it printed.
+    fn smtp_send(&self, n: usize, rcpt: &str, file: &Path) -> String {
+        let out = Command::new("python3")
+            .args([
+                &support("smtp_send.py"),
+                "127.0.0.1",
+                &self.nodes[n].smtp_port.to_string(),
+                "x@remote.example",
+                rcpt,
+                file.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
     /// What the smarthost received.
     fn relayed(&self) -> Vec<serde_json::Value> {
         common::files_with(&self.path().join("relayed"), "json")
@@ -510,7 +526,11 @@ fn one_irc_bot_across_the_cluster_and_another_node_takes_over_when_it_dies() {
     cluster.add_node_identity(1);
     cluster.start(1);
     let carl = common::irc::IrcPerson::connect(port, "carl", "#test");
-    carl.wait_heard(|l| l.starts_with(":gwbot!") && l.contains("JOIN"), "the bot joining");
+    // The bot is there already (in the names carl got) or joins now.
+    carl.wait_heard(
+        |l| (l.starts_with(":gwbot!") && l.contains("JOIN")) || (l.contains(" 353 carl ") && l.contains("gwbot")),
+        "the bot in the channel",
+    );
     let said = |text: &str| {
         let text = text.to_owned();
         move |l: &str| l.starts_with(":gwbot!") && l.contains(" PRIVMSG #test :") && l.contains(&text)
@@ -523,12 +543,13 @@ fn one_irc_bot_across_the_cluster_and_another_node_takes_over_when_it_dies() {
     let joins = |p: &common::irc::IrcPerson| {
         p.lines().iter().filter(|l| l.starts_with(":gwbot!") && l.contains("JOIN")).count()
     };
-    assert_eq!(joins(&carl), 1, "one bot in the channel");
+    let before = joins(&carl);
+    assert!(before <= 1, "one bot in the channel");
 
     cluster.nodes[leader].process.as_mut().unwrap().signal("KILL");
     let killed = std::time::Instant::now();
     send_cli(&cluster, "bob", "#test@irc.test", "sent while the bot's node is dead");
-    let back = wait_for(Duration::from_secs(40), || (joins(&carl) >= 2).then_some(()));
+    let back = wait_for(Duration::from_secs(40), || (joins(&carl) > before).then_some(()));
     assert!(back.is_some(), "no node took the bot over:\n{}", cluster.logs());
     let took = killed.elapsed();
     carl.wait_heard(said("sent while the bot's node is dead"), "the post sent meanwhile");
@@ -603,18 +624,8 @@ fn contacts_and_the_queue_from_a_machine_with_only_the_cli_and_the_nats_url() {
     assert!(cluster.cli(0, &["contacts", "list"]).contains("alice@example.org"));
     let msg = cluster.path().join("m.eml");
     std::fs::write(&msg, "From: x@remote.example\r\nTo: alice@example.org\r\nSubject: flood 7\r\n\r\nhi\r\n").unwrap();
-    let out = Command::new("python3")
-        .args([
-            &support("smtp_send.py"),
-            "127.0.0.1",
-            &cluster.nodes[0].smtp_port.to_string(),
-            "x@remote.example",
-            "alice@example.org",
-            msg.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with("accepted 250"));
+    let out = cluster.smtp_send(0, "alice@example.org", &msg);
+    assert!(out.starts_with("accepted 250"), "{out}");
     let got = wait_for(Duration::from_secs(30), || cluster.delivered("alice").get(&7).copied());
     assert_eq!(got, Some(1), "{}", cluster.log(0));
 
@@ -624,19 +635,8 @@ fn contacts_and_the_queue_from_a_machine_with_only_the_cli_and_the_nats_url() {
         (!cluster.cli(0, &["contacts", "list"]).contains("alice@example.org")).then_some(())
     });
     assert!(gone.is_some(), "the node still lists the removed contact");
-    let out = Command::new("python3")
-        .args([
-            &support("smtp_send.py"),
-            "127.0.0.1",
-            &cluster.nodes[0].smtp_port.to_string(),
-            "x@remote.example",
-            "alice@example.org",
-            msg.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    let refused = String::from_utf8_lossy(&out.stdout);
-    assert!(refused.contains("550"), "{refused}");
+    let out = cluster.smtp_send(0, "alice@example.org", &msg);
+    assert!(out.contains("550"), "{out}");
 }
 
 #[test]
@@ -650,18 +650,8 @@ fn a_deferred_job_counts_its_attempts_and_expires_into_a_dead_letter_and_a_dsn()
     cluster.cli(0, &["contacts", "add", "--cert", "dan/cert.pem", "--email", "dan@example.org", "--server", &nowhere]);
     let msg = cluster.path().join("m.eml");
     std::fs::write(&msg, "From: x@remote.example\r\nTo: dan@example.org\r\nSubject: to dan\r\n\r\nhi\r\n").unwrap();
-    let out = Command::new("python3")
-        .args([
-            &support("smtp_send.py"),
-            "127.0.0.1",
-            &cluster.nodes[0].smtp_port.to_string(),
-            "x@remote.example",
-            "dan@example.org",
-            msg.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with("accepted 250"));
+    let out = cluster.smtp_send(0, "dan@example.org", &msg);
+    assert!(out.starts_with("accepted 250"), "{out}");
     // The DSN to the sender, through the smarthost, once the lifetime is over.
     let dsn = wait_for(Duration::from_secs(60), || {
         cluster.relayed().into_iter().find(|r| r["rcpt_tos"].to_string().contains("x@remote.example"))

@@ -124,28 +124,23 @@ pub async fn connect(s: &Settings) -> anyhow::Result<JetQueue> {
     let subject = format!("{name}.jobs");
     let dead_subject = format!("{name}.dead");
     let replicas = q.nats_replicas.max(1);
-    let jobs = js
-        .get_or_create_stream(stream::Config {
-            name: name.clone(),
-            subjects: vec![subject.clone()],
-            retention: stream::RetentionPolicy::WorkQueue,
-            storage: stream::StorageType::File,
-            num_replicas: replicas,
-            duplicate_window: Duration::from_secs(120),
-            ..Default::default()
-        })
-        .await
-        .with_context(|| format!("queue.stream {name}: cannot make the jobs stream"))?;
-    js.get_or_create_stream(stream::Config {
-        name: format!("{name}-dead"),
-        subjects: vec![dead_subject.clone()],
+    let stream_config = |name: String, subject: &str, retention| stream::Config {
+        name,
+        subjects: vec![subject.to_owned()],
+        retention,
         storage: stream::StorageType::File,
         num_replicas: replicas,
         duplicate_window: Duration::from_secs(120),
         ..Default::default()
-    })
-    .await
-    .with_context(|| format!("queue.stream {name}: cannot make the dead-letter stream"))?;
+    };
+    let work_queue = stream::RetentionPolicy::WorkQueue;
+    let jobs = js
+        .get_or_create_stream(stream_config(name.clone(), &subject, work_queue))
+        .await
+        .with_context(|| format!("queue.stream {name}: cannot make the jobs stream"))?;
+    js.get_or_create_stream(stream_config(format!("{name}-dead"), &dead_subject, stream::RetentionPolicy::Limits))
+        .await
+        .with_context(|| format!("queue.stream {name}: cannot make the dead-letter stream"))?;
     let consumer = jobs
         .get_or_create_consumer(
             "workers",
@@ -186,15 +181,7 @@ pub async fn connect(s: &Settings) -> anyhow::Result<JetQueue> {
     let lease_ttl = leases.status().await.map(|st| st.max_age()).context("the leases bucket")?;
     let irc_subject = format!("{name}.irc");
     let irc = js
-        .get_or_create_stream(stream::Config {
-            name: format!("{name}-irc"),
-            subjects: vec![irc_subject.clone()],
-            retention: stream::RetentionPolicy::WorkQueue,
-            storage: stream::StorageType::File,
-            num_replicas: replicas,
-            duplicate_window: Duration::from_secs(120),
-            ..Default::default()
-        })
+        .get_or_create_stream(stream_config(format!("{name}-irc"), &irc_subject, work_queue))
         .await
         .with_context(|| format!("queue.stream {name}: cannot make the IRC outbox stream"))?
         .get_or_create_consumer(
@@ -286,15 +273,7 @@ impl JetQueue {
         for (i, target) in targets.into_iter().enumerate() {
             let index = u16::try_from(i).map_err(|_| shared("enqueue", "more than 65535 recipients"))?;
             let jid = JobId { message: id, index };
-            let job = Job {
-                message: id,
-                target,
-                origin: origin.clone(),
-                arrived_ms: now,
-                attempts: 0,
-                due_ms: now,
-                last_error: None,
-            };
+            let job = Job::fresh(id, target, origin.clone(), now);
             acks.push(self.publish(&self.subject, &jid.to_string(), frame(&job, body)).await?);
         }
         for ack in acks {
@@ -476,15 +455,7 @@ impl JetQueue {
     async fn report(&self, id: JobId, report: Option<(Vec<u8>, Target)>, report_id: u64) -> Result<(), StoreError> {
         if let Some((body, target)) = report {
             let now = now_ms();
-            let rjob = Job {
-                message: report_id,
-                target,
-                origin: Origin::Gateway,
-                arrived_ms: now,
-                attempts: 0,
-                due_ms: now,
-                last_error: None,
-            };
+            let rjob = Job::fresh(report_id, target, Origin::Gateway, now);
             // Deduplicated by the failed job's id: a second failure of the same
             // job (after a lost ack) reports nothing new.
             let ack = self.publish(&self.subject, &format!("report-{id}"), frame(&rjob, &body)).await?;

@@ -320,6 +320,13 @@ pub struct Job {
     pub last_error: Option<String>,
 }
 
+impl Job {
+    /// A job of message `message` for `target`, arrived and due `now`.
+    pub fn fresh(message: u64, target: Target, origin: Origin, now: u64) -> Self {
+        Self { message, target, origin, arrived_ms: now, attempts: 0, due_ms: now, last_error: None }
+    }
+}
+
 /// A job id: message id and recipient index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct JobId {

@@ -55,7 +55,7 @@ impl Store {
     /// either completed by recovery or collected as garbage).
     pub async fn enqueue(&self, body: &[u8], targets: Vec<Target>, origin: &Origin) -> Result<u64, StoreError> {
         let id = self.next_message_id()?;
-        self.enqueue_as(id, body, targets, origin).await?;
+        self.enqueue_with_posts(id, body, targets, origin, &[]).await?;
         Ok(id)
     }
 
@@ -67,21 +67,7 @@ impl Store {
         self.next_message_id()
     }
 
-    /// As [`Store::enqueue`], under an id from [`Store::new_message_id`].
-    ///
-    /// # Errors
-    /// [`StoreError`].
-    pub async fn enqueue_as(
-        &self,
-        id: u64,
-        body: &[u8],
-        targets: Vec<Target>,
-        origin: &Origin,
-    ) -> Result<(), StoreError> {
-        self.enqueue_with_posts(id, body, targets, origin, &[]).await
-    }
-
-    /// As [`Store::enqueue_as`], and queues `posts` for IRC (after everything
+    /// As [`Store::enqueue`], under an id from [`Store::new_message_id`], and queues `posts` for IRC (after everything
     /// queued before) in the same durable step: when this fails, neither the
     /// jobs nor the posts remain.
     ///
@@ -102,15 +88,7 @@ impl Store {
         for (i, target) in targets.into_iter().enumerate() {
             let index = u16::try_from(i).map_err(|_| corrupt("more than 65535 recipients"))?;
             let jid = JobId { message: id, index };
-            let job = Job {
-                message: id,
-                target,
-                origin: origin.clone(),
-                arrived_ms: now,
-                attempts: 0,
-                due_ms: now,
-                last_error: None,
-            };
+            let job = Job::fresh(id, target, origin.clone(), now);
             jobs.insert(&jid.key(), encode(&job));
             due.insert(&due_key(now, jid), &[]);
         }
@@ -237,15 +215,7 @@ impl Store {
         let report = match report {
             Some((body, target)) => {
                 let rid = JobId { message: self.next_message_id()?, index: 0 };
-                let rjob = Job {
-                    message: rid.message,
-                    target,
-                    origin: Origin::Gateway,
-                    arrived_ms: now,
-                    attempts: 0,
-                    due_ms: now,
-                    last_error: None,
-                };
+                let rjob = Job::fresh(rid.message, target, Origin::Gateway, now);
                 Some((rid, body, encode(&rjob)))
             }
             None => None,
