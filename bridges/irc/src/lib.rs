@@ -671,7 +671,7 @@ impl<'a, S: IrcSink> Session<'a, S> {
             let reply = self.emit(Event::Private { nick: from.to_owned(), text: body.to_owned() }).await;
             // The answer goes to one nick: never to a list, a channel or a mask a server may have sent as `from`.
             let one_nick = !from.is_empty()
-                && !from.contains([' ', ',', '*', '?'])
+                && !from.chars().any(|c| c.is_whitespace() || c.is_control() || matches!(c, ',' | '*' | '?'))
                 && !from.starts_with([':', '#', '&', '+', '!', '$']);
             if let Some(reply) = reply.filter(|_| one_nick) {
                 // One line, cut to fit, in the bounded queue of replies (never ahead of a PONG).
@@ -945,14 +945,16 @@ mod tests {
         Post { target: target.into(), lines: lines.iter().map(|&l| l.to_owned()).collect(), done: oneshot::channel().0 }
     }
 
-    /// Regression (fuzz `irc_line`): a `from` with a comma made the answer a NOTICE to a list.
+    /// Regression (fuzz `irc_line`): a `from` with a comma made the answer a
+    /// NOTICE to a list; one with NULs (written as spaces) a NOTICE with
+    /// several targets.
     #[tokio::test]
     async fn an_answer_goes_to_one_nick_only() {
         let config = config();
         let sink = Recorder { reply: Some("relayed".into()), ..Recorder::default() };
         let (joined, _) = watch::channel(false);
         let mut session = Session::new(&config, &sink, &joined);
-        for from in ["a,ice", "#chan", "$*.example", "ali*"] {
+        for from in ["a,ice", "#chan", "$*.example", "ali*", "\0\0alice", "al\tice", "al\x01ice"] {
             session.handle(&format!(":{from}!u@h PRIVMSG bot :alice@example.org hi")).await.ok();
         }
         session.handle(":alice!u@h PRIVMSG bot :alice@example.org hi").await.ok();
