@@ -558,7 +558,7 @@ pub async fn outbox(gw: Arc<Gateway>, mut handle: Handle, shutdown: Cancellation
 /// node holds the lease `irc` (one bot per network across the cluster).
 pub async fn run(gw: Arc<Gateway>, config: bridge_irc::IrcConfig, shutdown: CancellationToken) {
     let Some(shared) = gw.queue.jetstream().cloned() else {
-        bot(&gw, config, shutdown).await;
+        bot(gw, config, shutdown).await;
         return;
     };
     let holder = format!("{}-{}", gw.settings.gateway.hostname, std::process::id());
@@ -573,61 +573,54 @@ pub async fn run(gw: Arc<Gateway>, config: bridge_irc::IrcConfig, shutdown: Canc
         };
         info!(holder = %holder, "This node holds the IRC lease: it runs the bot.");
         let lead = shutdown.child_token();
-        let mut task = tokio::spawn(bot_owned(Arc::clone(&gw), config.clone(), lead.clone()));
-        let mut bot_ended = false;
-        loop {
+        let mut task = tokio::spawn(bot(Arc::clone(&gw), config.clone(), lead.clone()));
+        // Renewed every third of its time, until shutdown, its loss, or the bot's end.
+        let bot_ended = loop {
             tokio::select! {
                 () = tokio::time::sleep(ttl / 3) => {}
-                () = shutdown.cancelled() => break,
-                _ = &mut task => {
-                    // The bot gave up here (refused nick or SASL): let another node try.
-                    warn!("The IRC bot ended on this node; giving the lease up.");
-                    bot_ended = true;
-                    break;
-                }
+                () = shutdown.cancelled() => break false,
+                _ = &mut task => break true,
             }
             match shared.lease("irc", &holder, Some(revision)).await {
                 Some(r) => revision = r,
                 None => {
                     warn!("Lost the IRC lease; stopping the bot here (another node runs it).");
-                    break;
+                    break false;
                 }
             }
-        }
+        };
         lead.cancel();
-        if !bot_ended {
-            let _ = task.await;
-        }
-        if shutdown.is_cancelled() || bot_ended {
-            shared.release_lease("irc", revision).await;
-        }
-        if shutdown.is_cancelled() {
-            return;
-        }
         if bot_ended {
-            // Not at once again: the other nodes get the first chance.
+            // The bot gave up here (refused nick or SASL): another node gets the first chance.
+            warn!("The IRC bot ended on this node; giving the lease up.");
+            shared.release_lease("irc", revision).await;
             tokio::select! {
-                () = tokio::time::sleep(ttl) => {}
+                () = tokio::time::sleep(ttl) => continue,
                 () = shutdown.cancelled() => return,
             }
+        }
+        let _ = task.await;
+        if shutdown.is_cancelled() {
+            shared.release_lease("irc", revision).await;
+            return;
         }
     }
 }
 
-async fn bot_owned(gw: Arc<Gateway>, config: bridge_irc::IrcConfig, shutdown: CancellationToken) {
-    bot(&gw, config, shutdown).await;
-}
-
-async fn bot(gw: &Arc<Gateway>, config: bridge_irc::IrcConfig, shutdown: CancellationToken) {
-    let core = IrcCore::new(Arc::clone(gw));
+/// The bot with its outbox and digests, until `shutdown` or until the bot
+/// itself gives up (then the outbox and digests stop with it).
+async fn bot(gw: Arc<Gateway>, config: bridge_irc::IrcConfig, shutdown: CancellationToken) {
+    let helpers = shutdown.child_token();
+    let core = IrcCore::new(Arc::clone(&gw));
     let (handle, bot) = bridge_irc::spawn(config, Arc::clone(&core), shutdown.clone());
-    let digests = tokio::spawn(core.digest_timer(shutdown.clone()));
-    let posts = tokio::spawn(outbox(Arc::clone(gw), handle, shutdown.clone()));
+    let digests = tokio::spawn(core.digest_timer(helpers.clone()));
+    let posts = tokio::spawn(outbox(gw, handle, helpers.clone()));
     match bot.await {
         Ok(Err(e)) => tracing::error!(error = %e, "The IRC bot stopped; email keeps working."),
         Err(e) => tracing::error!(error = %e, "The IRC bot failed."),
         Ok(Ok(())) => {}
     }
+    helpers.cancel();
     let _ = digests.await;
     let _ = posts.await;
 }
