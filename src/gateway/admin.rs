@@ -96,22 +96,21 @@ pub async fn execute(store: &Store, shared: Option<&JetQueue>, request: Request)
 /// for the queue requests on any node.
 pub async fn execute_shared(j: &JetQueue, request: Request) -> Result<String, String> {
     let e = |e: super::db::StoreError| e.to_string();
+    // As the name index finds them: a fingerprint, or a name lower-cased.
     let find = |contacts: &[Contact], who: &str| {
+        let (fp, who) = (who.parse::<Fingerprint>().ok(), who.to_lowercase());
         contacts
             .iter()
-            .find(|c| {
-                c.fingerprint().to_string().eq_ignore_ascii_case(who)
-                    || c.address.eq_ignore_ascii_case(who)
-                    || c.email.as_deref().is_some_and(|m| m.eq_ignore_ascii_case(who))
-            })
-            .map(Contact::fingerprint)
+            .map(|c| (c.fingerprint(), c))
+            .find(|(f, c)| Some(*f) == fp || c.names().any(|n| n == who))
+            .map(|(f, _)| f)
     };
     match request {
         Request::ContactAdd { contact } => {
             let fp = contact.fingerprint();
             let all = j.contacts().await.map_err(e)?;
-            for name in std::iter::once(&contact.address).chain(contact.email.as_ref()) {
-                if find(&all, name).is_some_and(|other| other != fp) {
+            for name in contact.names() {
+                if find(&all, &name).is_some_and(|other| other != fp) {
                     return Err(format!("{name} already belongs to another contact"));
                 }
             }

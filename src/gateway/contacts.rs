@@ -47,6 +47,12 @@ impl Contact {
         Fingerprint::of(&self.cert)
     }
 
+    /// The names that reach this contact, lower-cased as the name index
+    /// keeps them: the LATSSIAM address and the email alias, if any.
+    pub fn names(&self) -> impl Iterator<Item = String> + '_ {
+        std::iter::once(&self.address).chain(self.email.as_ref()).map(|n| n.to_lowercase())
+    }
+
     /// The host to resolve for delivery.
     pub fn server_host(&self) -> &str {
         self.server.as_deref().unwrap_or_else(|| self.address.rsplit_once('@').map_or("", |(_, h)| h))
@@ -76,9 +82,7 @@ impl Store {
     /// [`StoreError`]; or an email alias already used by another contact.
     pub async fn put_contact(&self, contact: &Contact) -> Result<Result<(), String>, StoreError> {
         let fp = contact.fingerprint();
-        let mut names = vec![contact.address.to_lowercase()];
-        names.extend(contact.email.as_ref().map(|e| e.to_lowercase()));
-        for n in &names {
+        for n in contact.names() {
             if let Some(other) = self.names.get(n.as_bytes())? {
                 if other.as_ref() != fp.as_bytes() {
                     return Ok(Err(format!("{n} already belongs to another contact")));
@@ -111,9 +115,8 @@ impl Store {
         match contact {
             Some(c) => {
                 self.contacts.insert(fp.as_bytes(), encode(c))?;
-                self.names.insert(c.address.to_lowercase().as_bytes(), fp.as_bytes())?;
-                if let Some(e) = &c.email {
-                    self.names.insert(e.to_lowercase().as_bytes(), fp.as_bytes())?;
+                for name in c.names() {
+                    self.names.insert(name.as_bytes(), fp.as_bytes())?;
                 }
             }
             None => {
@@ -126,10 +129,9 @@ impl Store {
     /// Removes the names of `c` from the index, those that still point to it.
     fn remove_names(&self, c: &Contact) -> Result<(), StoreError> {
         let fp = c.fingerprint();
-        for name in std::iter::once(&c.address).chain(c.email.as_ref()) {
-            let key = name.to_lowercase();
-            if self.names.get(key.as_bytes())?.is_some_and(|v| v.as_ref() == fp.as_bytes()) {
-                self.names.remove(key.as_bytes())?;
+        for name in c.names() {
+            if self.names.get(name.as_bytes())?.is_some_and(|v| v.as_ref() == fp.as_bytes()) {
+                self.names.remove(name.as_bytes())?;
             }
         }
         Ok(())

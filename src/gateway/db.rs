@@ -26,7 +26,6 @@
 //! ([`super::queue::jetstream`]).
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use latssiam::group_commit::GroupCommit;
@@ -86,8 +85,7 @@ pub struct Store {
     pub(crate) free_space: latssiam::files::FreeSpace,
     /// Woken when a post for IRC is queued.
     pub irc_wake: Notify,
-    pub(crate) last_id: AtomicU64,
-    /// With `queue.backend = "jetstream"`: where contact changes go first.
+    /// With `queue.backend = "jetstream"`: where contact and subscription changes go first.
     pub(crate) shared: std::sync::OnceLock<Arc<crate::gateway::queue::jetstream::JetQueue>>,
 }
 
@@ -123,7 +121,6 @@ impl Store {
             failed: Notify::new(),
             broken: std::sync::OnceLock::new(),
             free_space: latssiam::files::FreeSpace::new(dir, min_free),
-            last_id: AtomicU64::new(0),
             shared: std::sync::OnceLock::new(),
         };
         store.recover()?;
@@ -188,14 +185,12 @@ impl Store {
 
     pub(crate) fn next_message_id(&self) -> Result<u64, StoreError> {
         // generate_id is monotonic across restarts; keep ids non-zero and increasing.
-        let id = self.db.generate_id()? + 1;
-        self.last_id.fetch_max(id, Ordering::Relaxed);
-        Ok(id)
+        Ok(self.db.generate_id()? + 1)
     }
 
-    /// Contact changes go to the shared bucket first (then to this store, as
-    /// every node's mirror applies them): `queue.backend = "jetstream"`.
-    pub fn share_contacts(&self, queue: Arc<crate::gateway::queue::jetstream::JetQueue>) {
+    /// Contact and subscription changes go to the shared buckets first (then
+    /// to this store, as every node's mirror applies them): `queue.backend = "jetstream"`.
+    pub fn share_state(&self, queue: Arc<crate::gateway::queue::jetstream::JetQueue>) {
         let _ = self.shared.set(queue);
     }
 }

@@ -171,13 +171,13 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         config::QueueBackend::Sled => queue::Queue::Sled(Arc::clone(&store)),
         config::QueueBackend::Jetstream => {
             let shared = Arc::new(queue::jetstream::connect(&settings).await?);
-            store.share_contacts(Arc::clone(&shared));
+            store.share_state(Arc::clone(&shared));
             pins.share(Arc::clone(&shared));
             shared
                 .mirror(Arc::clone(&store), pins.clone(), shutdown.clone())
                 .await
                 .context("cannot read the shared contacts, subscriptions and pins")?;
-            queue::Queue::JetStream(shared, Arc::clone(&store))
+            queue::Queue::JetStream(shared)
         }
     };
     let mut routes = settings.routes.clone();

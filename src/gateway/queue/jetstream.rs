@@ -16,8 +16,9 @@
 //!   key-value bucket `STREAM-delivered`, then the acknowledged ack
 //!   (`double_ack`); a redelivered job whose marker exists is acked without
 //!   being sent again (the node died between the two). A temporary failure ->
-//!   `nak` with the gateway's own backoff (Postfix's schedule); the attempts
-//!   are counted by JetStream's delivery count. A permanent failure -> the job
+//!   the job re-published with its new state (attempts, last error, due time
+//!   by the gateway's own backoff), the old one acked; a node handed it before
+//!   its time gives it back with `nak` and the delay left. A permanent failure -> the job
 //!   on `STREAM.dead` in the stream `STREAM-dead` and its failure report as a
 //!   new job (both deduplicated by id), then the ack.
 //! - Contacts: the key-value bucket `STREAM-contacts` (fingerprint in hex ->
@@ -91,8 +92,6 @@ pub struct JetQueue {
     held: Mutex<HashMap<JobId, Held>>,
     ack_wait: Duration,
     lease_ttl: Duration,
-    /// Redelivered jobs found delivered already (not sent again).
-    pub skipped: std::sync::atomic::AtomicU64,
 }
 
 /// Connects to `queue.nats_url` and makes (or finds) the streams, the
@@ -217,7 +216,6 @@ pub async fn connect(s: &Settings) -> anyhow::Result<JetQueue> {
         held: Mutex::new(HashMap::new()),
         ack_wait,
         lease_ttl,
-        skipped: Default::default(),
     })
 }
 
@@ -258,9 +256,7 @@ impl JetQueue {
     /// # Errors
     /// [`StoreError`] if there is no randomness.
     pub fn new_message_id(&self) -> Result<u64, StoreError> {
-        let mut b = [0u8; 8];
-        aws_lc_rs::rand::fill(&mut b).map_err(|_| shared("message id", "no randomness"))?;
-        Ok(u64::from_be_bytes(b).max(1))
+        Ok(random_u64()?.max(1))
     }
 
     /// Publishes one job per target and waits for JetStream's ack of every one.
@@ -280,6 +276,11 @@ impl JetQueue {
             wait_ack(ack).await?;
         }
         Ok(())
+    }
+
+    /// [`JetQueue::publish`], and its ack awaited.
+    async fn publish_acked(&self, subject: &str, msg_id: &str, payload: Bytes) -> Result<(), StoreError> {
+        wait_ack(self.publish(subject, msg_id, payload).await?).await
     }
 
     async fn publish(
@@ -360,7 +361,6 @@ impl JetQueue {
                 // Handed out before: to a node that may have delivered it and died before the ack.
                 if matches!(self.delivered.get(id.to_string()).await, Ok(Some(_))) {
                     info!(job = %id, "Redelivered job was delivered already; not sent again.");
-                    self.skipped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let _ = message.double_ack().await;
                     continue;
                 }
@@ -411,11 +411,8 @@ impl JetQueue {
         let delay = Duration::from_millis(job.due_ms.saturating_sub(now_ms()));
         let republished = async {
             // A fresh id for each re-publish (two within the duplicate window must both stay).
-            let mut nonce = [0u8; 8];
-            aws_lc_rs::rand::fill(&mut nonce).map_err(|_| shared("defer", "no randomness"))?;
-            let msg_id = format!("{id}/{}", hex(&nonce));
-            let ack = self.publish(&self.subject, &msg_id, frame(job, &held.body)).await?;
-            wait_ack(ack).await
+            let msg_id = format!("{id}/{:016x}", random_u64()?);
+            self.publish_acked(&self.subject, &msg_id, frame(job, &held.body)).await
         };
         if let Err(e) = republished.await {
             let _ = held.message.ack_with(AckKind::Nak(Some(delay))).await;
@@ -424,44 +421,37 @@ impl JetQueue {
         held.message.double_ack().await.map_err(|e| shared("ack", e))
     }
 
-    /// A permanent failure: the dead letter and the report (as a job of
-    /// `report_id`), then the ack.
+    /// A permanent failure: the dead letter and the report (a new job),
+    /// then the ack. Returns the report's message id.
     ///
     /// # Errors
-    /// [`StoreError::Shared`]; the job then comes back after the ack wait and
-    /// fails again (the re-publishes are dropped as duplicates within two minutes).
+    /// [`StoreError::Shared`]; the job then comes back in a while and fails
+    /// again (the re-publishes are dropped as duplicates within two minutes).
     pub async fn kill(
         &self,
         id: JobId,
         job: &Job,
         report: Option<(Vec<u8>, Target)>,
-        report_id: u64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<u64>, StoreError> {
         let held = self.take(id)?;
         let recorded = async {
-            let dead = self.publish(&self.dead_subject, &format!("dead-{id}"), frame(job, &held.body)).await?;
-            wait_ack(dead).await?;
-            self.report(id, report, report_id).await
-        };
-        if let Err(e) = recorded.await {
-            // Comes back in a while and fails again (the re-publishes are
-            // dropped as duplicates within two minutes).
-            let _ = held.message.ack_with(AckKind::Nak(Some(Duration::from_secs(10)))).await;
-            return Err(e);
-        }
-        held.message.double_ack().await.map_err(|e| shared("ack", e))
-    }
-
-    async fn report(&self, id: JobId, report: Option<(Vec<u8>, Target)>, report_id: u64) -> Result<(), StoreError> {
-        if let Some((body, target)) = report {
-            let now = now_ms();
-            let rjob = Job::fresh(report_id, target, Origin::Gateway, now);
+            self.publish_acked(&self.dead_subject, &format!("dead-{id}"), frame(job, &held.body)).await?;
+            let Some((body, target)) = report else { return Ok(None) };
+            let rjob = Job::fresh(self.new_message_id()?, target, Origin::Gateway, now_ms());
             // Deduplicated by the failed job's id: a second failure of the same
             // job (after a lost ack) reports nothing new.
-            let ack = self.publish(&self.subject, &format!("report-{id}"), frame(&rjob, &body)).await?;
-            wait_ack(ack).await?;
-        }
-        Ok(())
+            self.publish_acked(&self.subject, &format!("report-{id}"), frame(&rjob, &body)).await?;
+            Ok(Some(rjob.message))
+        };
+        let reported = match recorded.await {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = held.message.ack_with(AckKind::Nak(Some(Duration::from_secs(10)))).await;
+                return Err(e);
+            }
+        };
+        held.message.double_ack().await.map_err(|e| shared("ack", e))?;
+        Ok(reported)
     }
 
     /// Gives up every held job at once (shutdown): each comes back at once to another node.
@@ -600,7 +590,7 @@ impl JetQueue {
         self.subs.put(hex(key), value).await.map(drop).map_err(|e| shared("subscriptions bucket", e))
     }
 
-    /// Mirrors the shared contacts and subscriptions into `store` until
+    /// Mirrors the shared contacts, subscriptions and pins into this node until
     /// `shutdown`: first everything there is, then each change as it
     /// happens. Returns once the first full pass is applied; the mirrors go
     /// on in tasks.
@@ -643,7 +633,7 @@ impl JetQueue {
         for mut ready in [contacts, subs, pinned] {
             match tokio::time::timeout(Duration::from_secs(30), ready.wait_for(|r| *r)).await {
                 Ok(Ok(_)) => {}
-                _ => return Err(shared("mirror", "the shared contacts did not arrive within 30 s")),
+                _ => return Err(shared("mirror", "the shared buckets were not read within 30 s")),
             }
         }
         Ok(())
@@ -658,8 +648,7 @@ impl JetQueue {
     pub async fn post_irc(&self, id: u64, posts: &[IrcPost]) -> Result<(), StoreError> {
         for (i, post) in posts.iter().enumerate() {
             let payload = serde_json::to_vec(post).map_err(|e| shared("IRC post", e))?;
-            let ack = self.publish(&self.irc_subject, &format!("post-{id:016X}-{i}"), payload.into()).await?;
-            wait_ack(ack).await?;
+            self.publish_acked(&self.irc_subject, &format!("post-{id:016X}-{i}"), payload.into()).await?;
         }
         Ok(())
     }
@@ -750,6 +739,12 @@ async fn mirror_bucket(
         }
     });
     Ok(ready_rx)
+}
+
+fn random_u64() -> Result<u64, StoreError> {
+    let mut b = [0u8; 8];
+    aws_lc_rs::rand::fill(&mut b).map_err(|_| shared("random", "no randomness"))?;
+    Ok(u64::from_be_bytes(b))
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -1,24 +1,21 @@
 //! The delivery queue behind one interface, with two backends
-//! (`queue.backend`): `sled` (the default: the queue in the gateway's own
-//! database, see [`super::store`]) and `jetstream` (NATS JetStream, shared by
+//! (`queue.backend`): `sled` (the default: the queue in the node's own
+//! database, see [`sled`]) and `jetstream` (NATS JetStream, shared by
 //! several gateway nodes, see [`jetstream`]).
 //!
 //! Either way a message is acknowledged (`250`, `31`) only after
 //! [`Queue::enqueue`] returned: after the fsync with sled, after JetStream's
-//! publish ack with jetstream. Contacts, pins, the IRC outbox and
-//! subscriptions stay in the node's sled database; with jetstream the
-//! contacts are mirrored from a shared key-value bucket.
+//! publish ack with jetstream. With jetstream the IRC outbox is on
+//! JetStream too, and the contacts, subscriptions and TOFU pins in the
+//! node's sled database mirror shared key-value buckets.
 
 pub mod jetstream;
 pub mod sled;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::AckKind;
-
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use serde::{Deserialize, Serialize};
 
 use super::db::{corrupt, Store, StoreError};
@@ -36,22 +33,15 @@ pub enum PostKey {
 pub enum Queue {
     /// In the gateway's sled database.
     Sled(Arc<Store>),
-    /// On NATS JetStream; the node's own sled database keeps the rest.
-    JetStream(Arc<jetstream::JetQueue>, Arc<Store>),
+    /// On NATS JetStream.
+    JetStream(Arc<jetstream::JetQueue>),
 }
 
 impl Queue {
-    /// The node's sled store (contacts, pins, IRC outbox).
-    pub fn store(&self) -> &Arc<Store> {
-        match self {
-            Queue::Sled(s) | Queue::JetStream(_, s) => s,
-        }
-    }
-
     /// The JetStream queue, with that backend.
     pub fn jetstream(&self) -> Option<&Arc<jetstream::JetQueue>> {
         match self {
-            Queue::JetStream(j, _) => Some(j),
+            Queue::JetStream(j) => Some(j),
             Queue::Sled(_) => None,
         }
     }
@@ -63,7 +53,7 @@ impl Queue {
     pub fn new_message_id(&self) -> Result<u64, StoreError> {
         match self {
             Queue::Sled(s) => s.new_message_id(),
-            Queue::JetStream(j, _) => j.new_message_id(),
+            Queue::JetStream(j) => j.new_message_id(),
         }
     }
 
@@ -108,7 +98,7 @@ impl Queue {
     ) -> Result<(), StoreError> {
         match self {
             Queue::Sled(s) => s.enqueue_with_posts(id, body, targets, origin, posts).await,
-            Queue::JetStream(j, _) => {
+            Queue::JetStream(j) => {
                 j.enqueue(id, body, targets, origin).await?;
                 j.post_irc(id, posts).await
             }
@@ -128,13 +118,13 @@ impl Queue {
                 let _ = tokio::time::timeout(Duration::from_secs(5), s.irc_wake.notified()).await;
                 Ok(None)
             }
-            Queue::JetStream(j, _) => Ok(j.next_post().await?.map(|(m, p)| (PostKey::Shared(Box::new(m)), p))),
+            Queue::JetStream(j) => Ok(j.next_post().await?.map(|(m, p)| (PostKey::Shared(Box::new(m)), p))),
         }
     }
 
     /// While a post goes out (with jetstream: keeps it this node's).
     pub async fn post_alive(&self, key: &PostKey) {
-        if let (Queue::JetStream(j, _), PostKey::Shared(m)) = (self, key) {
+        if let (Queue::JetStream(j), PostKey::Shared(m)) = (self, key) {
             j.post_alive(m).await;
         }
     }
@@ -163,7 +153,7 @@ impl Queue {
     pub async fn claim(&self, max: usize) -> Result<Claimed, StoreError> {
         match self {
             Queue::Sled(s) => s.claim_due(now_ms(), max),
-            Queue::JetStream(j, _) => Ok((j.claim(max).await?, Some(0))),
+            Queue::JetStream(j) => Ok((j.claim(max).await?, Some(0))),
         }
     }
 
@@ -178,7 +168,7 @@ impl Queue {
                     () = tokio::time::sleep(wait.min(Duration::from_secs(60))) => {}
                 }
             }
-            Queue::JetStream(..) => {}
+            Queue::JetStream(_) => {}
         }
     }
 
@@ -187,7 +177,7 @@ impl Queue {
     pub fn pending(&self, id: JobId) -> bool {
         match self {
             Queue::Sled(s) => matches!(s.job(id), Ok(Some((_, false))) | Err(_)),
-            Queue::JetStream(j, _) => j.holds(id),
+            Queue::JetStream(j) => j.holds(id),
         }
     }
 
@@ -198,7 +188,7 @@ impl Queue {
     pub fn body(&self, id: JobId) -> Result<Option<Vec<u8>>, StoreError> {
         match self {
             Queue::Sled(s) => s.body(id.message),
-            Queue::JetStream(j, _) => Ok(j.body(id)),
+            Queue::JetStream(j) => Ok(j.body(id)),
         }
     }
 
@@ -209,7 +199,7 @@ impl Queue {
     pub async fn complete(&self, id: JobId) -> Result<(), StoreError> {
         match self {
             Queue::Sled(s) => s.complete(id),
-            Queue::JetStream(j, _) => j.complete(id).await,
+            Queue::JetStream(j) => j.complete(id).await,
         }
     }
 
@@ -220,7 +210,7 @@ impl Queue {
     pub async fn defer(&self, id: JobId, job: &Job) -> Result<(), StoreError> {
         match self {
             Queue::Sled(s) => s.defer(id, job),
-            Queue::JetStream(j, _) => j.defer(id, job).await,
+            Queue::JetStream(j) => j.defer(id, job).await,
         }
     }
 
@@ -236,12 +226,7 @@ impl Queue {
     ) -> Result<Option<u64>, StoreError> {
         match self {
             Queue::Sled(s) => s.kill(id, job, report).await,
-            Queue::JetStream(j, _) => {
-                let rid = j.new_message_id()?;
-                let reported = report.is_some();
-                j.kill(id, job, report, rid).await?;
-                Ok(reported.then_some(rid))
-            }
+            Queue::JetStream(j) => j.kill(id, job, report).await,
         }
     }
 }
