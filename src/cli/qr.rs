@@ -104,5 +104,15 @@ mod tests {
         assert_eq!(read_png(&path).unwrap_or_else(|e| panic!("{e}")), text);
         std::fs::write(&path, b"not a png").unwrap_or_else(|e| panic!("{e}"));
         assert!(read_png(&path).is_err());
+        // A picture wider than MAX_SIDE is refused from its header, before any pixel buffer.
+        let wide = dir.path().join("wide.png");
+        let file = std::fs::File::create(&wide).unwrap_or_else(|e| panic!("{e}"));
+        let mut encoder = png::Encoder::new(file, MAX_SIDE + 1, 1);
+        encoder.set_color(png::ColorType::Grayscale);
+        let mut writer = encoder.write_header().unwrap_or_else(|e| panic!("{e}"));
+        writer.write_image_data(&vec![255u8; MAX_SIDE as usize + 1]).unwrap_or_else(|e| panic!("{e}"));
+        drop(writer);
+        let err = read_png(&wide).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("too large"), "{err}");
     }
 }

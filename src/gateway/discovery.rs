@@ -305,4 +305,40 @@ mod tests {
         assert_eq!(resource(Some("rel=x")), None);
         assert_eq!(resource(None), None);
     }
+
+    /// A WebFinger server on loopback that reads the request and then writes
+    /// `head` and, with `endless`, body octets for as long as it is read; it
+    /// never closes on its own.
+    async fn hostile_webfinger(head: &'static [u8], endless: bool) -> String {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("{e}"));
+        let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = s.read(&mut buf).await;
+                    if s.write_all(head).await.is_err() {
+                        return;
+                    }
+                    let chunk = [b' '; 8192];
+                    while endless && s.write_all(&chunk).await.is_ok() {}
+                    std::future::pending::<()>().await;
+                });
+            }
+        });
+        format!("http://127.0.0.1:{port}")
+    }
+
+    #[tokio::test]
+    async fn a_hostile_webfinger_server_costs_the_look_up_bounded_memory_and_time() {
+        // A JRD without end: refused once past MAX_JRD.
+        let base = hostile_webfinger(b"HTTP/1.1 200 OK\r\nContent-Type: application/jrd+json\r\n\r\n", true).await;
+        let err = lookup("alice@example.org", Some(&base)).await.err().unwrap_or_default();
+        assert!(err.contains("length limit"), "{err}");
+        // A server that answers nothing: the look-up ends at LOOKUP_TIMEOUT.
+        let base = hostile_webfinger(b"", false).await;
+        let err = lookup("alice@example.org", Some(&base)).await.err().unwrap_or_default();
+        assert!(err.contains("no answer within 10 s"), "{err}");
+    }
 }

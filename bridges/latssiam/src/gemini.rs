@@ -921,6 +921,54 @@ mod tests {
         out
     }
 
+    /// A hostile capsule: reads the request line, then writes `header` and,
+    /// with `endless`, body octets for as long as the client reads; it never
+    /// closes on its own. Returns its address.
+    async fn hostile_capsule(header: &'static [u8], endless: bool) -> SocketAddr {
+        let tls = tokio_rustls::TlsAcceptor::from(server_tls(&identity("evil@example.org")).unwrap());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    let Ok(mut s) = tls.accept(tcp).await else { return };
+                    let mut line = [0u8; 1100];
+                    let _ = s.read(&mut line).await;
+                    if s.write_all(header).await.is_err() {
+                        return;
+                    }
+                    let chunk = [b'x'; 4096];
+                    while endless && s.write_all(&chunk).await.is_ok() {}
+                    // Holds the connection open, saying nothing more.
+                    std::future::pending::<()>().await;
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_hostile_capsule_costs_the_client_bounded_memory_and_time() {
+        let url = "gemini://example.org/.well-known/latssiam/alice.pem";
+        // A body without end: refused once past MAX_BODY, not read on.
+        let addr = hostile_capsule(b"20 application/x-pem-file\r\n", true).await;
+        let err = fetch_at(addr, url, &MemoryPins::default(), T).await.unwrap_err();
+        assert!(matches!(err, FetchError::BodyTooLong), "{err}");
+        // A header without end: refused at MAX_HEADER.
+        let addr = hostile_capsule(b"", true).await;
+        let err = fetch_at(addr, url, &MemoryPins::default(), T).await.unwrap_err();
+        assert!(matches!(err, FetchError::BadHeader(_)), "{err}");
+        // A capsule that answers nothing: the caller's time bound ends it.
+        let addr = hostile_capsule(b"", false).await;
+        let err = fetch_at(addr, url, &MemoryPins::default(), Duration::from_millis(500)).await.unwrap_err();
+        assert!(matches!(err, FetchError::Timeout), "{err}");
+        // Half a header, then silence: the same.
+        let addr = hostile_capsule(b"20 appl", false).await;
+        let err = fetch_at(addr, url, &MemoryPins::default(), Duration::from_millis(500)).await.unwrap_err();
+        assert!(matches!(err, FetchError::Timeout), "{err}");
+    }
+
     #[tokio::test]
     async fn certificates_round_trip_through_their_latssiam_urls() {
         let c = capsule(Limits::default()).await;
