@@ -5,6 +5,7 @@
 //! - [`identity`]: X.509 identities, addresses and LATSSIAM URLs.
 //! - [`crypto`]: CMS sealing, opening, signing and verifying, interoperable
 //!   with `openssl cms`.
+//! - [`fragment`]: messages larger than one block, cut and joined (section 8).
 //! - [`files`]: private directories and atomic file writes.
 //! - [`group_commit`]: one fsync for many concurrent sled writers.
 //! - [`limits`]: connections per client address and site, and throttled refusal logs.
@@ -20,6 +21,7 @@ pub mod conn;
 pub mod crypto;
 pub mod files;
 pub mod fingerprint;
+pub mod fragment;
 pub mod gemini;
 pub mod group_commit;
 pub mod identity;
