@@ -3,7 +3,7 @@
 
 mod cli;
 
-use cli::{gateway, net, server, toolkit};
+use cli::{gateway, net, sendmail, server, toolkit};
 
 use std::process::ExitCode;
 
@@ -51,8 +51,12 @@ enum Command {
     Deregister(net::DeregisterArgs),
     /// Encrypt (and optionally sign) a message and SEND it.
     Send(net::SendArgs),
-    /// Fetch your messages (ACCEPT), decrypt them and save one .eml each.
+    /// Fetch your messages (ACCEPT), decrypt them, join large ones, and save
+    /// them as .eml files or into a Maildir.
     Fetch(net::FetchArgs),
+    /// Submit a message like sendmail (for mutt, aerc, git send-email):
+    /// LATSSIAM recipients directly, email addresses through your gateway.
+    Sendmail(sendmail::SendmailArgs),
 }
 
 #[derive(clap::Args)]
@@ -87,6 +91,10 @@ fn init_logging(json: bool) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Sendmail(a) = cli.command {
+        init_logging(false);
+        return sendmail::sendmail(a);
+    }
     if !matches!(cli.command, Command::Run(_)) {
         init_logging(false);
     }
@@ -117,6 +125,7 @@ fn main() -> ExitCode {
         Command::Deregister(a) => net::deregister(a),
         Command::Send(a) => net::send(a),
         Command::Fetch(a) => net::fetch(a),
+        Command::Sendmail(_) => Ok(()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,5 +4,6 @@
 pub mod gateway;
 pub mod net;
 pub mod qr;
+pub mod sendmail;
 pub mod server;
 pub mod toolkit;

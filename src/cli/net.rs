@@ -81,15 +81,28 @@ pub struct FetchArgs {
     /// Your home server, HOST[:PORT].
     #[arg(long)]
     server: String,
-    /// Seconds to wait for the first message.
-    #[arg(long, default_value_t = 0)]
-    deadline: u64,
-    /// Stop after this many messages.
+    /// Seconds to wait for the first message (with --follow: for each long-poll, default 300).
+    #[arg(long)]
+    deadline: Option<u64>,
+    /// Stop after taking this many messages off the server (a fragment of a
+    /// large message counts as one).
     #[arg(long)]
     max: Option<usize>,
     /// Where to write one .eml file per message.
+    #[arg(long, required_unless_present = "maildir", conflicts_with = "maildir")]
+    out_dir: Option<PathBuf>,
+    /// Deliver into this Maildir instead (tmp/, new/, cur/ made if absent;
+    /// each message fsynced into new/ before the server is told 31).
+    #[arg(long, value_name = "DIR")]
+    maildir: Option<PathBuf>,
+    /// Stay connected: long-poll ACCEPT, reconnect with back-off after a
+    /// failure, stop cleanly on SIGTERM or SIGINT.
     #[arg(long)]
-    out_dir: PathBuf,
+    follow: bool,
+    /// Where fragments of large messages wait for the rest of their set
+    /// (default: partials/ in the identity directory).
+    #[arg(long, value_name = "DIR")]
+    partials: Option<PathBuf>,
     /// Refuse unsigned messages (answered 32).
     #[arg(long)]
     require_signature: bool,
@@ -127,16 +140,16 @@ pub fn pin_file(path: Option<&Path>) -> Result<FilePins> {
     Ok(FilePins::open(path)?)
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start tokio")
 }
 
 /// Connects to `server` (HOST[:PORT]), trying each of its addresses.
-async fn connect(server: &str, identity: &Arc<Identity>, pins: &FilePins) -> Result<Client> {
+pub async fn connect(server: &str, identity: &Arc<Identity>, pins: &FilePins) -> Result<Client> {
     connect_any(Resolver::default().resolve_server(server).await?, identity, pins).await
 }
 
-async fn connect_any(
+pub async fn connect_any(
     candidates: impl IntoIterator<Item = (String, std::net::SocketAddr)>,
     identity: &Arc<Identity>,
     pins: &FilePins,
@@ -230,19 +243,59 @@ pub fn send(args: SendArgs) -> Result<()> {
                 Err(status) => bail!("cannot obtain the recipient's certificate: the server answered {status}"),
             },
         };
-        let message = crypto::seal(&plaintext, &cert)?;
-        if message.len() > latssiam::wire::MAX_BLOCK_DER {
-            bail!(
-                "the message is too large: {} octets of CMS, at most {}",
-                message.len(),
-                latssiam::wire::MAX_BLOCK_DER
-            );
-        }
-        let signature = if args.sign { Some(crypto::sign(&message, &identity)?) } else { None };
-        let status = client.send(fingerprint, &message, signature.as_deref()).await?;
+        let result = send_message(&mut client, &identity, &cert, &plaintext, args.sign).await;
         client.quit().await;
+        let (status, fragments) = result?;
+        if fragments > 1 && status.code() == Code::MessageAccepted {
+            println!("{status} ({fragments} fragments)");
+            return Ok(());
+        }
         expect(&status, &[Code::MessageAccepted])
     })
+}
+
+/// Sends `plaintext` sealed to `cert` over `client`: as one message (signed
+/// if `sign`), or, larger than one block, as PROFILE section 8 fragments,
+/// each signed. Returns the last answer (the first that is not `31`) and
+/// how many LATSSIAM messages the plaintext took.
+///
+/// # Errors
+/// A message over the size limit, crypto or connection failures.
+pub async fn send_message(
+    client: &mut Client,
+    identity: &Identity,
+    cert: &[u8],
+    plaintext: &[u8],
+    sign: bool,
+) -> Result<(Status, u32)> {
+    let fingerprint = Fingerprint::of(cert);
+    let overhead = latssiam::fragment::sealing_overhead(cert)?;
+    if latssiam::fragment::fits_one_block(plaintext.len(), overhead) {
+        let message = crypto::seal(plaintext, cert)?;
+        let signature = if sign { Some(crypto::sign(&message, identity)?) } else { None };
+        return Ok((client.send(fingerprint, &message, signature.as_deref()).await?, 1));
+    }
+    if plaintext.len() > latssiam::fragment::MAX_JOINED {
+        bail!("the message is too large: {} octets, at most {}", plaintext.len(), latssiam::fragment::MAX_JOINED);
+    }
+    let own = identity.address().context("your certificate names no address, needed for a large message")?;
+    let to = CertInfo::from_der(cert)?.address.map_or_else(|| format!("<{fingerprint}@unknown>"), |a| format!("<{a}>"));
+    let id = latssiam::fragment::new_id(own.host())?;
+    let date = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc2822)
+        .context("cannot format the date")?;
+    let cut = latssiam::fragment::Fragmenter::new(plaintext, overhead, &id, &format!("<{own}>"), &to, &date)?;
+    let total = cut.total();
+    let mut last = Status::of(Code::MessageAccepted);
+    for fragment in cut {
+        let message = crypto::seal(&fragment, cert)?;
+        let signature = crypto::sign(&message, identity)?;
+        last = client.send(fingerprint, &message, Some(&signature)).await?;
+        if last.code() != Code::MessageAccepted {
+            break;
+        }
+    }
+    Ok((last, total))
 }
 
 /// Writes `bytes` to `dir/name` durably: temporary file, fsync, rename, fsync of the directory.
@@ -256,67 +309,274 @@ fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf> {
     Ok(path)
 }
 
-pub fn fetch(args: FetchArgs) -> Result<()> {
-    let identity = Arc::new(load_identity(&args.common.identity)?);
-    let pins = pin_file(args.common.pins.as_deref())?;
-    std::fs::create_dir_all(&args.out_dir).with_context(|| format!("cannot create {}", args.out_dir.display()))?;
-    runtime()?.block_on(async {
-        let mut client = connect(&args.server, &identity, &pins).await?;
-        let mut deadline = Duration::from_secs(args.deadline);
-        let mut fetched = 0usize;
-        while args.max.is_none_or(|max| fetched < max) {
+/// Where `fetch` puts messages.
+enum Output {
+    /// One `<digest>.eml` per message (a redelivered message overwrites its copy).
+    Dir(PathBuf),
+    /// A Maildir.
+    Maildir(PathBuf),
+}
+
+impl Output {
+    fn open(args: &FetchArgs) -> Result<Self> {
+        let out = match (&args.maildir, &args.out_dir) {
+            (Some(m), _) => {
+                for sub in ["tmp", "new", "cur"] {
+                    let d = m.join(sub);
+                    std::fs::create_dir_all(&d).with_context(|| format!("cannot create {}", d.display()))?;
+                }
+                Output::Maildir(m.clone())
+            }
+            (None, Some(d)) => {
+                std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+                Output::Dir(d.clone())
+            }
+            (None, None) => bail!("--out-dir or --maildir is needed"),
+        };
+        Ok(out)
+    }
+
+    /// Writes one message durably; returns where.
+    fn write(&self, message: &[u8]) -> Result<PathBuf> {
+        let digest = Fingerprint::of(message).to_string();
+        match self {
+            Output::Dir(dir) => write_durably(dir, &format!("{}.eml", &digest[..24]), message),
+            Output::Maildir(dir) => {
+                // time.unique.host, unique by content (a redelivery after a
+                // crash writes the same name part).
+                let secs =
+                    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "localhost".into());
+                let host = host.trim().replace(['/', ':'], "_");
+                let name = format!("{secs}.L{}.{host}", &digest[..24]);
+                let tmp = write_durably(&dir.join("tmp"), &name, message)?;
+                let new = dir.join("new").join(&name);
+                std::fs::rename(&tmp, &new).with_context(|| format!("cannot move into {}", new.display()))?;
+                let new_dir = dir.join("new");
+                std::fs::File::open(&new_dir)
+                    .and_then(|d| d.sync_all())
+                    .with_context(|| format!("cannot sync {}", new_dir.display()))?;
+                Ok(new)
+            }
+        }
+    }
+}
+
+/// The notice written in place of a set that never completed.
+fn incomplete_notice(e: &latssiam::fragment::Expired) -> Vec<u8> {
+    let (from, subject) =
+        e.first.clone().unwrap_or_else(|| ("(unknown: its first part never came)".into(), String::new()));
+    let mut m = String::new();
+    m.push_str("From: latssiam-bridge fetch <MAILER-DAEMON@localhost>\r\n");
+    m.push_str("Subject: A large message arrived incomplete and was discarded\r\n");
+    m.push_str(&format!("Date: {}\r\n", latssiam_date_now()));
+    m.push_str(
+        "Auto-Submitted: auto-generated\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n",
+    );
+    m.push_str(&format!(
+        "A message sent in {} parts arrived with only {} of them within 24 hours and was discarded.\r\n\r\nSigner: {}\r\nFrom: {from}\r\nSubject: {subject}\r\n",
+        e.total, e.have, e.signer
+    ));
+    m.into_bytes()
+}
+
+fn latssiam_date_now() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc2822)
+        .unwrap_or_else(|_| "Thu, 01 Jan 1970 00:00:00 +0000".into())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// One ACCEPT session's worth of messages: returns how many were written,
+/// and whether the session ended because nothing more was there.
+struct Fetcher<'a> {
+    args: &'a FetchArgs,
+    identity: Arc<Identity>,
+    output: Output,
+    db: sled::Db,
+    joiner: latssiam::fragment::Joiner,
+    fetched: usize,
+}
+
+impl Fetcher<'_> {
+    fn done(&self) -> bool {
+        self.args.max.is_some_and(|max| self.fetched >= max)
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.db.flush_async().await.context("cannot write the partial-set store")?;
+        Ok(())
+    }
+
+    fn expire(&mut self) -> Result<()> {
+        for e in self.joiner.expire(now_ms(), latssiam::fragment::SET_LIFETIME)? {
+            let path = self.output.write(&incomplete_notice(&e))?;
+            eprintln!("{} notice: an incomplete set from {} was discarded", path.display(), e.signer);
+        }
+        Ok(())
+    }
+
+    /// Drains the mailbox over `client`, waiting `deadline` for the first message.
+    async fn session(&mut self, client: &mut Client, mut deadline: Duration, follow: bool) -> Result<()> {
+        while !self.done() {
             let delivered = match client.accept(deadline).await? {
                 Accepted::Message(d) => d,
                 Accepted::Nothing(status) => {
-                    println!("{status}");
+                    if !follow {
+                        println!("{status}");
+                    }
                     if !matches!(status.code(), Code::NoMoreMessages | Code::SlowDown) {
-                        client.quit().await;
                         bail!("the server answered {status}");
+                    }
+                    if follow {
+                        if status.code() == Code::SlowDown {
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                        self.expire()?;
+                        continue;
                     }
                     break;
                 }
             };
-            // After the first message, drain what is there without waiting.
-            deadline = Duration::ZERO;
-            let signer = match &delivered.signature {
-                Some(sig) => match crypto::verify(sig, &delivered.message) {
-                    Ok(cert) => Some(cert),
-                    Err(e) => {
-                        eprintln!("refused a message: its signature does not verify ({e})");
-                        client.refuse(Status::of(Code::MessageRefused)).await?;
-                        continue;
-                    }
-                },
-                None if args.require_signature => {
-                    eprintln!("refused an unsigned message");
-                    client.refuse(Status::of(Code::SignatureRequired)).await?;
-                    continue;
-                }
-                None => None,
-            };
-            let plaintext = match crypto::open(&delivered.message, &identity) {
-                Ok(p) => p,
-                Err(e) => {
-                    eprintln!("refused a message: {e}");
-                    client.refuse(Status::of(Code::MessageRefused)).await?;
-                    continue;
-                }
-            };
-            // Named by content, so a redelivered message overwrites its own copy.
-            let digest = Fingerprint::of(&delivered.message).to_string();
-            let path = write_durably(&args.out_dir, &format!("{}.eml", &digest[..24]), &plaintext)?;
-            client.ack().await?;
-            fetched += 1;
-            match signer.map(|c| CertInfo::from_der(&c)).transpose()? {
-                Some(info) => {
-                    let who = info.address.map_or_else(|| "(no address)".to_owned(), |a| a.to_string());
-                    println!("{} signed by {who} {}", path.display(), info.fingerprint);
-                }
-                None => println!("{} unsigned", path.display()),
+            if !follow {
+                // After the first message, drain what is there without waiting.
+                deadline = Duration::ZERO;
             }
+            self.take(client, delivered).await?;
         }
-        client.quit().await;
         Ok(())
+    }
+
+    async fn take(&mut self, client: &mut Client, delivered: latssiam::client::Delivered) -> Result<()> {
+        let signer = match &delivered.signature {
+            Some(sig) => match crypto::verify(sig, &delivered.message) {
+                Ok(cert) => Some(cert),
+                Err(e) => {
+                    eprintln!("refused a message: its signature does not verify ({e})");
+                    return Ok(client.refuse(Status::of(Code::MessageRefused)).await?);
+                }
+            },
+            None if self.args.require_signature => {
+                eprintln!("refused an unsigned message");
+                return Ok(client.refuse(Status::of(Code::SignatureRequired)).await?);
+            }
+            None => None,
+        };
+        let plaintext = match crypto::open(&delivered.message, &self.identity) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("refused a message: {e}");
+                return Ok(client.refuse(Status::of(Code::MessageRefused)).await?);
+            }
+        };
+        let whole = match latssiam::fragment::parse(&plaintext) {
+            Ok(None) => None,
+            Err(e) => {
+                eprintln!("refused a fragment: {e}");
+                return Ok(client.refuse(Status::of(Code::MessageRefused)).await?);
+            }
+            Ok(Some(fragment)) => {
+                let Some(cert) = &signer else {
+                    eprintln!("refused an unsigned fragment");
+                    return Ok(client.refuse(Status::of(Code::SignatureRequired)).await?);
+                };
+                let fp = Fingerprint::of(cert);
+                match self.joiner.offer(&fp, &fragment, now_ms()) {
+                    Err(latssiam::fragment::JoinError::Refused(e)) => {
+                        eprintln!("refused a fragment of {} from {fp}: {e}", fragment.id);
+                        return Ok(client.refuse(Status::of(Code::MessageRefused)).await?);
+                    }
+                    Err(e) => return Err(e.into()),
+                    Ok(latssiam::fragment::Offer::Complete(message)) => Some((message, fp, fragment.id)),
+                    Ok(_) => {
+                        self.flush().await?;
+                        client.ack().await?;
+                        self.fetched += 1;
+                        return Ok(());
+                    }
+                }
+            }
+        };
+        let path = match &whole {
+            Some((message, _, _)) => self.output.write(message)?,
+            None => self.output.write(&plaintext)?,
+        };
+        client.ack().await?;
+        if let Some((_, fp, id)) = &whole {
+            self.joiner.finish(fp, id)?;
+            self.flush().await?;
+        }
+        self.fetched += 1;
+        let message = whole.as_ref().map_or(plaintext.as_slice(), |(m, _, _)| m.as_slice());
+        let warning = auth_warning(message);
+        match signer.map(|c| CertInfo::from_der(&c)).transpose()? {
+            Some(info) => {
+                let who = info.address.map_or_else(|| "(no address)".to_owned(), |a| a.to_string());
+                println!("{} signed by {who} {}{warning}", path.display(), info.fingerprint);
+            }
+            None => println!("{} unsigned{warning}", path.display()),
+        }
+        Ok(())
+    }
+}
+
+/// The warning a gateway put on a message whose sender it could not
+/// authenticate (the `LATSSIAM-Auth-Warning` header), for the fetch line.
+fn auth_warning(message: &[u8]) -> String {
+    let header_end = message.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(message.len());
+    latssiam::fragment::header_values(&message[..header_end], "latssiam-auth-warning")
+        .first()
+        .map(|v| format!(" WARNING: {}", String::from_utf8_lossy(v).trim()))
+        .unwrap_or_default()
+}
+
+pub fn fetch(args: FetchArgs) -> Result<()> {
+    let identity = Arc::new(load_identity(&args.common.identity)?);
+    let pins = pin_file(args.common.pins.as_deref())?;
+    let output = Output::open(&args)?;
+    let partials = args.partials.clone().unwrap_or_else(|| args.common.identity.join("partials"));
+    let db = sled::Config::new().path(&partials).open().with_context(|| {
+        format!("cannot open the partial-set store {} (another fetch running?)", partials.display())
+    })?;
+    let joiner = latssiam::fragment::Joiner::new(db.open_tree("partials")?, latssiam::fragment::MAX_JOINED);
+    let mut fetcher = Fetcher { args: &args, identity: Arc::clone(&identity), output, db, joiner, fetched: 0 };
+    fetcher.expire()?;
+    runtime()?.block_on(async {
+        if !args.follow {
+            let mut client = connect(&args.server, &identity, &pins).await?;
+            let result = fetcher.session(&mut client, Duration::from_secs(args.deadline.unwrap_or(0)), false).await;
+            client.quit().await;
+            return result;
+        }
+        let deadline = Duration::from_secs(args.deadline.unwrap_or(300).max(1));
+        let mut backoff = Duration::from_secs(1);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        loop {
+            let round = async {
+                let mut client = connect(&args.server, &identity, &pins).await?;
+                let r = fetcher.session(&mut client, deadline, true).await;
+                client.quit().await;
+                r
+            };
+            let result = tokio::select! {
+                r = round => r,
+                _ = term.recv() => return Ok(()),
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+            };
+            match result {
+                Ok(()) => return Ok(()),
+                Err(e) => eprintln!("fetch: {e:#}; reconnecting in {} s", backoff.as_secs()),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                _ = term.recv() => return Ok(()),
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(60));
+        }
     })
 }
 

@@ -111,6 +111,8 @@ pub struct HomeSettings {
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum Oversize {
+    /// Cut into PROFILE section 8 fragments (up to `smtp.max_message_size`).
+    Fragment,
     Reject,
     StripAttachments,
 }
@@ -126,6 +128,7 @@ pub struct SmtpSettings {
     pub data_timeout_secs: u64,
     pub max_connections: usize,
     pub oversize: Oversize,
+    pub max_message_size: usize,
     pub max_connections_per_client: usize,
     pub client_connection_rate_limit: u32,
     pub client_message_rate_limit: u32,
@@ -242,6 +245,10 @@ fn secret_key(var: &str) -> Option<Secret> {
     }
 }
 
+/// The largest `smtp.max_message_size`: what PROFILE section 8 fragments
+/// can carry with room to spare (at most `latssiam::fragment::MAX_TOTAL` of them).
+pub const MAX_MESSAGE_SIZE: usize = 64_000_000;
+
 impl Settings {
     /// Loads the settings: defaults, then `file`, then the environment.
     ///
@@ -330,6 +337,9 @@ impl Settings {
                 bail!("queue.stream: {:?} is not a stream name (letters, digits, - and _)", self.queue.stream);
             }
         }
+        if !(1000..=MAX_MESSAGE_SIZE).contains(&self.smtp.max_message_size) {
+            bail!("smtp.max_message_size: between 1000 and {MAX_MESSAGE_SIZE} octets");
+        }
         if self.queue.concurrency == 0 {
             bail!("queue.concurrency: at least 1");
         }
@@ -389,7 +399,8 @@ mod tests {
     #[test]
     fn defaults_load_and_unknown_keys_are_named() {
         let s = Settings::load(None).unwrap();
-        assert_eq!(s.smtp.oversize, Oversize::Reject);
+        assert_eq!(s.smtp.oversize, Oversize::Fragment);
+        assert_eq!(s.smtp.max_message_size, 10_240_000);
         assert_eq!(s.queue.first_retry_secs, 300);
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.toml");

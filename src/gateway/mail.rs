@@ -139,6 +139,60 @@ pub fn strip_attachments(data: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// The longest line RFC 5322 allows, CRLF not counted.
+pub const MAX_LINE_OUT: usize = 998;
+
+fn has_long_line(data: &[u8]) -> bool {
+    data.split(|&b| b == b'\n').any(|l| l.strip_suffix(b"\r").unwrap_or(l).len() > MAX_LINE_OUT)
+}
+
+/// The message with every body part that has a line over [`MAX_LINE_OUT`]
+/// octets re-encoded as base64 (its other header fields, and every other
+/// part, octet for octet); `None` when no body line is that long, or the
+/// message does not parse. A header line that long is left as it is.
+pub fn reencode_long_lines(data: &[u8]) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    if !has_long_line(data) {
+        return None;
+    }
+    let message = MessageParser::default().parse(data)?;
+    let mut out = Vec::with_capacity(data.len() + data.len() / 3);
+    let mut copied = 0;
+    for part in &message.parts {
+        if matches!(part.body, mail_parser::PartType::Multipart(_) | mail_parser::PartType::Message(_)) {
+            continue;
+        }
+        let (head, body, end) = (part.offset_header as usize, part.offset_body as usize, part.offset_end as usize);
+        let Some(content) = data.get(body..end).filter(|c| has_long_line(c)) else { continue };
+        if head < copied || body < head {
+            continue;
+        }
+        out.extend_from_slice(&data[copied..head]);
+        let header = header_fields_without(&data[head..body], |line| {
+            line.len() >= 26 && line[..26].eq_ignore_ascii_case(b"content-transfer-encoding:")
+        });
+        out.extend_from_slice(&header);
+        out.extend_from_slice(b"Content-Transfer-Encoding: base64\r\n\r\n");
+        // The CRLF before a boundary belongs to the boundary.
+        let before_boundary = data[end..].starts_with(b"--");
+        let (content, tail) = match content.strip_suffix(b"\r\n") {
+            Some(c) if before_boundary => (c, &b"\r\n"[..]),
+            _ => (content, &b""[..]),
+        };
+        let encoded = base64::engine::general_purpose::STANDARD.encode(content);
+        for (i, line) in encoded.as_bytes().chunks(76).enumerate() {
+            if i > 0 {
+                out.extend_from_slice(b"\r\n");
+            }
+            out.extend_from_slice(line);
+        }
+        out.extend_from_slice(tail);
+        copied = end;
+    }
+    out.extend_from_slice(&data[copied..]);
+    Some(out)
+}
+
 /// One failed recipient in a bounce.
 pub struct Failure<'a> {
     /// The address that failed.
@@ -245,6 +299,26 @@ mod tests {
         assert!(out.contains("big.bin (6 octets)"), "{out}");
         assert!(!out.contains("AAAA"));
         assert!(strip_attachments(b"Subject: x\r\n\r\nplain\r\n").is_none());
+    }
+
+    #[test]
+    fn long_lines_are_reencoded_not_cut() {
+        let long = "ü".repeat(3000);
+        let m = format!("From: a@x.example\r\nSubject: s\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nshort\r\n--b\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n{long}\r\nnext\r\n--b--\r\n");
+        let out = reencode_long_lines(m.as_bytes()).unwrap();
+        assert!(!has_long_line(&out));
+        let text = String::from_utf8(out.clone()).unwrap();
+        assert!(text.starts_with("From: a@x.example\r\nSubject: s\r\n"), "{text}");
+        assert!(text.contains("--b\r\nContent-Type: text/plain\r\n\r\nshort\r\n--b\r\n"), "{text}");
+        assert!(!text.contains("8bit"), "{text}");
+        let parsed = parse(&out);
+        assert_eq!(parsed.body_text(1).unwrap(), format!("{long}\r\nnext"));
+        assert_eq!(parsed.body_text(0).unwrap(), "short");
+        // A single-part message, and one that needs nothing.
+        let single = format!("Subject: s\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n{long}\r\n");
+        let out = reencode_long_lines(single.as_bytes()).unwrap();
+        assert_eq!(parse(&out).body_text(0).unwrap(), format!("{long}\r\n"));
+        assert!(reencode_long_lines(MSG).is_none());
     }
 
     #[test]

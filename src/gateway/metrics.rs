@@ -70,6 +70,12 @@ pub struct Metrics {
     pub accept_taken: Counter,
     /// Messages refused on the home server (`32`/`52`).
     pub accept_refused: Counter,
+    /// Fragment sets from contacts joined into one message (PROFILE section 8).
+    pub fragments_joined: Counter,
+    /// Fragments from contacts dropped (section 8's refusals).
+    pub fragments_refused: Counter,
+    /// Incomplete fragment sets discarded after their time limit.
+    pub fragments_expired: Counter,
     /// Times the IRC bot (re)joined its channels.
     pub irc_joins: Counter,
     /// Lines heard in bridged IRC channels.
@@ -97,6 +103,10 @@ impl Default for Metrics {
         let accept_round_trips = counter("latssiam_bridge_accept_round_trips", "ACCEPT round trips on the home server");
         let accept_taken = counter("latssiam_bridge_accept_taken", "Messages taken from the home server");
         let accept_refused = counter("latssiam_bridge_accept_refused", "Messages refused on the home server");
+        let fragments_joined = counter("latssiam_bridge_fragment_sets_joined", "Fragment sets joined into one message");
+        let fragments_refused = counter("latssiam_bridge_fragments_refused", "Fragments dropped by section 8's rules");
+        let fragments_expired =
+            counter("latssiam_bridge_fragment_sets_expired", "Incomplete fragment sets discarded after 24 hours");
         let irc_joins = counter("latssiam_bridge_irc_joins", "Times the IRC bot joined its channels");
         let irc_lines_heard = counter("latssiam_bridge_irc_lines_heard", "Lines heard in bridged IRC channels");
         let irc_lines_queued = counter("latssiam_bridge_irc_lines_queued", "IRC lines queued for subscribers");
@@ -124,6 +134,9 @@ impl Default for Metrics {
             accept_round_trips,
             accept_taken,
             accept_refused,
+            fragments_joined,
+            fragments_refused,
+            fragments_expired,
             irc_joins,
             irc_lines_heard,
             irc_lines_queued,

@@ -75,6 +75,10 @@ pub struct Gateway {
     /// The embedded home server's host and in-process delivery, with
     /// `home.local_delivery`.
     pub local: Option<(String, latssiam::server::LocalDelivery)>,
+    /// Partial sets from contacts (PROFILE section 8), in the node's database.
+    pub joiner: latssiam::fragment::Joiner,
+    /// The last fragment the recipient's server took, per job being sent in fragments.
+    pub progress: sled::Tree,
     pool: worker::Pool,
 }
 
@@ -287,7 +291,11 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     })
     .map_err(|e| anyhow::anyhow!("smarthost: {e}"))?;
 
+    let joiner = latssiam::fragment::Joiner::new(store.db().open_tree("partials")?, settings.smtp.max_message_size);
+    let progress = store.db().open_tree("fragment_progress")?;
     let gw = Arc::new(Gateway {
+        joiner,
+        progress,
         resolver: Resolver::new(routes),
         settings: settings.clone(),
         store: Arc::clone(&store),
@@ -311,9 +319,13 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     }
 
     // Listeners: SMTP, metrics, admin.
-    let mut smtp_config = ListenerConfig::new(settings.gateway.hostname.clone(), sink::MAX_PLAINTEXT);
+    let announced = match settings.smtp.oversize {
+        config::Oversize::Fragment => settings.smtp.max_message_size,
+        config::Oversize::Reject | config::Oversize::StripAttachments => sink::MAX_PLAINTEXT,
+    };
+    let mut smtp_config = ListenerConfig::new(settings.gateway.hostname.clone(), announced);
     if settings.smtp.oversize == config::Oversize::StripAttachments {
-        smtp_config.read_limit = 10 * 1024 * 1024;
+        smtp_config.read_limit = settings.smtp.max_message_size;
     }
     smtp_config.max_recipients = settings.smtp.max_recipients;
     smtp_config.command_timeout = Duration::from_secs(settings.smtp.command_timeout_secs);

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use latssiam::client::{Accepted, Client, Delivered};
+use latssiam::fragment::{self, JoinError, Offer};
 use latssiam::wire::{Code, Status};
 use latssiam::{crypto, Fingerprint};
 use tokio_util::sync::CancellationToken;
@@ -26,7 +27,7 @@ use tracing::{info, warn};
 use super::config::FromMismatch;
 use super::contacts::{Contact, Reach};
 use super::mail;
-use super::queue::{message_id_string, Origin, Target};
+use super::queue::{message_id_string, now_ms, Origin, Target};
 use super::Gateway;
 
 /// The relay policy for contacts' messages (from `[relay]`).
@@ -159,6 +160,7 @@ pub type RelayLimiter = super::worker::HourlyLimit;
 /// Runs until `shutdown`, reconnecting with backoff (1 s doubling to 60 s,
 /// reset after a good round trip).
 pub async fn run(gw: Arc<Gateway>, shutdown: CancellationToken) {
+    tokio::spawn(expire_sets(Arc::clone(&gw), shutdown.clone()));
     let mut backoff = Duration::from_secs(1);
     while !shutdown.is_cancelled() {
         let result = tokio::select! {
@@ -173,6 +175,44 @@ pub async fn run(gw: Arc<Gateway>, shutdown: CancellationToken) {
             () = shutdown.cancelled() => break,
         }
         backoff = (backoff * 2).min(Duration::from_secs(60));
+    }
+}
+
+/// Every ten minutes, discards the fragment sets incomplete for 24 hours
+/// (PROFILE section 8), each with one notice to the contact who sent it.
+async fn expire_sets(gw: Arc<Gateway>, shutdown: CancellationToken) {
+    loop {
+        match gw.joiner.expire(now_ms(), fragment::SET_LIFETIME) {
+            Ok(expired) => {
+                for e in expired {
+                    gw.metrics.fragments_expired.inc();
+                    let (from, subject) = e.first.clone().unwrap_or_default();
+                    warn!(signer = %e.signer, set = %e.id, have = e.have, total = e.total, "Discarded an incomplete fragment set.");
+                    let Ok(Some(contact)) = gw.store.contact(&e.signer) else { continue };
+                    let text = format!(
+                        "Your message arrived in {} of its {} parts within 24 hours and was discarded; please send it again.\r\n\r\nFrom: {from}\r\nSubject: {subject}",
+                        e.have, e.total
+                    );
+                    let notice = mail::notice(
+                        &gw.settings.gateway.hostname,
+                        &contact.address,
+                        "Message not relayed: incomplete",
+                        &text,
+                        b"",
+                    );
+                    let target =
+                        Target::Latssiam { fingerprint: e.signer.to_string(), address: contact.address.clone() };
+                    if let Err(err) = gw.queue.enqueue(&notice, vec![target], &Origin::Gateway).await {
+                        warn!(error = %err, "Cannot queue an incomplete-set notice.");
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "Cannot read the partial sets."),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(600)) => {}
+            () = shutdown.cancelled() => return,
+        }
     }
 }
 
@@ -257,6 +297,51 @@ async fn take(gw: &Gateway, d: &Delivered) -> Result<(), Refusal> {
     };
     let plaintext = crypto::open(&d.message, &gw.identity)
         .map_err(|e| refuse(Code::MessageRefused, format!("does not decrypt: {e}")))?;
+    // A fragment (PROFILE section 8) is kept until its set is complete; the
+    // joined message is then relayed as one and its set forgotten, with the
+    // relay's jobs durable first (a crash in between relays it again, never
+    // loses it).
+    let fragment = match fragment::parse(&plaintext) {
+        Ok(f) => f,
+        Err(e) => {
+            warn!(signer = %fp, error = %e, "Dropped a malformed fragment.");
+            gw.metrics.fragments_refused.inc();
+            return Err(refuse(Code::MessageRefused, format!("fragment: {e}")));
+        }
+    };
+    let Some(fragment) = fragment else {
+        return relay(gw, &fp, &contact, plaintext).await;
+    };
+    let id = fragment.id.clone();
+    let whole = match gw.joiner.offer(&fp, &fragment, now_ms()) {
+        Ok(Offer::Complete(whole)) => whole,
+        Ok(_) => return gw.store.durable().await.map_err(|e| Refusal::Later(e.to_string())),
+        Err(JoinError::Refused(e)) => {
+            warn!(signer = %fp, set = %id, error = %e, "Dropped a fragment.");
+            gw.metrics.fragments_refused.inc();
+            return Err(refuse(Code::MessageRefused, format!("fragment: {e}")));
+        }
+        Err(e) => return Err(Refusal::Later(e.to_string())),
+    };
+    drop(plaintext);
+    let result = relay(gw, &fp, &contact, whole).await;
+    if !matches!(result, Err(Refusal::Later(_))) {
+        gw.joiner.finish(&fp, &id).map_err(|e| Refusal::Later(e.to_string()))?;
+        gw.store.durable().await.map_err(|e| Refusal::Later(e.to_string()))?;
+        gw.metrics.fragments_joined.inc();
+    }
+    result
+}
+
+/// Relays one whole message from `contact` (after the relay policy).
+async fn relay(gw: &Gateway, fp: &Fingerprint, contact: &Contact, plaintext: Vec<u8>) -> Result<(), Refusal> {
+    let (fp, contact) = (*fp, contact.clone());
+    let refuse = |code, why: String| Refusal::Refuse(code, why);
+    if plaintext.len() > gw.settings.smtp.max_message_size {
+        let why =
+            format!("{} octets; at most {} through this gateway", plaintext.len(), gw.settings.smtp.max_message_size);
+        return Err(refuse_with_notice(gw, &fp, &contact, Code::MessageRefused, why, &plaintext).await);
+    }
     let relay = &gw.settings.relay;
     let policy = Policy { from_mismatch: relay.from_mismatch, max_recipients: relay.max_recipients };
     let Outbound { recipients, subject, message: plaintext } = match inspect(&plaintext, &contact, &policy) {
@@ -337,6 +422,8 @@ async fn take(gw: &Gateway, d: &Delivered) -> Result<(), Refusal> {
         added.push_str(&format!("{}: {url}\r\n", mail::LATSSIAM_URL_FIELD));
     }
     let body = mail::prepend(&added, &mail::without_fields(&mail::remove_bcc(&plaintext), &["latssiam-url"]));
+    // SMTP allows 998 octets a line: a part with longer lines goes out re-encoded, never cut or refused.
+    let body = mail::reencode_long_lines(&body).unwrap_or(body);
     let n = targets.len();
     let origin = Origin::Latssiam { fingerprint: fp.to_string(), from };
     // Jobs and IRC posts are kept in one step: all of them, or (not

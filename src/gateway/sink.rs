@@ -11,7 +11,7 @@ use super::config::Oversize;
 use super::contacts::{Contact, Reach};
 use super::db::StoreError;
 use super::mail;
-use super::queue::{message_id_string, Origin, Target};
+use super::queue::{message_id_string, now_ms, Origin, Target};
 use super::worker;
 use super::Gateway;
 
@@ -76,10 +76,17 @@ impl Sink for SmtpSink {
             return refuse(Reply::new(554, [5, 4, 6], "Too many Received: headers; mail loop?"));
         }
         let mut data = data;
-        if data.len() > MAX_PLAINTEXT {
+        if data.len() > gw.settings.smtp.max_message_size {
+            return refuse(Reply::new(
+                552,
+                [5, 3, 4],
+                format!("Message too large; at most {} octets", gw.settings.smtp.max_message_size),
+            ));
+        }
+        if data.len() > MAX_PLAINTEXT && gw.settings.smtp.oversize != Oversize::Fragment {
             let stripped = match gw.settings.smtp.oversize {
                 Oversize::StripAttachments => mail::strip_attachments(&data).filter(|d| d.len() <= MAX_PLAINTEXT),
-                Oversize::Reject => None,
+                Oversize::Reject | Oversize::Fragment => None,
             };
             match stripped {
                 Some(d) => data = d,
@@ -119,12 +126,11 @@ impl Sink for SmtpSink {
             let mut jobs = Vec::new();
             for (target, contact) in targets {
                 if worker::is_local(gw, &contact) {
-                    if let Ok((sealed, signature)) = worker::seal_for(gw, &contact, &body) {
-                        let fp = contact.fingerprint();
-                        if let Some(p) = worker::local_prepare(gw, &contact, &fp, &sealed, &signature) {
-                            local.push(p);
-                            continue;
-                        }
+                    let pieces = worker::Pieces::plan(gw, &contact, &body, id, now_ms());
+                    let fp = contact.fingerprint();
+                    if let Ok(Some(p)) = pieces.and_then(|p| worker::local_prepare_all(gw, &contact, &fp, &p)) {
+                        local.extend(p);
+                        continue;
                     }
                 }
                 jobs.push(target);

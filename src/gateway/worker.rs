@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use latssiam::client::{Client, ClientError};
 use latssiam::wire::{Code, Status};
-use latssiam::{crypto, Fingerprint};
+use latssiam::{crypto, fragment, Fingerprint};
 use tokio::sync::{Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -309,7 +309,7 @@ fn backoff(gw: &Gateway, attempts: u32) -> u64 {
 
 async fn deliver(gw: &Arc<Gateway>, id: JobId, mut job: Job) {
     let outcome = match &job.target {
-        Target::Latssiam { fingerprint, .. } => to_latssiam(gw, id, fingerprint).await,
+        Target::Latssiam { fingerprint, .. } => to_latssiam(gw, id, &job, fingerprint).await,
         Target::Smtp { rcpt } => to_smtp(gw, id, &job, rcpt).await,
     };
     let results = match job.target {
@@ -326,6 +326,9 @@ async fn deliver(gw: &Arc<Gateway>, id: JobId, mut job: Job) {
         Outcome::RetryIn(0, e) if job.attempts >= 3 => Outcome::Retry(e),
         o => o,
     };
+    if matches!(outcome, Outcome::Delivered | Outcome::Fail { .. }) && !gw.progress.is_empty() {
+        clear_progress(gw, id);
+    }
     let stored = match outcome {
         Outcome::Delivered => {
             results.ok.inc();
@@ -429,7 +432,7 @@ fn permanent_status(code: Code) -> Option<&'static str> {
     }
 }
 
-async fn to_latssiam(gw: &Gateway, id: JobId, fingerprint: &str) -> Outcome {
+async fn to_latssiam(gw: &Gateway, id: JobId, job: &Job, fingerprint: &str) -> Outcome {
     let Ok(fp) = fingerprint.parse::<Fingerprint>() else {
         return Outcome::Fail { status: "5.1.3", diagnostic: format!("bad fingerprint {fingerprint:?}") };
     };
@@ -443,38 +446,35 @@ async fn to_latssiam(gw: &Gateway, id: JobId, fingerprint: &str) -> Outcome {
         Ok(None) => return Outcome::Fail { status: "5.3.0", diagnostic: "the message body is missing".into() },
         Err(e) => return Outcome::Retry(e.to_string()),
     };
-    let (sealed, signature) = match seal_for(gw, &contact, &body) {
-        Ok(s) => s,
+    let pieces = match Pieces::plan(gw, &contact, &body, id.message, job.arrived_ms) {
+        Ok(p) => p,
         Err(outcome) => return outcome,
     };
-    if sealed.len() > latssiam::wire::MAX_BLOCK_DER {
-        return Outcome::Fail {
-            status: "5.3.4",
-            diagnostic: format!(
-                "{} octets sealed, over the {} LATSSIAM allows",
-                sealed.len(),
-                latssiam::wire::MAX_BLOCK_DER
-            ),
-        };
-    }
     // On the embedded home server: in-process, one fsync for the mailbox
-    // write and nothing else; a refusal takes the network path below, which
+    // writes and nothing else; a refusal takes the network path below, which
     // answers the same and knows what to do with each answer.
-    if let Some(prepared) = local_prepare(gw, &contact, &fp, &sealed, &signature) {
-        match gw.store.durable().await {
-            Ok(()) => {
-                local_commit(gw, prepared);
-                return Outcome::Delivered;
-            }
-            Err(e) => {
-                local_discard(gw, prepared);
-                return Outcome::Retry(e.to_string());
-            }
+    match local_prepare_all(gw, &contact, &fp, &pieces) {
+        Ok(Some(prepared)) => {
+            return match gw.store.durable().await {
+                Ok(()) => {
+                    prepared.into_iter().for_each(|p| local_commit(gw, p));
+                    Outcome::Delivered
+                }
+                Err(e) => {
+                    prepared.into_iter().for_each(|p| local_discard(gw, p));
+                    Outcome::Retry(e.to_string())
+                }
+            };
         }
+        Ok(None) => {}
+        Err(outcome) => return outcome,
     }
     let host = contact.server_host().to_owned();
     // A server named with HOST[:PORT] is reached there; else the mailbox host is looked up (MX, A/AAAA).
     let named = contact.server.is_some();
+    // A set cut short (a restart, a lost connection) goes on after the last
+    // fragment the server took; the receiver keeps a repeated one once.
+    let mut next = progress(gw, id).map_or(1, |n| n + 1).min(pieces.count());
     // A pooled session may have been closed by the server meanwhile: on any
     // failure over a reused session, try once more over a fresh one.
     let mut pooled = gw.pool.take(&host).await;
@@ -487,14 +487,170 @@ async fn to_latssiam(gw: &Gateway, id: JobId, fingerprint: &str) -> Outcome {
                 Err(e) => return Outcome::Retry(e),
             },
         };
-        let status = match client.send(fp, &sealed, Some(&signature)).await {
-            Ok(s) if reused && s.code() == Code::Timeout => continue,
-            Ok(s) => s,
-            Err(_) if reused => continue,
-            Err(e) => return Outcome::Retry(format!("{host}: {e}")),
-        };
-        return classify(gw, &fp, &host, status, client).await;
+        let mut first = true;
+        loop {
+            let (sealed, signature) = match pieces.sealed(gw, &contact, next) {
+                Ok(s) => s,
+                Err(outcome) => return outcome,
+            };
+            let status = match client.send(fp, &sealed, Some(&signature)).await {
+                Ok(s) if reused && first && s.code() == Code::Timeout => break,
+                Ok(s) => s,
+                Err(_) if reused && first => break,
+                Err(e) => return Outcome::Retry(format!("{host}: {e}")),
+            };
+            first = false;
+            if status.code() == Code::MessageAccepted && next < pieces.count() {
+                set_progress(gw, id, next);
+                next += 1;
+                continue;
+            }
+            if pieces.count() > 1 {
+                clear_progress(gw, id);
+            }
+            return classify(gw, &fp, &host, status, client).await;
+        }
     }
+}
+
+/// A message as it goes to one recipient: whole when it fits one block,
+/// else as PROFILE section 8 fragments.
+pub enum Pieces<'a> {
+    /// One LATSSIAM message.
+    Whole(&'a [u8]),
+    /// `message/partial` fragments.
+    Parts(fragment::Fragmenter<'a>),
+}
+
+impl<'a> Pieces<'a> {
+    /// How `body` (message `message`, arrived at `arrived_ms`) goes to
+    /// `contact`. A message well within one block is not measured; a larger
+    /// one is cut by the room sealing to the contact's certificate leaves.
+    /// The cut and the set id depend only on the message and the contact,
+    /// so a retry sends the same fragments.
+    ///
+    /// # Errors
+    /// A permanent failure if the contact cannot be sealed to or the message
+    /// needs more fragments than a set may have.
+    pub fn plan(
+        gw: &Gateway,
+        contact: &Contact,
+        body: &'a [u8],
+        message: u64,
+        arrived_ms: u64,
+    ) -> Result<Self, Outcome> {
+        if body.len() <= super::sink::MAX_PLAINTEXT {
+            return Ok(Pieces::Whole(body));
+        }
+        let overhead = fragment::sealing_overhead(&contact.cert).map_err(|e| Outcome::Fail {
+            status: "5.7.5",
+            diagnostic: format!("cannot encrypt to the contact: {e}"),
+        })?;
+        if fragment::fits_one_block(body.len(), overhead) {
+            return Ok(Pieces::Whole(body));
+        }
+        let fp = contact.fingerprint();
+        let mut seed = Vec::with_capacity(80);
+        seed.extend_from_slice(b"latssiam-bridge fragment set\0");
+        seed.extend_from_slice(gw.identity.fingerprint().as_bytes());
+        seed.extend_from_slice(&message.to_be_bytes());
+        seed.extend_from_slice(fp.as_bytes());
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &seed);
+        let hex: String = digest.as_ref()[..16].iter().map(|b| format!("{b:02x}")).collect();
+        let id = format!("{hex}@{}", gw.settings.gateway.hostname);
+        let from = gw.identity.address().map_or_else(
+            || format!("<postmaster@{}>", gw.settings.gateway.hostname),
+            |a| format!("latssiam-bridge <{a}>"),
+        );
+        let date = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(arrived_ms) * 1_000_000)
+            .ok()
+            .and_then(|t| t.format(&time::format_description::well_known::Rfc2822).ok())
+            .unwrap_or_else(mail::date_now);
+        fragment::Fragmenter::new(body, overhead, &id, &from, &format!("<{}>", contact.address), &date)
+            .map(Pieces::Parts)
+            .map_err(|e| Outcome::Fail { status: "5.3.4", diagnostic: e.to_string() })
+    }
+
+    /// How many LATSSIAM messages it takes.
+    pub fn count(&self) -> u32 {
+        match self {
+            Pieces::Whole(_) => 1,
+            Pieces::Parts(f) => f.total(),
+        }
+    }
+
+    /// Piece `n` (1-based) sealed to `contact` and signed as the gateway.
+    ///
+    /// # Errors
+    /// As [`seal_for`], and a permanent failure if it does not fit one block.
+    pub fn sealed(&self, gw: &Gateway, contact: &Contact, n: u32) -> Result<(Vec<u8>, Vec<u8>), Outcome> {
+        let (sealed, signature) = match self {
+            Pieces::Whole(body) => seal_for(gw, contact, body)?,
+            Pieces::Parts(f) => {
+                let piece = f.fragment(n).ok_or_else(|| Outcome::Retry(format!("no fragment {n}")))?;
+                seal_for(gw, contact, &piece)?
+            }
+        };
+        if sealed.len() > latssiam::wire::MAX_BLOCK_DER {
+            return Err(Outcome::Fail {
+                status: "5.3.4",
+                diagnostic: format!(
+                    "{} octets sealed, over the {} LATSSIAM allows",
+                    sealed.len(),
+                    latssiam::wire::MAX_BLOCK_DER
+                ),
+            });
+        }
+        Ok((sealed, signature))
+    }
+}
+
+/// Every piece written into a local contact's mailbox (not yet durable), or
+/// `None` if the contact is not local or the home server refuses one now
+/// (then nothing stays written, and the network path answers the refusal).
+///
+/// # Errors
+/// A piece that cannot be sealed (nothing stays written).
+pub fn local_prepare_all(
+    gw: &Gateway,
+    contact: &Contact,
+    fp: &Fingerprint,
+    pieces: &Pieces<'_>,
+) -> Result<Option<Vec<latssiam::server::Prepared>>, Outcome> {
+    if !is_local(gw, contact) {
+        return Ok(None);
+    }
+    let mut prepared = Vec::with_capacity(pieces.count() as usize);
+    for n in 1..=pieces.count() {
+        let next = pieces
+            .sealed(gw, contact, n)
+            .map(|(sealed, signature)| local_prepare(gw, contact, fp, &sealed, &signature));
+        match next {
+            Ok(Some(p)) => prepared.push(p),
+            Ok(None) | Err(_) => {
+                prepared.into_iter().for_each(|p| local_discard(gw, p));
+                return next.map(|_| None);
+            }
+        }
+    }
+    Ok(Some(prepared))
+}
+
+fn progress(gw: &Gateway, id: JobId) -> Option<u32> {
+    let v = gw.progress.get(id.key()).ok().flatten()?;
+    Some(u32::from_be_bytes(v.as_ref().try_into().ok()?))
+}
+
+/// Not flushed: after a crash the set goes on a little earlier, and the
+/// receiver keeps what it gets twice once.
+fn set_progress(gw: &Gateway, id: JobId, n: u32) {
+    if let Err(e) = gw.progress.insert(id.key(), &n.to_be_bytes()) {
+        debug!(job = %id, error = %e, "Cannot note a fragment's delivery.");
+    }
+}
+
+fn clear_progress(gw: &Gateway, id: JobId) {
+    let _ = gw.progress.remove(id.key());
 }
 
 /// Whether `contact`'s mailbox is on the embedded home server with

@@ -21,6 +21,8 @@
 //!   held, first arrival (ms since the epoch), and `From`/`Subject` of the
 //!   original once slice 1 arrived (for the expiry notice).
 //! - `f` ++ signer (32) ++ len(id) (1) ++ id ++ number (u32 BE) → the slice.
+//! - `i` ++ id → the signer whose set holds that id: a fragment of an open
+//!   set from any other signer is refused.
 //!
 //! Invariant: a slice is written in the same atomic batch as the record that
 //! counts it; [`Joiner::finish`] removes a set's record and slices in one batch.
@@ -244,6 +246,9 @@ pub enum Refused {
     /// The joined message would be larger than the limit.
     #[error("the joined message would exceed {0} octets")]
     TooLarge(usize),
+    /// Another signer has an open set with this id.
+    #[error("another signer has an open set with this id")]
+    OtherSigner,
     /// The signer already has [`MAX_OPEN_SETS`] incomplete sets.
     #[error("too many incomplete sets from this signer")]
     TooManySets,
@@ -481,6 +486,13 @@ fn set_key(signer: &Fingerprint, id: &str) -> Vec<u8> {
     k
 }
 
+fn owner_key(id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + id.len());
+    k.push(b'i');
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
 fn slices_prefix(signer: &Fingerprint, id: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(34 + id.len() + 4);
     k.push(b'f');
@@ -552,6 +564,11 @@ impl Joiner {
                 r
             }
             None => {
+                if let Some(owner) = self.tree.get(owner_key(&fragment.id))? {
+                    if owner.as_ref() != signer.as_bytes() {
+                        return Err(Refused::OtherSigner.into());
+                    }
+                }
                 let mut open = 0;
                 let mut prefix = vec![b'm'];
                 prefix.extend_from_slice(signer.as_bytes());
@@ -576,6 +593,9 @@ impl Joiner {
         }
         let mut batch = sled::Batch::default();
         batch.insert(slice_key(signer, &fragment.id, fragment.number), fragment.slice);
+        if record.have == 1 {
+            batch.insert(owner_key(&fragment.id), signer.as_bytes());
+        }
         batch.insert(key, record.encode());
         self.tree.apply_batch(batch)?;
         if record.have == record.total {
@@ -602,6 +622,9 @@ impl Joiner {
         let _guard = self.lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut batch = sled::Batch::default();
         batch.remove(set_key(signer, id));
+        if self.tree.get(owner_key(id))?.is_some_and(|o| o.as_ref() == signer.as_bytes()) {
+            batch.remove(owner_key(id));
+        }
         for entry in self.tree.scan_prefix(slices_prefix(signer, id)) {
             batch.remove(entry?.0);
         }
@@ -718,12 +741,12 @@ mod tests {
         // Too large for the limit.
         let small = Joiner::new(sled::Config::new().temporary(true).open().unwrap().open_tree("p").unwrap(), 100);
         assert!(matches!(small.offer(&fp(1), &first, 0), Err(JoinError::Refused(Refused::TooLarge(100)))));
-        // Another signer's fragments never join the first's.
+        // Another signer's fragments of the same id are refused, never joined.
         for f in &frags[1..] {
             let mut forged = p(f);
             forged[0] = b'!';
             let g = Fragment { slice: &forged, ..parse(f).unwrap().unwrap() };
-            assert!(!matches!(j.offer(&fp(2), &g, 0).unwrap(), Offer::Complete(_)));
+            assert!(matches!(j.offer(&fp(2), &g, 0), Err(JoinError::Refused(Refused::OtherSigner))));
         }
         let mut last = None;
         for f in &frags[1..] {
@@ -732,7 +755,8 @@ mod tests {
         let Some(Offer::Complete(m)) = last else { panic!("not complete") };
         assert_eq!(m, vec![b'x'; 50_000]);
         j.finish(&fp(1), "s@x.example").unwrap();
-        assert_eq!(j.open_sets(), 1, "the other signer's set is still open");
+        assert_eq!(j.open_sets(), 0);
+        assert_eq!(j.tree.len(), 0, "nothing left of the set");
     }
 
     #[test]
@@ -746,7 +770,8 @@ mod tests {
         let frags = cut(&message, "late@x.example");
         let f = parse(&frags[0]).unwrap().unwrap();
         assert!(matches!(j.offer(&fp(1), &f, 1000), Err(JoinError::Refused(Refused::TooManySets))));
-        assert!(j.offer(&fp(2), &f, 1000).is_ok(), "another signer has its own share");
+        let other = Fragment { id: "other@x.example".into(), ..f.clone() };
+        assert!(j.offer(&fp(2), &other, 1000).is_ok(), "another signer has its own share");
         assert!(j.expire(1000 + 1000, Duration::from_secs(3600)).unwrap().is_empty());
         let gone = j.expire(1000 + 3_600_000, Duration::from_secs(3600)).unwrap();
         assert_eq!(gone.len(), MAX_OPEN_SETS + 1);
@@ -796,7 +821,8 @@ mod tests {
 
             /// Any message survives cut and join octet for octet, whatever the
             /// order, however many duplicates, mixed with another signer's
-            /// fragments of the same id that never make a wrong message.
+            /// fragments of the same id that never make a wrong message (and
+            /// are refused while the first signer's set is open).
             #[test]
             fn cut_shuffle_duplicate_join(
                 len in 1usize..120_000,
@@ -830,13 +856,17 @@ mod tests {
                             prop_assert_eq!(&m, &message);
                             joined = Some(m);
                         }
-                        // The other signer's own set, when all of it came: never the first's.
+                        // The other signer's own set (the first's was done): never the first's message.
                         Ok(Offer::Complete(m)) => prop_assert_ne!(&m, &message),
                         Ok(_) => {}
+                        // Whoever opened the id first holds it; the other is refused whole.
+                        Err(JoinError::Refused(Refused::OtherSigner)) => {}
                         Err(e) => prop_assert!(false, "{e}"),
                     }
                 }
-                prop_assert!(joined.is_some());
+                if offers.first().is_some_and(|(s, _)| *s == fp(1)) {
+                    prop_assert!(joined.is_some());
+                }
             }
         }
     }

@@ -1,11 +1,12 @@
 //! The SMTP listener: ESMTP with SIZE, 8BITMIME, PIPELINING, SMTPUTF8,
 //! ENHANCEDSTATUSCODES and STARTTLS, commands parsed by `smtp-proto`.
 //!
-//! Limits (RFC 5321 section 4.5.3): command and text lines of at most 1000
-//! octets including CRLF (`500 5.5.2`, and a text line over it spoils the
-//! whole message), at most `max_recipients` recipients (`452 4.5.3`), a
-//! message of at most `read_limit` octets (`552 5.3.4`), and timeouts while
-//! waiting for a command or for data (`421 4.4.2`).
+//! Limits (RFC 5321 section 4.5.3): command lines of at most 1000 octets
+//! including CRLF (`500 5.5.2`); a text line in `DATA` may be longer, as
+//! Postfix accepts it (real mail has them), bounded only by the message size;
+//! at most `max_recipients` recipients (`452 4.5.3`), a message of at most
+//! `read_limit` octets (`552 5.3.4`), and timeouts while waiting for a
+//! command or for data (`421 4.4.2`).
 //!
 //! Defences against hostile clients, each bounded whatever the peer sends or
 //! refuses to read:
@@ -736,18 +737,21 @@ impl<'a, S: Sink> Session<'a, S> {
     /// Reads message data up to `<CR><LF>.<CR><LF>`, then hands it to the sink.
     async fn data<IO: AsyncRead + Unpin>(&mut self, io: &mut BufReader<IO>) -> io::Result<Reply> {
         let mut message = Vec::new();
-        let (mut too_long, mut too_big, mut bare) = (false, false, false);
+        let (mut too_big, mut bare) = (false, false);
         // The DATA command line ended the previous line.
         let mut after_crlf = true;
         loop {
             let wait = self.config.data_timeout.min(self.remaining());
-            let line = tokio::time::timeout(wait, read_line(io, MAX_LINE))
+            // A line may take what is left of the message (and a dot and CRLF);
+            // past the limit the rest is read and dropped.
+            let room = if too_big { MAX_LINE } else { self.config.read_limit.saturating_sub(message.len()) + 3 };
+            let line = tokio::time::timeout(wait, read_line(io, room))
                 .await
                 .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "timeout in DATA"))??;
             match line {
                 Line::Eof => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed in DATA")),
                 Line::TooLong(crlf) => {
-                    too_long = true;
+                    too_big = true;
                     bare |= !crlf;
                     after_crlf = crlf;
                 }
@@ -762,7 +766,7 @@ impl<'a, S: Sink> Session<'a, S> {
                     if message.len() + l.len() + 2 > self.config.read_limit {
                         too_big = true;
                     }
-                    if !too_big && !too_long && !bare {
+                    if !too_big && !bare {
                         message.extend_from_slice(l);
                         message.extend_from_slice(b"\r\n");
                     }
@@ -772,9 +776,6 @@ impl<'a, S: Sink> Session<'a, S> {
         if bare {
             warn!(peer = %self.peer, "Bare <LF> or <CR> in DATA (SMTP smuggling?); message refused.");
             return Ok(reply(550, BARE_NEWLINE, "Message refused: bare <LF> or <CR> received"));
-        }
-        if too_long {
-            return Ok(reply(500, [5, 5, 2], "Line too long; message refused"));
         }
         if too_big {
             return Ok(reply(552, [5, 3, 4], &format!("Message too large; at most {} octets", self.config.size_limit)));

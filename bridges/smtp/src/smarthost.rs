@@ -129,10 +129,13 @@ impl Smarthost {
             .map_err(|e| SendError { permanent: true, text: format!("bad envelope: {e}") })?;
         // lettre dot-stuffs line by line on CRLF; make sure there is nothing else.
         let data = crate::crlf_only(data);
+        // lettre ends the data with its own CRLF.CRLF: a message that already
+        // ends in CRLF would gain an empty line.
+        let data = data.strip_suffix(b"\r\n").unwrap_or(&data);
         let relay = async {
             match &self.wrapper {
-                Some(transport) => transport.send_raw(&envelope, &data).await.map(drop).map_err(failed),
-                None => self.send_pooled(&envelope, &data).await,
+                Some(transport) => transport.send_raw(&envelope, data).await.map(drop).map_err(failed),
+                None => self.send_pooled(&envelope, data).await,
             }
         };
         match tokio::time::timeout(self.deadline, relay).await {
