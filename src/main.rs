@@ -3,7 +3,7 @@
 
 mod cli;
 
-use cli::{gateway, net, sendmail, server, toolkit};
+use cli::{dkim, gateway, net, sendmail, server, toolkit};
 
 use std::process::ExitCode;
 
@@ -31,6 +31,9 @@ enum Command {
     /// Inspect and act on the gateway's queue, like mailq and postsuper.
     #[command(subcommand)]
     Queue(gateway::QueueCommand),
+    /// DKIM keys for signing mail going out.
+    #[command(subcommand)]
+    Dkim(dkim::DkimCommand),
     /// Create and inspect identities (certificate + private key).
     #[command(subcommand)]
     Identity(toolkit::IdentityCommand),
@@ -103,6 +106,7 @@ fn main() -> ExitCode {
         Command::Healthcheck(a) => gateway::healthcheck(a),
         Command::Contacts(c) => gateway::contacts(c),
         Command::Queue(c) => gateway::queue(c),
+        Command::Dkim(c) => dkim::dkim(c),
         Command::Identity(c) => toolkit::identity(c),
         Command::Seal(a) => toolkit::seal(a),
         Command::Open(a) => toolkit::open(a),

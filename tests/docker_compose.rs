@@ -334,6 +334,23 @@ fn sidecar_deployment_with_postfix_and_ngircd() {
         let mode = if p.is_dir() { 0o755 } else { 0o644 };
         std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
     }
+    // A DNS server for the gateway (it authenticates inbound mail, and these
+    // machines resolve nothing): on the host's first IPv4 address, which
+    // containers reach (bound to it, so that answers come from it).
+    let host_ip = must(Command::new("hostname").arg("-I"))
+        .split_whitespace()
+        .find(|a| a.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| !ip.is_loopback()))
+        .expect("the host has an IPv4 address")
+        .to_owned();
+    let dns = common::dns::Dns::start_on(work.path(), "", &host_ip);
+    let gateway_toml = work.path().join("gateway.toml");
+    let shipped = std::fs::read_to_string(docker_dir().join("gateway/gateway.toml")).unwrap();
+    std::fs::write(
+        &gateway_toml,
+        format!("{shipped}\n[dns]\nnameservers = [\"{}\"]\ntimeout_secs = 2\n", dns.nameserver()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&gateway_toml, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
     let project = Project {
         program,
@@ -350,6 +367,7 @@ fn sidecar_deployment_with_postfix_and_ngircd() {
             ("NGIRCD_PUBLISH", format!("127.0.0.1:{irc_port}")),
             ("LATSSIAM_REGISTER_PASSWORD_FILE", password.display().to_string()),
             ("POSTFIX_TABLES", tables.display().to_string()),
+            ("LATSSIAM_GATEWAY_TOML", gateway_toml.display().to_string()),
             // Health checked every second, so the time to healthy is measured to the second.
             ("GATEWAY_HEALTH_INTERVAL", "1s".to_owned()),
             // Deferred mail retried within seconds rather than minutes.

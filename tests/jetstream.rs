@@ -74,6 +74,8 @@ struct Cluster {
     _smarthost: Process,
     smarthost_port: u16,
     nodes: Vec<Node>,
+    /// The DNS the nodes ask (inbound mail is authenticated).
+    dns: common::dns::Dns,
 }
 
 struct Node {
@@ -103,7 +105,8 @@ impl Cluster {
             &[],
         );
         assert_eq!(smarthost.first_line.trim(), "ready");
-        Self { dir, nats, _server: server, home_port, _smarthost: smarthost, smarthost_port, nodes: Vec::new() }
+        let dns = common::dns::Dns::start(dir.path(), "");
+        Self { dir, nats, _server: server, home_port, _smarthost: smarthost, smarthost_port, nodes: Vec::new(), dns }
     }
 
     fn path(&self) -> &Path {
@@ -132,6 +135,9 @@ register_password = "sesame"
 accept_deadline_secs = 5
 [routes]
 localhost = "127.0.0.1:{home}"
+[dns]
+nameservers = ["{dns}"]
+timeout_secs = 1
 [smtp]
 listen = "127.0.0.1:{smtp_port}"
 [smarthost]
@@ -154,6 +160,7 @@ concurrency = 8
                 smarthost = self.smarthost_port,
                 http = free_port(),
                 nats = self.nats.url(),
+                dns = self.dns.nameserver(),
             ),
         )
         .unwrap();

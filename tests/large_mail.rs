@@ -397,3 +397,24 @@ fn fetch_until_one(dir: &Path, server: &str) -> String {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     maildir_new(&dir.join("bob-mail")).iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" ")
 }
+
+#[test]
+fn a_fragment_from_smtp_is_refused_and_one_person_gets_one_copy() {
+    let rig = Rig::new("");
+    rig.person("alice");
+    rig.contact("alice", &["--email", "alice@example.org"]);
+    // message/partial over SMTP would be joined by the recipient as the gateway's own set.
+    let partial = b"From: m@remote.example\r\nTo: alice@example.org\r\nMIME-Version: 1.0\r\n\
+Content-Type: message/partial; id=\"x@remote.example\"; number=1; total=2\r\n\r\nhalf\r\n";
+    let r = rig.smtp_send("m@remote.example", "alice@example.org", partial);
+    assert!(r.starts_with("refused 554 5.6.1"), "{r}");
+    // One transaction naming her four times (and in other case) delivers one copy.
+    let r = rig.smtp_send(
+        "m@remote.example",
+        "alice@example.org,ALICE@example.org,alice@EXAMPLE.org,alice@example.org",
+        b"Subject: once\r\n\r\nonce\r\n",
+    );
+    assert!(r.starts_with("accepted 250"), "{r}");
+    let (files, out) = rig.fetch("alice", 10);
+    assert_eq!(files.len(), 1, "{out}");
+}

@@ -342,13 +342,11 @@ impl Output {
         match self {
             Output::Dir(dir) => write_durably(dir, &format!("{}.eml", &digest[..24]), message),
             Output::Maildir(dir) => {
-                // time.unique.host, unique by content (a redelivery after a
-                // crash writes the same name part).
-                let secs =
-                    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                // Unique by content, so a redelivery after a crash writes the
+                // same file again (until a mail program moves it to cur/).
                 let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "localhost".into());
                 let host = host.trim().replace(['/', ':'], "_");
-                let name = format!("{secs}.L{}.{host}", &digest[..24]);
+                let name = format!("L{}.{host}", &digest[..32]);
                 let tmp = write_durably(&dir.join("tmp"), &name, message)?;
                 let new = dir.join("new").join(&name);
                 std::fs::rename(&tmp, &new).with_context(|| format!("cannot move into {}", new.display()))?;
@@ -504,11 +502,14 @@ impl Fetcher<'_> {
             Some((message, _, _)) => self.output.write(message)?,
             None => self.output.write(&plaintext)?,
         };
-        client.ack().await?;
+        // The set is forgotten (its tombstone kept) before the last fragment
+        // is acknowledged: after a crash in between, the fragment comes
+        // again and is dropped as a duplicate.
         if let Some((_, fp, id)) = &whole {
-            self.joiner.finish(fp, id)?;
+            self.joiner.finish(fp, id, now_ms())?;
             self.flush().await?;
         }
+        client.ack().await?;
         self.fetched += 1;
         let message = whole.as_ref().map_or(plaintext.as_slice(), |(m, _, _)| m.as_slice());
         let warning = auth_warning(message);
@@ -541,7 +542,8 @@ pub fn fetch(args: FetchArgs) -> Result<()> {
     let db = sled::Config::new().path(&partials).open().with_context(|| {
         format!("cannot open the partial-set store {} (another fetch running?)", partials.display())
     })?;
-    let joiner = latssiam::fragment::Joiner::new(db.open_tree("partials")?, latssiam::fragment::MAX_JOINED);
+    let limit = latssiam::fragment::MAX_JOINED + latssiam::fragment::TRACE_ROOM;
+    let joiner = latssiam::fragment::Joiner::new(db.open_tree("partials")?, limit);
     let mut fetcher = Fetcher { args: &args, identity: Arc::clone(&identity), output, db, joiner, fetched: 0 };
     fetcher.expire()?;
     runtime()?.block_on(async {

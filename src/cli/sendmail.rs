@@ -169,6 +169,9 @@ fn read_message(ignore_dots: bool) -> Result<Vec<u8>, Failed> {
     if out.is_empty() {
         return fail(exit::DATAERR, "the message is empty");
     }
+    if out.len() > MAX_INPUT {
+        return fail(exit::DATAERR, format!("the message is larger than {MAX_INPUT} octets"));
+    }
     Ok(out)
 }
 
@@ -261,8 +264,16 @@ fn run(args: SendmailArgs) -> Result<(), Failed> {
         let cert = certificate_from_pem_or_der(&bytes)
             .map_err(|e| Failed(exit::CONFIG, format!("{}: {e}", gateway.display())))?
             .to_vec();
-        // The gateway relays by the header fields: add the argument recipients they lack as Bcc.
+        // The gateway relays by the header fields: add the argument recipients
+        // they lack as Bcc; header recipients that are not to get it cannot
+        // be left out, so that is refused.
         let named = header_recipients(&message);
+        if let Some(extra) = named.iter().find(|n| !email.contains(n) && !direct.contains(n)) {
+            return fail(
+                exit::USAGE,
+                format!("<{extra}> is in the header but not a recipient; the gateway relays by the header (use -t)"),
+            );
+        }
         let missing: Vec<&String> = email.iter().filter(|r| !named.contains(r)).collect();
         let mut to_gateway = Vec::with_capacity(message.len() + 64);
         if !missing.is_empty() {

@@ -23,7 +23,38 @@ pub struct Settings {
     pub queue: QueueSettings,
     pub relay: RelaySettings,
     pub irc: IrcSettings,
+    pub auth: AuthSettings,
+    pub dns: DnsSettings,
+    #[serde(default)]
+    pub dkim: Vec<DkimKeySettings>,
     pub routes: HashMap<String, String>,
+}
+
+/// Inbound email authentication (`[auth]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    pub verify: bool,
+    pub trusted_networks: Vec<String>,
+    pub trusted_authserv_ids: Vec<String>,
+    pub subject_tag: String,
+}
+
+/// DNS for MX/A discovery and authentication (`[dns]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsSettings {
+    pub nameservers: Vec<String>,
+    pub timeout_secs: u64,
+}
+
+/// One DKIM signing key (`[[dkim]]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DkimKeySettings {
+    pub domain: String,
+    pub selector: String,
+    pub key_file: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -245,9 +276,10 @@ fn secret_key(var: &str) -> Option<Secret> {
     }
 }
 
-/// The largest `smtp.max_message_size`: what PROFILE section 8 fragments
-/// can carry with room to spare (at most `latssiam::fragment::MAX_TOTAL` of them).
-pub const MAX_MESSAGE_SIZE: usize = 64_000_000;
+/// The largest `smtp.max_message_size`: PROFILE section 8's default limit on
+/// a joined message, which receivers apply (a larger message would be
+/// accepted here and refused by every receiver).
+pub const MAX_MESSAGE_SIZE: usize = latssiam::fragment::MAX_JOINED;
 
 impl Settings {
     /// Loads the settings: defaults, then `file`, then the environment.
@@ -337,6 +369,26 @@ impl Settings {
                 bail!("queue.stream: {:?} is not a stream name (letters, digits, - and _)", self.queue.stream);
             }
         }
+        for ns in &self.dns.nameservers {
+            if ns.parse::<std::net::SocketAddr>().is_err() {
+                bail!("dns.nameservers: {ns:?} is not IP:PORT");
+            }
+        }
+        if self.dns.timeout_secs == 0 {
+            bail!("dns.timeout_secs: at least 1");
+        }
+        for k in &self.dkim {
+            if !latssiam::identity::is_dns_name(&k.domain)
+                || k.selector.is_empty()
+                || !k.selector.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+            {
+                bail!(
+                    "dkim: domain {:?} and selector {:?} must be a domain name and a DNS label",
+                    k.domain,
+                    k.selector
+                );
+            }
+        }
         if !(1000..=MAX_MESSAGE_SIZE).contains(&self.smtp.max_message_size) {
             bail!("smtp.max_message_size: between 1000 and {MAX_MESSAGE_SIZE} octets");
         }
@@ -384,6 +436,11 @@ impl Settings {
     /// The admin socket of a running gateway.
     pub fn admin_socket(&self) -> PathBuf {
         self.gateway.data_dir.join("admin.sock")
+    }
+
+    /// The DNS servers of `[dns]` (empty: the system's).
+    pub fn nameservers(&self) -> Vec<std::net::SocketAddr> {
+        self.dns.nameservers.iter().filter_map(|n| n.parse().ok()).collect()
     }
 
     /// Whether `domain` is one the gateway answers for.

@@ -13,6 +13,22 @@ pub fn date_now() -> String {
     OffsetDateTime::now_utc().format(&Rfc2822).unwrap_or_else(|_| "Thu, 01 Jan 1970 00:00:00 +0000".into())
 }
 
+/// The most of a message's header section a bounce or notice quotes.
+pub const MAX_QUOTED_HEADER: usize = 64 * 1024;
+
+/// The header section as a report quotes it: at most [`MAX_QUOTED_HEADER`]
+/// octets, cut at a line end (a message without a blank line is all header).
+fn quoted_header(data: &[u8]) -> std::borrow::Cow<'_, str> {
+    let header = header_section(data);
+    let header = if header.len() > MAX_QUOTED_HEADER {
+        let cut = &header[..MAX_QUOTED_HEADER];
+        cut.iter().rposition(|&b| b == b'\n').map_or(cut, |i| &cut[..=i])
+    } else {
+        header
+    };
+    String::from_utf8_lossy(header)
+}
+
 /// The header section (up to the first empty line), without it.
 pub fn header_section(data: &[u8]) -> &[u8] {
     let mut pos = 0;
@@ -65,6 +81,35 @@ pub fn recipients(message: &Message<'_>) -> Vec<String> {
             }
         }
     }
+    out
+}
+
+pub use latssiam::fragment::header_values;
+
+/// The message without the header fields for which `drop(name, value)` is
+/// true (continuation lines included; `value` unfolded).
+pub fn without_fields_where(data: &[u8], drop: impl Fn(&str, &[u8]) -> bool) -> Vec<u8> {
+    let header = header_section(data);
+    let mut out = Vec::with_capacity(data.len());
+    let lines: Vec<&[u8]> = header.split_inclusive(|&b| b == b'\n').collect();
+    let mut i = 0;
+    while i < lines.len() {
+        let mut end = i + 1;
+        while end < lines.len() && lines[end].first().is_some_and(|&b| b == b' ' || b == b'\t') {
+            end += 1;
+        }
+        let field: Vec<u8> = lines[i..end].concat();
+        let dropped = field.iter().position(|&b| b == b':').is_some_and(|colon| {
+            let name = String::from_utf8_lossy(&field[..colon]);
+            let value: Vec<u8> = field[colon + 1..].iter().copied().filter(|&b| b != b'\r' && b != b'\n').collect();
+            drop(name.trim_end_matches([' ', '\t']), &value)
+        });
+        if !dropped {
+            out.extend_from_slice(&field);
+        }
+        i = end;
+    }
+    out.extend_from_slice(&data[header.len()..]);
     out
 }
 
@@ -167,16 +212,43 @@ pub fn reencode_long_lines(data: &[u8]) -> Option<Vec<u8>> {
         if head < copied || body < head {
             continue;
         }
+        let encoding = part.content_transfer_encoding().map(str::to_ascii_lowercase);
+        // The octets the part stands for: as they are for 7bit, 8bit and
+        // binary; a base64 part with overlong lines is decoded to be wrapped
+        // again. Quoted-printable (whose lines cannot be that long when it is
+        // valid) is left as it is.
+        let decoded;
+        let content = match encoding.as_deref() {
+            None | Some("7bit" | "8bit" | "binary") => content,
+            Some("base64") => {
+                let clean: Vec<u8> = content.iter().copied().filter(|b| !b.is_ascii_whitespace()).collect();
+                match base64::engine::general_purpose::STANDARD.decode(&clean) {
+                    Ok(d) => {
+                        decoded = d;
+                        &decoded
+                    }
+                    Err(_) => continue,
+                }
+            }
+            Some(_) => continue,
+        };
         out.extend_from_slice(&data[copied..head]);
-        let header = header_fields_without(&data[head..body], |line| {
-            line.len() >= 26 && line[..26].eq_ignore_ascii_case(b"content-transfer-encoding:")
+        let header = without_fields_where(&data[head..body], |name, _| {
+            name.trim().eq_ignore_ascii_case("content-transfer-encoding")
         });
+        let header = header.strip_suffix(b"\r\n\r\n").map(|h| [h, b"\r\n"].concat()).unwrap_or(header);
         out.extend_from_slice(&header);
+        // A message that was not MIME becomes MIME for its new encoding.
+        if head == 0 && header_values(&header, "mime-version").is_empty() {
+            out.extend_from_slice(b"MIME-Version: 1.0\r\n");
+        }
         out.extend_from_slice(b"Content-Transfer-Encoding: base64\r\n\r\n");
         // The CRLF before a boundary belongs to the boundary.
         let before_boundary = data[end..].starts_with(b"--");
+        let raw = !matches!(encoding.as_deref(), Some("base64"));
         let (content, tail) = match content.strip_suffix(b"\r\n") {
-            Some(c) if before_boundary => (c, &b"\r\n"[..]),
+            Some(c) if before_boundary && raw => (c, &b"\r\n"[..]),
+            _ if before_boundary => (content, &b"\r\n"[..]),
             _ => (content, &b""[..]),
         };
         let encoded = base64::engine::general_purpose::STANDARD.encode(content);
@@ -207,7 +279,7 @@ pub struct Failure<'a> {
 pub fn dsn(hostname: &str, to: &str, arrived: &str, failure: &Failure<'_>, original: &[u8]) -> Vec<u8> {
     let boundary =
         format!("=_latssiam-bridge-{}", latssiam::Fingerprint::of(original).to_string().get(..16).unwrap_or("0"));
-    let headers = String::from_utf8_lossy(header_section(original));
+    let headers = quoted_header(original);
     let diagnostic_type = if failure.diagnostic.starts_with(|c: char| c.is_ascii_digit())
         && failure.diagnostic.len() > 3
         && failure.diagnostic.as_bytes().get(2) == Some(&b' ')
@@ -254,7 +326,7 @@ pub const LATSSIAM_URL_FIELD: &str = "LATSSIAM-URL";
 
 /// A plain notice from the gateway to a LATSSIAM person (a failed relay).
 pub fn notice(hostname: &str, to: &str, subject: &str, text: &str, original: &[u8]) -> Vec<u8> {
-    let headers = String::from_utf8_lossy(header_section(original));
+    let headers = quoted_header(original);
     let mut m = String::new();
     m.push_str(&format!("From: latssiam-bridge <postmaster@{hostname}>\r\nTo: <{to}>\r\n"));
     m.push_str(&format!("Subject: {subject}\r\nDate: {}\r\nAuto-Submitted: auto-replied\r\n", date_now()));
@@ -303,6 +375,7 @@ mod tests {
 
     #[test]
     fn long_lines_are_reencoded_not_cut() {
+        use base64::Engine as _;
         let long = "ü".repeat(3000);
         let m = format!("From: a@x.example\r\nSubject: s\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nshort\r\n--b\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n{long}\r\nnext\r\n--b--\r\n");
         let out = reencode_long_lines(m.as_bytes()).unwrap();
@@ -319,6 +392,20 @@ mod tests {
         let out = reencode_long_lines(single.as_bytes()).unwrap();
         assert_eq!(parse(&out).body_text(0).unwrap(), format!("{long}\r\n"));
         assert!(reencode_long_lines(MSG).is_none());
+        // A base64 part in one overlong line is wrapped again, not encoded twice.
+        let b64 = base64::engine::general_purpose::STANDARD.encode(vec![7u8; 3000]);
+        let m = format!("MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n{b64}\r\n--b--\r\n");
+        let out = reencode_long_lines(m.as_bytes()).unwrap();
+        assert!(!has_long_line(&out));
+        let parsed = parse(&out);
+        assert_eq!(parsed.attachment(0).map(|a| a.contents().to_vec()), Some(vec![7u8; 3000]));
+        // Not MIME before: MIME after.
+        let plain = format!("Subject: s\r\n\r\n{}\r\n", "y".repeat(1200));
+        let out = String::from_utf8(reencode_long_lines(plain.as_bytes()).unwrap()).unwrap();
+        assert!(
+            out.starts_with("Subject: s\r\nMIME-Version: 1.0\r\nContent-Transfer-Encoding: base64\r\n\r\n"),
+            "{out}"
+        );
     }
 
     #[test]

@@ -29,6 +29,11 @@ struct Delivery {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AuthOutcome {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct QueueState {
     state: &'static str,
 }
@@ -87,6 +92,7 @@ pub struct Metrics {
     /// From arrival at the gateway to delivery.
     pub end_to_end: Histogram,
     queue_jobs: Family<QueueState, Gauge>,
+    auth: Family<AuthOutcome, Counter>,
     registry: Registry,
 }
 
@@ -124,6 +130,12 @@ impl Default for Metrics {
             "From arrival at the gateway to delivery",
             end_to_end.clone(),
         );
+        let auth = Family::<AuthOutcome, Counter>::default();
+        registry.register(
+            "latssiam_bridge_inbound_auth",
+            "Inbound SMTP messages by authentication outcome (SPF, DKIM, DMARC)",
+            auth.clone(),
+        );
         let queue_jobs = Family::<QueueState, Gauge>::default();
         registry.register("latssiam_bridge_queue_jobs", "Jobs in the queue by state", queue_jobs.clone());
         Self {
@@ -143,12 +155,18 @@ impl Default for Metrics {
             irc_digests_queued,
             end_to_end: Histogram(end_to_end),
             queue_jobs,
+            auth,
             registry,
         }
     }
 }
 
 impl Metrics {
+    /// The counter of one inbound authentication outcome.
+    pub fn auth(&self, outcome: &'static str) -> Counter {
+        self.auth.get_or_create(&AuthOutcome { outcome }).clone()
+    }
+
     /// The exposition (OpenMetrics text, which Prometheus reads), with the
     /// queue's depth as it is now.
     pub fn render(&self, store: &Store) -> String {

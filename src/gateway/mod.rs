@@ -7,6 +7,7 @@
 //! -> smarthost.
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod contacts;
 pub mod db;
@@ -79,6 +80,8 @@ pub struct Gateway {
     pub joiner: latssiam::fragment::Joiner,
     /// The last fragment the recipient's server took, per job being sent in fragments.
     pub progress: sled::Tree,
+    /// SPF/DKIM/DMARC on mail coming in, DKIM signatures on mail going out.
+    pub border: auth::Border,
     pool: worker::Pool,
 }
 
@@ -291,19 +294,28 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     })
     .map_err(|e| anyhow::anyhow!("smarthost: {e}"))?;
 
-    let joiner = latssiam::fragment::Joiner::new(store.db().open_tree("partials")?, settings.smtp.max_message_size);
+    let joiner = latssiam::fragment::Joiner::new(
+        store.db().open_tree("partials")?,
+        settings.smtp.max_message_size + latssiam::fragment::TRACE_ROOM,
+    );
     let progress = store.db().open_tree("fragment_progress")?;
+    // One DNS resolver (and its cache) for MX/A discovery and authentication.
+    let dns = latssiam::client::dns_resolver(&settings.nameservers(), Duration::from_secs(settings.dns.timeout_secs))
+        .map_err(|e| anyhow::anyhow!("dns: {e}"))?;
+    let metrics = Arc::new(Metrics::default());
+    let border = auth::Border::new(&settings, dns.clone(), Arc::clone(&metrics)).map_err(|e| anyhow::anyhow!(e))?;
     let gw = Arc::new(Gateway {
         joiner,
         progress,
-        resolver: Resolver::new(routes),
+        border,
+        resolver: Resolver::new(routes).with_dns(dns),
         settings: settings.clone(),
         store: Arc::clone(&store),
         queue,
         identity,
         pins,
         smarthost,
-        metrics: Arc::new(Metrics::default()),
+        metrics,
         home: (home_host, home_addr),
         destinations: worker::Destinations::default(),
         bounces: worker::HourlyLimit::default(),

@@ -312,6 +312,11 @@ async fn take(gw: &Gateway, d: &Delivered) -> Result<(), Refusal> {
     let Some(fragment) = fragment else {
         return relay(gw, &fp, &contact, plaintext).await;
     };
+    // Only a contact who may send has anything large to relay: nobody else's
+    // fragments take room in the gateway's database.
+    if !contact.allow_send {
+        return Err(refuse(Code::MessageRefused, format!("{fp} is not a contact allowed to send")));
+    }
     let id = fragment.id.clone();
     let whole = match gw.joiner.offer(&fp, &fragment, now_ms()) {
         Ok(Offer::Complete(whole)) => whole,
@@ -326,7 +331,7 @@ async fn take(gw: &Gateway, d: &Delivered) -> Result<(), Refusal> {
     drop(plaintext);
     let result = relay(gw, &fp, &contact, whole).await;
     if !matches!(result, Err(Refusal::Later(_))) {
-        gw.joiner.finish(&fp, &id).map_err(|e| Refusal::Later(e.to_string()))?;
+        gw.joiner.finish(&fp, &id, now_ms()).map_err(|e| Refusal::Later(e.to_string()))?;
         gw.store.durable().await.map_err(|e| Refusal::Later(e.to_string()))?;
         gw.metrics.fragments_joined.inc();
     }
@@ -368,6 +373,19 @@ async fn relay(gw: &Gateway, fp: &Fingerprint, contact: &Contact, plaintext: Vec
     }
     if !contact.allow_send {
         return Err(refuse(Code::MessageRefused, format!("{fp} is not a contact allowed to send")));
+    }
+    // With DKIM keys, only mail the gateway can sign in its From: domain goes out.
+    if gw.border.signs() {
+        let domain = message
+            .from()
+            .and_then(|f| f.first())
+            .and_then(|a| a.address())
+            .and_then(|a| a.rsplit_once('@'))
+            .map(|(_, d)| d.to_ascii_lowercase());
+        if !domain.as_deref().is_some_and(|d| gw.border.can_sign(d)) {
+            let why = format!("the gateway signs mail only for its DKIM domains, not {}", domain.unwrap_or_default());
+            return Err(refuse_with_notice(gw, &fp, &contact, Code::MessageRefused, why, &plaintext).await);
+        }
     }
     if !gw.relayed.allow(&fp.to_string(), relay.messages_per_hour) {
         let why = format!("more than {} messages in an hour; try again later", relay.messages_per_hour);

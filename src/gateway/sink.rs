@@ -11,7 +11,7 @@ use super::config::Oversize;
 use super::contacts::{Contact, Reach};
 use super::db::StoreError;
 use super::mail;
-use super::queue::{message_id_string, now_ms, Origin, Target};
+use super::queue::{message_id_string, Origin, Target};
 use super::worker;
 use super::Gateway;
 
@@ -75,7 +75,6 @@ impl Sink for SmtpSink {
         if mail::count_received(&data) > mail::MAX_RECEIVED {
             return refuse(Reply::new(554, [5, 4, 6], "Too many Received: headers; mail loop?"));
         }
-        let mut data = data;
         if data.len() > gw.settings.smtp.max_message_size {
             return refuse(Reply::new(
                 552,
@@ -83,6 +82,11 @@ impl Sink for SmtpSink {
                 format!("Message too large; at most {} octets", gw.settings.smtp.max_message_size),
             ));
         }
+        // Authenticated on the octets as received, before anything is changed.
+        let mut data = match gw.border.check(&envelope, data).await {
+            Ok(d) => d,
+            Err(reply) => return refuse(reply),
+        };
         if data.len() > MAX_PLAINTEXT && gw.settings.smtp.oversize != Oversize::Fragment {
             let stripped = match gw.settings.smtp.oversize {
                 Oversize::StripAttachments => mail::strip_attachments(&data).filter(|d| d.len() <= MAX_PLAINTEXT),
@@ -99,9 +103,17 @@ impl Sink for SmtpSink {
                 }
             }
         }
-        let mut targets = Vec::with_capacity(envelope.recipients.len());
+        // A fragment from SMTP would be joined by the recipient as one of the
+        // gateway's own sets, under the gateway's signature: refused.
+        if !matches!(latssiam::fragment::parse(&data), Ok(None)) {
+            return refuse(Reply::new(554, [5, 6, 1], "message/partial is not accepted; send the message whole"));
+        }
+        let mut targets: Vec<(Target, Box<Contact>)> = Vec::with_capacity(envelope.recipients.len());
         for r in &envelope.recipients {
             match self.target_for(r) {
+                // One copy per person, however many of their addresses (or
+                // spellings of one) the envelope names.
+                Ok(Some(t)) if targets.iter().any(|(_, c)| c.fingerprint() == t.1.fingerprint()) => {}
                 Ok(Some(t)) => targets.push(t),
                 // The contact was removed between RCPT and DATA.
                 Ok(None) => return refuse(Reply::new(550, [5, 1, 1], format!("<{r}>: no such user here"))),
@@ -125,10 +137,12 @@ impl Sink for SmtpSink {
             // refuses now) get a job.
             let mut jobs = Vec::new();
             for (target, contact) in targets {
-                if worker::is_local(gw, &contact) {
-                    let pieces = worker::Pieces::plan(gw, &contact, &body, id, now_ms());
+                // Only what fits one block is written here; a large message is
+                // sealed fragment by fragment by the worker, not in the session.
+                if worker::is_local(gw, &contact) && body.len() <= MAX_PLAINTEXT {
+                    let pieces = worker::Pieces::Whole(&body);
                     let fp = contact.fingerprint();
-                    if let Ok(Some(p)) = pieces.and_then(|p| worker::local_prepare_all(gw, &contact, &fp, &p)) {
+                    if let Ok(Some(p)) = worker::local_prepare_all(gw, &contact, &fp, &pieces) {
                         local.extend(p);
                         continue;
                     }

@@ -415,6 +415,8 @@ async fn to_smtp(gw: &Gateway, id: JobId, job: &Job, rcpt: &str) -> Outcome {
     let Ok(Some(body)) = gw.queue.body(id) else {
         return Outcome::Fail { status: "5.3.0", diagnostic: "the message body is missing from the queue".into() };
     };
+    // DKIM-signed for its From: domain when a key is configured (relayed mail, notices, bounces).
+    let body = gw.border.sign(&body);
     match gw.smarthost.send(job.origin.envelope_from(), &[rcpt.to_owned()], &body).await {
         Ok(()) => Outcome::Delivered,
         Err(e) if e.permanent => Outcome::Fail { status: "5.0.0", diagnostic: e.text },
@@ -446,7 +448,20 @@ async fn to_latssiam(gw: &Gateway, id: JobId, job: &Job, fingerprint: &str) -> O
         Ok(None) => return Outcome::Fail { status: "5.3.0", diagnostic: "the message body is missing".into() },
         Err(e) => return Outcome::Retry(e.to_string()),
     };
-    let pieces = match Pieces::plan(gw, &contact, &body, id.message, job.arrived_ms) {
+    // A set cut short (a restart, a lost connection, a temporary refusal)
+    // goes on with the same set id after the last fragment the server took;
+    // the receiver keeps a repeated one once. The id is random (PROFILE
+    // section 8) and written down before the first fragment goes out.
+    let stored = progress(gw, id);
+    let fresh = || fragment::new_id(&gw.settings.gateway.hostname).map_err(|e| Outcome::Retry(e.to_string()));
+    let set_id = match &stored {
+        Some((set, _, _)) => set.clone(),
+        None => match fresh() {
+            Ok(s) => s,
+            Err(outcome) => return outcome,
+        },
+    };
+    let mut pieces = match Pieces::plan(gw, &contact, &body, &set_id, job.arrived_ms) {
         Ok(p) => p,
         Err(outcome) => return outcome,
     };
@@ -472,9 +487,29 @@ async fn to_latssiam(gw: &Gateway, id: JobId, job: &Job, fingerprint: &str) -> O
     let host = contact.server_host().to_owned();
     // A server named with HOST[:PORT] is reached there; else the mailbox host is looked up (MX, A/AAAA).
     let named = contact.server.is_some();
-    // A set cut short (a restart, a lost connection) goes on after the last
-    // fragment the server took; the receiver keeps a repeated one once.
-    let mut next = progress(gw, id).map_or(1, |n| n + 1).min(pieces.count());
+    let mut next = 1;
+    if pieces.count() > 1 {
+        match stored {
+            Some((_, total, last)) if total == pieces.count() => next = (last + 1).min(total),
+            _ => {
+                // First attempt, or a cut that no longer matches (another certificate): a new set.
+                if stored.is_some() {
+                    let set_id = match fresh() {
+                        Ok(s) => s,
+                        Err(outcome) => return outcome,
+                    };
+                    pieces = match Pieces::plan(gw, &contact, &body, &set_id, job.arrived_ms) {
+                        Ok(p) => p,
+                        Err(outcome) => return outcome,
+                    };
+                }
+                set_progress(gw, id, pieces.set_id(), pieces.count(), 0);
+                if let Err(e) = gw.store.durable().await {
+                    return Outcome::Retry(e.to_string());
+                }
+            }
+        }
+    }
     // A pooled session may have been closed by the server meanwhile: on any
     // failure over a reused session, try once more over a fresh one.
     let mut pooled = gw.pool.take(&host).await;
@@ -501,11 +536,12 @@ async fn to_latssiam(gw: &Gateway, id: JobId, job: &Job, fingerprint: &str) -> O
             };
             first = false;
             if status.code() == Code::MessageAccepted && next < pieces.count() {
-                set_progress(gw, id, next);
+                set_progress(gw, id, pieces.set_id(), pieces.count(), next);
                 next += 1;
                 continue;
             }
-            if pieces.count() > 1 {
+            // A new server (35) has none of the set: it starts again there.
+            if status.code() == Code::MailboxMoved {
                 clear_progress(gw, id);
             }
             return classify(gw, &fp, &host, status, client).await;
@@ -536,11 +572,17 @@ impl<'a> Pieces<'a> {
         gw: &Gateway,
         contact: &Contact,
         body: &'a [u8],
-        message: u64,
+        set_id: &str,
         arrived_ms: u64,
     ) -> Result<Self, Outcome> {
         if body.len() <= super::sink::MAX_PLAINTEXT {
             return Ok(Pieces::Whole(body));
+        }
+        if body.len() > fragment::MAX_JOINED + fragment::TRACE_ROOM {
+            return Err(Outcome::Fail {
+                status: "5.3.4",
+                diagnostic: format!("{} octets; LATSSIAM receivers join at most {}", body.len(), fragment::MAX_JOINED),
+            });
         }
         let overhead = fragment::sealing_overhead(&contact.cert).map_err(|e| Outcome::Fail {
             status: "5.7.5",
@@ -549,15 +591,7 @@ impl<'a> Pieces<'a> {
         if fragment::fits_one_block(body.len(), overhead) {
             return Ok(Pieces::Whole(body));
         }
-        let fp = contact.fingerprint();
-        let mut seed = Vec::with_capacity(80);
-        seed.extend_from_slice(b"latssiam-bridge fragment set\0");
-        seed.extend_from_slice(gw.identity.fingerprint().as_bytes());
-        seed.extend_from_slice(&message.to_be_bytes());
-        seed.extend_from_slice(fp.as_bytes());
-        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &seed);
-        let hex: String = digest.as_ref()[..16].iter().map(|b| format!("{b:02x}")).collect();
-        let id = format!("{hex}@{}", gw.settings.gateway.hostname);
+        let id = set_id;
         let from = gw.identity.address().map_or_else(
             || format!("<postmaster@{}>", gw.settings.gateway.hostname),
             |a| format!("latssiam-bridge <{a}>"),
@@ -566,9 +600,17 @@ impl<'a> Pieces<'a> {
             .ok()
             .and_then(|t| t.format(&time::format_description::well_known::Rfc2822).ok())
             .unwrap_or_else(mail::date_now);
-        fragment::Fragmenter::new(body, overhead, &id, &from, &format!("<{}>", contact.address), &date)
+        fragment::Fragmenter::new(body, overhead, id, &from, &format!("<{}>", contact.address), &date)
             .map(Pieces::Parts)
             .map_err(|e| Outcome::Fail { status: "5.3.4", diagnostic: e.to_string() })
+    }
+
+    /// The set id (empty for a whole message).
+    pub fn set_id(&self) -> &str {
+        match self {
+            Pieces::Whole(_) => "",
+            Pieces::Parts(f) => f.id(),
+        }
     }
 
     /// How many LATSSIAM messages it takes.
@@ -636,15 +678,22 @@ pub fn local_prepare_all(
     Ok(Some(prepared))
 }
 
-fn progress(gw: &Gateway, id: JobId) -> Option<u32> {
+/// The set a job is being sent as: its id, fragments, and the last one the server took.
+fn progress(gw: &Gateway, id: JobId) -> Option<(String, u32, u32)> {
     let v = gw.progress.get(id.key()).ok().flatten()?;
-    Some(u32::from_be_bytes(v.as_ref().try_into().ok()?))
+    let total = u32::from_be_bytes(v.get(..4)?.try_into().ok()?);
+    let last = u32::from_be_bytes(v.get(4..8)?.try_into().ok()?);
+    Some((String::from_utf8(v.get(8..)?.to_vec()).ok()?, total, last))
 }
 
-/// Not flushed: after a crash the set goes on a little earlier, and the
-/// receiver keeps what it gets twice once.
-fn set_progress(gw: &Gateway, id: JobId, n: u32) {
-    if let Err(e) = gw.progress.insert(id.key(), &n.to_be_bytes()) {
+/// Not flushed after each fragment: after a crash the set goes on a little
+/// earlier, and the receiver keeps what it gets twice once.
+fn set_progress(gw: &Gateway, id: JobId, set: &str, total: u32, last: u32) {
+    let mut v = Vec::with_capacity(8 + set.len());
+    v.extend_from_slice(&total.to_be_bytes());
+    v.extend_from_slice(&last.to_be_bytes());
+    v.extend_from_slice(set.as_bytes());
+    if let Err(e) = gw.progress.insert(id.key(), v) {
         debug!(job = %id, error = %e, "Cannot note a fragment's delivery.");
     }
 }

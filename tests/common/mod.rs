@@ -2,6 +2,7 @@
 //! that are killed when dropped, identities, free ports.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod dns;
 pub mod irc;
 pub mod rig;
 

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use super::dns::Dns;
 use super::{eml_files, files_with, free_port, identity, ok, wait_for, Process, BIN};
 
 pub fn support(script: &str) -> String {
@@ -24,6 +25,8 @@ pub struct Rig {
     pub smtp_port: u16,
     pub gateway_fp: String,
     pub env: Vec<(&'static str, &'static str)>,
+    /// The DNS server the gateway asks (every SMTP test needs one: inbound mail is authenticated).
+    pub dns: Dns,
 }
 
 impl Rig {
@@ -38,7 +41,17 @@ impl Rig {
 
     /// A rig whose smarthost is `script` (in tests/support; arguments PORT OUTDIR).
     pub fn with_smarthost(extra: &str, env: &[(&'static str, &'static str)], script: &str) -> Self {
+        Self::with_all(extra, env, script, "")
+    }
+
+    /// A rig whose DNS server serves `zone` (BIND syntax).
+    pub fn with_zone(extra: &str, zone: &str) -> Self {
+        Self::with_all(extra, &[], "smarthost.py", zone)
+    }
+
+    fn with_all(extra: &str, env: &[(&'static str, &'static str)], script: &str, zone: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        let dns = Dns::start(dir.path(), zone);
         let (smtp_port, http_port, home_port, smarthost_port) = (free_port(), free_port(), free_port(), free_port());
         let gemini_port = free_port();
         let smarthost =
@@ -69,7 +82,11 @@ listen = "127.0.0.1:{gemini_port}"
 [queue]
 first_retry_secs = 1
 max_retry_secs = 2
-"#
+[dns]
+nameservers = ["{nameserver}"]
+timeout_secs = 1
+"#,
+                nameserver = dns.nameserver()
             ),
         )
         .unwrap();
@@ -85,6 +102,7 @@ max_retry_secs = 2
             smtp_port,
             gateway_fp: String::new(),
             env: env.to_vec(),
+            dns,
         };
         rig.start();
         rig

@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hickory_resolver::TokioResolver;
 use rustls_pki_types::CertificateDer;
 use tokio::net::TcpStream;
 
@@ -317,21 +318,76 @@ impl Client {
     }
 }
 
+/// A DNS resolver: the system's (`/etc/resolv.conf`, `/etc/hosts`) when
+/// `nameservers` is empty, else these servers (UDP, then TCP), each query
+/// bounded by `timeout`. Answers are cached within their TTL.
+///
+/// # Errors
+/// The system configuration cannot be read, or the resolver cannot be built.
+pub fn dns_resolver(nameservers: &[SocketAddr], timeout: Duration) -> Result<TokioResolver, String> {
+    use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
+    let (config, mut options) = if nameservers.is_empty() {
+        hickory_resolver::system_conf::read_system_conf().map_err(|e| format!("system DNS settings: {e}"))?
+    } else {
+        let servers = nameservers
+            .iter()
+            .map(|sa| {
+                let (mut udp, mut tcp) = (ConnectionConfig::udp(), ConnectionConfig::tcp());
+                udp.port = sa.port();
+                tcp.port = sa.port();
+                NameServerConfig::new(sa.ip(), true, vec![udp, tcp])
+            })
+            .collect();
+        let mut options = ResolverOpts::default();
+        options.use_hosts_file = ResolveHosts::Never;
+        (ResolverConfig::from_name_servers(servers), options)
+    };
+    options.timeout = timeout;
+    options.attempts = 2;
+    // Plain DNS only: no DNS-over-TLS, so no certificate store is read.
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    TokioResolver::builder_with_config(config, hickory_resolver::net::runtime::TokioRuntimeProvider::default())
+        .with_options(options)
+        .with_tls_config(tls)
+        .build()
+        .map_err(|e| e.to_string())
+}
+
 /// Finds LATSSIAM servers for hosts: a static map first (tests, private
 /// deployments), then DNS: MX records by preference, then A/AAAA, port 1977.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Resolver {
     routes: HashMap<String, String>,
+    dns: Option<TokioResolver>,
+}
+
+impl std::fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resolver").field("routes", &self.routes).field("dns", &self.dns.is_some()).finish()
+    }
 }
 
 impl Resolver {
     /// A resolver with `routes` (host -> `addr:port` or `host:port`) taking precedence over DNS.
     pub fn new(routes: HashMap<String, String>) -> Self {
-        Self { routes: routes.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect() }
+        Self { routes: routes.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect(), dns: None }
+    }
+
+    /// Asks `dns` (see [`dns_resolver`]) for MX, A and AAAA records, instead
+    /// of the system's resolver made for each look-up.
+    #[must_use]
+    pub fn with_dns(mut self, dns: TokioResolver) -> Self {
+        self.dns = Some(dns);
+        self
     }
 
     /// Candidate addresses for `host`, best first, each with the name to
-    /// verify and pin it under.
+    /// verify and pin it under. No MX record (NXDOMAIN or none of that type)
+    /// means the host itself (RFC 5321 5.1); any other DNS failure is an error.
     ///
     /// # Errors
     /// [`ClientError::Resolve`] if nothing is found.
@@ -342,12 +398,23 @@ impl Resolver {
             let addrs = tokio::net::lookup_host(with_port(target)).await.map_err(|e| fail(e.to_string()))?;
             return Ok(addrs.map(|a| (name.to_owned(), a)).collect());
         }
-        let resolver = hickory_resolver::TokioResolver::builder_tokio().map_err(|e| fail(e.to_string()))?.build();
-        let mut exchanges: Vec<(u16, String)> = match resolver.mx_lookup(host).await {
-            Ok(mx) => {
-                mx.iter().map(|r| (r.preference(), r.exchange().to_utf8().trim_end_matches('.').to_owned())).collect()
-            }
-            Err(_) => Vec::new(),
+        let dns = match &self.dns {
+            Some(d) => d.clone(),
+            None => dns_resolver(&[], Duration::from_secs(5)).map_err(fail)?,
+        };
+        let mut exchanges: Vec<(u16, String)> = match dns.mx_lookup(host).await {
+            Ok(lookup) => lookup
+                .answers()
+                .iter()
+                .filter_map(|r| match &r.data {
+                    hickory_resolver::proto::rr::RData::MX(mx) => {
+                        Some((mx.preference, mx.exchange.to_utf8().trim_end_matches('.').to_owned()))
+                    }
+                    _ => None,
+                })
+                .collect(),
+            Err(e) if e.is_no_records_found() => Vec::new(),
+            Err(e) => return Err(fail(format!("MX: {e}"))),
         };
         exchanges.sort();
         if exchanges.is_empty() {
@@ -355,8 +422,8 @@ impl Resolver {
         }
         let mut out = Vec::new();
         for (_, name) in exchanges {
-            if let Ok(addrs) = tokio::net::lookup_host((name.as_str(), PORT)).await {
-                out.extend(addrs.map(|a| (name.clone(), a)));
+            if let Ok(ips) = dns.lookup_ip(name.as_str()).await {
+                out.extend(ips.iter().map(|ip| (name.clone(), SocketAddr::new(ip, PORT))));
             }
         }
         if out.is_empty() {

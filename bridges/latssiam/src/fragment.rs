@@ -23,9 +23,18 @@
 //! - `f` ++ signer (32) ++ len(id) (1) ++ id ++ number (u32 BE) → the slice.
 //! - `i` ++ id → the signer whose set holds that id: a fragment of an open
 //!   set from any other signer is refused.
+//! - `t` ++ signer (32) ++ id → total (u32 BE) and when the set was joined:
+//!   a fragment of a joined set that comes again is acknowledged and
+//!   dropped, for [`SET_LIFETIME`].
 //!
 //! Invariant: a slice is written in the same atomic batch as the record that
-//! counts it; [`Joiner::finish`] removes a set's record and slices in one batch.
+//! counts it; [`Joiner::finish`] removes a set's record and slices, and
+//! writes its tombstone, in one batch.
+//!
+//! Bounds: a joined message is at most the limit; one signer's incomplete
+//! sets at most [`SETS_PER_SIGNER`] times it and [`MAX_OPEN_SETS`] sets; all
+//! signers' together at most [`SETS_IN_ALL`] times it (certificates cost
+//! nothing, so this last share is what a flood of signers can take).
 
 use std::time::Duration;
 
@@ -36,6 +45,10 @@ use crate::wire::MAX_BLOCK_DER;
 /// The default limit on a joined message: Postfix's `message_size_limit`.
 pub const MAX_JOINED: usize = 10_240_000;
 
+/// Room a receiver leaves above the limit for the trace fields a gateway
+/// adds (`Received:`, `Authentication-Results:`) before it cuts a message.
+pub const TRACE_ROOM: usize = 64 * 1024;
+
 /// Most fragments in one set (a slice of one octet still costs a fragment).
 pub const MAX_TOTAL: u32 = 4096;
 
@@ -43,7 +56,13 @@ pub const MAX_TOTAL: u32 = 4096;
 pub const MAX_ID: usize = 200;
 
 /// Most partial sets one signer may have open at once.
-pub const MAX_OPEN_SETS: usize = 16;
+pub const MAX_OPEN_SETS: usize = 64;
+
+/// One signer's incomplete sets hold at most this many times the joined limit.
+pub const SETS_PER_SIGNER: u64 = 4;
+
+/// All signers' incomplete sets hold at most this many times the joined limit.
+pub const SETS_IN_ALL: u64 = 16;
 
 /// How long an incomplete set is kept (PROFILE section 8: 24 hours).
 pub const SET_LIFETIME: Duration = Duration::from_secs(24 * 3600);
@@ -249,8 +268,9 @@ pub enum Refused {
     /// Another signer has an open set with this id.
     #[error("another signer has an open set with this id")]
     OtherSigner,
-    /// The signer already has [`MAX_OPEN_SETS`] incomplete sets.
-    #[error("too many incomplete sets from this signer")]
+    /// The signer already has [`MAX_OPEN_SETS`] incomplete sets, or its
+    /// share of the store (or the store) is full.
+    #[error("too many incomplete sets from this signer, or the store is full")]
     TooManySets,
 }
 
@@ -527,13 +547,49 @@ fn first_fields(slice: &[u8]) -> (String, String) {
 pub struct Joiner {
     tree: sled::Tree,
     limit: usize,
+    per_signer: u64,
+    total: u64,
     lock: std::sync::Mutex<()>,
 }
 
+fn tombstone_key(signer: &Fingerprint, id: &str) -> Vec<u8> {
+    let mut k = set_key(signer, id);
+    k[0] = b't';
+    k
+}
+
 impl Joiner {
-    /// Partial sets in `tree`, joined messages at most `limit` octets.
+    /// Partial sets in `tree`, joined messages at most `limit` octets; one
+    /// signer's incomplete sets hold at most [`SETS_PER_SIGNER`] times that,
+    /// all signers' together at most [`SETS_IN_ALL`] times.
     pub fn new(tree: sled::Tree, limit: usize) -> Self {
-        Self { tree, limit, lock: std::sync::Mutex::new(()) }
+        let limit64 = limit as u64;
+        Self {
+            tree,
+            limit,
+            per_signer: limit64.saturating_mul(SETS_PER_SIGNER),
+            total: limit64.saturating_mul(SETS_IN_ALL),
+            lock: std::sync::Mutex::new(()),
+        }
+    }
+
+    fn guard(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Octets held in incomplete sets: (this signer's, everyone's), and this signer's open sets.
+    fn held(&self, signer: &Fingerprint) -> Result<(u64, u64, usize), StoreError> {
+        let (mut mine, mut all, mut open) = (0u64, 0u64, 0usize);
+        for entry in self.tree.scan_prefix(b"m") {
+            let (key, value) = entry?;
+            let Some(record) = SetRecord::decode(&value) else { continue };
+            all = all.saturating_add(record.octets);
+            if key.get(1..33) == Some(signer.as_bytes().as_slice()) {
+                mine = mine.saturating_add(record.octets);
+                open += 1;
+            }
+        }
+        Ok((mine, all, open))
     }
 
     /// Keeps `fragment` from `signer` (not yet flushed: flush the tree's
@@ -543,7 +599,7 @@ impl Joiner {
     /// [`JoinError::Refused`] for a fragment section 8 refuses (nothing is
     /// stored), [`JoinError::Store`] if the tree cannot be read or written.
     pub fn offer(&self, signer: &Fingerprint, fragment: &Fragment<'_>, now_ms: u64) -> Result<Offer, JoinError> {
-        let _guard = self.lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _guard = self.guard();
         let key = set_key(signer, &fragment.id);
         let record = self.tree.get(&key)?.and_then(|v| SetRecord::decode(&v));
         let mut record = match record {
@@ -564,19 +620,17 @@ impl Joiner {
                 r
             }
             None => {
+                // A set already joined: what comes again is kept once (acknowledged, dropped).
+                if let Some(done) = self.tree.get(tombstone_key(signer, &fragment.id))? {
+                    let total = done.get(..4).and_then(|b| b.try_into().ok()).map(u32::from_be_bytes);
+                    if total == Some(fragment.total) {
+                        return Ok(Offer::Duplicate);
+                    }
+                    return Err(Refused::TotalChanged { was: total.unwrap_or(0), now: fragment.total }.into());
+                }
                 if let Some(owner) = self.tree.get(owner_key(&fragment.id))? {
                     if owner.as_ref() != signer.as_bytes() {
                         return Err(Refused::OtherSigner.into());
-                    }
-                }
-                let mut open = 0;
-                let mut prefix = vec![b'm'];
-                prefix.extend_from_slice(signer.as_bytes());
-                for entry in self.tree.scan_prefix(&prefix) {
-                    entry?;
-                    open += 1;
-                    if open >= MAX_OPEN_SETS {
-                        return Err(Refused::TooManySets.into());
                     }
                 }
                 SetRecord { total: fragment.total, have: 0, octets: 0, first_ms: now_ms, first: None }
@@ -585,6 +639,14 @@ impl Joiner {
         let octets = record.octets.saturating_add(fragment.slice.len() as u64);
         if octets > self.limit as u64 {
             return Err(Refused::TooLarge(self.limit).into());
+        }
+        let (mine, all, open) = self.held(signer)?;
+        let more = fragment.slice.len() as u64;
+        if (record.have == 0 && open >= MAX_OPEN_SETS)
+            || mine.saturating_add(more) > self.per_signer
+            || all.saturating_add(more) > self.total
+        {
+            return Err(Refused::TooManySets.into());
         }
         record.octets = octets;
         record.have += 1;
@@ -613,15 +675,26 @@ impl Joiner {
         Ok(out)
     }
 
-    /// Forgets a set (after its joined message was kept, or to discard it);
-    /// not flushed.
+    /// Forgets a joined set (call it once the joined message is kept),
+    /// leaving a tombstone so that a fragment of it that comes again is
+    /// acknowledged and dropped, not the start of a new set; not flushed.
     ///
     /// # Errors
     /// [`StoreError`].
-    pub fn finish(&self, signer: &Fingerprint, id: &str) -> Result<(), StoreError> {
-        let _guard = self.lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    pub fn finish(&self, signer: &Fingerprint, id: &str, now_ms: u64) -> Result<(), StoreError> {
+        let _guard = self.guard();
+        self.remove(signer, id, Some(now_ms))
+    }
+
+    fn remove(&self, signer: &Fingerprint, id: &str, tombstone: Option<u64>) -> Result<(), StoreError> {
+        let key = set_key(signer, id);
         let mut batch = sled::Batch::default();
-        batch.remove(set_key(signer, id));
+        if let (Some(now), Some(record)) = (tombstone, self.tree.get(&key)?.and_then(|v| SetRecord::decode(&v))) {
+            let mut t = record.total.to_be_bytes().to_vec();
+            t.extend_from_slice(&now.to_be_bytes());
+            batch.insert(tombstone_key(signer, id), t);
+        }
+        batch.remove(key);
         if self.tree.get(owner_key(id))?.is_some_and(|o| o.as_ref() == signer.as_bytes()) {
             batch.remove(owner_key(id));
         }
@@ -631,39 +704,54 @@ impl Joiner {
         self.tree.apply_batch(batch)
     }
 
-    /// Discards the incomplete sets that arrived more than `lifetime` before
-    /// `now_ms`, and returns them (one notice each); not flushed.
+    /// Discards the sets that arrived more than `lifetime` before `now_ms`
+    /// and returns the incomplete ones (one notice each; a complete one was
+    /// left by a crash after its message was kept), and forgets tombstones
+    /// as old; not flushed.
     ///
     /// # Errors
     /// [`StoreError`].
     pub fn expire(&self, now_ms: u64, lifetime: Duration) -> Result<Vec<Expired>, StoreError> {
+        let _guard = self.guard();
         let cutoff = now_ms.saturating_sub(u64::try_from(lifetime.as_millis()).unwrap_or(u64::MAX));
         let mut old = Vec::new();
+        let mut done = Vec::new();
         for entry in self.tree.scan_prefix(b"m") {
             let (key, value) = entry?;
             let (Some(record), Some(fp)) = (SetRecord::decode(&value), key.get(1..33)) else {
                 continue;
             };
-            if record.first_ms <= cutoff && record.have < record.total {
-                let mut bytes = [0u8; 32];
-                bytes.copy_from_slice(fp);
-                let id = String::from_utf8_lossy(&key[33..]).into_owned();
-                old.push(Expired {
-                    signer: Fingerprint::from_bytes(bytes),
-                    id,
-                    first: record.first,
-                    have: record.have,
-                    total: record.total,
-                });
+            if record.first_ms > cutoff {
+                continue;
+            }
+            let mut bytes = [0u8; 32];
+            bytes.copy_from_slice(fp);
+            let (signer, id) = (Fingerprint::from_bytes(bytes), String::from_utf8_lossy(&key[33..]).into_owned());
+            if record.have < record.total {
+                old.push(Expired { signer, id, first: record.first, have: record.have, total: record.total });
+            } else {
+                done.push((signer, id));
             }
         }
         for e in &old {
-            self.finish(&e.signer, &e.id)?;
+            self.remove(&e.signer, &e.id, None)?;
         }
+        for (signer, id) in &done {
+            self.remove(signer, id, Some(now_ms))?;
+        }
+        let mut batch = sled::Batch::default();
+        for entry in self.tree.scan_prefix(b"t") {
+            let (key, value) = entry?;
+            let at = value.get(4..12).and_then(|b| b.try_into().ok()).map_or(0, u64::from_be_bytes);
+            if at <= cutoff {
+                batch.remove(key);
+            }
+        }
+        self.tree.apply_batch(batch)?;
         Ok(old)
     }
 
-    /// Incomplete sets held.
+    /// Sets held (complete ones not yet finished included).
     pub fn open_sets(&self) -> usize {
         self.tree.scan_prefix(b"m").count()
     }
@@ -754,9 +842,14 @@ mod tests {
         }
         let Some(Offer::Complete(m)) = last else { panic!("not complete") };
         assert_eq!(m, vec![b'x'; 50_000]);
-        j.finish(&fp(1), "s@x.example").unwrap();
+        j.finish(&fp(1), "s@x.example", 5).unwrap();
         assert_eq!(j.open_sets(), 0);
-        assert_eq!(j.tree.len(), 0, "nothing left of the set");
+        // A fragment of the joined set that comes again is kept once: dropped.
+        assert!(matches!(j.offer(&fp(1), &first, 10).unwrap(), Offer::Duplicate));
+        assert_eq!(j.open_sets(), 0);
+        assert_eq!(j.tree.len(), 1, "only the tombstone");
+        assert!(j.expire(10 + 86_400_000, SET_LIFETIME).unwrap().is_empty());
+        assert_eq!(j.tree.len(), 0, "the tombstone goes after the lifetime");
     }
 
     #[test]

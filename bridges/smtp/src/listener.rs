@@ -117,7 +117,8 @@ pub fn client_key(ip: IpAddr) -> IpAddr {
     }
 }
 
-fn in_network(ip: IpAddr, net: IpAddr, bits: u8) -> bool {
+/// Whether `ip` is in the network `net/bits` (an IPv4-mapped IPv6 address counts as IPv4).
+pub fn in_network(ip: IpAddr, net: IpAddr, bits: u8) -> bool {
     let ip = match (ip, net) {
         (IpAddr::V6(v6), IpAddr::V4(_)) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         _ => ip,
@@ -296,7 +297,16 @@ pub struct ListenerConfig {
     pub max_session: Duration,
     /// STARTTLS, if configured.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Message data all sessions may hold in memory at once, in MiB (each
+    /// session's first MiB aside); beyond it a message gets `452 4.3.1`.
+    pub data_memory: Arc<Semaphore>,
 }
+
+/// The unit of [`ListenerConfig::data_memory`].
+pub const MIB: usize = 1 << 20;
+
+/// The default [`ListenerConfig::data_memory`]: 256 MiB.
+pub const DATA_MEMORY_MIB: usize = 256;
 
 impl ListenerConfig {
     /// Settings with RFC 5321 defaults and no TLS.
@@ -313,6 +323,7 @@ impl ListenerConfig {
             junk_command_limit: 100,
             max_session: Duration::from_secs(3600),
             tls: None,
+            data_memory: Arc::new(Semaphore::new(DATA_MEMORY_MIB)),
         }
     }
 }
@@ -424,10 +435,10 @@ enum Outcome<IO> {
 
 /// What reading one line found.
 enum Line {
-    /// A line (without its line end) and whether it ended in CRLF (not a bare LF).
-    Ok(Vec<u8>, bool),
-    /// The line was longer than the limit; it has been consumed. Whether it ended in CRLF.
-    TooLong(bool),
+    /// A line (without its line end).
+    Ok(Vec<u8>),
+    /// The line was longer than the limit; it has been consumed.
+    TooLong,
     /// The client closed the connection.
     Eof,
 }
@@ -436,13 +447,39 @@ enum Line {
 /// (and discarding) the rest of a longer one. Never holds more than `max` octets.
 async fn read_line<R: AsyncRead + Unpin>(reader: &mut BufReader<R>, max: usize) -> io::Result<Line> {
     let mut line = Vec::new();
+    Ok(match read_line_into(reader, max, &mut line).await? {
+        Read::Ok(_) => Line::Ok(line),
+        Read::TooLong(_) => Line::TooLong,
+        Read::Eof => Line::Eof,
+    })
+}
+
+/// What [`read_line_into`] found.
+enum Read {
+    /// A line, appended without its line end; whether it ended in CRLF.
+    Ok(bool),
+    /// Longer than the limit: consumed, nothing appended. Whether it ended in CRLF.
+    TooLong(bool),
+    /// The client closed the connection.
+    Eof,
+}
+
+/// As [`read_line`], appending the line (without its end) to `out`, so a
+/// message is read into one buffer, not line by line into copies.
+async fn read_line_into<R: AsyncRead + Unpin>(
+    reader: &mut BufReader<R>,
+    max: usize,
+    out: &mut Vec<u8>,
+) -> io::Result<Read> {
+    let start = out.len();
     let mut too_long = false;
     // Whether the previous chunk ended in CR (a CRLF split across two reads).
     let mut last_cr = false;
     loop {
         let buf = reader.fill_buf().await?;
         if buf.is_empty() {
-            return Ok(Line::Eof);
+            out.truncate(start);
+            return Ok(Read::Eof);
         }
         let (chunk, done) = match buf.iter().position(|&b| b == b'\n') {
             Some(i) => (&buf[..=i], true),
@@ -450,11 +487,11 @@ async fn read_line<R: AsyncRead + Unpin>(reader: &mut BufReader<R>, max: usize) 
         };
         let n = chunk.len();
         if !too_long {
-            if line.len() + n > max {
+            if out.len() - start + n > max {
                 too_long = true;
-                line = Vec::new();
+                out.truncate(start);
             } else {
-                line.extend_from_slice(chunk);
+                out.extend_from_slice(chunk);
             }
         }
         let ends_crlf = done && (if n >= 2 { chunk[n - 2] == b'\r' } else { last_cr });
@@ -462,14 +499,14 @@ async fn read_line<R: AsyncRead + Unpin>(reader: &mut BufReader<R>, max: usize) 
         reader.consume(n);
         if done {
             if too_long {
-                return Ok(Line::TooLong(ends_crlf));
+                return Ok(Read::TooLong(ends_crlf));
             }
-            line.pop();
-            let crlf = line.last() == Some(&b'\r');
+            out.pop();
+            let crlf = out.len() > start && out.last() == Some(&b'\r');
             if crlf {
-                line.pop();
+                out.pop();
             }
-            return Ok(Line::Ok(line, crlf));
+            return Ok(Read::Ok(crlf));
         }
     }
 }
@@ -598,12 +635,12 @@ impl<'a, S: Sink> Session<'a, S> {
             };
             let mut line = match line {
                 Line::Eof => return Ok(Outcome::Closed),
-                Line::TooLong(_) => {
+                Line::TooLong => {
                     self.push(&reply(500, [5, 5, 2], "Line too long"));
                     continue;
                 }
                 // Commands may end in a bare LF (read as CRLF); only DATA must not.
-                Line::Ok(l, _) => l,
+                Line::Ok(l) => l,
             };
             line.extend_from_slice(b"\r\n");
             let request = match Request::parse(&mut line.iter()) {
@@ -737,40 +774,63 @@ impl<'a, S: Sink> Session<'a, S> {
     /// Reads message data up to `<CR><LF>.<CR><LF>`, then hands it to the sink.
     async fn data<IO: AsyncRead + Unpin>(&mut self, io: &mut BufReader<IO>) -> io::Result<Reply> {
         let mut message = Vec::new();
-        let (mut too_big, mut bare) = (false, false);
+        let (mut too_big, mut bare, mut no_room) = (false, false, false);
+        // Each MiB past the first is taken from the listener's budget for
+        // message data in memory, and given back when this message is done.
+        let mut held = Vec::new();
         // The DATA command line ended the previous line.
         let mut after_crlf = true;
         loop {
             let wait = self.config.data_timeout.min(self.remaining());
             // A line may take what is left of the message (and a dot and CRLF);
             // past the limit the rest is read and dropped.
-            let room = if too_big { MAX_LINE } else { self.config.read_limit.saturating_sub(message.len()) + 3 };
-            let line = tokio::time::timeout(wait, read_line(io, room))
+            let dropping = too_big || bare || no_room;
+            let room = if dropping { MAX_LINE } else { self.config.read_limit.saturating_sub(message.len()) + 3 };
+            let start = message.len();
+            let line = tokio::time::timeout(wait, read_line_into(io, room, &mut message))
                 .await
                 .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "timeout in DATA"))??;
             match line {
-                Line::Eof => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed in DATA")),
-                Line::TooLong(crlf) => {
-                    too_big = true;
+                Read::Eof => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed in DATA")),
+                Read::TooLong(crlf) => {
+                    too_big |= !dropping;
                     bare |= !crlf;
                     after_crlf = crlf;
                 }
                 // Only a dot alone between two CRLFs ends the data.
-                Line::Ok(l, true) if after_crlf && l == b"." => break,
-                Line::Ok(l, crlf) => {
-                    if !crlf || l.contains(&b'\r') {
+                Read::Ok(true) if after_crlf && &message[start..] == b"." => {
+                    message.truncate(start);
+                    break;
+                }
+                Read::Ok(crlf) => {
+                    if !crlf || message[start..].contains(&b'\r') {
                         bare = true;
                     }
                     after_crlf = crlf;
-                    let l = l.strip_prefix(b".").unwrap_or(&l);
-                    if message.len() + l.len() + 2 > self.config.read_limit {
+                    if message.get(start) == Some(&b'.') {
+                        message.remove(start);
+                    }
+                    if message.len() + 2 > self.config.read_limit {
                         too_big = true;
                     }
-                    if !too_big && !bare {
-                        message.extend_from_slice(l);
+                    if too_big || bare || no_room {
+                        message.truncate(start);
+                    } else {
                         message.extend_from_slice(b"\r\n");
                     }
+                    while !no_room && message.len() > (held.len() + 1) * MIB {
+                        match Arc::clone(&self.config.data_memory).try_acquire_owned() {
+                            Ok(permit) => held.push(permit),
+                            Err(_) => {
+                                no_room = true;
+                                message = Vec::new();
+                            }
+                        }
+                    }
                 }
+            }
+            if dropping && !message.is_empty() {
+                message = Vec::new();
             }
         }
         if bare {
@@ -779,6 +839,10 @@ impl<'a, S: Sink> Session<'a, S> {
         }
         if too_big {
             return Ok(reply(552, [5, 3, 4], &format!("Message too large; at most {} octets", self.config.size_limit)));
+        }
+        if no_room {
+            warn!(peer = %self.peer, "Message data in memory is at its limit; message deferred.");
+            return Ok(reply(452, [4, 3, 1], "Insufficient system storage; try again later"));
         }
         let envelope = Envelope {
             peer: self.peer,
@@ -842,7 +906,7 @@ mod tests {
 
     /// Runs a session on `input` (then end of input); returns the replies and what the sink kept.
     async fn converse(config: &ListenerConfig, input: &[u8]) -> (String, Vec<Vec<u8>>) {
-        let (client, server) = tokio::io::duplex(1 << 20);
+        let (client, server) = tokio::io::duplex((1 << 20).max(input.len() + 4096));
         let sink = Keep::default();
         let (mut r, mut w) = tokio::io::split(client);
         w.write_all(input).await.unwrap();
@@ -953,6 +1017,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn message_data_in_memory_is_bounded_across_sessions() {
+        // A budget of 1 MiB beyond each session's first: a 3 MiB message cannot
+        // be held (452 4.3.1), a second message after it is still read whole,
+        // and long lines arrive intact, dot-stuffing undone.
+        let mut config = ListenerConfig::new("mx.test", 8 << 20);
+        config.data_memory = Arc::new(Semaphore::new(1));
+        let mut input = HEAD.to_vec();
+        let line = format!("{}\r\n", "y".repeat(5000));
+        for _ in 0..(3 * MIB / line.len()) {
+            input.extend_from_slice(line.as_bytes());
+        }
+        input.extend_from_slice(b".\r\nRSET\r\nMAIL FROM:<a@client.test>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n");
+        input.extend_from_slice(format!("..dot\r\n{line}.\r\nQUIT\r\n").as_bytes());
+        let (replies, kept) = converse(&config, &input).await;
+        assert!(replies.contains("452 4.3.1"), "{replies}");
+        assert_eq!(kept.len(), 1, "{replies}");
+        assert_eq!(kept[0], format!(".dot\r\n{line}").into_bytes());
+        assert_eq!(config.data_memory.available_permits(), 1, "given back");
+    }
+
+    #[tokio::test]
     async fn an_overlong_line_ending_in_a_bare_lf_does_not_end_data_early() {
         let config = ListenerConfig::new("mx.test", 10_000);
         let mut input = HEAD.to_vec();
@@ -983,9 +1068,13 @@ mod tests {
     async fn read_line_caps_and_recovers() {
         let input: &[u8] = b"short\r\nxxxxxxxxxxxxxxxxxxxx\r\nbare lf\nend";
         let mut r = BufReader::with_capacity(4, input);
-        assert!(matches!(read_line(&mut r, 10).await.unwrap(), Line::Ok(l, true) if l == b"short"));
-        assert!(matches!(read_line(&mut r, 10).await.unwrap(), Line::TooLong(true)));
-        assert!(matches!(read_line(&mut r, 10).await.unwrap(), Line::Ok(l, false) if l == b"bare lf"));
-        assert!(matches!(read_line(&mut r, 10).await.unwrap(), Line::Eof));
+        let mut out = b"kept ".to_vec();
+        assert!(matches!(read_line_into(&mut r, 10, &mut out).await.unwrap(), Read::Ok(true)));
+        assert_eq!(out, b"kept short");
+        assert!(matches!(read_line_into(&mut r, 10, &mut out).await.unwrap(), Read::TooLong(true)));
+        assert_eq!(out, b"kept short", "nothing of a long line is kept");
+        assert!(matches!(read_line(&mut r, 10).await.unwrap(), Line::Ok(l) if l == b"bare lf"));
+        assert!(matches!(read_line_into(&mut r, 10, &mut out).await.unwrap(), Read::Eof));
+        assert_eq!(out, b"kept short", "nor of a line cut by EOF");
     }
 }

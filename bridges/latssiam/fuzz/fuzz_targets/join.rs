@@ -37,7 +37,7 @@ fuzz_target!(|data: &[u8]| {
                     expected.extend_from_slice(&kept[&(signer, fragment.id.clone(), n)]);
                 }
                 assert_eq!(message, expected);
-                let _ = joiner.finish(&fp, &fragment.id);
+                let _ = joiner.finish(&fp, &fragment.id, 0);
                 kept.retain(|(s, id, _), _| !(*s == signer && *id == fragment.id));
             }
             Ok(_) => {
