@@ -58,8 +58,85 @@ async fn expect(reader: &mut BufReader<TcpStream>, code: &str) -> String {
     }
 }
 
+/// One message per contact, DKIM-signed for remote.example when `signer` is given.
+fn signed_messages(
+    body: &str,
+    signer: Option<&mail_auth::dkim::DkimSigner<mail_auth::common::crypto::DkimKey, mail_auth::dkim::Done>>,
+) -> Vec<String> {
+    use mail_auth::common::headers::HeaderWriter as _;
+    (0..CONTACTS)
+        .map(|i| {
+            let m = format!(
+                "From: load@remote.example\r\nTo: person{i}@example.org\r\nSubject: load\r\n\
+                 Date: Sun, 06 Dec 2026 10:00:00 +0000\r\nMessage-ID: <load{i}@remote.example>\r\n\r\n{body}"
+            );
+            match signer {
+                Some(s) => format!("{}{m}", s.sign(m.as_bytes()).unwrap().to_header()),
+                None => m,
+            }
+        })
+        .collect()
+}
+
+/// A DNS server for remote.example (SPF allowing 127.0.0.1, DMARC p=none,
+/// a DKIM key), killed when dropped; and the DKIM signer for that key.
+struct Dns(std::process::Child);
+
+impl Drop for Dns {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn dns_with_dkim(
+    dir: &std::path::Path,
+) -> (Dns, u16, mail_auth::dkim::DkimSigner<mail_auth::common::crypto::DkimKey, mail_auth::dkim::Done>) {
+    use aws_lc_rs::encoding::AsDer as _;
+    use aws_lc_rs::signature::KeyPair as _;
+    use base64::Engine as _;
+    let pair = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
+    let pkcs8 = pair.as_der().unwrap();
+    let spki = pair.public_key().as_der().unwrap();
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let pem = format!("-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n", b64(pkcs8.as_ref()));
+    let key_file = dir.join("dkim.pem");
+    std::fs::write(&key_file, pem).unwrap();
+    let txt = format!("v=DKIM1; k=rsa; p={}", b64(spki.as_ref()));
+    let strings: Vec<String> =
+        txt.as_bytes().chunks(250).map(|c| format!("\"{}\"", String::from_utf8_lossy(c))).collect();
+    // With an SOA, as real zones have, so that negative answers are cached too.
+    let zone = format!(
+        "example. 3600 IN SOA ns.example. hostmaster.example. 1 3600 600 86400 3600\n\
+         remote.example. 3600 IN TXT \"v=spf1 ip4:127.0.0.1 -all\"\n\
+         _dmarc.remote.example. 3600 IN TXT \"v=DMARC1; p=none\"\n\
+         bench._domainkey.remote.example. 3600 IN TXT ( {} )\n",
+        strings.join(" ")
+    );
+    std::fs::write(dir.join("zone"), zone).unwrap();
+    let port = free_port();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/dns_server.py");
+    let mut child = std::process::Command::new("python3")
+        .args([script, "--zone", dir.join("zone").to_str().unwrap(), "--port", &port.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("AUTH=on needs python3 with dnslib");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    assert!(line.starts_with("ready"), "{line}");
+    let key = latssiam_bridge::gateway::auth::load_key(&key_file).unwrap();
+    let signer = mail_auth::dkim::DkimSigner::from_key(key).domain("remote.example").selector("bench").headers([
+        "From",
+        "To",
+        "Subject",
+        "Date",
+        "Message-ID",
+    ]);
+    (Dns(child), port, signer)
+}
+
 /// One SMTP session sending `n` messages; returns end-of-DATA -> 250 latencies.
-async fn smtp_client(port: u16, first: usize, n: usize, body: Arc<String>) -> Vec<Duration> {
+async fn smtp_client(port: u16, first: usize, n: usize, messages: Arc<Vec<String>>) -> Vec<Duration> {
     let stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     stream.set_nodelay(true).unwrap();
     let mut s = BufReader::new(stream);
@@ -75,7 +152,7 @@ async fn smtp_client(port: u16, first: usize, n: usize, body: Arc<String>) -> Ve
         expect(&mut s, "250").await;
         expect(&mut s, "250").await;
         expect(&mut s, "354").await;
-        let message = format!("From: load@remote.example\r\nTo: {rcpt}\r\nSubject: load {i}\r\n\r\n{body}.\r\n");
+        let message = format!("{}.\r\n", messages[i % CONTACTS]);
         s.get_mut().write_all(message.as_bytes()).await.unwrap();
         let sent = Instant::now();
         expect(&mut s, "250").await;
@@ -173,11 +250,18 @@ fn main() {
     let nodes: usize =
         if jetstream { std::env::var("NODES").ok().and_then(|v| v.parse().ok()).unwrap_or(1) } else { 1 };
     let local_delivery = !jetstream && std::env::var("LOCAL_DELIVERY").map_or(true, |v| v != "0");
+    let auth = std::env::var("AUTH").map_or(true, |v| v != "off");
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async move {
         let dir = tempfile::tempdir().unwrap();
         let (home, sink) = (free_port(), free_port());
         let mut queue = String::new();
+        let (_dns, auth_section, signer) = if auth {
+            let (dns, port, signer) = dns_with_dkim(dir.path());
+            (Some(dns), format!("[dns]\nnameservers = [\"127.0.0.1:{port}\"]\n"), Some(signer))
+        } else {
+            (None, "[auth]\nverify = false\n".to_owned(), None)
+        };
         let _nats = if jetstream {
             let port = free_port();
             // NATS_SYNC=always: JetStream fsyncs every write (as sled's group
@@ -221,7 +305,7 @@ fn main() {
                      register_password = \"sesame\"\naccept_deadline_secs = 30\n[routes]\nlocalhost = \"127.0.0.1:{home}\"\n\
                      [smtp]\nlisten = \"127.0.0.1:{smtp}\"\n\
                      [smarthost]\nport = {sink}\n[http]\nlisten = \"127.0.0.1:{http}\"\n[gemini]\nlisten = \"\"\n\
-                     [relay]\nmessages_per_hour = 0\n[queue]\n{queue}",
+                     [relay]\nmessages_per_hour = 0\n{auth_section}[queue]\n{queue}",
                     dir.path().join(format!("gw{n}")).display()
                 ),
             )
@@ -278,7 +362,12 @@ fn main() {
         );
 
         // Phase 1: email -> LATSSIAM.
-        let body = Arc::new("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\r\n".repeat(62));
+        let body = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\r\n".repeat(62);
+        let mails = Arc::new(signed_messages(&body, signer.as_ref()));
+        println!(
+            "inbound authentication: {}",
+            if auth { "on (SPF, one DKIM signature, DMARC; DNS on loopback, answers cached)" } else { "off" }
+        );
         let delivered_before = delivered_now().await;
         let nats_pid = _nats.as_ref().map(|n| n.0.id().to_string());
         let nats_cpu = || nats_pid.as_deref().map_or(Duration::ZERO, cpu_of);
@@ -287,7 +376,7 @@ fn main() {
         let start = Instant::now();
         let per = messages / CLIENTS;
         let tasks: Vec<_> =
-            (0..CLIENTS).map(|k| tokio::spawn(smtp_client(ports[k % nodes].0, k * per, per, Arc::clone(&body)))).collect();
+            (0..CLIENTS).map(|k| tokio::spawn(smtp_client(ports[k % nodes].0, k * per, per, Arc::clone(&mails)))).collect();
         let mut accept_lat = Vec::new();
         for t in tasks {
             accept_lat.extend(t.await.unwrap());

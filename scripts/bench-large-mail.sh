@@ -61,6 +61,9 @@ listen = "127.0.0.1:9925"
 nameservers = ["127.0.0.1:$dnsport"]
 [routes]
 "remote.test" = "127.0.0.1:1978"
+[queue]
+concurrency = ${CONCURRENCY:-64}
+destination_concurrency = ${CONCURRENCY:-20}
 EOT
 "$B" run --config "$w/gw.toml" > "$w/gw.log" 2>&1 & gw=$!
 for i in $(seq 100); do curl -sf 127.0.0.1:9925/healthz >/dev/null && break; sleep 0.2; done

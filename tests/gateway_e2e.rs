@@ -8,13 +8,12 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::rig::{http_get, support, Rig};
-use common::{eml_files, free_port, identity, ok, run, wait_for, Process, BIN};
+use common::{eml_files, ok, run, wait_for, Process, BIN};
 
 const UTF8_MESSAGE: &str = "From: Jürgen <juergen@remote.example>\r\nTo: alice@example.org\r\n\
 Subject: Grüße aus Köln ✉\r\nMessage-ID: <e2l-1@remote.example>\r\nMIME-Version: 1.0\r\n\
@@ -157,30 +156,9 @@ fn refusals() {
     assert_eq!(rig.metric("latssiam_bridge_accept_taken_total"), 0);
 }
 
-/// A reference server process on a fixed port.
-fn server(dir: &Path, port: u16) -> Process {
-    let listen = format!("127.0.0.1:{port}");
-    Process::start(
-        dir,
-        BIN,
-        &["server", "--listen", &listen, "--data-dir", "bobsrv", "--host", "bobhost", "--register-password", "sesame"],
-        &[("LATSSIAM_LOG", "warn")],
-    )
-}
-
 #[test]
 fn a_server_that_is_down_gets_the_message_once_it_is_back() {
-    let bob_port = free_port();
-    let rig = Rig::new(&format!("[routes]\nbobhost = \"127.0.0.1:{bob_port}\"\n"));
-    let bob_server = format!("localhost:{bob_port}");
-    let mut srv = server(rig.path(), bob_port);
-    identity(rig.path(), "bob@bobhost", "bob");
-    let out = ok(
-        rig.path(),
-        &["register", "--identity", "bob", "--server", &bob_server, "--password", "sesame", "--pins", "pins"],
-    );
-    assert!(out.starts_with("10 "), "{out}");
-    rig.contact("bob", &["--email", "bob@example.org"]);
+    let (rig, mut srv, bob_server) = Rig::with_bobhost("bob@example.org");
     srv.signal("TERM");
 
     let r = rig.smtp_send("a@remote.example", "bob@example.org", b"Subject: patience\r\n\r\nwait for it\r\n");
@@ -194,7 +172,8 @@ fn a_server_that_is_down_gets_the_message_once_it_is_back() {
     assert!(listing.contains("bobhost") && listing.contains("cannot connect"), "{listing}");
     assert!(rig.metric("latssiam_bridge_deliveries_total{channel=\"latssiam\",result=\"deferred\"}") >= 1);
 
-    let _srv = server(rig.path(), bob_port);
+    let port = bob_server.rsplit_once(':').unwrap().1.parse().unwrap();
+    let _srv = common::rig::bob_server(rig.path(), port);
     let files = wait_for(Duration::from_secs(30), || {
         let out = ok(
             rig.path(),

@@ -15,18 +15,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use common::rig::Rig;
-use common::{free_port, identity, ok, run, wait_for, Process, BIN};
-
-/// A reference server for `bobhost` on `port`.
-fn server(dir: &Path, port: u16) -> Process {
-    let listen = format!("127.0.0.1:{port}");
-    Process::start(
-        dir,
-        BIN,
-        &["server", "--listen", &listen, "--data-dir", "bobsrv", "--host", "bobhost", "--register-password", "sesame"],
-        &[("LATSSIAM_LOG", "warn")],
-    )
-}
+use common::{ok, run, wait_for};
 
 /// Base64 in 76-column lines, as MIME writes it.
 fn b64_lines(data: &[u8]) -> String {
@@ -133,17 +122,7 @@ fn wait_maildir(dir: &Path, who: &str, server: &str, maildir: &str, n: usize) ->
 
 #[test]
 fn nine_megabytes_with_attachments_arrive_whole_remote_and_local() {
-    let bob_port = free_port();
-    let rig = Rig::new(&format!("[routes]\nbobhost = \"127.0.0.1:{bob_port}\"\n"));
-    let bob_server = format!("localhost:{bob_port}");
-    let _srv = server(rig.path(), bob_port);
-    identity(rig.path(), "bob@bobhost", "bob");
-    let out = ok(
-        rig.path(),
-        &["register", "--identity", "bob", "--server", &bob_server, "--password", "sesame", "--pins", "pins"],
-    );
-    assert!(out.starts_with("10 "), "{out}");
-    rig.contact("bob", &["--email", "bob@example.org"]);
+    let (rig, _srv, bob_server) = Rig::with_bobhost("bob@example.org");
     rig.person("alice");
     rig.contact("alice", &["--email", "alice@example.org"]);
 
@@ -159,7 +138,7 @@ fn nine_megabytes_with_attachments_arrive_whole_remote_and_local() {
 
     // One fragment taken off bob's server (not acknowledged, so it stays)
     // decrypts with openssl to a valid message/partial.
-    let der = wait_for(Duration::from_secs(60), || take_one_unacked(rig.path(), "bob", bob_port))
+    let der = wait_for(Duration::from_secs(60), || take_one_unacked(rig.path(), "bob", &bob_server))
         .unwrap_or_else(|| panic!("nothing reached bob's server: {}", rig.log()));
     std::fs::write(rig.path().join("fragment.der"), &der).unwrap();
     let out = Command::new("openssl")
@@ -201,8 +180,9 @@ fn raw_ehlo_size(port: u16) -> String {
     out
 }
 
-/// The first message in `who`'s mailbox on 127.0.0.1:`port`, left there.
-fn take_one_unacked(dir: &Path, who: &str, port: u16) -> Option<Vec<u8>> {
+/// The first message in `who`'s mailbox on `server` (localhost:PORT), left there.
+fn take_one_unacked(dir: &Path, who: &str, server: &str) -> Option<Vec<u8>> {
+    let port = server.rsplit_once(':')?.1;
     let identity = Arc::new(latssiam::Identity::load(&dir.join(who)).unwrap());
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
@@ -341,17 +321,7 @@ fn another_signers_fragments_with_the_same_id_are_refused_and_the_first_arrives_
 
 #[test]
 fn a_sigkill_in_the_middle_of_a_200_fragment_set_loses_nothing_and_sends_it_once() {
-    let bob_port = free_port();
-    let mut rig = Rig::new(&format!("[routes]\nbobhost = \"127.0.0.1:{bob_port}\"\n"));
-    let bob_server = format!("localhost:{bob_port}");
-    let _srv = server(rig.path(), bob_port);
-    identity(rig.path(), "bob@bobhost", "bob");
-    let out = ok(
-        rig.path(),
-        &["register", "--identity", "bob", "--server", &bob_server, "--password", "sesame", "--pins", "pins"],
-    );
-    assert!(out.starts_with("10 "), "{out}");
-    rig.contact("bob", &["--email", "bob@example.org"]);
+    let (mut rig, _srv, bob_server) = Rig::with_bobhost("bob@example.org");
     let mail = real_mail("carol@remote.example", "bob@example.org", 3_600_000);
     let r = rig.smtp_send("carol@remote.example", "bob@example.org", &mail);
     assert!(r.starts_with("accepted 250"), "{r}");

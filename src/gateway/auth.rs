@@ -36,7 +36,7 @@ use mail_auth::dmarc::verify::DmarcParameters;
 use mail_auth::dmarc::Policy;
 use mail_auth::spf::verify::SpfParameters;
 use mail_auth::{
-    AuthenticatedMessage, AuthenticationResults, DkimResult, DmarcResult, MessageAuthenticator, SpfResult,
+    AuthenticatedMessage, AuthenticationResults, DkimResult, DmarcResult, MessageAuthenticator, Parameters, SpfResult,
 };
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::PrivateKeyDer;
@@ -47,6 +47,42 @@ use super::metrics::Metrics;
 
 /// The header field that marks mail whose sender could not be authenticated.
 pub const WARNING_FIELD: &str = "LATSSIAM-Auth-Warning";
+
+/// Parsed SPF, DKIM and DMARC records, kept within their TTL (hickory
+/// caches the raw answers below; this saves parsing them again, an RSA key
+/// among them, for every message). Bounded: emptied when full.
+#[derive(Default)]
+pub struct TxtCache(std::sync::Mutex<std::collections::HashMap<Box<str>, (mail_auth::Txt, std::time::Instant)>>);
+
+/// Most records [`TxtCache`] keeps.
+const TXT_CACHE_ENTRIES: usize = 10_000;
+
+impl mail_auth::ResolverCache<Box<str>, mail_auth::Txt> for TxtCache {
+    fn get<Q>(&self, name: &Q) -> Option<mail_auth::Txt>
+    where
+        Box<str>: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        let map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.get(name).filter(|(_, until)| *until > std::time::Instant::now()).map(|(v, _)| v.clone())
+    }
+
+    fn remove<Q>(&self, name: &Q) -> Option<mail_auth::Txt>
+    where
+        Box<str>: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(name).map(|(v, _)| v)
+    }
+
+    fn insert(&self, key: Box<str>, value: mail_auth::Txt, valid_until: std::time::Instant) {
+        let mut map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if map.len() >= TXT_CACHE_ENTRIES {
+            map.clear();
+        }
+        map.insert(key, (value, valid_until));
+    }
+}
 
 /// What inbound authentication came to, for `/metrics`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +129,7 @@ pub struct Border {
     subject_tag: String,
     signers: Vec<(String, DkimSigner<DkimKey, Done>)>,
     metrics: Arc<Metrics>,
+    txt: TxtCache,
 }
 
 /// `domain` is `parent` or below it.
@@ -188,6 +225,7 @@ impl Border {
             subject_tag: a.subject_tag.clone(),
             signers,
             metrics,
+            txt: TxtCache::default(),
         })
     }
 
@@ -213,17 +251,18 @@ impl Border {
         let header = mail::header_section(&data);
         let from_domain = header_from_domain(header);
         let upstream = if trusted { self.upstream_results(header) } else { None };
-        let stripped = self.strip(&data, trusted);
-        drop(data);
+        let mut data = data;
         if !self.verify && upstream.is_none() {
-            return (Outcome::Off, Ok(stripped));
+            self.strip(&mut data, trusted);
+            return (Outcome::Off, Ok(data));
         }
+        // Verified on the octets as they came, before anything is removed or added.
         let (results, v) = match upstream {
             Some(results) => {
                 let v = Verdict::from_results(&results);
                 (results, Verdict { upstream: true, ..v })
             }
-            None => self.verify(envelope, &stripped, trusted).await,
+            None => self.verify(envelope, &data, trusted).await,
         };
         if v.temporary {
             return (
@@ -248,7 +287,7 @@ impl Border {
         }
         let mut added = format!("Authentication-Results: {};{results}\r\n", self.authserv_id);
         let warned = v.dmarc_fail || (!v.dmarc_pass && !v.spf_pass && !v.dkim_pass);
-        let mut message = stripped;
+        self.strip(&mut data, trusted);
         if warned {
             let why = if v.dmarc_fail {
                 "the sender's domain does not vouch for this message (DMARC failed); the From address may be forged"
@@ -257,7 +296,7 @@ impl Border {
             };
             added.push_str(&format!("{WARNING_FIELD}: {why}\r\n"));
             if !self.subject_tag.is_empty() {
-                message = tag_subject(&message, &self.subject_tag);
+                tag_subject(&mut data, &self.subject_tag);
             }
         }
         let outcome = match (warned, v.upstream) {
@@ -265,7 +304,8 @@ impl Border {
             (false, true) => Outcome::Upstream,
             (false, false) => Outcome::Pass,
         };
-        (outcome, Ok(mail::prepend(&added, &message)))
+        data.splice(0..0, added.into_bytes());
+        (outcome, Ok(data))
     }
 
     /// The results part of a trusted upstream's `Authentication-Results`.
@@ -279,21 +319,20 @@ impl Border {
         })
     }
 
-    /// The message without the fields a sender may not set (see the module docs).
-    fn strip(&self, data: &[u8], trusted: bool) -> Vec<u8> {
+    /// Removes the fields a sender may not set (see the module docs), in place.
+    fn strip(&self, data: &mut Vec<u8>, trusted: bool) {
         let ours = |value: &[u8]| {
             let id = authserv_id(value);
             id == self.authserv_id || self.trusted_ids.contains(&id)
         };
-        let mut out = mail::without_fields_where(data, |name, value| {
-            (name.eq_ignore_ascii_case("authentication-results") && ours(value))
-                || name.eq_ignore_ascii_case(mail::LATSSIAM_URL_FIELD)
-                || name.eq_ignore_ascii_case(WARNING_FIELD)
+        mail::rewrite_header(data, |header| {
+            mail::without_fields_where(header, |name, value| {
+                (name.eq_ignore_ascii_case("authentication-results") && ours(value))
+                    || name.eq_ignore_ascii_case(mail::LATSSIAM_URL_FIELD)
+                    || name.eq_ignore_ascii_case(WARNING_FIELD)
+                    || (!trusted && name.eq_ignore_ascii_case("received-spf"))
+            })
         });
-        if !trusted {
-            out = mail::without_fields(&out, &["received-spf"]);
-        }
-        out
     }
 
     /// Verifies SPF, DKIM and DMARC; from a trusted relay (`relayed`) SPF
@@ -311,8 +350,12 @@ impl Border {
             (none(), none())
         } else {
             (
-                auth.verify_spf(SpfParameters::verify_ehlo(ip, helo, me)).await,
-                auth.verify_spf(SpfParameters::verify_mail_from(ip, helo, me, mail_from)).await,
+                auth.verify_spf(Parameters::new(SpfParameters::verify_ehlo(ip, helo, me)).with_txt_cache(&self.txt))
+                    .await,
+                auth.verify_spf(
+                    Parameters::new(SpfParameters::verify_mail_from(ip, helo, me, mail_from)).with_txt_cache(&self.txt),
+                )
+                .await,
             )
         };
         let Some(parsed) = AuthenticatedMessage::parse(message) else {
@@ -321,8 +364,12 @@ impl Border {
                 .with_spf_mailfrom_result(&spf, ip, mail_from, helo);
             return (results_of(&results), Verdict::from_spf(spf.result()));
         };
-        let dkim = auth.verify_dkim(&parsed).await;
-        let dmarc = auth.verify_dmarc(DmarcParameters::new(&parsed, &dkim, mail_from_domain, &spf)).await;
+        let dkim = auth.verify_dkim(Parameters::new(&parsed).with_txt_cache(&self.txt)).await;
+        let dmarc = auth
+            .verify_dmarc(
+                Parameters::new(DmarcParameters::new(&parsed, &dkim, mail_from_domain, &spf)).with_txt_cache(&self.txt),
+            )
+            .await;
         let results = AuthenticationResults::new(me)
             .with_dkim_results(&dkim, parsed.from())
             .with_spf_ehlo_result(&spf_helo, ip, helo)
@@ -395,13 +442,13 @@ fn header_from_domain(header: &[u8]) -> Option<String> {
     address.rsplit_once('@').map(|(_, d)| d.trim_end_matches('.').to_owned())
 }
 
-/// The message with `tag` before its subject.
-fn tag_subject(message: &[u8], tag: &str) -> Vec<u8> {
-    let header = mail::header_section(message);
-    let subject = mail::header_values(header, "subject").into_iter().next().unwrap_or_default();
-    let subject = String::from_utf8_lossy(&subject).trim().to_owned();
-    let rest = mail::without_fields(message, &["subject"]);
-    mail::prepend(&format!("Subject: {tag} {subject}\r\n"), &rest)
+/// Puts `tag` before the message's subject, in place.
+fn tag_subject(message: &mut Vec<u8>, tag: &str) {
+    mail::rewrite_header(message, |header| {
+        let subject = mail::header_values(header, "subject").into_iter().next().unwrap_or_default();
+        let subject = String::from_utf8_lossy(&subject).trim().to_owned();
+        mail::prepend(&format!("Subject: {tag} {subject}\r\n"), &mail::without_fields(header, &["subject"]))
+    });
 }
 
 /// What the results mean for the policy.
@@ -463,7 +510,8 @@ mod tests {
 
     #[test]
     fn subject_tag_goes_in_front() {
-        let m = tag_subject(b"From: a@x\r\nSubject: hello\r\n there\r\n\r\nbody\r\n", "[SPOOF?]");
+        let mut m = b"From: a@x\r\nSubject: hello\r\n there\r\n\r\nbody\r\n".to_vec();
+        tag_subject(&mut m, "[SPOOF?]");
         let s = String::from_utf8(m).unwrap_or_default();
         assert!(s.starts_with("Subject: [SPOOF?] hello there\r\nFrom: a@x\r\n\r\nbody"), "{s}");
     }

@@ -113,6 +113,16 @@ pub fn without_fields_where(data: &[u8], drop: impl Fn(&str, &[u8]) -> bool) -> 
     out
 }
 
+/// Replaces the message's header section (without its blank line) by what
+/// `f` makes of it, in place: the body is not copied.
+pub fn rewrite_header(data: &mut Vec<u8>, f: impl FnOnce(&[u8]) -> Vec<u8>) {
+    let len = header_section(data).len();
+    let new = f(&data[..len]);
+    if new != data[..len] {
+        data.splice(0..len, new);
+    }
+}
+
 /// The message without its `Bcc:` header fields (continuation lines included).
 pub fn remove_bcc(data: &[u8]) -> Vec<u8> {
     without_fields(data, &["bcc"])

@@ -131,7 +131,8 @@ impl Sink for SmtpSink {
             let id = gw.queue.new_message_id()?;
             let for_rcpt = (envelope.recipients.len() == 1).then(|| envelope.recipients[0].as_str());
             let header = mail::received(&from, &gw.settings.gateway.hostname, with, &message_id_string(id), for_rcpt);
-            let body = mail::prepend(&header, &data);
+            let mut body = std::mem::take(&mut data);
+            body.splice(0..0, header.into_bytes());
             // People on the embedded home server get it in their mailbox now,
             // within the same fsync; the others (and any the home server
             // refuses now) get a job.

@@ -13,6 +13,18 @@ pub fn support(script: &str) -> String {
     format!("{}/tests/support/{script}", env!("CARGO_MANIFEST_DIR"))
 }
 
+/// A reference server for `bobhost` on 127.0.0.1:`port` (data in `bobsrv`),
+/// as a remote LATSSIAM server; a rig routes `bobhost` there with [`Rig::with_bobhost`].
+pub fn bob_server(dir: &Path, port: u16) -> Process {
+    let listen = format!("127.0.0.1:{port}");
+    Process::start(
+        dir,
+        BIN,
+        &["server", "--listen", &listen, "--data-dir", "bobsrv", "--host", "bobhost", "--register-password", "sesame"],
+        &[("LATSSIAM_LOG", "warn")],
+    )
+}
+
 /// A gateway, its smarthost and a working directory.
 pub struct Rig {
     pub dir: tempfile::TempDir,
@@ -42,6 +54,24 @@ impl Rig {
     /// A rig whose smarthost is `script` (in tests/support; arguments PORT OUTDIR).
     pub fn with_smarthost(extra: &str, env: &[(&'static str, &'static str)], script: &str) -> Self {
         Self::with_all(extra, env, script, "")
+    }
+
+    /// A rig that routes `bobhost` to a reference server of its own (see
+    /// [`bob_server`]), where bob@bobhost has a mailbox and is a contact with
+    /// `email`; returns the rig, the server process and its `HOST:PORT`.
+    pub fn with_bobhost(email: &str) -> (Self, Process, String) {
+        let port = free_port();
+        let rig = Self::new(&format!("[routes]\nbobhost = \"127.0.0.1:{port}\"\n"));
+        let server = bob_server(rig.path(), port);
+        let home = format!("localhost:{port}");
+        identity(rig.path(), "bob@bobhost", "bob");
+        let out = ok(
+            rig.path(),
+            &["register", "--identity", "bob", "--server", &home, "--password", "sesame", "--pins", "pins"],
+        );
+        assert!(out.starts_with("10 "), "{out}");
+        rig.contact("bob", &["--email", email]);
+        (rig, server, home)
     }
 
     /// A rig whose DNS server serves `zone` (BIND syntax).
