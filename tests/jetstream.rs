@@ -503,6 +503,56 @@ fn two_nodes_polling_one_mailbox_relay_each_message_once() {
     assert!(twice.is_empty(), "relayed more than once: {twice:?}");
 }
 
+#[test]
+fn a_large_message_whose_fragments_two_nodes_took_is_joined_once() {
+    let mut cluster = Cluster::new();
+    cluster.add_node("");
+    cluster.add_node("");
+    cluster.start(0);
+    cluster.person("bob", &["--allow-send"]);
+    cluster.nodes[0].process.as_mut().unwrap().signal("TERM");
+    cluster.add_node_identity(1);
+    // A 400 KB message as signed fragments, waiting on the home server for both pollers.
+    let line = "The quarterly figures, line after line of them. ".repeat(2);
+    let mut message = String::from(
+        "From: bob@example.org\r\nTo: carol@mail.test\r\nSubject: the big one\r\nDate: Sun, 06 Dec 2026 10:00:00 +0000\r\n\
+         Message-ID: <big@example.org>\r\n\r\n",
+    );
+    while message.len() < 400_000 {
+        message.push_str(&line);
+        message.push_str("\r\n");
+    }
+    let file = cluster.path().join("big.eml");
+    std::fs::write(&file, &message).unwrap();
+    let gateway = cluster.path().join("node0/identity/cert.pem");
+    let out = ok(
+        cluster.path(),
+        &[
+            "send",
+            "--identity",
+            "bob",
+            "--server",
+            &cluster.home(),
+            "--to",
+            gateway.to_str().unwrap(),
+            "--pins",
+            "pins",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert!(out.contains("fragments)"), "{out}");
+    cluster.start(0);
+    cluster.start(1);
+    let relayed = wait_for(Duration::from_secs(60), || Some(cluster.relayed()).filter(|r| !r.is_empty()));
+    assert!(relayed.is_some(), "never relayed\n{}", cluster.logs());
+    std::thread::sleep(Duration::from_secs(3));
+    let relayed = cluster.relayed();
+    assert_eq!(relayed.len(), 1, "joined and relayed once");
+    assert!(relayed[0]["data"].as_str().unwrap().ends_with(&message), "whole, octet for octet");
+    let took: Vec<usize> = (0..2).map(|n| cluster.log(n).matches("Queued a message from LATSSIAM.").count()).collect();
+    assert_eq!(took.iter().sum::<usize>(), 1, "{took:?}");
+}
+
 /// Sends a signed message as `who` to the gateway (through the home server) with the `send` command.
 fn send_cli(cluster: &Cluster, who: &str, to: &str, body: &str) {
     let file = format!("{who}-{}.eml", free_port());

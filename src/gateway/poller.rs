@@ -27,6 +27,7 @@ use tracing::{info, warn};
 use super::config::FromMismatch;
 use super::contacts::{Contact, Reach};
 use super::mail;
+use super::queue::jetstream::SharedOffer;
 use super::queue::{message_id_string, now_ms, Origin, Target};
 use super::Gateway;
 
@@ -318,6 +319,30 @@ async fn take(gw: &Gateway, d: &Delivered) -> Result<(), Refusal> {
         return Err(refuse(Code::MessageRefused, format!("{fp} is not a contact allowed to send")));
     }
     let id = fragment.id.clone();
+    // With several nodes on JetStream, the set is joined where every node sees it.
+    if let Some(j) = gw.queue.jetstream() {
+        let limit = gw.settings.smtp.max_message_size + fragment::TRACE_ROOM;
+        let whole = match j.offer_fragment(&fp, &fragment, limit).await {
+            Ok(SharedOffer::Kept) => return Ok(()),
+            Ok(SharedOffer::Join(whole)) => whole,
+            Ok(SharedOffer::Refused(e)) => {
+                warn!(signer = %fp, set = %id, error = %e, "Dropped a fragment.");
+                gw.metrics.fragments_refused.inc();
+                return Err(refuse(Code::MessageRefused, format!("fragment: {e}")));
+            }
+            Err(e) => return Err(Refusal::Later(e.to_string())),
+        };
+        let total = fragment.total;
+        drop(plaintext);
+        let result = relay(gw, &fp, &contact, whole).await;
+        if matches!(result, Err(Refusal::Later(_))) {
+            j.unjoin_fragments(&fp, &id).await;
+        } else {
+            j.finish_fragments(&fp, &id, total).await;
+            gw.metrics.fragments_joined.inc();
+        }
+        return result;
+    }
     let whole = match gw.joiner.offer(&fp, &fragment, now_ms()) {
         Ok(Offer::Complete(whole)) => whole,
         Ok(_) => return gw.store.durable().await.map_err(|e| Refusal::Later(e.to_string())),

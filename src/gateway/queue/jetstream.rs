@@ -33,6 +33,13 @@
 //!   one node at a time runs the bot: the holder of the lease `irc` in the
 //!   bucket `STREAM-leases`, whose entries expire `irc.lease_secs` after
 //!   their last renewal (created only if absent, renewed by compare-and-set).
+//! - Fragments (PROFILE section 8) from contacts, whichever node took them
+//!   off the home server: the bucket `STREAM-partials`, entries kept 25
+//!   hours. Per set (`SIGNER` and `SET` in hex, the set as the SHA-256 of its
+//!   id): `t.SIGNER.SET` the total, `s.SIGNER.SET.N` slice N (created only if
+//!   absent: a second slice N with other octets is refused), `c.SIGNER.SET`
+//!   how many slices are in (compare-and-set), and `d.SIGNER.SET` created by
+//!   the one node that joins the set (and kept as its tombstone).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -61,6 +68,20 @@ const FETCH_WAIT: Duration = Duration::from_secs(2);
 /// The IRC outbox consumer's ack wait (the bot keeps a post alive while it goes out).
 pub const IRC_ACK_WAIT: Duration = Duration::from_secs(10);
 
+/// How long the pieces of a fragment set are kept (the section 8 lifetime
+/// and an hour more, so that a set is never half forgotten while it counts).
+const PARTIALS_AGE: Duration = Duration::from_secs(25 * 3600);
+
+/// What [`JetQueue::offer_fragment`] did.
+pub enum SharedOffer {
+    /// Kept (or seen before); the set is not complete, or another node joins it.
+    Kept,
+    /// This node joins the set: the original message.
+    Join(Vec<u8>),
+    /// Refused by section 8.
+    Refused(latssiam::fragment::Refused),
+}
+
 /// How long a delivered-marker is kept (longer than any redelivery can take).
 const MARKER_AGE: Duration = Duration::from_secs(24 * 3600);
 
@@ -87,6 +108,7 @@ pub struct JetQueue {
     subs: kv::Store,
     pins: kv::Store,
     leases: kv::Store,
+    partials: kv::Store,
     irc_subject: String,
     irc: consumer::PullConsumer,
     held: Mutex<HashMap<JobId, Held>>,
@@ -178,6 +200,7 @@ pub async fn connect(s: &Settings) -> anyhow::Result<JetQueue> {
     let pins = open_bucket(&js, bucket("pins", Duration::ZERO)).await?;
     let leases = open_bucket(&js, bucket("leases", Duration::from_secs(s.irc.lease_secs.max(3)))).await?;
     let lease_ttl = leases.status().await.map(|st| st.max_age()).context("the leases bucket")?;
+    let partials = open_bucket(&js, bucket("partials", PARTIALS_AGE)).await?;
     let irc_subject = format!("{name}.irc");
     let irc = js
         .get_or_create_stream(stream_config(format!("{name}-irc"), &irc_subject, work_queue))
@@ -211,6 +234,7 @@ pub async fn connect(s: &Settings) -> anyhow::Result<JetQueue> {
         subs,
         pins,
         leases,
+        partials,
         irc_subject,
         irc,
         held: Mutex::new(HashMap::new()),
@@ -688,6 +712,132 @@ impl JetQueue {
         }
     }
 
+    /// Keeps a contact's fragment where every node sees it (see the module
+    /// docs); the node whose fragment completes the set (and that wins the
+    /// set's `d.` key) gets the joined message. A set nobody completes goes
+    /// with the bucket's age limit.
+    ///
+    /// # Errors
+    /// [`StoreError`] if NATS fails: the fragment is not acknowledged.
+    pub async fn offer_fragment(
+        &self,
+        signer: &Fingerprint,
+        fragment: &latssiam::fragment::Fragment<'_>,
+        limit: usize,
+    ) -> Result<SharedOffer, StoreError> {
+        use async_nats::jetstream::kv::CreateErrorKind;
+        use latssiam::fragment::Refused;
+        let fail = |e: &dyn std::fmt::Display| shared("partials bucket", e);
+        let set = set_key(signer, &fragment.id);
+        if self.partials.get(format!("d.{set}")).await.map_err(|e| fail(&e))?.is_some() {
+            return Ok(SharedOffer::Kept);
+        }
+        let total = Bytes::copy_from_slice(&fragment.total.to_be_bytes());
+        match self.partials.create(format!("t.{set}"), total.clone()).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
+                let was = self.partials.get(format!("t.{set}")).await.map_err(|e| fail(&e))?.unwrap_or_default();
+                if was != total {
+                    let was = was.get(..4).and_then(|b| b.try_into().ok()).map_or(0, u32::from_be_bytes);
+                    return Ok(SharedOffer::Refused(Refused::TotalChanged { was, now: fragment.total }));
+                }
+            }
+            Err(e) => return Err(fail(&e)),
+        }
+        if fragment.slice.len() > limit {
+            return Ok(SharedOffer::Refused(Refused::TooLarge(limit)));
+        }
+        let key = format!("s.{set}.{}", fragment.number);
+        let new = match self.partials.create(&key, Bytes::copy_from_slice(fragment.slice)).await {
+            Ok(_) => true,
+            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
+                let held = self.partials.get(&key).await.map_err(|e| fail(&e))?.unwrap_or_default();
+                if held.as_ref() != fragment.slice {
+                    return Ok(SharedOffer::Refused(Refused::Conflict(fragment.number)));
+                }
+                false
+            }
+            Err(e) => return Err(fail(&e)),
+        };
+        // Count the slices in: by compare-and-set for a new one; for one seen
+        // before (its node may have died before counting it) by looking.
+        let complete = if new {
+            loop {
+                let entry = self.partials.entry(format!("c.{set}")).await.map_err(|e| fail(&e))?;
+                let (have, revision) = match &entry {
+                    Some(e) => (
+                        e.value.get(..4).and_then(|b| b.try_into().ok()).map_or(0, u32::from_be_bytes),
+                        Some(e.revision),
+                    ),
+                    None => (0, None),
+                };
+                let value = Bytes::copy_from_slice(&(have + 1).to_be_bytes());
+                let written = match revision {
+                    Some(r) => self.partials.update(format!("c.{set}"), value, r).await.is_ok(),
+                    None => self.partials.create(format!("c.{set}"), value).await.is_ok(),
+                };
+                if written {
+                    break have + 1 >= fragment.total;
+                }
+            }
+        } else {
+            let mut all = true;
+            for n in 1..=fragment.total {
+                if self.partials.get(format!("s.{set}.{n}")).await.map_err(|e| fail(&e))?.is_none() {
+                    all = false;
+                    break;
+                }
+            }
+            all
+        };
+        if !complete {
+            return Ok(SharedOffer::Kept);
+        }
+        // One node joins: the one that makes the set's d. key.
+        match self.partials.create(format!("d.{set}"), Bytes::from_static(b"1")).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => return Ok(SharedOffer::Kept),
+            Err(e) => return Err(fail(&e)),
+        }
+        let mut whole = Vec::new();
+        for n in 1..=fragment.total {
+            match self.partials.get(format!("s.{set}.{n}")).await {
+                Ok(Some(slice)) if whole.len() + slice.len() <= limit => whole.extend_from_slice(&slice),
+                Ok(Some(_)) => {
+                    self.forget_set(&set, fragment.total).await;
+                    return Ok(SharedOffer::Refused(Refused::TooLarge(limit)));
+                }
+                other => {
+                    // Give the set back for another try.
+                    let _ = self.partials.delete(format!("d.{set}")).await;
+                    return Err(fail(&format!("slice {n} of a complete set: {:?}", other.map(|o| o.map(|b| b.len())))));
+                }
+            }
+        }
+        Ok(SharedOffer::Join(whole))
+    }
+
+    /// Removes a joined set's slices (its `d.` key stays as the tombstone).
+    pub async fn finish_fragments(&self, signer: &Fingerprint, id: &str, total: u32) {
+        self.forget_set(&set_key(signer, id), total).await;
+    }
+
+    /// A set this node joined could not be kept (its message is not
+    /// acknowledged): the set may be joined again when it comes back.
+    pub async fn unjoin_fragments(&self, signer: &Fingerprint, id: &str) {
+        if let Err(e) = self.partials.delete(format!("d.{}", set_key(signer, id))).await {
+            warn!(error = %e, "Cannot give a fragment set back; it is joined again after the bucket forgets it.");
+        }
+    }
+
+    async fn forget_set(&self, set: &str, total: u32) {
+        for n in 1..=total {
+            let _ = self.partials.purge(format!("s.{set}.{n}")).await;
+        }
+        let _ = self.partials.purge(format!("c.{set}")).await;
+        let _ = self.partials.purge(format!("t.{set}")).await;
+    }
+
     /// Gives the lease up (shutdown): another node takes it at once.
     pub async fn release_lease(&self, name: &str, revision: u64) {
         let _ = self.leases.delete_expect_revision(name, Some(revision)).await;
@@ -745,6 +895,12 @@ fn random_u64() -> Result<u64, StoreError> {
     let mut b = [0u8; 8];
     aws_lc_rs::rand::fill(&mut b).map_err(|_| shared("random", "no randomness"))?;
     Ok(u64::from_be_bytes(b))
+}
+
+/// A set's part of its keys in the partials bucket.
+fn set_key(signer: &Fingerprint, id: &str) -> String {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, id.as_bytes());
+    format!("{}.{}", hex(signer.as_bytes()), hex(&digest.as_ref()[..16]))
 }
 
 fn hex(bytes: &[u8]) -> String {
