@@ -7,7 +7,12 @@
 //! Key layout:
 //! - `contacts`: owner fingerprint (32 octets) -> `Contact` (JSON).
 //! - `contact_names`: lower-cased LATSSIAM address or email alias -> fingerprint (32).
-//! - `bodies`: message id (u64 BE) -> the message octets (an Internet Message).
+//! - `bodies`: message id (u64 BE) -> the message octets (an Internet Message),
+//!   or, for a message over [`SPOOL_OVER`] octets, [`SPOOLED`]: the octets
+//!   are then in the file `spool/<id in hex>` beside the database, written
+//!   and fsynced before the entry (sled keeps every value it holds in
+//!   memory, whatever its cache size, so large messages stay out of it). A
+//!   spool file without an entry is removed at the next start.
 //! - `jobs`: job id = message id (u64 BE) ‖ recipient index (u16 BE) -> `Job` (JSON).
 //! - `due`: due time (ms since the epoch, u64 BE) ‖ job id -> empty.
 //! - `dead`: job id -> `Job` (JSON) with its last error: dead letters.
@@ -65,6 +70,12 @@ pub(crate) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }
 
+/// Messages larger than this are spooled to files, not kept in sled.
+pub const SPOOL_OVER: usize = 64 * 1024;
+
+/// The `bodies` value of a spooled message.
+pub const SPOOLED: &[u8] = b"\0latssiam-bridge spooled\0";
+
 /// The gateway's store.
 pub struct Store {
     pub(crate) db: sled::Db,
@@ -76,6 +87,8 @@ pub struct Store {
     pub(crate) dead: sled::Tree,
     pub(crate) irc: sled::Tree,
     pub(crate) subs: sled::Tree,
+    /// Where large message bodies are kept (see the module docs).
+    pub(crate) spool: std::path::PathBuf,
     pub(crate) flusher: Arc<GroupCommit>,
     /// Woken when a job becomes due earlier than the worker may think.
     pub wake: Notify,
@@ -114,6 +127,11 @@ impl Store {
             dead: db.open_tree("dead")?,
             irc: db.open_tree("irc_outbox")?,
             subs: db.open_tree("irc_subs")?,
+            spool: {
+                let spool = dir.join("spool");
+                latssiam::files::create_private_dir(&spool).map_err(|e| StoreError::Sled(e.into()))?;
+                spool
+            },
             db,
             flusher: Arc::new(flusher),
             wake: Notify::new(),

@@ -82,6 +82,8 @@ pub struct Gateway {
     pub progress: sled::Tree,
     /// SPF/DKIM/DMARC on mail coming in, DKIM signatures on mail going out.
     pub border: auth::Border,
+    /// MiB of large bodies the worker may hold at once ([`worker::LARGE_BODIES_MIB`]).
+    pub large_bodies: tokio::sync::Semaphore,
     pool: worker::Pool,
 }
 
@@ -308,6 +310,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         joiner,
         progress,
         border,
+        large_bodies: tokio::sync::Semaphore::new(worker::LARGE_BODIES_MIB as usize),
         resolver: Resolver::new(routes).with_dns(dns),
         settings: settings.clone(),
         store: Arc::clone(&store),

@@ -60,6 +60,9 @@ impl Pool {
     }
 }
 
+/// MiB of large message bodies the worker holds in memory at once.
+pub const LARGE_BODIES_MIB: u32 = 64;
+
 /// How long to wait after a `37 Slow down`, however many attempts before.
 const SLOW_DOWN_MS: u64 = 2000;
 
@@ -442,6 +445,15 @@ async fn to_latssiam(gw: &Gateway, id: JobId, job: &Job, fingerprint: &str) -> O
         Ok(Some(c)) => c,
         Ok(None) => return Outcome::Fail { status: "5.1.1", diagnostic: "no such contact (removed?)".into() },
         Err(e) => return Outcome::Retry(e.to_string()),
+    };
+    // Large bodies in memory at once are bounded: each takes its size (in
+    // MiB) from the gateway's budget while it is sent.
+    let _budget = match gw.queue.body_size(id) {
+        Some(size) if size > super::db::SPOOL_OVER => {
+            let mib = u32::try_from(size.div_ceil(1 << 20)).unwrap_or(u32::MAX).min(LARGE_BODIES_MIB);
+            gw.large_bodies.acquire_many(mib).await.ok()
+        }
+        _ => None,
     };
     let body = match gw.queue.body(id) {
         Ok(Some(b)) => b,

@@ -786,6 +786,11 @@ impl<'a, S: Sink> Session<'a, S> {
             // past the limit the rest is read and dropped.
             let dropping = too_big || bare || no_room;
             let room = if dropping { MAX_LINE } else { self.config.read_limit.saturating_sub(message.len()) + 3 };
+            // Past the first MiB the buffer grows a MiB at a time, not by
+            // doubling (a 9 MB message would hold 16 MB).
+            if message.len() >= MIB && message.capacity() - message.len() < MIB / 4 {
+                message.reserve_exact(MIB);
+            }
             let start = message.len();
             let line = tokio::time::timeout(wait, read_line_into(io, room, &mut message))
                 .await

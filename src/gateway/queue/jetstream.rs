@@ -400,7 +400,12 @@ impl JetQueue {
         self.held().contains_key(&id)
     }
 
-    /// The body of a held job.
+    /// The size of a held job's body.
+    pub fn body_len(&self, id: JobId) -> Option<usize> {
+        self.held().get(&id).map(|h| h.body.len())
+    }
+
+    /// The body of a job this node holds.
     pub fn body(&self, id: JobId) -> Option<Vec<u8>> {
         self.held().get(&id).map(|h| h.body.to_vec())
     }

@@ -192,6 +192,15 @@ impl Queue {
         }
     }
 
+    /// The size of a job's body without reading it (a spooled body's file
+    /// size), if known.
+    pub fn body_size(&self, id: JobId) -> Option<usize> {
+        match self {
+            Queue::Sled(s) => s.body_size(id.message),
+            Queue::JetStream(j) => j.body_len(id),
+        }
+    }
+
     /// A job is done.
     ///
     /// # Errors

@@ -42,10 +42,58 @@ impl Store {
         for kv in self.bodies.iter() {
             let (k, _) = kv?;
             if self.jobs.scan_prefix(&k).next().is_none() && self.dead.scan_prefix(&k).next().is_none() {
-                self.bodies.remove(&k)?;
+                self.remove_body(&k)?;
+            }
+        }
+        // Spool files whose message was never acknowledged (or is gone).
+        if let Ok(entries) = std::fs::read_dir(&self.spool) {
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let id = name.to_str().and_then(|n| u64::from_str_radix(n, 16).ok());
+                let held = id.is_some_and(|id| self.bodies.contains_key(id.to_be_bytes()).unwrap_or(true));
+                if !held {
+                    let _ = std::fs::remove_file(entry.path());
+                }
             }
         }
         Ok(())
+    }
+
+    /// The size of a message's body, without reading a spooled one.
+    pub fn body_size(&self, message: u64) -> Option<usize> {
+        match self.bodies.get(message.to_be_bytes()).ok()?? {
+            v if v.as_ref() == crate::gateway::db::SPOOLED => {
+                std::fs::metadata(self.spool_file(message)).ok().and_then(|m| usize::try_from(m.len()).ok())
+            }
+            v => Some(v.len()),
+        }
+    }
+
+    fn spool_file(&self, id: u64) -> std::path::PathBuf {
+        self.spool.join(format!("{id:016x}"))
+    }
+
+    /// Removes a message's body (and its spool file).
+    fn remove_body(&self, key: &[u8]) -> Result<(), StoreError> {
+        if let Some(old) = self.bodies.remove(key)? {
+            if old.as_ref() == crate::gateway::db::SPOOLED {
+                let id = key.try_into().map(u64::from_be_bytes).unwrap_or(0);
+                let _ = std::fs::remove_file(self.spool_file(id));
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a large body to its spool file, fsynced; on the multi-threaded
+    /// runtime the other tasks move off this thread meanwhile (no copy of
+    /// the body is made for another thread).
+    fn spool_body(&self, id: u64, body: &[u8]) -> Result<(), StoreError> {
+        let path = self.spool_file(id);
+        let write = || latssiam::files::write_atomic(&path, body, 0o600).map_err(|e| StoreError::Sled(e.into()));
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(write),
+            _ => write(),
+        }
     }
 
     /// Queues `body` for each target, durably, and returns the message id.
@@ -100,7 +148,12 @@ impl Store {
                 post_keys.push(key);
             }
             if has_jobs {
-                self.bodies.insert(id.to_be_bytes(), body)?;
+                if body.len() > crate::gateway::db::SPOOL_OVER {
+                    self.spool_body(id, body)?;
+                    self.bodies.insert(id.to_be_bytes(), crate::gateway::db::SPOOLED)?;
+                } else {
+                    self.bodies.insert(id.to_be_bytes(), body)?;
+                }
                 self.jobs.apply_batch(jobs)?;
             }
             self.durable().await
@@ -134,7 +187,7 @@ impl Store {
         for key in self.jobs.scan_prefix(prefix).keys().flatten() {
             let _ = self.jobs.remove(key);
         }
-        let _ = self.bodies.remove(prefix);
+        let _ = self.remove_body(&prefix);
     }
 
     /// The body of a message.
@@ -142,7 +195,12 @@ impl Store {
     /// # Errors
     /// [`StoreError`].
     pub fn body(&self, message: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.bodies.get(message.to_be_bytes())?.map(|v| v.to_vec()))
+        match self.bodies.get(message.to_be_bytes())? {
+            Some(v) if v.as_ref() == crate::gateway::db::SPOOLED => std::fs::read(self.spool_file(message))
+                .map(Some)
+                .map_err(|e| StoreError::Corrupt(format!("spooled body {message:016x}: {e}"))),
+            other => Ok(other.map(|v| v.to_vec())),
+        }
     }
 
     /// Claims up to `max` jobs due at `now`: removes their due entries and
@@ -180,7 +238,7 @@ impl Store {
     fn collect_body(&self, message: u64) -> Result<(), StoreError> {
         let prefix = message.to_be_bytes();
         if self.jobs.scan_prefix(prefix).next().is_none() && self.dead.scan_prefix(prefix).next().is_none() {
-            self.bodies.remove(prefix)?;
+            self.remove_body(&prefix)?;
         }
         Ok(())
     }
@@ -367,6 +425,29 @@ mod tests {
         assert!(s.delete(claimed[1].0).await.unwrap());
         assert_eq!(s.body(id).unwrap(), None);
         assert!(s.jobs().unwrap().is_empty() && s.dead_letters().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn large_bodies_are_spooled_to_files_and_go_with_their_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let origin = Origin::Smtp { from: "a@example.org".into() };
+        let big: Vec<u8> = (0..(crate::gateway::db::SPOOL_OVER + 1)).map(|i| (i % 251) as u8).collect();
+        let s = Store::open(dir.path()).unwrap();
+        let id = s.enqueue(&big, vec![smtp("x@e")], &origin).await.unwrap();
+        let file = s.spool_file(id);
+        assert_eq!(std::fs::read(&file).unwrap(), big, "the octets are in the spool file");
+        assert_eq!(s.bodies.get(id.to_be_bytes()).unwrap().as_deref(), Some(crate::gateway::db::SPOOLED));
+        assert_eq!(s.body(id).unwrap().as_deref(), Some(&big[..]));
+        // An orphan (written, never acknowledged) goes at the next start; a held one stays.
+        let orphan = s.spool_file(id + 1000);
+        std::fs::write(&orphan, b"x").unwrap();
+        drop(s);
+        let s = Store::open(dir.path()).unwrap();
+        assert!(!orphan.exists() && file.exists());
+        let (claimed, _) = s.claim_due(now_ms(), 10).unwrap();
+        s.complete(claimed[0].0).unwrap();
+        assert!(!file.exists(), "the file goes with the last job");
+        assert_eq!(s.body(id).unwrap(), None);
     }
 
     #[tokio::test]
