@@ -29,9 +29,9 @@ use super::config::{IrcChannel, IrcSettings};
 use super::contacts::{Contact, Reach};
 use super::db::StoreError;
 use super::mail;
+use super::mail::MAX_PLAINTEXT;
 use super::outbox::IrcPost;
 use super::queue::{message_id_string, Origin};
-use super::sink::MAX_PLAINTEXT;
 use super::Gateway;
 
 /// Most octets of digest lines in one message: what a LATSSIAM message

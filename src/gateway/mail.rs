@@ -5,6 +5,13 @@ use mail_parser::{Message, MessageParser, MimeHeaders};
 use time::format_description::well_known::Rfc2822;
 use time::OffsetDateTime;
 
+/// The largest Internet Message the gateway accepts for LATSSIAM: what still
+/// fits in 19,200 octets of CMS DER once sealed to any recipient. Sealing adds
+/// about 330 octets for a P-256 recipient and 560 for RSA-4096 (measured in
+/// `sink::tests::sealing_overhead_fits`), plus our `Received:` header; 1,200 octets
+/// are kept for both.
+pub const MAX_PLAINTEXT: usize = latssiam::wire::MAX_BLOCK_DER - 1200;
+
 /// More `Received:` headers than this is a mail loop (RFC 5321 6.3).
 pub const MAX_RECEIVED: usize = 30;
 

@@ -336,7 +336,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     // Listeners: SMTP, metrics, admin.
     let announced = match settings.smtp.oversize {
         config::Oversize::Fragment => settings.smtp.max_message_size,
-        config::Oversize::Reject | config::Oversize::StripAttachments => sink::MAX_PLAINTEXT,
+        config::Oversize::Reject | config::Oversize::StripAttachments => mail::MAX_PLAINTEXT,
     };
     let mut smtp_config = ListenerConfig::new(settings.gateway.hostname.clone(), announced);
     if settings.smtp.oversize == config::Oversize::StripAttachments {

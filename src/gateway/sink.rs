@@ -15,12 +15,7 @@ use super::queue::{message_id_string, Origin, Target};
 use super::worker;
 use super::Gateway;
 
-/// The largest Internet Message the gateway accepts for LATSSIAM: what still
-/// fits in 19,200 octets of CMS DER once sealed to any recipient. Sealing adds
-/// about 330 octets for a P-256 recipient and 560 for RSA-4096 (measured in
-/// `tests::sealing_overhead_fits`), plus our `Received:` header; 1,200 octets
-/// are kept for both.
-pub const MAX_PLAINTEXT: usize = latssiam::wire::MAX_BLOCK_DER - 1200;
+use super::mail::MAX_PLAINTEXT;
 
 /// The SMTP sink.
 pub struct SmtpSink(pub Arc<Gateway>);

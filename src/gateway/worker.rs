@@ -587,7 +587,7 @@ impl<'a> Pieces<'a> {
         set_id: &str,
         arrived_ms: u64,
     ) -> Result<Self, Outcome> {
-        if body.len() <= super::sink::MAX_PLAINTEXT {
+        if body.len() <= mail::MAX_PLAINTEXT {
             return Ok(Pieces::Whole(body));
         }
         if body.len() > fragment::MAX_JOINED + fragment::TRACE_ROOM {

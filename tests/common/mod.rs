@@ -4,6 +4,7 @@
 
 pub mod dns;
 pub mod irc;
+pub mod mail;
 pub mod rig;
 
 use std::io::{BufRead, BufReader};
