@@ -303,7 +303,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     let progress = store.db().open_tree("fragment_progress")?;
     // One DNS resolver (and its cache) for MX/A discovery and authentication.
     let dns = latssiam::client::dns_resolver(&settings.nameservers(), Duration::from_secs(settings.dns.timeout_secs))
-        .map_err(|e| anyhow::anyhow!("dns: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("dns.nameservers: {e}"))?;
     let metrics = Arc::new(Metrics::default());
     let border = auth::Border::new(&settings, dns.clone(), Arc::clone(&metrics)).map_err(|e| anyhow::anyhow!(e))?;
     let gw = Arc::new(Gateway {

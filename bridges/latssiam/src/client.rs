@@ -327,7 +327,8 @@ impl Client {
 pub fn dns_resolver(nameservers: &[SocketAddr], timeout: Duration) -> Result<TokioResolver, String> {
     use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
     let (config, mut options) = if nameservers.is_empty() {
-        hickory_resolver::system_conf::read_system_conf().map_err(|e| format!("system DNS settings: {e}"))?
+        hickory_resolver::system_conf::read_system_conf()
+            .map_err(|e| format!("cannot read the system's DNS settings ({e}); name DNS servers instead"))?
     } else {
         let servers = nameservers
             .iter()
