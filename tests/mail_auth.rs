@@ -155,9 +155,13 @@ Date: Sun, 06 Dec 2026 10:00:00 +0000\r\nMessage-ID: <out@example.org>\r\n\r\nHi
 
 #[test]
 fn a_trusted_upstreams_results_count_only_from_trusted_networks() {
-    let rig = Rig::with_zone(
-        "[auth]\ntrusted_networks = [\"127.0.0.3/32\"]\ntrusted_authserv_ids = [\"mx.upstream.example\"]\n",
-        SOA,
+    // Set as a container would: through the environment (lists comma-separated).
+    let rig = Rig::with_env(
+        "",
+        &[
+            ("LATSSIAM_BRIDGE__AUTH__TRUSTED_NETWORKS", "10.9.0.0/16,127.0.0.3/32"),
+            ("LATSSIAM_BRIDGE__AUTH__TRUSTED_AUTHSERV_IDS", "mx.upstream.example"),
+        ],
     );
     rig.person("alice");
     rig.contact("alice", &["--email", "alice@example.org"]);

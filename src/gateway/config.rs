@@ -303,6 +303,9 @@ impl Settings {
                 .separator("__")
                 .list_separator(",")
                 .with_list_parse_key("gateway.domains")
+                .with_list_parse_key("dns.nameservers")
+                .with_list_parse_key("auth.trusted_networks")
+                .with_list_parse_key("auth.trusted_authserv_ids")
                 .try_parsing(true)
                 .source(Some(env.into_iter().collect())),
         );
