@@ -13,11 +13,7 @@ use tokio::sync::oneshot;
 
 type Waiter = oneshot::Sender<Result<(), String>>;
 
-/// sled's page cache: its default (1 GiB) keeps every large message written
-/// in memory; what is not cached is read from the file (the OS's page cache).
-pub const CACHE_CAPACITY: u64 = 32 * 1024 * 1024;
-
-/// Opens the sled database in `dir` (page cache [`CACHE_CAPACITY`]), waiting up to 2 s for its directory
+/// Opens the sled database in `dir`, waiting up to 2 s for its directory
 /// lock. sled finishes some background writes after a `Db` is dropped, so a
 /// database closed a moment ago in this same process can still hold the lock
 /// briefly (seen as an intermittent "could not acquire lock" when a store is
@@ -29,7 +25,7 @@ pub const CACHE_CAPACITY: u64 = 32 * 1024 * 1024;
 pub fn open_db(dir: &Path) -> sled::Result<sled::Db> {
     let deadline = Instant::now() + Duration::from_secs(2);
     loop {
-        match sled::Config::new().path(dir).cache_capacity(CACHE_CAPACITY).open() {
+        match sled::Config::new().path(dir).open() {
             // sled reports the lock only as text in an I/O error.
             Err(sled::Error::Io(e))
                 if e.to_string().contains("could not acquire lock") && Instant::now() < deadline =>
