@@ -113,6 +113,20 @@ impl Cluster {
         self.dir.path()
     }
 
+    /// Two nodes (neither running) with one identity, and bob, a contact
+    /// who may send: node 0 registered the gateway's mailbox and stopped, so
+    /// what is sent now waits on the home server for both pollers.
+    fn two_pollers_stopped() -> Self {
+        let mut cluster = Cluster::new();
+        cluster.add_node("");
+        cluster.add_node("");
+        cluster.start(0);
+        cluster.person("bob", &["--allow-send"]);
+        cluster.nodes[0].process.as_mut().unwrap().signal("TERM");
+        cluster.add_node_identity(1);
+        cluster
+    }
+
     fn home(&self) -> String {
         format!("localhost:{}", self.home_port)
     }
@@ -473,14 +487,7 @@ fn send_many(cluster: &Cluster, who: &str, texts: &[String]) -> Vec<latssiam::wi
 
 #[test]
 fn two_nodes_polling_one_mailbox_relay_each_message_once() {
-    let mut cluster = Cluster::new();
-    cluster.add_node("");
-    cluster.add_node("");
-    // Node 0 registers the gateway's mailbox, then stops: the messages wait on the home server.
-    cluster.start(0);
-    cluster.person("bob", &["--allow-send"]);
-    cluster.nodes[0].process.as_mut().unwrap().signal("TERM");
-    cluster.add_node_identity(1);
+    let mut cluster = Cluster::two_pollers_stopped();
     let texts: Vec<String> = (0..200).map(|i| format!("poll {i}")).collect();
     let codes = send_many(&cluster, "bob", &texts);
     assert!(codes.iter().all(|c| *c == latssiam::wire::Code::MessageAccepted), "{codes:?}");
@@ -505,13 +512,7 @@ fn two_nodes_polling_one_mailbox_relay_each_message_once() {
 
 #[test]
 fn a_large_message_whose_fragments_two_nodes_took_is_joined_once() {
-    let mut cluster = Cluster::new();
-    cluster.add_node("");
-    cluster.add_node("");
-    cluster.start(0);
-    cluster.person("bob", &["--allow-send"]);
-    cluster.nodes[0].process.as_mut().unwrap().signal("TERM");
-    cluster.add_node_identity(1);
+    let mut cluster = Cluster::two_pollers_stopped();
     // A 400 KB message as signed fragments, waiting on the home server for both pollers.
     let line = "The quarterly figures, line after line of them. ".repeat(2);
     let mut message = String::from(
