@@ -15,7 +15,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use common::rig::Rig;
-use common::{free_port, ok, wait_for};
+use common::{free_port, wait_for};
 use postfix::Postfix;
 
 fn swaks(port: u16, from: &str, to: &str, body: &str) -> String {
@@ -74,22 +74,7 @@ fn postfix_in_front_round_trip_and_deferral() {
         "From: alice@example.org\r\nTo: Bob <bob@example.org>\r\nSubject: Re: hello\r\n\r\nHello Bob from LATSSIAM\r\n",
     )
     .unwrap();
-    let out = ok(
-        rig.path(),
-        &[
-            "send",
-            "--identity",
-            "alice",
-            "--server",
-            &rig.home,
-            "--to",
-            &rig.gateway_fp,
-            "--sign",
-            "--pins",
-            "pins",
-            "reply.eml",
-        ],
-    );
+    let out = rig.send_file("alice", &rig.gateway_fp, "reply.eml", &["--sign"]);
     assert!(out.starts_with("31"), "{out}");
     let bob = wait_bob(&pf, &rig, "Hello Bob from LATSSIAM");
     assert!(bob.contains("Return-Path: <alice@example.org>"), "{bob}");

@@ -304,11 +304,7 @@ async fn take(gw: &Gateway, d: &Delivered) -> Result<(), Refusal> {
     // loses it).
     let fragment = match fragment::parse(&plaintext) {
         Ok(f) => f,
-        Err(e) => {
-            warn!(signer = %fp, error = %e, "Dropped a malformed fragment.");
-            gw.metrics.fragments_refused.inc();
-            return Err(refuse(Code::MessageRefused, format!("fragment: {e}")));
-        }
+        Err(e) => return Err(drop_fragment(gw, &fp, &e)),
     };
     let Some(fragment) = fragment else {
         return relay(gw, &fp, &contact, plaintext).await;
@@ -325,11 +321,7 @@ async fn take(gw: &Gateway, d: &Delivered) -> Result<(), Refusal> {
         let whole = match j.offer_fragment(&fp, &fragment, limit).await {
             Ok(SharedOffer::Kept) => return Ok(()),
             Ok(SharedOffer::Join(whole)) => whole,
-            Ok(SharedOffer::Refused(e)) => {
-                warn!(signer = %fp, set = %id, error = %e, "Dropped a fragment.");
-                gw.metrics.fragments_refused.inc();
-                return Err(refuse(Code::MessageRefused, format!("fragment: {e}")));
-            }
+            Ok(SharedOffer::Refused(e)) => return Err(drop_fragment(gw, &fp, &e)),
             Err(e) => return Err(Refusal::Later(e.to_string())),
         };
         let total = fragment.total;
@@ -346,11 +338,7 @@ async fn take(gw: &Gateway, d: &Delivered) -> Result<(), Refusal> {
     let whole = match gw.joiner.offer(&fp, &fragment, now_ms()) {
         Ok(Offer::Complete(whole)) => whole,
         Ok(_) => return gw.store.durable().await.map_err(|e| Refusal::Later(e.to_string())),
-        Err(JoinError::Refused(e)) => {
-            warn!(signer = %fp, set = %id, error = %e, "Dropped a fragment.");
-            gw.metrics.fragments_refused.inc();
-            return Err(refuse(Code::MessageRefused, format!("fragment: {e}")));
-        }
+        Err(JoinError::Refused(e)) => return Err(drop_fragment(gw, &fp, &e)),
         Err(e) => return Err(Refusal::Later(e.to_string())),
     };
     drop(plaintext);
@@ -361,6 +349,13 @@ async fn take(gw: &Gateway, d: &Delivered) -> Result<(), Refusal> {
         gw.metrics.fragments_joined.inc();
     }
     result
+}
+
+/// A fragment section 8 refuses: logged, counted, answered `52`.
+fn drop_fragment(gw: &Gateway, fp: &Fingerprint, why: &fragment::Refused) -> Refusal {
+    warn!(signer = %fp, error = %why, "Dropped a fragment.");
+    gw.metrics.fragments_refused.inc();
+    Refusal::Refuse(Code::MessageRefused, format!("fragment: {why}"))
 }
 
 /// Relays one whole message from `contact` (after the relay policy).

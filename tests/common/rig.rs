@@ -241,6 +241,15 @@ timeout_secs = 1
         (eml_files(&self.path().join(out_dir)), out)
     }
 
+    /// The `send` command as `who` through the home server, of `file` to `to`
+    /// (a certificate file or fingerprint), with `extra` arguments; what it printed.
+    pub fn send_file(&self, who: &str, to: &str, file: &str, extra: &[&str]) -> String {
+        let mut args = vec!["send", "--identity", who, "--server", &self.home, "--to", to, "--pins", "pins"];
+        args.extend_from_slice(extra);
+        args.push(file);
+        ok(self.path(), &args)
+    }
+
     /// SENDs `message`, signed, as `who` to the gateway's mailbox on the home server.
     pub fn send_to_gateway(&self, who: &str, message: &[u8]) -> latssiam::wire::Code {
         let identity = std::sync::Arc::new(latssiam::Identity::load(&self.path().join(who)).unwrap());
