@@ -17,10 +17,11 @@
 //!
 //! The queue (env QUEUE): `sled` (default) or `jetstream` (a `nats-server -js`
 //! of the bench's own on a free port; NODES gateway nodes in this process,
-//! default 1, the later ones with node 0's identity and node 0's embedded
-//! server as their home, the SMTP sessions spread over all of them).
-//! NATS_SYNC=always makes that server fsync every write (its default: every
-//! two minutes). LOCAL_DELIVERY=0 turns off `home.local_delivery` (the in-process delivery
+//! default 1, the later ones with node 0's identity, all with a reference
+//! server as their home, the SMTP sessions spread over all of them). That
+//! NATS server fsyncs every write (`sync_interval: always`, as the gateway
+//! asks of every NATS server it uses); NATS_SYNC=2m gives NATS's own default
+//! for comparison. LOCAL_DELIVERY=0 turns off `home.local_delivery` (the in-process delivery
 //! that bypasses the queue), which jetstream mode always does, so that the
 //! two queues are compared on the same path.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -234,10 +235,11 @@ fn crypto_cost(who: &latssiam::Identity, octets: usize) -> Duration {
     started.elapsed() / rounds
 }
 
-/// A `nats-server -js` for the jetstream mode, killed when dropped.
-struct Nats(std::process::Child);
+/// A child process (`nats-server -js`, the reference server) for the
+/// jetstream mode, killed when dropped.
+struct KillOnDrop(std::process::Child);
 
-impl Drop for Nats {
+impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
@@ -264,9 +266,9 @@ fn main() {
         };
         let _nats = if jetstream {
             let port = free_port();
-            // NATS_SYNC=always: JetStream fsyncs every write (as sled's group
-            // commit does), instead of its default of every two minutes.
-            let sync = std::env::var("NATS_SYNC").unwrap_or_else(|_| "2m".to_owned());
+            // JetStream fsyncs every write (as sled's group commit does);
+            // NATS_SYNC=2m: NATS's default, an fsync every two minutes.
+            let sync = std::env::var("NATS_SYNC").unwrap_or_else(|_| "always".to_owned());
             let conf = dir.path().join("nats.conf");
             std::fs::write(
                 &conf,
@@ -287,12 +289,33 @@ fn main() {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             queue = format!("backend = \"jetstream\"\nnats_url = \"nats://127.0.0.1:{port}\"\n");
-            Some(Nats(child))
+            Some(KillOnDrop(child))
         } else {
             None
         };
+        // JetStream nodes need an external home server: the reference server,
+        // unthrottled (the load is the gateway's deliveries into its mailboxes).
+        let _home = jetstream.then(|| {
+            let child = std::process::Command::new(env!("CARGO_BIN_EXE_latssiam-bridge"))
+                .args(["server", "--host", "localhost", "--register-password", "sesame", "--listen"])
+                .arg(format!("127.0.0.1:{home}"))
+                .arg("--data-dir")
+                .arg(dir.path().join("home"))
+                .env("LATSSIAM_SERVER__SEND_RATE_PER_SECOND", "1000000")
+                .env("LATSSIAM_SERVER__SEND_BURST", "1000000")
+                .env("LATSSIAM_LOG", "warn")
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            KillOnDrop(child)
+        });
+        if jetstream {
+            while TcpStream::connect(("127.0.0.1", home)).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
         let config_for = |n: usize, smtp: u16, http: u16| {
-            let home_section = if n == 0 {
+            let home_section = if n == 0 && !jetstream {
                 format!("host = \"localhost\"\nlisten = \"127.0.0.1:{home}\"\nlocal_delivery = {local_delivery}\n")
             } else {
                 format!("server = \"localhost:{home}\"\n")
@@ -353,7 +376,7 @@ fn main() {
             if jetstream {
                 format!(
                     "jetstream, {nodes} node(s), nats sync_interval {}",
-                    std::env::var("NATS_SYNC").unwrap_or_else(|_| "2m (default)".to_owned())
+                    std::env::var("NATS_SYNC").unwrap_or_else(|_| "always".to_owned())
                 )
             } else {
                 "sled".to_owned()

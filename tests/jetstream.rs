@@ -14,16 +14,36 @@ use std::time::Duration;
 use common::rig::support;
 use common::{eml_files, free_port, identity, ok, wait_for, Process, BIN};
 
-/// A `nats-server -js` of the test's own.
+/// A `nats-server -js` of the test's own, with its monitoring endpoint.
 struct Nats {
     child: Option<Child>,
     port: u16,
+    monitor: u16,
     store: PathBuf,
+    config: PathBuf,
 }
 
 impl Nats {
+    /// With `sync_interval: always`, as every NATS server behind the gateway
+    /// should run (an acknowledged write is on disk).
     fn start(dir: &Path) -> Self {
-        let mut nats = Self { child: None, port: free_port(), store: dir.join("nats") };
+        Self::start_syncing(dir, "always")
+    }
+
+    fn start_syncing(dir: &Path, sync_interval: &str) -> Self {
+        let (port, monitor) = (free_port(), free_port());
+        let store = dir.join("nats");
+        let config = dir.join("nats.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "listen: 127.0.0.1:{port}\nhttp: 127.0.0.1:{monitor}\njetstream {{\n  store_dir: \"{}\"\n  \
+                 sync_interval: {sync_interval}\n}}\n",
+                store.display()
+            ),
+        )
+        .unwrap();
+        let mut nats = Self { child: None, port, monitor, store, config };
         nats.resume();
         nats
     }
@@ -31,7 +51,8 @@ impl Nats {
     /// (Re)starts the server on the same port and store.
     fn resume(&mut self) {
         let child = Command::new("nats-server")
-            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd", self.store.to_str().unwrap()])
+            .arg("-c")
+            .arg(&self.config)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -40,7 +61,7 @@ impl Nats {
         self.child = Some(child);
         let up =
             wait_for(Duration::from_secs(20), || std::net::TcpStream::connect(("127.0.0.1", self.port)).ok().map(drop));
-        assert!(up.is_some(), "nats-server did not start on {}", self.port);
+        assert!(up.is_some(), "nats-server did not start on {} ({})", self.port, self.store.display());
     }
 
     /// Stops the server (SIGTERM, as an operator or an orchestrator would).
@@ -166,6 +187,7 @@ first_retry_secs = 1
 max_retry_secs = 2
 backend = "jetstream"
 nats_url = "{nats}"
+nats_monitor_url = "http://127.0.0.1:{monitor}"
 ack_wait_secs = 5
 concurrency = 8
 {extra}
@@ -174,6 +196,7 @@ concurrency = 8
                 smarthost = self.smarthost_port,
                 http = free_port(),
                 nats = self.nats.url(),
+                monitor = self.nats.monitor,
                 dns = self.dns.nameserver(),
             ),
         )
@@ -783,4 +806,61 @@ fn tofu_pins_are_one_for_the_cluster() {
     cluster.start(1);
     let refused = wait_for(Duration::from_secs(20), || cluster.log(1).contains("but 0707").then_some(()));
     assert!(refused.is_some(), "node 1 did not hold the shared pin against the server:\n{}", cluster.log(1));
+}
+
+#[test]
+fn a_nats_server_that_acknowledges_before_it_fsyncs_is_warned_about() {
+    const WARNING: &str = "acknowledges JetStream writes before it fsyncs them";
+    let mut cluster = Cluster::new();
+    cluster.add_node("");
+    cluster.start(0);
+    // The test's server runs with sync_interval: always, read from its /varz.
+    let checked =
+        wait_for(Duration::from_secs(15), || cluster.log(0).contains("fsyncs every JetStream write").then_some(()));
+    assert!(checked.is_some(), "{}", cluster.log(0));
+    assert!(!cluster.log(0).contains(WARNING));
+    // One on NATS's default (an fsync every two minutes): a node says so at start.
+    cluster.nodes[0].process.as_mut().unwrap().signal("TERM");
+    cluster.nats.stop();
+    let lazy = cluster.path().join("lazy");
+    std::fs::create_dir_all(&lazy).unwrap();
+    cluster.nats = Nats::start_syncing(&lazy, "2m");
+    cluster.add_node("");
+    cluster.add_node_identity(1);
+    cluster.start(1);
+    let warned = wait_for(Duration::from_secs(15), || cluster.log(1).contains(WARNING).then_some(()));
+    assert!(warned.is_some(), "{}", cluster.log(1));
+}
+
+#[test]
+fn a_record_that_does_not_decode_is_kept_as_a_dead_letter_not_dropped() {
+    let mut cluster = Cluster::new();
+    cluster.add_node("");
+    cluster.start(0);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(cluster.nats.url()).await.unwrap());
+        // A frame whose length runs past its end.
+        js.publish("latssiam-bridge.jobs", b"\0\0\0\x02{x".as_slice().into()).await.unwrap().await.unwrap();
+    });
+    let buried = wait_for(Duration::from_secs(20), || {
+        cluster.cli(0, &["queue", "list"]).contains("1 dead letters").then_some(())
+    });
+    assert!(buried.is_some(), "{}\n{}", cluster.cli(0, &["queue", "list"]), cluster.log(0));
+    let raw = rt.block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(cluster.nats.url()).await.unwrap());
+        let mut dead = js.get_stream("latssiam-bridge-dead").await.unwrap();
+        let first = dead.info().await.unwrap().state.first_sequence;
+        dead.get_raw_message(first).await.unwrap()
+    });
+    assert_eq!(&raw.payload[..], b"\0\0\0\x02{x", "kept as it came");
+    let queue = cluster.cli(0, &["queue", "list"]);
+    assert!(queue.contains("0 jobs on the JetStream stream"), "{queue}");
+    // And the node goes on delivering.
+    cluster.person("alice", &[]);
+    let msg = cluster.path().join("m.eml");
+    std::fs::write(&msg, "From: x@remote.example\r\nTo: alice@example.org\r\nSubject: flood 3\r\n\r\nhi\r\n").unwrap();
+    assert!(cluster.smtp_send(0, "alice@example.org", &msg).starts_with("accepted 250"));
+    let got = wait_for(Duration::from_secs(30), || cluster.delivered("alice").get(&3).copied());
+    assert_eq!(got, Some(1), "{}", cluster.log(0));
 }

@@ -222,6 +222,11 @@ pub struct QueueSettings {
     pub nats_password: String,
     pub nats_token: String,
     pub nats_tls_ca: PathBuf,
+    pub nats_creds: PathBuf,
+    pub nats_tls_cert: PathBuf,
+    pub nats_tls_key: PathBuf,
+    pub allow_insecure: bool,
+    pub nats_monitor_url: String,
     pub nats_replicas: usize,
     pub ack_wait_secs: u64,
 }
@@ -371,6 +376,7 @@ impl Settings {
             if !valid {
                 bail!("queue.stream: {:?} is not a stream name (letters, digits, - and _)", self.queue.stream);
             }
+            self.check_nats()?;
         }
         for ns in &self.dns.nameservers {
             if ns.parse::<std::net::SocketAddr>().is_err() {
@@ -446,10 +452,92 @@ impl Settings {
         self.dns.nameservers.iter().filter_map(|n| n.parse().ok()).collect()
     }
 
+    /// What `run` needs beyond [`Settings::load`]'s checks (the command line
+    /// may name a JetStream queue without a home server; a node may not).
+    ///
+    /// # Errors
+    /// A message naming the keys that do not go together.
+    pub fn check_run(&self) -> Result<()> {
+        // Each node's embedded server would be a mailbox store of its own
+        // (mail landing or bouncing by which node took it), and its
+        // in-process delivery is made durable by the sled queue's fsync,
+        // which this backend does not run before its 250.
+        if self.queue.backend == QueueBackend::Jetstream && self.home.server.is_empty() {
+            bail!(
+                "queue.backend = \"jetstream\" needs an external home.server: the embedded home server is one \
+                 node's and is not made durable before a JetStream 250"
+            );
+        }
+        Ok(())
+    }
+
+    /// The NATS settings of the JetStream queue: whoever can write to the
+    /// account controls the gateway (its contacts, pins and jobs), so a
+    /// server off this host needs credentials and TLS unless
+    /// `queue.allow_insecure` says the network is trusted otherwise.
+    fn check_nats(&self) -> Result<()> {
+        let q = &self.queue;
+        let servers = nats_servers(&q.nats_url);
+        if servers.is_empty() || servers.iter().any(|(_, host, _)| host.is_empty()) {
+            bail!("queue.nats_url: {:?} names no host", q.nats_url);
+        }
+        if q.nats_tls_cert.as_os_str().is_empty() != q.nats_tls_key.as_os_str().is_empty() {
+            bail!("queue.nats_tls_cert and queue.nats_tls_key go together");
+        }
+        let loopback = servers.iter().all(|(_, host, _)| {
+            host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        });
+        let credentials = !q.nats_user.is_empty()
+            || !q.nats_token.is_empty()
+            || !q.nats_creds.as_os_str().is_empty()
+            || !q.nats_tls_cert.as_os_str().is_empty();
+        let tls = servers.iter().all(|(scheme, _, _)| scheme.eq_ignore_ascii_case("tls"))
+            || !q.nats_tls_ca.as_os_str().is_empty();
+        if !(loopback || q.allow_insecure || credentials && tls) {
+            bail!(
+                "queue.nats_url {}: a NATS server off this host needs credentials (nats_user, nats_token, \
+                 nats_creds or a client certificate) and TLS (tls:// or nats_tls_ca), since whoever writes \
+                 to its account controls the gateway; queue.allow_insecure = true if the network is trusted",
+                q.nats_url
+            );
+        }
+        Ok(())
+    }
+
+    /// Where the NATS server's monitoring `/varz` is: `queue.nats_monitor_url`,
+    /// or port 8222 on the host of `queue.nats_url`.
+    pub fn nats_varz(&self) -> String {
+        let q = &self.queue;
+        if !q.nats_monitor_url.is_empty() {
+            return format!("{}/varz", q.nats_monitor_url.trim_end_matches('/'));
+        }
+        let host = nats_servers(&q.nats_url).into_iter().next().map(|(_, h, _)| h).unwrap_or_default();
+        let host = if host.contains(':') { format!("[{host}]") } else { host.to_owned() };
+        format!("http://{host}:8222/varz")
+    }
+
     /// Whether `domain` is one the gateway answers for.
     pub fn is_local_domain(&self, domain: &str) -> bool {
         self.gateway.domains.iter().any(|d| d.eq_ignore_ascii_case(domain))
     }
+}
+
+/// The servers of a NATS URL list (`nats://u:p@host:4222,tls://other`): scheme, host, port.
+fn nats_servers(urls: &str) -> Vec<(&str, &str, &str)> {
+    urls.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|url| {
+            let (scheme, rest) = url.split_once("://").unwrap_or(("nats", url));
+            let rest = rest.split('/').next().unwrap_or_default();
+            let hostport = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+            let (host, port) = match hostport.strip_prefix('[').and_then(|h| h.split_once(']')) {
+                Some((h, p)) => (h, p.trim_start_matches(':')),
+                None => hostport.rsplit_once(':').unwrap_or((hostport, "")),
+            };
+            (scheme, host, port)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -474,5 +562,50 @@ mod tests {
         let s = Settings::load(Some(&f)).unwrap();
         assert_eq!(s.routes.get("h.example").map(String::as_str), Some("127.0.0.1:5"));
         assert_eq!(s.queue.first_retry_secs, 2);
+    }
+
+    fn jetstream(extra: &str) -> Result<Settings> {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, format!("[queue]\nbackend = \"jetstream\"\n{extra}")).unwrap();
+        Settings::load(Some(&f))
+    }
+
+    #[test]
+    fn jetstream_needs_an_external_home_server() {
+        let e = format!("{:#}", jetstream("").unwrap().check_run().unwrap_err());
+        assert!(e.contains("home.server"), "{e}");
+        jetstream("[home]\nserver = \"home.example\"\n").unwrap().check_run().unwrap();
+        Settings::load(None).unwrap().check_run().unwrap();
+    }
+
+    #[test]
+    fn a_nats_server_off_this_host_needs_credentials_and_tls() {
+        let home = "[home]\nserver = \"home.example\"\n";
+        for url in ["nats://10.0.0.5:4222", "nats://nats.internal", "tls://nats.internal:4222"] {
+            let e = format!("{:#}", jetstream(&format!("nats_url = \"{url}\"\n{home}")).unwrap_err());
+            assert!(e.contains("allow_insecure"), "{url}: {e}");
+        }
+        // Credentials without TLS are not enough off the host.
+        let e = jetstream(&format!("nats_url = \"nats://10.0.0.5\"\nnats_user = \"u\"\n{home}")).unwrap_err();
+        assert!(format!("{e:#}").contains("TLS"), "{e:#}");
+        for ok in [
+            "nats_url = \"nats://127.0.0.1:4222\"\n",
+            "nats_url = \"nats://localhost:4222\"\n",
+            "nats_url = \"nats://[::1]:4222\"\n",
+            "nats_url = \"tls://nats.internal:4222\"\nnats_creds = \"/etc/gw.creds\"\n",
+            "nats_url = \"nats://nats.internal\"\nnats_tls_ca = \"/ca.pem\"\nnats_token = \"t\"\n",
+            "nats_url = \"nats://10.0.0.5:4222\"\nallow_insecure = true\n",
+        ] {
+            jetstream(&format!("{ok}{home}")).unwrap_or_else(|e| panic!("{ok}: {e:#}"));
+        }
+    }
+
+    #[test]
+    fn the_monitoring_url_follows_the_nats_host() {
+        let s = jetstream("nats_url = \"nats://u:p@127.0.0.1:4222\"\n[home]\nserver = \"h.example\"\n").unwrap();
+        assert_eq!(s.nats_varz(), "http://127.0.0.1:8222/varz");
+        let s = jetstream("nats_monitor_url = \"http://127.0.0.1:9/\"\n[home]\nserver = \"h.example\"\n").unwrap();
+        assert_eq!(s.nats_varz(), "http://127.0.0.1:9/varz");
     }
 }

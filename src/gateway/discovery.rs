@@ -218,8 +218,8 @@ pub async fn lookup(address: &str, base: Option<&str>) -> Result<LatssiamUrl, St
     href.parse().map_err(|e| format!("{url}: {href:?}: {e}"))
 }
 
-/// `GET url` (http or https), the body of a `200`.
-async fn get(url: &str) -> Result<Vec<u8>, String> {
+/// `GET url` (http or https), the body of a `200` (at most 64 KiB).
+pub(crate) async fn get(url: &str) -> Result<Vec<u8>, String> {
     use http_body_util::BodyExt as _;
     let (tls, rest) = match (url.strip_prefix("https://"), url.strip_prefix("http://")) {
         (Some(r), _) => (true, r),

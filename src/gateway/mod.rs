@@ -167,6 +167,7 @@ async fn register(gw: &Gateway, password: &Password) -> Result<()> {
 /// # Errors
 /// Start-up failures (settings, a port in use, the data dir held by another process).
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> {
+    settings.check_run()?;
     let data_dir = settings.gateway.data_dir.clone();
     latssiam::files::private_umask();
     latssiam::files::private_data_dir(&data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
@@ -180,6 +181,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         config::QueueBackend::Sled => queue::Queue::Sled(Arc::clone(&store)),
         config::QueueBackend::Jetstream => {
             let shared = Arc::new(queue::jetstream::connect(&settings).await?);
+            tasks.spawn(warn_unless_nats_syncs(settings.nats_varz()));
             store.share_state(Arc::clone(&shared));
             pins.share(Arc::clone(&shared));
             shared
@@ -435,4 +437,29 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         bail!("the queue store failed ({e}); start the gateway again once the disk has room: sled does not recover from a write error while it runs");
     }
     Ok(())
+}
+
+/// Warns when the NATS server does not fsync every JetStream write: it then
+/// acknowledges a publish (and so our `250`) up to `sync_interval` (two
+/// minutes by default) before the write is on disk, and a power cut loses
+/// it. Read from the monitoring endpoint's `/varz`, where reachable.
+async fn warn_unless_nats_syncs(varz: String) {
+    let body = match tokio::time::timeout(Duration::from_secs(10), discovery::get(&varz)).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(e)) => {
+            return info!(error = %e, "Cannot read the NATS server's /varz; its sync_interval is not checked.")
+        }
+        Err(_) => return info!(%varz, "No answer from the NATS server's /varz; its sync_interval is not checked."),
+    };
+    let varz: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let config = &varz["jetstream"]["config"];
+    if config["sync_always"].as_bool() != Some(true) {
+        warn!(
+            sync_interval_secs = config["sync_interval"].as_u64().unwrap_or_default() / 1_000_000_000,
+            "The NATS server acknowledges JetStream writes before it fsyncs them (no `jetstream {{ sync_interval: \
+             always }}`): a power cut can lose mail the gateway answered 250 for."
+        );
+    } else {
+        info!("The NATS server fsyncs every JetStream write before it acknowledges it.");
+    }
 }

@@ -85,6 +85,12 @@ pub enum SharedOffer {
 /// How long a delivered-marker is kept (longer than any redelivery can take).
 const MARKER_AGE: Duration = Duration::from_secs(24 * 3600);
 
+/// How long a dead letter is kept on `STREAM-dead`, and how many octets the
+/// stream may hold (the oldest go first): each carries its whole message,
+/// and a stream without limits grows until every publish fails.
+const DEAD_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
+const DEAD_BYTES: i64 = 1 << 30;
+
 fn shared(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Shared(format!("{what}: {e}"))
 }
@@ -114,6 +120,10 @@ pub struct JetQueue {
     held: Mutex<HashMap<JobId, Held>>,
     ack_wait: Duration,
     lease_ttl: Duration,
+    /// The longest a job is given back for (`queue.max_retry_secs`): a due
+    /// time further ahead (another node's clock, a planted record) is not
+    /// obeyed beyond it.
+    max_delay: Duration,
 }
 
 /// Connects to `queue.nats_url` and makes (or finds) the streams, the
@@ -136,8 +146,17 @@ pub async fn connect(s: &Settings) -> anyhow::Result<JetQueue> {
     if !q.nats_token.is_empty() {
         options = options.token(q.nats_token.clone());
     }
+    if !q.nats_creds.as_os_str().is_empty() {
+        options = options
+            .credentials_file(&q.nats_creds)
+            .await
+            .with_context(|| format!("queue.nats_creds {}", q.nats_creds.display()))?;
+    }
     if !q.nats_tls_ca.as_os_str().is_empty() {
         options = options.add_root_certificates(q.nats_tls_ca.clone()).require_tls(true);
+    }
+    if !q.nats_tls_cert.as_os_str().is_empty() {
+        options = options.add_client_certificate(q.nats_tls_cert.clone(), q.nats_tls_key.clone()).require_tls(true);
     }
     let client = options.connect(&q.nats_url).await.with_context(|| format!("queue.nats_url {}", q.nats_url))?;
     let js = jetstream::new(client.clone());
@@ -159,9 +178,14 @@ pub async fn connect(s: &Settings) -> anyhow::Result<JetQueue> {
         .get_or_create_stream(stream_config(name.clone(), &subject, work_queue))
         .await
         .with_context(|| format!("queue.stream {name}: cannot make the jobs stream"))?;
-    js.get_or_create_stream(stream_config(format!("{name}-dead"), &dead_subject, stream::RetentionPolicy::Limits))
-        .await
-        .with_context(|| format!("queue.stream {name}: cannot make the dead-letter stream"))?;
+    js.create_or_update_stream(stream::Config {
+        max_age: DEAD_AGE,
+        max_bytes: DEAD_BYTES,
+        discard: stream::DiscardPolicy::Old,
+        ..stream_config(format!("{name}-dead"), &dead_subject, stream::RetentionPolicy::Limits)
+    })
+    .await
+    .with_context(|| format!("queue.stream {name}: cannot make the dead-letter stream"))?;
     let consumer = jobs
         .get_or_create_consumer(
             "workers",
@@ -240,6 +264,7 @@ pub async fn connect(s: &Settings) -> anyhow::Result<JetQueue> {
         held: Mutex::new(HashMap::new()),
         ack_wait,
         lease_ttl,
+        max_delay: Duration::from_secs(q.max_retry_secs.max(1)),
     })
 }
 
@@ -354,8 +379,7 @@ impl JetQueue {
                 }
             };
             let Some((job, body)) = unframe(&message.payload) else {
-                warn!(subject = %message.subject, "A job on the stream does not decode; terminated.");
-                let _ = message.ack_with(AckKind::Term).await;
+                self.bury_undecodable("job", message).await;
                 continue;
             };
             let index = message
@@ -367,7 +391,8 @@ impl JetQueue {
             let id = JobId { message: job.message, index };
             // A deferred job, re-published with its new state, before its time.
             if job.due_ms > now + 50 {
-                let _ = message.ack_with(AckKind::Nak(Some(Duration::from_millis(job.due_ms - now)))).await;
+                let wait = Duration::from_millis(job.due_ms - now).min(self.max_delay);
+                let _ = message.ack_with(AckKind::Nak(Some(wait))).await;
                 continue;
             }
             {
@@ -393,6 +418,33 @@ impl JetQueue {
             out.push((id, job));
         }
         Ok(out)
+    }
+
+    /// Keeps a record that does not decode (a version skew in a rolling
+    /// upgrade, or a writer that is not a gateway) as it is, on the
+    /// dead-letter subject, and only then terminates it: nothing
+    /// acknowledged vanishes without a trace. If that publish fails, the
+    /// record comes back later.
+    async fn bury_undecodable(&self, what: &str, message: jetstream::Message) {
+        let seq = message.info().map(|i| i.stream_sequence).unwrap_or_default();
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, format!("undecodable-{}-{seq}", message.subject).as_str());
+        headers.insert("LATSSIAM-Bridge-Undecodable", format!("{what} from {}", message.subject).as_str());
+        let kept = match self.js.publish_with_headers(self.dead_subject.clone(), headers, message.payload.clone()).await
+        {
+            Ok(ack) => wait_ack(ack).await,
+            Err(e) => Err(shared("publish", e)),
+        };
+        match kept {
+            Ok(()) => {
+                warn!(subject = %message.subject, seq, "A {what} that does not decode was moved to the dead letters.");
+                let _ = message.ack_with(AckKind::Term).await;
+            }
+            Err(e) => {
+                warn!(error = %e, "Cannot keep a {what} that does not decode; it comes back later.");
+                let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(10)))).await;
+            }
+        }
     }
 
     /// Whether this node holds the job (so it is neither done nor given up).
@@ -695,8 +747,8 @@ impl JetQueue {
             match serde_json::from_slice(&m.payload) {
                 Ok(post) => return Ok(Some((m, post))),
                 Err(e) => {
-                    warn!(error = %e, "A post in the IRC outbox does not decode; dropped.");
-                    let _ = m.ack_with(AckKind::Term).await;
+                    warn!(error = %e, "A post in the IRC outbox does not decode.");
+                    self.bury_undecodable("post", m).await;
                 }
             }
         }
