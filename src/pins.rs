@@ -5,16 +5,19 @@
 //! so a pin made just before a crash is still there after it.
 //!
 //! With `queue.backend = "jetstream"` every pin made is also written to the
-//! shared bucket `STREAM-pins`, whose entries every node mirrors into its tree:
-//! all nodes trust the same certificate for a server (the first pin reaches
-//! the others; a node that meets another certificate there is refused as a
-//! changed one).
+//! shared bucket `STREAM-pins` with `create` (only if no node pinned that
+//! server before), whose entries every node mirrors into its tree: all nodes
+//! trust the first certificate pinned for a server. A node that meets another
+//! one there, even in the same instant as the first pin, is refused as a
+//! changed one; a shared pin that differs from one a node holds already does
+//! not replace it (a TOFU conflict, logged as an error).
 
 use std::io;
 use std::sync::{Arc, OnceLock};
 
 use latssiam::tls::{PinStore, TlsError};
 use latssiam::Fingerprint;
+use tracing::error;
 
 const TREE: &str = "tofu_pins";
 
@@ -44,15 +47,29 @@ impl SledPins {
     }
 
     /// Sets (or removes) a pin from the shared bucket, without a flush (the
-    /// mirror replays the bucket at every start).
+    /// mirror replays the bucket at every start). A shared pin that differs
+    /// from one this node already holds is a TOFU conflict: this node keeps
+    /// its own (the one its handshakes proved) and says so; only a removal
+    /// (an operator forgetting a pin) is taken as it comes.
     ///
     /// # Errors
     /// The sled error.
     pub fn apply(&self, peer: &str, fingerprint: Option<&[u8]>) -> Result<(), sled::Error> {
         match fingerprint {
-            Some(fp) if fp.len() == 32 => {
-                self.tree.insert(peer.as_bytes(), fp)?;
-            }
+            Some(fp) if fp.len() == 32 => match self.tree.compare_and_swap(peer.as_bytes(), None::<&[u8]>, Some(fp))? {
+                Ok(()) => {}
+                Err(cas) if cas.current.as_deref() == Some(fp) => {}
+                Err(cas) => {
+                    let ours = cas.current.as_deref().map(hex).unwrap_or_default();
+                    error!(
+                        peer,
+                        ours,
+                        shared = hex(fp),
+                        "TOFU conflict: the shared bucket pins another certificate for this server than this node \
+                         did; keeping this node's (remove the pin on every node to trust a new one)."
+                    );
+                }
+            },
             Some(_) => {}
             None => {
                 self.tree.remove(peer.as_bytes())?;
@@ -60,6 +77,10 @@ impl SledPins {
         }
         Ok(())
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl PinStore for SledPins {
@@ -72,13 +93,27 @@ impl PinStore for SledPins {
     }
 
     fn set(&self, peer: &str, fingerprint: Fingerprint) -> Result<(), TlsError> {
-        self.tree.insert(peer.as_bytes(), &fingerprint.as_bytes()[..]).map_err(store_error)?;
+        // With a shared queue the first pin in the bucket is the cluster's:
+        // claimed before this connection goes on, so that a node that met
+        // another certificate than the one already pinned fails here. Called
+        // inside a TLS handshake (a synchronous trait), hence block_in_place
+        // on the gateway's multi-threaded runtime.
+        let trusted = match (self.shared.get(), tokio::runtime::Handle::try_current()) {
+            (Some(q), Ok(rt)) if rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| rt.block_on(q.claim_pin(peer, fingerprint)))
+            }
+            _ => fingerprint,
+        };
+        self.tree.insert(peer.as_bytes(), &trusted.as_bytes()[..]).map_err(store_error)?;
         self.tree.flush().map_err(store_error)?;
-        // Called inside a TLS handshake, so not awaited: the pin is this
-        // node's at once and the others' a moment later.
-        if let (Some(q), Ok(rt)) = (self.shared.get(), tokio::runtime::Handle::try_current()) {
-            let (q, peer) = (Arc::clone(q), peer.to_owned());
-            rt.spawn(async move { q.share_pin(&peer, fingerprint).await });
+        if trusted != fingerprint {
+            error!(
+                peer,
+                ours = %fingerprint,
+                shared = %trusted,
+                "TOFU conflict: another node pinned another certificate for this server first; refusing this one."
+            );
+            return Err(TlsError::PinMismatch { peer: peer.to_owned(), pinned: trusted, presented: fingerprint });
         }
         Ok(())
     }

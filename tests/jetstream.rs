@@ -806,6 +806,59 @@ fn tofu_pins_are_one_for_the_cluster() {
     cluster.start(1);
     let refused = wait_for(Duration::from_secs(20), || cluster.log(1).contains("but 0707").then_some(()));
     assert!(refused.is_some(), "node 1 did not hold the shared pin against the server:\n{}", cluster.log(1));
+
+    // Node 0, which pinned the real server first, is not re-pinned by the
+    // planted value: it logs the conflict and goes on delivering there.
+    let conflict = wait_for(Duration::from_secs(10), || cluster.log(0).contains("TOFU conflict").then_some(()));
+    assert!(conflict.is_some(), "{}", cluster.log(0));
+    cluster.nodes[1].process.as_mut().unwrap().signal("TERM");
+    cluster.person("alice", &[]);
+    let msg = cluster.path().join("m.eml");
+    std::fs::write(&msg, "From: x@remote.example\r\nTo: alice@example.org\r\nSubject: flood 5\r\n\r\nhi\r\n").unwrap();
+    assert!(cluster.smtp_send(0, "alice@example.org", &msg).starts_with("accepted 250"));
+    let got = wait_for(Duration::from_secs(30), || cluster.delivered("alice").get(&5).copied());
+    assert_eq!(got, Some(1), "{}", cluster.log(0));
+    assert!(!cluster.log(0).contains("but 0707"), "{}", cluster.log(0));
+}
+
+#[test]
+fn a_node_that_meets_another_certificate_than_the_first_pin_is_refused_even_before_the_mirror() {
+    use latssiam::tls::PinStore as _;
+    // The race of the review: node A has just pinned server S in the bucket,
+    // and node B, on a path an attacker controls, meets S's "certificate"
+    // before the mirror brought A's pin. B's pin is claimed with `create`
+    // and loses: B's connection fails as a changed certificate, and B trusts A's.
+    let cluster = Cluster::new();
+    let config = cluster.path().join("b.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[gateway]\ndata_dir = \"b\"\ndomains = [\"example.org\"]\n[home]\nserver = \"{}\"\n\
+             [queue]\nbackend = \"jetstream\"\nnats_url = \"{}\"\n",
+            cluster.home(),
+            cluster.nats.url()
+        ),
+    )
+    .unwrap();
+    let settings = latssiam_bridge::gateway::config::Settings::load(Some(&config)).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let (honest, forged) = (latssiam::Fingerprint::of(b"S"), latssiam::Fingerprint::of(b"attacker"));
+    rt.block_on(async {
+        let queue = std::sync::Arc::new(latssiam_bridge::gateway::queue::jetstream::connect(&settings).await.unwrap());
+        let js = async_nats::jetstream::new(async_nats::connect(cluster.nats.url()).await.unwrap());
+        let kv = js.get_key_value("latssiam-bridge-pins").await.unwrap();
+        kv.create(hex(b"s.example:1977"), honest.as_bytes().to_vec().into()).await.unwrap();
+        let db = sled::open(cluster.path().join("b-pins")).unwrap();
+        let pins = latssiam_bridge::pins::SledPins::open(&db).unwrap();
+        pins.share(queue);
+        let e = pins.set("s.example:1977", forged).unwrap_err();
+        assert!(matches!(e, latssiam::tls::TlsError::PinMismatch { .. }), "{e}");
+        assert_eq!(pins.get("s.example:1977").unwrap(), Some(honest), "B trusts the first pin");
+        // And a server nobody pinned yet is B's to pin, for everyone.
+        pins.set("t.example:1977", forged).unwrap();
+        let shared = kv.get(hex(b"t.example:1977")).await.unwrap().unwrap();
+        assert_eq!(&shared[..], forged.as_bytes());
+    });
 }
 
 #[test]

@@ -654,11 +654,41 @@ impl JetQueue {
         Err(shared("contacts bucket", "changed by others five times in a row"))
     }
 
-    /// Writes a TOFU pin to the shared bucket (best effort: logged if it fails).
-    pub async fn share_pin(&self, peer: &str, fingerprint: Fingerprint) {
+    /// Claims the first TOFU pin for `peer` in the shared bucket: written only
+    /// if no node pinned it before (`create`, never `put`), so the first pin
+    /// is the cluster's whatever order the nodes write in.
+    ///
+    /// Returns the fingerprint the cluster trusts for `peer`: `fingerprint`
+    /// if it was first (or NATS cannot be asked: then this node's pin stands
+    /// alone, logged), or the one another node pinned before.
+    pub async fn claim_pin(&self, peer: &str, fingerprint: Fingerprint) -> Fingerprint {
+        let key = hex(peer.as_bytes());
         let value = Bytes::copy_from_slice(fingerprint.as_bytes());
-        if let Err(e) = self.pins.put(hex(peer.as_bytes()), value).await {
-            warn!(peer, error = %e, "Cannot share a TOFU pin; the other nodes pin for themselves.");
+        let created = tokio::time::timeout(PUBLISH_TIMEOUT, self.pins.create(&key, value)).await;
+        match created {
+            Ok(Ok(_)) => return fingerprint,
+            Ok(Err(e)) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+            Ok(Err(e)) => {
+                warn!(peer, error = %e, "Cannot share a TOFU pin; this node pins for itself.");
+                return fingerprint;
+            }
+            Err(_) => {
+                warn!(peer, "No answer from NATS for a TOFU pin; this node pins for itself.");
+                return fingerprint;
+            }
+        }
+        match tokio::time::timeout(PUBLISH_TIMEOUT, self.pins.get(&key)).await {
+            Ok(Ok(Some(v))) => match <[u8; 32]>::try_from(v.as_ref()) {
+                Ok(bytes) => Fingerprint::from_bytes(bytes),
+                Err(_) => {
+                    warn!(peer, "The shared TOFU pin is not a fingerprint; this node pins for itself.");
+                    fingerprint
+                }
+            },
+            _ => {
+                warn!(peer, "Cannot read the shared TOFU pin; this node pins for itself.");
+                fingerprint
+            }
         }
     }
 
