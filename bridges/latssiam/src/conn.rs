@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::codec::Framed;
 
 use crate::wire::{Block, Code, Frame, FrameCodec, Label, Status, WireError};
@@ -23,6 +23,13 @@ pub enum ReadError {
     #[error("timed out waiting for the peer")]
     Timeout,
 }
+
+/// The longest a hang-up drains what the peer still sends ([`Connection::hang_up`]).
+pub const LINGER_TIME: Duration = Duration::from_secs(5);
+/// A hang-up's drain ends after this long without input.
+pub const LINGER_IDLE: Duration = Duration::from_secs(1);
+/// The most a hang-up drains.
+pub const LINGER_OCTETS: usize = 1 << 20;
 
 /// How long a write may wait for a peer that does not read, unless set otherwise.
 pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -113,12 +120,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             .map_err(|_| write_timed_out())?
     }
 
-    /// Sends `code` (best effort) and closes the stream (TLS close_notify).
+    /// Sends `code` (best effort), closes the stream (TLS close_notify, then
+    /// the write side), and drains what the peer still sends before the
+    /// caller drops it: a lingering close, as nginx and Apache do.
+    ///
+    /// Without it, a peer still writing when we hang up (the rest of an
+    /// oversized block) leaves unread input here, the kernel answers it with
+    /// a reset, and the reset can destroy the status line and the
+    /// close_notify in flight. The drain is bounded by [`LINGER_TIME`],
+    /// [`LINGER_IDLE`] without input, and [`LINGER_OCTETS`].
     pub async fn hang_up(&mut self, code: Option<Code>) {
         if let Some(code) = code {
             let _ = self.send(Status::of(code)).await;
         }
         self.close().await;
+        self.linger().await;
+    }
+
+    async fn linger(&mut self) {
+        let stream = self.framed.get_mut();
+        let mut scratch = vec![0u8; 16 * 1024];
+        let mut drained = 0;
+        let _ = tokio::time::timeout(LINGER_TIME, async {
+            while drained < LINGER_OCTETS {
+                match tokio::time::timeout(LINGER_IDLE, stream.read(&mut scratch)).await {
+                    Ok(Ok(n)) if n > 0 => drained += n,
+                    _ => break,
+                }
+            }
+        })
+        .await;
     }
 
     /// Closes the stream without a status line.

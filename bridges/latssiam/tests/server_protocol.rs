@@ -740,3 +740,45 @@ async fn a_written_message_is_hidden_until_published() {
     assert_eq!(s.store.offered(), 0, "nothing left marked");
     s.stop().await;
 }
+
+/// The last word before a hang-up arrives even while the client is still
+/// writing: the server drains what keeps coming (a lingering close) instead of
+/// closing on unread input, which makes the kernel answer with a reset that
+/// destroys the status line and the TLS close_notify in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_still_writing_after_an_oversized_block_reads_its_39() {
+    use tokio::io::AsyncBufReadExt as _;
+    let s = TestServer::start(|_| {}).await;
+    let alice = s.registered("alice@localhost").await;
+    let bob = id("bob@localhost");
+    for round in 0..8 {
+        let tcp = TcpStream::connect(s.addr).await.unwrap();
+        let stream = tls::connect(tcp, HOST, s.addr.port(), Some(&bob), &s.pins).await.unwrap();
+        let (reader, mut writer) = tokio::io::split(stream);
+        let fp = alice.fingerprint();
+        let writing = tokio::spawn(async move {
+            let line = format!("{}\r\n", "QUFB".repeat(16));
+            writer.write_all(format!("SEND {fp}\r\n-----BEGIN ENCRYPTED MESSAGE-----\r\n").as_bytes()).await?;
+            // The 401 lines of the oversized block and 8,000 more (about 530 KB)
+            // written as fast as the connection takes them.
+            for _ in 0..8401 {
+                writer.write_all(line.as_bytes()).await?;
+            }
+            writer.flush().await?;
+            Ok::<_, std::io::Error>(writer)
+        });
+        // The client reads only once it has written everything it meant to,
+        // and what it wrote was taken (drained), not answered with a reset.
+        let writer = writing.await.unwrap();
+        assert!(writer.is_ok(), "round {round}: {writer:?}");
+        let mut lines = tokio::io::BufReader::new(reader).lines();
+        let first = lines.next_line().await;
+        let second = lines.next_line().await;
+        let got = (first.as_ref().ok().cloned().flatten(), second.as_ref().ok().cloned().flatten());
+        assert!(got.0.as_deref().is_some_and(|l| l.starts_with("30 ")), "round {round}: {first:?} {writer:?}");
+        assert!(got.1.as_deref().is_some_and(|l| l.starts_with("39 ")), "round {round}: {second:?} {writer:?}");
+        // Then a clean end: the server's close_notify, not a reset.
+        assert!(matches!(lines.next_line().await, Ok(None)), "round {round}");
+    }
+    s.stop().await;
+}
