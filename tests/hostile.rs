@@ -659,3 +659,71 @@ fn a_full_disk_answers_451_and_nothing_acknowledged_is_lost() {
     .unwrap_or_else(|| panic!("{accepted} accepted; {}\n{}", rig.cli(&["queue", "list"]), rig.log()));
     assert_eq!(files.len(), accepted, "every 250 delivered once, nothing refused delivered");
 }
+
+/// A TCP connection to the gateway's SMTP port from the loopback address `from`.
+fn connect_from(from: &str, port: u16) -> TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let tcp = rt.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+        socket.connect(format!("127.0.0.1:{port}").parse().unwrap()).await.unwrap()
+    });
+    let std = tcp.into_std().unwrap();
+    std.set_nonblocking(false).unwrap();
+    std
+}
+
+#[test]
+fn a_full_listener_answers_421_at_once_and_a_trickling_data_session_does_not_hold_its_slot() {
+    // Hostile review 2, finding 7: four trickling sessions from two addresses
+    // fill a listener of four; a fifth client used to sit in the backlog with
+    // no greeting (and `healthcheck` failed), and each trickler held its slot
+    // until max_session_secs.
+    let rig = Rig::new(&format!(
+        "[smtp]\nmax_connections = 4\nmax_connections_per_client = 2\ndata_timeout_secs = 3\n{NO_EXEMPTIONS}"
+    ));
+    rig.person("alice");
+    rig.contact("alice", &["--email", "alice@example.org"]);
+    let trickle = |from: &'static str| {
+        let port = rig.smtp_port;
+        std::thread::spawn(move || {
+            let mut s = connect_from(from, port);
+            s.write_all(
+                b"EHLO trickle.test\r\nMAIL FROM:<t@remote.example>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n",
+            )
+            .unwrap();
+            let mut said = read_for(&mut s, Duration::from_secs(1));
+            assert!(said.contains("354 "), "{said}");
+            // One short line a little faster than data_timeout_secs, for ever.
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(30) && !said.contains("421") {
+                if s.write_all(b"x\r\n").is_err() {
+                    break;
+                }
+                said.push_str(&read_for(&mut s, Duration::from_secs(2)));
+            }
+            (said, started.elapsed())
+        })
+    };
+    let tricklers: Vec<_> = ["127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3"].into_iter().map(trickle).collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    // The listener is full: a fifth client is told so at once.
+    let mut fifth = connect_from("127.0.0.4", rig.smtp_port);
+    let started = Instant::now();
+    let greeting = read_for(&mut fifth, Duration::from_secs(2));
+    assert!(greeting.starts_with("421 4.7.0 Too many connections"), "{greeting:?}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // healthcheck says healthy: the listener answers, at its limit.
+    let health = std::process::Command::new(BIN).args(["healthcheck", "--config"]).arg(&rig.config).output().unwrap();
+    assert!(health.status.success(), "{}", String::from_utf8_lossy(&health.stderr));
+    // Each trickler is closed once DATA falls under the minimum rate: within
+    // data_timeout_secs plus a second per 500 octets, not at max_session_secs.
+    for t in tricklers {
+        let (said, took) = t.join().unwrap();
+        assert!(said.contains("421 4.4.2 Message data too slow"), "{said}");
+        assert!(took < Duration::from_secs(10), "{took:?}");
+    }
+    // And the slots are free again.
+    let r = rig.smtp_send_from("127.0.0.5", "b@remote.example", "alice@example.org", b"Subject: hi\r\n\r\nhi\r\n");
+    assert!(r.starts_with("accepted 250"), "{r}");
+}

@@ -347,6 +347,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     smtp_config.max_recipients = settings.smtp.max_recipients;
     smtp_config.command_timeout = Duration::from_secs(settings.smtp.command_timeout_secs);
     smtp_config.data_timeout = Duration::from_secs(settings.smtp.data_timeout_secs);
+    smtp_config.min_data_rate = settings.smtp.min_data_rate;
     smtp_config.max_connections = settings.smtp.max_connections;
     smtp_config.client_limits = bridge_smtp::listener::ClientLimits {
         max_connections: settings.smtp.max_connections_per_client,

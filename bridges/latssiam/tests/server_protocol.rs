@@ -782,3 +782,22 @@ async fn a_client_still_writing_after_an_oversized_block_reads_its_39() {
     }
     s.stop().await;
 }
+
+#[tokio::test]
+async fn a_server_at_max_connections_closes_a_new_client_at_once() {
+    use tokio::io::AsyncReadExt as _;
+    let s = TestServer::start(|c| c.max_connections = 2).await;
+    let bob = id("bob@localhost");
+    let _held = (s.raw(Some(&bob)).await, s.raw(Some(&bob)).await);
+    // Not left in the backlog until a slot frees: closed, unanswered, at once.
+    let mut third = TcpStream::connect(s.addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(2), third.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}");
+    drop(_held);
+    // A slot given back serves the next client.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut c = s.client(&bob).await;
+    c.quit().await;
+    s.stop().await;
+}

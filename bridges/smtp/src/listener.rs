@@ -60,6 +60,10 @@ pub const MAX_PENDING_REPLIES: usize = 8 * 1024;
 /// and if none is idle new clients are refused until some are.
 const MAX_TRACKED_CLIENTS: usize = 100_000;
 
+/// Clients being told `421` at once (each for at most 5 s); beyond them a
+/// connection is closed unanswered.
+const MAX_REFUSING: usize = 64;
+
 /// Limits per client address.
 #[derive(Clone, Debug)]
 pub struct ClientLimits {
@@ -163,6 +167,20 @@ impl Client {
 pub struct Anvil {
     limits: ClientLimits,
     clients: Mutex<HashMap<IpAddr, Client>>,
+    /// Sessions per IPv6 /48 (a site): at most `max_connections *`
+    /// [`SITE_FACTOR`], so one site cannot fill the listener from many /64s.
+    sites: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// How many clients' worth of sessions one IPv6 site (/48) may hold.
+pub const SITE_FACTOR: usize = 4;
+
+/// The site an address belongs to: its IPv6 /48 (`None` for IPv4).
+pub fn site_key(ip: IpAddr) -> Option<IpAddr> {
+    match client_key(ip) {
+        IpAddr::V6(v6) => Some(IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 80) - 1)))),
+        IpAddr::V4(_) => None,
+    }
 }
 
 /// Why a client was turned away.
@@ -176,12 +194,18 @@ pub enum Refused {
     MessageRate,
     /// Too many addresses are tracked (a flood from many addresses).
     Busy,
+    /// Too many simultaneous sessions from the address's IPv6 /48.
+    SiteConnections,
+    /// The listener is at `max_connections`.
+    Full,
 }
 
 impl Refused {
     fn reply(self) -> Reply {
         let text = match self {
             Refused::Connections => "Too many connections from your address; try again later",
+            Refused::SiteConnections => "Too many connections from your network; try again later",
+            Refused::Full => "Too many connections; try again later",
             Refused::ConnectionRate => "Too many connections from your address per minute; try again later",
             Refused::MessageRate => "Too many messages from your address per minute; try again later",
             Refused::Busy => "Server busy; try again later",
@@ -194,6 +218,7 @@ impl Refused {
 pub struct Admission {
     anvil: Arc<Anvil>,
     ip: Option<IpAddr>,
+    site: Option<IpAddr>,
 }
 
 impl Drop for Admission {
@@ -204,13 +229,22 @@ impl Drop for Admission {
                 c.sessions = c.sessions.saturating_sub(1);
             }
         }
+        if let Some(site) = self.site {
+            let mut sites = self.anvil.sites.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(n) = sites.get_mut(&site) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    sites.remove(&site);
+                }
+            }
+        }
     }
 }
 
 impl Anvil {
     /// Counters under `limits`.
     pub fn new(limits: ClientLimits) -> Arc<Self> {
-        Arc::new(Self { limits, clients: Mutex::new(HashMap::new()) })
+        Arc::new(Self { limits, clients: Mutex::new(HashMap::new()), sites: Mutex::new(HashMap::new()) })
     }
 
     /// Counts a new session from `ip`, or says why it is refused.
@@ -219,8 +253,9 @@ impl Anvil {
     /// [`Refused`] when a limit is reached.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admission, Refused> {
         if self.limits.exempts(ip) {
-            return Ok(Admission { anvil: Arc::clone(self), ip: None });
+            return Ok(Admission { anvil: Arc::clone(self), ip: None, site: None });
         }
+        let site = site_key(ip);
         let ip = client_key(ip);
         let now = Instant::now();
         let mut clients = self.clients.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -244,9 +279,21 @@ impl Anvil {
         if l.connection_rate > 0 && c.connections >= l.connection_rate {
             return Err(Refused::ConnectionRate);
         }
+        let site = match site {
+            Some(site) if l.max_connections > 0 => {
+                let mut sites = self.sites.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let n = sites.entry(site).or_default();
+                if *n >= l.max_connections.saturating_mul(SITE_FACTOR) {
+                    return Err(Refused::SiteConnections);
+                }
+                *n += 1;
+                Some(site)
+            }
+            _ => None,
+        };
         c.connections += 1;
         c.sessions += 1;
-        Ok(Admission { anvil: Arc::clone(self), ip: Some(ip) })
+        Ok(Admission { anvil: Arc::clone(self), ip: Some(ip), site })
     }
 
     /// Counts a message (`MAIL FROM`) from `ip`.
@@ -286,6 +333,11 @@ pub struct ListenerConfig {
     pub command_timeout: Duration,
     /// Wait for each chunk of message data.
     pub data_timeout: Duration,
+    /// The slowest a client may send message data, in octets per second
+    /// (Postfix's `smtpd_min_data_rate`): `DATA` may last `data_timeout`
+    /// plus one second per this many octets received, then `421 4.4.2`.
+    /// A keep-alive line every few minutes cannot hold a session. 0: off.
+    pub min_data_rate: u64,
     /// Most simultaneous sessions.
     pub max_connections: usize,
     /// Limits per client address.
@@ -318,6 +370,7 @@ impl ListenerConfig {
             max_recipients: 100,
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(180),
+            min_data_rate: 500,
             max_connections: 200,
             client_limits: ClientLimits::default(),
             junk_command_limit: 100,
@@ -337,14 +390,14 @@ pub async fn serve<S: Sink>(
     shutdown: CancellationToken,
 ) {
     let limit = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    // Clients told 421 at once, beyond which a connection is closed unanswered.
+    let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
     let anvil = Anvil::new(config.client_limits.clone());
     let tracker = TaskTracker::new();
     loop {
-        let permit = tokio::select! {
-            p = Arc::clone(&limit).acquire_owned() => p,
-            () = shutdown.cancelled() => break,
-        };
-        let Ok(permit) = permit else { break };
+        // Accepted first, then counted: a full listener answers 421 and closes
+        // at once instead of leaving clients in the kernel's backlog with no
+        // greeting (where a health check, too, would wait for one).
         let accepted = tokio::select! {
             a = listener.accept() => a,
             () = shutdown.cancelled() => break,
@@ -358,27 +411,37 @@ pub async fn serve<S: Sink>(
             }
         };
         let _ = tcp.set_nodelay(true);
-        let admission = anvil.admit(peer.ip());
-        let (config, sink, shutdown, anvil) =
-            (Arc::clone(&config), Arc::clone(&sink), shutdown.clone(), Arc::clone(&anvil));
-        tracker.spawn(async move {
-            match admission {
-                Ok(_admission) => {
+        let (admission, permit) = match Arc::clone(&limit).try_acquire_owned() {
+            Ok(permit) => (anvil.admit(peer.ip()), Some(permit)),
+            Err(_) => (Err(Refused::Full), None),
+        };
+        let refusal = match admission {
+            Ok(admission) => {
+                let (config, sink, shutdown, anvil) =
+                    (Arc::clone(&config), Arc::clone(&sink), shutdown.clone(), Arc::clone(&anvil));
+                tracker.spawn(async move {
                     if let Err(e) = run_session(tcp, peer, &config, &*sink, Some(&anvil), &shutdown).await {
                         debug!(%peer, error = %e, "SMTP session ended with an error.");
                     }
-                }
-                Err(why) => {
-                    info!(%peer, reason = ?why, "SMTP client over its limits; refused with 421.");
-                    let line = format!("{}\r\n", why.reply());
-                    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-                        tcp.write_all(line.as_bytes()).await?;
-                        tcp.shutdown().await
-                    })
-                    .await;
-                }
+                    drop((admission, permit));
+                });
+                continue;
             }
-            drop(permit);
+            Err(why) => why,
+        };
+        let Ok(slot) = Arc::clone(&refusing).try_acquire_owned() else {
+            // Flooded beyond what is worth answering.
+            continue;
+        };
+        tracker.spawn(async move {
+            info!(%peer, reason = ?refusal, "SMTP client over its limits; refused with 421.");
+            let line = format!("{}\r\n", refusal.reply());
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                tcp.write_all(line.as_bytes()).await?;
+                tcp.shutdown().await
+            })
+            .await;
+            drop((slot, permit));
         });
     }
     tracker.close();
@@ -709,7 +772,7 @@ impl<'a, S: Sink> Session<'a, S> {
                         self.flush(io.get_mut()).await?;
                         let r = self.data(&mut io).await?;
                         self.reset();
-                        if r.code == 550 && r.status == BARE_NEWLINE {
+                        if (r.code == 550 && r.status == BARE_NEWLINE) || r.code == 421 {
                             return self.close(io.get_mut(), &r).await;
                         }
                         if r.is_positive() {
@@ -780,8 +843,23 @@ impl<'a, S: Sink> Session<'a, S> {
         let mut held = Vec::new();
         // The DATA command line ended the previous line.
         let mut after_crlf = true;
+        let (started, mut received) = (Instant::now(), 0u64);
         loop {
-            let wait = self.config.data_timeout.min(self.remaining());
+            let mut wait = self.config.data_timeout.min(self.remaining());
+            let mut by_rate = false;
+            if let Some(earned) = received.checked_div(self.config.min_data_rate) {
+                let deadline = self.config.data_timeout + Duration::from_secs(earned);
+                let left = deadline.saturating_sub(started.elapsed());
+                by_rate = left < wait;
+                wait = wait.min(left);
+            }
+            let too_slow = || {
+                info!(peer = %self.peer, received, "SMTP client sends message data too slowly; closing.");
+                Ok(reply(421, [4, 4, 2], "Message data too slow; closing"))
+            };
+            if wait.is_zero() {
+                return too_slow();
+            }
             // A line may take what is left of the message (and a dot and CRLF);
             // past the limit the rest is read and dropped.
             let dropping = too_big || bare || no_room;
@@ -792,9 +870,12 @@ impl<'a, S: Sink> Session<'a, S> {
                 message.reserve_exact(MIB);
             }
             let start = message.len();
-            let line = tokio::time::timeout(wait, read_line_into(io, room, &mut message))
-                .await
-                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "timeout in DATA"))??;
+            let Ok(line) = tokio::time::timeout(wait, read_line_into(io, room, &mut message)).await else {
+                return if by_rate { too_slow() } else { Ok(reply(421, [4, 4, 2], "Timeout in DATA; closing")) };
+            };
+            let line = line?;
+            // What arrived: the line as stored (before any truncation below) and its end.
+            received += message.len().saturating_sub(start) as u64 + 2;
             match line {
                 Read::Eof => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed in DATA")),
                 Read::TooLong(crlf) => {
@@ -1019,6 +1100,17 @@ mod tests {
         let _a = v6.admit("2001:db8::1".parse().unwrap()).unwrap();
         assert_eq!(v6.admit("2001:db8::2:3".parse().unwrap()).err(), Some(Refused::Connections));
         assert!(v6.admit("2001:db8:0:1::1".parse().unwrap()).is_ok());
+        // One /48 (a site) holds at most SITE_FACTOR clients' worth, however
+        // many /64s it uses; another site is served, and a session that ends
+        // gives its place back.
+        let site = Anvil::new(ClientLimits { max_connections: 2, ..ClientLimits::default() });
+        let held: Vec<_> =
+            (0..20).filter_map(|i| site.admit(format!("2001:db8:1:{i:x}::1").parse().unwrap()).ok()).collect();
+        assert_eq!(held.len(), 2 * SITE_FACTOR);
+        assert_eq!(site.admit("2001:db8:1:ff::1".parse().unwrap()).err(), Some(Refused::SiteConnections));
+        assert!(site.admit("2001:db8:2::1".parse().unwrap()).is_ok());
+        drop(held);
+        assert!(site.admit("2001:db8:1:ff::1".parse().unwrap()).is_ok());
     }
 
     #[tokio::test]

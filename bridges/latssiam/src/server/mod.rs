@@ -418,10 +418,9 @@ impl Server {
         let shutdown = self.shared.shutdown.clone();
         let mut backoff = Duration::from_millis(10);
         loop {
-            let permit = tokio::select! {
-                p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-                () = shutdown.cancelled() => break,
-            };
+            // Accepted first, then counted: at max_connections a client is
+            // closed at once (before TLS, where no status can be sent yet)
+            // instead of waiting unanswered in the kernel's backlog.
             let accepted = tokio::select! {
                 a = listener.accept() => a,
                 () = shutdown.cancelled() => break,
@@ -437,6 +436,12 @@ impl Server {
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                     continue;
                 }
+            };
+            let Ok(permit) = limit.clone().try_acquire_owned() else {
+                if let Some(more) = self.shared.refusals.admit() {
+                    info!(%peer, also_refused = more, "At max_connections; closed.");
+                }
+                continue;
             };
             let Some(slot) = self.shared.admit(peer.ip()) else {
                 if let Some(more) = self.shared.refusals.admit() {
