@@ -797,7 +797,7 @@ async fn a_server_at_max_connections_closes_a_new_client_at_once() {
     drop(_held);
     // A slot given back serves the next client.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut c = s.client(&bob).await;
+    let c = s.client(&bob).await;
     c.quit().await;
     s.stop().await;
 }
