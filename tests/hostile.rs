@@ -727,3 +727,41 @@ fn a_full_listener_answers_421_at_once_and_a_trickling_data_session_does_not_hol
     let r = rig.smtp_send_from("127.0.0.5", "b@remote.example", "alice@example.org", b"Subject: hi\r\n\r\nhi\r\n");
     assert!(r.starts_with("accepted 250"), "{r}");
 }
+
+#[test]
+fn a_mailbox_moved_to_an_internal_address_is_not_connected_to_and_the_sender_learns_nothing_of_it() {
+    // Hostile review 2, finding 10: a contact's server answers
+    // `35 Mailbox moved 127.0.0.1:PORT`; the gateway used to connect there
+    // (TCP and TLS with its client certificate) before any VERIFY, and the
+    // error met there ("Connection refused") went into the DSN to the sender.
+    let (a, inside) = (free_port(), TcpListener::bind("127.0.0.1:0").unwrap());
+    let inside_port = inside.local_addr().unwrap().port();
+    inside.set_nonblocking(true).unwrap();
+    let rig = Rig::new(&format!("[queue]\nlifetime_secs = 4\n[routes]\nahost = \"127.0.0.1:{a}\"\n"));
+    identity(rig.path(), "srv@ahost", "srv");
+    identity(rig.path(), "bob@ahost", "bob");
+    let moved = rig.path().join("srv");
+    let _srv_a = Process::start(
+        rig.path(),
+        "python3",
+        &[
+            &support("moved_server.py"),
+            &a.to_string(),
+            moved.join("cert.pem").to_str().unwrap(),
+            moved.join("key.pem").to_str().unwrap(),
+            &format!("127.0.0.1:{inside_port}"),
+        ],
+        &[],
+    );
+    rig.contact("bob", &["--email", "bob@example.org"]);
+    let r = rig.smtp_send("x@remote.example", "bob@example.org", b"Subject: probe\r\n\r\nprobe\r\n");
+    assert!(r.starts_with("accepted 250"), "{r}");
+    let dsn = rig.wait_relayed(1);
+    let dsn = dsn[0]["data"].as_str().unwrap();
+    assert!(dsn.contains("Status: 5.4.7"), "{dsn}");
+    assert!(!dsn.contains("refused") && !dsn.contains("internal address"), "{dsn}");
+    // Nothing ever connected to the internal port.
+    assert!(matches!(inside.accept(), Err(e) if e.kind() == ErrorKind::WouldBlock), "the gateway connected inside");
+    assert!(rig.log().contains("internal address"), "{}", rig.log());
+    assert!(!rig.cli(&["contacts", "list"]).contains(&inside_port.to_string()));
+}

@@ -787,7 +787,9 @@ async fn classify(gw: &Gateway, fp: &Fingerprint, host: &str, status: Status, cl
         // Only a server that proves it serves the mailbox (VERIFY) takes it over.
         if let Err(e) = verify_moved(gw, fp, to).await {
             warn!(%fp, from = host, to, error = %e, "Mailbox moved, but the new server does not verify it.");
-            return Outcome::Retry(format!("{host}: {status}; {to} does not verify the mailbox: {e}"));
+            // The sender may read this in a DSN: what the gateway met inside
+            // its network (refused ports, TLS errors) stays in the log.
+            return Outcome::Retry(format!("{host}: {status}; {to} does not verify the mailbox"));
         }
         info!(%fp, from = host, to, "Mailbox moved; following it.");
         if let Err(e) = gw.store.move_contact(fp, to).await {
@@ -859,6 +861,18 @@ async fn connect(gw: &Gateway, host: &str, named: bool) -> Result<Client, String
 
 /// Asks the server at `to` to prove (VERIFY) that it serves the mailbox `fp`.
 async fn verify_moved(gw: &Gateway, fp: &Fingerprint, to: &str) -> Result<(), String> {
+    // A `35` is the word of a server, not of the contact: it may name any
+    // host, so one inside the gateway's network (loopback, private,
+    // link-local, ...) is not even connected to unless the operator routed it.
+    if !gw.resolver.routed(to) {
+        let addrs = gw.resolver.resolve_server(to).await.map_err(|e| e.to_string())?;
+        if let Some((_, addr)) = addrs.iter().find(|(_, a)| internal(a.ip())) {
+            return Err(format!(
+                "{to} is at an internal address ({}); not followed without a [routes] entry",
+                addr.ip()
+            ));
+        }
+    }
     // Reached as later deliveries will reach it: `to` becomes the contact's named server.
     let mut client = connect(gw, to, true).await?;
     let answer = tokio::time::timeout(Duration::from_secs(60), client.verify(*fp)).await;
@@ -868,6 +882,42 @@ async fn verify_moved(gw: &Gateway, fp: &Fingerprint, to: &str) -> Result<(), St
         Ok(Ok(Err(status))) => Err(status.to_string()),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("VERIFY timed out".into()),
+    }
+}
+
+/// Whether `ip` is not a public Internet address: loopback, unspecified,
+/// private (RFC 1918, IPv6 unique local), link-local, shared (RFC 6598),
+/// multicast, documentation or benchmarking ranges, or such an IPv4 address
+/// mapped into IPv6.
+fn internal(ip: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            v4.is_loopback()
+                || v4.is_unspecified()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_multicast()
+                || v4.is_broadcast()
+                || v4.is_documentation()
+                || a == 0
+                || (a == 100 && (64..128).contains(&b))
+                || (a == 198 && (b == 18 || b == 19))
+                || a >= 240
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return internal(IpAddr::V4(v4));
+            }
+            let first = v6.segments()[0];
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80
+                || first == 0x2001 && v6.segments()[1] == 0x0db8
+        }
     }
 }
 
@@ -921,6 +971,32 @@ mod tests {
             last_error: None,
         };
         (JobId { message: n, index: 0 }, job)
+    }
+
+    #[test]
+    fn internal_addresses_are_told_from_public_ones() {
+        for ip in [
+            "127.0.0.1",
+            "10.0.0.5",
+            "172.16.1.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "::",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:10.0.0.5",
+            "::ffff:127.0.0.1",
+            "224.0.0.1",
+            "ff02::1",
+        ] {
+            assert!(internal(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["93.184.216.34", "2a00:1450:4001::1", "::ffff:93.184.216.34", "1.1.1.1"] {
+            assert!(!internal(ip.parse().unwrap()), "{ip}");
+        }
     }
 
     #[test]

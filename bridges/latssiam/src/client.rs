@@ -435,6 +435,11 @@ impl Resolver {
 }
 
 impl Resolver {
+    /// Whether `server` (`HOST[:PORT]`) has a static route (an operator's choice).
+    pub fn routed(&self, server: &str) -> bool {
+        self.routes.contains_key(&split_host_port(server).0.to_ascii_lowercase())
+    }
+
     /// Addresses for a server named as `HOST[:PORT]` (port 1977 when absent):
     /// a static route for the host if there is one, else the host's own
     /// A/AAAA records (no MX: the server is named, not a mailbox's host).
