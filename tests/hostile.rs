@@ -765,3 +765,31 @@ fn a_mailbox_moved_to_an_internal_address_is_not_connected_to_and_the_sender_lea
     assert!(rig.log().contains("internal address"), "{}", rig.log());
     assert!(!rig.cli(&["contacts", "list"]).contains(&inside_port.to_string()));
 }
+
+#[test]
+fn the_hourly_bounce_limit_survives_a_restart() {
+    // Hostile review 2, finding 9: the limits were counted in memory, so each
+    // restart (and each node) gave a forged sender a fresh allowance.
+    let port = free_port();
+    let mut rig = Rig::new(&format!("[queue]\nmax_bounces_per_hour = 1\n[routes]\nbobhost = \"127.0.0.1:{port}\"\n"));
+    let _srv = ref_server(&rig, "srv", "bobhost", port, &[], &[]);
+    // Bob is a contact, but has no mailbox there: every delivery fails for good (34).
+    identity(rig.path(), "bob@bobhost", "bob");
+    rig.contact("bob", &["--email", "bob@example.org"]);
+    let send = |rig: &Rig, n: u32| {
+        let r = rig.smtp_send(
+            "victim@remote.example",
+            "bob@example.org",
+            format!("Subject: {n}\r\n\r\n{n}\r\n").as_bytes(),
+        );
+        assert!(r.starts_with("accepted 250"), "{r}");
+    };
+    send(&rig, 1);
+    assert_eq!(rig.wait_relayed(1).len(), 1);
+    rig.gateway.as_mut().unwrap().signal("TERM");
+    rig.start();
+    send(&rig, 2);
+    let over = wait_for(Duration::from_secs(20), || rig.log().contains("over their hourly limit").then_some(()));
+    assert!(over.is_some(), "{}", rig.log());
+    assert_eq!(rig.relayed().len(), 1, "a second report to the same address within the hour");
+}

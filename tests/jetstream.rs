@@ -917,3 +917,33 @@ fn a_record_that_does_not_decode_is_kept_as_a_dead_letter_not_dropped() {
     let got = wait_for(Duration::from_secs(30), || cluster.delivered("alice").get(&3).copied());
     assert_eq!(got, Some(1), "{}", cluster.log(0));
 }
+
+#[test]
+fn the_hourly_bounce_limit_is_one_for_the_cluster() {
+    let mut cluster = Cluster::new();
+    cluster.add_node("lifetime_secs = 3\nmax_bounces_per_hour = 1");
+    cluster.add_node("lifetime_secs = 3\nmax_bounces_per_hour = 1");
+    cluster.start(0);
+    cluster.add_node_identity(1);
+    cluster.start(1);
+    identity(cluster.path(), "dan@elsewhere.example", "dan");
+    let nowhere = format!("127.0.0.1:{}", free_port());
+    cluster.cli(0, &["contacts", "add", "--cert", "dan/cert.pem", "--email", "dan@example.org", "--server", &nowhere]);
+    let msg = cluster.path().join("m.eml");
+    std::fs::write(&msg, "From: x@remote.example\r\nTo: dan@example.org\r\nSubject: to dan\r\n\r\nhi\r\n").unwrap();
+    let dead = |n: usize| {
+        wait_for(Duration::from_secs(60), || {
+            cluster.cli(0, &["queue", "list"]).contains(&format!("{n} dead letters")).then_some(())
+        })
+    };
+    // One failure through each node, one after the other: one report in all.
+    for node in [0, 1] {
+        let out = cluster.smtp_send(node, "dan@example.org", &msg);
+        assert!(out.starts_with("accepted 250"), "{out}");
+        assert!(dead(node + 1).is_some(), "{}", cluster.logs());
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let dsns = cluster.relayed().iter().filter(|r| r["rcpt_tos"].to_string().contains("x@remote.example")).count();
+    assert_eq!(dsns, 1, "{}", cluster.logs());
+    assert!(cluster.logs().contains("over their hourly limit"), "{}", cluster.logs());
+}

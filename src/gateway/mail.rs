@@ -20,20 +20,29 @@ pub fn date_now() -> String {
     OffsetDateTime::now_utc().format(&Rfc2822).unwrap_or_else(|_| "Thu, 01 Jan 1970 00:00:00 +0000".into())
 }
 
-/// The most of a message's header section a bounce or notice quotes.
-pub const MAX_QUOTED_HEADER: usize = 64 * 1024;
+/// The most of a message's header section a bounce or notice quotes: room
+/// for a real header (`Received` chains, DKIM and ARC signatures, then the
+/// `From`, `Subject` and `Message-ID` a sender looks for), not for an
+/// attacker's payload sent back to a forged sender.
+pub const MAX_QUOTED_HEADER: usize = 8 * 1024;
 
-/// The header section as a report quotes it: at most [`MAX_QUOTED_HEADER`]
-/// octets, cut at a line end (a message without a blank line is all header).
+/// The header section as a report quotes it: its header fields up to the
+/// first line that is not one (a message without a blank line is not all
+/// header), at most [`MAX_QUOTED_HEADER`] octets, cut at a line end.
 fn quoted_header(data: &[u8]) -> std::borrow::Cow<'_, str> {
-    let header = header_section(data);
-    let header = if header.len() > MAX_QUOTED_HEADER {
-        let cut = &header[..MAX_QUOTED_HEADER];
-        cut.iter().rposition(|&b| b == b'\n').map_or(cut, |i| &cut[..=i])
-    } else {
-        header
-    };
-    String::from_utf8_lossy(header)
+    let mut end = 0;
+    for line in header_section(data).split_inclusive(|&b| b == b'\n') {
+        let field = line.first().is_some_and(|b| *b == b' ' || *b == b'\t')
+            || line
+                .iter()
+                .position(|&b| b == b':')
+                .is_some_and(|colon| colon > 0 && line[..colon].iter().all(|b| b.is_ascii_graphic()));
+        if !field || end + line.len() > MAX_QUOTED_HEADER {
+            break;
+        }
+        end += line.len();
+    }
+    String::from_utf8_lossy(&data[..end])
 }
 
 /// The header section (up to the first empty line), without it.
@@ -436,5 +445,21 @@ mod tests {
         assert!(d.contains("Diagnostic-Code: x-latssiam; 38 Mailbox gone"));
         assert!(d.contains("text/rfc822-headers\r\n\r\nReceived: a"));
         assert_eq!(recipients(&parse(&raw)), ["alice@else.example"]);
+    }
+
+    #[test]
+    fn a_bounce_quotes_only_header_fields_and_a_bounded_number_of_them() {
+        let f = Failure { recipient: "bob@example.org", status: "5.4.7", diagnostic: "x" };
+        // No blank line: the header ends at the first line that is not a field.
+        let text = |raw: Vec<u8>| String::from_utf8(raw).unwrap();
+        let body = "Subject: hi\r\n folded\r\nFrom: v@x\r\nBUY NOW at evil.example\r\nX: after\r\n";
+        let d = text(dsn("gw.example", "v@x", "now", &f, body.as_bytes()));
+        assert!(d.contains("Subject: hi\r\n folded\r\nFrom: v@x\r\n"), "{d}");
+        assert!(!d.contains("BUY NOW") && !d.contains("X: after"), "{d}");
+        // The review's 2,000 lines of "X: spam" and no blank line: at most 8 KiB of them.
+        let flood = "X: spam\r\n".repeat(2000);
+        let d = text(dsn("gw.example", "v@x", "now", &f, flood.as_bytes()));
+        let quoted = d.matches("X: spam").count();
+        assert!(quoted * 9 <= MAX_QUOTED_HEADER && quoted > 100, "{quoted}");
     }
 }

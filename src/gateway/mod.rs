@@ -12,6 +12,7 @@ pub mod config;
 pub mod contacts;
 pub mod db;
 pub mod discovery;
+pub mod hourly;
 pub mod http;
 pub mod irc;
 pub mod mail;
@@ -68,9 +69,9 @@ pub struct Gateway {
     /// Deliveries in flight per destination.
     pub destinations: worker::Destinations,
     /// Failure reports per address and hour.
-    pub bounces: worker::HourlyLimit,
+    pub bounces: Arc<hourly::HourlyLimit>,
     /// Messages relayed per contact and hour.
-    pub relayed: poller::RelayLimiter,
+    pub relayed: Arc<hourly::HourlyLimit>,
     /// The embedded home server's store (for WebFinger and the capsule).
     pub home_store: Option<Arc<latssiam::server::store::Store>>,
     /// The embedded home server's host and in-process delivery, with
@@ -308,6 +309,15 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         .map_err(|e| anyhow::anyhow!("dns.nameservers: {e}"))?;
     let metrics = Arc::new(Metrics::default());
     let border = auth::Border::new(&settings, dns.clone(), Arc::clone(&metrics)).map_err(|e| anyhow::anyhow!(e))?;
+    // Counted across restarts, and with the shared queue across nodes.
+    let counter: Option<Arc<dyn hourly::SharedCounter>> = match &queue {
+        queue::Queue::JetStream(q) => Some(Arc::clone(q) as Arc<dyn hourly::SharedCounter>),
+        queue::Queue::Sled(_) => None,
+    };
+    let bounces = Arc::new(hourly::HourlyLimit::open(store.db(), "bounces", counter.clone())?);
+    let relayed = Arc::new(hourly::HourlyLimit::open(store.db(), "relayed", counter)?);
+    tasks.spawn(Arc::clone(&bounces).sweep(shutdown.clone()));
+    tasks.spawn(Arc::clone(&relayed).sweep(shutdown.clone()));
     let gw = Arc::new(Gateway {
         joiner,
         progress,
@@ -323,8 +333,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         metrics,
         home: (home_host, home_addr),
         destinations: worker::Destinations::default(),
-        bounces: worker::HourlyLimit::default(),
-        relayed: poller::RelayLimiter::default(),
+        bounces,
+        relayed,
         local,
         home_store,
         pool: worker::Pool::default(),

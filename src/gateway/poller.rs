@@ -155,9 +155,6 @@ pub fn inspect(plaintext: &[u8], contact: &Contact, policy: &Policy) -> Result<O
     Ok(Outbound { recipients, subject, message })
 }
 
-/// Messages per contact per hour.
-pub type RelayLimiter = super::worker::HourlyLimit;
-
 /// Runs until `shutdown`, reconnecting with backoff (1 s doubling to 60 s,
 /// reset after a good round trip).
 pub async fn run(gw: Arc<Gateway>, shutdown: CancellationToken) {
@@ -268,7 +265,7 @@ async fn refuse_with_notice(
     why: String,
     plaintext: &[u8],
 ) -> Refusal {
-    if gw.bounces.allow(&contact.address, gw.settings.queue.max_bounces_per_hour) {
+    if gw.bounces.allow(&contact.address, gw.settings.queue.max_bounces_per_hour).await {
         let text = format!("The gateway did not relay your message.\r\n\r\nReason: {why}");
         let notice =
             mail::notice(&gw.settings.gateway.hostname, &contact.address, "Message not relayed", &text, plaintext);
@@ -407,7 +404,7 @@ async fn relay(gw: &Gateway, fp: &Fingerprint, contact: &Contact, plaintext: Vec
             return Err(refuse_with_notice(gw, &fp, &contact, Code::MessageRefused, why, &plaintext).await);
         }
     }
-    if !gw.relayed.allow(&fp.to_string(), relay.messages_per_hour) {
+    if !gw.relayed.allow(&fp.to_string(), relay.messages_per_hour).await {
         let why = format!("more than {} messages in an hour; try again later", relay.messages_per_hour);
         return Err(refuse_with_notice(gw, &fp, &contact, Code::MessageRefused, why, &plaintext).await);
     }

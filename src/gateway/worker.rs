@@ -358,7 +358,7 @@ async fn deliver(gw: &Arc<Gateway>, id: JobId, mut job: Job) {
             results.failed.inc();
             warn!(job = %id, status, error = %diagnostic, "Delivery failed for good; dead-lettered.");
             job.last_error = Some(diagnostic.clone());
-            let report = failure_report(gw, id, &job, status, &diagnostic);
+            let report = failure_report(gw, id, &job, status, &diagnostic).await;
             match gw.queue.kill(id, &job, report).await {
                 Ok(Some(bounce)) => {
                     info!(bounce = %super::queue::message_id_string(bounce), "Queued a failure report to the sender.");
@@ -378,7 +378,13 @@ async fn deliver(gw: &Arc<Gateway>, id: JobId, mut job: Job) {
 /// 3464 DSN to an email sender, a notice to a LATSSIAM sender; nothing for
 /// `<>`, the gateway's own messages, or an address that had
 /// `queue.max_bounces_per_hour` reports already (backscatter).
-fn failure_report(gw: &Gateway, id: JobId, job: &Job, status: &str, diagnostic: &str) -> Option<(Vec<u8>, Target)> {
+async fn failure_report(
+    gw: &Gateway,
+    id: JobId,
+    job: &Job,
+    status: &str,
+    diagnostic: &str,
+) -> Option<(Vec<u8>, Target)> {
     let original = gw.queue.body(id).ok().flatten()?;
     let recipient = match &job.target {
         Target::Latssiam { address, .. } => address.clone(),
@@ -392,7 +398,7 @@ fn failure_report(gw: &Gateway, id: JobId, job: &Job, status: &str, diagnostic: 
     };
     // Per address, and in all (forged senders that change each time): 100 times the per-address number.
     let per_hour = gw.settings.queue.max_bounces_per_hour;
-    if !gw.bounces.allow(to, per_hour) || !gw.bounces.allow("*", per_hour.saturating_mul(100)) {
+    if !gw.bounces.allow(to, per_hour).await || !gw.bounces.allow("*", per_hour.saturating_mul(100)).await {
         warn!(to = %to, "Failure reports to this address are over their hourly limit; not sent.");
         return None;
     }
@@ -921,41 +927,6 @@ fn internal(ip: std::net::IpAddr) -> bool {
     }
 }
 
-/// Events per key (an address, a fingerprint) in the current hour: failure
-/// reports per address, relayed messages per contact. Bounded: at most
-/// 100,000 keys, the expired ones dropped first.
-#[derive(Default)]
-pub struct HourlyLimit {
-    sent: std::sync::Mutex<HashMap<String, (Instant, u32)>>,
-}
-
-impl HourlyLimit {
-    /// Counts an event for `to`; false if it is over `per_hour` (0: no limit).
-    pub fn allow(&self, to: &str, per_hour: u32) -> bool {
-        if per_hour == 0 {
-            return true;
-        }
-        let now = Instant::now();
-        let hour = Duration::from_secs(3600);
-        let mut sent = self.sent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if sent.len() >= 100_000 {
-            sent.retain(|_, (since, _)| now.duration_since(*since) < hour);
-            if sent.len() >= 100_000 && !sent.contains_key(&to.to_ascii_lowercase()) {
-                return false;
-            }
-        }
-        let entry = sent.entry(to.to_ascii_lowercase()).or_insert((now, 0));
-        if now.duration_since(entry.0) >= hour {
-            *entry = (now, 0);
-        }
-        if entry.1 >= per_hour {
-            return false;
-        }
-        entry.1 += 1;
-        true
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1021,15 +992,6 @@ mod tests {
         assert_eq!(d.active("latssiam:stalled"), 3);
         assert!(d.next("latssiam:healthy").is_none());
         assert_eq!(d.active("latssiam:healthy"), 0);
-    }
-
-    #[test]
-    fn bounces_are_limited_per_address() {
-        let b = HourlyLimit::default();
-        assert!((0..3).all(|_| b.allow("a@example.org", 3)));
-        assert!(!b.allow("A@example.org", 3));
-        assert!(b.allow("b@example.org", 3));
-        assert!((0..100).all(|_| b.allow("c@example.org", 0)));
     }
 
     #[test]

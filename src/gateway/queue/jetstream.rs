@@ -115,6 +115,8 @@ pub struct JetQueue {
     pins: kv::Store,
     leases: kv::Store,
     partials: kv::Store,
+    /// Hourly limits every node counts in (see [`crate::gateway::hourly`]).
+    hourly: kv::Store,
     irc_subject: String,
     irc: consumer::PullConsumer,
     held: Mutex<HashMap<JobId, Held>>,
@@ -225,6 +227,7 @@ pub async fn connect(s: &Settings) -> anyhow::Result<JetQueue> {
     let leases = open_bucket(&js, bucket("leases", Duration::from_secs(s.irc.lease_secs.max(3)))).await?;
     let lease_ttl = leases.status().await.map(|st| st.max_age()).context("the leases bucket")?;
     let partials = open_bucket(&js, bucket("partials", PARTIALS_AGE)).await?;
+    let hourly = open_bucket(&js, bucket("hourly", Duration::from_secs(2 * 3600))).await?;
     let irc_subject = format!("{name}.irc");
     let irc = js
         .get_or_create_stream(stream_config(format!("{name}-irc"), &irc_subject, work_queue))
@@ -259,6 +262,7 @@ pub async fn connect(s: &Settings) -> anyhow::Result<JetQueue> {
         pins,
         leases,
         partials,
+        hourly,
         irc_subject,
         irc,
         held: Mutex::new(HashMap::new()),
@@ -934,6 +938,39 @@ impl JetQueue {
 /// Applies every entry of `bucket` (from its start, then as they come) with
 /// `apply(key, value or None for a deletion)`; the receiver turns true once
 /// the entries there were at the start are applied.
+impl crate::gateway::hourly::SharedCounter for JetQueue {
+    fn count<'a>(
+        &'a self,
+        key: &'a str,
+        now: u64,
+        per_hour: u32,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, String>> + Send + 'a>> {
+        use crate::gateway::hourly::Window;
+        Box::pin(async move {
+            let key = hex(key.as_bytes());
+            // Compare-and-set, so that two nodes counting at once count twice.
+            for _ in 0..5 {
+                let entry = self.hourly.entry(&key).await.map_err(|e| e.to_string())?;
+                let (current, revision) = match entry {
+                    Some(e) if e.operation == kv::Operation::Put => (Window::decode(&e.value), Some(e.revision)),
+                    Some(e) => (None, Some(e.revision)),
+                    None => (None, None),
+                };
+                let Some(next) = Window::next(current, now, per_hour) else { return Ok(false) };
+                let value = Bytes::copy_from_slice(&next.encode());
+                let written = match (current, revision) {
+                    (Some(_), Some(r)) => self.hourly.update(&key, value, r).await.is_ok(),
+                    _ => self.hourly.create(&key, value).await.is_ok(),
+                };
+                if written {
+                    return Ok(true);
+                }
+            }
+            Err("the hourly limits bucket changed under us five times in a row".into())
+        })
+    }
+}
+
 async fn mirror_bucket(
     bucket: kv::Store,
     shutdown: CancellationToken,
