@@ -324,7 +324,7 @@ fn main() {
             std::fs::write(
                 &config,
                 format!(
-                    "[gateway]\ndata_dir = \"{}\"\ndomains = [\"example.org\"]\n[home]\n{home_section}\
+                    "[gateway]\ndata_dir = \"{}\"\ndomains = [\"example.org\"]\nmax_per_origin_per_day = 0\n[home]\n{home_section}\
                      register_password = \"sesame\"\naccept_deadline_secs = 30\n[routes]\nlocalhost = \"127.0.0.1:{home}\"\n\
                      [smtp]\nlisten = \"127.0.0.1:{smtp}\"\n\
                      [smarthost]\nport = {sink}\n[http]\nlisten = \"127.0.0.1:{http}\"\n[gemini]\nlisten = \"\"\n\

@@ -71,6 +71,48 @@ fn webfinger_describes_contacts_and_mailboxes_and_nobody_else() {
     // A deregistered mailbox is no longer described.
     common::ok(rig.path(), &["deregister", "--identity", "bob", "--server", &rig.home, "--pins", "pins"]);
     assert_eq!(wf("acct:bob@localhost").0, 404);
+    // A contact on another server is described only if they opted in
+    // (hostile review 2, finding 8: the directory linked every alias to an
+    // external server and key).
+    let erin = common::identity(rig.path(), "erin@elsewhere.example", "erin");
+    rig.contact("erin", &["--email", "erin@example.org"]);
+    assert_eq!(wf("acct:erin@example.org").0, 404);
+    rig.contact("erin", &["--email", "erin@example.org", "--discoverable"]);
+    let (status, _, body) = wf("acct:erin@example.org");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(&erin), "{body}");
+}
+
+#[test]
+fn webfinger_and_the_capsule_answer_one_client_at_a_bounded_rate() {
+    // Hostile review 2, finding 8: 200 versus 404 is a membership oracle,
+    // which a client could ask thousands of times a second.
+    let port = free_port();
+    let gemini_port = free_port();
+    let rig = Rig::new(&format!(
+        "[http]\npublic_listen = \"127.0.0.1:{port}\"\nlookups_per_minute = 5\n\
+         [gemini]\nlisten = \"127.0.0.1:{gemini_port}\"\nrequests_per_minute = 5\n"
+    ));
+    let wf = |n: u32| curl(&format!("http://127.0.0.1:{port}/.well-known/webfinger?resource=acct:p{n}@example.org"));
+    let statuses: Vec<u16> = (0..8).map(wf).map(|(s, _, _)| s).collect();
+    assert_eq!(statuses, [404, 404, 404, 404, 404, 429, 429, 429], "{statuses:?}");
+    let (_, head, _) = wf(9);
+    assert!(head.to_ascii_lowercase().contains("retry-after: 60"), "{head}");
+    // Another address is served meanwhile.
+    let out = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--interface", "127.0.0.2", "--max-time", "10"])
+        .arg(format!("http://127.0.0.1:{port}/.well-known/webfinger?resource=acct:p1@example.org"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "404");
+    let answers: Vec<String> = (0..6)
+        .map(|n| {
+            gemini(gemini_port, "localhost", format!("gemini://localhost/.well-known/latssiam/p{n}.pem\r\n").as_bytes())
+        })
+        .collect();
+    assert!(answers[..5].iter().all(|a| a.starts_with("51 ")), "{answers:?}");
+    assert!(answers[5].starts_with("44 60"), "{answers:?}");
+    drop(rig);
 }
 
 #[test]
@@ -206,9 +248,10 @@ fn contacts_come_from_urls_qr_pictures_and_addresses() {
     ]);
     assert!(added.starts_with("added bob@example.org"), "{added}");
     assert!(fourth.cli(&["contacts", "list"]).contains(&bob));
-    // The first gateway's own contacts at another host are not its to vouch for.
+    // The first gateway's own contacts at another host are not its to vouch
+    // for: WebFinger names dave (he opted in), the capsule does not serve him.
     common::identity(first.path(), "dave@localhost", "dave");
-    first.contact("dave", &["--email", "dave@example.org"]);
+    first.contact("dave", &["--email", "dave@example.org", "--discoverable"]);
     let wf = format!("http://127.0.0.1:{port}");
     let args =
         ["contacts", "add", "--address", "dave@example.org", "--webfinger", &wf, "--gemini-connect", &gemini_first];

@@ -793,3 +793,56 @@ fn the_hourly_bounce_limit_survives_a_restart() {
     assert!(over.is_some(), "{}", rig.log());
     assert_eq!(rig.relayed().len(), 1, "a second report to the same address within the hour");
 }
+
+#[test]
+fn one_origin_fills_only_its_own_share_of_a_persons_mailbox() {
+    // Hostile review 2, finding 2: the gateway is one sender for all mail, so
+    // one flood used to fill a person's quota for that sender and shut
+    // everyone else out for days. Each origin (envelope domain, client
+    // network) now has its own share.
+    let rig = Rig::new(&format!(
+        "[gateway]\nmax_per_origin_per_day = 3\n[home]\nmax_unread_per_sender = 10\n[smtp]\n{NO_EXEMPTIONS}"
+    ));
+    rig.person("alice");
+    rig.contact("alice", &["--email", "alice@example.org"]);
+    let msg = |n: u32| format!("Subject: n{n}\r\n\r\nn{n}\r\n").into_bytes();
+    // One transaction naming her twice (once in capitals) is one copy; both
+    // RCPTs count against the sender's own share.
+    let r = rig.smtp_send_from("127.0.0.2", "a@evil.example", "alice@example.org,ALICE@Example.org", &msg(0));
+    assert!(r.starts_with("accepted 250"), "{r}");
+    let r = rig.smtp_send_from("127.0.0.2", "a@evil.example", "alice@example.org", &msg(1));
+    assert!(r.starts_with("accepted 250"), "{r}");
+    // Its share (3) is spent: 452 4.2.2 at RCPT, for the rest of the day.
+    for n in 2..=4 {
+        let r = rig.smtp_send_from("127.0.0.2", "a@evil.example", "alice@example.org", &msg(n));
+        assert!(r.starts_with("refused 452") && r.contains("4.2.2"), "{n}: {r}");
+    }
+    // Another domain from the same network: the network's share is spent too.
+    let r = rig.smtp_send_from("127.0.0.3", "b@evil2.example", "alice@example.org", &msg(9));
+    assert!(r.starts_with("refused 452"), "{r}");
+    // A friend elsewhere still reaches her.
+    let r = rig.smtp_send_from("127.0.1.2", "friend@good.example", "alice@example.org", &msg(7));
+    assert!(r.starts_with("accepted 250"), "{r}");
+    let (files, out) = rig.fetch("alice", 5);
+    let texts: Vec<String> = files.iter().map(|f| std::fs::read_to_string(f).unwrap()).collect();
+    let count = |s: &str| texts.iter().filter(|t| t.contains(&format!("Subject: {s}\r\n"))).count();
+    assert_eq!((count("n0"), count("n1"), count("n7"), texts.len()), (1, 1, 1, 3), "{out} {texts:?}");
+}
+
+#[test]
+fn rcpt_answers_one_client_at_a_bounded_rate() {
+    // Hostile review 2, finding 8: 250 versus 550 5.1.1 is a membership
+    // oracle; a client may ask only so many times a minute.
+    let rig = Rig::new(&format!("[smtp]\nclient_recipient_rate_limit = 5\n{NO_EXEMPTIONS}"));
+    let mut s = TcpStream::connect(("127.0.0.1", rig.smtp_port)).unwrap();
+    let mut input = String::from("EHLO probe.test\r\nMAIL FROM:<p@remote.example>\r\n");
+    for n in 0..7 {
+        input.push_str(&format!("RCPT TO:<guess{n}@example.org>\r\n"));
+    }
+    input.push_str("QUIT\r\n");
+    s.write_all(input.as_bytes()).unwrap();
+    let said = read_for(&mut s, Duration::from_secs(3));
+    assert_eq!(said.matches("550 5.1.1").count(), 5, "{said}");
+    assert_eq!(said.matches("450 4.7.1 Too many recipients").count(), 2, "{said}");
+    assert!(said.contains("221 "), "the session goes on: {said}");
+}

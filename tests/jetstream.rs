@@ -164,6 +164,8 @@ impl Cluster {
 data_dir = "node{n}"
 domains = ["example.org"]
 hostname = "gw.example.org"
+# The floods come from one origin; its daily share is not what these test.
+max_per_origin_per_day = 0
 [home]
 server = "localhost:{home}"
 register_password = "sesame"
@@ -946,4 +948,46 @@ fn the_hourly_bounce_limit_is_one_for_the_cluster() {
     let dsns = cluster.relayed().iter().filter(|r| r["rcpt_tos"].to_string().contains("x@remote.example")).count();
     assert_eq!(dsns, 1, "{}", cluster.logs());
     assert!(cluster.logs().contains("over their hourly limit"), "{}", cluster.logs());
+}
+
+#[test]
+fn a_stalled_latssiam_server_holds_only_its_share_of_a_node() {
+    // Hostile review 2, finding 3: with the shared queue, the jobs parked for
+    // a stalled destination were subtracted from what a node claimed, so one
+    // black-holed server stopped every claim on every node.
+    let stall = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let stall_port = stall.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in stall.incoming().flatten() {
+            held.push(s);
+        }
+    });
+    let mut cluster = Cluster::new();
+    cluster.add_node("destination_concurrency = 3\nconnect_timeout_secs = 600");
+    cluster.start(0);
+    cluster.person("alice", &[]);
+    identity(cluster.path(), "stuck@stallhost", "stuck");
+    let stalled = format!("127.0.0.1:{stall_port}");
+    cluster
+        .cli(0, &["contacts", "add", "--cert", "stuck/cert.pem", "--email", "stuck@example.org", "--server", &stalled]);
+    let out = Command::new("python3")
+        .args([
+            &support("smtp_flood.py"),
+            "127.0.0.1",
+            &cluster.nodes[0].smtp_port.to_string(),
+            "a@remote.example",
+            "stuck@example.org",
+            "80",
+            "4",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).matches("ok ").count(), 80);
+    std::thread::sleep(Duration::from_secs(2));
+    let msg = cluster.path().join("m.eml");
+    std::fs::write(&msg, "From: b@remote.example\r\nTo: alice@example.org\r\nSubject: flood 1\r\n\r\nhi\r\n").unwrap();
+    assert!(cluster.smtp_send(0, "alice@example.org", &msg).starts_with("accepted 250"));
+    let got = wait_for(Duration::from_secs(20), || cluster.delivered("alice").get(&1).copied());
+    assert_eq!(got, Some(1), "{}", cluster.log(0));
 }

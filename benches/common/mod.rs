@@ -93,6 +93,7 @@ pub async fn person(
         allow_send,
         server: None,
         gone: false,
+        discoverable: false,
     };
     let r = admin::call(socket, &Request::ContactAdd { contact }).await.unwrap().unwrap();
     assert!(r.ok, "{}", r.text);

@@ -95,8 +95,9 @@ impl IrcSink for FuzzSink {
                 [channel, nick, text].iter().for_each(|s| clean(s));
                 None
             }
-            Event::Private { nick, text } => {
+            Event::Private { nick, userhost, text } => {
                 clean(&nick);
+                clean(&userhost);
                 clean(&text);
                 Some(format!("{nick}: {text}"))
             }

@@ -72,6 +72,11 @@ pub enum ContactsCommand {
         /// They may send out through the gateway.
         #[arg(long)]
         allow_send: bool,
+        /// WebFinger may describe them to anyone who asks (their LATSSIAM
+        /// URL, key and email alias): only with their consent. People with a
+        /// mailbox on the embedded home server are described anyway.
+        #[arg(long)]
+        discoverable: bool,
     },
     /// List contacts.
     List {
@@ -263,6 +268,7 @@ pub fn contacts(command: ContactsCommand) -> Result<()> {
                 server,
                 email,
                 allow_send,
+                discoverable,
             } => {
                 let settings = Settings::load(config.config.as_deref())?;
                 let asked = address.clone();
@@ -323,7 +329,8 @@ pub fn contacts(command: ContactsCommand) -> Result<()> {
                         bail!("--email {e:?} is not an email address");
                     }
                 }
-                let contact = Contact { address: address.to_string(), cert, email, allow_send, server, gone: false };
+                let contact =
+                    Contact { address: address.to_string(), cert, email, allow_send, server, gone: false, discoverable };
                 operate(&settings, Request::ContactAdd { contact }).await
             }
             ContactsCommand::List { config } => {

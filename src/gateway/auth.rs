@@ -229,7 +229,8 @@ impl Border {
         })
     }
 
-    fn trusted(&self, ip: IpAddr) -> bool {
+    /// Whether `ip` is in `auth.trusted_networks` (an MTA in front of the gateway).
+    pub fn trusted(&self, ip: IpAddr) -> bool {
         self.trusted_networks.iter().any(|&(net, bits)| bridge_smtp::listener::in_network(ip, net, bits))
     }
 

@@ -117,6 +117,7 @@ pub struct GatewaySettings {
     pub domains: Vec<String>,
     pub hostname: String,
     pub log_format: LogFormat,
+    pub max_per_origin_per_day: u32,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -164,6 +165,7 @@ pub struct SmtpSettings {
     pub max_connections_per_client: usize,
     pub client_connection_rate_limit: u32,
     pub client_message_rate_limit: u32,
+    pub client_recipient_rate_limit: u32,
     pub limit_exempt: Vec<String>,
     pub junk_command_limit: u32,
     pub max_session_secs: u64,
@@ -196,6 +198,7 @@ pub struct HttpSettings {
     pub listen: SocketAddr,
     /// Empty: off.
     pub public_listen: String,
+    pub lookups_per_minute: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -203,6 +206,7 @@ pub struct HttpSettings {
 pub struct GeminiSettings {
     /// Empty: off.
     pub listen: String,
+    pub requests_per_minute: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -39,6 +39,11 @@ pub struct Contact {
     /// `RCPT` from then on (no backscatter). Adding them again clears it.
     #[serde(default)]
     pub gone: bool,
+    /// WebFinger may describe them (their key and server, and the alias that
+    /// reaches them): they opted in. People with a mailbox on the embedded
+    /// home server are described whatever this says.
+    #[serde(default)]
+    pub discoverable: bool,
 }
 
 impl Contact {

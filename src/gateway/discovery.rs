@@ -45,8 +45,15 @@ impl Discovery {
         if !gw.settings.is_local_domain(domain) && !domain.eq_ignore_ascii_case(&gw.home.0) {
             return Ok(None);
         }
-        if let Some((_, contact)) =
-            gw.store.contact_by_name(address).map_err(|e| e.to_string())?.filter(|(_, c)| !c.gone)
+        let on_home =
+            |a: &str| gw.home_store.as_ref().is_some_and(|h| h.active_certificate(a).ok().flatten().is_some());
+        // A contact elsewhere is described only if they opted in: otherwise
+        // the directory would link their alias to their key and server for anyone.
+        if let Some((_, contact)) = gw
+            .store
+            .contact_by_name(address)
+            .map_err(|e| e.to_string())?
+            .filter(|(_, c)| !c.gone && (c.discoverable || on_home(&c.address)))
         {
             let reachable = |a: &str| a.rsplit_once('@').is_some_and(|(_, d)| gw.settings.is_local_domain(d));
             let mailto = contact

@@ -1,9 +1,11 @@
 //! Events per key and hour (failure reports per address, relayed messages
-//! per contact), counted where they outlive the process: in the node's sled
+//! per contact) or day (messages per origin and person), counted where they
+//! outlive the process: in the node's sled
 //! database, and with a shared queue in a key-value bucket every node counts
 //! in, so that neither a restart nor a second node multiplies a limit.
 //!
-//! A window opens with a key's first event and lasts an hour. Values are 12
+//! A window opens with a key's first event and lasts an hour (or the limit's
+//! own length). Values are 12
 //! octets: the window's start (Unix seconds, big-endian u64) and its count
 //! (big-endian u32).
 
@@ -43,32 +45,35 @@ impl Window {
     }
 
     /// The window after one more event at `now`, or `None` if it is over
-    /// `per_hour`. A window over an hour old (or from a clock ahead of ours
-    /// by more than an hour) starts again.
-    pub fn next(current: Option<Self>, now: u64, per_hour: u32) -> Option<Self> {
+    /// `max`. A window `length` seconds old (or from a clock ahead of ours by
+    /// more than that) starts again.
+    pub fn next(current: Option<Self>, now: u64, max: u32, length: u64) -> Option<Self> {
         let w = match current {
-            Some(w) if now.saturating_sub(w.start) < HOUR && w.start <= now + HOUR => w,
+            Some(w) if now.saturating_sub(w.start) < length && w.start <= now + length => w,
             _ => Self { start: now, count: 0 },
         };
-        (w.count < per_hour).then_some(Self { count: w.count + 1, ..w })
+        (w.count < max).then_some(Self { count: w.count + 1, ..w })
     }
 }
 
 /// A counter shared by every node (the JetStream queue's bucket).
 pub trait SharedCounter: Send + Sync {
-    /// Counts an event for `key` at `now` if the window allows it: `Ok(false)`
-    /// when it is over `per_hour`; an error when the shared store cannot say.
+    /// Counts an event for `key` at `now` if its window of `length` seconds
+    /// allows it: `Ok(false)` when it is over `max`; an error when the shared
+    /// store cannot say.
     fn count<'a>(
         &'a self,
         key: &'a str,
         now: u64,
-        per_hour: u32,
+        max: u32,
+        length: u64,
     ) -> Pin<Box<dyn Future<Output = Result<bool, String>> + Send + 'a>>;
 }
 
 /// Events per key and hour.
 pub struct HourlyLimit {
     name: &'static str,
+    length: u64,
     tree: sled::Tree,
     shared: Option<Arc<dyn SharedCounter>>,
 }
@@ -88,7 +93,13 @@ impl HourlyLimit {
         name: &'static str,
         shared: Option<Arc<dyn SharedCounter>>,
     ) -> Result<Self, sled::Error> {
-        Ok(Self { name, tree: db.open_tree(TREE)?, shared })
+        Ok(Self { name, length: HOUR, tree: db.open_tree(TREE)?, shared })
+    }
+
+    /// The same, over windows of `length` instead of an hour.
+    #[must_use]
+    pub fn per(self, length: Duration) -> Self {
+        Self { length: length.as_secs().max(1), ..self }
     }
 
     /// Counts an event for `key` (case does not matter); false if that is
@@ -101,7 +112,7 @@ impl HourlyLimit {
         let key = format!("{}:{}", self.name, key.to_ascii_lowercase());
         let now = now_secs();
         if let Some(shared) = &self.shared {
-            match shared.count(&key, now, per_hour).await {
+            match shared.count(&key, now, per_hour, self.length).await {
                 Ok(allowed) => return allowed,
                 Err(e) => warn!(error = %e, "Cannot count in the shared hourly limits; counting on this node."),
             }
@@ -118,7 +129,8 @@ impl HourlyLimit {
                     return true;
                 }
             };
-            let Some(next) = Window::next(current.as_deref().and_then(Window::decode), now, per_hour) else {
+            let Some(next) = Window::next(current.as_deref().and_then(Window::decode), now, per_hour, self.length)
+            else {
                 return false;
             };
             match self.tree.compare_and_swap(key, current, Some(&next.encode()[..])) {
@@ -132,7 +144,7 @@ impl HourlyLimit {
         }
     }
 
-    /// Forgets windows over an hour old, every ten minutes until `shutdown`
+    /// Forgets windows that are over, every ten minutes until `shutdown`
     /// (the keys are addresses an attacker may choose: they do not pile up).
     pub async fn sweep(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
         loop {
@@ -143,7 +155,7 @@ impl HourlyLimit {
             let now = now_secs();
             let prefix = format!("{}:", self.name);
             for (key, value) in self.tree.scan_prefix(prefix.as_bytes()).flatten() {
-                if Window::decode(&value).is_none_or(|w| now.saturating_sub(w.start) >= HOUR) {
+                if Window::decode(&value).is_none_or(|w| now.saturating_sub(w.start) >= self.length) {
                     let _ = self.tree.compare_and_swap(&key, Some(value), None::<&[u8]>);
                 }
             }
@@ -159,14 +171,15 @@ mod tests {
     fn a_window_counts_to_its_limit_then_starts_again_after_an_hour() {
         let mut w = None;
         for n in 1..=3 {
-            w = Window::next(w, 1000, 3);
+            w = Window::next(w, 1000, 3, HOUR);
             assert_eq!(w.map(|w| w.count), Some(n));
         }
-        assert_eq!(Window::next(w, 1000 + HOUR - 1, 3), None);
-        assert_eq!(Window::next(w, 1000 + HOUR, 3), Some(Window { start: 1000 + HOUR, count: 1 }));
+        assert_eq!(Window::next(w, 1000 + HOUR - 1, 3, HOUR), None);
+        assert_eq!(Window::next(w, 1000 + HOUR, 3, HOUR), Some(Window { start: 1000 + HOUR, count: 1 }));
+        assert_eq!(Window::next(w, 1000 + HOUR, 3, 2 * HOUR), None, "a longer window");
         // A window from a clock far ahead does not freeze the key.
         let ahead = Some(Window { start: 1000 + 5 * HOUR, count: 3 });
-        assert_eq!(Window::next(ahead, 1000, 3), Some(Window { start: 1000, count: 1 }));
+        assert_eq!(Window::next(ahead, 1000, 3, HOUR), Some(Window { start: 1000, count: 1 }));
         let w = Window { start: 7, count: 9 };
         assert_eq!(Window::decode(&w.encode()), Some(w));
         assert_eq!(Window::decode(b"short"), None);

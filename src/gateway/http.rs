@@ -93,10 +93,12 @@ pub async fn serve<H: Handler>(
     listener: TcpListener,
     handler: Arc<H>,
     name: &'static str,
+    requests_per_minute: u32,
     shutdown: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let clients = Arc::new(latssiam::limits::PerClient::default());
+    let requests = Arc::new(latssiam::limits::Lookups::new(requests_per_minute));
     let refusals = latssiam::limits::LogThrottle::default();
     let tracker = TaskTracker::new();
     loop {
@@ -123,12 +125,20 @@ pub async fn serve<H: Handler>(
             }
             continue;
         };
-        let handler = Arc::clone(&handler);
+        let (handler, requests) = (Arc::clone(&handler), Arc::clone(&requests));
         tracker.spawn(async move {
             let _held = (permit, slot);
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                 let handler = Arc::clone(&handler);
-                async move { Ok::<_, Infallible>(answer(&*handler, &request).await) }
+                let allowed = requests.allow(peer.ip());
+                async move {
+                    if !allowed {
+                        let mut slow = Answer::text(StatusCode::TOO_MANY_REQUESTS, "too many requests; slow down\n");
+                        slow.headers.push(("retry-after", "60"));
+                        return Ok::<_, Infallible>(response(slow, false));
+                    }
+                    Ok::<_, Infallible>(answer(&*handler, &request).await)
+                }
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())

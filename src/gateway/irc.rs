@@ -7,7 +7,9 @@
 //! subscriber and delivered by the worker. IRC has no acknowledgement, so
 //! lines waiting in a digest window live in memory only until the digest is
 //! queued. `/msg <bot> ADDRESS text` is relayed at most
-//! `private_messages_per_minute` times per nick and rolling minute.
+//! `private_messages_per_minute` times per user@host (the nick when the
+//! server sends none) and rolling minute, and `gateway.max_per_origin_per_day`
+//! times a day to one person.
 //!
 //! LATSSIAM -> IRC: the poller turns a message to `#channel@network` (from a
 //! subscriber) or `nick@network` into an [`IrcPost`] in the `irc_outbox`
@@ -31,7 +33,7 @@ use super::db::StoreError;
 use super::mail;
 use super::mail::MAX_PLAINTEXT;
 use super::outbox::IrcPost;
-use super::queue::{message_id_string, Origin};
+use super::queue::{message_id_string, Origin, Target};
 use super::Gateway;
 
 /// Most octets of digest lines in one message: what a LATSSIAM message
@@ -173,7 +175,7 @@ impl IrcSink for IrcCore {
                 }
                 None
             }
-            Event::Private { nick, text } => Some(self.private(&nick, &text).await),
+            Event::Private { nick, userhost, text } => Some(self.private(&nick, &userhost, &text).await),
             Event::Joined => {
                 self.gw.metrics.irc_joins.inc();
                 None
@@ -185,11 +187,13 @@ impl IrcSink for IrcCore {
 impl IrcCore {
     /// `ADDRESS text` to the bot: relayed to that contact if they accept it
     /// (`allow_send`: they take part in the gateway both ways).
-    async fn private(&self, nick: &str, text: &str) -> String {
+    async fn private(&self, nick: &str, userhost: &str, text: &str) -> String {
         let usage = "usage: /msg <bot> ADDRESS text (ADDRESS: a LATSSIAM address the gateway knows)".to_owned();
         let Some((address, body)) = text.trim().split_once(' ') else { return usage };
+        // Who is asking, across nick changes: user@host from the prefix (the nick if the server sent none).
+        let who = if userhost.is_empty() { nick } else { userhost };
         // Every request counts, refused ones too: that also slows down guessing addresses.
-        let verdict = self.limiter.lock().unwrap_or_else(PoisonError::into_inner).check(nick, Instant::now());
+        let verdict = self.limiter.lock().unwrap_or_else(PoisonError::into_inner).check(who, Instant::now());
         match verdict {
             Verdict::Relay => {}
             Verdict::SlowDown(n) => {
@@ -206,6 +210,15 @@ impl IrcCore {
             Ok(_) => return format!("{address} is not someone this gateway relays to. {usage}"),
             Err(_) => return "the gateway cannot read its contacts now; try later".into(),
         };
+        let person = match &target {
+            Target::Latssiam { fingerprint, .. } => fingerprint.as_str(),
+            Target::Smtp { rcpt } => rcpt.as_str(),
+        };
+        let share = self.gw.settings.gateway.max_per_origin_per_day;
+        if !self.gw.origins.allow(&format!("{person}/irc:{who}"), share).await {
+            info!(%nick, %who, "An IRC user has sent its daily share to one person; refused.");
+            return format!("slow down: at most {share} messages a day to {address}");
+        }
         let network = self.gw.settings.irc.channels.first().map_or("irc", |c| c.network.as_str());
         let m = private_message(nick, network, address, body, &mail::date_now());
         match self.gw.queue.enqueue(m.as_bytes(), vec![target], &Origin::Gateway).await {

@@ -70,6 +70,8 @@ pub struct Gateway {
     pub destinations: worker::Destinations,
     /// Failure reports per address and hour.
     pub bounces: Arc<hourly::HourlyLimit>,
+    /// Messages per origin and person and day (see `gateway.max_per_origin_per_day`).
+    pub origins: Arc<hourly::HourlyLimit>,
     /// Messages relayed per contact and hour.
     pub relayed: Arc<hourly::HourlyLimit>,
     /// The embedded home server's store (for WebFinger and the capsule).
@@ -315,7 +317,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         queue::Queue::Sled(_) => None,
     };
     let bounces = Arc::new(hourly::HourlyLimit::open(store.db(), "bounces", counter.clone())?);
-    let relayed = Arc::new(hourly::HourlyLimit::open(store.db(), "relayed", counter)?);
+    let relayed = Arc::new(hourly::HourlyLimit::open(store.db(), "relayed", counter.clone())?);
+    let origins =
+        Arc::new(hourly::HourlyLimit::open(store.db(), "origins", counter)?.per(Duration::from_secs(24 * 3600)));
+    tasks.spawn(Arc::clone(&origins).sweep(shutdown.clone()));
     tasks.spawn(Arc::clone(&bounces).sweep(shutdown.clone()));
     tasks.spawn(Arc::clone(&relayed).sweep(shutdown.clone()));
     let gw = Arc::new(Gateway {
@@ -335,6 +340,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         destinations: worker::Destinations::default(),
         bounces,
         relayed,
+        origins,
         local,
         home_store,
         pool: worker::Pool::default(),
@@ -363,6 +369,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         max_connections: settings.smtp.max_connections_per_client,
         connection_rate: settings.smtp.client_connection_rate_limit,
         message_rate: settings.smtp.client_message_rate_limit,
+        recipient_rate: settings.smtp.client_recipient_rate_limit,
         exempt: settings.smtp_limit_exempt()?,
     };
     smtp_config.junk_command_limit = settings.smtp.junk_command_limit;
@@ -399,7 +406,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         shutdown.clone(),
     ));
     let monitor = metrics::Monitor { metrics: Arc::clone(&gw.metrics), store: Arc::clone(&store), home: gw.home.1 };
-    tasks.spawn(http::serve(http, Arc::new(monitor), "http.listen", shutdown.clone()));
+    tasks.spawn(http::serve(http, Arc::new(monitor), "http.listen", 0, shutdown.clone()));
     tasks.spawn(admin::serve(admin, Arc::clone(&store), gw.queue.jetstream().cloned(), own_uid, shutdown.clone()));
     tasks.spawn(worker::run(Arc::clone(&gw), shutdown.clone()));
     tasks.spawn(poller::run(Arc::clone(&gw), shutdown.clone()));
@@ -416,7 +423,11 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         let own = gw.identity.address().map(|a| (a.to_string().to_ascii_lowercase(), gw.identity.cert_der().to_vec()));
         let capsule = discovery::Capsule { store: gw.home_store.clone(), own: own.into_iter().collect() };
         let tls = latssiam::gemini::server_tls(&capsule_identity).context("gemini.listen: TLS")?;
-        tasks.spawn(latssiam::gemini::serve(listener, tls, Arc::new(capsule), Default::default(), shutdown.clone()));
+        let limits = latssiam::gemini::Limits {
+            requests_per_minute: settings.gemini.requests_per_minute,
+            ..latssiam::gemini::Limits::default()
+        };
+        tasks.spawn(latssiam::gemini::serve(listener, tls, Arc::new(capsule), limits, shutdown.clone()));
     }
     if let Some(public) = public {
         extra.push_str(&format!(" webfinger {}", public.local_addr()?));
@@ -424,6 +435,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
             public,
             Arc::new(discovery::Discovery(Arc::clone(&gw))),
             "http.public_listen",
+            settings.http.lookups_per_minute,
             shutdown.clone(),
         ));
     }

@@ -483,6 +483,7 @@ mod tests {
             allow_send: true,
             server: None,
             gone: false,
+            discoverable: false,
         }
     }
 

@@ -37,6 +37,47 @@ impl SmtpSink {
         }
     }
 
+    /// Whether the origin of a message (its envelope sender's domain, and the
+    /// client's network: an IPv4 /24 or IPv6 /48) may send one more to
+    /// `target` today: each origin has `gateway.max_per_origin_per_day`,
+    /// its own share of what the gateway (one sender for everyone) may have
+    /// waiting in a person's mailbox, so that a flood from one origin cannot
+    /// fill that person's quota for everyone else. Beyond it, `452 4.2.2`.
+    async fn origin_share(&self, peer: std::net::IpAddr, from: &str, target: &Target) -> Result<(), Reply> {
+        let share = self.0.settings.gateway.max_per_origin_per_day;
+        if share == 0 {
+            return Ok(());
+        }
+        let person = match target {
+            Target::Latssiam { fingerprint, .. } => fingerprint.as_str(),
+            Target::Smtp { rcpt } => rcpt.as_str(),
+        };
+        let domain = from.rsplit_once('@').map_or_else(|| "<>".to_owned(), |(_, d)| d.to_ascii_lowercase());
+        let settings = &self.0.settings;
+        // The organisation's own mail through its own MTA is not an origin to share out.
+        if settings.is_local_domain(&domain) && self.0.border.trusted(peer) {
+            return Ok(());
+        }
+        let mut origins = vec![format!("{person}/d:{domain}")];
+        // Behind an MTA that is exempt from the per-client limits, the
+        // client network is always that MTA's: only the domain tells origins apart.
+        let exempt = settings.smtp_limit_exempt().unwrap_or_default();
+        if !exempt.iter().any(|&(net, bits)| bridge_smtp::listener::in_network(peer, net, bits)) {
+            origins.push(format!("{person}/n:{}", origin_network(peer)));
+        }
+        for origin in origins {
+            if !self.0.origins.allow(&origin, share).await {
+                info!(%peer, from, "An origin has sent its daily share to one person; 452.");
+                return Err(Reply::new(
+                    452,
+                    [4, 2, 2],
+                    "Mailbox full for mail from your domain or network today; try again later",
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// `452 4.3.1` while the queue's filesystem is below `queue.min_free_mb`.
     fn room(&self) -> Result<(), Reply> {
         self.0.store.room().map_err(|free| {
@@ -48,10 +89,10 @@ impl SmtpSink {
 }
 
 impl Sink for SmtpSink {
-    async fn recipient(&self, _from: &str, to: &str) -> Result<(), Reply> {
+    async fn recipient(&self, peer: std::net::IpAddr, from: &str, to: &str) -> Result<(), Reply> {
         self.room()?;
-        if self.target_for(to)?.is_some() {
-            return Ok(());
+        if let Some((target, _)) = self.target_for(to)? {
+            return self.origin_share(peer, from, &target).await;
         }
         let domain = to.rsplit_once('@').map_or("", |(_, d)| d);
         if self.0.settings.is_local_domain(domain) {
@@ -178,6 +219,21 @@ impl Sink for SmtpSink {
                 warn!(error = %e, "Cannot queue a message.");
                 refuse(Reply::new(451, [4, 3, 0], "Temporary local problem: the queue cannot be written"))
             }
+        }
+    }
+}
+
+/// The network an origin is counted by: an IPv4 /24, an IPv6 /48.
+pub fn origin_network(ip: std::net::IpAddr) -> String {
+    use std::net::IpAddr;
+    match bridge_smtp::listener::client_key(ip) {
+        IpAddr::V4(v4) => {
+            let [a, b, c, _] = v4.octets();
+            format!("{a}.{b}.{c}.0/24")
+        }
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}::/48", s[0], s[1], s[2])
         }
     }
 }

@@ -6,7 +6,8 @@
 //!
 //! One destination (a LATSSIAM server host, or the smarthost) has at most
 //! `queue.destination_concurrency` deliveries in flight; its further jobs
-//! wait in memory (at most [`MAX_PARKED`] per destination, beyond that they
+//! wait in memory (at most [`MAX_PARKED`] per destination, [`MAX_PARKED_SHARED`]
+//! with the shared queue; beyond that they
 //! go back to the queue for a second) without holding a worker slot, so a
 //! slow or stalled server holds only its share. Every connection and TLS
 //! handshake is bounded by `queue.connect_timeout_secs`, every read and
@@ -69,6 +70,12 @@ const SLOW_DOWN_MS: u64 = 2000;
 /// Most jobs waiting in memory for one destination's free slot.
 pub const MAX_PARKED: usize = 1000;
 
+/// With the shared queue, the jobs one destination may have waiting on this
+/// node: the rest go back to the stream at once (due again in about half a
+/// minute), so that a stalled destination holds no more than its share and
+/// no job another node could deliver waits here.
+pub const MAX_PARKED_SHARED: usize = 2;
+
 /// Deliveries in flight and jobs waiting, per destination.
 #[derive(Default)]
 pub struct Destinations {
@@ -96,13 +103,13 @@ impl Destinations {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn admit(&self, key: &str, limit: usize, id: JobId, job: Job) -> Admit {
+    fn admit(&self, key: &str, limit: usize, max_parked: usize, id: JobId, job: Job) -> Admit {
         let mut state = self.lock();
         let d = state.entry(key.to_owned()).or_default();
         if d.active < limit.max(1) {
             d.active += 1;
             Admit::Go(id, job)
-        } else if d.parked.len() < MAX_PARKED {
+        } else if d.parked.len() < max_parked {
             d.parked.push_back((id, job));
             Admit::Parked
         } else {
@@ -134,11 +141,6 @@ impl Destinations {
                 state.remove(key);
             }
         }
-    }
-
-    /// Jobs waiting for their destination, over all destinations.
-    fn parked(&self) -> usize {
-        self.lock().values().map(|d| d.parked.len()).sum()
     }
 
     /// Deliveries in flight to `key` (for tests and metrics).
@@ -217,19 +219,13 @@ pub async fn run(gw: Arc<Gateway>, shutdown: CancellationToken) {
     if let Some(j) = gw.queue.jetstream() {
         tokio::spawn(Arc::clone(j).keep_alive(alive.clone()));
     }
+    // Jobs taken from the shared queue are another node's to take while they
+    // wait here: only a few per destination wait, the rest go back at once.
+    // (Subtracting waiting jobs from what is claimed instead let one stalled
+    // destination stop every claim on every node.)
+    let max_parked = if gw.queue.jetstream().is_some() { MAX_PARKED_SHARED } else { MAX_PARKED };
     while !shutdown.is_cancelled() {
-        let mut free = slots.available_permits();
-        if gw.queue.jetstream().is_some() {
-            // Jobs taken from the shared queue are another node's to take
-            // while they wait here: hold no more than can start.
-            free = free.saturating_sub(gw.destinations.parked());
-            if free == 0 {
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_millis(50)) => continue,
-                    () = shutdown.cancelled() => break,
-                }
-            }
-        }
+        let free = slots.available_permits();
         if free == 0 {
             tokio::select! {
                 p = Arc::clone(&slots).acquire_owned() => drop(p),
@@ -254,7 +250,7 @@ pub async fn run(gw: Arc<Gateway>, shutdown: CancellationToken) {
         let mut started = 0;
         for (id, job) in jobs {
             let key = destination(&gw, &job);
-            let (id, job) = match gw.destinations.admit(&key, limit, id, job) {
+            let (id, job) = match gw.destinations.admit(&key, limit, max_parked, id, job) {
                 Admit::Go(id, job) => (id, job),
                 Admit::Parked => continue,
                 Admit::Full(id, mut job) => {
@@ -976,7 +972,7 @@ mod tests {
         let mut went = 0;
         for n in 0..(3 + MAX_PARKED as u64 + 2) {
             let (id, j) = job(n);
-            match d.admit("latssiam:stalled", 3, id, j) {
+            match d.admit("latssiam:stalled", 3, MAX_PARKED, id, j) {
                 Admit::Go(..) => went += 1,
                 Admit::Parked => {}
                 Admit::Full(id, _) => assert!(id.message >= 3 + MAX_PARKED as u64),
@@ -986,7 +982,7 @@ mod tests {
         assert_eq!(d.active("latssiam:stalled"), 3);
         // Another destination is not held up.
         let (id, j) = job(99_999);
-        assert!(matches!(d.admit("latssiam:healthy", 3, id, j), Admit::Go(..)));
+        assert!(matches!(d.admit("latssiam:healthy", 3, MAX_PARKED, id, j), Admit::Go(..)));
         // A finished delivery hands its slot to the first waiting job, in order.
         assert_eq!(d.next("latssiam:stalled").map(|(id, _)| id.message), Some(3));
         assert_eq!(d.active("latssiam:stalled"), 3);

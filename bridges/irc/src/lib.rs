@@ -105,6 +105,9 @@ pub enum Event {
     Private {
         /// Who.
         nick: String,
+        /// `user@host` of the sender's prefix (empty when the server sent
+        /// none): who it is across nick changes, for limits per person.
+        userhost: String,
         /// The text.
         text: String,
     },
@@ -585,6 +588,10 @@ impl<'a, S: IrcSink> Session<'a, S> {
             Some(Prefix::ServerName(s)) => s.clone(),
             None => String::new(),
         };
+        let userhost = match &message.prefix {
+            Some(Prefix::Nickname(_, u, h)) if !h.is_empty() => format!("{u}@{h}"),
+            _ => String::new(),
+        };
         match message.command {
             Command::PING(a, b) => self.send_urgent(Command::PONG(a, b)),
             Command::CAP(_, sub, _, params) => {
@@ -649,14 +656,18 @@ impl<'a, S: IrcSink> Session<'a, S> {
                 self.send_urgent(Command::JOIN(channel, key, None));
             }
             Command::TOPIC(channel, Some(text)) => self.emit_channel(&channel, &from, Kind::Topic, text).await,
-            Command::PRIVMSG(target, text) if from != self.nick => self.incoming(&target, &from, &text, false).await,
-            Command::NOTICE(target, text) if from != self.nick => self.incoming(&target, &from, &text, true).await,
+            Command::PRIVMSG(target, text) if from != self.nick => {
+                self.incoming(&target, (&from, &userhost), &text, false).await;
+            }
+            Command::NOTICE(target, text) if from != self.nick => {
+                self.incoming(&target, (&from, &userhost), &text, true).await;
+            }
             _ => {}
         }
         Ok(())
     }
 
-    async fn incoming(&mut self, target: &str, from: &str, text: &str, notice: bool) {
+    async fn incoming(&mut self, target: &str, (from, userhost): (&str, &str), text: &str, notice: bool) {
         let (kind, body) = match text.strip_prefix('\x01') {
             Some(ctcp) => match ctcp.trim_end_matches('\x01').strip_prefix("ACTION ") {
                 Some(action) => (Kind::Action, action),
@@ -668,7 +679,9 @@ impl<'a, S: IrcSink> Session<'a, S> {
         if target.starts_with(['#', '&', '+', '!']) {
             self.emit_channel(target, from, kind, body.to_owned()).await;
         } else if target.eq_ignore_ascii_case(&self.nick) && !notice && kind == Kind::Message {
-            let reply = self.emit(Event::Private { nick: from.to_owned(), text: body.to_owned() }).await;
+            let reply = self
+                .emit(Event::Private { nick: from.to_owned(), userhost: userhost.to_owned(), text: body.to_owned() })
+                .await;
             // The answer goes to one nick: never to a list, a channel or a mask a server may have sent as `from`.
             let one_nick = !from.is_empty()
                 && !from.chars().any(|c| c.is_whitespace() || c.is_control() || matches!(c, ',' | '*' | '?'))
@@ -697,9 +710,11 @@ impl<'a, S: IrcSink> Session<'a, S> {
                 kind,
                 text: format::clean_text(&text),
             },
-            Event::Private { nick, text } => {
-                Event::Private { nick: format::clean_text(&nick), text: format::clean_text(&text) }
-            }
+            Event::Private { nick, userhost, text } => Event::Private {
+                nick: format::clean_text(&nick),
+                userhost: format::clean_text(&userhost),
+                text: format::clean_text(&text),
+            },
             Event::Joined => Event::Joined,
         };
         self.sink.event(event).await

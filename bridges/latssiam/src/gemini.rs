@@ -50,6 +50,8 @@ pub const MAX_BODY: usize = 64 * 1024;
 const SUCCESS_PEM: &[u8] = b"20 application/x-pem-file\r\n";
 const NOT_FOUND: &[u8] = b"51 Not found\r\n";
 const BAD_REQUEST: &[u8] = b"59 Bad request\r\n";
+/// Slow down: the meta is the seconds to wait (Gemini section 3.2.4).
+const SLOW_DOWN: &[u8] = b"44 60\r\n";
 
 // --- requests ---------------------------------------------------------------
 
@@ -333,6 +335,11 @@ pub struct Limits {
     /// Connections at once per client (IPv4 address, IPv6 /64); more are
     /// closed before the TLS handshake. `0` is no limit.
     pub max_per_client: usize,
+    /// Requests per client and minute (four times as many per IPv6 /48);
+    /// beyond them `44 60` (slow down): the capsule answers "is there such a
+    /// mailbox?", which must not be asked thousands of times a second. `0` is
+    /// no limit.
+    pub requests_per_minute: u32,
 }
 
 impl Default for Limits {
@@ -342,6 +349,7 @@ impl Default for Limits {
             write_timeout: Duration::from_secs(10),
             max_connections: 256,
             max_per_client: 16,
+            requests_per_minute: 60,
         }
     }
 }
@@ -373,6 +381,7 @@ pub async fn serve<L: Lookup>(
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let clients = Arc::new(crate::limits::PerClient::default());
+    let requests = Arc::new(crate::limits::Lookups::new(limits.requests_per_minute));
     let refusals = crate::limits::LogThrottle::default();
     let tracker = TaskTracker::new();
     let mut backoff = Duration::from_millis(10);
@@ -410,11 +419,11 @@ pub async fn serve<L: Lookup>(
             continue;
         };
         let acceptor = acceptor.clone();
-        let lookup = Arc::clone(&lookup);
+        let (lookup, requests) = (Arc::clone(&lookup), Arc::clone(&requests));
         tracker.spawn(async move {
             let _permit = permit;
             let _slot = slot;
-            connection(acceptor, tcp, peer, &*lookup, limits).await;
+            connection(acceptor, tcp, peer, (&*lookup, &requests), limits).await;
         });
     }
     drop(listener);
@@ -428,7 +437,7 @@ async fn connection<L: Lookup>(
     acceptor: tokio_rustls::TlsAcceptor,
     tcp: TcpStream,
     peer: SocketAddr,
-    lookup: &L,
+    (lookup, requests): (&L, &crate::limits::Lookups),
     limits: Limits,
 ) {
     let _ = tcp.set_nodelay(true);
@@ -450,6 +459,10 @@ async fn connection<L: Lookup>(
         }
     };
     let response = match parse_request(&request) {
+        Ok(_) if !requests.allow(peer.ip()) => {
+            debug!("Too many Gemini requests from this client; slow down.");
+            SLOW_DOWN.to_vec()
+        }
         Ok(req) => match lookup.certificate(req.host(), req.path()) {
             Some(der) => {
                 debug!(host = req.host(), path = req.path(), "Certificate served.");
@@ -1025,6 +1038,16 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(5));
         assert_eq!(raw(c.addr, b"gemini://example.org/x\n").await, BAD_REQUEST);
         assert_eq!(raw(c.addr, b"https://example.org/x\r\n").await, BAD_REQUEST);
+    }
+
+    #[tokio::test]
+    async fn one_client_gets_its_share_of_requests_then_44() {
+        let c = capsule(Limits { requests_per_minute: 3, ..Limits::default() }).await;
+        let request = b"gemini://example.org/nobody.pem\r\n";
+        for _ in 0..3 {
+            assert_eq!(raw(c.addr, request).await, NOT_FOUND);
+        }
+        assert_eq!(raw(c.addr, request).await, SLOW_DOWN);
     }
 
     #[tokio::test]

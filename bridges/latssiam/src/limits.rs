@@ -87,6 +87,56 @@ impl Drop for ClientSlot {
     }
 }
 
+/// Look-ups per client and minute (WebFinger, the Gemini capsule): a
+/// token bucket per client key (IPv4 address, IPv6 /64) and per IPv6 /48
+/// site ([`SITE_FACTOR`] times as many), so that answering "is there such a
+/// person?" cannot be asked thousands of times a second by one client. The
+/// table is bounded: past 100,000 keys the full buckets are forgotten.
+pub struct Lookups {
+    per_minute: f64,
+    buckets: Mutex<HashMap<IpAddr, (f64, std::time::Instant)>>,
+}
+
+impl Lookups {
+    /// `per_minute` look-ups per client (0: no limit), that many at once.
+    pub fn new(per_minute: u32) -> Self {
+        Self { per_minute: f64::from(per_minute), buckets: Mutex::default() }
+    }
+
+    /// Takes a look-up for `ip`; false when its client or its site has none left.
+    pub fn allow(&self, ip: IpAddr) -> bool {
+        if self.per_minute <= 0.0 {
+            return true;
+        }
+        let now = std::time::Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
+        if buckets.len() >= 100_000 {
+            let full = |tokens: f64, at: std::time::Instant, burst: f64| {
+                tokens + now.duration_since(at).as_secs_f64() * burst / 60.0 >= burst
+            };
+            let per_minute = self.per_minute;
+            buckets.retain(|_, (tokens, at)| !full(*tokens, *at, per_minute));
+        }
+        let mut keys = vec![(client_key(ip), self.per_minute)];
+        if let Some(site) = site_key(ip).filter(|s| *s != keys[0].0) {
+            keys.push((site, self.per_minute * SITE_FACTOR as f64));
+        }
+        let mut level = Vec::with_capacity(keys.len());
+        for &(key, burst) in &keys {
+            let (tokens, at) = buckets.get(&key).copied().unwrap_or((burst, now));
+            let tokens = (tokens + now.duration_since(at).as_secs_f64() * burst / 60.0).min(burst);
+            if tokens < 1.0 {
+                return false;
+            }
+            level.push((key, tokens));
+        }
+        for (key, tokens) in level {
+            buckets.insert(key, (tokens - 1.0, now));
+        }
+        true
+    }
+}
+
 /// Lets one refusal log line through per second: a flood of refused
 /// connections costs one line a second, which says how many it stands for.
 #[derive(Default)]
@@ -112,6 +162,21 @@ impl LogThrottle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn look_ups_are_bounded_per_client_and_per_site() {
+        let l = Lookups::new(5);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!((0..5).all(|_| l.allow(ip("192.0.2.1"))));
+        assert!(!l.allow(ip("192.0.2.1")));
+        assert!(l.allow(ip("192.0.2.2")), "another address");
+        // One /64 is one client; one /48 holds four clients' worth.
+        assert!((0..5).all(|_| l.allow(ip("2001:db8:1:1::1"))));
+        assert!(!l.allow(ip("2001:db8:1:1::2")));
+        let site: usize = (2..10).map(|i| (0..5).filter(|_| l.allow(ip(&format!("2001:db8:1:{i}::1")))).count()).sum();
+        assert_eq!(site, 15, "20 per site, 5 of them taken");
+        assert!(Lookups::new(0).allow(ip("192.0.2.1")));
+    }
 
     #[test]
     fn one_address_and_one_site_hold_their_share() {

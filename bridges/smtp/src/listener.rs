@@ -73,13 +73,17 @@ pub struct ClientLimits {
     pub connection_rate: u32,
     /// `MAIL FROM` commands per minute from one address (0: no limit).
     pub message_rate: u32,
+    /// `RCPT TO` commands per minute from one address (0: no limit):
+    /// each answer says whether someone is here, so a directory cannot be
+    /// walked at thousands a second (Postfix's `smtpd_client_recipient_rate_limit`).
+    pub recipient_rate: u32,
     /// Networks the limits do not apply to, as (address, prefix length).
     pub exempt: Vec<(IpAddr, u8)>,
 }
 
 impl Default for ClientLimits {
     fn default() -> Self {
-        Self { max_connections: 50, connection_rate: 0, message_rate: 0, exempt: Vec::new() }
+        Self { max_connections: 50, connection_rate: 0, message_rate: 0, recipient_rate: 0, exempt: Vec::new() }
     }
 }
 
@@ -147,6 +151,7 @@ struct Client {
     window: Option<Instant>,
     connections: u32,
     messages: u32,
+    recipients: u32,
 }
 
 impl Client {
@@ -155,6 +160,7 @@ impl Client {
             self.window = Some(now);
             self.connections = 0;
             self.messages = 0;
+            self.recipients = 0;
         }
     }
 
@@ -198,6 +204,8 @@ pub enum Refused {
     SiteConnections,
     /// The listener is at `max_connections`.
     Full,
+    /// Too many recipients in the last minute.
+    RecipientRate,
 }
 
 impl Refused {
@@ -206,10 +214,15 @@ impl Refused {
             Refused::Connections => "Too many connections from your address; try again later",
             Refused::SiteConnections => "Too many connections from your network; try again later",
             Refused::Full => "Too many connections; try again later",
+            Refused::RecipientRate => "Too many recipients from your address per minute; try again later",
             Refused::ConnectionRate => "Too many connections from your address per minute; try again later",
             Refused::MessageRate => "Too many messages from your address per minute; try again later",
             Refused::Busy => "Server busy; try again later",
         };
+        if self == Refused::RecipientRate {
+            // Per recipient, not for the session: 450 4.7.1 as Postfix answers it.
+            return Reply::new(450, [4, 7, 1], text);
+        }
         Reply::new(421, [4, 7, 0], text)
     }
 }
@@ -313,6 +326,26 @@ impl Anvil {
             return Err(Refused::MessageRate);
         }
         c.messages += 1;
+        Ok(())
+    }
+
+    /// Counts a recipient (`RCPT TO`) from `ip`.
+    ///
+    /// # Errors
+    /// [`Refused::RecipientRate`] beyond the limit.
+    pub fn recipient(&self, ip: IpAddr) -> Result<(), Refused> {
+        if self.limits.recipient_rate == 0 || self.limits.exempts(ip) {
+            return Ok(());
+        }
+        let ip = client_key(ip);
+        let now = Instant::now();
+        let mut clients = self.clients.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(c) = clients.get_mut(&ip) else { return Ok(()) };
+        c.roll(now);
+        if c.recipients >= self.limits.recipient_rate {
+            return Err(Refused::RecipientRate);
+        }
+        c.recipients += 1;
         Ok(())
     }
 }
@@ -747,12 +780,17 @@ impl<'a, S: Sink> Session<'a, S> {
                     self.push(&r);
                 }
                 Request::Rcpt { to } => {
+                    let rate = self.anvil.map_or(Ok(()), |a| a.recipient(self.peer.ip()));
                     let r = match &self.from {
                         None => reply(503, [5, 5, 1], "Need MAIL before RCPT"),
+                        Some(_) if rate.is_err() => {
+                            info!(peer = %self.peer, "SMTP client over its recipient rate.");
+                            Refused::RecipientRate.reply()
+                        }
                         Some(_) if self.recipients.len() >= self.config.max_recipients => {
                             reply(452, [4, 5, 3], "Too many recipients; send the rest in another transaction")
                         }
-                        Some(from) => match self.sink.recipient(from, &to.address).await {
+                        Some(from) => match self.sink.recipient(self.peer.ip(), from, &to.address).await {
                             Ok(()) => {
                                 self.recipients.push(to.address);
                                 reply(250, [2, 1, 5], "Ok")
@@ -972,7 +1010,7 @@ mod tests {
     struct Keep(Mutex<Vec<Vec<u8>>>);
 
     impl Sink for Keep {
-        async fn recipient(&self, _from: &str, to: &str) -> Result<(), Reply> {
+        async fn recipient(&self, _peer: IpAddr, _from: &str, to: &str) -> Result<(), Reply> {
             if to.ends_with("@example.org") {
                 Ok(())
             } else {
@@ -1077,6 +1115,7 @@ mod tests {
             max_connections: 2,
             connection_rate: 3,
             message_rate: 1,
+            recipient_rate: 2,
             exempt: vec![parse_network("10.0.0.0/8").unwrap()],
         });
         let (a, b): (IpAddr, IpAddr) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
@@ -1091,6 +1130,11 @@ mod tests {
         assert_eq!(anvil.admit(a).err(), Some(Refused::ConnectionRate));
         assert!(anvil.message(a).is_ok());
         assert_eq!(anvil.message(a), Err(Refused::MessageRate));
+        // Recipients per minute, answered 450 4.7.1 (not a hang-up).
+        assert!(anvil.recipient(a).is_ok() && anvil.recipient(a).is_ok());
+        assert_eq!(anvil.recipient(a), Err(Refused::RecipientRate));
+        assert_eq!(Refused::RecipientRate.reply().code, 450);
+        assert!(anvil.recipient(b).is_ok());
         for _ in 0..10 {
             std::mem::forget(anvil.admit("10.1.2.3".parse().unwrap()).unwrap());
         }

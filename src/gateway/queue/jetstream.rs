@@ -227,7 +227,8 @@ pub async fn connect(s: &Settings) -> anyhow::Result<JetQueue> {
     let leases = open_bucket(&js, bucket("leases", Duration::from_secs(s.irc.lease_secs.max(3)))).await?;
     let lease_ttl = leases.status().await.map(|st| st.max_age()).context("the leases bucket")?;
     let partials = open_bucket(&js, bucket("partials", PARTIALS_AGE)).await?;
-    let hourly = open_bucket(&js, bucket("hourly", Duration::from_secs(2 * 3600))).await?;
+    // Windows of an hour or a day, kept a little longer than the longest.
+    let hourly = open_bucket(&js, bucket("hourly", Duration::from_secs(25 * 3600))).await?;
     let irc_subject = format!("{name}.irc");
     let irc = js
         .get_or_create_stream(stream_config(format!("{name}-irc"), &irc_subject, work_queue))
@@ -943,7 +944,8 @@ impl crate::gateway::hourly::SharedCounter for JetQueue {
         &'a self,
         key: &'a str,
         now: u64,
-        per_hour: u32,
+        max: u32,
+        length: u64,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, String>> + Send + 'a>> {
         use crate::gateway::hourly::Window;
         Box::pin(async move {
@@ -956,7 +958,7 @@ impl crate::gateway::hourly::SharedCounter for JetQueue {
                     Some(e) => (None, Some(e.revision)),
                     None => (None, None),
                 };
-                let Some(next) = Window::next(current, now, per_hour) else { return Ok(false) };
+                let Some(next) = Window::next(current, now, max, length) else { return Ok(false) };
                 let value = Bytes::copy_from_slice(&next.encode());
                 let written = match (current, revision) {
                     (Some(_), Some(r)) => self.hourly.update(&key, value, r).await.is_ok(),
