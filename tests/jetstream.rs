@@ -991,3 +991,87 @@ fn a_stalled_latssiam_server_holds_only_its_share_of_a_node() {
     let got = wait_for(Duration::from_secs(20), || cluster.delivered("alice").get(&1).copied());
     assert_eq!(got, Some(1), "{}", cluster.log(0));
 }
+
+#[test]
+fn two_contacts_claiming_one_alias_at_once_one_wins_and_a_planted_contact_takes_no_alias() {
+    use latssiam_bridge::gateway::contacts::Contact;
+    // Hostile review 2, finding 11: the alias check and the write were two
+    // steps, so two operators on two nodes could both take one alias; and
+    // finding 5: a record written straight into the bucket took an alias
+    // from the contact that held it.
+    let mut cluster = Cluster::new();
+    cluster.add_node("");
+    cluster.start(0);
+    let config = cluster.path().join("cli.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[gateway]\ndata_dir = \"cli\"\ndomains = [\"example.org\"]\n[queue]\nbackend = \"jetstream\"\nnats_url = \"{}\"\n",
+            cluster.nats.url()
+        ),
+    )
+    .unwrap();
+    let settings = latssiam_bridge::gateway::config::Settings::load(Some(&config)).unwrap();
+    let contact = |who: &str, alias: &str| {
+        identity(cluster.path(), &format!("{who}@localhost"), who);
+        let pem = std::fs::read(cluster.path().join(who).join("cert.pem")).unwrap();
+        let der = latssiam::identity::certificate_from_pem_or_der(&pem).unwrap().to_vec();
+        Contact {
+            address: format!("{who}@localhost"),
+            cert: der,
+            email: Some(alias.to_owned()),
+            allow_send: false,
+            server: None,
+            gone: false,
+            discoverable: false,
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    for round in 0..5 {
+        let alias = format!("shared{round}@example.org");
+        let (a, b) = (contact(&format!("a{round}"), &alias), contact(&format!("b{round}"), &alias));
+        let (ra, rb) = rt.block_on(async {
+            let (qa, qb) = tokio::join!(
+                latssiam_bridge::gateway::queue::jetstream::connect(&settings),
+                latssiam_bridge::gateway::queue::jetstream::connect(&settings)
+            );
+            let (qa, qb) = (qa.unwrap(), qb.unwrap());
+            let (fa, fb) = (a.fingerprint(), b.fingerprint());
+            let (ra, rb) = tokio::join!(qa.share_contact(&fa, Some(&a)), qb.share_contact(&fb, Some(&b)));
+            (ra.unwrap(), rb.unwrap())
+        });
+        assert!(ra.is_ok() != rb.is_ok(), "round {round}: exactly one wins: {ra:?} {rb:?}");
+        let lost = if ra.is_ok() { rb } else { ra };
+        assert!(lost.unwrap_err().contains("already belongs to another contact"));
+    }
+
+    // Alice holds alice@example.org; mallory's record, written straight into
+    // the bucket with her alias, does not take it from her on the node.
+    cluster.person("alice", &[]);
+    let mallory = contact("mallory", "alice@example.org");
+    rt.block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(cluster.nats.url()).await.unwrap());
+        let kv = js.get_key_value("latssiam-bridge-contacts").await.unwrap();
+        let value = serde_json::to_vec(&mallory).unwrap();
+        kv.put(mallory.fingerprint().to_string(), value.into()).await.unwrap();
+        // And a record whose key is not its certificate's fingerprint.
+        let alice_fp = latssiam::Fingerprint::of(b"not alice");
+        kv.put(alice_fp.to_string(), serde_json::to_vec(&contact("eve", "eve@example.org")).unwrap().into())
+            .await
+            .unwrap();
+    });
+    let ignored = wait_for(Duration::from_secs(10), || {
+        let log = cluster.log(0);
+        (log.contains("not taken") && log.contains("not its key's")).then_some(())
+    });
+    assert!(ignored.is_some(), "{}", cluster.log(0));
+    let msg = cluster.path().join("m.eml");
+    std::fs::write(&msg, "From: x@remote.example\r\nTo: alice@example.org\r\nSubject: flood 2\r\n\r\nhi\r\n").unwrap();
+    assert!(cluster.smtp_send(0, "alice@example.org", &msg).starts_with("accepted 250"));
+    let got = wait_for(Duration::from_secs(30), || cluster.delivered("alice").get(&2).copied());
+    assert_eq!(got, Some(1), "{}", cluster.log(0));
+    assert!(
+        !cluster.smtp_send(0, "eve@example.org", &msg).starts_with("accepted"),
+        "eve's misfiled record was ignored"
+    );
+}

@@ -114,13 +114,13 @@ pub async fn execute_shared(j: &JetQueue, request: Request) -> Result<String, St
                     return Err(format!("{name} already belongs to another contact"));
                 }
             }
-            j.share_contact(&fp, Some(&contact)).await.map_err(e)?;
+            j.share_contact(&fp, Some(&contact)).await.map_err(e)??;
             Ok(format!("added {} {fp}", contact.address))
         }
         Request::ContactList => Ok(contact_table(&j.contacts().await.map_err(e)?)),
         Request::ContactRemove { who } => {
             let fp = find(&j.contacts().await.map_err(e)?, &who).ok_or_else(|| format!("no contact {who}"))?;
-            j.share_contact(&fp, None).await.map_err(e)?;
+            j.share_contact(&fp, None).await.map_err(e)??;
             Ok(format!("removed {fp}"))
         }
         Request::QueueList => j.summary().await.map_err(e),

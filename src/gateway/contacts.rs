@@ -81,11 +81,14 @@ pub enum Reach {
 }
 
 impl Store {
-    /// Adds or replaces a contact (by fingerprint), durably.
+    /// Adds or replaces a contact (by fingerprint), durably. The check that
+    /// its names are free and the write are one step: on this node under
+    /// the store's contact lock, across nodes by the shared alias index.
     ///
     /// # Errors
     /// [`StoreError`]; or an email alias already used by another contact.
     pub async fn put_contact(&self, contact: &Contact) -> Result<Result<(), String>, StoreError> {
+        let _writing = self.contact_writes.lock().await;
         let fp = contact.fingerprint();
         for n in contact.names() {
             if let Some(other) = self.names.get(n.as_bytes())? {
@@ -94,26 +97,41 @@ impl Store {
                 }
             }
         }
-        self.share(&fp, Some(contact)).await?;
-        self.apply_contact(&fp, Some(contact))?;
+        let revision = match self.shared.get() {
+            Some(q) => match q.share_contact(&fp, Some(contact)).await? {
+                Ok(r) => Some(r),
+                Err(why) => return Ok(Err(why)),
+            },
+            None => None,
+        };
+        self.apply_contact(&fp, Some(contact), revision)?;
         self.durable().await?;
         Ok(Ok(()))
     }
 
-    async fn share(&self, fp: &Fingerprint, contact: Option<&Contact>) -> Result<(), StoreError> {
-        match self.shared.get() {
-            Some(q) => q.share_contact(fp, contact).await,
-            None => Ok(()),
-        }
-    }
-
     /// Sets (or, with `None`, removes) a contact in this store and its name
-    /// index, without a flush: for the mirror of the shared contacts, which
-    /// replays them at every start.
+    /// index, without a flush. `revision` is the shared bucket's, for the
+    /// shared contacts (the mirror replays them at every start): a revision
+    /// older than the one applied last for this contact is not applied, so
+    /// a late event of the mirror never undoes a newer write of this node.
+    /// A name that another contact holds here is not taken from it.
     ///
     /// # Errors
     /// [`StoreError`].
-    pub fn apply_contact(&self, fp: &Fingerprint, contact: Option<&Contact>) -> Result<(), StoreError> {
+    pub fn apply_contact(
+        &self,
+        fp: &Fingerprint,
+        contact: Option<&Contact>,
+        revision: Option<u64>,
+    ) -> Result<(), StoreError> {
+        if let Some(r) = revision {
+            let mut applied = self.contact_revisions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let last = applied.entry(*fp).or_default();
+            if r <= *last {
+                return Ok(());
+            }
+            *last = r;
+        }
         if let Some(old) = self.contact(fp)? {
             self.remove_names(&old)?;
         }
@@ -121,6 +139,11 @@ impl Store {
             Some(c) => {
                 self.contacts.insert(fp.as_bytes(), encode(c))?;
                 for name in c.names() {
+                    let taken = self.names.get(name.as_bytes())?.is_some_and(|v| v.as_ref() != fp.as_bytes());
+                    if taken {
+                        tracing::warn!(%fp, name, "A shared contact names an alias another contact holds; not taken.");
+                        continue;
+                    }
                     self.names.insert(name.as_bytes(), fp.as_bytes())?;
                 }
             }
@@ -147,11 +170,15 @@ impl Store {
     /// # Errors
     /// [`StoreError`].
     pub async fn remove_contact(&self, fp: &Fingerprint) -> Result<bool, StoreError> {
+        let _writing = self.contact_writes.lock().await;
         if self.contact(fp)?.is_none() {
             return Ok(false);
         }
-        self.share(fp, None).await?;
-        self.apply_contact(fp, None)?;
+        let revision = match self.shared.get() {
+            Some(q) => Some(q.share_contact(fp, None).await?.map_err(StoreError::Shared)?),
+            None => None,
+        };
+        self.apply_contact(fp, None, revision)?;
         self.durable().await?;
         Ok(true)
     }
@@ -221,17 +248,55 @@ impl Store {
     /// compare-and-set on the newest version (an operator may change or
     /// remove it on another node meanwhile: a removed contact stays removed).
     async fn change_contact(&self, fp: &Fingerprint, change: impl Fn(&mut Contact)) -> Result<(), StoreError> {
+        let _writing = self.contact_writes.lock().await;
         let changed = match self.shared.get() {
-            Some(q) => q.update_contact(fp, &change).await?,
+            Some(q) => q.update_contact(fp, &change).await?.map(|(c, r)| (c, Some(r))),
             None => self.contact(fp)?.map(|mut c| {
                 change(&mut c);
-                c
+                (c, None)
             }),
         };
-        if let Some(c) = changed {
-            self.apply_contact(fp, Some(&c))?;
+        if let Some((c, revision)) = changed {
+            self.apply_contact(fp, Some(&c), revision)?;
             self.durable().await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn contact(address: &str, email: &str, cert: &[u8]) -> Contact {
+        Contact {
+            address: address.into(),
+            cert: cert.to_vec(),
+            email: Some(email.into()),
+            allow_send: false,
+            server: None,
+            gone: false,
+            discoverable: false,
+        }
+    }
+
+    #[test]
+    fn a_late_shared_revision_never_undoes_a_newer_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let c = contact("a@localhost", "a@example.org", b"cert a");
+        let fp = c.fingerprint();
+        let gone = Contact { gone: true, ..c.clone() };
+        // This node wrote revision 7 (gone); the mirror then brings revision 6 (not gone).
+        store.apply_contact(&fp, Some(&gone), Some(7)).unwrap();
+        store.apply_contact(&fp, Some(&c), Some(6)).unwrap();
+        assert!(store.contact(&fp).unwrap().unwrap().gone);
+        store.apply_contact(&fp, Some(&c), Some(8)).unwrap();
+        assert!(!store.contact(&fp).unwrap().unwrap().gone);
+        // A shared contact naming an alias another contact holds does not take it.
+        let other = contact("b@localhost", "a@example.org", b"cert b");
+        store.apply_contact(&other.fingerprint(), Some(&other), Some(9)).unwrap();
+        assert_eq!(store.contact_by_name("a@example.org").unwrap().map(|(f, _)| f), Some(fp));
+        assert!(store.contact_by_name("b@localhost").unwrap().is_some());
     }
 }

@@ -100,6 +100,10 @@ pub struct Store {
     pub irc_wake: Notify,
     /// With `queue.backend = "jetstream"`: where contact and subscription changes go first.
     pub(crate) shared: std::sync::OnceLock<Arc<crate::gateway::queue::jetstream::JetQueue>>,
+    /// Held while a contact is checked and written on this node.
+    pub(crate) contact_writes: tokio::sync::Mutex<()>,
+    /// The shared bucket's revision applied last, per contact.
+    pub(crate) contact_revisions: std::sync::Mutex<std::collections::HashMap<latssiam::Fingerprint, u64>>,
 }
 
 impl Store {
@@ -140,6 +144,8 @@ impl Store {
             broken: std::sync::OnceLock::new(),
             free_space: latssiam::files::FreeSpace::new(dir, min_free),
             shared: std::sync::OnceLock::new(),
+            contact_writes: tokio::sync::Mutex::new(()),
+            contact_revisions: std::sync::Mutex::default(),
         };
         store.recover()?;
         Ok(Arc::new(store))

@@ -117,6 +117,8 @@ pub struct JetQueue {
     partials: kv::Store,
     /// Hourly limits every node counts in (see [`crate::gateway::hourly`]).
     hourly: kv::Store,
+    /// Which contact holds each name (hex of the lower-cased name -> fingerprint).
+    aliases: kv::Store,
     irc_subject: String,
     irc: consumer::PullConsumer,
     held: Mutex<HashMap<JobId, Held>>,
@@ -229,6 +231,7 @@ pub async fn connect(s: &Settings) -> anyhow::Result<JetQueue> {
     let partials = open_bucket(&js, bucket("partials", PARTIALS_AGE)).await?;
     // Windows of an hour or a day, kept a little longer than the longest.
     let hourly = open_bucket(&js, bucket("hourly", Duration::from_secs(25 * 3600))).await?;
+    let aliases = open_bucket(&js, bucket("aliases", Duration::ZERO)).await?;
     let irc_subject = format!("{name}.irc");
     let irc = js
         .get_or_create_stream(stream_config(format!("{name}-irc"), &irc_subject, work_queue))
@@ -264,6 +267,7 @@ pub async fn connect(s: &Settings) -> anyhow::Result<JetQueue> {
         leases,
         partials,
         hourly,
+        aliases,
         irc_subject,
         irc,
         held: Mutex::new(HashMap::new()),
@@ -615,18 +619,101 @@ impl JetQueue {
         Ok(out)
     }
 
-    /// Writes a contact (or its removal) to the shared bucket.
+    /// Writes a contact (or its removal) to the shared bucket, its names
+    /// claimed first in the alias index (`STREAM-aliases`, by `create`): of
+    /// two nodes adding different contacts with one alias at once, exactly
+    /// one wins. Returns the revision written, or why it was refused.
     ///
     /// # Errors
     /// [`StoreError::Shared`].
-    pub async fn share_contact(&self, fp: &Fingerprint, contact: Option<&Contact>) -> Result<(), StoreError> {
+    pub async fn share_contact(
+        &self,
+        fp: &Fingerprint,
+        contact: Option<&Contact>,
+    ) -> Result<Result<u64, String>, StoreError> {
         let key = fp.to_string();
-        match contact {
-            Some(c) => {
-                let value = serde_json::to_vec(c).map_err(|e| shared("contact", e))?;
-                self.contacts.put(key, value.into()).await.map(drop).map_err(|e| shared("contacts bucket", e))
+        let before = self.shared_contact(&key).await?;
+        let old_names: Vec<String> = before.iter().flat_map(|c| c.names().collect::<Vec<_>>()).collect();
+        let Some(c) = contact else {
+            self.contacts.delete(&key).await.map_err(|e| shared("contacts bucket", e))?;
+            for name in &old_names {
+                self.release_alias(name, fp).await;
             }
-            None => self.contacts.delete(key).await.map_err(|e| shared("contacts bucket", e)),
+            let revision = self.contacts.entry(&key).await.ok().flatten().map_or(0, |e| e.revision);
+            return Ok(Ok(revision));
+        };
+        let mut claimed = Vec::new();
+        for name in c.names() {
+            match self.claim_alias(&name, fp).await? {
+                Ok(fresh) => {
+                    if fresh {
+                        claimed.push(name);
+                    }
+                }
+                Err(why) => {
+                    for n in &claimed {
+                        self.release_alias(n, fp).await;
+                    }
+                    return Ok(Err(why));
+                }
+            }
+        }
+        let value = serde_json::to_vec(c).map_err(|e| shared("contact", e))?;
+        let revision = self.contacts.put(&key, value.into()).await.map_err(|e| shared("contacts bucket", e))?;
+        for name in old_names.iter().filter(|n| !c.names().any(|m| m == **n)) {
+            self.release_alias(name, fp).await;
+        }
+        Ok(Ok(revision))
+    }
+
+    async fn shared_contact(&self, key: &str) -> Result<Option<Contact>, StoreError> {
+        let value = self.contacts.get(key).await.map_err(|e| shared("contacts bucket", e))?;
+        Ok(value.and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    /// Claims `name` for `fp` in the alias index: `Ok(true)` newly claimed,
+    /// `Ok(false)` already `fp`'s, `Err` held by another contact. A claim
+    /// whose holder no longer names it (a writer that died between the
+    /// claim and the contact) is taken over by compare-and-set.
+    async fn claim_alias(&self, name: &str, fp: &Fingerprint) -> Result<Result<bool, String>, StoreError> {
+        let key = hex(name.as_bytes());
+        let mine = Bytes::from(fp.to_string());
+        let taken = || Ok(Err(format!("{name} already belongs to another contact")));
+        for _ in 0..5 {
+            match self.aliases.create(&key, mine.clone()).await {
+                Ok(_) => return Ok(Ok(true)),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+                Err(e) => return Err(shared("aliases bucket", e)),
+            }
+            let Some(entry) = self.aliases.entry(&key).await.map_err(|e| shared("aliases bucket", e))? else {
+                continue;
+            };
+            if entry.operation != kv::Operation::Put {
+                continue;
+            }
+            if entry.value == mine {
+                return Ok(Ok(false));
+            }
+            let holder = String::from_utf8_lossy(&entry.value).into_owned();
+            let holds = self.shared_contact(&holder).await?.is_some_and(|c| c.names().any(|n| n == name));
+            if holds {
+                return taken();
+            }
+            if self.aliases.update(&key, mine.clone(), entry.revision).await.is_ok() {
+                return Ok(Ok(true));
+            }
+        }
+        taken()
+    }
+
+    /// Gives up `name` if `fp` holds it (best effort: a stale claim is taken
+    /// over by the next contact that names it).
+    async fn release_alias(&self, name: &str, fp: &Fingerprint) {
+        let key = hex(name.as_bytes());
+        if let Ok(Some(entry)) = self.aliases.entry(&key).await {
+            if entry.operation == kv::Operation::Put && entry.value == fp.to_string().as_bytes() {
+                let _ = self.aliases.delete_expect_revision(&key, Some(entry.revision)).await;
+            }
         }
     }
 
@@ -640,7 +727,7 @@ impl JetQueue {
         &self,
         fp: &Fingerprint,
         change: impl Fn(&mut Contact),
-    ) -> Result<Option<Contact>, StoreError> {
+    ) -> Result<Option<(Contact, u64)>, StoreError> {
         let key = fp.to_string();
         for _ in 0..5 {
             let Some(entry) = self.contacts.entry(key.clone()).await.map_err(|e| shared("contacts bucket", e))? else {
@@ -652,8 +739,8 @@ impl JetQueue {
             let mut contact: Contact = serde_json::from_slice(&entry.value).map_err(|e| shared("contact", e))?;
             change(&mut contact);
             let value = serde_json::to_vec(&contact).map_err(|e| shared("contact", e))?;
-            if self.contacts.update(key.clone(), value.into(), entry.revision).await.is_ok() {
-                return Ok(Some(contact));
+            if let Ok(revision) = self.contacts.update(key.clone(), value.into(), entry.revision).await {
+                return Ok(Some((contact, revision)));
             }
         }
         Err(shared("contacts bucket", "changed by others five times in a row"))
@@ -720,25 +807,31 @@ impl JetQueue {
         shutdown: CancellationToken,
     ) -> Result<(), StoreError> {
         let s = Arc::clone(&store);
-        let contacts = mirror_bucket(self.contacts.clone(), shutdown.clone(), move |key, value| {
+        let contacts = mirror_bucket(self.contacts.clone(), shutdown.clone(), move |key, value, revision| {
             let Ok(fp) = key.parse::<Fingerprint>() else { return };
             let contact = match value.map(serde_json::from_slice::<Contact>).transpose() {
                 Ok(c) => c,
                 Err(e) => return warn!(key, error = %e, "A shared contact does not decode; ignored."),
             };
-            if let Err(e) = s.apply_contact(&fp, contact.as_ref()) {
+            // A record under another key than its certificate's fingerprint
+            // (a writer that is not a gateway) would seal to one person and
+            // deliver to another's mailbox.
+            if contact.as_ref().is_some_and(|c| c.fingerprint() != fp) {
+                return warn!(key, "A shared contact's certificate is not its key's; ignored.");
+            }
+            if let Err(e) = s.apply_contact(&fp, contact.as_ref(), Some(revision)) {
                 warn!(error = %e, "Cannot mirror a shared contact.");
             }
         })
         .await?;
-        let pinned = mirror_bucket(self.pins.clone(), shutdown.clone(), move |key, value| {
+        let pinned = mirror_bucket(self.pins.clone(), shutdown.clone(), move |key, value, _| {
             let Some(peer) = unhex(key).and_then(|k| String::from_utf8(k).ok()) else { return };
             if let Err(e) = pins.apply(&peer, value) {
                 warn!(error = %e, "Cannot mirror a shared TOFU pin.");
             }
         })
         .await?;
-        let subs = mirror_bucket(self.subs.clone(), shutdown, move |key, value| {
+        let subs = mirror_bucket(self.subs.clone(), shutdown, move |key, value, _| {
             let Some(k) = unhex(key) else { return };
             if let Err(e) = store.apply_subscription(&k, value.map(|v| v == b"1")) {
                 warn!(error = %e, "Cannot mirror a shared subscription.");
@@ -976,7 +1069,7 @@ impl crate::gateway::hourly::SharedCounter for JetQueue {
 async fn mirror_bucket(
     bucket: kv::Store,
     shutdown: CancellationToken,
-    apply: impl Fn(&str, Option<&[u8]>) + Send + 'static,
+    apply: impl Fn(&str, Option<&[u8]>, u64) + Send + 'static,
 ) -> Result<tokio::sync::watch::Receiver<bool>, StoreError> {
     let mut watch = bucket.watch_all_from_revision(1).await.map_err(|e| shared("watch", e))?;
     let pending = bucket.status().await.map_err(|e| shared("bucket status", e))?.values();
@@ -1005,8 +1098,8 @@ async fn mirror_bucket(
                 }
             };
             match entry.operation {
-                kv::Operation::Put => apply(&entry.key, Some(&entry.value)),
-                kv::Operation::Delete | kv::Operation::Purge => apply(&entry.key, None),
+                kv::Operation::Put => apply(&entry.key, Some(&entry.value), entry.revision),
+                kv::Operation::Delete | kv::Operation::Purge => apply(&entry.key, None, entry.revision),
             }
             seen += 1;
             if entry.delta == 0 || seen >= pending {
