@@ -100,7 +100,7 @@ impl PinStore for SledPins {
         // on the gateway's multi-threaded runtime.
         let trusted = match (self.shared.get(), tokio::runtime::Handle::try_current()) {
             (Some(q), Ok(rt)) if rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(|| rt.block_on(q.claim_pin(peer, fingerprint)))
+                tokio::task::block_in_place(|| rt.block_on(q.claim_pin(peer, fingerprint))).map_err(store_error)?
             }
             _ => fingerprint,
         };

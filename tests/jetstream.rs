@@ -1075,3 +1075,23 @@ fn two_contacts_claiming_one_alias_at_once_one_wins_and_a_planted_contact_takes_
         "eve's misfiled record was ignored"
     );
 }
+
+#[test]
+fn a_node_with_the_embedded_home_server_is_refused_at_start() {
+    // Hostile review 2, finding 6: each node's embedded server would be a
+    // mailbox store of its own, answered 250 for before it was durable.
+    let cluster = Cluster::new();
+    let config = cluster.path().join("embedded.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[gateway]\ndata_dir = \"embedded\"\ndomains = [\"example.org\"]\n[queue]\nbackend = \"jetstream\"\nnats_url = \"{}\"\n",
+            cluster.nats.url()
+        ),
+    )
+    .unwrap();
+    let out = common::run(cluster.path(), &["run", "--config", config.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("needs an external home.server"), "{err}");
+}

@@ -29,12 +29,7 @@ fn accepted(to: &str) -> bool {
 struct FuzzSink;
 
 impl Sink for FuzzSink {
-    fn recipient(
-        &self,
-        _peer: std::net::IpAddr,
-        _from: &str,
-        to: &str,
-    ) -> impl Future<Output = Result<(), Reply>> + Send {
+    fn recipient(&self, _from: &str, to: &str) -> impl Future<Output = Result<(), Reply>> + Send {
         let r = if accepted(to) { Ok(()) } else { Err(Reply::new(550, [5, 1, 1], "no such user")) };
         async move { r }
     }

@@ -254,6 +254,9 @@ async fn verify_certificate(settings: &Settings, server: &str, fingerprint: Fing
 
 /// `latssiam-bridge contacts …`.
 pub fn contacts(command: ContactsCommand) -> Result<()> {
+    // Stopped, the command opens the gateway's database itself: what it
+    // creates there is as private as what `run` creates.
+    latssiam::files::private_umask();
     runtime()?.block_on(async {
         match command {
             ContactsCommand::Add {
@@ -345,6 +348,7 @@ pub fn contacts(command: ContactsCommand) -> Result<()> {
 
 /// `latssiam-bridge queue …`.
 pub fn queue(command: QueueCommand) -> Result<()> {
+    latssiam::files::private_umask();
     let (config, request) = match command {
         QueueCommand::List { config } => (config, Request::QueueList),
         QueueCommand::Show { config, id } => (config, Request::QueueShow { id }),

@@ -240,13 +240,13 @@ impl Border {
     ///
     /// # Errors
     /// `550 5.7.1` or `451 4.7.0` (see the module docs).
-    pub async fn check(&self, envelope: &Envelope, data: Vec<u8>) -> Result<Vec<u8>, Reply> {
+    pub async fn check(&self, envelope: &Envelope, data: Vec<u8>) -> Result<Checked, Reply> {
         let (outcome, result) = self.decide(envelope, data).await;
         self.metrics.auth(outcome.label()).inc();
         result
     }
 
-    async fn decide(&self, envelope: &Envelope, data: Vec<u8>) -> (Outcome, Result<Vec<u8>, Reply>) {
+    async fn decide(&self, envelope: &Envelope, data: Vec<u8>) -> (Outcome, Result<Checked, Reply>) {
         let ip = envelope.peer.ip();
         let trusted = self.trusted(ip);
         let header = mail::header_section(&data);
@@ -255,7 +255,7 @@ impl Border {
         let mut data = data;
         if !self.verify && upstream.is_none() {
             self.strip(&mut data, trusted);
-            return (Outcome::Off, Ok(data));
+            return (Outcome::Off, Ok(Checked { data, vouched: None }));
         }
         // Verified on the octets as they came, before anything is removed or added.
         let (results, v) = match upstream {
@@ -306,7 +306,17 @@ impl Border {
             (false, false) => Outcome::Pass,
         };
         data.splice(0..0, added.into_bytes());
-        (outcome, Ok(data))
+        // Who vouches for the message: the From: domain with DMARC, else the
+        // envelope's domain with SPF (a DKIM pass alone names no origin here).
+        let envelope_domain = envelope.from.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase());
+        let vouched = if v.dmarc_pass {
+            from_domain
+        } else if v.spf_pass {
+            envelope_domain
+        } else {
+            None
+        };
+        (outcome, Ok(Checked { data, vouched }))
     }
 
     /// The results part of a trusted upstream's `Authentication-Results`.
@@ -450,6 +460,15 @@ fn tag_subject(message: &mut Vec<u8>, tag: &str) {
         let subject = String::from_utf8_lossy(&subject).trim().to_owned();
         mail::prepend(&format!("Subject: {tag} {subject}\r\n"), &mail::without_fields(header, &["subject"]))
     });
+}
+
+/// A message that passed [`Border::check`].
+pub struct Checked {
+    /// The message, our `Authentication-Results` on top.
+    pub data: Vec<u8>,
+    /// The domain that vouches for it (DMARC pass: the `From:` domain; else
+    /// SPF pass: the envelope sender's), if any: its origin.
+    pub vouched: Option<String>,
 }
 
 /// What the results mean for the policy.

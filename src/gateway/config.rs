@@ -490,9 +490,16 @@ impl Settings {
             bail!("queue.nats_tls_cert and queue.nats_tls_key go together");
         }
         let loopback = servers.iter().all(|(_, host, _)| {
-            host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+            host.eq_ignore_ascii_case("localhost")
+                || host.parse::<std::net::IpAddr>().is_ok_and(|ip| match ip {
+                    std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(v6.is_loopback(), |v4| v4.is_loopback()),
+                    v4 => v4.is_loopback(),
+                })
         });
-        let credentials = !q.nats_user.is_empty()
+        // user:password@ or token@ in the URL itself count as credentials.
+        let in_url = q.nats_url.split(',').all(|u| u.split_once("://").map_or(u, |(_, r)| r).contains('@'));
+        let credentials = in_url
+            || !q.nats_user.is_empty()
             || !q.nats_token.is_empty()
             || !q.nats_creds.as_os_str().is_empty()
             || !q.nats_tls_cert.as_os_str().is_empty();
@@ -601,6 +608,8 @@ mod tests {
             "nats_url = \"tls://nats.internal:4222\"\nnats_creds = \"/etc/gw.creds\"\n",
             "nats_url = \"nats://nats.internal\"\nnats_tls_ca = \"/ca.pem\"\nnats_token = \"t\"\n",
             "nats_url = \"nats://10.0.0.5:4222\"\nallow_insecure = true\n",
+            "nats_url = \"tls://gw:secret@nats.internal:4222\"\n",
+            "nats_url = \"nats://[::ffff:127.0.0.1]:4222\"\n",
         ] {
             jetstream(&format!("{ok}{home}")).unwrap_or_else(|e| panic!("{ok}: {e:#}"));
         }

@@ -17,6 +17,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tracing::warn;
 
 const HOUR: u64 = 3600;
+
+/// The longest an event waits for the shared count (an SMTP transaction or
+/// a report is waiting on it) before this node's own count decides.
+const SHARED_WAIT: Duration = Duration::from_secs(3);
 const TREE: &str = "hourly";
 
 /// One key's window.
@@ -112,9 +116,10 @@ impl HourlyLimit {
         let key = format!("{}:{}", self.name, key.to_ascii_lowercase());
         let now = now_secs();
         if let Some(shared) = &self.shared {
-            match shared.count(&key, now, per_hour, self.length).await {
-                Ok(allowed) => return allowed,
-                Err(e) => warn!(error = %e, "Cannot count in the shared hourly limits; counting on this node."),
+            match tokio::time::timeout(SHARED_WAIT, shared.count(&key, now, per_hour, self.length)).await {
+                Ok(Ok(allowed)) => return allowed,
+                Ok(Err(e)) => warn!(error = %e, "Cannot count in the shared limits; counting on this node."),
+                Err(_) => warn!("No answer from the shared limits in time; counting on this node."),
             }
         }
         self.count_here(&key, now, per_hour)
@@ -152,13 +157,18 @@ impl HourlyLimit {
                 () = tokio::time::sleep(Duration::from_secs(600)) => {}
                 () = shutdown.cancelled() => return,
             }
-            let now = now_secs();
-            let prefix = format!("{}:", self.name);
-            for (key, value) in self.tree.scan_prefix(prefix.as_bytes()).flatten() {
-                if Window::decode(&value).is_none_or(|w| now.saturating_sub(w.start) >= self.length) {
-                    let _ = self.tree.compare_and_swap(&key, Some(value), None::<&[u8]>);
+            // A walk over the tree: off the async workers.
+            let this = Arc::clone(&self);
+            let _ = tokio::task::spawn_blocking(move || {
+                let now = now_secs();
+                let prefix = format!("{}:", this.name);
+                for (key, value) in this.tree.scan_prefix(prefix.as_bytes()).flatten() {
+                    if Window::decode(&value).is_none_or(|w| now.saturating_sub(w.start) >= this.length) {
+                        let _ = this.tree.compare_and_swap(&key, Some(value), None::<&[u8]>);
+                    }
                 }
-            }
+            })
+            .await;
         }
     }
 }

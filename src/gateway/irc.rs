@@ -7,7 +7,7 @@
 //! subscriber and delivered by the worker. IRC has no acknowledgement, so
 //! lines waiting in a digest window live in memory only until the digest is
 //! queued. `/msg <bot> ADDRESS text` is relayed at most
-//! `private_messages_per_minute` times per user@host (the nick when the
+//! `private_messages_per_minute` times per client host (the nick when the
 //! server sends none) and rolling minute, and `gateway.max_per_origin_per_day`
 //! times a day to one person.
 //!
@@ -190,8 +190,10 @@ impl IrcCore {
     async fn private(&self, nick: &str, userhost: &str, text: &str) -> String {
         let usage = "usage: /msg <bot> ADDRESS text (ADDRESS: a LATSSIAM address the gateway knows)".to_owned();
         let Some((address, body)) = text.trim().split_once(' ') else { return usage };
-        // Who is asking, across nick changes: user@host from the prefix (the nick if the server sent none).
-        let who = if userhost.is_empty() { nick } else { userhost };
+        // Who is asking, across nick changes and reconnections: the host of
+        // the prefix (the user part is the client's to choose; the nick if
+        // the server sent no host).
+        let who = userhost.rsplit_once('@').map_or(nick, |(_, host)| host);
         // Every request counts, refused ones too: that also slows down guessing addresses.
         let verdict = self.limiter.lock().unwrap_or_else(PoisonError::into_inner).check(who, Instant::now());
         match verdict {

@@ -120,7 +120,10 @@ pub fn inspect(plaintext: &[u8], contact: &Contact, policy: &Policy) -> Result<O
             policy.max_recipients
         )));
     }
-    let subject = message.subject().unwrap_or_default().to_owned();
+    // Decoded (an encoded word may carry CR LF): control characters become
+    // spaces before it goes into a notice's header or a log line.
+    let subject: String =
+        message.subject().unwrap_or_default().chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
     let own: Vec<String> = contact.email.iter().chain([&contact.address]).map(|a| a.to_lowercase()).collect();
     let you = own.join(" or ");
     let header = mail::header_section(plaintext);
@@ -509,6 +512,15 @@ mod tests {
             let refused = check(forged);
             assert!(matches!(refused, Err((Code::MessageRefused, _))), "{forged:?}: {refused:?}");
         }
+    }
+
+    #[test]
+    fn an_encoded_subject_cannot_carry_a_line_break() {
+        // Hostile review 2, item 12: =0D=0A in an encoded word decoded to CR LF,
+        // which went into the subscription reply's header and the log.
+        let out =
+            check("From: alice@example.org\r\nTo: v@x.test\r\nSubject: =?utf-8?q?a=0D=0AX:_y?=\r\n\r\nb").unwrap();
+        assert_eq!(out.subject, "a  X: y");
     }
 
     #[test]

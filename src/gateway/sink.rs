@@ -37,41 +37,63 @@ impl SmtpSink {
         }
     }
 
-    /// Whether the origin of a message (its envelope sender's domain, and the
-    /// client's network: an IPv4 /24 or IPv6 /48) may send one more to
-    /// `target` today: each origin has `gateway.max_per_origin_per_day`,
-    /// its own share of what the gateway (one sender for everyone) may have
-    /// waiting in a person's mailbox, so that a flood from one origin cannot
-    /// fill that person's quota for everyone else. Beyond it, `452 4.2.2`.
-    async fn origin_share(&self, peer: std::net::IpAddr, from: &str, target: &Target) -> Result<(), Reply> {
-        let share = self.0.settings.gateway.max_per_origin_per_day;
+    /// Whether each person of `targets` may get one more message from the
+    /// origin of this one today, and if so counts it: each origin has
+    /// `gateway.max_per_origin_per_day`, its own share of what the gateway
+    /// (one sender for everyone) may have waiting in a person's mailbox, so
+    /// that a flood from one origin cannot fill it for everyone else.
+    ///
+    /// The origin is the domain that vouches for the message (`vouched`:
+    /// DMARC or SPF), so that nobody can spend another domain's share by
+    /// naming it; mail nobody vouches for is counted by the client's network
+    /// (IPv4 /24, IPv6 /48), or, behind an MTA in `smtp.limit_exempt`
+    /// (whose network is every sender's), as one origin of its own. The
+    /// organisation's own domains through `auth.trusted_networks` are not
+    /// counted. Counted once the message is accepted, so a transaction that
+    /// ends before its `250` spends nothing. Beyond the share, `452 4.2.2`:
+    /// only the flooding origin waits.
+    async fn origin_share(
+        &self,
+        envelope: &Envelope,
+        vouched: Option<&str>,
+        targets: &[(Target, Box<Contact>)],
+    ) -> Result<(), Reply> {
+        let peer = envelope.peer.ip();
+        let gw = &self.0;
+        let share = gw.settings.gateway.max_per_origin_per_day;
         if share == 0 {
             return Ok(());
         }
-        let person = match target {
-            Target::Latssiam { fingerprint, .. } => fingerprint.as_str(),
-            Target::Smtp { rcpt } => rcpt.as_str(),
-        };
-        let domain = from.rsplit_once('@').map_or_else(|| "<>".to_owned(), |(_, d)| d.to_ascii_lowercase());
-        let settings = &self.0.settings;
-        // The organisation's own mail through its own MTA is not an origin to share out.
-        if settings.is_local_domain(&domain) && self.0.border.trusted(peer) {
+        // The organisation's own mail through its own MTA (which may claim
+        // our domains: auth.trusted_networks) is not an origin to share out.
+        let envelope_domain = envelope.from.rsplit_once('@').map_or("", |(_, d)| d);
+        if gw.border.trusted(peer) && gw.settings.is_local_domain(envelope_domain) {
             return Ok(());
         }
-        let mut origins = vec![format!("{person}/d:{domain}")];
-        // Behind an MTA that is exempt from the per-client limits, the
-        // client network is always that MTA's: only the domain tells origins apart.
-        let exempt = settings.smtp_limit_exempt().unwrap_or_default();
-        if !exempt.iter().any(|&(net, bits)| bridge_smtp::listener::in_network(peer, net, bits)) {
-            origins.push(format!("{person}/n:{}", origin_network(peer)));
-        }
-        for origin in origins {
-            if !self.0.origins.allow(&origin, share).await {
-                info!(%peer, from, "An origin has sent its daily share to one person; 452.");
+        let exempt = gw.settings.smtp_limit_exempt().unwrap_or_default();
+        let origin = match vouched {
+            Some(domain) => format!("d:{domain}"),
+            None if exempt.iter().any(|&(net, bits)| bridge_smtp::listener::in_network(peer, net, bits)) => {
+                "unauthenticated".to_owned()
+            }
+            None => format!("n:{}", origin_network(peer)),
+        };
+        let keys: Vec<String> = targets
+            .iter()
+            .map(|(target, _)| match target {
+                Target::Latssiam { fingerprint, .. } => format!("{fingerprint}/{origin}"),
+                Target::Smtp { rcpt } => format!("{rcpt}/{origin}"),
+            })
+            .collect();
+        // (A message to several people, one of whom is over, has counted for
+        // those before: the origin's own loss, and only the flooding one's.)
+        for key in &keys {
+            if !gw.origins.allow(key, share).await {
+                info!(%peer, origin, "An origin has sent its daily share to one person; 452.");
                 return Err(Reply::new(
                     452,
                     [4, 2, 2],
-                    "Mailbox full for mail from your domain or network today; try again later",
+                    "Mailbox full for mail from your origin today; try again later",
                 ));
             }
         }
@@ -89,10 +111,10 @@ impl SmtpSink {
 }
 
 impl Sink for SmtpSink {
-    async fn recipient(&self, peer: std::net::IpAddr, from: &str, to: &str) -> Result<(), Reply> {
+    async fn recipient(&self, _from: &str, to: &str) -> Result<(), Reply> {
         self.room()?;
-        if let Some((target, _)) = self.target_for(to)? {
-            return self.origin_share(peer, from, &target).await;
+        if self.target_for(to)?.is_some() {
+            return Ok(());
         }
         let domain = to.rsplit_once('@').map_or("", |(_, d)| d);
         if self.0.settings.is_local_domain(domain) {
@@ -119,8 +141,8 @@ impl Sink for SmtpSink {
             ));
         }
         // Authenticated on the octets as received, before anything is changed.
-        let mut data = match gw.border.check(&envelope, data).await {
-            Ok(d) => d,
+        let (mut data, vouched) = match gw.border.check(&envelope, data).await {
+            Ok(checked) => (checked.data, checked.vouched),
             Err(reply) => return refuse(reply),
         };
         if data.len() > MAX_PLAINTEXT && gw.settings.smtp.oversize != Oversize::Fragment {
@@ -157,6 +179,9 @@ impl Sink for SmtpSink {
             }
         }
         if let Err(reply) = self.room() {
+            return refuse(reply);
+        }
+        if let Err(reply) = self.origin_share(&envelope, vouched.as_deref(), &targets).await {
             return refuse(reply);
         }
         let with = if envelope.tls { "ESMTPS" } else { "ESMTP" };

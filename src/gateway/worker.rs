@@ -842,7 +842,15 @@ async fn connect(gw: &Gateway, host: &str, named: bool) -> Result<Client, String
     } else {
         gw.resolver.resolve(host).await
     };
-    let candidates = candidates.map_err(|e| e.to_string())?;
+    connect_to(gw, host, candidates.map_err(|e| e.to_string())?).await
+}
+
+/// Connects to the first of `candidates` (name to verify, address) that answers.
+async fn connect_to(
+    gw: &Gateway,
+    host: &str,
+    candidates: Vec<(String, std::net::SocketAddr)>,
+) -> Result<Client, String> {
     let timeout = Duration::from_secs(gw.settings.queue.connect_timeout_secs.max(1));
     let mut last = String::from("no address");
     for (name, addr) in candidates {
@@ -866,8 +874,11 @@ async fn verify_moved(gw: &Gateway, fp: &Fingerprint, to: &str) -> Result<(), St
     // A `35` is the word of a server, not of the contact: it may name any
     // host, so one inside the gateway's network (loopback, private,
     // link-local, ...) is not even connected to unless the operator routed it.
+    // Reached as later deliveries will reach it (`to` becomes the contact's
+    // named server), at the very addresses checked: a second look-up could
+    // answer otherwise (DNS rebinding).
+    let addrs = gw.resolver.resolve_server(to).await.map_err(|e| e.to_string())?;
     if !gw.resolver.routed(to) {
-        let addrs = gw.resolver.resolve_server(to).await.map_err(|e| e.to_string())?;
         if let Some((_, addr)) = addrs.iter().find(|(_, a)| internal(a.ip())) {
             return Err(format!(
                 "{to} is at an internal address ({}); not followed without a [routes] entry",
@@ -875,8 +886,7 @@ async fn verify_moved(gw: &Gateway, fp: &Fingerprint, to: &str) -> Result<(), St
             ));
         }
     }
-    // Reached as later deliveries will reach it: `to` becomes the contact's named server.
-    let mut client = connect(gw, to, true).await?;
+    let mut client = connect_to(gw, to, addrs).await?;
     let answer = tokio::time::timeout(Duration::from_secs(60), client.verify(*fp)).await;
     client.quit().await;
     match answer {
@@ -912,7 +922,18 @@ fn internal(ip: std::net::IpAddr) -> bool {
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return internal(IpAddr::V4(v4));
             }
-            let first = v6.segments()[0];
+            let s = v6.segments();
+            // NAT64: the well-known prefix carries an IPv4 address (judged as
+            // such); the local-use prefix 64:ff9b:1::/48 is internal.
+            if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                let [a, b] = s[6].to_be_bytes();
+                let [c, d] = s[7].to_be_bytes();
+                return internal(IpAddr::V4(std::net::Ipv4Addr::new(a, b, c, d)));
+            }
+            if s[..3] == [0x64, 0xff9b, 1] {
+                return true;
+            }
+            let first = s[0];
             v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
@@ -958,10 +979,12 @@ mod tests {
             "::ffff:127.0.0.1",
             "224.0.0.1",
             "ff02::1",
+            "64:ff9b::a00:5",
+            "64:ff9b:1::1",
         ] {
             assert!(internal(ip.parse().unwrap()), "{ip}");
         }
-        for ip in ["93.184.216.34", "2a00:1450:4001::1", "::ffff:93.184.216.34", "1.1.1.1"] {
+        for ip in ["93.184.216.34", "2a00:1450:4001::1", "::ffff:93.184.216.34", "1.1.1.1", "64:ff9b::5db8:d822"] {
             assert!(!internal(ip.parse().unwrap()), "{ip}");
         }
     }

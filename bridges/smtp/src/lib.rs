@@ -63,10 +63,8 @@ pub struct Envelope {
 /// The listener answers the client with what these return, so `message`
 /// must return a positive reply only once the message is durably kept.
 pub trait Sink: Send + Sync + 'static {
-    /// Decides on one `RCPT TO` (the address as given, without brackets)
-    /// from the client at `peer` with the reverse path `from`.
-    fn recipient(&self, peer: std::net::IpAddr, from: &str, to: &str)
-        -> impl Future<Output = Result<(), Reply>> + Send;
+    /// Decides on one `RCPT TO` (the address as given, without brackets).
+    fn recipient(&self, from: &str, to: &str) -> impl Future<Output = Result<(), Reply>> + Send;
 
     /// Takes a whole message (CRLF line ends, dot-stuffing removed).
     fn message(&self, envelope: Envelope, data: Vec<u8>) -> impl Future<Output = Reply> + Send;

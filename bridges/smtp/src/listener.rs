@@ -385,6 +385,35 @@ pub struct ListenerConfig {
     /// Message data all sessions may hold in memory at once, in MiB (each
     /// session's first MiB aside); beyond it a message gets `452 4.3.1`.
     pub data_memory: Arc<Semaphore>,
+    /// Sessions open now (kept by [`serve`]): at nine tenths of
+    /// `max_connections` the listener is under stress, and, as Postfix does
+    /// then, every wait for the client is [`STRESS_TIMEOUT`] at most and a
+    /// second junk command counts as an error, so that clients that hold a
+    /// session doing nothing make room for those that send mail.
+    pub sessions: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// The longest wait for a client while the listener is under stress
+/// (Postfix's `smtpd_timeout` under stress, 10 s).
+pub const STRESS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Waits for `read` at most `wait`, and, once the listener is under stress,
+/// at most [`STRESS_TIMEOUT`] (also for a wait that began before the stress
+/// did: it is looked at every second, without dropping the read).
+async fn waited<F: std::future::Future>(config: &ListenerConfig, wait: Duration, read: F) -> Result<F::Output, ()> {
+    let started = Instant::now();
+    let mut read = std::pin::pin!(read);
+    loop {
+        let left = wait.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            return Err(());
+        }
+        match tokio::time::timeout(left.min(Duration::from_secs(1)), &mut read).await {
+            Ok(v) => return Ok(v),
+            Err(_) if config.stressed() && started.elapsed() >= STRESS_TIMEOUT => return Err(()),
+            Err(_) => {}
+        }
+    }
 }
 
 /// The unit of [`ListenerConfig::data_memory`].
@@ -394,6 +423,21 @@ pub const MIB: usize = 1 << 20;
 pub const DATA_MEMORY_MIB: usize = 256;
 
 impl ListenerConfig {
+    /// Whether nine tenths of the session slots are taken.
+    pub fn stressed(&self) -> bool {
+        self.sessions.load(std::sync::atomic::Ordering::Relaxed).saturating_mul(10)
+            >= self.max_connections.saturating_mul(9)
+    }
+
+    /// How long to wait for the client: `normal`, or under stress at most [`STRESS_TIMEOUT`].
+    fn wait(&self, normal: Duration) -> Duration {
+        if self.stressed() {
+            normal.min(STRESS_TIMEOUT)
+        } else {
+            normal
+        }
+    }
+
     /// Settings with RFC 5321 defaults and no TLS.
     pub fn new(hostname: impl Into<String>, size_limit: usize) -> Self {
         Self {
@@ -410,6 +454,7 @@ impl ListenerConfig {
             max_session: Duration::from_secs(3600),
             tls: None,
             data_memory: Arc::new(Semaphore::new(DATA_MEMORY_MIB)),
+            sessions: Arc::default(),
         }
     }
 }
@@ -452,10 +497,12 @@ pub async fn serve<S: Sink>(
             Ok(admission) => {
                 let (config, sink, shutdown, anvil) =
                     (Arc::clone(&config), Arc::clone(&sink), shutdown.clone(), Arc::clone(&anvil));
+                config.sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracker.spawn(async move {
                     if let Err(e) = run_session(tcp, peer, &config, &*sink, Some(&anvil), &shutdown).await {
                         debug!(%peer, error = %e, "SMTP session ended with an error.");
                     }
+                    config.sessions.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                     drop((admission, permit));
                 });
                 continue;
@@ -652,7 +699,8 @@ impl<'a, S: Sink> Session<'a, S> {
     /// Counts a command that moves no mail; past the limit each one is an error.
     fn junk(&mut self) {
         self.junk += 1;
-        if self.junk > self.config.junk_command_limit {
+        let limit = if self.config.stressed() { 1 } else { self.config.junk_command_limit };
+        if self.junk > limit {
             self.errors += 1;
         }
     }
@@ -709,7 +757,8 @@ impl<'a, S: Sink> Session<'a, S> {
             if io.buffer().is_empty() || self.out.len() >= MAX_PENDING_REPLIES {
                 self.flush(io.get_mut()).await?;
             }
-            if self.errors >= MAX_ERRORS {
+            // Under stress one error ends a session (Postfix's smtpd_hard_error_limit then).
+            if self.errors >= if self.config.stressed() { 1 } else { MAX_ERRORS } {
                 return self.close(io.get_mut(), &reply(421, [4, 7, 0], "Too many errors; closing")).await;
             }
             let remaining = self.remaining();
@@ -717,7 +766,7 @@ impl<'a, S: Sink> Session<'a, S> {
                 return self.close(io.get_mut(), &reply(421, [4, 4, 2], "Session too long; closing")).await;
             }
             let line = tokio::select! {
-                l = tokio::time::timeout(self.config.command_timeout.min(remaining), read_line(&mut io, MAX_LINE)) => l,
+                l = waited(self.config, self.config.command_timeout.min(remaining), read_line(&mut io, MAX_LINE)) => l,
                 () = shutdown.cancelled() => {
                     return self.close(io.get_mut(), &reply(421, [4, 3, 2], "Shutting down; try again later")).await;
                 }
@@ -790,7 +839,7 @@ impl<'a, S: Sink> Session<'a, S> {
                         Some(_) if self.recipients.len() >= self.config.max_recipients => {
                             reply(452, [4, 5, 3], "Too many recipients; send the rest in another transaction")
                         }
-                        Some(from) => match self.sink.recipient(self.peer.ip(), from, &to.address).await {
+                        Some(from) => match self.sink.recipient(from, &to.address).await {
                             Ok(()) => {
                                 self.recipients.push(to.address);
                                 reply(250, [2, 1, 5], "Ok")
@@ -883,7 +932,7 @@ impl<'a, S: Sink> Session<'a, S> {
         let mut after_crlf = true;
         let (started, mut received) = (Instant::now(), 0u64);
         loop {
-            let mut wait = self.config.data_timeout.min(self.remaining());
+            let mut wait = self.config.wait(self.config.data_timeout.min(self.remaining()));
             let mut by_rate = false;
             if let Some(earned) = received.checked_div(self.config.min_data_rate) {
                 let deadline = self.config.data_timeout + Duration::from_secs(earned);
@@ -908,7 +957,7 @@ impl<'a, S: Sink> Session<'a, S> {
                 message.reserve_exact(MIB);
             }
             let start = message.len();
-            let Ok(line) = tokio::time::timeout(wait, read_line_into(io, room, &mut message)).await else {
+            let Ok(line) = waited(self.config, wait, read_line_into(io, room, &mut message)).await else {
                 return if by_rate { too_slow() } else { Ok(reply(421, [4, 4, 2], "Timeout in DATA; closing")) };
             };
             let line = line?;
@@ -1010,7 +1059,7 @@ mod tests {
     struct Keep(Mutex<Vec<Vec<u8>>>);
 
     impl Sink for Keep {
-        async fn recipient(&self, _peer: IpAddr, _from: &str, to: &str) -> Result<(), Reply> {
+        async fn recipient(&self, _from: &str, to: &str) -> Result<(), Reply> {
             if to.ends_with("@example.org") {
                 Ok(())
             } else {

@@ -399,9 +399,12 @@ impl JetQueue {
                 .map_or(0, |id| id.index);
             let id = JobId { message: job.message, index };
             // A deferred job, re-published with its new state, before its time.
-            if job.due_ms > now + 50 {
-                let wait = Duration::from_millis(job.due_ms - now).min(self.max_delay);
-                let _ = message.ack_with(AckKind::Nak(Some(wait))).await;
+            // A due time beyond the longest backoff (another node's clock far
+            // ahead, a planted record) is not obeyed: the job is due now, so
+            // it cannot be frozen past queue.lifetime_secs.
+            let ahead = job.due_ms.saturating_sub(now);
+            if ahead > 50 && Duration::from_millis(ahead) <= self.max_delay {
+                let _ = message.ack_with(AckKind::Nak(Some(Duration::from_millis(ahead)))).await;
                 continue;
             }
             {
@@ -751,36 +754,26 @@ impl JetQueue {
     /// is the cluster's whatever order the nodes write in.
     ///
     /// Returns the fingerprint the cluster trusts for `peer`: `fingerprint`
-    /// if it was first (or NATS cannot be asked: then this node's pin stands
-    /// alone, logged), or the one another node pinned before.
-    pub async fn claim_pin(&self, peer: &str, fingerprint: Fingerprint) -> Fingerprint {
+    /// if it was first, or the one another node pinned before.
+    ///
+    /// # Errors
+    /// NATS cannot be asked (or holds something that is no fingerprint): the
+    /// connection fails and is tried again later, rather than this node
+    /// trusting on its own what an attacker on its path may have shown it.
+    pub async fn claim_pin(&self, peer: &str, fingerprint: Fingerprint) -> Result<Fingerprint, String> {
         let key = hex(peer.as_bytes());
         let value = Bytes::copy_from_slice(fingerprint.as_bytes());
-        let created = tokio::time::timeout(PUBLISH_TIMEOUT, self.pins.create(&key, value)).await;
-        match created {
-            Ok(Ok(_)) => return fingerprint,
+        match tokio::time::timeout(PUBLISH_TIMEOUT, self.pins.create(&key, value)).await {
+            Ok(Ok(_)) => return Ok(fingerprint),
             Ok(Err(e)) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
-            Ok(Err(e)) => {
-                warn!(peer, error = %e, "Cannot share a TOFU pin; this node pins for itself.");
-                return fingerprint;
-            }
-            Err(_) => {
-                warn!(peer, "No answer from NATS for a TOFU pin; this node pins for itself.");
-                return fingerprint;
-            }
+            Ok(Err(e)) => return Err(format!("cannot claim the TOFU pin for {peer} in the shared bucket: {e}")),
+            Err(_) => return Err(format!("no answer from NATS for the TOFU pin of {peer}")),
         }
         match tokio::time::timeout(PUBLISH_TIMEOUT, self.pins.get(&key)).await {
-            Ok(Ok(Some(v))) => match <[u8; 32]>::try_from(v.as_ref()) {
-                Ok(bytes) => Fingerprint::from_bytes(bytes),
-                Err(_) => {
-                    warn!(peer, "The shared TOFU pin is not a fingerprint; this node pins for itself.");
-                    fingerprint
-                }
-            },
-            _ => {
-                warn!(peer, "Cannot read the shared TOFU pin; this node pins for itself.");
-                fingerprint
-            }
+            Ok(Ok(Some(v))) => <[u8; 32]>::try_from(v.as_ref())
+                .map(Fingerprint::from_bytes)
+                .map_err(|_| format!("the shared TOFU pin for {peer} is not a fingerprint")),
+            _ => Err(format!("cannot read the shared TOFU pin for {peer}")),
         }
     }
 
