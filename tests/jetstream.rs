@@ -152,6 +152,22 @@ impl Cluster {
         format!("localhost:{}", self.home_port)
     }
 
+    /// A settings file `NAME.toml` that names the cluster's NATS and no
+    /// node's data dir (`NAME`), with `extra` sections: for the command line
+    /// and for the library's own connections.
+    fn settings_file(&self, name: &str, extra: &str) -> PathBuf {
+        let file = self.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &file,
+            format!(
+                "[gateway]\ndata_dir = \"{name}\"\ndomains = [\"example.org\"]\n{extra}[queue]\nbackend = \"jetstream\"\nnats_url = \"{}\"\n",
+                self.nats.url()
+            ),
+        )
+        .unwrap();
+        file
+    }
+
     /// Adds a node (not started); see [`Cluster::add_node_identity`].
     fn add_node(&mut self, extra: &str) -> usize {
         let n = self.nodes.len();
@@ -657,15 +673,7 @@ fn contacts_and_the_queue_from_a_machine_with_only_the_cli_and_the_nats_url() {
     );
     assert!(out.starts_with("10 "), "{out}");
     // No node runs, and this settings file names no data dir of a node's.
-    let cli = cluster.path().join("cli.toml");
-    std::fs::write(
-        &cli,
-        format!(
-            "[gateway]\ndata_dir = \"no-node-here\"\ndomains = [\"example.org\"]\n[queue]\nbackend = \"jetstream\"\nnats_url = \"{}\"\n",
-            cluster.nats.url()
-        ),
-    )
-    .unwrap();
+    let cli = cluster.settings_file("no-node-here", "");
     let dir = cluster.path().to_owned();
     let cli_run = |args: &[&str]| {
         let mut v = args.to_vec();
@@ -831,17 +839,7 @@ fn a_node_that_meets_another_certificate_than_the_first_pin_is_refused_even_befo
     // before the mirror brought A's pin. B's pin is claimed with `create`
     // and loses: B's connection fails as a changed certificate, and B trusts A's.
     let cluster = Cluster::new();
-    let config = cluster.path().join("b.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[gateway]\ndata_dir = \"b\"\ndomains = [\"example.org\"]\n[home]\nserver = \"{}\"\n\
-             [queue]\nbackend = \"jetstream\"\nnats_url = \"{}\"\n",
-            cluster.home(),
-            cluster.nats.url()
-        ),
-    )
-    .unwrap();
+    let config = cluster.settings_file("b", &format!("[home]\nserver = \"{}\"\n", cluster.home()));
     let settings = latssiam_bridge::gateway::config::Settings::load(Some(&config)).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let (honest, forged) = (latssiam::Fingerprint::of(b"S"), latssiam::Fingerprint::of(b"attacker"));
@@ -1002,15 +1000,7 @@ fn two_contacts_claiming_one_alias_at_once_one_wins_and_a_planted_contact_takes_
     let mut cluster = Cluster::new();
     cluster.add_node("");
     cluster.start(0);
-    let config = cluster.path().join("cli.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[gateway]\ndata_dir = \"cli\"\ndomains = [\"example.org\"]\n[queue]\nbackend = \"jetstream\"\nnats_url = \"{}\"\n",
-            cluster.nats.url()
-        ),
-    )
-    .unwrap();
+    let config = cluster.settings_file("cli", "");
     let settings = latssiam_bridge::gateway::config::Settings::load(Some(&config)).unwrap();
     let contact = |who: &str, alias: &str| {
         identity(cluster.path(), &format!("{who}@localhost"), who);
@@ -1081,15 +1071,7 @@ fn a_node_with_the_embedded_home_server_is_refused_at_start() {
     // Hostile review 2, finding 6: each node's embedded server would be a
     // mailbox store of its own, answered 250 for before it was durable.
     let cluster = Cluster::new();
-    let config = cluster.path().join("embedded.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[gateway]\ndata_dir = \"embedded\"\ndomains = [\"example.org\"]\n[queue]\nbackend = \"jetstream\"\nnats_url = \"{}\"\n",
-            cluster.nats.url()
-        ),
-    )
-    .unwrap();
+    let config = cluster.settings_file("embedded", "");
     let out = common::run(cluster.path(), &["run", "--config", config.to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);

@@ -314,19 +314,7 @@ impl Anvil {
     /// # Errors
     /// [`Refused::MessageRate`] beyond the limit.
     pub fn message(&self, ip: IpAddr) -> Result<(), Refused> {
-        if self.limits.message_rate == 0 || self.limits.exempts(ip) {
-            return Ok(());
-        }
-        let ip = client_key(ip);
-        let now = Instant::now();
-        let mut clients = self.clients.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let Some(c) = clients.get_mut(&ip) else { return Ok(()) };
-        c.roll(now);
-        if c.messages >= self.limits.message_rate {
-            return Err(Refused::MessageRate);
-        }
-        c.messages += 1;
-        Ok(())
+        self.count(ip, self.limits.message_rate, |c| &mut c.messages, Refused::MessageRate)
     }
 
     /// Counts a recipient (`RCPT TO`) from `ip`.
@@ -334,18 +322,29 @@ impl Anvil {
     /// # Errors
     /// [`Refused::RecipientRate`] beyond the limit.
     pub fn recipient(&self, ip: IpAddr) -> Result<(), Refused> {
-        if self.limits.recipient_rate == 0 || self.limits.exempts(ip) {
+        self.count(ip, self.limits.recipient_rate, |c| &mut c.recipients, Refused::RecipientRate)
+    }
+
+    /// Counts one event of a session from `ip` in its minute, `refused`
+    /// beyond `per_minute` (0: no limit).
+    fn count(
+        &self,
+        ip: IpAddr,
+        per_minute: u32,
+        counter: fn(&mut Client) -> &mut u32,
+        refused: Refused,
+    ) -> Result<(), Refused> {
+        if per_minute == 0 || self.limits.exempts(ip) {
             return Ok(());
         }
-        let ip = client_key(ip);
-        let now = Instant::now();
         let mut clients = self.clients.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let Some(c) = clients.get_mut(&ip) else { return Ok(()) };
-        c.roll(now);
-        if c.recipients >= self.limits.recipient_rate {
-            return Err(Refused::RecipientRate);
+        let Some(c) = clients.get_mut(&client_key(ip)) else { return Ok(()) };
+        c.roll(Instant::now());
+        let n = counter(c);
+        if *n >= per_minute {
+            return Err(refused);
         }
-        c.recipients += 1;
+        *n += 1;
         Ok(())
     }
 }

@@ -1022,9 +1022,6 @@ impl JetQueue {
     }
 }
 
-/// Applies every entry of `bucket` (from its start, then as they come) with
-/// `apply(key, value or None for a deletion)`; the receiver turns true once
-/// the entries there were at the start are applied.
 impl crate::gateway::hourly::SharedCounter for JetQueue {
     fn count<'a>(
         &'a self,
@@ -1059,6 +1056,9 @@ impl crate::gateway::hourly::SharedCounter for JetQueue {
     }
 }
 
+/// Applies every entry of `bucket` (from its start, then as they come) with
+/// `apply(key, value or None for a deletion, revision)`; the receiver turns
+/// true once the entries there were at the start are applied.
 async fn mirror_bucket(
     bucket: kv::Store,
     shutdown: CancellationToken,
