@@ -1077,3 +1077,36 @@ fn a_node_with_the_embedded_home_server_is_refused_at_start() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("needs an external home.server"), "{err}");
 }
+
+#[test]
+fn a_due_time_far_ahead_is_not_obeyed_so_a_job_cannot_be_frozen() {
+    use latssiam_bridge::gateway::queue::{Origin, Target};
+    // Hostile review 2, finding 5: a job's due time came from the wall clock
+    // of the node that wrote it (or from whoever wrote the record), and was
+    // obeyed however far ahead: a node whose clock ran a day ahead froze the
+    // others' jobs for a day. Now a due time beyond queue.max_retry_secs is
+    // taken as due now.
+    let mut cluster = Cluster::new();
+    cluster.add_node("");
+    cluster.person("alice", &[]);
+    let pem = std::fs::read(cluster.path().join("alice/cert.pem")).unwrap();
+    let fp = latssiam::Fingerprint::of(&latssiam::identity::certificate_from_pem_or_der(&pem).unwrap());
+    let settings =
+        latssiam_bridge::gateway::config::Settings::load(Some(&cluster.settings_file("writer", ""))).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let q = latssiam_bridge::gateway::queue::jetstream::connect(&settings).await.unwrap();
+        let body = b"From: x@remote.example\r\nTo: alice@example.org\r\nSubject: flood 4\r\n\r\nhi\r\n";
+        let target = Target::Latssiam { fingerprint: fp.to_string(), address: "alice@example.org".into() };
+        let id = q.new_message_id().unwrap();
+        q.enqueue(id, body, vec![target], &Origin::Smtp { from: "x@remote.example".into() }).await.unwrap();
+        let mut claimed = q.claim(1).await.unwrap();
+        let (job_id, mut job) = claimed.pop().unwrap();
+        // Deferred by a node whose clock runs ten days ahead.
+        job.due_ms += 10 * 24 * 3600 * 1000;
+        q.defer(job_id, &job).await.unwrap();
+    });
+    cluster.start(0);
+    let got = wait_for(Duration::from_secs(20), || cluster.delivered("alice").get(&4).copied());
+    assert_eq!(got, Some(1), "{}", cluster.log(0));
+}

@@ -30,6 +30,7 @@ pub enum PostKey {
 }
 
 /// The queue of this gateway node.
+#[derive(Clone)]
 pub enum Queue {
     /// In the gateway's sled database.
     Sled(Arc<Store>),
