@@ -27,6 +27,7 @@ fn contact() -> &'static Contact {
         allow_send: true,
         server: None,
         gone: false,
+        discoverable: false,
     })
 }
 
