@@ -23,7 +23,9 @@
 //! asks of every NATS server it uses); NATS_SYNC=2m gives NATS's own default
 //! for comparison. LOCAL_DELIVERY=0 turns off `home.local_delivery` (the in-process delivery
 //! that bypasses the queue), which jetstream mode always does, so that the
-//! two queues are compared on the same path.
+//! two queues are compared on the same path. ORIGIN_SHARE: the
+//! `gateway.max_per_origin_per_day` (default 1,000,000: every message counted
+//! against its origin's share, which this load never reaches; 0: not counted).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
@@ -253,6 +255,9 @@ fn main() {
         if jetstream { std::env::var("NODES").ok().and_then(|v| v.parse().ok()).unwrap_or(1) } else { 1 };
     let local_delivery = !jetstream && std::env::var("LOCAL_DELIVERY").map_or(true, |v| v != "0");
     let auth = std::env::var("AUTH").map_or(true, |v| v != "off");
+    // Each message is counted against its origin's daily share, as in
+    // production, with a share this load never reaches (ORIGIN_SHARE=0: not counted).
+    let origin_share: u64 = std::env::var("ORIGIN_SHARE").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     rt.block_on(async move {
         let dir = tempfile::tempdir().unwrap();
@@ -324,7 +329,7 @@ fn main() {
             std::fs::write(
                 &config,
                 format!(
-                    "[gateway]\ndata_dir = \"{}\"\ndomains = [\"example.org\"]\nmax_per_origin_per_day = 0\n[home]\n{home_section}\
+                    "[gateway]\ndata_dir = \"{}\"\ndomains = [\"example.org\"]\nmax_per_origin_per_day = {origin_share}\n[home]\n{home_section}\
                      register_password = \"sesame\"\naccept_deadline_secs = 30\n[routes]\nlocalhost = \"127.0.0.1:{home}\"\n\
                      [smtp]\nlisten = \"127.0.0.1:{smtp}\"\n\
                      [smarthost]\nport = {sink}\n[http]\nlisten = \"127.0.0.1:{http}\"\n[gemini]\nlisten = \"\"\n\
