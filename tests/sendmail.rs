@@ -194,6 +194,33 @@ fn exit_codes_are_sendmails() {
     assert_eq!(code(&sendmail(rig.path(), &["nobody"], b"Subject: x\n\nx\n")), Some(67));
     // An empty message: EX_DATAERR.
     assert_eq!(code(&sendmail(rig.path(), &["bob@localhost"], b"")), Some(65));
+    // More than a joined message may hold: EX_DATAERR, with the rest of the
+    // input left unread (it stops reading at the limit, it does not buffer it).
+    let mut child = Command::new(BIN)
+        .args(["sendmail", "bob@localhost"])
+        .current_dir(rig.path())
+        .env("LATSSIAM_SENDMAIL_CONFIG", rig.path().join("sendmail.toml"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        let line = [b'x'; 999];
+        let mut sent = 0usize;
+        while sent < 3 * latssiam::fragment::MAX_JOINED
+            && stdin.write_all(&line).and_then(|()| stdin.write_all(b"\n")).is_ok()
+        {
+            sent += 1000;
+        }
+        sent
+    });
+    let out = child.wait_with_output().unwrap();
+    let sent = writer.join().unwrap();
+    assert_eq!(code(&out), Some(65), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("larger than"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(sent < 3 * latssiam::fragment::MAX_JOINED, "it read all {sent} octets");
     // No settings: EX_CONFIG, one line.
     let out = Command::new(BIN)
         .args(["sendmail", "--config", "/nonexistent/sendmail.toml", "bob@localhost"])
