@@ -228,7 +228,16 @@ pub async fn connect(s: &Settings) -> anyhow::Result<JetQueue> {
     let pins = open_bucket(&js, bucket("pins", Duration::ZERO)).await?;
     let leases = open_bucket(&js, bucket("leases", Duration::from_secs(s.irc.lease_secs.max(3)))).await?;
     let lease_ttl = leases.status().await.map(|st| st.max_age()).context("the leases bucket")?;
-    let partials = open_bucket(&js, bucket("partials", PARTIALS_AGE)).await?;
+    // Open sets hold at most what the sled joiner allows all signers together
+    // (SETS_IN_ALL largest messages): beyond it a fragment stays on the home
+    // server and is offered again later, instead of NATS's store filling up.
+    let partials_bytes = i64::try_from(
+        (s.smtp.max_message_size + latssiam::fragment::TRACE_ROOM)
+            .saturating_mul(usize::try_from(latssiam::fragment::SETS_IN_ALL).unwrap_or(16)),
+    )
+    .unwrap_or(i64::MAX);
+    let partials =
+        open_bucket(&js, kv::Config { max_bytes: partials_bytes, ..bucket("partials", PARTIALS_AGE) }).await?;
     // Windows of an hour or a day, kept a little longer than the longest.
     let hourly = open_bucket(&js, bucket("hourly", Duration::from_secs(25 * 3600))).await?;
     let aliases = open_bucket(&js, bucket("aliases", Duration::ZERO)).await?;
