@@ -183,8 +183,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     let gw = start::gateway(&settings, &state, identity, &home, routes, &tasks, &shutdown)
         .context("start-up: the gateway's parts")?;
     start::register(&gw, home.password.as_ref()).await;
+    // The SMTP settings are checked (and the STARTTLS identity made) before anything is bound.
+    let smtp_config = start::smtp_config(&settings).context("start-up: SMTP")?;
     let listeners = start::listeners(&settings).await.context("start-up: the listeners")?;
-    let smtp = start::smtp(&gw, listeners.smtp, &tasks, &shutdown).context("start-up: SMTP")?;
+    let smtp = start::smtp(&gw, smtp_config, listeners.smtp, &tasks, &shutdown)?;
     let http = start::monitor(&gw, listeners.http, &tasks, &shutdown)?;
     start::admin(&gw, listeners.admin, &tasks, &shutdown);
     start::workers(&gw, &tasks, &shutdown);
@@ -195,7 +197,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     let line = format!("smtp {smtp} home {} http {http}{gemini}{webfinger}", gw.home.1);
     // One line on stdout for scripts and tests.
     println!("gateway {} {line}", gw.identity.fingerprint());
-    info!(home = %gw.home.1, fingerprint = %gw.identity.fingerprint(), "Gateway running: {line}.");
+    info!(smtp_addr = %smtp, home = %gw.home.1, http_addr = %http, fingerprint = %gw.identity.fingerprint(), "Gateway running.");
     tasks.close();
     let store = Arc::clone(&state.store);
     tokio::select! {
@@ -211,7 +213,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         warn!("Some tasks did not finish within 30 s; their jobs stay queued.");
     }
     let _ = std::fs::remove_file(settings.admin_socket());
-    drop(gw);
+    drop((gw, state, home));
     if let Some(e) = store.broken() {
         bail!("the queue store failed ({e}); start the gateway again once the disk has room: sled does not recover from a write error while it runs");
     }

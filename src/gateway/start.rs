@@ -211,6 +211,7 @@ pub fn gateway(
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> Result<Arc<Gateway>> {
+    let smarthost = smarthost(settings)?;
     let store = &state.store;
     let joiner = latssiam::fragment::Joiner::new(
         store.db().open_tree("partials")?,
@@ -245,7 +246,7 @@ pub fn gateway(
         queue: state.queue.clone(),
         identity,
         pins: state.pins.clone(),
-        smarthost: smarthost(settings)?,
+        smarthost,
         metrics,
         home: (home_host(settings), home.addr),
         destinations: worker::Destinations::default(),
@@ -304,8 +305,8 @@ pub async fn listeners(settings: &Settings) -> Result<Listeners> {
     Ok(Listeners { smtp, http, public, admin: (admin, own_uid) })
 }
 
-/// The SMTP listener's settings.
-fn smtp_config(settings: &Settings) -> Result<ListenerConfig> {
+/// The SMTP listener's settings (and its STARTTLS identity, made on first start).
+pub fn smtp_config(settings: &Settings) -> Result<ListenerConfig> {
     let s = &settings.smtp;
     let announced = match s.oversize {
         config::Oversize::Fragment => s.max_message_size,
@@ -336,13 +337,14 @@ fn smtp_config(settings: &Settings) -> Result<ListenerConfig> {
 /// Serves SMTP into the gateway's sink; the address it listens on.
 pub fn smtp(
     gw: &Arc<Gateway>,
+    config: ListenerConfig,
     listener: tokio::net::TcpListener,
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> Result<SocketAddr> {
     let addr = listener.local_addr()?;
-    let config = Arc::new(smtp_config(&gw.settings)?);
-    tasks.spawn(bridge_smtp::serve(listener, config, Arc::new(sink::SmtpSink(Arc::clone(gw))), shutdown.clone()));
+    let sink = Arc::new(sink::SmtpSink(Arc::clone(gw)));
+    tasks.spawn(bridge_smtp::serve(listener, Arc::new(config), sink, shutdown.clone()));
     Ok(addr)
 }
 
