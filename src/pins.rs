@@ -21,11 +21,24 @@ use tracing::error;
 
 const TREE: &str = "tofu_pins";
 
+/// Where a cluster's nodes claim their first pins (the JetStream queue's
+/// bucket): whoever claims a server first decides for all.
+pub trait SharedPins: Send + Sync {
+    /// Claims `fingerprint` as `peer`'s pin if no node did before; the
+    /// fingerprint the cluster trusts for `peer`, or why it cannot be asked
+    /// (then the connection fails and is tried again later).
+    fn claim<'a>(
+        &'a self,
+        peer: &'a str,
+        fingerprint: Fingerprint,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Fingerprint, String>> + Send + 'a>>;
+}
+
 /// A [`PinStore`] in a sled tree.
 #[derive(Clone)]
 pub struct SledPins {
     tree: sled::Tree,
-    shared: Arc<OnceLock<Arc<crate::gateway::queue::jetstream::JetQueue>>>,
+    shared: Arc<OnceLock<Arc<dyn SharedPins>>>,
 }
 
 fn store_error(source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> TlsError {
@@ -41,9 +54,9 @@ impl SledPins {
         Ok(Self { tree: db.open_tree(TREE)?, shared: Arc::default() })
     }
 
-    /// Pins made from now on go to the shared bucket too.
-    pub fn share(&self, queue: Arc<crate::gateway::queue::jetstream::JetQueue>) {
-        let _ = self.shared.set(queue);
+    /// Pins made from now on are claimed in `shared` first.
+    pub fn share(&self, shared: Arc<dyn SharedPins>) {
+        let _ = self.shared.set(shared);
     }
 
     /// Sets (or removes) a pin from the shared bucket, without a flush (the
@@ -100,7 +113,7 @@ impl PinStore for SledPins {
         // on the gateway's multi-threaded runtime.
         let trusted = match (self.shared.get(), tokio::runtime::Handle::try_current()) {
             (Some(q), Ok(rt)) if rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(|| rt.block_on(q.claim_pin(peer, fingerprint))).map_err(store_error)?
+                tokio::task::block_in_place(|| rt.block_on(q.claim(peer, fingerprint))).map_err(store_error)?
             }
             _ => fingerprint,
         };

@@ -149,19 +149,7 @@ fn a_stalled_latssiam_server_holds_only_its_share_of_the_workers() {
     rig.contact("stuck", &["--email", "stuck@example.org", "--server", &format!("127.0.0.1:{stall_port}")]);
 
     // 80 messages for the stalled server.
-    let out = std::process::Command::new("python3")
-        .args([
-            &support("smtp_flood.py"),
-            "127.0.0.1",
-            &rig.smtp_port.to_string(),
-            "a@remote.example",
-            "stuck@example.org",
-            "80",
-            "4",
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).matches("ok ").count(), 80);
+    assert_eq!(common::rig::smtp_flood(rig.smtp_port, "a@remote.example", "stuck@example.org", 80, 4), 80);
     wait_for(Duration::from_secs(10), || (accepted.load(Ordering::Relaxed) >= 3).then_some(()))
         .expect("the gateway never tried the stalled server");
 

@@ -969,19 +969,8 @@ fn a_stalled_latssiam_server_holds_only_its_share_of_a_node() {
     let stalled = format!("127.0.0.1:{stall_port}");
     cluster
         .cli(0, &["contacts", "add", "--cert", "stuck/cert.pem", "--email", "stuck@example.org", "--server", &stalled]);
-    let out = Command::new("python3")
-        .args([
-            &support("smtp_flood.py"),
-            "127.0.0.1",
-            &cluster.nodes[0].smtp_port.to_string(),
-            "a@remote.example",
-            "stuck@example.org",
-            "80",
-            "4",
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).matches("ok ").count(), 80);
+    let port = cluster.nodes[0].smtp_port;
+    assert_eq!(common::rig::smtp_flood(port, "a@remote.example", "stuck@example.org", 80, 4), 80);
     std::thread::sleep(Duration::from_secs(2));
     let msg = cluster.path().join("m.eml");
     std::fs::write(&msg, "From: b@remote.example\r\nTo: alice@example.org\r\nSubject: flood 1\r\n\r\nhi\r\n").unwrap();

@@ -13,6 +13,17 @@ pub fn support(script: &str) -> String {
     format!("{}/tests/support/{script}", env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Sends `n` numbered messages from `from` to `rcpt` over `sessions` SMTP
+/// sessions to 127.0.0.1:`port` (`smtp_flood.py`); how many got a `250`.
+pub fn smtp_flood(port: u16, from: &str, rcpt: &str, n: u32, sessions: u32) -> usize {
+    let out = Command::new("python3")
+        .args([&support("smtp_flood.py"), "127.0.0.1", &port.to_string(), from, rcpt])
+        .args([n.to_string(), sessions.to_string()])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).matches("ok ").count()
+}
+
 /// A reference server for `bobhost` on 127.0.0.1:`port` (data in `bobsrv`),
 /// as a remote LATSSIAM server; a rig routes `bobhost` there with [`Rig::with_bobhost`].
 pub fn bob_server(dir: &Path, port: u16) -> Process {

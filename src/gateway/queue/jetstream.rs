@@ -758,34 +758,6 @@ impl JetQueue {
         Err(shared("contacts bucket", "changed by others five times in a row"))
     }
 
-    /// Claims the first TOFU pin for `peer` in the shared bucket: written only
-    /// if no node pinned it before (`create`, never `put`), so the first pin
-    /// is the cluster's whatever order the nodes write in.
-    ///
-    /// Returns the fingerprint the cluster trusts for `peer`: `fingerprint`
-    /// if it was first, or the one another node pinned before.
-    ///
-    /// # Errors
-    /// NATS cannot be asked (or holds something that is no fingerprint): the
-    /// connection fails and is tried again later, rather than this node
-    /// trusting on its own what an attacker on its path may have shown it.
-    pub async fn claim_pin(&self, peer: &str, fingerprint: Fingerprint) -> Result<Fingerprint, String> {
-        let key = hex(peer.as_bytes());
-        let value = Bytes::copy_from_slice(fingerprint.as_bytes());
-        match tokio::time::timeout(PUBLISH_TIMEOUT, self.pins.create(&key, value)).await {
-            Ok(Ok(_)) => return Ok(fingerprint),
-            Ok(Err(e)) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
-            Ok(Err(e)) => return Err(format!("cannot claim the TOFU pin for {peer} in the shared bucket: {e}")),
-            Err(_) => return Err(format!("no answer from NATS for the TOFU pin of {peer}")),
-        }
-        match tokio::time::timeout(PUBLISH_TIMEOUT, self.pins.get(&key)).await {
-            Ok(Ok(Some(v))) => <[u8; 32]>::try_from(v.as_ref())
-                .map(Fingerprint::from_bytes)
-                .map_err(|_| format!("the shared TOFU pin for {peer} is not a fingerprint")),
-            _ => Err(format!("cannot read the shared TOFU pin for {peer}")),
-        }
-    }
-
     /// Writes a subscription change to the shared bucket.
     ///
     /// # Errors
@@ -1028,6 +1000,46 @@ impl JetQueue {
     /// Gives the lease up (shutdown): another node takes it at once.
     pub async fn release_lease(&self, name: &str, revision: u64) {
         let _ = self.leases.delete_expect_revision(name, Some(revision)).await;
+    }
+}
+
+impl JetQueue {
+    /// Claims the first TOFU pin for `peer` in the shared bucket: written only
+    /// if no node pinned it before (`create`, never `put`), so the first pin
+    /// is the cluster's whatever order the nodes write in.
+    ///
+    /// Returns the fingerprint the cluster trusts for `peer`: `fingerprint`
+    /// if it was first, or the one another node pinned before.
+    ///
+    /// # Errors
+    /// NATS cannot be asked (or holds something that is no fingerprint): the
+    /// connection fails and is tried again later, rather than this node
+    /// trusting on its own what an attacker on its path may have shown it.
+    async fn claim_pin(&self, peer: &str, fingerprint: Fingerprint) -> Result<Fingerprint, String> {
+        let key = hex(peer.as_bytes());
+        let value = Bytes::copy_from_slice(fingerprint.as_bytes());
+        match tokio::time::timeout(PUBLISH_TIMEOUT, self.pins.create(&key, value)).await {
+            Ok(Ok(_)) => return Ok(fingerprint),
+            Ok(Err(e)) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+            Ok(Err(e)) => return Err(format!("cannot claim the TOFU pin for {peer} in the shared bucket: {e}")),
+            Err(_) => return Err(format!("no answer from NATS for the TOFU pin of {peer}")),
+        }
+        match tokio::time::timeout(PUBLISH_TIMEOUT, self.pins.get(&key)).await {
+            Ok(Ok(Some(v))) => <[u8; 32]>::try_from(v.as_ref())
+                .map(Fingerprint::from_bytes)
+                .map_err(|_| format!("the shared TOFU pin for {peer} is not a fingerprint")),
+            _ => Err(format!("cannot read the shared TOFU pin for {peer}")),
+        }
+    }
+}
+
+impl crate::pins::SharedPins for JetQueue {
+    fn claim<'a>(
+        &'a self,
+        peer: &'a str,
+        fingerprint: Fingerprint,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Fingerprint, String>> + Send + 'a>> {
+        Box::pin(self.claim_pin(peer, fingerprint))
     }
 }
 
