@@ -73,11 +73,13 @@ impl SledPins {
                 Ok(()) => {}
                 Err(cas) if cas.current.as_deref() == Some(fp) => {}
                 Err(cas) => {
-                    let ours = cas.current.as_deref().map(hex).unwrap_or_default();
+                    let show = |b: &[u8]| {
+                        <[u8; 32]>::try_from(b).map(|a| Fingerprint::from_bytes(a).to_string()).unwrap_or_default()
+                    };
                     error!(
                         peer,
-                        ours,
-                        shared = hex(fp),
+                        ours = %cas.current.as_deref().map(show).unwrap_or_default(),
+                        shared = %show(fp),
                         "TOFU conflict: the shared bucket pins another certificate for this server than this node \
                          did; keeping this node's (remove the pin on every node to trust a new one)."
                     );
@@ -90,10 +92,6 @@ impl SledPins {
         }
         Ok(())
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl PinStore for SledPins {

@@ -124,12 +124,18 @@ pub struct Border {
     authserv_id: String,
     verify: bool,
     trusted_networks: Vec<(IpAddr, u8)>,
+    /// `smtp.limit_exempt`, parsed once.
+    limit_exempt: Vec<(IpAddr, u8)>,
     trusted_ids: Vec<String>,
     own_domains: Vec<String>,
     subject_tag: String,
     signers: Vec<(String, DkimSigner<DkimKey, Done>)>,
     metrics: Arc<Metrics>,
     txt: TxtCache,
+}
+
+fn in_any(ip: IpAddr, networks: &[(IpAddr, u8)]) -> bool {
+    networks.iter().any(|&(net, bits)| bridge_smtp::listener::in_network(ip, net, bits))
 }
 
 /// `domain` is `parent` or below it.
@@ -220,6 +226,7 @@ impl Border {
             authserv_id: settings.gateway.hostname.to_ascii_lowercase(),
             verify: a.verify,
             trusted_networks,
+            limit_exempt: settings.smtp_limit_exempt().map_err(|e| format!("{e:#}"))?,
             trusted_ids: a.trusted_authserv_ids.iter().map(|i| i.trim_end_matches('.').to_ascii_lowercase()).collect(),
             own_domains: settings.gateway.domains.clone(),
             subject_tag: a.subject_tag.clone(),
@@ -231,7 +238,12 @@ impl Border {
 
     /// Whether `ip` is in `auth.trusted_networks` (an MTA in front of the gateway).
     pub fn trusted(&self, ip: IpAddr) -> bool {
-        self.trusted_networks.iter().any(|&(net, bits)| bridge_smtp::listener::in_network(ip, net, bits))
+        in_any(ip, &self.trusted_networks)
+    }
+
+    /// Whether `ip` is in `smtp.limit_exempt` (an MTA in front, whose network is every sender's).
+    pub fn limit_exempt(&self, ip: IpAddr) -> bool {
+        in_any(ip, &self.limit_exempt)
     }
 
     /// Checks one inbound message from SMTP; returns it with the sender's

@@ -483,13 +483,13 @@ impl Settings {
     fn check_nats(&self) -> Result<()> {
         let q = &self.queue;
         let servers = nats_servers(&q.nats_url);
-        if servers.is_empty() || servers.iter().any(|(_, host, _)| host.is_empty()) {
+        if servers.is_empty() || servers.iter().any(|(_, host)| host.is_empty()) {
             bail!("queue.nats_url: {:?} names no host", q.nats_url);
         }
         if q.nats_tls_cert.as_os_str().is_empty() != q.nats_tls_key.as_os_str().is_empty() {
             bail!("queue.nats_tls_cert and queue.nats_tls_key go together");
         }
-        let loopback = servers.iter().all(|(_, host, _)| {
+        let loopback = servers.iter().all(|(_, host)| {
             host.eq_ignore_ascii_case("localhost")
                 || host.parse::<std::net::IpAddr>().is_ok_and(|ip| match ip {
                     std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(v6.is_loopback(), |v4| v4.is_loopback()),
@@ -503,7 +503,7 @@ impl Settings {
             || !q.nats_token.is_empty()
             || !q.nats_creds.as_os_str().is_empty()
             || !q.nats_tls_cert.as_os_str().is_empty();
-        let tls = servers.iter().all(|(scheme, _, _)| scheme.eq_ignore_ascii_case("tls"))
+        let tls = servers.iter().all(|(scheme, _)| scheme.eq_ignore_ascii_case("tls"))
             || !q.nats_tls_ca.as_os_str().is_empty();
         if !(loopback || q.allow_insecure || credentials && tls) {
             bail!(
@@ -523,7 +523,7 @@ impl Settings {
         if !q.nats_monitor_url.is_empty() {
             return format!("{}/varz", q.nats_monitor_url.trim_end_matches('/'));
         }
-        let host = nats_servers(&q.nats_url).into_iter().next().map(|(_, h, _)| h).unwrap_or_default();
+        let host = nats_servers(&q.nats_url).into_iter().next().map(|(_, h)| h).unwrap_or_default();
         let host = if host.contains(':') { format!("[{host}]") } else { host.to_owned() };
         format!("http://{host}:8222/varz")
     }
@@ -534,8 +534,8 @@ impl Settings {
     }
 }
 
-/// The servers of a NATS URL list (`nats://u:p@host:4222,tls://other`): scheme, host, port.
-fn nats_servers(urls: &str) -> Vec<(&str, &str, &str)> {
+/// The servers of a NATS URL list (`nats://u:p@host:4222,tls://other`): scheme and host.
+fn nats_servers(urls: &str) -> Vec<(&str, &str)> {
     urls.split(',')
         .map(str::trim)
         .filter(|u| !u.is_empty())
@@ -543,11 +543,11 @@ fn nats_servers(urls: &str) -> Vec<(&str, &str, &str)> {
             let (scheme, rest) = url.split_once("://").unwrap_or(("nats", url));
             let rest = rest.split('/').next().unwrap_or_default();
             let hostport = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
-            let (host, port) = match hostport.strip_prefix('[').and_then(|h| h.split_once(']')) {
-                Some((h, p)) => (h, p.trim_start_matches(':')),
-                None => hostport.rsplit_once(':').unwrap_or((hostport, "")),
+            let host = match hostport.strip_prefix('[').and_then(|h| h.split_once(']')) {
+                Some((h, _)) => h,
+                None => hostport.rsplit_once(':').map_or(hostport, |(h, _)| h),
             };
-            (scheme, host, port)
+            (scheme, host)
         })
         .collect()
 }

@@ -70,12 +70,9 @@ impl SmtpSink {
         if gw.border.trusted(peer) && gw.settings.is_local_domain(envelope_domain) {
             return Ok(());
         }
-        let exempt = gw.settings.smtp_limit_exempt().unwrap_or_default();
         let origin = match vouched {
             Some(domain) => format!("d:{domain}"),
-            None if exempt.iter().any(|&(net, bits)| bridge_smtp::listener::in_network(peer, net, bits)) => {
-                "unauthenticated".to_owned()
-            }
+            None if gw.border.limit_exempt(peer) => "unauthenticated".to_owned(),
             None => format!("n:{}", origin_network(peer)),
         };
         let keys: Vec<String> = targets

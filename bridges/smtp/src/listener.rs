@@ -428,15 +428,6 @@ impl ListenerConfig {
             >= self.max_connections.saturating_mul(9)
     }
 
-    /// How long to wait for the client: `normal`, or under stress at most [`STRESS_TIMEOUT`].
-    fn wait(&self, normal: Duration) -> Duration {
-        if self.stressed() {
-            normal.min(STRESS_TIMEOUT)
-        } else {
-            normal
-        }
-    }
-
     /// Settings with RFC 5321 defaults and no TLS.
     pub fn new(hostname: impl Into<String>, size_limit: usize) -> Self {
         Self {
@@ -931,7 +922,7 @@ impl<'a, S: Sink> Session<'a, S> {
         let mut after_crlf = true;
         let (started, mut received) = (Instant::now(), 0u64);
         loop {
-            let mut wait = self.config.wait(self.config.data_timeout.min(self.remaining()));
+            let mut wait = self.config.data_timeout.min(self.remaining());
             let mut by_rate = false;
             if let Some(earned) = received.checked_div(self.config.min_data_rate) {
                 let deadline = self.config.data_timeout + Duration::from_secs(earned);
