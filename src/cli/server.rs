@@ -234,7 +234,8 @@ async fn serve(s: &Settings) -> Result<()> {
         let addr: SocketAddr =
             s.gemini_listen.parse().with_context(|| format!("gemini_listen {:?}", s.gemini_listen))?;
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("gemini_listen {addr}"))?;
-        let capsule = latssiam_bridge::gateway::discovery::Capsule { store: Some(store), own: Vec::new() };
+        let capsule =
+            latssiam_bridge::gateway::discovery::Capsule { store: Some(store), own: Vec::new(), pastes: None };
         let tls = latssiam::gemini::server_tls(&identity).context("gemini_listen: TLS")?;
         let local = listener.local_addr().context("gemini listener")?;
         info!(%local, "Gemini capsule serving the mailboxes' certificates.");

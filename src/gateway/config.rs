@@ -75,6 +75,7 @@ pub struct IrcSettings {
     pub reconnect_min_secs: u64,
     pub reconnect_max_secs: u64,
     pub max_lines: usize,
+    pub paste_days: u64,
     pub line_format: String,
     pub zero_width_names: bool,
     pub private_messages_per_minute: u32,

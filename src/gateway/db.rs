@@ -87,6 +87,11 @@ pub struct Store {
     pub(crate) dead: sled::Tree,
     pub(crate) irc: sled::Tree,
     pub(crate) subs: sled::Tree,
+    /// The IRC bridge's state (see [`super::irc_state`]).
+    pub(crate) irc_window: sled::Tree,
+    pub(crate) irc_ids: sled::Tree,
+    pub(crate) irc_pastes: sled::Tree,
+    pub(crate) irc_status: sled::Tree,
     /// Where large message bodies are kept (see the module docs).
     pub(crate) spool: std::path::PathBuf,
     pub(crate) flusher: Arc<GroupCommit>,
@@ -131,6 +136,10 @@ impl Store {
             dead: db.open_tree("dead")?,
             irc: db.open_tree("irc_outbox")?,
             subs: db.open_tree("irc_subs")?,
+            irc_window: db.open_tree("irc_window")?,
+            irc_ids: db.open_tree("irc_ids")?,
+            irc_pastes: db.open_tree("irc_pastes")?,
+            irc_status: db.open_tree("irc_state")?,
             spool: {
                 let spool = dir.join("spool");
                 latssiam::files::create_private_dir(&spool).map_err(|e| StoreError::Sled(e.into()))?;

@@ -121,6 +121,18 @@ fn json_answer(status: StatusCode, body: &serde_json::Value) -> Answer {
 
 impl Handler for Discovery {
     async fn get(&self, path: &str, query: Option<&str>) -> Answer {
+        if let Some(token) = path.strip_prefix("/paste/") {
+            // The whole text of a long IRC post: plain text, never rendered as anything else.
+            return match self.0.store.pasted(token) {
+                Some(text) => {
+                    let mut a = Answer::text(StatusCode::OK, text);
+                    a.headers.push(("x-content-type-options", "nosniff"));
+                    a.headers.push(("content-security-policy", "default-src 'none'; sandbox"));
+                    a
+                }
+                None => Answer::text(StatusCode::NOT_FOUND, "no such paste (they are kept for irc.paste_days)\n"),
+            };
+        }
         if path != "/.well-known/webfinger" {
             return Answer::text(StatusCode::NOT_FOUND, "not found\n");
         }
@@ -176,9 +188,15 @@ pub struct Capsule {
     pub store: Option<Arc<latssiam::server::store::Store>>,
     /// Address (lower case) and certificate (DER) of identities served besides.
     pub own: Vec<(String, Vec<u8>)>,
+    /// The gateway's store, for the whole text of long IRC posts (`/paste/TOKEN`).
+    pub pastes: Option<Arc<crate::gateway::db::Store>>,
 }
 
 impl latssiam::gemini::Lookup for Capsule {
+    fn text(&self, _host: &str, path: &str) -> Option<String> {
+        self.pastes.as_ref()?.pasted(path.strip_prefix("/paste/")?)
+    }
+
     fn certificate(&self, host: &str, path: &str) -> Option<Vec<u8>> {
         let address = path_address(host, path)?;
         if let Some((_, cert)) = self.own.iter().find(|(a, _)| *a == address) {

@@ -30,44 +30,60 @@ use tracing::{debug, info, warn};
 use super::config::{IrcChannel, IrcSettings};
 use super::contacts::{Contact, Reach};
 use super::db::StoreError;
+use super::irc_state::{Carried, DigestJob, WaitingLine};
 use super::mail;
 use super::mail::MAX_PLAINTEXT;
-use super::outbox::IrcPost;
-use super::queue::{message_id_string, Origin, Target};
+use super::outbox::{IrcPost, Subscription};
+use super::queue::{message_id_string, now_ms, Origin, Target};
 use super::Gateway;
 
 /// Most octets of digest lines in one message: what a LATSSIAM message
 /// carries, less room for the header section.
 const DIGEST_BUDGET: usize = MAX_PLAINTEXT - 2000;
+/// How long the reply map remembers a msgid or a Message-ID.
+const REPLY_MEMORY: Duration = Duration::from_secs(30 * 86_400);
+/// Most parents one digest names in `In-Reply-To`.
+const MAX_PARENTS: usize = 8;
+/// How a line that names the subscriber it goes to is marked.
+const MENTION_MARK: &str = "(@) ";
 
+/// What waits for a channel's next digest: a summary of its lines in the
+/// store's window (see [`super::irc_state`]).
 #[derive(Default)]
 struct Digest {
-    lines: Vec<String>,
     /// Octets the lines take in the body (each with its CRLF).
     body_len: usize,
-    since: Option<tokio::time::Instant>,
-    last_message_id: Option<String>,
+    /// When the first waiting line was heard (ms).
+    since_ms: Option<u64>,
 }
 
 impl Digest {
     /// Whether `line` still fits in this digest (a first line always does:
     /// [`digest_line`] keeps each within the budget).
     fn fits(&self, line: &str) -> bool {
-        self.lines.is_empty() || self.body_len + line.len() + 2 <= DIGEST_BUDGET
+        self.since_ms.is_none() || self.body_len + line.len() + 2 <= DIGEST_BUDGET
     }
 
-    fn push(&mut self, line: String) {
-        self.body_len += line.len() + 2;
-        self.lines.push(line);
-        self.since.get_or_insert_with(tokio::time::Instant::now);
+    fn push(&mut self, line: &WaitingLine) {
+        self.body_len += line.line.len() + 2;
+        self.since_ms.get_or_insert(line.heard_ms);
     }
 
-    /// The lines gathered, leaving the digest empty (its chain kept).
-    fn take(&mut self) -> Vec<String> {
-        self.body_len = 0;
-        self.since = None;
-        std::mem::take(&mut self.lines)
+    fn of(lines: &[(sled::IVec, WaitingLine)]) -> Self {
+        let mut d = Self::default();
+        for (_, l) in lines {
+            d.push(l);
+        }
+        d
     }
+}
+
+/// Subscribers who get the same digest: of every line or (`only`) of the
+/// lines that name them, `marked` the lines (indices) that name them.
+struct Group {
+    only: bool,
+    marked: Vec<usize>,
+    targets: Vec<Target>,
 }
 
 /// The gateway as the bot's sink.
@@ -75,109 +91,391 @@ pub struct IrcCore {
     gw: Arc<Gateway>,
     digests: Mutex<HashMap<String, Digest>>,
     limiter: std::sync::Mutex<PrivateLimiter>,
+    /// Since when (ms) the bridge has not heard the channels, to be said in
+    /// the next digests once it is back: set when the connection drops, and
+    /// at start from the last time it was known connected.
+    away_since: std::sync::Mutex<Option<u64>>,
+    connected: std::sync::atomic::AtomicBool,
+    /// The names of the senders of posts whose echo is awaited, by post key.
+    posters: std::sync::Mutex<VecDeque<(String, String)>>,
 }
 
+/// `irc_state` key: when the bridge was last known in its channels (ms, big-endian).
+const UP: &str = "up";
+
 impl IrcCore {
-    /// A sink for the bot.
+    /// A sink for the bot, with the digests that waited in the store.
     pub fn new(gw: Arc<Gateway>) -> Arc<Self> {
         let limiter = std::sync::Mutex::new(PrivateLimiter::new(gw.settings.irc.private_messages_per_minute));
-        Arc::new(Self { gw, digests: Mutex::default(), limiter })
+        let mut digests = HashMap::new();
+        for channel in &gw.settings.irc.channels {
+            match gw.store.window(&channel.name) {
+                Ok(lines) => {
+                    if !lines.is_empty() {
+                        info!(channel = %channel.name, lines = lines.len(), "IRC lines waiting for their digest since before the restart.");
+                    }
+                    digests.insert(channel.name.to_ascii_lowercase(), Digest::of(&lines));
+                }
+                Err(e) => warn!(error = %e, channel = %channel.name, "Cannot read the IRC lines waiting for a digest."),
+            }
+        }
+        let up = gw.store.irc_state(UP).ok().flatten().and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok());
+        Arc::new(Self {
+            away_since: std::sync::Mutex::new(up.map(u64::from_be_bytes)),
+            gw,
+            digests: Mutex::new(digests),
+            limiter,
+            connected: std::sync::atomic::AtomicBool::new(false),
+            posters: std::sync::Mutex::default(),
+        })
     }
 
     fn channel(&self, name: &str) -> Option<&IrcChannel> {
         self.gw.settings.irc.channels.iter().find(|c| c.name.eq_ignore_ascii_case(name))
     }
 
-    /// Queues the lines gathered for `channel` as one message to its subscribers.
-    async fn flush(&self, channel: &IrcChannel, digest: &mut Digest) {
-        if digest.lines.is_empty() {
-            return;
-        }
-        let lines = digest.take();
-        let mut targets = Vec::new();
-        let subscribers = match self.gw.store.subscribers(&channel_address(channel), &channel.subscribers) {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(error = %e, "Cannot read the subscribers; using the configured ones.");
-                channel.subscribers.clone()
-            }
-        };
-        for address in &subscribers {
-            match self.gw.store.reach(address) {
-                Ok(Reach::Contact { target, .. }) => targets.push(target),
-                Ok(Reach::Unknown) => {
-                    warn!(%address, channel = %channel.name, "A subscriber is not a contact; skipped.")
-                }
-                Ok(Reach::Gone) => {
-                    debug!(%address, channel = %channel.name, "A subscriber's mailbox is gone; skipped.")
-                }
-                Err(e) => warn!(error = %e, "Cannot read contacts."),
-            }
-        }
-        if targets.is_empty() {
-            return;
-        }
-        let Ok(id) = self.gw.queue.new_message_id() else { return };
-        let hostname = &self.gw.settings.gateway.hostname;
-        let message_id =
-            format!("<irc.{}.{}@{hostname}>", message_id_string(id), channel.name.trim_start_matches(['#', '&']));
-        let m = digest_message(channel, &lines, &message_id, digest.last_message_id.as_deref(), &mail::date_now());
-        match self.gw.queue.enqueue_as(id, m.as_bytes(), targets, &Origin::Gateway).await {
-            Ok(()) => {
-                digest.last_message_id = Some(message_id);
-                self.gw.metrics.irc_lines_queued.inc_by(lines.len() as u64);
-                self.gw.metrics.irc_digests_queued.inc();
-            }
-            Err(e) => warn!(error = %e, channel = %channel.name, "Cannot queue an IRC digest; its lines are lost."),
+    /// Notes that the bridge is in its channels now.
+    fn note_up(&self) {
+        if let Err(e) = self.gw.store.set_irc_state(UP, Some(&now_ms().to_be_bytes())) {
+            debug!(error = %e, "Cannot note the IRC bridge up.");
         }
     }
 
-    /// Flushes every digest whose window has passed; runs until `shutdown`, then flushes all.
-    pub async fn digest_timer(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut tick = tokio::time::interval(Duration::from_millis(250));
+    /// Keeps `line` for `channel`'s next digest (durably), flushing first
+    /// what no longer leaves it room, and at once without a window.
+    async fn hold(&self, channel: &IrcChannel, line: WaitingLine) {
+        let mut digests = self.digests.lock().await;
+        let d = digests.entry(channel.name.to_ascii_lowercase()).or_default();
+        if !d.fits(&line.line) {
+            // A busy window: send what fits one message now, go on in the next (chained).
+            self.flush(channel, d, false).await;
+        }
+        if let Err(e) = self.gw.store.window_push(&channel.name, &line).await {
+            warn!(error = %e, channel = %channel.name, "Cannot keep an IRC line for its digest; it is lost.");
+            return;
+        }
+        d.push(&line);
+        if channel.digest_window == 0 {
+            self.flush(channel, d, true).await;
+        }
+    }
+
+    /// Queues the lines waiting for `channel` as digests to its subscribers
+    /// (one digest's worth, or with `all` every line waiting), and takes
+    /// them out of the window in the same step.
+    async fn flush(&self, channel: &IrcChannel, digest: &mut Digest, all: bool) {
         loop {
-            let stopping = tokio::select! {
-                _ = tick.tick() => false,
-                () = shutdown.cancelled() => true,
-            };
-            let mut digests = self.digests.lock().await;
-            for channel in &self.gw.settings.irc.channels {
-                let Some(d) = digests.get_mut(&channel.name.to_ascii_lowercase()) else { continue };
-                let due = d.since.is_some_and(|s| s.elapsed() >= Duration::from_secs(channel.digest_window));
-                if due || stopping {
-                    self.flush(channel, d).await;
+            let waiting = match self.gw.store.window(&channel.name) {
+                Ok(w) => w,
+                Err(e) => {
+                    warn!(error = %e, channel = %channel.name, "Cannot read the IRC lines waiting for a digest.");
+                    return;
                 }
+            };
+            let mut len = 0;
+            let taken = waiting
+                .iter()
+                .take_while(|(_, l)| {
+                    len += l.line.len() + 2;
+                    len <= DIGEST_BUDGET
+                })
+                .count()
+                .max(1)
+                .min(waiting.len());
+            if taken == 0 {
+                *digest = Digest::default();
+                return;
             }
-            if stopping {
+            let (now, rest) = waiting.split_at(taken);
+            if let Err(e) = self.queue_digests(channel, now).await {
+                warn!(error = %e, channel = %channel.name, "Cannot queue an IRC digest; its lines wait for the next try.");
+                *digest = Digest::of(&waiting);
+                return;
+            }
+            *digest = Digest::of(rest);
+            if !all || rest.is_empty() {
                 return;
             }
         }
     }
+
+    /// Queues `lines` as digests: one for the subscribers of everything
+    /// (lines naming one of them marked, in a copy of their own), one for
+    /// each subscriber of their mentions only who is named.
+    async fn queue_digests(&self, channel: &IrcChannel, lines: &[(sled::IVec, WaitingLine)]) -> Result<(), StoreError> {
+        let keys: Vec<sled::IVec> = lines.iter().map(|(k, _)| k.clone()).collect();
+        let mut groups: Vec<Group> = Vec::new();
+        for (address, mode) in self.gw.store.subscriptions(&channel_address(channel), &channel.subscribers)? {
+            let (target, contact) = match self.gw.store.reach(&address)? {
+                Reach::Contact { target, contact } => (target, contact),
+                Reach::Unknown => {
+                    warn!(%address, channel = %channel.name, "A subscriber is not a contact; skipped.");
+                    continue;
+                }
+                Reach::Gone => {
+                    debug!(%address, channel = %channel.name, "A subscriber's mailbox is gone; skipped.");
+                    continue;
+                }
+            };
+            let names = [irc_name(&contact), contact.address.split('@').next().unwrap_or_default().to_owned()];
+            let marked: Vec<usize> = lines
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, l))| names.iter().any(|n| mentions(&l.text, n)))
+                .map(|(i, _)| i)
+                .collect();
+            let only = mode == Subscription::Mentions;
+            if only && marked.is_empty() {
+                continue;
+            }
+            match groups.iter_mut().find(|g| g.only == only && g.marked == marked) {
+                Some(g) => g.targets.push(target),
+                None => groups.push(Group { only, marked, targets: vec![target] }),
+            }
+        }
+        if groups.is_empty() {
+            return self.gw.store.window_remove(&keys).await;
+        }
+        let ids = self.digest_ids(&channel.name, &keys[0], groups.len()).await?;
+        let hostname = &self.gw.settings.gateway.hostname;
+        let previous = self.gw.store.irc_state(&format!("last\0{}", channel.name.to_ascii_lowercase()))?;
+        let previous = previous.map(|p| String::from_utf8_lossy(&p).into_owned());
+        let mut parents: Vec<&str> = Vec::new();
+        for (_, l) in lines {
+            if let Some(p) = &l.parent {
+                if !parents.contains(&p.as_str()) && parents.len() < MAX_PARENTS {
+                    parents.push(p);
+                }
+            }
+        }
+        let date = mail::date_now();
+        let mut jobs = Vec::new();
+        let mut rendered: Vec<(String, Vec<(usize, String)>)> = Vec::new();
+        for (Group { only, marked, targets }, id) in groups.into_iter().zip(&ids) {
+            let message_id = format!(
+                "<irc.{}.{}@{hostname}>",
+                message_id_string(*id),
+                channel.name.trim_start_matches(['#', '&', '+', '!'])
+            );
+            let shown: Vec<(usize, String)> = lines
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !only || marked.contains(i))
+                .map(|(i, (_, l))| (i, mark(&l.line, marked.contains(&i))))
+                .collect();
+            let texts: Vec<&str> = shown.iter().map(|(_, l)| l.as_str()).collect();
+            let m = digest_message(
+                channel,
+                &texts,
+                &DigestHeader {
+                    message_id: &message_id,
+                    previous: previous.as_deref(),
+                    parents: &parents,
+                    date: &date,
+                },
+                marked.len(),
+            );
+            jobs.push(DigestJob { id: *id, body: m.into_bytes(), targets });
+            rendered.push((message_id, shown));
+        }
+        self.gw.queue.enqueue_digests(&self.gw.store, &keys, &jobs).await?;
+        let _ = self.gw.store.set_irc_state(&format!("flushing\0{}", channel.name.to_ascii_lowercase()), None);
+        self.gw.metrics.irc_lines_queued.inc_by(lines.len() as u64);
+        self.gw.metrics.irc_digests_queued.inc_by(jobs.len() as u64);
+        if let Some((main, _)) = rendered.first() {
+            let _ = self
+                .gw
+                .store
+                .set_irc_state(&format!("last\0{}", channel.name.to_ascii_lowercase()), Some(main.as_bytes()));
+        }
+        // The reply map: which message carried each line, and each line as shown in each digest.
+        for (message_id, shown) in &rendered {
+            for (i, text) in shown {
+                let l = &lines[*i].1;
+                let Some(msgid) = &l.msgid else { continue };
+                if self.gw.store.carried(msgid)?.is_none() {
+                    self.gw
+                        .store
+                        .note_msgid(msgid, &Carried { message_id: message_id.clone(), nick: l.nick.clone() })?;
+                }
+                self.gw.store.note_digest_line(message_id, text, msgid)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `n` message ids for the digests of the lines from `first` on. With
+    /// JetStream the ids are kept until the digests are queued, so that after
+    /// a crash the same digests go out under the same ids, which JetStream's
+    /// duplicate window drops.
+    async fn digest_ids(&self, channel: &str, first: &[u8], n: usize) -> Result<Vec<u64>, StoreError> {
+        let fresh = |n: usize| (0..n).map(|_| self.gw.queue.new_message_id()).collect::<Result<Vec<u64>, _>>();
+        if self.gw.queue.jetstream().is_none() {
+            return fresh(n);
+        }
+        let key = format!("flushing\0{}", channel.to_ascii_lowercase());
+        let kept: Option<(Vec<u8>, Vec<u64>)> =
+            self.gw.store.irc_state(&key)?.and_then(|v| serde_json::from_slice(&v).ok());
+        let mut ids = match kept {
+            Some((k, ids)) if k == first => ids,
+            _ => Vec::new(),
+        };
+        ids.truncate(n);
+        let more = fresh(n - ids.len())?;
+        ids.extend(more);
+        self.gw.store.set_irc_state(&key, Some(&serde_json::to_vec(&(first, &ids)).unwrap_or_default()))?;
+        self.gw.store.durable().await?;
+        Ok(ids)
+    }
+
+    /// Flushes every digest whose window has passed, forgets old replies
+    /// and pastes hourly, notes every 10 s that the bridge is up; runs until
+    /// `shutdown` (the lines left wait in the store for the next start).
+    pub async fn digest_timer(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let mut ticks: u64 = 0;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = shutdown.cancelled() => return,
+            }
+            ticks += 1;
+            if ticks.is_multiple_of(40) && self.connected.load(std::sync::atomic::Ordering::Relaxed) {
+                self.note_up();
+            }
+            if ticks % 14_400 == 1 {
+                let older = now_ms().saturating_sub(u64::try_from(REPLY_MEMORY.as_millis()).unwrap_or(u64::MAX));
+                let store = Arc::clone(&self.gw.store);
+                match tokio::task::spawn_blocking(move || store.irc_sweep(older)).await {
+                    Ok(Ok(n)) if n > 0 => debug!(forgotten = n, "Old IRC reply-map entries and pastes forgotten."),
+                    Ok(Err(e)) => warn!(error = %e, "Cannot sweep the IRC reply map."),
+                    _ => {}
+                }
+            }
+            let mut digests = self.digests.lock().await;
+            for channel in &self.gw.settings.irc.channels {
+                let Some(d) = digests.get_mut(&channel.name.to_ascii_lowercase()) else { continue };
+                let due = d.since_ms.is_some_and(|s| now_ms().saturating_sub(s) >= channel.digest_window * 1000);
+                if due {
+                    self.flush(channel, d, true).await;
+                }
+            }
+        }
+    }
+
+    /// The bridge is back in its channels: a line in each channel's next
+    /// digest says since when it was away.
+    async fn back(&self) {
+        self.connected.store(true, std::sync::atomic::Ordering::Relaxed);
+        let since = self.away_since.lock().unwrap_or_else(PoisonError::into_inner).take();
+        self.note_up();
+        let Some(since) = since else { return };
+        let now = time::OffsetDateTime::now_utc();
+        let from = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(since) * 1_000_000).unwrap_or(now);
+        let line = format!(
+            "{} *** The bridge was away from {} to {} UTC: what was said then is not here.",
+            clock(now),
+            if from.date() == now.date() { clock_bare(from) } else { format!("{} {}", from.date(), clock_bare(from)) },
+            clock_bare(now)
+        );
+        for channel in &self.gw.settings.irc.channels {
+            let waiting = WaitingLine {
+                heard_ms: now_ms(),
+                line: line.clone(),
+                text: String::new(),
+                nick: String::new(),
+                msgid: None,
+                parent: None,
+            };
+            self.hold(channel, waiting).await;
+        }
+    }
+}
+
+/// `[HH:MM:SS]`.
+fn clock(t: time::OffsetDateTime) -> String {
+    format!("[{}]", clock_bare(t))
+}
+
+fn clock_bare(t: time::OffsetDateTime) -> String {
+    format!("{:02}:{:02}:{:02}", t.hour(), t.minute(), t.second())
+}
+
+/// `line` marked as naming its reader, or as it is.
+fn mark(line: &str, marked: bool) -> String {
+    match (marked, line.split_once("] ")) {
+        (true, Some((time, rest))) => format!("{time}] {MENTION_MARK}{rest}"),
+        _ => line.to_owned(),
+    }
+}
+
+/// Whether `text` names `name` (case aside, as a word of its own).
+fn mentions(text: &str, name: &str) -> bool {
+    let name = name.trim();
+    if name.is_empty() {
+        return false;
+    }
+    let (text, name) = (text.to_lowercase(), name.to_lowercase());
+    let word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
+    text.match_indices(&name)
+        .any(|(i, m)| !word(text[..i].chars().next_back()) && !word(text[i + m.len()..].chars().next()))
 }
 
 impl IrcSink for IrcCore {
     async fn event(&self, event: Event) -> Option<String> {
         match event {
-            Event::Channel { channel, nick, kind, text } => {
+            Event::Channel { channel, nick, kind, text, meta } => {
                 let config = self.channel(&channel)?;
-                let now = time::OffsetDateTime::now_utc();
-                let line = digest_line(kind, &nick, &text, config.relay_joins, now)?;
+                let shown = meta
+                    .time
+                    .as_deref()
+                    .and_then(|t| time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok())
+                    .unwrap_or_else(time::OffsetDateTime::now_utc);
+                let parent = match meta.reply_to.as_deref().map(|r| self.gw.store.carried(r)) {
+                    Some(Ok(p)) => p,
+                    Some(Err(e)) => {
+                        debug!(error = %e, "Cannot read the IRC reply map.");
+                        None
+                    }
+                    None => None,
+                };
+                let answered = parent.as_ref().map(|p| p.nick.as_str());
+                let line = digest_line(kind, &nick, &text, config.relay_joins, shown, answered)?;
                 self.gw.metrics.irc_lines_heard.inc();
-                let mut digests = self.digests.lock().await;
-                let d = digests.entry(config.name.to_ascii_lowercase()).or_default();
-                if !d.fits(&line) {
-                    // A busy window: send what fits one message now, go on in the next (chained).
-                    self.flush(config, d).await;
-                }
-                d.push(line);
-                if config.digest_window == 0 {
-                    self.flush(config, d).await;
-                }
+                let said = matches!(kind, Kind::Message | Kind::Action | Kind::Notice);
+                let waiting = WaitingLine {
+                    heard_ms: now_ms(),
+                    line,
+                    text: if said { bridge_irc::format::clean_text(&text) } else { String::new() },
+                    nick: bridge_irc::format::clean_text(&nick),
+                    msgid: meta.msgid,
+                    parent: parent.map(|p| p.message_id),
+                };
+                self.hold(config, waiting).await;
                 None
             }
             Event::Private { nick, userhost, text } => Some(self.private(&nick, &userhost, &text).await),
             Event::Joined => {
                 self.gw.metrics.irc_joins.inc();
+                self.back().await;
+                None
+            }
+            Event::Disconnected => {
+                self.connected.store(false, std::sync::atomic::Ordering::Relaxed);
+                self.away_since.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert_with(now_ms);
+                None
+            }
+            Event::Posted { key, msgid } => {
+                let nick = {
+                    let mut posters = self.posters.lock().unwrap_or_else(PoisonError::into_inner);
+                    posters.iter().position(|(k, _)| *k == key).and_then(|i| posters.remove(i)).map(|(_, n)| n)
+                };
+                let carried = Carried { message_id: key.clone(), nick: nick.unwrap_or_default() };
+                if let Err(e) =
+                    self.gw.store.note_msgid(&msgid, &carried).and_then(|()| self.gw.store.note_posted(&key, &msgid))
+                {
+                    debug!(error = %e, "Cannot note a posted line's msgid.");
+                }
                 None
             }
         }
@@ -234,11 +532,23 @@ impl IrcCore {
 /// for joins, parts, quits and topics unless `relay_joins`. The one place IRC
 /// text enters a digest: cleaned of controls (again: the bot already does)
 /// and kept within [`DIGEST_BUDGET`].
-fn digest_line(kind: Kind, nick: &str, text: &str, relay_joins: bool, now: time::OffsetDateTime) -> Option<String> {
+fn digest_line(
+    kind: Kind,
+    nick: &str,
+    text: &str,
+    relay_joins: bool,
+    now: time::OffsetDateTime,
+    answered: Option<&str>,
+) -> Option<String> {
     let nick = bridge_irc::format::clean_text(nick);
     let text = bridge_irc::format::clean_text(text);
+    let re = match answered.map(bridge_irc::format::clean_text) {
+        Some(n) if !n.is_empty() => format!("(re {n}) "),
+        Some(_) => "(reply) ".to_owned(),
+        None => String::new(),
+    };
     let line = match kind {
-        Kind::Message => format!("<{nick}> {text}"),
+        Kind::Message => format!("<{nick}> {re}{text}"),
         Kind::Action => format!("* {nick} {text}"),
         Kind::Notice => format!("-{nick}- {text}"),
         _ if !relay_joins => return None,
@@ -247,7 +557,7 @@ fn digest_line(kind: Kind, nick: &str, text: &str, relay_joins: bool, now: time:
         Kind::Quit => format!("<-- {nick} quit ({text})"),
         Kind::Topic => format!("*** {nick} set the topic: {text}"),
     };
-    let mut line = format!("[{:02}:{:02}:{:02}] {line}", now.hour(), now.minute(), now.second());
+    let mut line = format!("{} {line}", clock(now));
     let mut cut = line.len().min(DIGEST_BUDGET - 2);
     while !line.is_char_boundary(cut) {
         cut -= 1;
@@ -256,23 +566,37 @@ fn digest_line(kind: Kind, nick: &str, text: &str, relay_joins: bool, now: time:
     Some(line)
 }
 
-/// The Internet Message of one digest, chained to `previous`.
-fn digest_message(
-    channel: &IrcChannel,
-    lines: &[String],
-    message_id: &str,
-    previous: Option<&str>,
-    date: &str,
-) -> String {
+/// The header fields of a digest that are not its channel's.
+struct DigestHeader<'a> {
+    message_id: &'a str,
+    /// The channel's digest before this one.
+    previous: Option<&'a str>,
+    /// The messages its lines answer (IRCv3 replies).
+    parents: &'a [&'a str],
+    date: &'a str,
+}
+
+/// The Internet Message of one digest: in reply to the messages its lines
+/// answer, else chained to the channel's previous digest.
+fn digest_message(channel: &IrcChannel, lines: &[&str], h: &DigestHeader<'_>, mentions: usize) -> String {
+    let mentioned = match mentions {
+        0 => String::new(),
+        1 => ", 1 names you".to_owned(),
+        n => format!(", {n} name you"),
+    };
     let mut m = format!(
-        "From: \"{0}\" <{0}@{1}>\r\nTo: undisclosed-recipients:;\r\nSubject: {0} on {1}: {2} line{3}\r\nDate: {date}\r\nMessage-ID: {message_id}\r\n",
+        "From: \"{0}\" <{0}@{1}>\r\nTo: undisclosed-recipients:;\r\nSubject: {0} on {1}: {2} line{3}{mentioned}\r\nDate: {4}\r\nMessage-ID: {5}\r\n",
         channel.name,
         channel.network,
         lines.len(),
         if lines.len() == 1 { "" } else { "s" },
+        h.date,
+        h.message_id,
     );
-    if let Some(previous) = previous {
-        m.push_str(&format!("In-Reply-To: {previous}\r\nReferences: {previous}\r\n"));
+    let references: Vec<&str> = h.previous.iter().copied().chain(h.parents.iter().copied()).collect();
+    let in_reply_to = if h.parents.is_empty() { h.previous.into_iter().collect() } else { h.parents.to_vec() };
+    if !in_reply_to.is_empty() {
+        m.push_str(&format!("In-Reply-To: {}\r\nReferences: {}\r\n", in_reply_to.join(" "), references.join(" ")));
     }
     m.push_str(
         "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n",
@@ -383,24 +707,31 @@ pub fn channel_address(channel: &IrcChannel) -> String {
 /// answer to send back. `None` if the subject is not such a command.
 pub async fn subscription_command(gw: &Gateway, sender: &Contact, subject: &str) -> Option<Result<String, String>> {
     let (verb, what) = subject.trim().split_once(' ')?;
-    let on = match verb.to_ascii_lowercase().as_str() {
-        "subscribe" => true,
-        "unsubscribe" => false,
+    let what = what.trim();
+    let (mode, what) = match verb.to_ascii_lowercase().as_str() {
+        "subscribe" => match what.split_once(' ') {
+            Some((m, rest)) if m.eq_ignore_ascii_case("mentions") => (Subscription::Mentions, rest.trim()),
+            _ => (Subscription::All, what),
+        },
+        "unsubscribe" => (Subscription::Off, what),
         _ => return None,
     };
-    let what = what.trim();
     let Some((name, network)) = what.rsplit_once('@') else {
         return Some(Err(format!("{what:?} is not #channel@network")));
     };
     let Some(channel) = gw.settings.irc.channel(name, network) else {
         return Some(Err(format!("{what} is not a channel this gateway bridges")));
     };
-    match gw.store.set_subscription(&channel_address(channel), &sender.address, on).await {
+    match gw.store.set_subscription(&channel_address(channel), &sender.address, mode).await {
         Ok(()) => Some(Ok(format!(
-            "{} {} {}.",
+            "{} {} {}{}.",
             sender.address,
-            if on { "is now subscribed to" } else { "is no longer subscribed to" },
-            channel_address(channel)
+            match mode {
+                Subscription::Off => "is no longer subscribed to",
+                Subscription::All | Subscription::Mentions => "is now subscribed to",
+            },
+            channel_address(channel),
+            if mode == Subscription::Mentions { " (only the lines that name them)" } else { "" },
         ))),
         Err(e) => Some(Err(format!("the gateway cannot record it now ({e}); try again later"))),
     }
@@ -437,7 +768,7 @@ pub fn irc_posts(
     subscribers: impl Fn(&IrcChannel) -> Result<Vec<String>, StoreError>,
 ) -> Result<Result<Vec<IrcPost>, String>, StoreError> {
     let mut posts = Vec::new();
-    let mut lines: Option<Vec<String>> = None;
+    let mut lines: Option<IrcPost> = None;
     for r in recipients {
         let Some((local, host)) = r.rsplit_once('@') else { continue };
         if !irc.is_network(host) {
@@ -458,8 +789,8 @@ pub fn irc_posts(
         } else {
             return Ok(Err(format!("{r} is neither a bridged channel nor a valid IRC nick")));
         };
-        let lines = lines.get_or_insert_with(|| lines_for(irc, sender, message)).clone();
-        posts.push(IrcPost { target, lines });
+        let post = lines.get_or_insert_with(|| post_for(irc, sender, message)).clone();
+        posts.push(IrcPost { target, ..post });
     }
     Ok(Ok(posts))
 }
@@ -486,50 +817,107 @@ fn is_service(nick: &str) -> bool {
     nick.ends_with("serv") || ["global", "alis", "q", "x"].contains(&nick.as_str())
 }
 
-/// The lines to post: the text body without quoted lines and signature,
-/// empty lines dropped, at most `max_lines` (the last then says how many
-/// were cut), each in `line_format`.
-fn lines_for(irc: &IrcSettings, sender: &Contact, message: &Message<'_>) -> Vec<String> {
+/// The name a contact is shown under on IRC: the display name of their
+/// certificate, else the local part of their address.
+fn irc_name(contact: &Contact) -> String {
+    CertInfo::from_der(&contact.cert)
+        .ok()
+        .and_then(|i| i.display_name)
+        .unwrap_or_else(|| contact.address.split('@').next().unwrap_or("someone").to_owned())
+}
+
+/// Most quoted lines of a message kept to find the digest line it answers, and their length.
+const MAX_QUOTED: usize = 32;
+const MAX_QUOTED_LEN: usize = 2048;
+
+/// The post for a message (its target left empty): the text body without
+/// quoted lines and signature, empty lines dropped, each in `line_format`;
+/// beyond `max_lines` the first `max_lines` and, for the outbox to make
+/// into a link, the whole text. Also what the outbox needs to post it as
+/// an IRCv3 reply: the messages it answers and the lines it quotes.
+fn post_for(irc: &IrcSettings, sender: &Contact, message: &Message<'_>) -> IrcPost {
     let text = message
         .body_text(0)
         .map_or_else(|| String::from_utf8_lossy(message.raw_message()).into_owned(), |t| t.into_owned());
     let mut lines: Vec<&str> = Vec::new();
+    let mut quoted = Vec::new();
     for line in text.lines() {
         if line == "-- " {
             break;
         }
         let line = line.trim_end();
-        if line.is_empty() || line.starts_with('>') {
+        if let Some(q) = line.strip_prefix('>') {
+            if quoted.len() < MAX_QUOTED && q.len() <= MAX_QUOTED_LEN {
+                quoted.push(q.strip_prefix(' ').unwrap_or(q).to_owned());
+            }
+            continue;
+        }
+        if line.is_empty() {
             continue;
         }
         lines.push(line);
     }
-    let name = CertInfo::from_der(&sender.cert)
-        .ok()
-        .and_then(|i| i.display_name)
-        .unwrap_or_else(|| sender.address.split('@').next().unwrap_or("someone").to_owned());
-    let name = if irc.zero_width_names { bridge_irc::format::defang(&name) } else { name };
+    let name = irc_name(sender);
+    let shown_name = if irc.zero_width_names { bridge_irc::format::defang(&name) } else { name.clone() };
     let max = irc.max_lines.max(1);
-    let mut out: Vec<String> = Vec::new();
-    let shown = if lines.len() > max { max - 1 } else { lines.len() };
-    for line in &lines[..shown] {
-        out.push(irc.line_format.replace("{name}", &name).replace("{line}", line));
+    let format = |line: &str| irc.line_format.replace("{name}", &shown_name).replace("{line}", line);
+    let out: Vec<String> = lines.iter().take(max).map(|l| format(l)).collect();
+    let parents: Vec<String> = message
+        .in_reply_to()
+        .as_text_list()
+        .into_iter()
+        .flatten()
+        .chain(message.references().as_text_list().into_iter().flatten().rev())
+        .take(MAX_PARENTS)
+        .map(|id| format!("<{}>", id.trim_matches(['<', '>'])))
+        .collect();
+    IrcPost {
+        target: String::new(),
+        lines: out,
+        more: (lines.len() > max).then(|| (lines.len() - max, text.clone())),
+        parents,
+        quoted,
+        message_id: message.message_id().map(|id| format!("<{}>", id.trim_matches(['<', '>']))),
+        name: shown_name,
     }
-    if lines.len() > shown {
-        let cut = lines.len() - shown;
-        out.push(irc.line_format.replace("{name}", &name).replace("{line}", &format!("[{cut} more lines cut]")));
+}
+
+/// The line that stands for the `more` lines of a long post: a link to its
+/// whole text on the gateway's Gemini capsule (and public HTTP listener),
+/// or, where neither is on, how many lines were cut.
+async fn more_line(gw: &Gateway, post: &IrcPost, more: usize, text: &str) -> String {
+    let irc = &gw.settings.irc;
+    let said = |what: &str| irc.line_format.replace("{name}", &post.name).replace("{line}", what);
+    let host = &gw.settings.gateway.hostname;
+    let gemini = match gw.settings.gemini.listen.rsplit_once(':') {
+        Some((_, "1965")) => Some(format!("gemini://{host}/paste/")),
+        Some((_, port)) => Some(format!("gemini://{host}:{port}/paste/")),
+        None => None,
+    };
+    let https = (!gw.settings.http.public_listen.is_empty()).then(|| format!("https://{host}/paste/"));
+    if gemini.is_none() && https.is_none() {
+        return said(&format!("[{more} more lines cut]"));
     }
-    out
+    match gw.store.paste(text, irc.paste_days).await {
+        Ok(token) => {
+            let links: Vec<String> = gemini.into_iter().chain(https).map(|base| format!("{base}{token}")).collect();
+            said(&format!("[{more} more lines: {}]", links.join(" ")))
+        }
+        Err(e) => {
+            warn!(error = %e, "Cannot keep the whole text of a long IRC post; it is cut.");
+            said(&format!("[{more} more lines cut]"))
+        }
+    }
 }
 
 /// Posts the outbox in order while the bot is in its channels; runs until `shutdown`.
-pub async fn outbox(gw: Arc<Gateway>, mut handle: Handle, shutdown: CancellationToken) {
+pub async fn outbox(gw: Arc<Gateway>, core: Arc<IrcCore>, mut handle: Handle, shutdown: CancellationToken) {
     loop {
         let next = tokio::select! {
             n = gw.queue.next_post() => n,
             () = shutdown.cancelled() => return,
         };
-        let (key, post) = match next {
+        let (key, mut post) = match next {
             Ok(Some(n)) => n,
             Ok(None) => continue,
             Err(e) => {
@@ -540,9 +928,22 @@ pub async fn outbox(gw: Arc<Gateway>, mut handle: Handle, shutdown: Cancellation
                 }
             }
         };
+        if let Some((more, text)) = post.more.take() {
+            let line = more_line(&gw, &post, more, &text).await;
+            post.lines.push(line);
+        }
+        let reply_to = post.parents.iter().find_map(|p| gw.store.reply_msgid(p, &post.quoted).ok().flatten());
+        if let Some(id) = &post.message_id {
+            let mut posters = core.posters.lock().unwrap_or_else(PoisonError::into_inner);
+            if posters.len() >= 64 {
+                posters.pop_front();
+            }
+            posters.push_back((id.clone(), post.name.clone()));
+        }
+        let target = post.target.clone();
         let sending = async {
             handle.ready().await;
-            handle.post(&post.target, post.lines).await.is_ok()
+            handle.post_tagged(&post.target, post.lines, reply_to, post.message_id).await.is_ok()
         };
         let mut sending = std::pin::pin!(sending);
         let alive_every = super::queue::jetstream::IRC_ACK_WAIT / 3;
@@ -554,7 +955,7 @@ pub async fn outbox(gw: Arc<Gateway>, mut handle: Handle, shutdown: Cancellation
             }
         };
         if posted {
-            info!(target_name = %post.target, "Posted to IRC.");
+            info!(target_name = %target, "Posted to IRC.");
         }
         if let Err(e) = gw.queue.post_done(key, posted).await {
             warn!(error = %e, "Cannot mark a post for IRC done; it may be posted again.");
@@ -628,8 +1029,8 @@ async fn bot(gw: Arc<Gateway>, config: bridge_irc::IrcConfig, shutdown: Cancella
     let helpers = shutdown.child_token();
     let core = IrcCore::new(Arc::clone(&gw));
     let (handle, bot) = bridge_irc::spawn(config, Arc::clone(&core), shutdown.clone());
-    let digests = tokio::spawn(core.digest_timer(helpers.clone()));
-    let posts = tokio::spawn(outbox(gw, handle, helpers.clone()));
+    let digests = tokio::spawn(Arc::clone(&core).digest_timer(helpers.clone()));
+    let posts = tokio::spawn(outbox(gw, core, handle, helpers.clone()));
     match bot.await {
         Ok(Err(e)) => tracing::error!(error = %e, "The IRC bot stopped; email keeps working."),
         Err(e) => tracing::error!(error = %e, "The IRC bot failed."),
@@ -659,28 +1060,38 @@ mod tests {
         time::OffsetDateTime::from_unix_timestamp(1_714_566_896).unwrap()
     }
 
+    fn waiting(line: String) -> WaitingLine {
+        WaitingLine { heard_ms: 1, line, text: String::new(), nick: String::new(), msgid: None, parent: None }
+    }
+
     #[test]
     fn a_busy_window_becomes_several_digests_that_each_fit() {
         let text = "x".repeat(480);
         let mut digest = Digest::default();
         let mut messages = Vec::new();
         let mut sent = 0;
+        let mut held: Vec<String> = Vec::new();
         let mut previous: Option<String> = None;
-        let mut flush = |d: &mut Digest, messages: &mut Vec<String>, sent: &mut usize| {
-            let lines = d.take();
+        let mut flush = |held: &mut Vec<String>, messages: &mut Vec<String>, sent: &mut usize| {
+            let lines: Vec<&str> = held.iter().map(String::as_str).collect();
             *sent += lines.len();
             let id = format!("<irc.{}.chat@gw.example>", messages.len());
-            messages.push(digest_message(&channel(), &lines, &id, previous.as_deref(), &mail::date_now()));
+            let date = mail::date_now();
+            let h = DigestHeader { message_id: &id, previous: previous.as_deref(), parents: &[], date: &date };
+            messages.push(digest_message(&channel(), &lines, &h, 0));
             previous = Some(id);
+            held.clear();
         };
         for i in 0..1000 {
-            let line = digest_line(Kind::Message, &format!("nick{i}"), &text, false, at_noon()).unwrap();
+            let line = digest_line(Kind::Message, &format!("nick{i}"), &text, false, at_noon(), None).unwrap();
             if !digest.fits(&line) {
-                flush(&mut digest, &mut messages, &mut sent);
+                flush(&mut held, &mut messages, &mut sent);
+                digest = Digest::default();
             }
-            digest.push(line);
+            digest.push(&waiting(line.clone()));
+            held.push(line);
         }
-        flush(&mut digest, &mut messages, &mut sent);
+        flush(&mut held, &mut messages, &mut sent);
         assert_eq!(sent, 1000);
         assert!(messages.len() > 1);
         for m in &messages {
@@ -688,20 +1099,49 @@ mod tests {
         }
         assert!(messages[1].contains("In-Reply-To: <irc.0.chat@gw.example>\r\n"));
         // One enormous line alone still fits.
-        let huge = digest_line(Kind::Message, "n", &"é".repeat(20_000), false, at_noon()).unwrap();
+        let huge = digest_line(Kind::Message, "n", &"é".repeat(20_000), false, at_noon(), None).unwrap();
         assert!(huge.len() <= DIGEST_BUDGET - 2);
         assert!(Digest::default().fits(&huge));
     }
 
     #[test]
+    fn a_digest_answers_the_messages_its_lines_reply_to_and_marks_mentions() {
+        let line = digest_line(Kind::Message, "carl", "yes, alice", false, at_noon(), Some("alice")).unwrap();
+        assert_eq!(line, "[12:34:56] <carl> (re alice) yes, alice");
+        let date = mail::date_now();
+        let h = DigestHeader {
+            message_id: "<d2@gw>",
+            previous: Some("<d1@gw>"),
+            parents: &["<alice1@example.org>"],
+            date: &date,
+        };
+        let marked = mark(&line, true);
+        assert_eq!(marked, "[12:34:56] (@) <carl> (re alice) yes, alice");
+        let m = digest_message(&channel(), &[&marked], &h, 1);
+        assert!(m.contains("In-Reply-To: <alice1@example.org>\r\nReferences: <d1@gw> <alice1@example.org>\r\n"), "{m}");
+        assert!(m.contains("Subject: #chat on irc.example.org: 1 line, 1 names you\r\n"), "{m}");
+        for (text, name, yes) in [
+            ("alice: look", "alice", true),
+            ("hey Alice!", "alice", true),
+            ("Alice Liddell, see", "alice liddell", true),
+            ("malice aforethought", "alice", false),
+            ("alice_bot said", "alice", false),
+            ("", "alice", false),
+            ("anything", " ", false),
+        ] {
+            assert_eq!(mentions(text, name), yes, "{text:?} {name:?}");
+        }
+    }
+
+    #[test]
     fn no_control_character_reaches_a_digest_or_a_private_message() {
-        let line = digest_line(Kind::Topic, "ev\ril", "a\rb\nc\0d\x1be\x0304f\tg", true, at_noon()).unwrap();
+        let line = digest_line(Kind::Topic, "ev\ril", "a\rb\nc\0d\x1be\x0304f\tg", true, at_noon(), None).unwrap();
         assert_eq!(line, "[12:34:56] *** ev il set the topic: a b cdef\tg");
         for kind in [Kind::Message, Kind::Action, Kind::Notice, Kind::Join, Kind::Part, Kind::Quit] {
-            let line = digest_line(kind, "n\r", "t\rx\u{85}", true, at_noon()).unwrap();
+            let line = digest_line(kind, "n\r", "t\rx\u{85}", true, at_noon(), None).unwrap();
             assert!(!line.chars().any(char::is_control), "{line:?}");
         }
-        assert_eq!(digest_line(Kind::Join, "n", "", false, at_noon()), None);
+        assert_eq!(digest_line(Kind::Join, "n", "", false, at_noon(), None), None);
         let m = private_message("we\"ird\\\r", "irc.example.org", "alice@example.org", "hi\rthere\x07", "DATE");
         assert_eq!(m.matches('\r').count(), m.matches("\r\n").count(), "no bare CR: {m:?}");
         assert!(m.starts_with("From: \"we\\\"ird\\\\ \" <\"we\\\"ird\\\\ \"@irc.example.org>\r\n"), "{m}");

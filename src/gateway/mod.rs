@@ -15,6 +15,7 @@ pub mod discovery;
 pub mod hourly;
 pub mod http;
 pub mod irc;
+pub mod irc_state;
 pub mod mail;
 pub mod metrics;
 pub mod outbox;

@@ -400,7 +400,11 @@ pub async fn gemini(gw: &Gateway, home: &Home, tasks: &TaskTracker, shutdown: &C
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("gemini.listen {listen}"))?;
     let addr = listener.local_addr()?;
     let own = gw.identity.address().map(|a| (a.to_string().to_ascii_lowercase(), gw.identity.cert_der().to_vec()));
-    let capsule = discovery::Capsule { store: gw.home_store.clone(), own: own.into_iter().collect() };
+    let capsule = discovery::Capsule {
+        store: gw.home_store.clone(),
+        own: own.into_iter().collect(),
+        pastes: Some(Arc::clone(&gw.store)),
+    };
     let tls = latssiam::gemini::server_tls(&home.capsule_identity).context("gemini.listen: TLS")?;
     let limits = latssiam::gemini::Limits {
         requests_per_minute: gw.settings.gemini.requests_per_minute,

@@ -15,8 +15,12 @@
 //! - bodies are split here, one line per PRIVMSG, with CR, LF, NUL and `\x01`
 //!   made harmless, and sized for the 512-octet limit *including* the
 //!   `:nick!user@host` prefix others receive (learnt with USERHOST);
-//! - SASL PLAIN is driven here (`CAP REQ :sasl`, `AUTHENTICATE`), and a `904`
-//!   stops the bot with a clear error;
+//! - IRCv3 capabilities are negotiated with `CAP LS 302`: `server-time`,
+//!   `message-tags` (for `msgid` and `+draft/reply`) and `echo-message` when
+//!   the server offers them (every event then carries a [`Meta`], and the
+//!   msgid of a post's first line comes back as [`Event::Posted`]), nothing
+//!   when it does not; SASL PLAIN is driven here too (`AUTHENTICATE`), and a
+//!   `904` stops the bot with a clear error;
 //! - input that is not UTF-8 is read as latin-1, never dropped;
 //! - reconnection backs off (doubling) and the backoff resets once a
 //!   connection has stayed up; a nick in use takes the next alternate and the
@@ -46,6 +50,12 @@ const MAX_REPLIES: usize = 32;
 const MAX_URGENT: usize = 256;
 /// Most PRIVMSG lines one post becomes; the rest is dropped.
 const MAX_POST_LINES: usize = 1000;
+/// Most posts whose echo (`echo-message`) the bot waits for at once.
+const MAX_AWAITING_ECHO: usize = 64;
+/// Longest IRCv3 tag value the bot keeps or sends (a msgid is far shorter).
+const MAX_TAG_VALUE: usize = 256;
+/// The IRCv3 capabilities the bot asks for when offered (`sasl` besides, when configured).
+const WANTED_CAPS: [&str; 3] = ["server-time", "message-tags", "echo-message"];
 
 /// Bot settings.
 #[derive(Debug, Clone)]
@@ -98,9 +108,21 @@ pub enum Event {
         /// The text, if any (formatting and control characters removed, as
         /// from every text, nick and channel of an event: [`format::clean_text`]).
         text: String,
+        /// What IRCv3 tags said of it.
+        meta: Meta,
     },
     /// The bot (re)connected and joined all its channels.
     Joined,
+    /// The connection was lost (the bot reconnects); lines said meanwhile are not heard.
+    Disconnected,
+    /// The server echoed the first line of a post handed over with a key
+    /// (`echo-message`): the msgid others saw it under.
+    Posted {
+        /// The post's key ([`Handle::post_tagged`]).
+        key: String,
+        /// Its first line's msgid.
+        msgid: String,
+    },
     /// A private message to the bot.
     Private {
         /// Who.
@@ -111,6 +133,55 @@ pub enum Event {
         /// The text.
         text: String,
     },
+}
+
+/// What the IRCv3 tags of a channel line said (all empty where the server
+/// offers no such capability). Values are cleaned of control characters and
+/// at most [`MAX_TAG_VALUE`] octets; anything longer is dropped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Meta {
+    /// `time` (`server-time`): when the server saw it, RFC 3339 as sent.
+    pub time: Option<String>,
+    /// `msgid`: the line's id on the network.
+    pub msgid: Option<String>,
+    /// `+draft/reply`: the msgid of the line it answers.
+    pub reply_to: Option<String>,
+}
+
+impl Meta {
+    fn from_tags(tags: Option<&[irc_proto::message::Tag]>) -> Self {
+        let mut meta = Self::default();
+        for irc_proto::message::Tag(name, value) in tags.unwrap_or_default() {
+            let Some(value) = value.as_deref().filter(|v| !v.is_empty() && v.len() <= MAX_TAG_VALUE) else {
+                continue;
+            };
+            let value = format::clean_text(value);
+            match name.as_str() {
+                "time" => meta.time = Some(value),
+                "msgid" => meta.msgid = Some(value),
+                "+draft/reply" | "+reply" => meta.reply_to = Some(value),
+                _ => {}
+            }
+        }
+        meta
+    }
+}
+
+/// `value` as an IRCv3 tag value (escaped).
+fn escape_tag(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            ';' => out.push_str("\\:"),
+            ' ' => out.push_str("\\s"),
+            '\\' => out.push_str("\\\\"),
+            '\r' => out.push_str("\\r"),
+            '\n' => out.push_str("\\n"),
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Kinds of channel events.
@@ -153,6 +224,10 @@ pub enum IrcError {
 struct Post {
     target: String,
     lines: Vec<String>,
+    /// The msgid its first line answers (sent as `+draft/reply` where the server takes tags).
+    reply_to: Option<String>,
+    /// Reported back with the first line's msgid ([`Event::Posted`]) where the server echoes.
+    key: Option<String>,
     done: oneshot::Sender<()>,
 }
 
@@ -186,8 +261,26 @@ impl Handle {
     /// [`NotConnected`] if the connection went away first (then some lines
     /// may have gone out; the caller retries the whole post).
     pub async fn post(&self, target: &str, lines: Vec<String>) -> Result<(), NotConnected> {
+        self.post_tagged(target, lines, None, None).await
+    }
+
+    /// As [`Handle::post`], with the first line answering the line whose
+    /// msgid is `reply_to` (`+draft/reply`, where the server takes client
+    /// tags), and, where the server echoes what the bot says, an
+    /// [`Event::Posted`] with `key` and the first line's msgid.
+    ///
+    /// # Errors
+    /// [`NotConnected`], as [`Handle::post`].
+    pub async fn post_tagged(
+        &self,
+        target: &str,
+        lines: Vec<String>,
+        reply_to: Option<String>,
+        key: Option<String>,
+    ) -> Result<(), NotConnected> {
         let (done, rx) = oneshot::channel();
-        self.posts.send(Post { target: target.to_owned(), lines, done }).await.map_err(|_| NotConnected)?;
+        let post = Post { target: target.to_owned(), lines, reply_to, key, done };
+        self.posts.send(post).await.map_err(|_| NotConnected)?;
         rx.await.map_err(|_| NotConnected)
     }
 }
@@ -221,6 +314,9 @@ async fn run<S: IrcSink>(
                 let mut session = Session::new(&config, &*sink, &joined);
                 let r = session.run(stream, &mut posts, &shutdown).await;
                 let _ = joined.send(false);
+                if r.is_err() {
+                    sink.event(Event::Disconnected).await;
+                }
                 r
             }
             Err(e) => Err(SessionEnd::Lost(e.to_string())),
@@ -265,7 +361,7 @@ pub async fn run_session<S: IrcSink>(
     let (tx, mut rx) = mpsc::channel(posts.len().max(1));
     for (target, lines) in posts {
         let (done, _) = oneshot::channel();
-        let _ = tx.try_send(Post { target, lines, done });
+        let _ = tx.try_send(Post { target, lines, reply_to: None, key: None, done });
     }
     let (joined, _) = watch::channel(false);
     let mut session = Session::new(config, sink, &joined);
@@ -401,6 +497,13 @@ struct Session<'a, S> {
     members: HashMap<String, HashSet<String>>,
     joined: HashSet<String>,
     reclaim_at: Option<Instant>,
+    /// Capabilities offered so far (`CAP LS` may come in several lines).
+    offered: Vec<String>,
+    /// Capabilities the server acknowledged.
+    caps: HashSet<String>,
+    /// The first line of each post sent with a key, as (target, text, key),
+    /// until its echo comes back; at most [`MAX_AWAITING_ECHO`].
+    awaiting_echo: VecDeque<(String, String, String)>,
 }
 
 impl<'a, S: IrcSink> Session<'a, S> {
@@ -420,7 +523,70 @@ impl<'a, S: IrcSink> Session<'a, S> {
             members: HashMap::new(),
             joined: HashSet::new(),
             reclaim_at: None,
+            offered: Vec::new(),
+            caps: HashSet::new(),
+            awaiting_echo: VecDeque::new(),
         }
+    }
+
+    /// Whether the server acknowledged `cap`.
+    fn has(&self, cap: &str) -> bool {
+        self.caps.contains(cap)
+    }
+
+    /// A `CAP` line from the server: negotiates what [`WANTED_CAPS`] (and
+    /// `sasl` when configured) the server offers, then ends negotiation (or
+    /// authenticates first).
+    fn cap(&mut self, sub: &str, first: Option<String>, second: Option<String>) -> Result<(), SessionEnd> {
+        // "CAP * LS * :a b" (more to come) or "CAP * LS :a b" (the last line).
+        let (more, list) = match (first, second) {
+            (Some(star), Some(list)) => (star == "*", list),
+            (Some(list), None) => (false, list),
+            _ => (false, String::new()),
+        };
+        let names = list.split_whitespace().map(|c| c.split_once('=').map_or(c, |(n, _)| n).to_owned());
+        match sub {
+            "LS" => {
+                self.offered.extend(names.take(512));
+                if more {
+                    return Ok(());
+                }
+                let sasl = self.config.sasl.is_some();
+                if sasl && !self.offered.iter().any(|c| c == "sasl") {
+                    return Err(SessionEnd::Fatal(IrcError::Sasl("the server does not offer SASL".into())));
+                }
+                let wanted: Vec<&str> = WANTED_CAPS
+                    .iter()
+                    .copied()
+                    .chain(sasl.then_some("sasl"))
+                    .filter(|w| self.offered.iter().any(|c| c == w))
+                    .collect();
+                self.offered.clear();
+                if wanted.is_empty() {
+                    self.out.urgent("CAP END".into());
+                } else {
+                    self.out.urgent(format!("CAP REQ :{}", wanted.join(" ")));
+                }
+            }
+            "ACK" => {
+                self.caps.extend(names.map(|c| c.trim_start_matches(['-', '=', '~']).to_owned()));
+                debug!(caps = ?self.caps, "IRCv3 capabilities acknowledged.");
+                if self.has("sasl") && self.config.sasl.is_some() {
+                    self.out.urgent("AUTHENTICATE PLAIN".into());
+                } else {
+                    self.out.urgent("CAP END".into());
+                }
+            }
+            "NAK" => {
+                if self.config.sasl.is_some() {
+                    return Err(SessionEnd::Fatal(IrcError::Sasl("the server refused the SASL capability".into())));
+                }
+                // Refused as a set: go on without any.
+                self.out.urgent("CAP END".into());
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     fn send_urgent(&mut self, command: Command) {
@@ -449,9 +615,8 @@ impl<'a, S: IrcSink> Session<'a, S> {
         let (read, mut write) = tokio::io::split(stream);
         let mut reader = BufReader::new(read);
         let timeout = self.config.timeout.max(Duration::from_secs(1));
-        if self.config.sasl.is_some() {
-            self.out.urgent("CAP REQ :sasl".into());
-        }
+        // Servers without capabilities answer 421 and register us anyway.
+        self.out.urgent("CAP LS 302".into());
         self.send_urgent(Command::NICK(self.nick.clone()));
         self.send_urgent(Command::USER(self.config.nick.clone(), "0".into(), "latssiam-bridge".into()));
         let mut last_heard = Instant::now();
@@ -540,6 +705,8 @@ impl<'a, S: IrcSink> Session<'a, S> {
         }
         let budget = self.text_budget(&target);
         let mut cut = 0usize;
+        let reply = post.reply_to.filter(|r| !r.is_empty() && r.len() <= MAX_TAG_VALUE && self.has("message-tags"));
+        let mut first = true;
         for line in post.lines {
             let line = format::sanitize(&line);
             for piece in format::split_to_fit(&line, budget) {
@@ -548,7 +715,20 @@ impl<'a, S: IrcSink> Session<'a, S> {
                     continue;
                 }
                 let text = if piece.is_empty() { " ".to_owned() } else { piece };
-                self.out.normal.push_back(format!("PRIVMSG {target} :{text}"));
+                let tags = match (&reply, first) {
+                    (Some(r), true) => format!("@+draft/reply={} ", escape_tag(r)),
+                    _ => String::new(),
+                };
+                if first && self.has("echo-message") {
+                    if let Some(key) = &post.key {
+                        if self.awaiting_echo.len() >= MAX_AWAITING_ECHO {
+                            self.awaiting_echo.pop_front();
+                        }
+                        self.awaiting_echo.push_back((target.to_ascii_lowercase(), text.clone(), key.clone()));
+                    }
+                }
+                first = false;
+                self.out.normal.push_back(format!("{tags}PRIVMSG {target} :{text}"));
             }
         }
         if cut > 0 {
@@ -592,16 +772,10 @@ impl<'a, S: IrcSink> Session<'a, S> {
             Some(Prefix::Nickname(_, u, h)) if !h.is_empty() => format!("{u}@{h}"),
             _ => String::new(),
         };
+        let meta = Meta::from_tags(message.tags.as_deref());
         match message.command {
             Command::PING(a, b) => self.send_urgent(Command::PONG(a, b)),
-            Command::CAP(_, sub, _, params) => {
-                let text = format!("{sub:?} {}", params.unwrap_or_default());
-                if text.starts_with("ACK") && text.contains("sasl") {
-                    self.out.urgent("AUTHENTICATE PLAIN".into());
-                } else if text.starts_with("NAK") {
-                    return Err(SessionEnd::Fatal(IrcError::Sasl("the server does not offer SASL".into())));
-                }
-            }
+            Command::CAP(_, sub, first, second) => self.cap(sub.to_str(), first, second)?,
             Command::AUTHENTICATE(ref a) if a == "+" => {
                 if let Some((user, password)) = &self.config.sasl {
                     let payload = format!("{user}\0{user}\0{password}");
@@ -628,20 +802,20 @@ impl<'a, S: IrcSink> Session<'a, S> {
                     }
                 } else {
                     self.members.entry(key).or_default().insert(from.clone());
-                    self.emit_channel(&channel, &from, Kind::Join, String::new()).await;
+                    self.emit_channel(&channel, &from, Kind::Join, String::new(), meta).await;
                 }
             }
             Command::PART(channel, text) => {
                 if let Some(m) = self.members.get_mut(&channel.to_ascii_lowercase()) {
                     m.remove(&from);
                 }
-                self.emit_channel(&channel, &from, Kind::Part, text.unwrap_or_default()).await;
+                self.emit_channel(&channel, &from, Kind::Part, text.unwrap_or_default(), meta).await;
             }
             Command::QUIT(text) => {
                 let channels: Vec<String> =
                     self.members.iter_mut().filter_map(|(c, m)| m.remove(&from).then(|| c.clone())).collect();
                 for c in channels {
-                    self.emit_channel(&c, &from, Kind::Quit, text.clone().unwrap_or_default()).await;
+                    self.emit_channel(&c, &from, Kind::Quit, text.clone().unwrap_or_default(), meta.clone()).await;
                 }
             }
             Command::KICK(channel, who, _) if who == self.nick => {
@@ -655,19 +829,31 @@ impl<'a, S: IrcSink> Session<'a, S> {
                     .and_then(|(_, k)| k.clone());
                 self.send_urgent(Command::JOIN(channel, key, None));
             }
-            Command::TOPIC(channel, Some(text)) => self.emit_channel(&channel, &from, Kind::Topic, text).await,
-            Command::PRIVMSG(target, text) if from != self.nick => {
-                self.incoming(&target, (&from, &userhost), &text, false).await;
+            Command::TOPIC(channel, Some(text)) => self.emit_channel(&channel, &from, Kind::Topic, text, meta).await,
+            Command::PRIVMSG(target, text) if from == self.nick => self.echoed(&target, &text, meta).await,
+            Command::PRIVMSG(target, text) => {
+                self.incoming(&target, (&from, &userhost), &text, false, meta).await;
             }
             Command::NOTICE(target, text) if from != self.nick => {
-                self.incoming(&target, (&from, &userhost), &text, true).await;
+                self.incoming(&target, (&from, &userhost), &text, true, meta).await;
             }
             _ => {}
         }
         Ok(())
     }
 
-    async fn incoming(&mut self, target: &str, (from, userhost): (&str, &str), text: &str, notice: bool) {
+    /// The server's echo of a line the bot said: the msgid of a post's first line, reported.
+    async fn echoed(&mut self, target: &str, text: &str, meta: Meta) {
+        let target = target.to_ascii_lowercase();
+        let Some(i) = self.awaiting_echo.iter().position(|(t, l, _)| *t == target && l == text) else { return };
+        // Echoes come in order: the posts before this one will not be echoed any more.
+        let Some((_, _, key)) = self.awaiting_echo.drain(..=i).next_back() else { return };
+        if let Some(msgid) = meta.msgid {
+            let _ = self.emit(Event::Posted { key, msgid }).await;
+        }
+    }
+
+    async fn incoming(&mut self, target: &str, (from, userhost): (&str, &str), text: &str, notice: bool, meta: Meta) {
         let (kind, body) = match text.strip_prefix('\x01') {
             Some(ctcp) => match ctcp.trim_end_matches('\x01').strip_prefix("ACTION ") {
                 Some(action) => (Kind::Action, action),
@@ -677,7 +863,7 @@ impl<'a, S: IrcSink> Session<'a, S> {
             None => (Kind::Message, text),
         };
         if target.starts_with(['#', '&', '+', '!']) {
-            self.emit_channel(target, from, kind, body.to_owned()).await;
+            self.emit_channel(target, from, kind, body.to_owned(), meta).await;
         } else if target.eq_ignore_ascii_case(&self.nick) && !notice && kind == Kind::Message {
             let reply = self
                 .emit(Event::Private { nick: from.to_owned(), userhost: userhost.to_owned(), text: body.to_owned() })
@@ -695,8 +881,8 @@ impl<'a, S: IrcSink> Session<'a, S> {
         }
     }
 
-    async fn emit_channel(&mut self, channel: &str, nick: &str, kind: Kind, text: String) {
-        let event = Event::Channel { channel: channel.to_owned(), nick: nick.to_owned(), kind, text };
+    async fn emit_channel(&mut self, channel: &str, nick: &str, kind: Kind, text: String, meta: Meta) {
+        let event = Event::Channel { channel: channel.to_owned(), nick: nick.to_owned(), kind, text, meta };
         let _ = self.emit(event).await;
     }
 
@@ -704,18 +890,19 @@ impl<'a, S: IrcSink> Session<'a, S> {
     /// every text, nick and channel goes through [`format::clean_text`] here.
     async fn emit(&self, event: Event) -> Option<String> {
         let event = match event {
-            Event::Channel { channel, nick, kind, text } => Event::Channel {
+            Event::Channel { channel, nick, kind, text, meta } => Event::Channel {
                 channel: format::clean_text(&channel),
                 nick: format::clean_text(&nick),
                 kind,
                 text: format::clean_text(&text),
+                meta,
             },
             Event::Private { nick, userhost, text } => Event::Private {
                 nick: format::clean_text(&nick),
                 userhost: format::clean_text(&userhost),
                 text: format::clean_text(&text),
             },
-            Event::Joined => Event::Joined,
+            e @ (Event::Joined | Event::Disconnected | Event::Posted { .. }) => e,
         };
         self.sink.event(event).await
     }
@@ -842,11 +1029,18 @@ impl Outgoing {
 /// line the bot writes passes through here.
 fn wire_line(line: &str) -> String {
     let line = line.trim_end_matches(['\r', '\n']);
+    // IRCv3 tags (`@a=b;c `, built here from escaped values) do not count
+    // in the 512: the message after them does.
+    let (tags, line) = match line.strip_prefix('@').and_then(|l| l.split_once(' ')) {
+        Some((tags, rest)) if tags.len() <= 4000 && !tags.contains(['\r', '\n', '\0']) => (tags, rest),
+        _ => ("", line),
+    };
     let mut cut = line.len().min(510);
     while !line.is_char_boundary(cut) {
         cut -= 1;
     }
-    let mut out: String = line[..cut].chars().map(|c| if matches!(c, '\r' | '\n' | '\0') { ' ' } else { c }).collect();
+    let mut out = if tags.is_empty() { String::new() } else { format!("@{tags} ") };
+    out.extend(line[..cut].chars().map(|c| if matches!(c, '\r' | '\n' | '\0') { ' ' } else { c }));
     out.push_str("\r\n");
     out
 }
@@ -957,7 +1151,119 @@ mod tests {
     }
 
     fn post(target: &str, lines: &[&str]) -> Post {
-        Post { target: target.into(), lines: lines.iter().map(|&l| l.to_owned()).collect(), done: oneshot::channel().0 }
+        Post {
+            target: target.into(),
+            lines: lines.iter().map(|&l| l.to_owned()).collect(),
+            reply_to: None,
+            key: None,
+            done: oneshot::channel().0,
+        }
+    }
+
+    /// Every protocol line queued so far, taken.
+    fn urgent_lines(session: &mut Session<'_, Recorder>) -> Vec<String> {
+        session.out.urgent.drain(..).collect()
+    }
+
+    #[tokio::test]
+    async fn capabilities_are_asked_for_only_where_offered() {
+        let config = config();
+        let sink = Recorder::default();
+        let (joined, _) = watch::channel(false);
+        // InspIRCd 3 with its IRCv3 modules, the list in two lines.
+        let mut session = Session::new(&config, &sink, &joined);
+        session.handle(":irc.test CAP * LS * :account-notify batch cap-notify echo-message").await.ok();
+        assert!(urgent_lines(&mut session).is_empty(), "waits for the last LS line");
+        session.handle(":irc.test CAP * LS :labeled-response message-tags server-time").await.ok();
+        assert_eq!(urgent_lines(&mut session), ["CAP REQ :server-time message-tags echo-message"]);
+        session.handle(":irc.test CAP bot ACK :server-time message-tags echo-message").await.ok();
+        assert_eq!(urgent_lines(&mut session), ["CAP END"]);
+        assert!(session.has("message-tags") && session.has("echo-message") && session.has("server-time"));
+        // ngircd: only multi-prefix. Nothing asked, negotiation ended.
+        let mut session = Session::new(&config, &sink, &joined);
+        session.handle(":irc.test CAP * LS :multi-prefix").await.ok();
+        assert_eq!(urgent_lines(&mut session), ["CAP END"]);
+        assert!(session.caps.is_empty());
+        // Refused as a set: go on without.
+        let mut session = Session::new(&config, &sink, &joined);
+        session.handle(":irc.test CAP * LS :server-time").await.ok();
+        session.handle(":irc.test CAP * NAK :server-time").await.ok();
+        assert_eq!(urgent_lines(&mut session), ["CAP REQ :server-time", "CAP END"]);
+        // SASL configured but not offered: a clear, fatal error.
+        let sasl = IrcConfig { sasl: Some(("u".into(), "p".into())), ..config.clone() };
+        let mut session = Session::new(&sasl, &sink, &joined);
+        let ended = session.handle(":irc.test CAP * LS :server-time").await;
+        assert!(matches!(ended, Err(SessionEnd::Fatal(IrcError::Sasl(_)))));
+        let mut session = Session::new(&sasl, &sink, &joined);
+        session.handle(":irc.test CAP * LS :sasl=PLAIN,EXTERNAL server-time").await.ok();
+        session.handle(":irc.test CAP bot ACK :server-time sasl").await.ok();
+        assert_eq!(urgent_lines(&mut session), ["CAP REQ :server-time sasl", "AUTHENTICATE PLAIN"]);
+    }
+
+    #[tokio::test]
+    async fn tags_are_read_and_a_reply_and_its_echo_are_tagged() {
+        let config = config();
+        let sink = Recorder::default();
+        let (joined, _) = watch::channel(false);
+        let mut session = Session::new(&config, &sink, &joined);
+        session.caps.extend(["message-tags".to_owned(), "echo-message".to_owned()]);
+        session
+            .handle("@time=2026-12-06T16:17:22.542Z;msgid=420~1~2;+draft/reply=420~1~0 :carl!c@h PRIVMSG #c :yes")
+            .await
+            .ok();
+        // A tag value with an escaped space and a control character; an overlong one is dropped.
+        let long = "x".repeat(MAX_TAG_VALUE + 1);
+        session.handle(&format!("@msgid=a\\sb\x07;+draft/reply={long} :carl!c@h PRIVMSG #c :no")).await.ok();
+        let metas: Vec<Meta> = sink
+            .events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|e| match e {
+                Event::Channel { meta, .. } => Some(meta.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            metas,
+            [
+                Meta {
+                    time: Some("2026-12-06T16:17:22.542Z".into()),
+                    msgid: Some("420~1~2".into()),
+                    reply_to: Some("420~1~0".into())
+                },
+                Meta { time: None, msgid: Some("a b".into()), reply_to: None },
+            ]
+        );
+        // The first line of a reply carries +draft/reply, escaped; the others do not.
+        let mut p = post("#c", &["first", "second"]);
+        p.reply_to = Some("id;with space".into());
+        p.key = Some("<m1@gw>".into());
+        session.queue_post(p);
+        let lines: Vec<String> = session.out.normal.drain(..).collect();
+        assert_eq!(lines, ["@+draft/reply=id\\:with\\sspace PRIVMSG #c :first", "PRIVMSG #c :second"]);
+        assert!(wire_line(&lines[0]).starts_with("@+draft/reply=id\\:with\\sspace PRIVMSG #c :first\r\n"));
+        // The echo of the first line reports its msgid with the post's key.
+        session.handle("@msgid=420~1~9;inspircd.org/echo :bot!b@h PRIVMSG #c :first").await.ok();
+        let posted = sink.events.lock().unwrap().last().cloned();
+        assert_eq!(posted, Some(Event::Posted { key: "<m1@gw>".into(), msgid: "420~1~9".into() }));
+        assert!(session.awaiting_echo.is_empty());
+        // Without message-tags, no tag is sent.
+        session.caps.clear();
+        let mut p = post("#c", &["plain"]);
+        p.reply_to = Some("x".into());
+        session.queue_post(p);
+        assert_eq!(session.out.normal.pop_front().as_deref(), Some("PRIVMSG #c :plain"));
+    }
+
+    #[test]
+    fn tags_do_not_count_in_the_512_octets() {
+        let tagged = format!("@+draft/reply=abc PRIVMSG #c :{}", "y".repeat(600));
+        let out = wire_line(&tagged);
+        assert!(out.starts_with("@+draft/reply=abc PRIVMSG #c :y"));
+        assert_eq!(out.len(), "@+draft/reply=abc ".len() + 512);
+        // Not a tag section: cut as any line.
+        assert_eq!(wire_line(&format!("@{}", "z".repeat(600))).len(), 512);
     }
 
     /// Regression (fuzz `irc_line`): a `from` with a comma made the answer a
@@ -1046,7 +1352,7 @@ mod tests {
             .iter()
             .map(|e| match e {
                 Event::Channel { text, .. } | Event::Private { text, .. } => text.as_str(),
-                Event::Joined => "",
+                _ => "",
             })
             .collect();
         assert_eq!(texts, ["one From: x bold", "new topicred", "alice@example.org a b"]);

@@ -48,6 +48,8 @@ pub const MAX_HEADER: usize = 2 + 1 + MAX_META + 2;
 pub const MAX_BODY: usize = 64 * 1024;
 
 const SUCCESS_PEM: &[u8] = b"20 application/x-pem-file\r\n";
+/// The header of a plain-text document.
+const SUCCESS_TEXT: &[u8] = b"20 text/plain; charset=utf-8\r\n";
 const NOT_FOUND: &[u8] = b"51 Not found\r\n";
 const BAD_REQUEST: &[u8] = b"59 Bad request\r\n";
 /// Slow down: the meta is the seconds to wait (Gemini section 3.2.4).
@@ -321,6 +323,12 @@ pub trait Lookup: Send + Sync + 'static {
     /// (normalised, starting with `/`), or `None` for `51`: no such mailbox,
     /// or one deregistered or moved. Called on the async runtime: keep it quick.
     fn certificate(&self, host: &str, path: &str) -> Option<Vec<u8>>;
+
+    /// A plain-text document to serve at `host` and `path` instead, as
+    /// `20 text/plain; charset=utf-8` (none by default).
+    fn text(&self, _host: &str, _path: &str) -> Option<String> {
+        None
+    }
 }
 
 /// The capsule's bounds.
@@ -463,17 +471,25 @@ async fn connection<L: Lookup>(
             debug!("Too many Gemini requests from this client; slow down.");
             SLOW_DOWN.to_vec()
         }
-        Ok(req) => match lookup.certificate(req.host(), req.path()) {
-            Some(der) => {
-                debug!(host = req.host(), path = req.path(), "Certificate served.");
-                let mut r = SUCCESS_PEM.to_vec();
-                r.extend_from_slice(crate::identity::pem("CERTIFICATE", &der).as_bytes());
+        Ok(req) => match lookup.text(req.host(), req.path()) {
+            Some(text) => {
+                debug!(host = req.host(), "Text served.");
+                let mut r = SUCCESS_TEXT.to_vec();
+                r.extend_from_slice(text.as_bytes());
                 r
             }
-            None => {
-                debug!(host = req.host(), path = req.path(), "Not found.");
-                NOT_FOUND.to_vec()
-            }
+            None => match lookup.certificate(req.host(), req.path()) {
+                Some(der) => {
+                    debug!(host = req.host(), path = req.path(), "Certificate served.");
+                    let mut r = SUCCESS_PEM.to_vec();
+                    r.extend_from_slice(crate::identity::pem("CERTIFICATE", &der).as_bytes());
+                    r
+                }
+                None => {
+                    debug!(host = req.host(), path = req.path(), "Not found.");
+                    NOT_FOUND.to_vec()
+                }
+            },
         },
         Err(e) => {
             debug!(error = %e, "Bad Gemini request.");

@@ -762,8 +762,12 @@ impl JetQueue {
     ///
     /// # Errors
     /// [`StoreError::Shared`].
-    pub async fn share_subscription(&self, key: &[u8], on: bool) -> Result<(), StoreError> {
-        let value = Bytes::from_static(if on { b"1" } else { b"0" });
+    pub async fn share_subscription(
+        &self,
+        key: &[u8],
+        mode: crate::gateway::outbox::Subscription,
+    ) -> Result<(), StoreError> {
+        let value = Bytes::from_static(mode.as_bytes());
         self.subs.put(hex(key), value).await.map(drop).map_err(|e| shared("subscriptions bucket", e))
     }
 
@@ -807,7 +811,7 @@ impl JetQueue {
         .await?;
         let subs = mirror_bucket(self.subs.clone(), shutdown, move |key, value, _| {
             let Some(k) = unhex(key) else { return };
-            if let Err(e) = store.apply_subscription(&k, value.map(|v| v == b"1")) {
+            if let Err(e) = store.apply_subscription(&k, value.map(crate::gateway::outbox::Subscription::from_bytes)) {
                 warn!(error = %e, "Cannot mirror a shared subscription.");
             }
         })

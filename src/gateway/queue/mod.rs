@@ -106,6 +106,30 @@ impl Queue {
         }
     }
 
+    /// Queues IRC digests and takes their lines out of `store`'s window:
+    /// with sled in one transaction; with jetstream the digests first (under
+    /// ids kept until then, so that a repeat after a crash falls in
+    /// JetStream's duplicate window), then the lines.
+    ///
+    /// # Errors
+    /// [`StoreError`]; the lines then still wait.
+    pub async fn enqueue_digests(
+        &self,
+        store: &Store,
+        keys: &[::sled::IVec],
+        digests: &[crate::gateway::irc_state::DigestJob],
+    ) -> Result<(), StoreError> {
+        match self {
+            Queue::Sled(s) => s.enqueue_digests(keys, digests).await,
+            Queue::JetStream(j) => {
+                for d in digests {
+                    j.enqueue(d.id, &d.body, d.targets.clone(), &Origin::Gateway).await?;
+                }
+                store.window_remove(keys).await
+            }
+        }
+    }
+
     /// The oldest post for IRC, waiting a little for one.
     ///
     /// # Errors

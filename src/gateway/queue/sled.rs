@@ -172,13 +172,26 @@ impl Store {
         if !has_jobs {
             return Ok(());
         }
+        self.index_due_batch(due);
+        Ok(())
+    }
+
+    /// Makes jobs queued at `now` (and durable) due.
+    pub(crate) fn index_due(&self, jobs: impl IntoIterator<Item = JobId>, now: u64) {
+        let mut due = sled::Batch::default();
+        for jid in jobs {
+            due.insert(&due_key(now, jid), &[]);
+        }
+        self.index_due_batch(due);
+    }
+
+    fn index_due_batch(&self, due: sled::Batch) {
         // The due index is rebuilt from the jobs at every open: no flush needed,
         // and the message is kept now, so a failure here must not refuse it.
         if let Err(e) = self.due.apply_batch(due) {
             tracing::warn!(error = %e, "Cannot index queued jobs; they are due again after a restart.");
         }
         self.wake.notify_one();
-        Ok(())
     }
 
     /// Removes a message that was not acknowledged, with its jobs (best effort).
