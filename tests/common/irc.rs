@@ -1,5 +1,7 @@
-//! A person on IRC for the tests: a raw connection to a real IRC server
-//! (ngircd) that answers PINGs and records every line it hears.
+//! IRC for the tests: a real IRC server (Debian's ngircd, or InspIRCd 3
+//! with its IRCv3 modules, from `tests/support/inspircd.conf`) on a
+//! loopback port, and a person on it: a raw connection that answers PINGs
+//! and records every line it hears.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader, Write};
@@ -20,6 +22,11 @@ pub struct IrcPerson {
 impl IrcPerson {
     /// Connects to 127.0.0.1:`port` as `nick`, joins `channel` and waits for its names.
     pub fn connect(port: u16, nick: &str, channel: &str) -> Self {
+        Self::connect_with(port, nick, channel, &[])
+    }
+
+    /// As [`IrcPerson::connect`], asking for IRCv3 `caps` (granted where the server has them).
+    pub fn connect_with(port: u16, nick: &str, channel: &str, caps: &[&str]) -> Self {
         let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
         let heard = Arc::new(Mutex::new(Vec::new()));
         let (reader, mut writer) = (stream.try_clone().unwrap(), stream.try_clone().unwrap());
@@ -35,7 +42,13 @@ impl IrcPerson {
             }
         });
         let mut p = Self { stream, heard };
-        p.send(&format!("NICK {nick}\r\nUSER {nick} 0 * :{nick}\r\nJOIN {channel}\r\n"));
+        if !caps.is_empty() {
+            p.send(&format!("CAP LS 302\r\nCAP REQ :{}\r\nCAP END\r\n", caps.join(" ")));
+        }
+        // InspIRCd takes a JOIN only once registration is complete (451 before).
+        p.send(&format!("NICK {nick}\r\nUSER {nick} 0 * :{nick}\r\n"));
+        p.wait_heard(|l| untagged(l).split(' ').nth(1) == Some("001"), "the welcome");
+        p.send(&format!("JOIN {channel}\r\n"));
         p.wait_heard(|l| l.contains(" 366 "), "end of NAMES");
         p
     }
@@ -57,10 +70,67 @@ impl IrcPerson {
     }
 }
 
-/// An ngircd process on `port`; killed when dropped.
-pub struct Ngircd {
+/// `line` without its IRCv3 tags.
+pub fn untagged(line: &str) -> &str {
+    match line.strip_prefix('@') {
+        Some(rest) => rest.split_once(' ').map_or("", |(_, l)| l),
+        None => line,
+    }
+}
+
+/// Which IRC server a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Server {
+    /// Debian's ngircd: no IRCv3 beyond `multi-prefix`.
+    Ngircd,
+    /// Debian's InspIRCd 3 with server-time, message-tags, msgid and echo-message.
+    Inspircd,
+}
+
+/// An IRC server process on `port`; killed when dropped.
+pub struct Ircd {
     child: Child,
 }
+
+impl Ircd {
+    /// Starts `server` on `port`, its files in `dir`.
+    pub fn start(server: Server, dir: &Path, port: u16) -> Self {
+        let ircd = match server {
+            Server::Ngircd => Ngircd::start(dir, port).0,
+            Server::Inspircd => Self::inspircd(dir, port),
+        };
+        wait_for(Duration::from_secs(10), || TcpStream::connect(("127.0.0.1", port)).ok())
+            .unwrap_or_else(|| panic!("{server:?} did not start"));
+        ircd
+    }
+
+    fn inspircd(dir: &Path, port: u16) -> Self {
+        let template = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/inspircd.conf"))
+            .expect("tests/support/inspircd.conf");
+        let conf = dir.join("inspircd.conf");
+        std::fs::write(&conf, template.replace("@PORT@", &port.to_string()).replace("@DIR@", dir.to_str().unwrap()))
+            .unwrap();
+        std::fs::write(dir.join("inspircd.motd"), "latssiam-bridge tests\n").unwrap();
+        let bin = if Path::new("/usr/sbin/inspircd").exists() { "/usr/sbin/inspircd" } else { "inspircd" };
+        let child = Command::new(bin)
+            .args(["--config", conf.to_str().unwrap(), "--nofork", "--nopid", "--runasroot"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("inspircd must be installed (apt-get install inspircd)");
+        Self { child }
+    }
+}
+
+impl Drop for Ircd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An ngircd process on `port`; killed when dropped.
+pub struct Ngircd(Ircd);
 
 impl Ngircd {
     pub fn start(dir: &Path, port: u16) -> Self {
@@ -83,13 +153,6 @@ impl Ngircd {
             .expect("ngircd must be installed (apt-get install ngircd)");
         wait_for(Duration::from_secs(10), || TcpStream::connect(("127.0.0.1", port)).ok())
             .expect("ngircd did not start");
-        Self { child }
-    }
-}
-
-impl Drop for Ngircd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        Self(Ircd { child })
     }
 }
