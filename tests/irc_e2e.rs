@@ -24,7 +24,17 @@ trait BotWatch {
 
 impl BotWatch for Person {
     fn wait_for_bot(&self) {
-        self.wait_heard(|l| untagged(l).starts_with(":gwbot!") && l.contains("JOIN"), "the bot joining");
+        // The bot joining after us, or already there when we joined (in the names list).
+        let names_bot = |l: &str| {
+            let l = untagged(l);
+            l.split(' ').nth(1) == Some("353")
+                && l.rsplit_once(" :")
+                    .is_some_and(|(_, n)| n.split(' ').any(|n| n.trim_start_matches(['@', '+']) == "gwbot"))
+        };
+        self.wait_heard(
+            |l| (untagged(l).starts_with(":gwbot!") && l.contains("JOIN")) || names_bot(l),
+            "the bot joining",
+        );
     }
 
     /// Waits up to `secs` until the bot has said at least `n` lines in the channel; returns them all.

@@ -55,7 +55,12 @@ struct Digest {
     body_len: usize,
     /// When the first waiting line was heard (ms).
     since_ms: Option<u64>,
+    /// After a failure to queue, not before then (ms).
+    retry_at_ms: u64,
 }
+
+/// How long after a failure to queue a digest the next try waits.
+const RETRY_MS: u64 = 5_000;
 
 impl Digest {
     /// Whether `line` still fits in this digest (a first line always does:
@@ -77,6 +82,20 @@ impl Digest {
         d
     }
 }
+
+/// A digest being queued on JetStream: its first line's key, how many
+/// lines it takes, a hash of its lines and recipients, and its ids.
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+struct Plan {
+    first: Vec<u8>,
+    taken: usize,
+    hash: Vec<u8>,
+    ids: Vec<u64>,
+}
+
+/// Most distinct digests one flush makes (copies with other lines marked,
+/// mentions-only copies); beyond it subscribers get the unmarked digest.
+const MAX_GROUPS: usize = 16;
 
 /// Subscribers who get the same digest: of every line or (`only`) of the
 /// lines that name them, `marked` the lines (indices) that name them.
@@ -155,7 +174,7 @@ impl IrcCore {
             return;
         }
         d.push(&line);
-        if channel.digest_window == 0 {
+        if channel.digest_window == 0 && now_ms() >= d.retry_at_ms {
             self.flush(channel, d, true).await;
         }
     }
@@ -173,7 +192,7 @@ impl IrcCore {
                 }
             };
             let mut len = 0;
-            let taken = waiting
+            let mut taken = waiting
                 .iter()
                 .take_while(|(_, l)| {
                     len += l.line.len() + 2;
@@ -182,6 +201,12 @@ impl IrcCore {
                 .count()
                 .max(1)
                 .min(waiting.len());
+            // A digest that was being queued when the node stopped takes the same lines again.
+            if let (Some((first, _)), Ok(Some(kept))) = (waiting.first(), self.kept_plan(&channel.name)) {
+                if kept.first == first.as_ref() {
+                    taken = kept.taken.clamp(1, waiting.len());
+                }
+            }
             if taken == 0 {
                 *digest = Digest::default();
                 return;
@@ -190,6 +215,7 @@ impl IrcCore {
             if let Err(e) = self.queue_digests(channel, now).await {
                 warn!(error = %e, channel = %channel.name, "Cannot queue an IRC digest; its lines wait for the next try.");
                 *digest = Digest::of(&waiting);
+                digest.retry_at_ms = now_ms() + RETRY_MS;
                 return;
             }
             *digest = Digest::of(rest);
@@ -205,14 +231,23 @@ impl IrcCore {
     async fn queue_digests(&self, channel: &IrcChannel, lines: &[(sled::IVec, WaitingLine)]) -> Result<(), StoreError> {
         let keys: Vec<sled::IVec> = lines.iter().map(|(k, _)| k.clone()).collect();
         let mut groups: Vec<Group> = Vec::new();
-        for (address, mode) in self.gw.store.subscriptions(&channel_address(channel), &channel.subscribers)? {
-            let (target, contact) = match self.gw.store.reach(&address)? {
-                Reach::Contact { target, contact } => (target, contact),
-                Reach::Unknown => {
+        let subscriptions =
+            self.gw.store.subscriptions(&channel_address(channel), &channel.subscribers).unwrap_or_else(|e| {
+                warn!(error = %e, "Cannot read the subscribers; using the configured ones.");
+                channel.subscribers.iter().map(|a| (a.clone(), Subscription::All)).collect()
+            });
+        for (address, mode) in subscriptions {
+            let (target, contact) = match self.gw.store.reach(&address) {
+                Ok(Reach::Contact { target, contact }) => (target, contact),
+                Err(e) => {
+                    warn!(error = %e, %address, "Cannot read a subscriber's contact; skipped.");
+                    continue;
+                }
+                Ok(Reach::Unknown) => {
                     warn!(%address, channel = %channel.name, "A subscriber is not a contact; skipped.");
                     continue;
                 }
-                Reach::Gone => {
+                Ok(Reach::Gone) => {
                     debug!(%address, channel = %channel.name, "A subscriber's mailbox is gone; skipped.");
                     continue;
                 }
@@ -228,6 +263,13 @@ impl IrcCore {
             if only && marked.is_empty() {
                 continue;
             }
+            // Bounded: beyond MAX_GROUPS copies, the unmarked digest for everyone else.
+            let (only, marked) =
+                if groups.len() >= MAX_GROUPS && !groups.iter().any(|g| g.only == only && g.marked == marked) {
+                    (false, Vec::new())
+                } else {
+                    (only, marked)
+                };
             match groups.iter_mut().find(|g| g.only == only && g.marked == marked) {
                 Some(g) => g.targets.push(target),
                 None => groups.push(Group { only, marked, targets: vec![target] }),
@@ -236,7 +278,20 @@ impl IrcCore {
         if groups.is_empty() {
             return self.gw.store.window_remove(&keys).await;
         }
-        let ids = self.digest_ids(&channel.name, &keys[0], groups.len()).await?;
+        // The digest of everything, to the most people, first: it chains the
+        // channel's digests and stands for the lines in the reply map.
+        groups.sort_by_key(|g| (g.only, !g.marked.is_empty(), usize::MAX - g.targets.len()));
+        let plan = {
+            let mut h = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+            for k in &keys {
+                h.update(k);
+            }
+            for g in &groups {
+                h.update(format!("{}{:?}{:?}", g.only, g.marked, g.targets).as_bytes());
+            }
+            Plan { first: keys[0].to_vec(), taken: keys.len(), hash: h.finish().as_ref().to_vec(), ids: Vec::new() }
+        };
+        let ids = self.digest_ids(&channel.name, &plan, groups.len()).await?;
         let hostname = &self.gw.settings.gateway.hostname;
         let previous = self.gw.store.irc_state(&format!("last\0{}", channel.name.to_ascii_lowercase()))?;
         let previous = previous.map(|p| String::from_utf8_lossy(&p).into_owned());
@@ -308,24 +363,35 @@ impl IrcCore {
     /// JetStream the ids are kept until the digests are queued, so that after
     /// a crash the same digests go out under the same ids, which JetStream's
     /// duplicate window drops.
-    async fn digest_ids(&self, channel: &str, first: &[u8], n: usize) -> Result<Vec<u64>, StoreError> {
+    ///
+    /// The ids are reused only for exactly the same plan (the same lines,
+    /// the same groups of recipients): otherwise a different digest would go
+    /// out under an id JetStream already has, and be dropped. A changed plan
+    /// gets fresh ids (at worst a repeat, never a loss).
+    async fn digest_ids(&self, channel: &str, plan: &Plan, n: usize) -> Result<Vec<u64>, StoreError> {
         let fresh = |n: usize| (0..n).map(|_| self.gw.queue.new_message_id()).collect::<Result<Vec<u64>, _>>();
         if self.gw.queue.jetstream().is_none() {
             return fresh(n);
         }
         let key = format!("flushing\0{}", channel.to_ascii_lowercase());
-        let kept: Option<(Vec<u8>, Vec<u64>)> =
-            self.gw.store.irc_state(&key)?.and_then(|v| serde_json::from_slice(&v).ok());
+        let kept = self.kept_plan(channel)?;
         let mut ids = match kept {
-            Some((k, ids)) if k == first => ids,
+            Some(k) if k.first == plan.first && k.taken == plan.taken && k.hash == plan.hash => k.ids,
             _ => Vec::new(),
         };
         ids.truncate(n);
         let more = fresh(n - ids.len())?;
         ids.extend(more);
-        self.gw.store.set_irc_state(&key, Some(&serde_json::to_vec(&(first, &ids)).unwrap_or_default()))?;
+        let record = Plan { ids: ids.clone(), ..plan.clone() };
+        self.gw.store.set_irc_state(&key, Some(&serde_json::to_vec(&record).unwrap_or_default()))?;
         self.gw.store.durable().await?;
         Ok(ids)
+    }
+
+    /// The plan of a digest being queued when the node stopped (JetStream).
+    fn kept_plan(&self, channel: &str) -> Result<Option<Plan>, StoreError> {
+        let key = format!("flushing\0{}", channel.to_ascii_lowercase());
+        Ok(self.gw.store.irc_state(&key)?.and_then(|v| serde_json::from_slice(&v).ok()))
     }
 
     /// Flushes every digest whose window has passed, forgets old replies
@@ -355,7 +421,9 @@ impl IrcCore {
             let mut digests = self.digests.lock().await;
             for channel in &self.gw.settings.irc.channels {
                 let Some(d) = digests.get_mut(&channel.name.to_ascii_lowercase()) else { continue };
-                let due = d.since_ms.is_some_and(|s| now_ms().saturating_sub(s) >= channel.digest_window * 1000);
+                let now = now_ms();
+                let due = d.since_ms.is_some_and(|s| now.saturating_sub(s) >= channel.digest_window * 1000)
+                    && now >= d.retry_at_ms;
                 if due {
                     self.flush(channel, d, true).await;
                 }
@@ -430,6 +498,7 @@ impl IrcSink for IrcCore {
                     .time
                     .as_deref()
                     .and_then(|t| time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok())
+                    .map(|t| t.to_offset(time::UtcOffset::UTC))
                     .unwrap_or_else(time::OffsetDateTime::now_utc);
                 let parent = match meta.reply_to.as_deref().map(|r| self.gw.store.carried(r)) {
                     Some(Ok(p)) => p,
@@ -596,7 +665,12 @@ fn digest_message(channel: &IrcChannel, lines: &[&str], h: &DigestHeader<'_>, me
     let references: Vec<&str> = h.previous.iter().copied().chain(h.parents.iter().copied()).collect();
     let in_reply_to = if h.parents.is_empty() { h.previous.into_iter().collect() } else { h.parents.to_vec() };
     if !in_reply_to.is_empty() {
-        m.push_str(&format!("In-Reply-To: {}\r\nReferences: {}\r\n", in_reply_to.join(" "), references.join(" ")));
+        // One id per line (folded): eight ids of 252 octets stay within 998 a line.
+        m.push_str(&format!(
+            "In-Reply-To: {}\r\nReferences: {}\r\n",
+            in_reply_to.join("\r\n "),
+            references.join("\r\n ")
+        ));
     }
     m.push_str(
         "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n",
@@ -868,18 +942,46 @@ fn post_for(irc: &IrcSettings, sender: &Contact, message: &Message<'_>) -> IrcPo
         .into_iter()
         .flatten()
         .chain(message.references().as_text_list().into_iter().flatten().rev())
+        .filter_map(|id| msg_id(id))
         .take(MAX_PARENTS)
-        .map(|id| format!("<{}>", id.trim_matches(['<', '>'])))
         .collect();
+    // The paste holds what the lines are cut from: no quoted lines, no signature, no header.
+    let whole = (lines.len() > max).then(|| {
+        let mut whole = String::new();
+        for l in &lines {
+            if whole.len() + l.len() + 1 > MAX_PASTE {
+                whole.push_str("[cut: longer than a paste keeps]\n");
+                break;
+            }
+            whole.push_str(l);
+            whole.push('\n');
+        }
+        (lines.len() - max, whole)
+    });
     IrcPost {
         target: String::new(),
         lines: out,
-        more: (lines.len() > max).then(|| (lines.len() - max, text.clone())),
+        more: whole,
         parents,
         quoted,
-        message_id: message.message_id().map(|id| format!("<{}>", id.trim_matches(['<', '>']))),
+        message_id: message.message_id().and_then(msg_id),
         name: shown_name,
     }
+}
+
+/// Most octets of text one paste keeps.
+const MAX_PASTE: usize = 256 * 1024;
+
+/// `<id>` if `id` (with or without its angle brackets) is a plain msg-id
+/// (`left@right` of printable ASCII, no space, at most 250 octets): the
+/// only form that goes into a digest's `In-Reply-To` or the reply map.
+fn msg_id(id: &str) -> Option<String> {
+    let id = id.trim().trim_start_matches('<').trim_end_matches('>');
+    let plain = !id.is_empty()
+        && id.len() <= 250
+        && id.bytes().all(|b| b.is_ascii_graphic() && !matches!(b, b'<' | b'>' | b'"' | b'\\'))
+        && id.split_once('@').is_some_and(|(l, r)| !l.is_empty() && !r.is_empty());
+    plain.then(|| format!("<{id}>"))
 }
 
 /// The line that stands for the `more` lines of a long post: a link to its
@@ -1118,7 +1220,16 @@ mod tests {
         let marked = mark(&line, true);
         assert_eq!(marked, "[12:34:56] (@) <carl> (re alice) yes, alice");
         let m = digest_message(&channel(), &[&marked], &h, 1);
-        assert!(m.contains("In-Reply-To: <alice1@example.org>\r\nReferences: <d1@gw> <alice1@example.org>\r\n"), "{m}");
+        assert!(
+            m.contains("In-Reply-To: <alice1@example.org>\r\nReferences: <d1@gw>\r\n <alice1@example.org>\r\n"),
+            "{m}"
+        );
+        // Only plain msg-ids become parents: nothing that could fold or smuggle a header field.
+        assert_eq!(msg_id(" <a.b@example.org> ").as_deref(), Some("<a.b@example.org>"));
+        for bad in ["a\rX-Injected: y@x", "a b@x", "no-at-sign", "@x", "a@", &format!("{}@x", "a".repeat(250)), "a\"@x"]
+        {
+            assert_eq!(msg_id(bad), None, "{bad:?}");
+        }
         assert!(m.contains("Subject: #chat on irc.example.org: 1 line, 1 names you\r\n"), "{m}");
         for (text, name, yes) in [
             ("alice: look", "alice", true),

@@ -307,6 +307,11 @@ impl Store {
         // Time-ordered keys, so that the oldest go first when there are too many.
         let token: String = now_ms().to_be_bytes().iter().chain(&bits).map(|b| format!("{b:02x}")).collect();
         let expires_ms = now_ms().saturating_add(days.saturating_mul(86_400_000));
+        // Bounded at once, not only by the hourly sweep: the oldest go first.
+        while self.irc_pastes.len() >= MAX_PASTES {
+            let Some((oldest, _)) = self.irc_pastes.pop_min()? else { break };
+            debug_assert!(!oldest.is_empty());
+        }
         self.irc_pastes.insert(token.as_bytes(), encode(&Paste { expires_ms, text: text.to_owned() }))?;
         self.durable().await?;
         Ok(token)

@@ -504,6 +504,10 @@ struct Session<'a, S> {
     /// The first line of each post sent with a key, as (target, text, key),
     /// until its echo comes back; at most [`MAX_AWAITING_ECHO`].
     awaiting_echo: VecDeque<(String, String, String)>,
+    /// Whether capability negotiation is over.
+    cap_done: bool,
+    /// Whether SASL was asked for alone after the set was refused.
+    sasl_alone: bool,
 }
 
 impl<'a, S: IrcSink> Session<'a, S> {
@@ -526,7 +530,14 @@ impl<'a, S: IrcSink> Session<'a, S> {
             offered: Vec::new(),
             caps: HashSet::new(),
             awaiting_echo: VecDeque::new(),
+            cap_done: false,
+            sasl_alone: false,
         }
+    }
+
+    fn end_caps(&mut self) {
+        self.cap_done = true;
+        self.out.urgent("CAP END".into());
     }
 
     /// Whether the server acknowledged `cap`.
@@ -545,13 +556,24 @@ impl<'a, S: IrcSink> Session<'a, S> {
             _ => (false, String::new()),
         };
         let names = list.split_whitespace().map(|c| c.split_once('=').map_or(c, |(n, _)| n).to_owned());
+        if self.cap_done {
+            // Negotiation is over (cap-notify NEW/DEL, or a server repeating itself): nothing to do.
+            return Ok(());
+        }
+        let sasl = self.config.sasl.is_some();
         match sub {
             "LS" => {
-                self.offered.extend(names.take(512));
+                // Only what the bot would ask for is kept: a server sending LS lines forever grows nothing.
+                for name in names {
+                    if (WANTED_CAPS.contains(&name.as_str()) || (sasl && name == "sasl"))
+                        && !self.offered.contains(&name)
+                    {
+                        self.offered.push(name);
+                    }
+                }
                 if more {
                     return Ok(());
                 }
-                let sasl = self.config.sasl.is_some();
                 if sasl && !self.offered.iter().any(|c| c == "sasl") {
                     return Err(SessionEnd::Fatal(IrcError::Sasl("the server does not offer SASL".into())));
                 }
@@ -563,27 +585,32 @@ impl<'a, S: IrcSink> Session<'a, S> {
                     .collect();
                 self.offered.clear();
                 if wanted.is_empty() {
-                    self.out.urgent("CAP END".into());
+                    self.end_caps();
                 } else {
                     self.out.urgent(format!("CAP REQ :{}", wanted.join(" ")));
                 }
             }
             "ACK" => {
-                self.caps.extend(names.map(|c| c.trim_start_matches(['-', '=', '~']).to_owned()));
+                let acked = names.map(|c| c.trim_start_matches(['-', '=', '~']).to_owned());
+                self.caps.extend(acked.filter(|c| WANTED_CAPS.contains(&c.as_str()) || c == "sasl"));
                 debug!(caps = ?self.caps, "IRCv3 capabilities acknowledged.");
-                if self.has("sasl") && self.config.sasl.is_some() {
+                if self.has("sasl") && sasl {
+                    // CAP END once SASL has succeeded (903).
+                    self.cap_done = true;
                     self.out.urgent("AUTHENTICATE PLAIN".into());
                 } else {
-                    self.out.urgent("CAP END".into());
+                    self.end_caps();
                 }
             }
-            "NAK" => {
-                if self.config.sasl.is_some() {
-                    return Err(SessionEnd::Fatal(IrcError::Sasl("the server refused the SASL capability".into())));
-                }
-                // Refused as a set: go on without any.
-                self.out.urgent("CAP END".into());
+            "NAK" if sasl && !self.sasl_alone => {
+                // Refused as a set: SASL, which the bot needs, alone.
+                self.sasl_alone = true;
+                self.out.urgent("CAP REQ :sasl".into());
             }
+            "NAK" if sasl => {
+                return Err(SessionEnd::Fatal(IrcError::Sasl("the server refused the SASL capability".into())));
+            }
+            "NAK" => self.end_caps(),
             _ => {}
         }
         Ok(())
