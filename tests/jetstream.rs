@@ -611,9 +611,19 @@ fn send_cli(cluster: &Cluster, who: &str, to: &str, body: &str) {
 
 #[test]
 fn one_irc_bot_across_the_cluster_and_another_node_takes_over_when_it_dies() {
+    irc_failover(common::irc::Server::Ngircd);
+}
+
+#[test]
+fn one_irc_bot_across_the_cluster_and_another_node_takes_over_when_it_dies_on_inspircd() {
+    irc_failover(common::irc::Server::Inspircd);
+}
+
+/// The IRC failover, against `server` (as every IRC test runs against both).
+fn irc_failover(server: common::irc::Server) {
     let mut cluster = Cluster::new();
     let port = free_port();
-    let _ircd = common::irc::Ngircd::start(cluster.path(), port);
+    let _ircd = common::irc::Ircd::start(server, cluster.path(), port);
     let irc = format!(
         "[irc]\nserver = \"127.0.0.1\"\nport = {port}\nnick = \"gwbot\"\nreconnect_min_secs = 1\nreconnect_max_secs = 2\n\
          lease_secs = 6\n[[irc.channels]]\nname = \"#test\"\nnetwork = \"irc.test\"\nsubscribers = [\"bob@localhost\"]\n"

@@ -57,7 +57,13 @@ struct Digest {
     since_ms: Option<u64>,
     /// After a failure to queue, not before then (ms).
     retry_at_ms: u64,
+    /// Lines dropped because the window was full.
+    dropped: u64,
 }
+
+/// Most octets of lines one channel's window holds (64 digests' worth, about
+/// 1 MB); beyond them, while digests cannot be queued, new lines are dropped.
+const MAX_WINDOW: usize = 64 * DIGEST_BUDGET;
 
 /// How long after a failure to queue a digest the next try waits.
 const RETRY_MS: u64 = 5_000;
@@ -165,6 +171,14 @@ impl IrcCore {
     async fn hold(&self, channel: &IrcChannel, line: WaitingLine) {
         let mut digests = self.digests.lock().await;
         let d = digests.entry(channel.name.to_ascii_lowercase()).or_default();
+        if d.body_len + line.line.len() > MAX_WINDOW {
+            // Digests cannot be queued (a queue outage): the window stays bounded.
+            d.dropped += 1;
+            if d.dropped.is_power_of_two() {
+                warn!(channel = %channel.name, dropped = d.dropped, "Too many IRC lines wait for a digest that cannot be queued; new ones are dropped.");
+            }
+            return;
+        }
         if !d.fits(&line.line) {
             // A busy window: send what fits one message now, go on in the next (chained).
             self.flush(channel, d, false).await;
@@ -184,42 +198,39 @@ impl IrcCore {
     /// them out of the window in the same step.
     async fn flush(&self, channel: &IrcChannel, digest: &mut Digest, all: bool) {
         loop {
-            let waiting = match self.gw.store.window(&channel.name) {
+            // One digest's worth is read, not the whole window.
+            let (head, next) = match self.gw.store.window_head(&channel.name, DIGEST_BUDGET) {
                 Ok(w) => w,
                 Err(e) => {
                     warn!(error = %e, channel = %channel.name, "Cannot read the IRC lines waiting for a digest.");
+                    digest.retry_at_ms = now_ms() + RETRY_MS;
                     return;
                 }
             };
-            let mut len = 0;
-            let mut taken = waiting
-                .iter()
-                .take_while(|(_, l)| {
-                    len += l.line.len() + 2;
-                    len <= DIGEST_BUDGET
-                })
-                .count()
-                .max(1)
-                .min(waiting.len());
+            let mut taken = head.len();
             // A digest that was being queued when the node stopped takes the same lines again.
-            if let (Some((first, _)), Ok(Some(kept))) = (waiting.first(), self.kept_plan(&channel.name)) {
+            if let (Some((first, _)), Ok(Some(kept))) = (head.first(), self.kept_plan(&channel.name)) {
                 if kept.first == first.as_ref() {
-                    taken = kept.taken.clamp(1, waiting.len());
+                    taken = kept.taken.clamp(1, head.len());
                 }
             }
             if taken == 0 {
                 *digest = Digest::default();
                 return;
             }
-            let (now, rest) = waiting.split_at(taken);
+            let (now, rest) = head.split_at(taken);
             if let Err(e) = self.queue_digests(channel, now).await {
                 warn!(error = %e, channel = %channel.name, "Cannot queue an IRC digest; its lines wait for the next try.");
-                *digest = Digest::of(&waiting);
                 digest.retry_at_ms = now_ms() + RETRY_MS;
                 return;
             }
-            *digest = Digest::of(rest);
-            if !all || rest.is_empty() {
+            let sent: usize = now.iter().map(|(_, l)| l.line.len() + 2).sum();
+            digest.body_len = digest.body_len.saturating_sub(sent);
+            digest.since_ms = rest.first().map(|(_, l)| l).or(next.as_ref()).map(|l| l.heard_ms);
+            if digest.since_ms.is_none() {
+                digest.body_len = 0;
+            }
+            if !all || digest.since_ms.is_none() {
                 return;
             }
         }

@@ -46,6 +46,9 @@ pub struct WaitingLine {
     pub parent: Option<String>,
 }
 
+/// Waiting lines with their keys, in the order heard.
+pub type Waiting = Vec<(sled::IVec, WaitingLine)>;
+
 /// One digest message: its id, octets and recipients.
 pub struct DigestJob {
     /// From [`super::queue::Queue::new_message_id`].
@@ -119,13 +122,34 @@ impl Store {
     ///
     /// # Errors
     /// [`StoreError`].
-    pub fn window(&self, channel: &str) -> Result<Vec<(sled::IVec, WaitingLine)>, StoreError> {
+    pub fn window(&self, channel: &str) -> Result<Waiting, StoreError> {
         let mut out = Vec::new();
         for kv in self.irc_window.scan_prefix(window_prefix(channel)) {
             let (k, v) = kv?;
             out.push((k, decode(&v, "waiting IRC line")?));
         }
         Ok(out)
+    }
+
+    /// The first lines waiting for `channel`'s digest that fit `budget`
+    /// octets (each counted with its CRLF; at least one), and the line after
+    /// them, if any.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn window_head(&self, channel: &str, budget: usize) -> Result<(Waiting, Option<WaitingLine>), StoreError> {
+        let mut head = Vec::new();
+        let mut len = 0;
+        for kv in self.irc_window.scan_prefix(window_prefix(channel)) {
+            let (k, v) = kv?;
+            let line: WaitingLine = decode(&v, "waiting IRC line")?;
+            len += line.line.len() + 2;
+            if !head.is_empty() && len > budget {
+                return Ok((head, Some(line)));
+            }
+            head.push((k, line));
+        }
+        Ok((head, None))
     }
 
     /// Removes lines from the window (their digest is queued), durably.
@@ -355,6 +379,12 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let waiting = store.window("#CHAT").unwrap();
         assert_eq!(waiting.iter().map(|(_, l)| l.text.as_str()).collect::<Vec<_>>(), ["one", "two"]);
+        // A head that holds one line (each is 26 octets with its CRLF), and the next.
+        let (head, next) = store.window_head("#chat", 30).unwrap();
+        assert_eq!((head.len(), next.map(|l| l.text)), (1, Some("two".to_owned())));
+        let (head, next) = store.window_head("#chat", 1).unwrap();
+        assert_eq!((head.len(), next.is_some()), (1, true), "at least one line");
+        assert_eq!(store.window_head("#chat", 1000).unwrap().0.len(), 2);
         let keys: Vec<sled::IVec> = waiting.iter().map(|(k, _)| k.clone()).take(1).collect();
         let target = Target::Smtp { rcpt: "a@example.org".into() };
         let digest = DigestJob { id: store.new_message_id().unwrap(), body: b"digest".to_vec(), targets: vec![target] };

@@ -42,8 +42,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-/// The longest line we read; longer ones are cut (IRCv3 tags can be long).
-const MAX_READ: usize = 8192;
+/// The longest line we read; longer ones are cut: IRCv3 allows 8,191
+/// octets of tags before the 512 of the message.
+const MAX_READ: usize = 8191 + 512;
 /// Most answers to private messages waiting to be sent; more are dropped.
 const MAX_REPLIES: usize = 32;
 /// Most protocol lines waiting (more only from a server flooding PINGs); more are dropped.
