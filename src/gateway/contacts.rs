@@ -5,7 +5,7 @@ use latssiam::Fingerprint;
 use serde::{Deserialize, Serialize};
 
 use super::db::{corrupt, decode, encode, Store, StoreError};
-use super::queue::Target;
+use super::target::Target;
 
 mod b64 {
     use base64::Engine as _;
@@ -98,7 +98,7 @@ impl Store {
             }
         }
         let revision = match self.shared.get() {
-            Some(q) => match q.share_contact(&fp, Some(contact)).await? {
+            Some(q) => match q.share_contact(&fp, Some(&encode(contact))).await? {
                 Ok(r) => Some(r),
                 Err(why) => return Ok(Err(why)),
             },
@@ -247,10 +247,24 @@ impl Store {
     /// Changes one contact in place; with the shared contacts by
     /// compare-and-set on the newest version (an operator may change or
     /// remove it on another node meanwhile: a removed contact stays removed).
-    async fn change_contact(&self, fp: &Fingerprint, change: impl Fn(&mut Contact)) -> Result<(), StoreError> {
+    async fn change_contact(
+        &self,
+        fp: &Fingerprint,
+        change: impl Fn(&mut Contact) + Send + Sync,
+    ) -> Result<(), StoreError> {
         let _writing = self.contact_writes.lock().await;
         let changed = match self.shared.get() {
-            Some(q) => q.update_contact(fp, &change).await?.map(|(c, r)| (c, Some(r))),
+            Some(q) => {
+                let change = |record: &[u8]| {
+                    let mut c: Contact = decode(record, "contact").ok()?;
+                    change(&mut c);
+                    Some(encode(&c))
+                };
+                match q.update_contact(fp, &change).await? {
+                    Some((record, r)) => Some((decode(&record, "contact")?, Some(r))),
+                    None => None,
+                }
+            }
             None => self.contact(fp)?.map(|mut c| {
                 change(&mut c);
                 (c, None)

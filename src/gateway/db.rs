@@ -34,10 +34,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use latssiam::group_commit::GroupCommit;
+use latssiam::Fingerprint;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use super::queue::now_ms;
+use super::target::now_ms;
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +77,36 @@ pub const SPOOL_OVER: usize = 64 * 1024;
 /// The `bodies` value of a spooled message.
 pub const SPOOLED: &[u8] = b"\0latssiam-bridge spooled\0";
 
+/// A future of a [`SharedRecords`] method.
+pub type SharedFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// Where contact and subscription changes go first when several nodes share
+/// them (the JetStream queue implements it), before this store applies
+/// them. Records travel as this store encodes them, so that nothing here
+/// names a backend or the records' types.
+pub trait SharedRecords: Send + Sync + 'static {
+    /// Writes (or with `None` removes) the contact of `fp` (an encoded
+    /// `Contact`); inner `Err` with the reason when one of its names belongs
+    /// to another contact. Returns the record's revision.
+    fn share_contact<'a>(
+        &'a self,
+        fp: &'a Fingerprint,
+        record: Option<&'a [u8]>,
+    ) -> SharedFuture<'a, Result<u64, String>>;
+
+    /// Changes the newest version of the contact of `fp` with `change`
+    /// (encoded in, encoded out; `None` leaves it), compare-and-set; the
+    /// record written and its revision, or `None` if there is no such contact.
+    fn update_contact<'a>(
+        &'a self,
+        fp: &'a Fingerprint,
+        change: &'a (dyn Fn(&[u8]) -> Option<Vec<u8>> + Send + Sync),
+    ) -> SharedFuture<'a, Option<(Vec<u8>, u64)>>;
+
+    /// Writes a subscription (key as in the subscriptions tree, its value).
+    fn share_subscription<'a>(&'a self, key: &'a [u8], value: &'static [u8]) -> SharedFuture<'a, ()>;
+}
+
 /// The gateway's store.
 pub struct Store {
     pub(crate) db: sled::Db,
@@ -104,7 +135,7 @@ pub struct Store {
     /// Woken when a post for IRC is queued.
     pub irc_wake: Notify,
     /// With `queue.backend = "jetstream"`: where contact and subscription changes go first.
-    pub(crate) shared: std::sync::OnceLock<Arc<crate::gateway::queue::jetstream::JetQueue>>,
+    pub(crate) shared: std::sync::OnceLock<Arc<dyn SharedRecords>>,
     /// Held while a contact is checked and written on this node.
     pub(crate) contact_writes: tokio::sync::Mutex<()>,
     /// The shared bucket's revision applied last, per contact.
@@ -223,7 +254,7 @@ impl Store {
 
     /// Contact and subscription changes go to the shared buckets first (then
     /// to this store, as every node's mirror applies them): `queue.backend = "jetstream"`.
-    pub fn share_state(&self, queue: Arc<crate::gateway::queue::jetstream::JetQueue>) {
+    pub fn share_state(&self, queue: Arc<dyn SharedRecords>) {
         let _ = self.shared.set(queue);
     }
 }

@@ -30,11 +30,11 @@ use tracing::{debug, info, warn};
 use super::config::{IrcChannel, IrcSettings};
 use super::contacts::{Contact, Reach};
 use super::db::StoreError;
-use super::irc_state::{Carried, DigestJob, WaitingLine};
+use super::irc_state::{Carried, WaitingLine};
 use super::mail;
 use super::mail::MAX_PLAINTEXT;
 use super::outbox::{IrcPost, Subscription};
-use super::queue::{message_id_string, now_ms, Origin, Target};
+use super::queue::{message_id_string, now_ms, DigestJob, Origin, Target};
 use super::Gateway;
 
 /// Most octets of digest lines in one message: what a LATSSIAM message

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use sled::Transactional as _;
 
 use super::db::{corrupt, decode, encode, Store, StoreError};
-use super::queue::{now_ms, JobId, Origin, Target};
+use super::queue::{now_ms, DigestJob, JobId, Origin};
 
 /// Most entries the reply map keeps (each msgid with its time-index entry);
 /// beyond it the oldest are forgotten first.
@@ -48,16 +48,6 @@ pub struct WaitingLine {
 
 /// Waiting lines with their keys, in the order heard.
 pub type Waiting = Vec<(sled::IVec, WaitingLine)>;
-
-/// One digest message: its id, octets and recipients.
-pub struct DigestJob {
-    /// From [`super::queue::Queue::new_message_id`].
-    pub id: u64,
-    /// The Internet Message.
-    pub body: Vec<u8>,
-    /// Its recipients.
-    pub targets: Vec<Target>,
-}
 
 /// What a msgid stands for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -355,6 +345,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gateway::queue::Target;
 
     fn line(text: &str) -> WaitingLine {
         WaitingLine {

@@ -23,6 +23,7 @@ pub mod poller;
 pub mod queue;
 pub mod sink;
 mod start;
+pub mod target;
 pub mod worker;
 
 use std::net::SocketAddr;

@@ -89,7 +89,7 @@ impl Store {
     pub async fn set_subscription(&self, channel: &str, address: &str, mode: Subscription) -> Result<(), StoreError> {
         let key = format!("{}\0{}", channel.to_lowercase(), address.to_lowercase());
         if let Some(q) = self.shared.get() {
-            q.share_subscription(key.as_bytes(), mode).await?;
+            q.share_subscription(key.as_bytes(), mode.as_bytes()).await?;
         }
         self.apply_subscription(key.as_bytes(), Some(mode))?;
         self.durable().await

@@ -54,7 +54,7 @@ pub async fn open_state(settings: &Settings, tasks: &TaskTracker, shutdown: &Can
         config::QueueBackend::Jetstream => {
             let shared = Arc::new(queue::jetstream::connect(settings).await?);
             tasks.spawn(super::warn_unless_nats_syncs(settings.nats_varz()));
-            store.share_state(Arc::clone(&shared));
+            store.share_state(Arc::clone(&shared) as Arc<dyn super::db::SharedRecords>);
             pins.share(Arc::clone(&shared) as Arc<dyn crate::pins::SharedPins>);
             shared
                 .mirror(Arc::clone(&store), pins.clone(), shutdown.clone())

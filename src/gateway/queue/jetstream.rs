@@ -55,7 +55,7 @@ use tracing::{debug, info, warn};
 use super::{now_ms, Job, JobId, Origin, Target};
 use crate::gateway::config::Settings;
 use crate::gateway::contacts::Contact;
-use crate::gateway::db::{Store, StoreError};
+use crate::gateway::db::{decode, encode, SharedFuture, Store, StoreError};
 use crate::gateway::outbox::IrcPost;
 
 /// How long a publish may wait for JetStream's ack before the message is
@@ -1153,6 +1153,39 @@ async fn wait_ack(ack: jetstream::context::PublishAckFuture) -> Result<(), Store
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(shared("publish ack", e)),
         Err(_) => Err(shared("publish ack", "timed out")),
+    }
+}
+
+impl crate::gateway::db::SharedRecords for JetQueue {
+    fn share_contact<'a>(
+        &'a self,
+        fp: &'a Fingerprint,
+        record: Option<&'a [u8]>,
+    ) -> SharedFuture<'a, Result<u64, String>> {
+        Box::pin(async move {
+            let contact: Option<Contact> = record.map(|r| decode(r, "contact")).transpose()?;
+            JetQueue::share_contact(self, fp, contact.as_ref()).await
+        })
+    }
+
+    fn update_contact<'a>(
+        &'a self,
+        fp: &'a Fingerprint,
+        change: &'a (dyn Fn(&[u8]) -> Option<Vec<u8>> + Send + Sync),
+    ) -> SharedFuture<'a, Option<(Vec<u8>, u64)>> {
+        Box::pin(async move {
+            let changed = JetQueue::update_contact(self, fp, |c: &mut Contact| {
+                if let Some(new) = change(&encode(c)).and_then(|r| decode::<Contact>(&r, "contact").ok()) {
+                    *c = new;
+                }
+            })
+            .await?;
+            Ok(changed.map(|(c, revision)| (encode(&c), revision)))
+        })
+    }
+
+    fn share_subscription<'a>(&'a self, key: &'a [u8], value: &'static [u8]) -> SharedFuture<'a, ()> {
+        Box::pin(JetQueue::share_subscription(self, key, crate::gateway::outbox::Subscription::from_bytes(value)))
     }
 }
 

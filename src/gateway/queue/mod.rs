@@ -13,13 +13,14 @@ pub mod jetstream;
 pub mod sled;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_nats::jetstream::AckKind;
 use serde::{Deserialize, Serialize};
 
 use super::db::{corrupt, Store, StoreError};
 use super::outbox::IrcPost;
+pub use super::target::{now_ms, Target};
 
 /// Which post [`Queue::next_post`] gave.
 pub enum PostKey {
@@ -27,6 +28,16 @@ pub enum PostKey {
     Sled(::sled::IVec),
     /// Its message on the shared outbox.
     Shared(Box<async_nats::jetstream::Message>),
+}
+
+/// One message queued at once with others (an IRC digest): its id, octets and recipients.
+pub struct DigestJob {
+    /// From [`Queue::new_message_id`].
+    pub id: u64,
+    /// The Internet Message.
+    pub body: Vec<u8>,
+    /// Its recipients.
+    pub targets: Vec<Target>,
 }
 
 /// The queue of this gateway node.
@@ -117,7 +128,7 @@ impl Queue {
         &self,
         store: &Store,
         keys: &[::sled::IVec],
-        digests: &[crate::gateway::irc_state::DigestJob],
+        digests: &[DigestJob],
     ) -> Result<(), StoreError> {
         match self {
             Queue::Sled(s) => s.enqueue_digests(keys, digests).await,
@@ -261,39 +272,6 @@ impl Queue {
         match self {
             Queue::Sled(s) => s.kill(id, job, report).await,
             Queue::JetStream(j) => j.kill(id, job, report).await,
-        }
-    }
-}
-
-/// Milliseconds since the epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-/// Where a job delivers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-pub enum Target {
-    /// To a LATSSIAM contact, by fingerprint; `address` is how the sender named them.
-    Latssiam { fingerprint: String, address: String },
-    /// To an email address, through the smarthost.
-    Smtp { rcpt: String },
-}
-
-impl Target {
-    /// The channel's name.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Target::Latssiam { .. } => "latssiam",
-            Target::Smtp { .. } => "smtp",
-        }
-    }
-
-    /// For listings.
-    pub fn describe(&self) -> String {
-        match self {
-            Target::Latssiam { fingerprint, address } => format!("latssiam:<{address}> {fingerprint}"),
-            Target::Smtp { rcpt } => format!("smtp:<{rcpt}>"),
         }
     }
 }
