@@ -50,6 +50,8 @@ cat > "$w/gw.toml" <<EOT
 [gateway]
 data_dir = "$w/gw"
 domains = ["example.org", "relay.test"]
+# The bench is one origin sending far more than a day's share to one person.
+max_per_origin_per_day = 0
 [home]
 host = "example.org"
 register_password = "sesame"

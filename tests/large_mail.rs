@@ -153,6 +153,40 @@ fn send_signed(rig: &Rig, who: &str, messages: &[Vec<u8>]) -> Vec<latssiam::wire
 }
 
 #[test]
+fn past_the_smtp_memory_budget_large_mail_waits_in_a_file_and_arrives_whole() {
+    // No memory budget beyond each session's first MiB: two 4 MB messages
+    // sent at once each go on in an unlinked file under the queue's spool
+    // while they arrive, and reach alice whole, octet for octet.
+    let rig = Rig::new("[smtp]\ndata_memory_mib = 0\n");
+    rig.person("alice");
+    rig.contact("alice", &["--email", "alice@example.org"]);
+    let mails: Vec<Vec<u8>> = (0..2)
+        .map(|i| real_mail(&format!("Carol{i} <carol{i}@remote.example>"), "alice@example.org", 4_000_000))
+        .collect();
+    let sent: Vec<String> = std::thread::scope(|s| {
+        let sending: Vec<_> =
+            mails.iter().map(|m| s.spawn(|| rig.smtp_send("carol@remote.example", "alice@example.org", m))).collect();
+        sending.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for r in &sent {
+        assert!(r.starts_with("accepted 250"), "{r}\n{}", rig.log());
+    }
+    let files = wait_maildir(rig.path(), "alice", &rig.home, "alice-mail", 2);
+    assert_eq!(files.len(), 2);
+    let got: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(f).unwrap()).collect();
+    for m in &mails {
+        assert!(got.iter().any(|g| g.ends_with(m)), "a message arrived altered or not at all");
+    }
+    let spool = rig.data_dir().join("queue/spool");
+    let left: Vec<_> = std::fs::read_dir(&spool)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".smtp-data"))
+        .collect();
+    assert!(left.is_empty(), "no message data file left behind: {left:?}");
+}
+
+#[test]
 fn a_contacts_large_mail_is_joined_and_relayed_octet_for_octet() {
     let rig = Rig::new("");
     rig.person("alice");

@@ -160,6 +160,7 @@ pub struct SmtpSettings {
     pub command_timeout_secs: u64,
     pub data_timeout_secs: u64,
     pub min_data_rate: u64,
+    pub data_memory_mib: usize,
     pub max_connections: usize,
     pub oversize: Oversize,
     pub max_message_size: usize,

@@ -320,6 +320,9 @@ pub fn smtp_config(settings: &Settings) -> Result<ListenerConfig> {
     c.command_timeout = Duration::from_secs(s.command_timeout_secs);
     c.data_timeout = Duration::from_secs(s.data_timeout_secs);
     c.min_data_rate = s.min_data_rate;
+    c.data_memory_mib = s.data_memory_mib;
+    c.data_memory = std::sync::Arc::new(tokio::sync::Semaphore::new(s.data_memory_mib));
+    c.spill_dir = Some(settings.queue_dir().join("spool"));
     c.max_connections = s.max_connections;
     c.client_limits = bridge_smtp::listener::ClientLimits {
         max_connections: s.max_connections_per_client,

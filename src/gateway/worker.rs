@@ -61,8 +61,9 @@ impl Pool {
     }
 }
 
-/// MiB of large message bodies the worker holds in memory at once.
-pub const LARGE_BODIES_MIB: u32 = 64;
+/// MiB of large message bodies the worker holds in memory at once (three
+/// messages of 10 MB).
+pub const LARGE_BODIES_MIB: u32 = 32;
 
 /// How long to wait after a `37 Slow down`, however many attempts before.
 const SLOW_DOWN_MS: u64 = 2000;

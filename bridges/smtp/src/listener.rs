@@ -382,8 +382,16 @@ pub struct ListenerConfig {
     /// STARTTLS, if configured.
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Message data all sessions may hold in memory at once, in MiB (each
-    /// session's first MiB aside); beyond it a message gets `452 4.3.1`.
+    /// session's first MiB aside); beyond it a message goes on in a file in
+    /// `spill_dir`, or, without one, gets `452 4.3.1`.
     pub data_memory: Arc<Semaphore>,
+    /// The permits `data_memory` was made with.
+    pub data_memory_mib: usize,
+    /// Where message data goes on once `data_memory` is used up: an
+    /// unlinked file per message (nothing is left behind by a crash), read
+    /// back into memory once the message is whole, when `data_memory` has
+    /// room for it, so that the sink still gets one buffer.
+    pub spill_dir: Option<std::path::PathBuf>,
     /// Sessions open now (kept by [`serve`]): at nine tenths of
     /// `max_connections` the listener is under stress, and, as Postfix does
     /// then, every wait for the client is [`STRESS_TIMEOUT`] at most and a
@@ -412,6 +420,59 @@ async fn waited<F: std::future::Future>(config: &ListenerConfig, wait: Duration,
             Err(_) if config.stressed() && started.elapsed() >= STRESS_TIMEOUT => return Err(()),
             Err(_) => {}
         }
+    }
+}
+
+/// Message data written to a spill file at a time.
+const SPILL_CHUNK: usize = 256 * 1024;
+
+/// Message data in a file, for a message past the memory budget: created in
+/// the spill directory and unlinked at once, so that it lives exactly as
+/// long as its handle.
+struct Spill {
+    file: tokio::fs::File,
+    len: usize,
+}
+
+impl Spill {
+    /// A spill file in `dir` holding `first`; `None` without a directory or when it cannot be made.
+    async fn start(dir: Option<&std::path::Path>, first: &[u8]) -> Option<Self> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = dir?.join(format!(".smtp-data-{}-{n}", std::process::id()));
+        let file = tokio::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path).await;
+        let file = match file {
+            Ok(f) => f,
+            Err(e) => {
+                warn!(error = %e, path = %path.display(), "Cannot make a file for message data.");
+                return None;
+            }
+        };
+        let _ = tokio::fs::remove_file(&path).await;
+        let mut spill = Self { file, len: 0 };
+        spill.write(first).await.ok()?;
+        Some(spill)
+    }
+
+    async fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        use tokio::io::AsyncWriteExt as _;
+        self.file.write_all(data).await?;
+        self.len += data.len();
+        Ok(())
+    }
+
+    /// Everything written, then `rest`, in one buffer.
+    async fn finish(mut self, rest: Vec<u8>) -> io::Result<Vec<u8>> {
+        use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt as _};
+        self.file.flush().await?;
+        self.file.seek(io::SeekFrom::Start(0)).await?;
+        let mut whole = Vec::with_capacity(self.len + rest.len());
+        (&mut self.file).take(self.len as u64).read_to_end(&mut whole).await?;
+        if whole.len() != self.len {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "message data file shorter than written"));
+        }
+        whole.extend_from_slice(&rest);
+        Ok(whole)
     }
 }
 
@@ -444,6 +505,8 @@ impl ListenerConfig {
             max_session: Duration::from_secs(3600),
             tls: None,
             data_memory: Arc::new(Semaphore::new(DATA_MEMORY_MIB)),
+            data_memory_mib: DATA_MEMORY_MIB,
+            spill_dir: None,
             sessions: Arc::default(),
         }
     }
@@ -915,6 +978,8 @@ impl<'a, S: Sink> Session<'a, S> {
     async fn data<IO: AsyncRead + Unpin>(&mut self, io: &mut BufReader<IO>) -> io::Result<Reply> {
         let mut message = Vec::new();
         let (mut too_big, mut bare, mut no_room) = (false, false, false);
+        // Once the memory budget is used up: the file the rest goes to, and what it holds.
+        let mut spill: Option<Spill> = None;
         // Each MiB past the first is taken from the listener's budget for
         // message data in memory, and given back when this message is done.
         let mut held = Vec::new();
@@ -940,7 +1005,8 @@ impl<'a, S: Sink> Session<'a, S> {
             // A line may take what is left of the message (and a dot and CRLF);
             // past the limit the rest is read and dropped.
             let dropping = too_big || bare || no_room;
-            let room = if dropping { MAX_LINE } else { self.config.read_limit.saturating_sub(message.len()) + 3 };
+            let kept = spill.as_ref().map_or(0, |s| s.len) + message.len();
+            let room = if dropping { MAX_LINE } else { self.config.read_limit.saturating_sub(kept) + 3 };
             // Past the first MiB the buffer grows a MiB at a time, not by
             // doubling (a 9 MB message would hold 16 MB).
             if message.len() >= MIB && message.capacity() - message.len() < MIB / 4 {
@@ -973,7 +1039,7 @@ impl<'a, S: Sink> Session<'a, S> {
                     if message.get(start) == Some(&b'.') {
                         message.remove(start);
                     }
-                    if message.len() + 2 > self.config.read_limit {
+                    if spill.as_ref().map_or(0, |s| s.len) + message.len() + 2 > self.config.read_limit {
                         too_big = true;
                     }
                     if too_big || bare || no_room {
@@ -981,14 +1047,28 @@ impl<'a, S: Sink> Session<'a, S> {
                     } else {
                         message.extend_from_slice(b"\r\n");
                     }
-                    while !no_room && message.len() > (held.len() + 1) * MIB {
+                    while !no_room && spill.is_none() && message.len() > (held.len() + 1) * MIB {
                         match Arc::clone(&self.config.data_memory).try_acquire_owned() {
                             Ok(permit) => held.push(permit),
-                            Err(_) => {
-                                no_room = true;
-                                message = Vec::new();
-                            }
+                            Err(_) => match Spill::start(self.config.spill_dir.as_deref(), &message).await {
+                                Some(s) => {
+                                    debug!(peer = %self.peer, "Message data in memory is at its limit; the rest goes to a file.");
+                                    spill = Some(s);
+                                    message = Vec::new();
+                                    held.clear();
+                                }
+                                None => {
+                                    no_room = true;
+                                    message = Vec::new();
+                                }
+                            },
                         }
+                    }
+                    if let Some(s) = spill.as_mut().filter(|_| message.len() >= SPILL_CHUNK) {
+                        if s.write(&message).await.is_err() {
+                            no_room = true;
+                        }
+                        message.clear();
                     }
                 }
             }
@@ -1006,6 +1086,27 @@ impl<'a, S: Sink> Session<'a, S> {
         if no_room {
             warn!(peer = %self.peer, "Message data in memory is at its limit; message deferred.");
             return Ok(reply(452, [4, 3, 1], "Insufficient system storage; try again later"));
+        }
+        if let Some(s) = spill.take() {
+            // Whole now: back into memory once the budget has room for it
+            // (those holding it are reading their own messages, or handing
+            // them over, and let go within their own timeouts).
+            let mib = (s.len + message.len()).div_ceil(MIB).saturating_sub(1).min(self.config.data_memory_mib);
+            let budget = Arc::clone(&self.config.data_memory);
+            let permits = u32::try_from(mib).unwrap_or(u32::MAX);
+            let Ok(Ok(permits)) =
+                waited(self.config, self.config.command_timeout, budget.acquire_many_owned(permits)).await
+            else {
+                return Ok(reply(451, [4, 3, 0], "Busy with other large messages; try again later"));
+            };
+            held.push(permits);
+            match s.finish(message).await {
+                Ok(whole) => message = whole,
+                Err(e) => {
+                    warn!(peer = %self.peer, error = %e, "Cannot read back message data from its file; message deferred.");
+                    return Ok(reply(451, [4, 3, 0], "Local error; try again later"));
+                }
+            }
         }
         let envelope = Envelope {
             peer: self.peer,
@@ -1215,6 +1316,38 @@ mod tests {
         assert_eq!(kept.len(), 1, "{replies}");
         assert_eq!(kept[0], format!(".dot\r\n{line}").into_bytes());
         assert_eq!(config.data_memory.available_permits(), 1, "given back");
+    }
+
+    #[tokio::test]
+    async fn past_the_memory_budget_message_data_goes_to_a_file_and_arrives_whole() {
+        // The same budget with a spill directory: the 3 MiB message is kept
+        // (in an unlinked file while it arrives), octet for octet, dot-stuffing
+        // undone; a message too large for the listener is still refused; the
+        // budget is given back and no file is left.
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = ListenerConfig::new("mx.test", 4 << 20);
+        config.data_memory = Arc::new(Semaphore::new(1));
+        config.data_memory_mib = 1;
+        config.spill_dir = Some(dir.path().to_owned());
+        let mut input = HEAD.to_vec();
+        let mut expected = Vec::new();
+        for i in 0..(3 * MIB / 5000) {
+            let line = format!("{}{}\r\n", if i % 7 == 0 { ".." } else { "" }, "z".repeat(4998));
+            input.extend_from_slice(line.as_bytes());
+            expected.extend_from_slice(line.strip_prefix('.').unwrap_or(&line).as_bytes());
+        }
+        input.extend_from_slice(b".\r\nRSET\r\nMAIL FROM:<a@client.test>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n");
+        for _ in 0..(5 * MIB / 5000) {
+            input.extend_from_slice(format!("{}\r\n", "w".repeat(4998)).as_bytes());
+        }
+        input.extend_from_slice(b".\r\nQUIT\r\n");
+        let (replies, kept) = converse(&config, &input).await;
+        assert!(!replies.contains("452"), "{replies}");
+        assert!(replies.contains("552 5.3.4"), "the 5 MiB one is too large: {replies}");
+        assert_eq!(kept.len(), 1, "{replies}");
+        assert!(kept[0] == expected, "{} octets kept, {} sent", kept[0].len(), expected.len());
+        assert_eq!(config.data_memory.available_permits(), 1, "given back");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing left behind");
     }
 
     #[tokio::test]
