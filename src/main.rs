@@ -103,19 +103,28 @@ fn init_logging(json: bool) {
 /// it, once, before any thread exists. An operator's own value is kept.
 fn large_buffers_given_back() {
     const VAR: &str = "MALLOC_MMAP_THRESHOLD_";
-    if !cfg!(all(target_os = "linux", target_env = "gnu")) || std::env::var_os(VAR).is_some() {
+    // Set by the restart itself: glibc drops MALLOC_* in a process with
+    // file capabilities (a setcap for port 25), which must not restart forever.
+    const RESTARTED: &str = "LATSSIAM_MALLOC_RESTARTED";
+    let glibc = cfg!(all(target_os = "linux", target_env = "gnu"));
+    if !glibc || std::env::var_os(VAR).is_some() || std::env::var_os(RESTARTED).is_some() {
         return;
     }
     let Ok(exe) = std::env::current_exe() else { return };
     use std::os::unix::process::CommandExt as _;
-    let e = std::process::Command::new(exe).args(std::env::args_os().skip(1)).env(VAR, "1048576").exec();
+    let mut args = std::env::args_os();
+    let mut command = std::process::Command::new(exe);
+    if let Some(arg0) = args.next() {
+        command.arg0(arg0);
+    }
+    let e = command.args(args).env(VAR, "1048576").env(RESTARTED, "1").exec();
     // Only reached if exec failed: go on as we are.
     eprintln!("latssiam-bridge: cannot restart with {VAR} set ({e}); large buffers may stay in memory");
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if matches!(cli.command, Command::Run(_) | Command::Server(_)) {
+    if matches!(&cli.command, Command::Run(_)) || matches!(&cli.command, Command::Server(a) if a.serves()) {
         large_buffers_given_back();
     }
     if let Command::Sendmail(a) = cli.command {

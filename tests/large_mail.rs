@@ -154,10 +154,11 @@ fn send_signed(rig: &Rig, who: &str, messages: &[Vec<u8>]) -> Vec<latssiam::wire
 
 #[test]
 fn past_the_smtp_memory_budget_large_mail_waits_in_a_file_and_arrives_whole() {
-    // No memory budget beyond each session's first MiB: two 4 MB messages
-    // sent at once each go on in an unlinked file under the queue's spool
-    // while they arrive, and reach alice whole, octet for octet.
-    let rig = Rig::new("[smtp]\ndata_memory_mib = 0\n");
+    // A memory budget of 1 MiB beyond each session's first: two 4 MB
+    // messages sent at once go on in unlinked files under the queue's spool
+    // while they arrive, come back one at a time, and reach alice whole,
+    // octet for octet.
+    let rig = Rig::new("[smtp]\ndata_memory_mib = 1\n");
     rig.person("alice");
     rig.contact("alice", &["--email", "alice@example.org"]);
     let mails: Vec<Vec<u8>> = (0..2)

@@ -31,6 +31,13 @@ pub struct ServerArgs {
     options: ServerOptions,
 }
 
+impl ServerArgs {
+    /// Whether this runs the server (not one of its operator commands).
+    pub fn serves(&self) -> bool {
+        self.action.is_none()
+    }
+}
+
 #[derive(Args, Clone, Default)]
 pub struct ServerOptions {
     /// A TOML file of settings (see config/server.toml).

@@ -320,8 +320,7 @@ pub fn smtp_config(settings: &Settings) -> Result<ListenerConfig> {
     c.command_timeout = Duration::from_secs(s.command_timeout_secs);
     c.data_timeout = Duration::from_secs(s.data_timeout_secs);
     c.min_data_rate = s.min_data_rate;
-    c.data_memory_mib = s.data_memory_mib;
-    c.data_memory = std::sync::Arc::new(tokio::sync::Semaphore::new(s.data_memory_mib));
+    c.set_data_memory(s.data_memory_mib);
     c.spill_dir = Some(settings.queue_dir().join("spool"));
     c.max_connections = s.max_connections;
     c.client_limits = bridge_smtp::listener::ClientLimits {
@@ -340,12 +339,15 @@ pub fn smtp_config(settings: &Settings) -> Result<ListenerConfig> {
 /// Serves SMTP into the gateway's sink; the address it listens on.
 pub fn smtp(
     gw: &Arc<Gateway>,
-    config: ListenerConfig,
+    mut config: ListenerConfig,
     listener: tokio::net::TcpListener,
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> Result<SocketAddr> {
     let addr = listener.local_addr()?;
+    // Message data goes to the queue's filesystem only while it keeps queue.min_free_mb.
+    let store = Arc::clone(&gw.store);
+    config.spill_room = Some(Arc::new(move || store.room().is_ok()));
     let sink = Arc::new(sink::SmtpSink(Arc::clone(gw)));
     tasks.spawn(bridge_smtp::serve(listener, Arc::new(config), sink, shutdown.clone()));
     Ok(addr)

@@ -385,8 +385,14 @@ pub struct ListenerConfig {
     /// session's first MiB aside); beyond it a message goes on in a file in
     /// `spill_dir`, or, without one, gets `452 4.3.1`.
     pub data_memory: Arc<Semaphore>,
-    /// The permits `data_memory` was made with.
+    /// The permits `data_memory` was made with ([`ListenerConfig::set_data_memory`] sets both).
     pub data_memory_mib: usize,
+    /// MiB of message data all sessions may have in spill files at once;
+    /// beyond it `452 4.3.1`.
+    pub spill_mib: Arc<Semaphore>,
+    /// Whether the spill directory's filesystem has room (the queue's free
+    /// space check); a message that would spill without it gets `452 4.3.1`.
+    pub spill_room: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
     /// Where message data goes on once `data_memory` is used up: an
     /// unlinked file per message (nothing is left behind by a crash), read
     /// back into memory once the message is whole, when `data_memory` has
@@ -426,18 +432,31 @@ async fn waited<F: std::future::Future>(config: &ListenerConfig, wait: Duration,
 /// Message data written to a spill file at a time.
 const SPILL_CHUNK: usize = 256 * 1024;
 
+/// The default [`ListenerConfig::spill_mib`]: 1 GiB.
+pub const SPILL_MIB: usize = 1024;
+
 /// Message data in a file, for a message past the memory budget: created in
 /// the spill directory and unlinked at once, so that it lives exactly as
 /// long as its handle.
 struct Spill {
     file: tokio::fs::File,
     len: usize,
+    /// A permit of the disk budget for each MiB written (and the one being written).
+    held: Vec<tokio::sync::OwnedSemaphorePermit>,
+    budget: Arc<Semaphore>,
 }
 
 impl Spill {
-    /// A spill file in `dir` holding `first`; `None` without a directory or when it cannot be made.
-    async fn start(dir: Option<&std::path::Path>, first: &[u8]) -> Option<Self> {
+    /// A spill file in `config.spill_dir` holding `first`; `None` without a
+    /// directory, without room on its filesystem or in the disk budget, or
+    /// when it cannot be made.
+    async fn start(config: &ListenerConfig, first: &[u8]) -> Option<Self> {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let dir = config.spill_dir.as_deref();
+        if config.spill_room.as_ref().is_some_and(|room| !room()) {
+            warn!("No room on the queue's filesystem for message data; message deferred.");
+            return None;
+        }
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = dir?.join(format!(".smtp-data-{}-{n}", std::process::id()));
         let file = tokio::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path).await;
@@ -448,14 +467,25 @@ impl Spill {
                 return None;
             }
         };
-        let _ = tokio::fs::remove_file(&path).await;
-        let mut spill = Self { file, len: 0 };
+        // Unlinked at once: the file lives exactly as long as its handle.
+        if let Err(e) = tokio::fs::remove_file(&path).await {
+            warn!(error = %e, path = %path.display(), "Cannot unlink a file for message data; not used.");
+            return None;
+        }
+        let mut spill = Self { file, len: 0, held: Vec::new(), budget: Arc::clone(&config.spill_mib) };
         spill.write(first).await.ok()?;
         Some(spill)
     }
 
+    /// Appends `data`; an error also when the disk budget is used up.
     async fn write(&mut self, data: &[u8]) -> io::Result<()> {
         use tokio::io::AsyncWriteExt as _;
+        while self.len + data.len() > self.held.len() * MIB {
+            let permit = Arc::clone(&self.budget).try_acquire_owned().map_err(|_| {
+                io::Error::new(io::ErrorKind::StorageFull, "the budget for message data in files is used up")
+            })?;
+            self.held.push(permit);
+        }
         self.file.write_all(data).await?;
         self.len += data.len();
         Ok(())
@@ -483,6 +513,13 @@ pub const MIB: usize = 1 << 20;
 pub const DATA_MEMORY_MIB: usize = 256;
 
 impl ListenerConfig {
+    /// The memory budget for message data: `mib` MiB (at least 1, so that
+    /// a message that went to a file can always come back).
+    pub fn set_data_memory(&mut self, mib: usize) {
+        self.data_memory_mib = mib.max(1);
+        self.data_memory = Arc::new(Semaphore::new(self.data_memory_mib));
+    }
+
     /// Whether nine tenths of the session slots are taken.
     pub fn stressed(&self) -> bool {
         self.sessions.load(std::sync::atomic::Ordering::Relaxed).saturating_mul(10)
@@ -507,6 +544,8 @@ impl ListenerConfig {
             data_memory: Arc::new(Semaphore::new(DATA_MEMORY_MIB)),
             data_memory_mib: DATA_MEMORY_MIB,
             spill_dir: None,
+            spill_mib: Arc::new(Semaphore::new(SPILL_MIB)),
+            spill_room: None,
             sessions: Arc::default(),
         }
     }
@@ -1050,7 +1089,7 @@ impl<'a, S: Sink> Session<'a, S> {
                     while !no_room && spill.is_none() && message.len() > (held.len() + 1) * MIB {
                         match Arc::clone(&self.config.data_memory).try_acquire_owned() {
                             Ok(permit) => held.push(permit),
-                            Err(_) => match Spill::start(self.config.spill_dir.as_deref(), &message).await {
+                            Err(_) => match Spill::start(self.config, &message).await {
                                 Some(s) => {
                                     debug!(peer = %self.peer, "Message data in memory is at its limit; the rest goes to a file.");
                                     spill = Some(s);
@@ -1094,9 +1133,8 @@ impl<'a, S: Sink> Session<'a, S> {
             let mib = (s.len + message.len()).div_ceil(MIB).saturating_sub(1).min(self.config.data_memory_mib);
             let budget = Arc::clone(&self.config.data_memory);
             let permits = u32::try_from(mib).unwrap_or(u32::MAX);
-            let Ok(Ok(permits)) =
-                waited(self.config, self.config.command_timeout, budget.acquire_many_owned(permits)).await
-            else {
+            let wait = self.config.command_timeout.min(self.remaining());
+            let Ok(Ok(permits)) = waited(self.config, wait, budget.acquire_many_owned(permits)).await else {
                 return Ok(reply(451, [4, 3, 0], "Busy with other large messages; try again later"));
             };
             held.push(permits);
@@ -1348,6 +1386,32 @@ mod tests {
         assert!(kept[0] == expected, "{} octets kept, {} sent", kept[0].len(), expected.len());
         assert_eq!(config.data_memory.available_permits(), 1, "given back");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing left behind");
+    }
+
+    #[tokio::test]
+    async fn files_of_message_data_are_bounded_too() {
+        // 1 MiB of disk for spilled data, or no room on the filesystem: a
+        // message that needs more is deferred (452 4.3.1), nothing is kept.
+        let dir = tempfile::tempdir().unwrap();
+        let mut input = HEAD.to_vec();
+        for _ in 0..(4 * MIB / 5000) {
+            input.extend_from_slice(format!("{}\r\n", "q".repeat(4998)).as_bytes());
+        }
+        input.extend_from_slice(b".\r\nQUIT\r\n");
+        let mut config = ListenerConfig::new("mx.test", 8 << 20);
+        config.set_data_memory(1);
+        config.spill_dir = Some(dir.path().to_owned());
+        config.spill_mib = Arc::new(Semaphore::new(1));
+        let (replies, kept) = converse(&config, &input).await;
+        assert!(replies.contains("452 4.3.1") && kept.is_empty(), "{replies}");
+        assert_eq!(config.spill_mib.available_permits(), 1, "given back");
+        config.spill_mib = Arc::new(Semaphore::new(SPILL_MIB));
+        config.spill_room = Some(Arc::new(|| false));
+        let (replies, kept) = converse(&config, &input).await;
+        assert!(replies.contains("452 4.3.1") && kept.is_empty(), "{replies}");
+        config.spill_room = Some(Arc::new(|| true));
+        let (replies, kept) = converse(&config, &input).await;
+        assert!(replies.contains("250 ") && kept.len() == 1, "{replies}");
     }
 
     #[tokio::test]
