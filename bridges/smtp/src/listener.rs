@@ -684,7 +684,7 @@ async fn read_line<R: AsyncRead + Unpin>(reader: &mut BufReader<R>, max: usize) 
     let mut line = Vec::new();
     Ok(match read_line_into(reader, max, &mut line).await? {
         Read::Ok(_) => Line::Ok(line),
-        Read::TooLong(_) => Line::TooLong,
+        Read::TooLong(_) | Read::NoRoom(_) => Line::TooLong,
         Read::Eof => Line::Eof,
     })
 }
@@ -695,6 +695,9 @@ enum Read {
     Ok(bool),
     /// Longer than the limit: consumed, nothing appended. Whether it ended in CRLF.
     TooLong(bool),
+    /// Past the memory budget in the middle of the line: consumed, nothing
+    /// appended. Whether it ended in CRLF.
+    NoRoom(bool),
     /// The client closed the connection.
     Eof,
 }
@@ -706,8 +709,26 @@ async fn read_line_into<R: AsyncRead + Unpin>(
     max: usize,
     out: &mut Vec<u8>,
 ) -> io::Result<Read> {
+    read_line_budgeted(reader, max, out, None).await
+}
+
+/// A memory budget a buffer grows against: a permit for each MiB of it past the first.
+type Budget<'a> = (&'a Arc<Semaphore>, &'a mut Vec<tokio::sync::OwnedSemaphorePermit>);
+
+/// As [`read_line_into`], taking a permit of `budget` for each MiB of the
+/// line past its first (so that one long line is within the budget like any
+/// data, while the caller accounts for whole lines); [`Read::NoRoom`] when
+/// there is none left.
+async fn read_line_budgeted<R: AsyncRead + Unpin>(
+    reader: &mut BufReader<R>,
+    max: usize,
+    out: &mut Vec<u8>,
+    mut budget: Option<Budget<'_>>,
+) -> io::Result<Read> {
     let start = out.len();
     let mut too_long = false;
+    let mut no_room = false;
+    let mut taken = 0usize;
     // Whether the previous chunk ended in CR (a CRLF split across two reads).
     let mut last_cr = false;
     loop {
@@ -721,7 +742,22 @@ async fn read_line_into<R: AsyncRead + Unpin>(
             None => (buf, false),
         };
         let n = chunk.len();
-        if !too_long {
+        if let Some((memory, held)) = budget.as_mut().filter(|_| !too_long && !no_room) {
+            while out.len() - start + n > (taken + 1) * MIB {
+                match Arc::clone(memory).try_acquire_owned() {
+                    Ok(permit) => {
+                        held.push(permit);
+                        taken += 1;
+                    }
+                    Err(_) => {
+                        no_room = true;
+                        out.truncate(start);
+                        break;
+                    }
+                }
+            }
+        }
+        if !too_long && !no_room {
             if out.len() - start + n > max {
                 too_long = true;
                 out.truncate(start);
@@ -735,6 +771,9 @@ async fn read_line_into<R: AsyncRead + Unpin>(
         if done {
             if too_long {
                 return Ok(Read::TooLong(ends_crlf));
+            }
+            if no_room {
+                return Ok(Read::NoRoom(ends_crlf));
             }
             out.pop();
             let crlf = out.len() > start && out.last() == Some(&b'\r');
@@ -1052,7 +1091,10 @@ impl<'a, S: Sink> Session<'a, S> {
                 message.reserve_exact(MIB);
             }
             let start = message.len();
-            let Ok(line) = waited(self.config, wait, read_line_into(io, room, &mut message)).await else {
+            // A long line takes from the memory budget as it arrives (not
+            // once whole), unless this message is already past caring.
+            let budget = (!dropping).then_some((&self.config.data_memory, &mut held));
+            let Ok(line) = waited(self.config, wait, read_line_budgeted(io, room, &mut message, budget)).await else {
                 return if by_rate { too_slow() } else { Ok(reply(421, [4, 4, 2], "Timeout in DATA; closing")) };
             };
             let line = line?;
@@ -1062,6 +1104,13 @@ impl<'a, S: Sink> Session<'a, S> {
                 Read::Eof => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed in DATA")),
                 Read::TooLong(crlf) => {
                     too_big |= !dropping;
+                    bare |= !crlf;
+                    after_crlf = crlf;
+                }
+                Read::NoRoom(crlf) => {
+                    no_room = true;
+                    message = Vec::new();
+                    held.clear();
                     bare |= !crlf;
                     after_crlf = crlf;
                 }
@@ -1108,6 +1157,8 @@ impl<'a, S: Sink> Session<'a, S> {
                             no_room = true;
                         }
                         message.clear();
+                        // What a long line took while it arrived is in the file now.
+                        held.clear();
                     }
                 }
             }
@@ -1412,6 +1463,29 @@ mod tests {
         config.spill_room = Some(Arc::new(|| true));
         let (replies, kept) = converse(&config, &input).await;
         assert!(replies.contains("250 ") && kept.len() == 1, "{replies}");
+    }
+
+    #[tokio::test]
+    async fn one_long_line_is_within_the_memory_budget_as_it_arrives() {
+        // A 3 MiB line (no line end before it is whole): with a budget of 1
+        // MiB it cannot be held, and is deferred as it arrives: it is never
+        // whole in memory (read whole first, it would have gone to the spill
+        // file and been accepted); with room it arrives intact.
+        let dir = tempfile::tempdir().unwrap();
+        let mut input = HEAD.to_vec();
+        let line = "L".repeat(3 * MIB);
+        input.extend_from_slice(format!("{line}\r\n.\r\nQUIT\r\n").as_bytes());
+        let mut config = ListenerConfig::new("mx.test", 8 << 20);
+        config.set_data_memory(1);
+        config.spill_dir = Some(dir.path().to_owned());
+        let (replies, kept) = converse(&config, &input).await;
+        assert!(replies.contains("452 4.3.1") && kept.is_empty(), "{replies}");
+        assert_eq!(config.data_memory.available_permits(), 1, "given back");
+        config.set_data_memory(4);
+        let (replies, kept) = converse(&config, &input).await;
+        assert_eq!(kept.len(), 1, "{replies}");
+        assert!(kept[0] == format!("{line}\r\n").into_bytes());
+        assert_eq!(config.data_memory.available_permits(), 4, "given back");
     }
 
     #[tokio::test]
