@@ -1033,6 +1033,20 @@ fn two_contacts_claiming_one_alias_at_once_one_wins_and_a_planted_contact_takes_
         let lost = if ra.is_ok() { rb } else { ra };
         assert!(lost.unwrap_err().contains("already belongs to another contact"));
     }
+    // The race made deterministic: a claim whose contact is still being
+    // written (the claim is there, the record not yet) is held, not taken
+    // over as stale (both used to win, now and then).
+    let late = contact("late", "inflight@example.org");
+    let refused = rt.block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(cluster.nats.url()).await.unwrap());
+        let aliases = js.get_key_value("latssiam-bridge-aliases").await.unwrap();
+        let key: String = b"inflight@example.org".iter().map(|b| format!("{b:02x}")).collect();
+        let writer = latssiam::Fingerprint::of(b"a contact being written");
+        aliases.create(key, writer.to_string().into()).await.unwrap();
+        let q = latssiam_bridge::gateway::queue::jetstream::connect(&settings).await.unwrap();
+        q.share_contact(&late.fingerprint(), Some(&late)).await.unwrap()
+    });
+    assert!(refused.is_err_and(|e| e.contains("already belongs")), "a young claim is held");
 
     // Alice holds alice@example.org; mallory's record, written straight into
     // the bucket with her alias, does not take it from her on the node.

@@ -58,6 +58,10 @@ use crate::gateway::contacts::Contact;
 use crate::gateway::db::{decode, encode, SharedFuture, Store, StoreError};
 use crate::gateway::outbox::IrcPost;
 
+/// How long an alias claim whose contact is not (yet) in the bucket still
+/// holds: the claim is made first and the contact written after it.
+const CLAIM_GRACE: time::Duration = time::Duration::seconds(30);
+
 /// How long a publish may wait for JetStream's ack before the message is
 /// refused (`451`): a NATS outage must not hold SMTP sessions.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -687,6 +691,8 @@ impl JetQueue {
     /// `Ok(false)` already `fp`'s, `Err` held by another contact. A claim
     /// whose holder no longer names it (a writer that died between the
     /// claim and the contact) is taken over by compare-and-set.
+    /// (A claim is stale, and taken over, only once its contact has had
+    /// [`CLAIM_GRACE`] to be written and does not name it.)
     async fn claim_alias(&self, name: &str, fp: &Fingerprint) -> Result<Result<bool, String>, StoreError> {
         let key = hex(name.as_bytes());
         let mine = Bytes::from(fp.to_string());
@@ -708,7 +714,11 @@ impl JetQueue {
             }
             let holder = String::from_utf8_lossy(&entry.value).into_owned();
             let holds = self.shared_contact(&holder).await?.is_some_and(|c| c.names().any(|n| n == name));
-            if holds {
+            // A contact is written after its claims: a young claim whose
+            // contact is not there yet is one being written now (taking it
+            // over let two contacts both win), not a stale one.
+            let young = time::OffsetDateTime::now_utc() - entry.created < CLAIM_GRACE;
+            if holds || young {
                 return taken();
             }
             if self.aliases.update(&key, mine.clone(), entry.revision).await.is_ok() {
