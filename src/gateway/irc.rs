@@ -127,6 +127,15 @@ pub struct IrcCore {
 
 /// `irc_state` key: when the bridge was last known in its channels (ms, big-endian).
 const UP: &str = "up";
+/// `irc_state` kinds kept per channel: the Message-ID of its last digest,
+/// and (JetStream) the plan of a digest being queued.
+const LAST: &str = "last";
+const FLUSHING: &str = "flushing";
+
+/// The `irc_state` key of `kind` for `channel`.
+fn state_key(kind: &str, channel: &str) -> String {
+    format!("{kind}\0{}", channel.to_ascii_lowercase())
+}
 
 impl IrcCore {
     /// A sink for the bot, with the digests that waited in the store.
@@ -241,6 +250,8 @@ impl IrcCore {
     /// each subscriber of their mentions only who is named.
     async fn queue_digests(&self, channel: &IrcChannel, lines: &[(sled::IVec, WaitingLine)]) -> Result<(), StoreError> {
         let keys: Vec<sled::IVec> = lines.iter().map(|(k, _)| k.clone()).collect();
+        // Lower-cased once for every subscriber's mention check.
+        let said: Vec<String> = lines.iter().map(|(_, l)| l.text.to_lowercase()).collect();
         let mut groups: Vec<Group> = Vec::new();
         let subscriptions =
             self.gw.store.subscriptions(&channel_address(channel), &channel.subscribers).unwrap_or_else(|e| {
@@ -263,13 +274,9 @@ impl IrcCore {
                     continue;
                 }
             };
-            let names = [irc_name(&contact), contact.address.split('@').next().unwrap_or_default().to_owned()];
-            let marked: Vec<usize> = lines
-                .iter()
-                .enumerate()
-                .filter(|(_, (_, l))| names.iter().any(|n| mentions(&l.text, n)))
-                .map(|(i, _)| i)
-                .collect();
+            let names = [irc_name(&contact), contact.address.split('@').next().unwrap_or_default().to_owned()]
+                .map(|n| n.trim().to_lowercase());
+            let marked: Vec<usize> = (0..said.len()).filter(|&i| names.iter().any(|n| mentions(&said[i], n))).collect();
             let only = mode == Subscription::Mentions;
             if only && marked.is_empty() {
                 continue;
@@ -304,7 +311,7 @@ impl IrcCore {
         };
         let ids = self.digest_ids(&channel.name, &plan, groups.len()).await?;
         let hostname = &self.gw.settings.gateway.hostname;
-        let previous = self.gw.store.irc_state(&format!("last\0{}", channel.name.to_ascii_lowercase()))?;
+        let previous = self.gw.store.irc_state(&state_key(LAST, &channel.name))?;
         let previous = previous.map(|p| String::from_utf8_lossy(&p).into_owned());
         let mut parents: Vec<&str> = Vec::new();
         for (_, l) in lines {
@@ -345,14 +352,11 @@ impl IrcCore {
             rendered.push((message_id, shown));
         }
         self.gw.queue.enqueue_digests(&self.gw.store, &keys, &jobs).await?;
-        let _ = self.gw.store.set_irc_state(&format!("flushing\0{}", channel.name.to_ascii_lowercase()), None);
+        let _ = self.gw.store.set_irc_state(&state_key(FLUSHING, &channel.name), None);
         self.gw.metrics.irc_lines_queued.inc_by(lines.len() as u64);
         self.gw.metrics.irc_digests_queued.inc_by(jobs.len() as u64);
         if let Some((main, _)) = rendered.first() {
-            let _ = self
-                .gw
-                .store
-                .set_irc_state(&format!("last\0{}", channel.name.to_ascii_lowercase()), Some(main.as_bytes()));
+            let _ = self.gw.store.set_irc_state(&state_key(LAST, &channel.name), Some(main.as_bytes()));
         }
         // The reply map: which message carried each line, and each line as shown in each digest.
         for (message_id, shown) in &rendered {
@@ -384,7 +388,7 @@ impl IrcCore {
         if self.gw.queue.jetstream().is_none() {
             return fresh(n);
         }
-        let key = format!("flushing\0{}", channel.to_ascii_lowercase());
+        let key = state_key(FLUSHING, channel);
         let kept = self.kept_plan(channel)?;
         let mut ids = match kept {
             Some(k) if k.first == plan.first && k.taken == plan.taken && k.hash == plan.hash => k.ids,
@@ -401,7 +405,7 @@ impl IrcCore {
 
     /// The plan of a digest being queued when the node stopped (JetStream).
     fn kept_plan(&self, channel: &str) -> Result<Option<Plan>, StoreError> {
-        let key = format!("flushing\0{}", channel.to_ascii_lowercase());
+        let key = state_key(FLUSHING, channel);
         Ok(self.gw.store.irc_state(&key)?.and_then(|v| serde_json::from_slice(&v).ok()))
     }
 
@@ -488,13 +492,11 @@ fn mark(line: &str, marked: bool) -> String {
     }
 }
 
-/// Whether `text` names `name` (case aside, as a word of its own).
+/// Whether `text` names `name` as a word of its own (both lower-cased by the caller).
 fn mentions(text: &str, name: &str) -> bool {
-    let name = name.trim();
     if name.is_empty() {
         return false;
     }
-    let (text, name) = (text.to_lowercase(), name.to_lowercase());
     let word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
     text.match_indices(&name)
         .any(|(i, m)| !word(text[..i].chars().next_back()) && !word(text[i + m.len()..].chars().next()))
@@ -1251,7 +1253,8 @@ mod tests {
             ("", "alice", false),
             ("anything", " ", false),
         ] {
-            assert_eq!(mentions(text, name), yes, "{text:?} {name:?}");
+            // As queue_digests gives them: both lower-cased, the name trimmed.
+            assert_eq!(mentions(&text.to_lowercase(), &name.trim().to_lowercase()), yes, "{text:?} {name:?}");
         }
     }
 

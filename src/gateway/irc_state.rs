@@ -113,12 +113,7 @@ impl Store {
     /// # Errors
     /// [`StoreError`].
     pub fn window(&self, channel: &str) -> Result<Waiting, StoreError> {
-        let mut out = Vec::new();
-        for kv in self.irc_window.scan_prefix(window_prefix(channel)) {
-            let (k, v) = kv?;
-            out.push((k, decode(&v, "waiting IRC line")?));
-        }
-        Ok(out)
+        Ok(self.window_head(channel, usize::MAX)?.0)
     }
 
     /// The first lines waiting for `channel`'s digest that fit `budget`
@@ -129,11 +124,11 @@ impl Store {
     /// [`StoreError`].
     pub fn window_head(&self, channel: &str, budget: usize) -> Result<(Waiting, Option<WaitingLine>), StoreError> {
         let mut head = Vec::new();
-        let mut len = 0;
+        let mut len = 0usize;
         for kv in self.irc_window.scan_prefix(window_prefix(channel)) {
             let (k, v) = kv?;
             let line: WaitingLine = decode(&v, "waiting IRC line")?;
-            len += line.line.len() + 2;
+            len = len.saturating_add(line.line.len() + 2);
             if !head.is_empty() && len > budget {
                 return Ok((head, Some(line)));
             }

@@ -1207,6 +1207,20 @@ mod tests {
         session.handle(":irc.test CAP bot ACK :server-time message-tags echo-message").await.ok();
         assert_eq!(urgent_lines(&mut session), ["CAP END"]);
         assert!(session.has("message-tags") && session.has("echo-message") && session.has("server-time"));
+        // A server sending LS continuation lines without end keeps nothing
+        // but the names the bot would ask for; once negotiation is over,
+        // further CAP lines change nothing.
+        let mut session = Session::new(&config, &sink, &joined);
+        for i in 0..10_000 {
+            session.handle(&format!(":irc.test CAP * LS * :x-{i}-a x-{i}-b server-time")).await.ok();
+        }
+        assert_eq!(session.offered, ["server-time"]);
+        session.handle(":irc.test CAP * LS :message-tags").await.ok();
+        session.handle(":irc.test CAP bot ACK :server-time message-tags x-1-a").await.ok();
+        assert_eq!(urgent_lines(&mut session), ["CAP REQ :server-time message-tags", "CAP END"]);
+        session.handle(":irc.test CAP bot ACK :echo-message").await.ok();
+        session.handle(":irc.test CAP * LS :sasl echo-message").await.ok();
+        assert!(urgent_lines(&mut session).is_empty() && session.caps.len() == 2, "{:?}", session.caps);
         // ngircd: only multi-prefix. Nothing asked, negotiation ended.
         let mut session = Session::new(&config, &sink, &joined);
         session.handle(":irc.test CAP * LS :multi-prefix").await.ok();
