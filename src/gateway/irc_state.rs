@@ -272,8 +272,12 @@ impl Store {
     /// # Errors
     /// [`StoreError`].
     pub fn irc_sweep(&self, older_than: u64) -> Result<usize, StoreError> {
+        self.irc_sweep_within(older_than, MAX_IDS, MAX_PASTES)
+    }
+
+    fn irc_sweep_within(&self, older_than: u64, max_ids: usize, max_pastes: usize) -> Result<usize, StoreError> {
         let mut gone = 0;
-        let mut excess = (self.irc_ids.len() / 2).saturating_sub(MAX_IDS);
+        let mut excess = (self.irc_ids.len() / 2).saturating_sub(max_ids);
         for kv in self.irc_ids.scan_prefix([b't', 0]) {
             let (k, _) = kv?;
             let at = k.get(2..10).and_then(|b| <[u8; 8]>::try_from(b).ok()).map_or(0, u64::from_be_bytes);
@@ -288,7 +292,7 @@ impl Store {
             gone += 1;
         }
         let now = now_ms();
-        let mut pastes = self.irc_pastes.len().saturating_sub(MAX_PASTES);
+        let mut pastes = self.irc_pastes.len().saturating_sub(max_pastes);
         let mut expired = Vec::new();
         for kv in self.irc_pastes.iter() {
             let (k, v) = kv?;
@@ -311,13 +315,17 @@ impl Store {
     /// # Errors
     /// [`StoreError`].
     pub async fn paste(&self, text: &str, days: u64) -> Result<String, StoreError> {
+        self.paste_within(text, days, MAX_PASTES).await
+    }
+
+    async fn paste_within(&self, text: &str, days: u64, max: usize) -> Result<String, StoreError> {
         let mut bits = [0u8; 16];
         aws_lc_rs::rand::fill(&mut bits).map_err(|_| corrupt("no randomness for a paste token"))?;
         // Time-ordered keys, so that the oldest go first when there are too many.
         let token: String = now_ms().to_be_bytes().iter().chain(&bits).map(|b| format!("{b:02x}")).collect();
         let expires_ms = now_ms().saturating_add(days.saturating_mul(86_400_000));
         // Bounded at once, not only by the hourly sweep: the oldest go first.
-        while self.irc_pastes.len() >= MAX_PASTES {
+        while self.irc_pastes.len() >= max {
             let Some((oldest, _)) = self.irc_pastes.pop_min()? else { break };
             debug_assert!(!oldest.is_empty());
         }
@@ -399,6 +407,31 @@ mod tests {
         assert_eq!(store.irc_sweep(now_ms() + 1).unwrap(), 3);
         assert_eq!(store.carried("m1").unwrap(), None);
         assert!(store.irc_ids.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_flood_of_msgids_and_pastes_keeps_only_the_newest() {
+        // Bounded by count, oldest first, whatever their age: the reply map
+        // at the sweep, pastes at once when one more is kept.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for i in 0..50 {
+            let carried = Carried { message_id: format!("<d{i}@gw>"), nick: "flooder".into() };
+            store.note_msgid(&format!("m{i:02}"), &carried).unwrap();
+        }
+        assert_eq!(store.irc_sweep_within(0, 10, 10).unwrap(), 40);
+        assert_eq!(store.irc_ids.len(), 20, "10 entries, each with its time index");
+        assert_eq!(store.carried("m00").unwrap(), None);
+        assert!(store.carried("m49").unwrap().is_some());
+        let mut tokens = Vec::new();
+        for i in 0..12 {
+            tokens.push(store.paste_within(&format!("paste {i}"), 7, 5).await.unwrap());
+            // Tokens are ordered by their millisecond; within one, at random.
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        assert_eq!(store.irc_pastes.len(), 5);
+        assert_eq!(store.pasted(&tokens[11]).as_deref(), Some("paste 11"));
+        assert_eq!(store.pasted(&tokens[0]), None, "the oldest went first");
     }
 
     #[tokio::test(flavor = "multi_thread")]
