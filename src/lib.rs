@@ -3,4 +3,5 @@
 //! poller arrive with the email gateway (ARCHITECTURE.md).
 
 pub mod gateway;
+pub mod local;
 pub mod pins;

@@ -3,7 +3,7 @@
 
 mod cli;
 
-use cli::{dkim, gateway, net, sendmail, server, toolkit};
+use cli::{dkim, gateway, local, net, sendmail, server, toolkit};
 
 use std::process::ExitCode;
 
@@ -60,6 +60,10 @@ enum Command {
     /// Submit a message like sendmail (for mutt, aerc, git send-email):
     /// LATSSIAM recipients directly, email addresses through your gateway.
     Sendmail(sendmail::SendmailArgs),
+    /// Your own IMAP bridge on loopback: takes your mail off your home
+    /// server into a Maildir and serves it to Thunderbird, Apple Mail, mutt
+    /// or mbsync (`--init` first, for the password and certificate).
+    Local(local::LocalArgs),
 }
 
 #[derive(clap::Args)]
@@ -163,6 +167,7 @@ fn main() -> ExitCode {
         Command::Send(a) => net::send(a),
         Command::Fetch(a) => net::fetch(a),
         Command::Sendmail(_) => Ok(()),
+        Command::Local(a) => local::local(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,6 +3,7 @@
 
 pub mod dkim;
 pub mod gateway;
+pub mod local;
 pub mod net;
 pub mod qr;
 pub mod sendmail;

@@ -310,11 +310,13 @@ fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf> {
 }
 
 /// Where `fetch` puts messages.
-enum Output {
+pub enum Output {
     /// One `<digest>.eml` per message (a redelivered message overwrites its copy).
     Dir(PathBuf),
     /// A Maildir.
     Maildir(PathBuf),
+    /// The store of `latssiam-bridge local` (its INBOX).
+    Store(Arc<latssiam_bridge::local::store::Store>),
 }
 
 impl Output {
@@ -356,6 +358,10 @@ impl Output {
                     .with_context(|| format!("cannot sync {}", new_dir.display()))?;
                 Ok(new)
             }
+            Output::Store(store) => match store.deliver(message)? {
+                Some(uid) => Ok(PathBuf::from(format!("INBOX/{uid}"))),
+                None => Ok(PathBuf::from("INBOX (a copy already stored)")),
+            },
         }
     }
 }
@@ -392,6 +398,7 @@ fn now_ms() -> u64 {
 /// and whether the session ended because nothing more was there.
 struct Fetcher<'a> {
     args: &'a FetchArgs,
+    quiet: bool,
     identity: Arc<Identity>,
     output: Output,
     db: sled::Db,
@@ -513,6 +520,10 @@ impl Fetcher<'_> {
         self.fetched += 1;
         let message = whole.as_ref().map_or(plaintext.as_slice(), |(m, _, _)| m.as_slice());
         let warning = auth_warning(message);
+        if self.quiet {
+            tracing::info!("{} stored{warning}", path.display());
+            return Ok(());
+        }
         match signer.map(|c| CertInfo::from_der(&c)).transpose()? {
             Some(info) => {
                 let who = info.address.map_or_else(|| "(no address)".to_owned(), |a| a.to_string());
@@ -534,18 +545,23 @@ fn auth_warning(message: &[u8]) -> String {
         .unwrap_or_default()
 }
 
-pub fn fetch(args: FetchArgs) -> Result<()> {
-    let identity = Arc::new(load_identity(&args.common.identity)?);
-    let pins = pin_file(args.common.pins.as_deref())?;
-    let output = Output::open(&args)?;
+fn open_fetcher<'a>(args: &'a FetchArgs, identity: &Arc<Identity>, output: Output, quiet: bool) -> Result<Fetcher<'a>> {
     let partials = args.partials.clone().unwrap_or_else(|| args.common.identity.join("partials"));
     let db = sled::Config::new().path(&partials).open().with_context(|| {
         format!("cannot open the partial-set store {} (another fetch running?)", partials.display())
     })?;
     let limit = latssiam::fragment::MAX_JOINED + latssiam::fragment::TRACE_ROOM;
     let joiner = latssiam::fragment::Joiner::new(db.open_tree("partials")?, limit);
-    let mut fetcher = Fetcher { args: &args, identity: Arc::clone(&identity), output, db, joiner, fetched: 0 };
+    let mut fetcher = Fetcher { args, quiet, identity: Arc::clone(identity), output, db, joiner, fetched: 0 };
     fetcher.expire()?;
+    Ok(fetcher)
+}
+
+pub fn fetch(args: FetchArgs) -> Result<()> {
+    let identity = Arc::new(load_identity(&args.common.identity)?);
+    let pins = pin_file(args.common.pins.as_deref())?;
+    let output = Output::open(&args)?;
+    let mut fetcher = open_fetcher(&args, &identity, output, false)?;
     runtime()?.block_on(async {
         if !args.follow {
             let mut client = connect(&args.server, &identity, &pins).await?;
@@ -553,33 +569,64 @@ pub fn fetch(args: FetchArgs) -> Result<()> {
             client.quit().await;
             return result;
         }
-        let deadline = Duration::from_secs(args.deadline.unwrap_or(300).max(1));
-        let mut backoff = Duration::from_secs(1);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        loop {
-            let round = async {
-                let mut client = connect(&args.server, &identity, &pins).await?;
-                let r = fetcher.session(&mut client, deadline, true).await;
-                client.quit().await;
-                r
-            };
-            let result = tokio::select! {
-                r = round => r,
-                _ = term.recv() => return Ok(()),
-                _ = tokio::signal::ctrl_c() => return Ok(()),
-            };
-            match result {
-                Ok(()) => return Ok(()),
-                Err(e) => eprintln!("fetch: {e:#}; reconnecting in {} s", backoff.as_secs()),
-            }
-            tokio::select! {
-                () = tokio::time::sleep(backoff) => {}
-                _ = term.recv() => return Ok(()),
-                _ = tokio::signal::ctrl_c() => return Ok(()),
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(60));
+        tokio::select! {
+            r = follow(&mut fetcher, &identity, &pins) => r,
+            _ = term.recv() => Ok(()),
+            _ = tokio::signal::ctrl_c() => Ok(()),
         }
     })
+}
+
+/// Long-polls ACCEPT for good, reconnecting with back-off after a failure.
+async fn follow(fetcher: &mut Fetcher<'_>, identity: &Arc<Identity>, pins: &FilePins) -> Result<()> {
+    let args = fetcher.args;
+    let deadline = Duration::from_secs(args.deadline.unwrap_or(300).max(1));
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let result = async {
+            let mut client = connect(&args.server, identity, pins).await?;
+            let r = fetcher.session(&mut client, deadline, true).await;
+            client.quit().await;
+            r
+        }
+        .await;
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) if fetcher.quiet => tracing::warn!("mail in: {e:#}; reconnecting in {} s", backoff.as_secs()),
+            Err(e) => eprintln!("fetch: {e:#}; reconnecting in {} s", backoff.as_secs()),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(60));
+    }
+}
+
+/// Takes the person's mail off their home server into `store` for good
+/// (what `local` runs beside its listeners).
+///
+/// # Errors
+/// The partial-set store cannot be opened, or a message cannot be stored.
+pub async fn follow_into_store(
+    identity_dir: PathBuf,
+    pins: Option<PathBuf>,
+    server: String,
+    store: Arc<latssiam_bridge::local::store::Store>,
+) -> Result<()> {
+    let args = FetchArgs {
+        common: Common { identity: identity_dir, pins },
+        server,
+        deadline: None,
+        max: None,
+        out_dir: None,
+        maildir: None,
+        follow: true,
+        partials: None,
+        require_signature: false,
+    };
+    let identity = Arc::new(load_identity(&args.common.identity)?);
+    let pins = pin_file(args.common.pins.as_deref())?;
+    let mut fetcher = open_fetcher(&args, &identity, Output::Store(store), true)?;
+    follow(&mut fetcher, &identity, &pins).await
 }
 
 pub fn verify(server: &str, identity: &Path, pins: Option<&Path>, fingerprint: Fingerprint) -> Result<()> {

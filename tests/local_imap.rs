@@ -1,0 +1,454 @@
+//! `latssiam-bridge local` with real IMAP clients: mbsync (isync) syncing
+//! 200 received messages, large ones among them, byte for byte, and
+//! nothing again after a restart; IDLE announcing a new message; APPEND,
+//! MOVE, flags, EXPUNGE and `UID SEARCH NOT DELETED` with Python's
+//! imaplib; curl's IMAP over STARTTLS; and the attacks on the listener
+//! (wrong passwords slowed and cut off, a flood before login, a password in
+//! the clear on a listener that is not loopback).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::mail::real_mail;
+use common::rig::Rig;
+use common::{free_port, ok, wait_for, BIN};
+
+/// bob's bridge: `local --init` done; returns (password, certificate).
+fn init(rig: &Rig) -> (String, PathBuf) {
+    let out = ok(rig.path(), &["local", "--identity", "bob", "--init"]);
+    let password = out.lines().find_map(|l| l.strip_prefix("password:")).unwrap().trim().to_owned();
+    assert!(out.contains("SHA-256 "), "{out}");
+    (password, rig.path().join("bob/local/tls/cert.pem"))
+}
+
+/// `local` for bob, taking mail from the rig's home server, IMAP on `port`.
+fn start_local(rig: &Rig, imap: &str) -> std::process::Child {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(rig.path().join("local.log")).unwrap();
+    let child = Command::new(BIN)
+        .args(["local", "--identity", "bob", "--pins", "pins", "--server", &rig.home, "--imap", imap])
+        .current_dir(rig.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let addr = imap.to_owned();
+    wait_for(Duration::from_secs(20), || TcpStream::connect(&addr).ok()).expect("local listens");
+    child
+}
+
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn stop(mut k: Killed) {
+    Command::new("kill").args(["-TERM", &k.0.id().to_string()]).status().unwrap();
+    let _ = k.0.wait();
+}
+
+fn python(script: &str, args: &[&str]) -> String {
+    let out = Command::new("python3").arg("-c").arg(script).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "python failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A small message numbered `i`.
+fn small(i: usize) -> Vec<u8> {
+    format!(
+        "From: Alice <alice@localhost>\r\nTo: bob@localhost\r\nSubject: note {i}\r\nMessage-ID: <n{i}@localhost>\r\n\
+Date: Sun, 06 Dec 2026 10:00:00 +0000\r\n\r\nThis is note {i}.\r\n"
+    )
+    .into_bytes()
+}
+
+/// Sends `messages` from alice to bob through the home server.
+fn send_all(rig: &Rig, messages: &[Vec<u8>]) {
+    for (i, m) in messages.iter().enumerate() {
+        let file = format!("out-{i}.eml");
+        std::fs::write(rig.path().join(&file), m).unwrap();
+        let out = rig.send_file("alice", "bob/cert.pem", &file, &["--sign"]);
+        assert!(out.contains("30 ") || out.contains("31 ") || out.starts_with("3"), "{out}");
+    }
+}
+
+fn mbsync_config(rig: &Rig, port: u16, password: &str, cert: &Path, maildir: &Path) -> PathBuf {
+    let config = format!(
+        "IMAPAccount bob\nHost 127.0.0.1\nPort {port}\nUser bob@localhost\nPass {password}\nSSLType STARTTLS\n\
+CertificateFile {cert}\n\nIMAPStore far\nAccount bob\n\nMaildirStore near\nPath {dir}/\nInbox {dir}/INBOX\n\n\
+Channel bob\nFar :far:\nNear :near:\nPatterns INBOX\nCreate Near\nSyncState *\n",
+        cert = cert.display(),
+        dir = maildir.display()
+    );
+    let path = rig.path().join("mbsyncrc");
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+/// Runs mbsync; returns what it printed (with -V, what it did).
+fn mbsync(config: &Path) -> String {
+    let out = Command::new("mbsync").args(["-V", "-c", config.to_str().unwrap(), "-a"]).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let tail: Vec<&str> = text.lines().rev().take(60).collect();
+    assert!(out.status.success(), "mbsync failed:\n{tail:#?}");
+    text
+}
+
+/// The messages of a Maildir folder's cur/ and new/, sorted.
+fn maildir_messages(dir: &Path) -> Vec<Vec<u8>> {
+    let mut all = Vec::new();
+    for sub in ["cur", "new"] {
+        if let Ok(rd) = std::fs::read_dir(dir.join(sub)) {
+            for e in rd {
+                all.push(std::fs::read(e.unwrap().path()).unwrap());
+            }
+        }
+    }
+    all.sort();
+    all
+}
+
+fn crlf_to_lf(m: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(m.len());
+    for (i, &b) in m.iter().enumerate() {
+        if !(b == b'\r' && m.get(i + 1) == Some(&b'\n')) {
+            out.push(b);
+        }
+    }
+    out
+}
+
+/// A message without the `X-TUID:` line mbsync adds to its copies.
+fn without_tuid(m: &[u8]) -> Vec<u8> {
+    let Some(start) = m.windows(8).position(|w| w == b"X-TUID: ") else { return m.to_vec() };
+    let end = m[start..].iter().position(|&b| b == b'\n').map_or(m.len(), |i| start + i + 1);
+    [&m[..start], &m[end..]].concat()
+}
+
+fn have(cmd: &str, arg: &str) -> bool {
+    Command::new(cmd).arg(arg).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok()
+}
+
+#[test]
+fn mbsync_syncs_two_hundred_messages_byte_for_byte_and_nothing_again_after_a_restart() {
+    if !have("mbsync", "--version") {
+        println!("SKIPPED mbsync test: mbsync (isync) is not installed (.ci/run installs it)");
+        return;
+    }
+    let rig = Rig::new("");
+    rig.person("alice");
+    rig.person("bob");
+    let (password, cert) = init(&rig);
+    let port = free_port();
+    let imap = format!("127.0.0.1:{port}");
+    let local = Killed(start_local(&rig, &imap));
+    // 198 small messages and two 9 MB ones (sent as PROFILE section 8 fragments).
+    let mut sent: Vec<Vec<u8>> = (0..198).map(small).collect();
+    sent.insert(50, real_mail("Alice <alice@localhost>", "bob@localhost", 9_000_000));
+    sent.insert(150, real_mail("Alice <alice@localhost>", "Bob <bob@localhost>", 9_000_001));
+    send_all(&rig, &sent);
+    let inbox = rig.path().join("bob/local/Maildir");
+    let stored = wait_for(Duration::from_secs(120), || {
+        let n = maildir_messages(&inbox).len();
+        (n == sent.len()).then_some(n)
+    });
+    assert_eq!(stored, Some(200), "local stored every message; log:\n{}", rig.log());
+
+    let near = rig.path().join("near");
+    std::fs::create_dir_all(&near).unwrap();
+    let config = mbsync_config(&rig, port, &password, &cert, &near);
+    let first = mbsync(&config);
+    // The bridge's own Maildir holds exactly what was sent.
+    let mut expected = sent.clone();
+    expected.sort();
+    assert!(maildir_messages(&inbox) == expected, "the bridge stored the octets that were sent");
+    // mbsync writes its Maildir with the local line end (LF): the copies
+    // are what was sent, line ends aside.
+    let mut expected: Vec<Vec<u8>> = sent.iter().map(|m| crlf_to_lf(m)).collect();
+    expected.sort();
+    let synced = maildir_messages(&near.join("INBOX"));
+    assert_eq!(synced.len(), 200, "{first}");
+    // mbsync marks each copy with its own X-TUID header line; the rest is ours.
+    let mut synced: Vec<Vec<u8>> = synced.iter().map(|m| without_tuid(m)).collect();
+    synced.sort();
+    if let Some((a, b)) = synced.iter().zip(&expected).find(|(a, b)| a != b) {
+        let at = a.iter().zip(b.iter()).position(|(x, y)| x != y).unwrap_or(a.len().min(b.len()));
+        panic!(
+            "a copy differs from what was sent at octet {at} ({} against {} octets): {:?} / {:?}",
+            a.len(),
+            b.len(),
+            String::from_utf8_lossy(&a[at.saturating_sub(40)..(at + 40).min(a.len())]),
+            String::from_utf8_lossy(&b[at.saturating_sub(40)..(at + 40).min(b.len())])
+        );
+    }
+
+    // A restart changes nothing a client sees: the second sync moves nothing.
+    stop(local);
+    let _local = Killed(start_local(&rig, &imap));
+    let names = |dir: &Path| {
+        let mut v: Vec<_> = ["cur", "new"]
+            .iter()
+            .flat_map(|s| std::fs::read_dir(dir.join(s)).unwrap().map(|e| e.unwrap().file_name()))
+            .collect();
+        v.sort();
+        v
+    };
+    let before = names(&near.join("INBOX"));
+    let second = mbsync(&config);
+    println!("second sync:\n{second}");
+    assert!(!second.contains("UIDVALIDITY of far side"), "UIDVALIDITY did not change:\n{second}");
+    assert_eq!(names(&near.join("INBOX")), before, "the second sync transferred nothing:\n{second}");
+}
+
+const IMAPLIB: &str = r#"
+import imaplib, ssl, sys, re
+port, password, cafile = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+ctx = ssl.create_default_context(cafile=cafile)
+M = imaplib.IMAP4('127.0.0.1', port)
+M.starttls(ssl_context=ctx)
+assert M.login('bob@localhost', password)[0] == 'OK'
+caps = M.capability()[1][0].decode().split()
+for c in ('IDLE', 'MOVE', 'UIDPLUS', 'UNSELECT', 'SPECIAL-USE', 'LITERAL+', 'ENABLE', 'NAMESPACE', 'ID'):
+    assert c in caps, (c, caps)
+typ, lst = M.list()
+names = b' '.join(lst)
+for special in (b'\\Sent', b'\\Drafts', b'\\Trash', b'\\Archive'):
+    assert special in names, names
+msg = b"From: Bob <bob@localhost>\r\nTo: alice@localhost\r\nSubject: filed by the client\r\n\r\nmy own copy\r\n"
+typ, data = M.append('Sent', '(\\Seen)', None, msg)
+assert typ == 'OK' and b'APPENDUID' in data[0], data
+validity = int(re.search(rb'APPENDUID (\d+) (\d+)', data[0]).group(1))
+M.select('Sent')
+typ, data = M.fetch('1', '(FLAGS BODY.PEEK[])')
+assert data[0][1] == msg and b'\\Seen' in data[0][0], data
+for i in range(3):
+    M.append('INBOX', None, None, b"Subject: m%d\r\n\r\nbody %d\r\n" % (i, i))
+M.select('INBOX')
+typ, data = M.uid('SEARCH', 'NOT DELETED')
+uids = data[0].split()
+assert len(uids) >= 3, data
+M.uid('STORE', uids[0], '+FLAGS', '(\\Deleted \\Flagged)')
+typ, data = M.uid('SEARCH', 'NOT DELETED')
+assert uids[0] not in data[0].split() and len(data[0].split()) == len(uids) - 1, data
+typ, data = M.uid('SEARCH', 'DELETED FLAGGED')
+assert data[0].split() == [uids[0]], data
+typ, data = M.uid('MOVE', uids[1], 'Trash')
+assert typ == 'OK', data
+assert M.untagged_responses.get('COPYUID'), M.untagged_responses
+typ, data = M.expunge()
+assert typ == 'OK' and data[0] is not None, data
+typ, data = M.uid('SEARCH', 'ALL')
+left = data[0].split()
+assert uids[0] not in left and uids[1] not in left and uids[2] in left, (uids, left)
+M.select('Trash')
+typ, data = M.fetch('1:*', '(UID FLAGS)')
+assert len([d for d in data if d]) == 1, data
+M.select('INBOX')
+M.uid('STORE', uids[2], '+FLAGS', '(\\Answered $Label1)')
+typ, data = M.uid('FETCH', uids[2], '(FLAGS)')
+assert b'\\Answered' in data[0] and b'$Label1' in data[0], data
+typ, data = M.search(None, 'TEXT', '"body 2"')
+assert len(data[0].split()) == 1, data
+typ, data = M.status('Sent', '(MESSAGES UIDVALIDITY)')
+assert (b'UIDVALIDITY %d' % validity) in data[0] and b'MESSAGES 1' in data[0], data
+M.logout()
+print('ok', uids[2].decode())
+"#;
+
+const FLAGS_AFTER: &str = r#"
+import imaplib, ssl, sys
+port, password, cafile, uid = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+M = imaplib.IMAP4('127.0.0.1', port)
+M.starttls(ssl_context=ssl.create_default_context(cafile=cafile))
+M.login('bob@localhost', password)
+M.select('INBOX')
+typ, data = M.uid('FETCH', uid, '(FLAGS)')
+print(data[0].decode())
+"#;
+
+#[test]
+fn imaplib_append_move_flags_expunge_and_search_behave_as_the_rfcs_say_and_persist() {
+    let rig = Rig::new("");
+    rig.person("bob");
+    let (password, cert) = init(&rig);
+    let port = free_port();
+    let imap = format!("127.0.0.1:{port}");
+    let local = Killed(start_local(&rig, &imap));
+    let out = python(IMAPLIB, &[&port.to_string(), &password, cert.to_str().unwrap()]);
+    let uid = out.trim().strip_prefix("ok ").expect("the script finished").to_owned();
+    stop(local);
+    let _local = Killed(start_local(&rig, &imap));
+    let flags = python(FLAGS_AFTER, &[&port.to_string(), &password, cert.to_str().unwrap(), &uid]);
+    assert!(flags.contains("\\Answered") && flags.contains("$Label1"), "flags persist over a restart: {flags}");
+}
+
+/// Reads one line from the raw connection.
+fn line(r: &mut BufReader<TcpStream>) -> String {
+    let mut s = String::new();
+    r.read_line(&mut s).unwrap();
+    s
+}
+
+#[test]
+fn a_message_arriving_during_idle_is_announced_at_once() {
+    let rig = Rig::new("");
+    rig.person("alice");
+    rig.person("bob");
+    let (password, _) = init(&rig);
+    let port = free_port();
+    let imap = format!("127.0.0.1:{port}");
+    let _local = Killed(start_local(&rig, &imap));
+    let tcp = TcpStream::connect(&imap).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut w = tcp.try_clone().unwrap();
+    let mut r = BufReader::new(tcp);
+    assert!(line(&mut r).starts_with("* OK"));
+    // Plain text is allowed on loopback.
+    write!(w, "a LOGIN bob@localhost {password}\r\n").unwrap();
+    while !line(&mut r).starts_with("a OK") {}
+    write!(w, "b SELECT INBOX\r\n").unwrap();
+    while !line(&mut r).starts_with("b OK") {}
+    write!(w, "c IDLE\r\n").unwrap();
+    assert!(line(&mut r).starts_with("+"));
+    send_all(&rig, &[small(1)]);
+    let sent = Instant::now();
+    let l = line(&mut r);
+    let waited = sent.elapsed();
+    assert_eq!(l, "* 1 EXISTS\r\n");
+    println!("EXISTS {} ms after the sender's SEND was answered", waited.as_millis());
+    write!(w, "DONE\r\n").unwrap();
+    assert!(line(&mut r).starts_with("c OK"));
+}
+
+#[test]
+fn curl_reads_a_message_over_starttls() {
+    if !have("curl", "--version") {
+        println!("SKIPPED curl test: curl is not installed");
+        return;
+    }
+    let rig = Rig::new("");
+    rig.person("alice");
+    rig.person("bob");
+    let (password, cert) = init(&rig);
+    let port = free_port();
+    let imap = format!("127.0.0.1:{port}");
+    let _local = Killed(start_local(&rig, &imap));
+    send_all(&rig, &[small(7)]);
+    let inbox = rig.path().join("bob/local/Maildir");
+    wait_for(Duration::from_secs(30), || (maildir_messages(&inbox).len() == 1).then_some(())).expect("stored");
+    let out = Command::new("curl")
+        .args(["-sS", "--ssl-reqd", "--cacert", cert.to_str().unwrap(), "--user", &format!("bob@localhost:{password}")])
+        .arg(format!("imap://localhost:{port}/INBOX;UID=1"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.stdout, small(7));
+}
+
+/// Connects, reads the greeting, and sends `command`; returns the reply line and how long it took.
+fn one_command(addr: &str, command: &str) -> (String, Duration) {
+    let tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut w = tcp.try_clone().unwrap();
+    let mut r = BufReader::new(tcp);
+    line(&mut r);
+    let start = Instant::now();
+    w.write_all(command.as_bytes()).unwrap();
+    (line(&mut r), start.elapsed())
+}
+
+#[test]
+fn wrong_passwords_are_refused_and_slowed_and_the_connection_is_cut_after_three() {
+    let rig = Rig::new("");
+    rig.person("bob");
+    let (password, _) = init(&rig);
+    let port = free_port();
+    let imap = format!("127.0.0.1:{port}");
+    let _local = Killed(start_local(&rig, &imap));
+    let tcp = TcpStream::connect(&imap).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let mut w = tcp.try_clone().unwrap();
+    let mut r = BufReader::new(tcp);
+    line(&mut r);
+    let start = Instant::now();
+    for i in 0..3 {
+        write!(w, "t{i} LOGIN bob@localhost wrong{i}\r\n").unwrap();
+        let l = line(&mut r);
+        assert!(l.starts_with(&format!("t{i} NO")), "{l}");
+    }
+    // 1 + 2 + 4 seconds of delay: asserted as a floor, not a speed.
+    assert!(start.elapsed() >= Duration::from_secs(7), "failures are slowed: {:?}", start.elapsed());
+    let bye = line(&mut r);
+    assert!(bye.starts_with("* BYE"), "{bye}");
+    let mut rest = String::new();
+    let _ = r.read_to_string(&mut rest);
+    // The right password still works on a new connection.
+    let (l, _) = one_command(&imap, &format!("x LOGIN bob@localhost {password}\r\n"));
+    assert!(l.starts_with("x OK"), "{l}");
+}
+
+#[test]
+fn a_flood_before_login_is_cut_off_and_no_password_goes_in_the_clear_off_loopback() {
+    let rig = Rig::new("");
+    rig.person("bob");
+    init(&rig);
+    let port = free_port();
+    let imap = format!("127.0.0.1:{port}");
+    let _local = Killed(start_local(&rig, &imap));
+    // 1 MB of a literal announced before login: cut off at 64 KiB.
+    let tcp = TcpStream::connect(&imap).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut w = tcp.try_clone().unwrap();
+    let mut r = BufReader::new(tcp);
+    line(&mut r);
+    w.write_all(b"a LOGIN {1000000+}\r\n").unwrap();
+    let chunk = vec![b'x'; 64 * 1024];
+    let mut written = 0;
+    for _ in 0..16 {
+        if w.write_all(&chunk).is_err() {
+            break;
+        }
+        written += chunk.len();
+    }
+    let mut rest = String::new();
+    let _ = r.read_to_string(&mut rest);
+    assert!(rest.contains("BYE") || written < 1_000_000, "{rest}");
+    // Garbage gets BAD, tagged where a tag can be found, and no panic.
+    let (l, _) = one_command(&imap, "z1 FETCH (((((\r\n");
+    assert!(l.starts_with("z1 BAD"), "{l}");
+    // A listener on a non-loopback address offers no plain login.
+    let out = ok(rig.path(), &["local", "--identity", "bob", "--data", "open", "--init"]);
+    let password = out.lines().find_map(|l| l.strip_prefix("password:")).unwrap().trim().to_owned();
+    let open = free_port();
+    let log = std::fs::File::create(rig.path().join("open.log")).unwrap();
+    let _open = Killed(
+        Command::new(BIN)
+            .args(["local", "--identity", "bob", "--data", "open", "--imap", &format!("0.0.0.0:{open}")])
+            .current_dir(rig.path())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let addr = format!("127.0.0.1:{open}");
+    wait_for(Duration::from_secs(20), || TcpStream::connect(&addr).ok()).unwrap();
+    let (caps, _) = one_command(&addr, "c CAPABILITY\r\n");
+    assert!(caps.contains("LOGINDISABLED") && caps.contains("STARTTLS") && !caps.contains("AUTH=PLAIN"), "{caps}");
+    let (l, _) = one_command(&addr, &format!("l LOGIN bob@localhost {password}\r\n"));
+    assert!(l.starts_with("l NO"), "{l}");
+}
