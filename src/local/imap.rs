@@ -40,7 +40,7 @@ use imap_next::imap_types::sequence::{SeqOrUid, Sequence, SequenceSet};
 use imap_next::imap_types::status::{StatusDataItem, StatusDataItemName};
 use imap_next::server::{Error as ServerError, Event, Options, Server};
 use imap_next::{Interrupt, Io, State as _};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 use super::mime;
 use super::store::{canonical, flag, Entry, Flags, Store};
@@ -603,7 +603,7 @@ impl Session {
         for i in targets {
             let (u, entry) = &sel.msgs[i];
             let raw = if needs_raw {
-                let read = if needs_all { store.read(&name, entry) } else { store.read_header(&name, entry) };
+                let read = if needs_all { store.read(&name, *u) } else { store.read_header(&name, *u) };
                 match read {
                     Ok(r) => Some(r),
                     // Expunged by another session meanwhile: skipped.
@@ -707,7 +707,7 @@ impl Session {
         let store = &self.shared.store;
         let mut raw = |c: &mut Candidate<'_>| -> Vec<u8> {
             if c.raw.is_none() {
-                c.raw = Some(store.read(&sel.name, c.entry).unwrap_or_default());
+                c.raw = Some(store.read(&sel.name, c.uid).unwrap_or_default());
             }
             c.raw.clone().unwrap_or_default()
         };
@@ -893,14 +893,12 @@ impl Session {
         if sel.read_only {
             return Ok(false);
         }
-        let uids: Vec<u32> = sel
-            .msgs
-            .iter()
-            .filter(|(u, e)| e.flags.has(flag::DELETED) && only.is_none_or(|s| in_set(s, *u, u32::MAX)))
-            .map(|(u, _)| *u)
-            .collect();
+        let largest = sel.msgs.last().map_or(0, |(u, _)| *u);
+        let uids: Vec<u32> =
+            sel.msgs.iter().map(|(u, _)| *u).filter(|u| only.is_none_or(|s| in_set(s, *u, largest))).collect();
         let name = sel.name.clone();
-        self.shared.store.expunge(&name, &uids)?;
+        // \Deleted as the index has it now: another client may have undeleted.
+        self.shared.store.expunge_if(&name, &uids, |f| f.has(flag::DELETED))?;
         Ok(true)
     }
 
@@ -1252,6 +1250,24 @@ fn tag_of(discarded: &[u8]) -> Option<Tag<'static>> {
     Tag::try_from(String::from_utf8(discarded[..end].to_vec()).ok()?).ok()
 }
 
+/// One session over any stream, for the fuzz target: as over TLS, and
+/// already logged in if `logged_in` (so every command is reached without
+/// the password). Ends at LOGOUT, STARTTLS, the end of input or a timeout.
+///
+/// # Errors
+/// The stream fails.
+pub async fn fuzz_session<IO: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut IO,
+    shared: Arc<Shared>,
+    logged_in: bool,
+) -> Result<()> {
+    let mut s = Session::new(shared, true);
+    if logged_in {
+        s.phase = Phase::Authenticated;
+    }
+    drive(io, s, true).await.map(|_| ())
+}
+
 /// Serves one connection until it ends.
 pub async fn serve(conn: Conn, shared: Arc<Shared>) {
     if let Err(e) = run(conn, shared).await {
@@ -1275,7 +1291,7 @@ async fn run(mut conn: Conn, shared: Arc<Shared>) -> Result<()> {
     }
 }
 
-async fn write(conn: &mut Conn, bytes: &[u8]) -> Result<()> {
+async fn write<IO: AsyncRead + AsyncWrite + Unpin>(conn: &mut IO, bytes: &[u8]) -> Result<()> {
     // TLS holds records back until flushed: flush every response, or the
     // client may wait for what sits in a buffer while this waits for it.
     let all = async {
@@ -1287,7 +1303,7 @@ async fn write(conn: &mut Conn, bytes: &[u8]) -> Result<()> {
 }
 
 /// One session over `conn`: until LOGOUT, STARTTLS, a closed connection or a timeout.
-async fn drive(conn: &mut Conn, mut s: Session, greet: bool) -> Result<After> {
+async fn drive<IO: AsyncRead + AsyncWrite + Unpin>(conn: &mut IO, mut s: Session, greet: bool) -> Result<After> {
     let options = {
         let mut o = Options::default();
         o.max_literal_size = s.shared.max_message;
@@ -1303,6 +1319,9 @@ async fn drive(conn: &mut Conn, mut s: Session, greet: bool) -> Result<After> {
     .context("greeting")?;
     let mut server = Server::new(options, greeting);
     let mut greeted = false;
+    // A client that has not logged in within LOGIN_TIME is cut off, however
+    // it trickles its bytes.
+    let login_by = Instant::now() + LOGIN_TIME;
     let mut buf = vec![0u8; 16 * 1024];
     let mut watch = s.shared.store.watch();
     let mut after = After::Continue;
@@ -1318,12 +1337,19 @@ async fn drive(conn: &mut Conn, mut s: Session, greet: bool) -> Result<After> {
                 }
             }
             Ok(Event::CommandReceived { command }) => {
+                let tag = command.tag.clone();
                 let result = s.command(command).await;
                 let a = match result {
                     Ok(a) => a,
                     Err(e) => {
                         tracing::warn!("IMAP command failed: {e:#}");
-                        s.out.push(untagged(StatusKind::No, None, "the store failed; try again"));
+                        s.out.retain(|r| !matches!(r, Response::Status(Status::Tagged(_))));
+                        s.out.push(tagged(
+                            &tag,
+                            StatusKind::No,
+                            Some(other_code("SERVERBUG")),
+                            "the store failed; try again",
+                        ));
                         After::Continue
                     }
                 };
@@ -1405,7 +1431,7 @@ async fn drive(conn: &mut Conn, mut s: Session, greet: bool) -> Result<After> {
             }
             Err(Interrupt::Io(Io::NeedMoreInput)) => {
                 let authed = !matches!(s.phase, Phase::NotAuthenticated);
-                let limit = if authed { IDLE_TIME } else { LOGIN_TIME };
+                let limit = if authed { IDLE_TIME } else { login_by.saturating_duration_since(Instant::now()) };
                 let n = if s.idle.is_some() {
                     tokio::select! {
                         r = tokio::time::timeout(limit, conn.read(&mut buf)) => r.context("the client was idle too long")??,

@@ -93,6 +93,25 @@ impl Access {
         ok
     }
 
+    /// Access for `user` with `password`, no TLS (for the fuzz target and tests).
+    ///
+    /// # Errors
+    /// The password cannot be hashed.
+    pub fn with_password(user: &str, password: &str) -> Result<Self> {
+        let salt = SaltString::encode_b64(b"fixed salt, tests").map_err(|e| anyhow::anyhow!("{e}"))?;
+        let hash = argon2::Argon2::default()
+            .hash_password(password.as_bytes(), &salt)
+            .map_err(|e| anyhow::anyhow!("cannot hash the password: {e}"))?
+            .to_string();
+        Ok(Access {
+            user: user.to_owned(),
+            hash,
+            tls: None,
+            checks: tokio::sync::Semaphore::new(MAX_CHECKS),
+            throttle: imap::Throttle::default(),
+        })
+    }
+
     pub fn user(&self) -> &str {
         &self.user
     }

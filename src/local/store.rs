@@ -137,6 +137,25 @@ fn now_s() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
+/// Where a message's file is: its name by the index, or, if another tool
+/// (or a crash between a rename and the index) changed its flags part, the
+/// file in `cur/` with the same base name.
+fn locate(cur: &Path, entry: &Entry) -> PathBuf {
+    let path = cur.join(entry.file_name());
+    if path.exists() {
+        return path;
+    }
+    let prefix = format!("{}:2,", entry.file);
+    std::fs::read_dir(cur)
+        .ok()
+        .and_then(|rd| {
+            rd.filter_map(std::result::Result::ok)
+                .find(|e| e.file_name().to_str().is_some_and(|n| n.starts_with(&prefix)))
+                .map(|e| e.path())
+        })
+        .unwrap_or(path)
+}
+
 fn fsync_dir(dir: &Path) -> Result<()> {
     std::fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("cannot sync {}", dir.display()))
 }
@@ -277,6 +296,12 @@ impl Store {
         for f in self.folders()?.values() {
             validity = validity.max(f.validity.saturating_add(1));
         }
+        // Above every value ever handed out, deleted folders' too.
+        let high = self.db.get(b"validity-high")?.and_then(|v| v.as_ref().try_into().ok()).map(u32::from_be_bytes);
+        if let Some(high) = high {
+            validity = validity.max(high.saturating_add(1));
+        }
+        self.db.insert(b"validity-high", &validity.to_be_bytes())?;
         let dir = dir_of(name);
         let f = Folder { validity, next_uid: 1, subscribed: true, special: special.map(str::to_owned), dir };
         let path = self.folder_path(&f);
@@ -408,10 +433,17 @@ impl Store {
     ///
     /// # Errors
     /// The message is gone, or the file cannot be read.
-    pub fn read(&self, name: &str, entry: &Entry) -> Result<Vec<u8>> {
-        let Some(f) = self.folder(name)? else { bail!("no such folder") };
-        let path = self.folder_path(&f).join("cur").join(entry.file_name());
+    pub fn read(&self, name: &str, uid: u32) -> Result<Vec<u8>> {
+        let path = self.path_of(name, uid)?;
         std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))
+    }
+
+    /// The file of a message, by its current index entry.
+    fn path_of(&self, name: &str, uid: u32) -> Result<PathBuf> {
+        let Some(f) = self.folder(name)? else { bail!("no such folder") };
+        let Some(v) = self.messages_tree(&f)?.get(uid.to_be_bytes())? else { bail!("the message is gone") };
+        let entry: Entry = serde_json::from_slice(&v).context("a damaged index entry")?;
+        Ok(locate(&self.folder_path(&f).join("cur"), &entry))
     }
 
     /// A message's header block (with the empty line that ends it), read
@@ -419,10 +451,9 @@ impl Store {
     ///
     /// # Errors
     /// The message is gone, or the file cannot be read.
-    pub fn read_header(&self, name: &str, entry: &Entry) -> Result<Vec<u8>> {
+    pub fn read_header(&self, name: &str, uid: u32) -> Result<Vec<u8>> {
         use std::io::Read as _;
-        let Some(f) = self.folder(name)? else { bail!("no such folder") };
-        let path = self.folder_path(&f).join("cur").join(entry.file_name());
+        let path = self.path_of(name, uid)?;
         let mut file = std::fs::File::open(&path).with_context(|| format!("cannot read {}", path.display()))?;
         let mut out = Vec::new();
         let mut chunk = vec![0u8; 16 * 1024];
@@ -534,7 +565,7 @@ impl Store {
             change(&mut entry.flags);
             let after = entry.file_name();
             if before != after {
-                std::fs::rename(cur.join(&before), cur.join(&after))
+                std::fs::rename(locate(&cur, &entry), cur.join(&after))
                     .with_context(|| format!("cannot rename {before}"))?;
                 renamed = true;
             }
@@ -566,7 +597,7 @@ impl Store {
         for &uid in uids {
             let Some(v) = stree.get(uid.to_be_bytes())? else { continue };
             let mut entry: Entry = serde_json::from_slice(&v)?;
-            let source = scur.join(entry.file_name());
+            let source = locate(&scur, &entry);
             let new_uid = dst.next_uid;
             entry.file = self.unique(&dst, new_uid);
             let target = dcur.join(entry.file_name());
@@ -596,20 +627,37 @@ impl Store {
     /// # Errors
     /// A missing folder or a disk failure.
     pub fn expunge(&self, name: &str, uids: &[u32]) -> Result<Vec<u32>> {
+        self.expunge_if(name, uids, |_| true)
+    }
+
+    /// Removes those of `uids` whose flags, as the index has them now,
+    /// pass `keep_going` (EXPUNGE: `\Deleted` as set by any client, not as
+    /// one session last saw it).
+    ///
+    /// # Errors
+    /// A missing folder or a disk failure.
+    pub fn expunge_if(&self, name: &str, uids: &[u32], test: impl Fn(&Flags) -> bool) -> Result<Vec<u32>> {
         let _g = self.guard();
         let Some(f) = self.folder(name)? else { bail!("no such folder") };
         let tree = self.messages_tree(&f)?;
         let cur = self.folder_path(&f).join("cur");
         let mut gone = Vec::new();
         for &uid in uids {
-            let Some(v) = tree.remove(uid.to_be_bytes())? else { continue };
+            let Some(v) = tree.get(uid.to_be_bytes())? else { continue };
             let entry: Entry = serde_json::from_slice(&v)?;
-            // The index first: a crash after it leaves a stray file, never
-            // an entry without its file.
-            self.db.flush()?;
-            let _ = std::fs::remove_file(cur.join(entry.file_name()));
-            gone.push(uid);
+            if !test(&entry.flags) {
+                continue;
+            }
+            tree.remove(uid.to_be_bytes())?;
+            gone.push((uid, entry));
         }
+        // The index first: a crash after it leaves stray files, never an
+        // entry without its file.
+        self.db.flush()?;
+        for (_, entry) in &gone {
+            let _ = std::fs::remove_file(locate(&cur, entry));
+        }
+        let gone: Vec<u32> = gone.into_iter().map(|(u, _)| u).collect();
         drop(_g);
         if !gone.is_empty() {
             self.bump();
@@ -631,6 +679,11 @@ mod tests {
             let b = s.deliver(b"Subject: b\r\n\r\ntwo\r\n")?;
             assert_eq!((a, b), (Some(1), Some(2)));
             assert_eq!(s.deliver(b"Subject: a\r\n\r\none\r\n")?, None, "a redelivery is stored once");
+            // Another tool changes a flag in the file name: still found.
+            let cur = dir.path().join("Maildir/cur");
+            let e = s.entries("INBOX")?[0].1.clone();
+            std::fs::rename(cur.join(e.file_name()), cur.join(format!("{}:2,T", e.file)))?;
+            assert_eq!(s.read("INBOX", 1)?, b"Subject: a\r\n\r\none\r\n");
             s.set_flags("INBOX", &[2], |f| f.system |= flag::SEEN | flag::FLAGGED)?;
             (s.folder("INBOX")?.map(|f| f.validity), s.entries("INBOX")?)
         };
@@ -641,7 +694,10 @@ mod tests {
             .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
             .collect::<std::io::Result<_>>()?;
         assert!(names.iter().any(|n| n.ends_with(":2,FS")), "{names:?}");
-        assert_eq!(s.read("INBOX", &uids[0].1)?, b"Subject: a\r\n\r\none\r\n");
+        assert_eq!(s.read("INBOX", uids[0].0)?, b"Subject: a\r\n\r\none\r\n");
+        // EXPUNGE takes only what the index says is \Deleted now.
+        s.set_flags("INBOX", &[1], |f| f.system |= flag::DELETED)?;
+        assert_eq!(s.expunge_if("INBOX", &[1, 2], |f| f.has(flag::DELETED))?, vec![1]);
         // A new message after the reopen gets the next UID.
         assert_eq!(s.append("INBOX", b"x\r\n", Flags::default(), None)?.1, 3);
         Ok(())
@@ -661,6 +717,14 @@ mod tests {
         assert!(s.folder("Work")?.is_some(), "the parent is made too");
         s.rename("Work", "Jobs")?;
         assert!(s.folder("Jobs/2026")?.is_some() && s.folder("Work/2026")?.is_none());
+        let old = s.folder("Jobs/2026")?.map(|f| f.validity);
+        s.delete("Jobs")?;
+        s.delete("Jobs/2026")?;
+        s.create("Jobs/2026")?;
+        assert!(
+            s.folder("Jobs/2026")?.map(|f| f.validity) > old,
+            "the newest folder made again gets a new UIDVALIDITY"
+        );
         let old = s.folder("Jobs")?.map(|f| f.validity);
         s.delete("Jobs")?;
         s.create("Jobs")?;
