@@ -452,3 +452,133 @@ fn a_flood_before_login_is_cut_off_and_no_password_goes_in_the_clear_off_loopbac
     let (l, _) = one_command(&addr, &format!("l LOGIN bob@localhost {password}\r\n"));
     assert!(l.starts_with("l NO"), "{l}");
 }
+
+const SUBMIT: &str = r#"
+import smtplib, ssl, sys, time
+port, password, cafile = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+ctx = ssl.create_default_context(cafile=cafile)
+msg = (b"From: Alice <alice@example.org>\r\nTo: bob@localhost, Victor <victor@remote.example>\r\n"
+       b"Subject: through the bridge\r\nMessage-ID: <sub1@example.org>\r\n\r\nsubmitted by a mail program\r\n")
+s = smtplib.SMTP('127.0.0.1', port)
+s.starttls(context=ctx)
+s.ehlo()
+assert 'auth' in s.esmtp_features and 'PLAIN' in s.esmtp_features['auth'], s.esmtp_features
+try:
+    s.sendmail('alice@example.org', ['bob@localhost'], msg)
+    raise SystemExit('MAIL without AUTH was taken')
+except smtplib.SMTPSenderRefused as e:
+    assert e.smtp_code == 530, e
+t = time.monotonic()
+try:
+    s.login('alice@localhost', 'wrong')
+    raise SystemExit('a wrong password was taken')
+except smtplib.SMTPAuthenticationError as e:
+    assert e.smtp_code == 535, e
+assert time.monotonic() - t >= 1.0, 'a wrong password is answered late'
+s.login('alice@localhost', password)
+refused = s.sendmail('alice@example.org', ['bob@localhost', 'victor@remote.example'], msg)
+assert refused == {}, refused
+s.quit()
+# AUTH LOGIN works too.
+s = smtplib.SMTP('127.0.0.1', port)
+s.starttls(context=ctx)
+s.ehlo()
+code, _ = s.docmd('AUTH', 'LOGIN')
+assert code == 334
+import base64
+code, _ = s.docmd(base64.b64encode(b'alice@localhost').decode())
+code, _ = s.docmd(base64.b64encode(password.encode()).decode())
+assert code == 235, code
+s.quit()
+print('ok')
+"#;
+
+#[test]
+fn submission_with_auth_over_starttls_reaches_a_latssiam_person_and_through_the_gateway_an_smtp_sink() {
+    let rig = Rig::new("");
+    rig.person("alice");
+    rig.contact("alice", &["--email", "alice@example.org", "--allow-send"]);
+    rig.person("bob");
+    let settings = format!(
+        "identity = \"alice\"\npins = \"pins\"\ngateway = \"gw/identity/cert.pem\"\ngateway_server = \"{home}\"\n\
+[recipients]\n\"bob@localhost\" = \"bob/cert.pem\"\n[routes]\nlocalhost = \"{home}\"\n",
+        home = rig.home
+    );
+    std::fs::write(rig.path().join("sendmail.toml"), settings).unwrap();
+    let out = ok(rig.path(), &["local", "--identity", "alice", "--init"]);
+    let password = out.lines().find_map(|l| l.strip_prefix("password:")).unwrap().trim().to_owned();
+    let cert = rig.path().join("alice/local/tls/cert.pem");
+    let (imap, submission) = (free_port(), free_port());
+    let log = std::fs::File::create(rig.path().join("local.log")).unwrap();
+    let _local = Killed(
+        Command::new(BIN)
+            .args(["local", "--identity", "alice", "--sendmail-config", "sendmail.toml"])
+            .args(["--imap", &format!("127.0.0.1:{imap}"), "--submission", &format!("127.0.0.1:{submission}")])
+            .current_dir(rig.path())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let addr = format!("127.0.0.1:{submission}");
+    wait_for(Duration::from_secs(20), || TcpStream::connect(&addr).ok()).expect("submission listens");
+    let out = python(SUBMIT, &[&submission.to_string(), &password, cert.to_str().unwrap()]);
+    assert_eq!(out.trim(), "ok");
+    // Bob has it, sealed and signed by Alice; Victor's copy went out through the gateway.
+    let (files, printed) = rig.fetch("bob", 5);
+    assert_eq!(files.len(), 1, "{printed}");
+    assert!(std::fs::read_to_string(&files[0]).unwrap().contains("submitted by a mail program"));
+    assert!(printed.contains("signed by alice@localhost"), "{printed}");
+    // (The gateway relays by the header fields, so it also sends bob@localhost
+    // a copy by SMTP, as it does for the sendmail command.)
+    let to_victor = wait_for(Duration::from_secs(30), || {
+        rig.relayed()
+            .into_iter()
+            .find(|r| r["rcpt_tos"].as_array().is_some_and(|t| t.iter().any(|x| x == "victor@remote.example")))
+    })
+    .expect("the gateway relayed Victor's copy");
+    assert!(to_victor["data"].as_str().unwrap().contains("submitted by a mail program"));
+}
+
+#[test]
+fn plain_auth_is_refused_on_a_submission_listener_that_is_not_loopback() {
+    let rig = Rig::new("");
+    rig.person("alice");
+    std::fs::write(rig.path().join("sendmail.toml"), "identity = \"alice\"\npins = \"pins\"\n").unwrap();
+    ok(rig.path(), &["local", "--identity", "alice", "--init"]);
+    let (imap, submission) = (free_port(), free_port());
+    let log = std::fs::File::create(rig.path().join("local.log")).unwrap();
+    let _local = Killed(
+        Command::new(BIN)
+            .args(["local", "--identity", "alice", "--sendmail-config", "sendmail.toml"])
+            .args(["--imap", &format!("127.0.0.1:{imap}"), "--submission", &format!("0.0.0.0:{submission}")])
+            .current_dir(rig.path())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let addr = format!("127.0.0.1:{submission}");
+    wait_for(Duration::from_secs(20), || TcpStream::connect(&addr).ok()).expect("submission listens");
+    let tcp = TcpStream::connect(&addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut w = tcp.try_clone().unwrap();
+    let mut r = BufReader::new(tcp);
+    assert!(line(&mut r).starts_with("220"));
+    w.write_all(b"EHLO client\r\n").unwrap();
+    let mut ehlo = Vec::new();
+    loop {
+        let l = line(&mut r);
+        ehlo.push(l.clone());
+        if l.starts_with("250 ") {
+            break;
+        }
+    }
+    assert!(!ehlo.iter().any(|l| l.contains("AUTH")) && ehlo.iter().any(|l| l.contains("STARTTLS")), "{ehlo:?}");
+    w.write_all(b"AUTH PLAIN AGFsaWNlQGxvY2FsaG9zdAB4\r\n").unwrap();
+    let l = line(&mut r);
+    assert!(l.starts_with("538 5.7.11"), "{l}");
+    w.write_all(b"MAIL FROM:<alice@example.org>\r\n").unwrap();
+    let l = line(&mut r);
+    assert!(l.starts_with("530 5.7.0"), "{l}");
+}

@@ -8,7 +8,10 @@ use anyhow::{Context, Result};
 use clap::Args;
 use latssiam_bridge::local::{self, store::Store, Access};
 
+use bridge_smtp::{Envelope, ListenerConfig, Reply, Sink};
+
 use crate::cli::net;
+use crate::cli::sendmail::{Refused, Router};
 use crate::cli::toolkit::load_identity;
 
 #[derive(Args)]
@@ -33,6 +36,15 @@ pub struct LocalArgs {
     /// An IMAP listener with implicit TLS (off unless given).
     #[arg(long, value_name = "ADDR:PORT")]
     imaps: Option<SocketAddr>,
+    /// The submission listener (SMTP with STARTTLS and AUTH PLAIN/LOGIN;
+    /// a password in the clear only on loopback). Mail is routed as the
+    /// `sendmail` command routes it, by its settings file.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:1025")]
+    submission: SocketAddr,
+    /// The sendmail settings the submission listener routes by (default:
+    /// `$LATSSIAM_SENDMAIL_CONFIG`, else ~/.config/latssiam-bridge/sendmail.toml).
+    #[arg(long, value_name = "FILE")]
+    sendmail_config: Option<PathBuf>,
     /// Make a new bridge password (printed once; only its hash is kept) and,
     /// if there is none, the self-signed certificate; then stop.
     #[arg(long)]
@@ -74,6 +86,25 @@ pub fn local(args: LocalArgs) -> Result<()> {
             eprintln!("IMAP with TLS on {}", l.local_addr()?);
             tasks.spawn(local::serve_imap(l, Arc::clone(&store), Arc::clone(&access), idle, max_message, true));
         }
+        match Router::load(args.sendmail_config.as_deref()) {
+            Ok(router) => {
+                let l = tokio::net::TcpListener::bind(args.submission)
+                    .await
+                    .with_context(|| format!("cannot listen on {}", args.submission))?;
+                eprintln!("submission on {}", l.local_addr()?);
+                let mut config = ListenerConfig::new("localhost", max_message as usize);
+                config.tls = access.tls.clone();
+                config.auth = Some(Arc::clone(&access) as Arc<dyn bridge_smtp::Authenticator>);
+                config.auth_without_tls = args.submission.ip().is_loopback();
+                config.max_connections = local::imap::MAX_CONNECTIONS;
+                let sink = Arc::new(Submission { router });
+                tasks.spawn(async move {
+                    bridge_smtp::serve(l, Arc::new(config), sink, tokio_util::sync::CancellationToken::new()).await;
+                    Ok(())
+                });
+            }
+            Err(e) => eprintln!("no submission listener: {e:#}"),
+        }
         if let Some(server) = args.server.clone() {
             tasks.spawn(net::follow_into_store(args.identity.clone(), args.pins.clone(), server, Arc::clone(&store)));
         }
@@ -84,4 +115,43 @@ pub fn local(args: LocalArgs) -> Result<()> {
             _ = tokio::signal::ctrl_c() => Ok(()),
         }
     })
+}
+
+/// What the submission listener hands mail to: the sendmail router.
+struct Submission {
+    router: Router,
+}
+
+impl Sink for Submission {
+    fn recipient(&self, _from: &str, to: &str) -> impl std::future::Future<Output = Result<(), Reply>> + Send {
+        let ok = to.rsplit_once('@').is_some_and(|(l, h)| !l.is_empty() && !h.is_empty());
+        async move {
+            if ok {
+                Ok(())
+            } else {
+                Err(Reply::new(550, [5, 1, 3], "Not an address"))
+            }
+        }
+    }
+
+    async fn message(&self, envelope: Envelope, data: Vec<u8>) -> Reply {
+        let mut recipients: Vec<String> = envelope.recipients.iter().map(|r| r.trim().to_lowercase()).collect();
+        let mut seen = std::collections::HashSet::new();
+        recipients.retain(|r| seen.insert(r.clone()));
+        match self.router.submit(&data, recipients).await {
+            Ok(()) => Reply::new(250, [2, 0, 0], "Sent"),
+            Err(Refused { exit, why }) => {
+                tracing::warn!("submission refused: {why}");
+                // sendmail's exit codes (sysexits) as SMTP replies.
+                match exit {
+                    67 => Reply::new(550, [5, 1, 1], why),
+                    65 => Reply::new(554, [5, 6, 0], why),
+                    64 => Reply::new(554, [5, 5, 4], why),
+                    69 => Reply::new(550, [5, 7, 1], why),
+                    78 => Reply::new(451, [4, 3, 5], why),
+                    _ => Reply::new(451, [4, 4, 1], why),
+                }
+            }
+        }
+    }
 }

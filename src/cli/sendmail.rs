@@ -108,8 +108,14 @@ pub fn sendmail(args: SendmailArgs) -> ExitCode {
 }
 
 fn settings_path(args: &SendmailArgs) -> Result<PathBuf, Failed> {
-    if let Some(p) = &args.config {
-        return Ok(p.clone());
+    default_settings_path(args.config.as_deref())
+}
+
+/// The settings file: `given`, `$LATSSIAM_SENDMAIL_CONFIG`, or
+/// `~/.config/latssiam-bridge/sendmail.toml`.
+fn default_settings_path(given: Option<&Path>) -> Result<PathBuf, Failed> {
+    if let Some(p) = given {
+        return Ok(p.to_path_buf());
     }
     if let Some(p) = std::env::var_os("LATSSIAM_SENDMAIL_CONFIG") {
         return Ok(PathBuf::from(p));
@@ -227,16 +233,57 @@ fn run(args: SendmailArgs) -> Result<(), Failed> {
     {
         return fail(exit::NOUSER, format!("<{bad}>: not an address"));
     }
-    let identity = Arc::new(load_identity(&settings.identity).map_err(|e| Failed(exit::CONFIG, format!("{e:#}")))?);
-    let pins = pin_file(settings.pins.as_deref()).map_err(|e| Failed(exit::CONFIG, format!("{e:#}")))?;
-    let (direct, email): (Vec<String>, Vec<String>) =
-        recipients.into_iter().partition(|r| settings.recipients.contains_key(r));
-    let rt = runtime()?;
-    rt.block_on(async {
+    let router = Router::new(settings)?;
+    runtime()?.block_on(router.send(&message, recipients))
+}
+
+/// Where mail goes, as the sendmail settings say: `local`'s submission
+/// listener routes with the same rules as the `sendmail` command.
+pub struct Router {
+    settings: Settings,
+    identity: Arc<Identity>,
+    pins: latssiam::tls::FilePins,
+}
+
+/// Why a submission failed: sendmail's exit code and a line.
+pub struct Refused {
+    pub exit: u8,
+    pub why: String,
+}
+
+impl Router {
+    /// The router of the settings file `path` (default: sendmail's own).
+    ///
+    /// # Errors
+    /// The settings, the identity or the pins cannot be read.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
+        let inner = || -> Result<Self, Failed> { Router::new(load_settings(&default_settings_path(path)?)?) };
+        inner().map_err(|Failed(_, why)| anyhow::anyhow!(why))
+    }
+
+    fn new(settings: Settings) -> Result<Self, Failed> {
+        let identity = Arc::new(load_identity(&settings.identity).map_err(|e| Failed(exit::CONFIG, format!("{e:#}")))?);
+        let pins = pin_file(settings.pins.as_deref()).map_err(|e| Failed(exit::CONFIG, format!("{e:#}")))?;
+        Ok(Router { settings, identity, pins })
+    }
+
+    /// Sends `message` (CRLF line ends) to `recipients` (lower-case, checked).
+    ///
+    /// # Errors
+    /// Why it was not sent, with sendmail's exit code.
+    pub async fn submit(&self, message: &[u8], recipients: Vec<String>) -> Result<(), Refused> {
+        self.send(message, recipients).await.map_err(|Failed(exit, why)| Refused { exit, why })
+    }
+
+    async fn send(&self, message: &[u8], recipients: Vec<String>) -> Result<(), Failed> {
+        let (settings, identity, pins) = (&self.settings, &self.identity, &self.pins);
+        let message = message.to_vec();
+        let (direct, email): (Vec<String>, Vec<String>) =
+            recipients.into_iter().partition(|r| settings.recipients.contains_key(r));
         for r in &direct {
             let source = &settings.recipients[r];
             let cert = if source.to_ascii_lowercase().starts_with("latssiam:") {
-                fetch_certificate(source, None, &pins).await?
+                fetch_certificate(source, None, pins).await?
             } else {
                 let bytes = std::fs::read(source)
                     .map_err(|e| Failed(exit::CONFIG, format!("<{r}>: cannot read {source}: {e}")))?;
@@ -247,10 +294,10 @@ fn run(args: SendmailArgs) -> Result<(), Failed> {
                 .map(|a| a.host().to_owned())
                 .ok_or_else(|| Failed(exit::CONFIG, format!("<{r}>: the certificate names no address")))?;
             let mut client = match settings.routes.get(&host) {
-                Some(server) => connect(server, &identity, &pins).await?,
-                None => connect_any(Resolver::default().resolve(&host).await?, &identity, &pins).await?,
+                Some(server) => connect(server, identity, pins).await?,
+                None => connect_any(Resolver::default().resolve(&host).await?, identity, pins).await?,
             };
-            deliver(&mut client, &identity, &cert, &without_bcc(&message), r).await?;
+            deliver(&mut client, identity, &cert, &without_bcc(&message), r).await?;
             client.quit().await;
         }
         if email.is_empty() {
@@ -281,11 +328,11 @@ fn run(args: SendmailArgs) -> Result<(), Failed> {
             to_gateway.extend_from_slice(format!("Bcc: {list}\r\n").as_bytes());
         }
         to_gateway.extend_from_slice(&message);
-        let mut client = connect(server, &identity, &pins).await?;
-        deliver(&mut client, &identity, &cert, &to_gateway, &email.join(", ")).await?;
+        let mut client = connect(server, identity, pins).await?;
+        deliver(&mut client, identity, &cert, &to_gateway, &email.join(", ")).await?;
         client.quit().await;
         Ok(())
-    })
+    }
 }
 
 async fn deliver(

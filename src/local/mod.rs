@@ -117,6 +117,13 @@ impl Access {
     }
 }
 
+/// The submission listener's check: the same password, the same slowing down.
+impl bridge_smtp::Authenticator for Access {
+    fn check(&self, user: Vec<u8>, password: Vec<u8>) -> Pin<Box<dyn std::future::Future<Output = bool> + Send + '_>> {
+        Box::pin(async move { Access::check(self, &user, &password).await })
+    }
+}
+
 fn load_tls(dir: &Path) -> Result<Arc<rustls::ServerConfig>> {
     let cert =
         std::fs::read(dir.join("cert.der")).with_context(|| format!("cannot read {}/cert.der", dir.display()))?;

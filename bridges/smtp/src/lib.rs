@@ -70,6 +70,14 @@ pub trait Sink: Send + Sync + 'static {
     fn message(&self, envelope: Envelope, data: Vec<u8>) -> impl Future<Output = Reply> + Send;
 }
 
+/// Who may submit mail (RFC 4954): a listener with one offers `AUTH PLAIN
+/// LOGIN` and takes `MAIL` only after a successful `AUTH`.
+pub trait Authenticator: Send + Sync + 'static {
+    /// Whether `user` may submit with `password`. A wrong answer should come
+    /// late (the implementation slows failures down).
+    fn check(&self, user: Vec<u8>, password: Vec<u8>) -> std::pin::Pin<Box<dyn Future<Output = bool> + Send + '_>>;
+}
+
 /// `data` with CRLF line ends only: a bare LF or a bare CR becomes CRLF.
 ///
 /// Whatever a message's author wrote, what goes out on the wire can then

@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::{Envelope, Reply, Sink};
+use crate::{Authenticator, Envelope, Reply, Sink};
 
 /// The longest command or text line, CRLF included (RFC 5321 4.5.3.1.4 and .6;
 /// the command limit is raised from 512 to 1000 to leave room for extension
@@ -404,7 +404,16 @@ pub struct ListenerConfig {
     /// second junk command counts as an error, so that clients that hold a
     /// session doing nothing make room for those that send mail.
     pub sessions: Arc<std::sync::atomic::AtomicUsize>,
+    /// Submission (RFC 4954): with an authenticator, `AUTH PLAIN LOGIN` is
+    /// offered (over TLS, or without it where `auth_without_tls`) and `MAIL`
+    /// needs a successful `AUTH` first.
+    pub auth: Option<Arc<dyn Authenticator>>,
+    /// Whether a password may come without TLS (a loopback listener).
+    pub auth_without_tls: bool,
 }
+
+/// Failed `AUTH` attempts one session may make before it is closed.
+pub const MAX_AUTH_FAILURES: u32 = 3;
 
 /// The longest wait for a client while the listener is under stress
 /// (Postfix's `smtpd_timeout` under stress, 10 s).
@@ -547,6 +556,8 @@ impl ListenerConfig {
             spill_mib: Arc::new(Semaphore::new(SPILL_MIB)),
             spill_room: None,
             sessions: Arc::default(),
+            auth: None,
+            auth_without_tls: false,
         }
     }
 }
@@ -657,6 +668,7 @@ where
     state.tls = true;
     // RFC 3207: the client starts over with EHLO; whatever it pipelined before is gone.
     state.helo = None;
+    state.authed = None;
     state.reset();
     match state.run(BufReader::new(stream), None, shutdown).await? {
         Outcome::Closed | Outcome::StartTls(_) => Ok(()),
@@ -798,6 +810,9 @@ struct Session<'a, S> {
     junk: u32,
     started: Instant,
     out: Vec<u8>,
+    /// The user a successful AUTH named.
+    authed: Option<String>,
+    auth_failures: u32,
 }
 
 fn reply(code: u16, status: [u8; 3], text: &str) -> Reply {
@@ -819,6 +834,8 @@ impl<'a, S: Sink> Session<'a, S> {
             junk: 0,
             started: Instant::now(),
             out: Vec::new(),
+            authed: None,
+            auth_failures: 0,
         }
     }
 
@@ -949,6 +966,8 @@ impl<'a, S: Sink> Session<'a, S> {
                     }
                     let r = if self.helo.is_none() {
                         reply(503, [5, 5, 1], "Send EHLO or HELO first")
+                    } else if self.config.auth.is_some() && self.authed.is_none() {
+                        reply(530, [5, 7, 0], "Authentication required")
                     } else if self.from.is_some() {
                         reply(503, [5, 5, 1], "Nested MAIL command")
                     } else if from.size > self.config.size_limit {
@@ -1030,6 +1049,15 @@ impl<'a, S: Sink> Session<'a, S> {
                         return Ok(Outcome::StartTls(io.into_inner()));
                     }
                 }
+                Request::Auth { mechanism, initial_response } if self.config.auth.is_some() => {
+                    let r = self.auth(&mut io, mechanism, initial_response).await?;
+                    if self.auth_failures >= MAX_AUTH_FAILURES {
+                        return self
+                            .close(io.get_mut(), &reply(421, [4, 7, 0], "Too many failed logins; closing"))
+                            .await;
+                    }
+                    self.push(&r);
+                }
                 Request::Auth { .. }
                 | Request::Expn { .. }
                 | Request::Etrn { .. }
@@ -1045,10 +1073,113 @@ impl<'a, S: Sink> Session<'a, S> {
         if self.config.tls.is_some() && !self.tls {
             lines.push("STARTTLS".into());
         }
+        if self.config.auth.is_some() && (self.tls || self.config.auth_without_tls) {
+            lines.push("AUTH PLAIN LOGIN".into());
+        }
         let last = lines.len() - 1;
         for (i, l) in lines.iter().enumerate() {
             let sep = if i == last { ' ' } else { '-' };
             self.out.extend_from_slice(format!("250{sep}{l}\r\n").as_bytes());
+        }
+    }
+
+    /// One `AUTH` exchange (PLAIN, with or without an initial response, or
+    /// LOGIN); the reply to send.
+    async fn auth<IO: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        io: &mut BufReader<IO>,
+        mechanism: u64,
+        initial: String,
+    ) -> io::Result<Reply> {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let Some(auth) = self.config.auth.clone() else {
+            return Ok(reply(502, [5, 5, 1], "Command not implemented"));
+        };
+        if self.authed.is_some() {
+            return Ok(reply(503, [5, 5, 1], "Already authenticated"));
+        }
+        if !self.tls && !self.config.auth_without_tls {
+            return Ok(reply(538, [5, 7, 11], "Encryption required; use STARTTLS first"));
+        }
+        if self.from.is_some() {
+            return Ok(reply(503, [5, 5, 1], "AUTH is not allowed during a transaction"));
+        }
+        // The next line of the exchange, decoded; None for "*" (cancelled) or bad base64.
+        async fn answer<IO: AsyncRead + AsyncWrite + Unpin, S: Sink>(
+            s: &mut Session<'_, S>,
+            io: &mut BufReader<IO>,
+            challenge: &str,
+        ) -> io::Result<Result<Vec<u8>, Reply>> {
+            s.out.extend_from_slice(format!("334 {challenge}\r\n").as_bytes());
+            s.flush(io.get_mut()).await?;
+            let wait = s.config.command_timeout.min(s.remaining());
+            let line = match waited(s.config, wait, read_line(io, MAX_LINE)).await {
+                Ok(l) => l?,
+                Err(()) => return Ok(Err(reply(421, [4, 4, 2], "Timeout"))),
+            };
+            Ok(match line {
+                Line::Ok(l) if l.trim_ascii() == b"*" => Err(reply(501, [5, 0, 0], "Authentication cancelled")),
+                Line::Ok(l) => base64::engine::general_purpose::STANDARD
+                    .decode(l.trim_ascii())
+                    .map_err(|_| reply(501, [5, 5, 2], "Cannot decode the response")),
+                Line::TooLong => Err(reply(500, [5, 5, 6], "Authentication exchange line too long")),
+                Line::Eof => Err(reply(421, [4, 4, 2], "Connection closed")),
+            })
+        }
+        let (user, password) = if mechanism == smtp_proto::AUTH_PLAIN {
+            let data = if initial.is_empty() {
+                match answer(self, io, "").await? {
+                    Ok(d) => d,
+                    Err(r) => return Ok(r),
+                }
+            } else if initial == "=" {
+                Vec::new()
+            } else {
+                match b64.decode(initial.trim()) {
+                    Ok(d) => d,
+                    Err(_) => return Ok(reply(501, [5, 5, 2], "Cannot decode the response")),
+                }
+            };
+            let mut it = data.split(|&b| b == 0);
+            match (it.next(), it.next(), it.next(), it.next()) {
+                (Some(authz), Some(user), Some(pass), None) if authz.is_empty() || authz == user => {
+                    (user.to_vec(), pass.to_vec())
+                }
+                _ => {
+                    self.auth_failures += 1;
+                    return Ok(reply(535, [5, 7, 8], "Authentication credentials invalid"));
+                }
+            }
+        } else if mechanism == smtp_proto::AUTH_LOGIN {
+            let user = if initial.is_empty() {
+                match answer(self, io, "VXNlcm5hbWU6").await? {
+                    Ok(d) => d,
+                    Err(r) => return Ok(r),
+                }
+            } else {
+                match b64.decode(initial.trim()) {
+                    Ok(d) => d,
+                    Err(_) => return Ok(reply(501, [5, 5, 2], "Cannot decode the response")),
+                }
+            };
+            let password = match answer(self, io, "UGFzc3dvcmQ6").await? {
+                Ok(d) => d,
+                Err(r) => return Ok(r),
+            };
+            (user, password)
+        } else {
+            return Ok(reply(504, [5, 5, 4], "Unrecognized authentication type; use PLAIN or LOGIN"));
+        };
+        let name = String::from_utf8_lossy(&user).into_owned();
+        if auth.check(user, password).await {
+            info!(peer = %self.peer, user = %name, "SMTP client authenticated.");
+            self.authed = Some(name);
+            Ok(reply(235, [2, 7, 0], "Authentication successful"))
+        } else {
+            self.auth_failures += 1;
+            info!(peer = %self.peer, "SMTP authentication failed.");
+            Ok(reply(535, [5, 7, 8], "Authentication credentials invalid"))
         }
     }
 
