@@ -266,7 +266,20 @@ typ, data = M.search(None, 'TEXT', '"body 2"')
 assert len(data[0].split()) == 1, data
 typ, data = M.status('Sent', '(MESSAGES UIDVALIDITY)')
 assert (b'UIDVALIDITY %d' % validity) in data[0] and b'MESSAGES 1' in data[0], data
-M.logout()
+# A folder deleted and made again by another client is not the one selected:
+# the next command gets BYE (RFC 3501 7.1.5), not the new folder's UIDs.
+M.create('Gone')
+M.select('Gone')
+N = imaplib.IMAP4('127.0.0.1', port)
+N.starttls(ssl_context=ctx)
+N.login('bob@localhost', password)
+assert N.delete('Gone')[0] == 'OK' and N.create('Gone')[0] == 'OK'
+N.logout()
+try:
+    M.noop()
+    raise SystemExit('no BYE after the selected folder was deleted')
+except imaplib.IMAP4.abort:
+    pass
 print('ok', uids[2].decode())
 "#;
 

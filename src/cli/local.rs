@@ -66,7 +66,12 @@ pub fn local(args: LocalArgs) -> Result<()> {
     let access = Arc::new(Access::load(&data)?);
     let store = Arc::new(Store::open(&data)?);
     let max_message = u32::try_from(latssiam::fragment::MAX_JOINED).unwrap_or(u32::MAX);
-    net::runtime()?.block_on(async {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start tokio")?;
+    runtime.block_on(async {
         let idle = Arc::new(tokio::sync::Semaphore::new(local::imap::MAX_IDLE));
         let imap = tokio::net::TcpListener::bind(args.imap)
             .await

@@ -78,6 +78,9 @@ pub struct Shared {
 
 struct Selected {
     name: String,
+    /// The folder's UIDVALIDITY when selected: another folder under the
+    /// same name later (deleted and made again) is not this one.
+    validity: u32,
     read_only: bool,
     /// UID and entry, by sequence number - 1.
     msgs: Vec<(u32, Entry)>,
@@ -106,6 +109,8 @@ struct Session {
     idle: Option<(Tag<'static>, tokio::sync::OwnedSemaphorePermit)>,
     /// A pending AUTHENTICATE's tag.
     authenticating: Option<Tag<'static>>,
+    /// The selected folder is gone: BYE said, the session ends.
+    gone: bool,
     out: Vec<Response>,
 }
 
@@ -312,7 +317,11 @@ fn structure(p: &mime::Part, extended: bool) -> BodyStructure<'static> {
             number_of_lines: p.lines,
         },
         (None, "text") => SpecificFields::Text { subtype: istring(p.subtype.as_bytes()), number_of_lines: p.lines },
-        // A multipart with no parts is described as what it says it is.
+        // A multipart without parts, or a message past the depth limit,
+        // cannot be written as what it says it is: opaque data.
+        (None, "multipart" | "message") => {
+            SpecificFields::Basic { r#type: istring(b"application"), subtype: istring(b"octet-stream") }
+        }
         (None, _) => {
             SpecificFields::Basic { r#type: istring(p.ctype.as_bytes()), subtype: istring(p.subtype.as_bytes()) }
         }
@@ -385,6 +394,7 @@ impl Session {
             preauth_read: 0,
             idle: None,
             authenticating: None,
+            gone: false,
             out: Vec::new(),
         }
     }
@@ -426,14 +436,16 @@ impl Session {
     /// gone, FETCH FLAGS for changed flags, EXISTS for new ones.
     fn refresh(&mut self) -> Result<()> {
         let Phase::Selected(sel) = &mut self.phase else { return Ok(()) };
+        let same = self.shared.store.folder(&sel.name)?.is_some_and(|f| f.validity == sel.validity);
         let fresh = match self.shared.store.entries(&sel.name) {
-            Ok(f) => f,
-            Err(_) => {
-                // The folder was deleted under us.
-                self.out.push(Response::Status(Status::Bye(Bye {
-                    code: None,
-                    text: text("the selected folder was deleted"),
-                })));
+            Ok(f) if same => f,
+            _ => {
+                // The folder was deleted (and perhaps made again) under us.
+                if !self.gone {
+                    let bye = Bye { code: None, text: text("the selected folder was deleted") };
+                    self.out.push(Response::Status(Status::Bye(bye)));
+                    self.gone = true;
+                }
                 return Ok(());
             }
         };
@@ -495,7 +507,7 @@ impl Session {
         self.out.push(untagged(StatusKind::Ok, Some(Code::UidNext(nz(folder.next_uid))), "predicted next UID"));
         let code = if read_only { Code::ReadOnly } else { Code::ReadWrite };
         self.out.push(tagged(tag, StatusKind::Ok, Some(code), if read_only { "EXAMINE done" } else { "SELECT done" }));
-        self.phase = Phase::Selected(Selected { name, read_only, msgs });
+        self.phase = Phase::Selected(Selected { name, validity: folder.validity, read_only, msgs });
         Ok(())
     }
 
@@ -1009,6 +1021,10 @@ impl Session {
         let store = Arc::clone(&self.shared.store);
         // Commands that may report expunges first bring the view up to date
         // (RFC 3501 7.4.1: not during FETCH, STORE or SEARCH).
+        if too_big(&cmd.body) {
+            self.out.push(tagged(&tag, StatusKind::Bad, None, "too many ranges or too long a pattern"));
+            return Ok(After::Continue);
+        }
         let may_expunge = !matches!(
             cmd.body,
             CommandBody::Fetch { .. } | CommandBody::Store { .. } | CommandBody::Search { .. } | CommandBody::Logout
@@ -1100,10 +1116,20 @@ impl Session {
                     Err(e) => self.out.push(tagged(&tag, StatusKind::No, None, &format!("{e}"))),
                 }
             }
-            CommandBody::Rename { from, to } => match store.rename(&mailbox_name(&from), &mailbox_name(&to)) {
-                Ok(()) => self.out.push(tagged(&tag, StatusKind::Ok, None, "RENAME done")),
-                Err(e) => self.out.push(tagged(&tag, StatusKind::No, None, &format!("{e}"))),
-            },
+            CommandBody::Rename { from, to } => {
+                let (from, to) = (mailbox_name(&from), mailbox_name(&to));
+                match store.rename(&from, &to) {
+                    Ok(()) => {
+                        if let Phase::Selected(sel) = &mut self.phase {
+                            if from != "INBOX" && (sel.name == from || sel.name.starts_with(&format!("{from}/"))) {
+                                sel.name = format!("{to}{}", &sel.name[from.len()..]);
+                            }
+                        }
+                        self.out.push(tagged(&tag, StatusKind::Ok, None, "RENAME done"));
+                    }
+                    Err(e) => self.out.push(tagged(&tag, StatusKind::No, None, &format!("{e}"))),
+                }
+            }
             CommandBody::Subscribe { mailbox } => match store.subscribe(&mailbox_name(&mailbox), true) {
                 Ok(()) => self.out.push(tagged(&tag, StatusKind::Ok, None, "SUBSCRIBE done")),
                 Err(e) => self.out.push(tagged(&tag, StatusKind::No, None, &format!("{e}"))),
@@ -1212,7 +1238,46 @@ impl Session {
                 }
             }
         }
-        Ok(After::Continue)
+        Ok(if self.gone { After::Logout } else { After::Continue })
+    }
+}
+
+/// At most this many ranges in one sequence set, and octets in a LIST pattern.
+const MAX_RANGES: usize = 1000;
+
+/// Whether a command's sets or patterns are past the bounds (each set is
+/// tested against every message, each pattern against every folder).
+fn too_big(body: &CommandBody<'_>) -> bool {
+    fn key(k: &SearchKey<'_>, budget: &mut usize) -> bool {
+        *budget = budget.saturating_sub(1);
+        *budget == 0
+            || match k {
+                SearchKey::SequenceSet(s) | SearchKey::Uid(s) => s.0.as_ref().len() > MAX_RANGES,
+                SearchKey::And(ks) => ks.as_ref().iter().any(|k| key(k, budget)),
+                SearchKey::Or(a, b) => key(a, budget) || key(b, budget),
+                SearchKey::Not(a) => key(a, budget),
+                _ => false,
+            }
+    }
+    let set = |s: &SequenceSet| s.0.as_ref().len() > MAX_RANGES;
+    match body {
+        CommandBody::Fetch { sequence_set, .. }
+        | CommandBody::Store { sequence_set, .. }
+        | CommandBody::Copy { sequence_set, .. }
+        | CommandBody::Move { sequence_set, .. }
+        | CommandBody::ExpungeUid { sequence_set } => set(sequence_set),
+        CommandBody::Search { criteria, .. } => {
+            let mut budget = MAX_RANGES;
+            criteria.as_ref().iter().any(|k| key(k, &mut budget))
+        }
+        CommandBody::List { mailbox_wildcard, .. } | CommandBody::Lsub { mailbox_wildcard, .. } => {
+            let len = match mailbox_wildcard {
+                ListMailbox::Token(t) => t.as_ref().len(),
+                ListMailbox::String(s) => s.as_ref().len(),
+            };
+            len > MAX_RANGES
+        }
+        _ => false,
     }
 }
 
@@ -1338,7 +1403,16 @@ async fn drive<IO: AsyncRead + AsyncWrite + Unpin>(conn: &mut IO, mut s: Session
             }
             Ok(Event::CommandReceived { command }) => {
                 let tag = command.tag.clone();
-                let result = s.command(command).await;
+                // Store work (fsyncs, reading messages, SEARCH) blocks: on a
+                // multi-threaded runtime the other sessions and the mail
+                // coming in go on meanwhile.
+                let result = if tokio::runtime::Handle::current().runtime_flavor()
+                    == tokio::runtime::RuntimeFlavor::MultiThread
+                {
+                    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(s.command(command)))
+                } else {
+                    s.command(command).await
+                };
                 let a = match result {
                     Ok(a) => a,
                     Err(e) => {
@@ -1438,7 +1512,11 @@ async fn drive<IO: AsyncRead + AsyncWrite + Unpin>(conn: &mut IO, mut s: Session
                         changed = watch.changed() => {
                             if changed.is_ok() {
                                 let _ = s.refresh();
-                                flush(&mut server, &mut s);
+                                let last = flush(&mut server, &mut s);
+                                if s.gone && ending.is_none() {
+                                    after = After::Logout;
+                                    ending = last;
+                                }
                             }
                             continue;
                         }

@@ -231,7 +231,7 @@ fn parse_part(
         let boundary = part.params.iter().find(|(k, _)| k == "boundary").map(|(_, v)| v.clone());
         if let Some(boundary) = boundary.filter(|b| !b.is_empty()) {
             let digest = part.subtype == "digest";
-            for r in split(raw, &body, boundary.as_bytes()) {
+            for r in split(raw, &body, boundary.as_bytes(), *budget) {
                 if *budget == 0 {
                     break;
                 }
@@ -247,7 +247,7 @@ fn parse_part(
 
 /// The ranges of a multipart body's parts: between delimiter lines
 /// `--boundary`, each without the line break before the next delimiter.
-fn split(raw: &[u8], body: &Range<usize>, boundary: &[u8]) -> Vec<Range<usize>> {
+fn split(raw: &[u8], body: &Range<usize>, boundary: &[u8], most: usize) -> Vec<Range<usize>> {
     let mut delim = b"--".to_vec();
     delim.extend_from_slice(boundary);
     let mut parts = Vec::new();
@@ -271,6 +271,9 @@ fn split(raw: &[u8], body: &Range<usize>, boundary: &[u8]) -> Vec<Range<usize>> 
                         }
                     }
                     parts.push(start..end.max(start));
+                    if parts.len() >= most {
+                        return parts;
+                    }
                 }
                 if closing {
                     return parts;

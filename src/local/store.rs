@@ -302,7 +302,25 @@ impl Store {
             validity = validity.max(high.saturating_add(1));
         }
         self.db.insert(b"validity-high", &validity.to_be_bytes())?;
-        let dir = dir_of(name);
+        // A directory of its own: never one that exists (left by a crash, a
+        // renamed folder's, or the same name in another case on a
+        // case-insensitive filesystem), so DELETE removes only its own mail.
+        let base = dir_of(name);
+        let mut dir = base.clone();
+        if !base.is_empty() {
+            for n in 0.. {
+                if n > 0 {
+                    dir = format!("{base}~{n}");
+                }
+                match std::fs::create_dir(self.maildir.join(&dir)) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => continue,
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("cannot create {}", self.maildir.join(&dir).display()))
+                    }
+                }
+            }
+        }
         let f = Folder { validity, next_uid: 1, subscribed: true, special: special.map(str::to_owned), dir };
         let path = self.folder_path(&f);
         for sub in ["tmp", "new", "cur"] {
@@ -311,6 +329,8 @@ impl Store {
         if !f.dir.is_empty() {
             std::fs::File::create(path.join("maildirfolder")).context("cannot mark the Maildir folder")?;
         }
+        fsync_dir(&path)?;
+        fsync_dir(&self.maildir)?;
         self.put_folder(&canonical(name), &f)?;
         self.db.flush()?;
         self.bump();
@@ -365,6 +385,8 @@ impl Store {
 
     /// Renames a folder (and those under it). Renaming INBOX moves its
     /// messages into the new folder and leaves INBOX empty (RFC 3501 6.3.5).
+    /// Only the index changes: a folder keeps the Maildir directory it was
+    /// made with (one atomic index write, nothing half-renamed on disk).
     ///
     /// # Errors
     /// A missing source, an existing target, a bad name, or a disk failure.
@@ -386,20 +408,22 @@ impl Store {
             bail!("no such folder");
         }
         let prefix = format!("{from}/");
-        for (name, mut f) in self.folders()? {
+        let mut moves = Vec::new();
+        for (name, f) in self.folders()? {
             if name != from && !name.starts_with(&prefix) {
                 continue;
             }
             let new_name = format!("{to}{}", &name[from.len()..]);
-            let old_path = self.folder_path(&f);
-            f.dir = dir_of(&new_name);
-            let new_path = self.folder_path(&f);
-            std::fs::rename(&old_path, &new_path).with_context(|| format!("cannot rename {}", old_path.display()))?;
-            self.folders.remove(name.as_bytes())?;
-            self.put_folder(&new_name, &f)?;
+            valid_name(&new_name)?;
+            moves.push((name, new_name, f));
         }
+        let mut batch = sled::Batch::default();
+        for (old, new, f) in &moves {
+            batch.remove(old.as_bytes());
+            batch.insert(new.as_bytes(), serde_json::to_vec(f)?);
+        }
+        self.folders.apply_batch(batch)?;
         self.db.flush()?;
-        fsync_dir(&self.maildir)?;
         self.bump();
         Ok(())
     }
@@ -717,6 +741,9 @@ mod tests {
         assert!(s.folder("Work")?.is_some(), "the parent is made too");
         s.rename("Work", "Jobs")?;
         assert!(s.folder("Jobs/2026")?.is_some() && s.folder("Work/2026")?.is_none());
+        // A new folder with the old name gets a directory of its own.
+        s.create("Work")?;
+        assert_ne!(s.folder("Work")?.map(|f| f.dir), s.folder("Jobs")?.map(|f| f.dir));
         let old = s.folder("Jobs/2026")?.map(|f| f.validity);
         s.delete("Jobs")?;
         s.delete("Jobs/2026")?;
