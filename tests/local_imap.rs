@@ -595,3 +595,55 @@ fn plain_auth_is_refused_on_a_submission_listener_that_is_not_loopback() {
     let l = line(&mut r);
     assert!(l.starts_with("530 5.7.0"), "{l}");
 }
+
+#[test]
+fn fetchmail_takes_the_messages_over_starttls_and_leaves_them_read() {
+    if !have("fetchmail", "--version") {
+        println!("SKIPPED fetchmail test: fetchmail is not installed (.ci/run installs it)");
+        return;
+    }
+    let rig = Rig::new("");
+    rig.person("alice");
+    rig.person("bob");
+    let (password, cert) = init(&rig);
+    let port = free_port();
+    let imap = format!("127.0.0.1:{port}");
+    let _local = Killed(start_local(&rig, &imap));
+    send_all(&rig, &[small(1), small(2)]);
+    let inbox = rig.path().join("bob/local/Maildir");
+    wait_for(Duration::from_secs(30), || (maildir_messages(&inbox).len() == 2).then_some(())).expect("stored");
+    let out_dir = rig.path().join("fetched");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let rc = rig.path().join("fetchmailrc");
+    std::fs::write(
+        &rc,
+        format!(
+            "poll 127.0.0.1 service {port} protocol IMAP auth password\n  user \"bob@localhost\" password \"{password}\"\n  \
+sslproto tls1.2+ sslcertck sslcertfile \"{cert}\" sslcommonname localhost\n  keep\n  mda \"/bin/sh -c 'cat >> {dir}/all'\"\n",
+            cert = cert.display(),
+            dir = out_dir.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&rc, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = Command::new("fetchmail")
+        .args(["-f", rc.to_str().unwrap(), "--nodetach", "--nosyslog", "-v"])
+        .env("HOME", rig.path())
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "fetchmail failed:\n{text}");
+    assert!(text.contains("STARTTLS") || text.contains("TLS"), "over TLS:\n{text}");
+    // fetchmail hands each message to the MDA (with its own Received line).
+    let got = std::fs::read_to_string(out_dir.join("all")).unwrap();
+    for i in [1, 2] {
+        assert_eq!(got.matches(&format!("This is note {i}.")).count(), 1, "{got}\n{text}");
+    }
+    // What it read is marked \Seen in the store (fetchmail's `keep` leaves it there).
+    let names: Vec<String> = std::fs::read_dir(inbox.join("cur"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().all(|n| n.ends_with(":2,S")), "{names:?}");
+}
