@@ -6,7 +6,7 @@
 #   scripts/fuzz.sh SECONDS [TARGET...]
 #
 # Targets: decode, open, gemini_request, join (bridges/latssiam/fuzz) and
-# smtp_session, irc_line, poller_message (fuzz/); default: all seven. Each run works on a scratch copy
+# smtp_session, irc_line, poller_message, imap_session (fuzz/); default: all eight. Each run works on a scratch copy
 # of corpus/TARGET under the fuzz crate's target/ (the committed corpus is
 # never written to; CONTINUE=1 keeps the scratch corpus of the last run). Crash inputs land in the crate's artifacts/TARGET/ as
 # cargo-fuzz puts them. Builds and runs are `nice -n ${NICE:-19}`; extra
@@ -14,17 +14,17 @@
 # Exit status: 0 if every target built and found nothing, 1 otherwise.
 set -uo pipefail
 
-usage() { echo "usage: $0 SECONDS [decode|open|gemini_request|join|smtp_session|irc_line|poller_message ...]" >&2; exit 2; }
+usage() { echo "usage: $0 SECONDS [decode|open|gemini_request|join|smtp_session|irc_line|poller_message|imap_session ...]" >&2; exit 2; }
 [ $# -ge 1 ] && [[ $1 =~ ^[0-9]+$ ]] || usage
 secs=$1
 shift
 root=$(cd "$(dirname "$0")/.." && pwd)
 declare -A crate=(
     [decode]=bridges/latssiam/fuzz [open]=bridges/latssiam/fuzz [gemini_request]=bridges/latssiam/fuzz [join]=bridges/latssiam/fuzz
-    [smtp_session]=fuzz [irc_line]=fuzz [poller_message]=fuzz
+    [smtp_session]=fuzz [irc_line]=fuzz [poller_message]=fuzz [imap_session]=fuzz
 )
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(decode open gemini_request join smtp_session irc_line poller_message)
+[ ${#targets[@]} -gt 0 ] || targets=(decode open gemini_request join smtp_session irc_line poller_message imap_session)
 for t in "${targets[@]}"; do [ -n "${crate[$t]:-}" ] || { echo "unknown target $t" >&2; usage; }; done
 
 if ! cargo fuzz --version >/dev/null 2>&1; then

@@ -128,7 +128,10 @@ fn large_buffers_given_back() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if matches!(&cli.command, Command::Run(_)) || matches!(&cli.command, Command::Server(a) if a.serves()) {
+    if matches!(&cli.command, Command::Run(_))
+        || matches!(&cli.command, Command::Server(a) if a.serves())
+        || matches!(&cli.command, Command::Local(a) if !a.initialising())
+    {
         large_buffers_given_back();
     }
     if let Command::Sendmail(a) = cli.command {

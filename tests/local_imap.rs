@@ -21,10 +21,34 @@ use common::{free_port, ok, wait_for, BIN};
 
 /// bob's bridge: `local --init` done; returns (password, certificate).
 fn init(rig: &Rig) -> (String, PathBuf) {
-    let out = ok(rig.path(), &["local", "--identity", "bob", "--init"]);
+    init_for(rig, "bob")
+}
+
+/// `local --init` for `who`; returns (password, certificate).
+fn init_for(rig: &Rig, who: &str) -> (String, PathBuf) {
+    let out = ok(rig.path(), &["local", "--identity", who, "--init"]);
     let password = out.lines().find_map(|l| l.strip_prefix("password:")).unwrap().trim().to_owned();
     assert!(out.contains("SHA-256 "), "{out}");
-    (password, rig.path().join("bob/local/tls/cert.pem"))
+    (password, rig.path().join(format!("{who}/local/tls/cert.pem")))
+}
+
+/// alice's `local` with her sendmail settings, submission on `submission`
+/// (an ADDR:PORT); waits until it listens on `connect`.
+fn start_submission(rig: &Rig, submission: &str, connect: &str) -> Killed {
+    let imap = format!("127.0.0.1:{}", free_port());
+    let log = std::fs::File::create(rig.path().join("local.log")).unwrap();
+    let local = Killed(
+        Command::new(BIN)
+            .args(["local", "--identity", "alice", "--sendmail-config", "sendmail.toml"])
+            .args(["--imap", &imap, "--submission", submission])
+            .current_dir(rig.path())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(Duration::from_secs(20), || TcpStream::connect(connect).ok()).expect("submission listens");
+    local
 }
 
 /// `local` for bob, taking mail from the rig's home server, IMAP on `port`.
@@ -266,6 +290,16 @@ typ, data = M.search(None, 'TEXT', '"body 2"')
 assert len(data[0].split()) == 1, data
 typ, data = M.status('Sent', '(MESSAGES UIDVALIDITY)')
 assert (b'UIDVALIDITY %d' % validity) in data[0] and b'MESSAGES 1' in data[0], data
+# BODYSTRUCTURE, parts, a partial fetch and a part's MIME header, cut from the stored octets.
+mp = (b"Subject: mp\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\n"
+      b"part one\r\n--b\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\nAAEC\r\n--b--\r\n")
+M.append('Archive', None, None, mp)
+M.select('Archive')
+typ, data = M.fetch('1', '(BODYSTRUCTURE BODY.PEEK[1] BODY.PEEK[2]<1.2> BODY.PEEK[2.MIME])')
+flat = b''.join(x if isinstance(x, bytes) else b''.join(x) for x in data)
+assert b'("TEXT" "plain"' in flat and b'"application" "octet-stream"' in flat and b'"mixed"' in flat, flat
+assert b'part one' in flat and b'BODY[2]<1> {2}' in flat and b'AE' in flat, flat
+assert b'Content-Transfer-Encoding: base64' in flat, flat
 # A folder deleted and made again by another client is not the one selected:
 # the next command gets BYE (RFC 3501 7.1.5), not the new folder's UIDs.
 M.create('Gone')
@@ -508,33 +542,11 @@ print('ok')
 
 #[test]
 fn submission_with_auth_over_starttls_reaches_a_latssiam_person_and_through_the_gateway_an_smtp_sink() {
-    let rig = Rig::new("");
-    rig.person("alice");
-    rig.contact("alice", &["--email", "alice@example.org", "--allow-send"]);
-    rig.person("bob");
-    let settings = format!(
-        "identity = \"alice\"\npins = \"pins\"\ngateway = \"gw/identity/cert.pem\"\ngateway_server = \"{home}\"\n\
-[recipients]\n\"bob@localhost\" = \"bob/cert.pem\"\n[routes]\nlocalhost = \"{home}\"\n",
-        home = rig.home
-    );
-    std::fs::write(rig.path().join("sendmail.toml"), settings).unwrap();
-    let out = ok(rig.path(), &["local", "--identity", "alice", "--init"]);
-    let password = out.lines().find_map(|l| l.strip_prefix("password:")).unwrap().trim().to_owned();
-    let cert = rig.path().join("alice/local/tls/cert.pem");
-    let (imap, submission) = (free_port(), free_port());
-    let log = std::fs::File::create(rig.path().join("local.log")).unwrap();
-    let _local = Killed(
-        Command::new(BIN)
-            .args(["local", "--identity", "alice", "--sendmail-config", "sendmail.toml"])
-            .args(["--imap", &format!("127.0.0.1:{imap}"), "--submission", &format!("127.0.0.1:{submission}")])
-            .current_dir(rig.path())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
+    let rig = common::rig::sendmail_rig();
+    let (password, cert) = init_for(&rig, "alice");
+    let submission = free_port();
     let addr = format!("127.0.0.1:{submission}");
-    wait_for(Duration::from_secs(20), || TcpStream::connect(&addr).ok()).expect("submission listens");
+    let _local = start_submission(&rig, &addr, &addr);
     let out = python(SUBMIT, &[&submission.to_string(), &password, cert.to_str().unwrap()]);
     assert_eq!(out.trim(), "ok");
     // Bob has it, sealed and signed by Alice; Victor's copy went out through the gateway.
@@ -558,21 +570,10 @@ fn plain_auth_is_refused_on_a_submission_listener_that_is_not_loopback() {
     let rig = Rig::new("");
     rig.person("alice");
     std::fs::write(rig.path().join("sendmail.toml"), "identity = \"alice\"\npins = \"pins\"\n").unwrap();
-    ok(rig.path(), &["local", "--identity", "alice", "--init"]);
-    let (imap, submission) = (free_port(), free_port());
-    let log = std::fs::File::create(rig.path().join("local.log")).unwrap();
-    let _local = Killed(
-        Command::new(BIN)
-            .args(["local", "--identity", "alice", "--sendmail-config", "sendmail.toml"])
-            .args(["--imap", &format!("127.0.0.1:{imap}"), "--submission", &format!("0.0.0.0:{submission}")])
-            .current_dir(rig.path())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
+    init_for(&rig, "alice");
+    let submission = free_port();
     let addr = format!("127.0.0.1:{submission}");
-    wait_for(Duration::from_secs(20), || TcpStream::connect(&addr).ok()).expect("submission listens");
+    let _local = start_submission(&rig, &format!("0.0.0.0:{submission}"), &addr);
     let tcp = TcpStream::connect(&addr).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut w = tcp.try_clone().unwrap();

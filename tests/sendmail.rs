@@ -15,20 +15,8 @@ use common::mail::{real_mail, relayable};
 use common::rig::Rig;
 use common::BIN;
 
-/// alice (a contact allowed to send) and bob, both on the gateway's home
-/// server; alice's sendmail settings (bob reached directly).
 fn rig() -> Rig {
-    let rig = Rig::new("");
-    rig.person("alice");
-    rig.contact("alice", &["--email", "alice@example.org", "--allow-send"]);
-    rig.person("bob");
-    let settings = format!(
-        "identity = \"alice\"\npins = \"pins\"\ngateway = \"gw/identity/cert.pem\"\ngateway_server = \"{home}\"\n\
-[recipients]\n\"bob@localhost\" = \"bob/cert.pem\"\n[routes]\nlocalhost = \"{home}\"\n",
-        home = rig.home
-    );
-    std::fs::write(rig.path().join("sendmail.toml"), settings).unwrap();
-    rig
+    common::rig::sendmail_rig()
 }
 
 fn sendmail(dir: &Path, args: &[&str], stdin: &[u8]) -> Output {

@@ -51,6 +51,13 @@ pub struct LocalArgs {
     init: bool,
 }
 
+impl LocalArgs {
+    /// Whether this is `--init` (a one-shot), not the long-running bridge.
+    pub fn initialising(&self) -> bool {
+        self.init
+    }
+}
+
 pub fn local(args: LocalArgs) -> Result<()> {
     let data = args.data.clone().unwrap_or_else(|| args.identity.join("local"));
     if args.init {

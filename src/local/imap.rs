@@ -137,6 +137,12 @@ fn other_code(code: &'static str) -> Code<'static> {
     Code::Other(imap_next::imap_types::response::CodeOther::unvalidated(code.as_bytes()))
 }
 
+/// `* N FETCH (...)` for the message at `index` (0-based), if there are items.
+fn fetch_data(index: usize, items: Vec<MessageDataItem<'static>>) -> Option<Data<'static>> {
+    let seq = nz(u32::try_from(index + 1).unwrap_or(u32::MAX));
+    Vec1::try_from(items).ok().map(|items| Data::Fetch { seq, items })
+}
+
 fn nz(n: u32) -> NonZeroU32 {
     NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN)
 }
@@ -380,7 +386,50 @@ struct Candidate<'a> {
     seq: u32,
     uid: u32,
     entry: &'a Entry,
-    raw: Option<Vec<u8>>,
+    raw: Option<Arc<[u8]>>,
+}
+
+/// Whether `hay` holds `needle`, ASCII letters in any case (no allocation).
+fn find_ci(hay: &[u8], needle: &[u8]) -> bool {
+    let Some((&first, rest)) = needle.split_first() else { return true };
+    let first = first.to_ascii_lowercase();
+    let last_start = match hay.len().checked_sub(needle.len()) {
+        Some(n) => n,
+        None => return false,
+    };
+    (0..=last_start)
+        .any(|i| hay[i].to_ascii_lowercase() == first && hay[i + 1..i + needle.len()].eq_ignore_ascii_case(rest))
+}
+
+/// SEARCH BODY over a message: the stored octets first (most mail is 8bit
+/// or 7bit text), the decoded text parts only where an ASCII needle could
+/// be hidden by a transfer encoding, or for any other needle.
+fn body_contains(whole: &[u8], needle: &[u8]) -> bool {
+    let body = &whole[mime::header_len(whole)..];
+    if needle.is_ascii() {
+        if find_ci(body, needle) {
+            return true;
+        }
+        if !find_ci(whole, b"quoted-printable") && !find_ci(whole, b"base64") {
+            return false;
+        }
+    }
+    contains(&mime::searchable_text(whole), needle)
+}
+
+/// SEARCH TEXT's header half: the raw fields, and the decoded ones where
+/// encoded words could hide the needle.
+fn header_contains(whole: &[u8], needle: &[u8]) -> bool {
+    let header = &whole[..mime::header_len(whole)];
+    if needle.is_ascii() && find_ci(header, needle) {
+        return true;
+    }
+    if needle.is_ascii() && !find_ci(header, b"=?") {
+        return false;
+    }
+    ["subject", "from", "to", "cc", "bcc", "reply-to", "sender"]
+        .iter()
+        .any(|f| mime::decoded_header(header, f).is_some_and(|v| contains(&v, needle)))
 }
 
 impl Session {
@@ -468,9 +517,7 @@ impl Session {
             } else if let Ok(pos) = sel.msgs.binary_search_by_key(&uid, |(u, _)| *u) {
                 if sel.msgs[pos].1.flags != e.flags {
                     let items = vec![MessageDataItem::Flags(fetch_flags(&e.flags)), MessageDataItem::Uid(nz(uid))];
-                    if let Ok(items) = Vec1::try_from(items) {
-                        out.push(Data::Fetch { seq: nz(u32::try_from(pos + 1).unwrap_or(u32::MAX)), items });
-                    }
+                    out.extend(fetch_data(pos, items));
                     sel.msgs[pos].1 = e;
                 }
             }
@@ -704,9 +751,7 @@ impl Session {
             if marks_seen && !flags_sent {
                 items.push(MessageDataItem::Flags(fetch_flags(&entry.flags)));
             }
-            if let Ok(items) = Vec1::try_from(items) {
-                data.push(Data::Fetch { seq: nz(u32::try_from(i + 1).unwrap_or(u32::MAX)), items });
-            }
+            data.extend(fetch_data(i, items));
         }
         for d in data {
             self.push_data(d);
@@ -717,26 +762,25 @@ impl Session {
 
     fn matches(&self, c: &mut Candidate<'_>, key: &SearchKey<'_>, sel: &Selected) -> bool {
         let store = &self.shared.store;
-        let mut raw = |c: &mut Candidate<'_>| -> Vec<u8> {
+        let mut raw = |c: &mut Candidate<'_>| -> Arc<[u8]> {
             if c.raw.is_none() {
-                c.raw = Some(store.read(&sel.name, c.uid).unwrap_or_default());
+                c.raw = Some(Arc::from(store.read(&sel.name, c.uid).unwrap_or_default()));
             }
-            c.raw.clone().unwrap_or_default()
+            c.raw.clone().unwrap_or_else(|| Arc::from(Vec::new()))
         };
-        let header = |c: &mut Candidate<'_>, raw: &mut dyn FnMut(&mut Candidate<'_>) -> Vec<u8>| {
+        let header = |c: &mut Candidate<'_>, raw: &mut dyn FnMut(&mut Candidate<'_>) -> Arc<[u8]>| {
             let r = raw(c);
-            let end = mime::parse(&r).header.end;
-            r[..end].to_vec()
+            r[..mime::header_len(&r)].to_vec()
         };
         let field =
-            |c: &mut Candidate<'_>, name: &str, needle: &[u8], raw: &mut dyn FnMut(&mut Candidate<'_>) -> Vec<u8>| {
+            |c: &mut Candidate<'_>, name: &str, needle: &[u8], raw: &mut dyn FnMut(&mut Candidate<'_>) -> Arc<[u8]>| {
                 let h = header(c, raw);
                 match mime::decoded_header(&h, name) {
                     Some(v) => contains(&v, needle),
                     None => needle.is_empty() && mime::raw_field(&h, name).is_some(),
                 }
             };
-        let sent = |c: &mut Candidate<'_>, raw: &mut dyn FnMut(&mut Candidate<'_>) -> Vec<u8>| {
+        let sent = |c: &mut Candidate<'_>, raw: &mut dyn FnMut(&mut Candidate<'_>) -> Arc<[u8]>| {
             let h = header(c, raw);
             let d =
                 mail_parser::MessageParser::new().parse_headers(&h).and_then(|m| m.date().map(|d| d.to_timestamp()));
@@ -780,12 +824,10 @@ impl Session {
                 let name = String::from_utf8_lossy(name.as_ref()).into_owned();
                 field(c, &name, s.as_ref(), &mut raw)
             }
-            SearchKey::Body(s) => contains(&mime::searchable_text(&raw(c)), s.as_ref()),
+            SearchKey::Body(s) => body_contains(&raw(c), s.as_ref()),
             SearchKey::Text(s) => {
                 let r = raw(c);
-                let end = mime::parse(&r).header.end;
-                contains(&String::from_utf8_lossy(&r[..end]), s.as_ref())
-                    || contains(&mime::searchable_text(&r), s.as_ref())
+                header_contains(&r, s.as_ref()) || body_contains(&r, s.as_ref())
             }
         }
     }
@@ -842,9 +884,7 @@ impl Session {
                         if uid {
                             items.push(MessageDataItem::Uid(nz(u)));
                         }
-                        if let Ok(items) = Vec1::try_from(items) {
-                            data.push(Data::Fetch { seq: nz(u32::try_from(pos + 1).unwrap_or(u32::MAX)), items });
-                        }
+                        data.extend(fetch_data(pos, items));
                     }
                 }
             }
@@ -1667,6 +1707,18 @@ mod tests {
         assert!(in_set(&all, 4_000_000_000, 1), "a huge range is a test, not a loop");
         assert_eq!(uid_set(&[1, 2, 3, 7]).map(|s| s.0.as_ref().len()), Some(2));
         Ok(())
+    }
+
+    #[test]
+    fn text_search_finds_words_in_any_case_and_behind_transfer_encodings() {
+        let plain = b"Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\r\n\r\nThe Budget is here.\r\n";
+        assert!(body_contains(plain, b"budget") && !body_contains(plain, b"forecast"));
+        assert!(header_contains(plain, "grüße".as_bytes()) && !body_contains(plain, b"subject"));
+        let qp = b"Content-Type: text/plain\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\nBud=\r\nget\r\n";
+        assert!(body_contains(qp, b"budget"), "a soft line break is decoded");
+        let b64 = b"Content-Type: text/plain\r\nContent-Transfer-Encoding: base64\r\n\r\nYnVkZ2V0\r\n";
+        assert!(body_contains(b64, b"BUDGET"));
+        assert!(find_ci(b"abc", b"") && !find_ci(b"ab", b"abc") && find_ci(b"xAbC", b"abc"));
     }
 
     #[test]

@@ -90,6 +90,11 @@ fn header_end(raw: &[u8], range: &Range<usize>) -> usize {
     range.start + end
 }
 
+/// The length of a message's header block (with the empty line that ends it).
+pub fn header_len(raw: &[u8]) -> usize {
+    header_end(raw, &(0..raw.len()))
+}
+
 /// Parses a whole message.
 pub fn parse(raw: &[u8]) -> Part {
     let mut budget = MAX_PARTS;

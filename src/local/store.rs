@@ -208,8 +208,12 @@ impl Store {
         let maildir = data.join("Maildir");
         std::fs::create_dir_all(&maildir).with_context(|| format!("cannot create {}", maildir.display()))?;
         let index = data.join("index");
+        // Flushed by hand after every change (so no timer: an idle bridge
+        // uses no CPU), with a small cache (the index is small).
         let db = sled::Config::new()
             .path(&index)
+            .flush_every_ms(None)
+            .cache_capacity(16 << 20)
             .open()
             .with_context(|| format!("cannot open {} (is another `local` running?)", index.display()))?;
         let folders = db.open_tree("folders")?;

@@ -372,3 +372,20 @@ pub fn http_get(port: u16, path: &str) -> String {
     s.read_to_string(&mut out).unwrap();
     out
 }
+
+/// alice (a contact allowed to send) and bob, both on the gateway's home
+/// server, and alice's sendmail settings in `sendmail.toml` (bob reached
+/// directly, every other address through the gateway).
+pub fn sendmail_rig() -> Rig {
+    let rig = Rig::new("");
+    rig.person("alice");
+    rig.contact("alice", &["--email", "alice@example.org", "--allow-send"]);
+    rig.person("bob");
+    let settings = format!(
+        "identity = \"alice\"\npins = \"pins\"\ngateway = \"gw/identity/cert.pem\"\ngateway_server = \"{home}\"\n\
+[recipients]\n\"bob@localhost\" = \"bob/cert.pem\"\n[routes]\nlocalhost = \"{home}\"\n",
+        home = rig.home
+    );
+    std::fs::write(rig.path().join("sendmail.toml"), settings).unwrap();
+    rig
+}
