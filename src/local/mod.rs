@@ -47,6 +47,20 @@ pub struct Access {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     checks: tokio::sync::Semaphore,
     pub throttle: imap::Throttle,
+    /// SHA-256 of the last user name and password that passed argon2, in
+    /// memory only: a mail program opens many connections, and each need
+    /// not cost 19 MiB and tens of milliseconds (Dovecot's auth cache).
+    verified: std::sync::Mutex<Option<[u8; 32]>>,
+}
+
+fn login_digest(user: &[u8], password: &[u8]) -> [u8; 32] {
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    ctx.update(&(user.len() as u64).to_be_bytes());
+    ctx.update(&user.to_ascii_lowercase());
+    ctx.update(password);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
 }
 
 impl Access {
@@ -67,12 +81,18 @@ impl Access {
             tls: Some(tls),
             checks: tokio::sync::Semaphore::new(MAX_CHECKS),
             throttle: imap::Throttle::default(),
+            verified: std::sync::Mutex::new(None),
         })
     }
 
     /// Whether `user` and `password` are right. A wrong answer comes after
     /// a delay that grows with the recent failures of every client.
     pub async fn check(&self, user: &[u8], password: &[u8]) -> bool {
+        let digest = login_digest(user, password);
+        let cached = *self.verified.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cached.is_some_and(|c| aws_lc_rs::constant_time::verify_slices_are_equal(&c, &digest).is_ok()) {
+            return true;
+        }
         let ok = match self.checks.acquire().await {
             Ok(_permit) => {
                 let hash = self.hash.clone();
@@ -87,7 +107,9 @@ impl Access {
             }
             Err(_) => false,
         };
-        if !ok {
+        if ok {
+            *self.verified.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(digest);
+        } else {
             tokio::time::sleep(self.throttle.failed()).await;
         }
         ok
@@ -109,6 +131,7 @@ impl Access {
             tls: None,
             checks: tokio::sync::Semaphore::new(MAX_CHECKS),
             throttle: imap::Throttle::default(),
+            verified: std::sync::Mutex::new(None),
         })
     }
 
@@ -309,5 +332,24 @@ pub async fn serve_imap(
             };
             imap::serve(conn, shared).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_login_is_checked_by_argon2_once_then_remembered_and_a_wrong_one_never() -> Result<()> {
+        let access = Access::with_password("me@localhost", "right")?;
+        assert!(access.check(b"ME@localhost", b"right").await, "the user name in any case");
+        assert!(access.verified.lock().map(|v| v.is_some()).unwrap_or(false), "remembered");
+        assert!(access.check(b"me@localhost", b"right").await);
+        assert!(!access.check(b"me@localhost", b"wrong").await);
+        assert!(!access.check(b"other@localhost", b"right").await, "another user with the right password");
+        assert_eq!(access.throttle.total.load(Ordering::Relaxed), 2);
+        Ok(())
     }
 }
