@@ -11,6 +11,7 @@
 
 use std::borrow::Cow;
 use std::num::NonZeroU32;
+use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -43,7 +44,7 @@ use imap_next::{Interrupt, Io, State as _};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 use super::mime;
-use super::store::{canonical, flag, Entry, Flags, Store};
+use super::store::{canonical, flag, read_header_in, read_in, Entry, Flags, Store};
 use super::{Access, Conn};
 
 /// At most this many IMAP connections at once.
@@ -658,11 +659,12 @@ impl Session {
             }
         }
         let Phase::Selected(sel) = &self.phase else { return Ok(()) };
+        let cur = store.cur(&name)?;
         let mut data = Vec::with_capacity(targets.len());
         for i in targets {
             let (u, entry) = &sel.msgs[i];
             let raw = if needs_raw {
-                let read = if needs_all { store.read(&name, *u) } else { store.read_header(&name, *u) };
+                let read = if needs_all { read_in(&cur, entry) } else { read_header_in(&cur, entry) };
                 match read {
                     Ok(r) => Some(r),
                     // Expunged by another session meanwhile: skipped.
@@ -760,11 +762,10 @@ impl Session {
         Ok(())
     }
 
-    fn matches(&self, c: &mut Candidate<'_>, key: &SearchKey<'_>, sel: &Selected) -> bool {
-        let store = &self.shared.store;
+    fn matches(&self, c: &mut Candidate<'_>, key: &SearchKey<'_>, sel: &Selected, cur: &Path) -> bool {
         let mut raw = |c: &mut Candidate<'_>| -> Arc<[u8]> {
             if c.raw.is_none() {
-                c.raw = Some(Arc::from(store.read(&sel.name, c.uid).unwrap_or_default()));
+                c.raw = Some(Arc::from(read_in(cur, c.entry).unwrap_or_default()));
             }
             c.raw.clone().unwrap_or_else(|| Arc::from(Vec::new()))
         };
@@ -788,9 +789,9 @@ impl Session {
         };
         let f = &c.entry.flags;
         match key {
-            SearchKey::And(keys) => keys.as_ref().iter().all(|k| self.matches(c, k, sel)),
-            SearchKey::Or(a, b) => self.matches(c, a, sel) || self.matches(c, b, sel),
-            SearchKey::Not(k) => !self.matches(c, k, sel),
+            SearchKey::And(keys) => keys.as_ref().iter().all(|k| self.matches(c, k, sel, cur)),
+            SearchKey::Or(a, b) => self.matches(c, a, sel, cur) || self.matches(c, b, sel, cur),
+            SearchKey::Not(k) => !self.matches(c, k, sel, cur),
             SearchKey::SequenceSet(s) => in_set(s, c.seq, u32::try_from(sel.msgs.len()).unwrap_or(u32::MAX)),
             SearchKey::Uid(s) => in_set(s, c.uid, sel.msgs.last().map_or(0, |(u, _)| *u)),
             SearchKey::All | SearchKey::Old => true,
@@ -837,11 +838,18 @@ impl Session {
             self.out.push(tagged(tag, StatusKind::Bad, None, "no folder is selected"));
             return;
         };
+        let cur = match self.shared.store.cur(&sel.name) {
+            Ok(c) => c,
+            Err(_) => {
+                self.out.push(tagged(tag, StatusKind::No, None, "the folder is gone"));
+                return;
+            }
+        };
         let mut found = Vec::new();
         for (i, (u, entry)) in sel.msgs.iter().enumerate() {
             let seq = u32::try_from(i + 1).unwrap_or(u32::MAX);
             let mut c = Candidate { seq, uid: *u, entry, raw: None };
-            if criteria.as_ref().iter().all(|k| self.matches(&mut c, k, sel)) {
+            if criteria.as_ref().iter().all(|k| self.matches(&mut c, k, sel, &cur)) {
                 found.push(nz(if uid { *u } else { seq }));
             }
         }

@@ -156,6 +156,51 @@ fn locate(cur: &Path, entry: &Entry) -> PathBuf {
         .unwrap_or(path)
 }
 
+/// A message's header block from its file (see [`Store::read_header`]).
+fn read_header_at(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut file = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut out = Vec::new();
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        let n = file.read(&mut chunk).with_context(|| format!("cannot read {}", path.display()))?;
+        if n == 0 {
+            return Ok(out);
+        }
+        let from = out.len().saturating_sub(3);
+        out.extend_from_slice(&chunk[..n]);
+        if out.starts_with(b"\r\n") || out.starts_with(b"\n") {
+            return Ok(out);
+        }
+        let tail = &out[from..];
+        if let Some(i) = tail.windows(4).position(|w| w == b"\r\n\r\n") {
+            out.truncate(from + i + 4);
+            return Ok(out);
+        }
+        if let Some(i) = tail.windows(2).position(|w| w == b"\n\n") {
+            out.truncate(from + i + 2);
+            return Ok(out);
+        }
+    }
+}
+
+/// A message's octets from a folder's `cur/` by a (perhaps stale) entry.
+///
+/// # Errors
+/// The file is gone or unreadable.
+pub fn read_in(cur: &Path, entry: &Entry) -> Result<Vec<u8>> {
+    let path = locate(cur, entry);
+    std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// A message's header block from a folder's `cur/` by a (perhaps stale) entry.
+///
+/// # Errors
+/// The file is gone or unreadable.
+pub fn read_header_in(cur: &Path, entry: &Entry) -> Result<Vec<u8>> {
+    read_header_at(&locate(cur, entry))
+}
+
 fn fsync_dir(dir: &Path) -> Result<()> {
     std::fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("cannot sync {}", dir.display()))
 }
@@ -209,11 +254,11 @@ impl Store {
         std::fs::create_dir_all(&maildir).with_context(|| format!("cannot create {}", maildir.display()))?;
         let index = data.join("index");
         // Flushed by hand after every change (so no timer: an idle bridge
-        // uses no CPU), with a small cache (the index is small).
+        // uses no CPU), with a small cache (the index is small: 4 MiB).
         let db = sled::Config::new()
             .path(&index)
             .flush_every_ms(None)
-            .cache_capacity(16 << 20)
+            .cache_capacity(4 << 20)
             .open()
             .with_context(|| format!("cannot open {} (is another `local` running?)", index.display()))?;
         let folders = db.open_tree("folders")?;
@@ -466,6 +511,15 @@ impl Store {
         std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))
     }
 
+    /// The `cur/` directory of a folder, for [`read_in`] and [`read_header_in`].
+    ///
+    /// # Errors
+    /// No such folder.
+    pub fn cur(&self, name: &str) -> Result<PathBuf> {
+        let Some(f) = self.folder(name)? else { bail!("no such folder") };
+        Ok(self.folder_path(&f).join("cur"))
+    }
+
     /// The file of a message, by its current index entry.
     fn path_of(&self, name: &str, uid: u32) -> Result<PathBuf> {
         let Some(f) = self.folder(name)? else { bail!("no such folder") };
@@ -480,31 +534,7 @@ impl Store {
     /// # Errors
     /// The message is gone, or the file cannot be read.
     pub fn read_header(&self, name: &str, uid: u32) -> Result<Vec<u8>> {
-        use std::io::Read as _;
-        let path = self.path_of(name, uid)?;
-        let mut file = std::fs::File::open(&path).with_context(|| format!("cannot read {}", path.display()))?;
-        let mut out = Vec::new();
-        let mut chunk = vec![0u8; 16 * 1024];
-        loop {
-            let n = file.read(&mut chunk).with_context(|| format!("cannot read {}", path.display()))?;
-            if n == 0 {
-                return Ok(out);
-            }
-            let from = out.len().saturating_sub(3);
-            out.extend_from_slice(&chunk[..n]);
-            if out.starts_with(b"\r\n") || out.starts_with(b"\n") {
-                return Ok(out);
-            }
-            let tail = &out[from..];
-            if let Some(i) = tail.windows(4).position(|w| w == b"\r\n\r\n") {
-                out.truncate(from + i + 4);
-                return Ok(out);
-            }
-            if let Some(i) = tail.windows(2).position(|w| w == b"\n\n") {
-                out.truncate(from + i + 2);
-                return Ok(out);
-            }
-        }
+        read_header_at(&self.path_of(name, uid)?)
     }
 
     /// Stores a message in a folder; returns (UIDVALIDITY, UID).
