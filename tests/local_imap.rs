@@ -648,3 +648,38 @@ sslproto tls1.2+ sslcertck sslcertfile \"{cert}\" sslcommonname localhost\n  kee
         .collect();
     assert!(names.iter().all(|n| n.ends_with(":2,S")), "{names:?}");
 }
+
+#[test]
+fn implicit_tls_is_offered_where_asked_and_the_certificate_is_the_printed_one() {
+    let rig = Rig::new("");
+    rig.person("bob");
+    let (password, cert) = init(&rig);
+    let (imap, imaps) = (free_port(), free_port());
+    let log = std::fs::File::create(rig.path().join("local.log")).unwrap();
+    let _local = Killed(
+        Command::new(BIN)
+            .args(["local", "--identity", "bob", "--imap", &format!("127.0.0.1:{imap}")])
+            .args(["--imaps", &format!("127.0.0.1:{imaps}"), "--submission", &format!("127.0.0.1:{}", free_port())])
+            .current_dir(rig.path())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let addr = format!("127.0.0.1:{imaps}");
+    wait_for(Duration::from_secs(20), || TcpStream::connect(&addr).ok()).expect("IMAPS listens");
+    let script = r#"
+import imaplib, ssl, sys, hashlib
+port, password, cafile = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+M = imaplib.IMAP4_SSL('localhost', port, ssl_context=ssl.create_default_context(cafile=cafile))
+der = M.sock.getpeercert(binary_form=True)
+print(':'.join('%02X' % b for b in hashlib.sha256(der).digest()))
+assert 'STARTTLS' not in M.capabilities and 'AUTH=PLAIN' in M.capabilities, M.capabilities
+assert M.login('bob@localhost', password)[0] == 'OK'
+M.logout()
+"#;
+    let fingerprint = python(script, &[&imaps.to_string(), &password, cert.to_str().unwrap()]);
+    // `--init` again keeps the certificate and prints the same fingerprint.
+    let again = ok(rig.path(), &["local", "--identity", "bob", "--data", "bob/local", "--init"]);
+    assert!(again.contains(fingerprint.trim()), "{again} / {fingerprint}");
+}
