@@ -129,7 +129,14 @@ cpu() { # pids... -> jiffies summed (user+system)
     for p in "$@"; do [ -r /proc/$p/stat ] && sum=$((sum + $(awk '{print $14 + $15}' /proc/$p/stat))); done
     echo $sum
 }
-rss_kb() { local sum=0 p; for p in "$@"; do sum=$((sum + $(awk '/VmRSS/{print $2}' /proc/$p/status 2>/dev/null || echo 0))); done; echo $sum; }
+rss_kb() { # pids... -> "RSS KiB (private anonymous KiB)"; file-backed pages (the program's code) are shared
+    local sum=0 anon=0 p
+    for p in "$@"; do
+        sum=$((sum + $(awk '/VmRSS/{print $2}' /proc/$p/status 2>/dev/null || echo 0)))
+        anon=$((anon + $(awk '/RssAnon/{print $2}' /proc/$p/status 2>/dev/null || echo 0)))
+    done
+    echo "$sum ($anon anonymous)"
+}
 dovecot_pids() { pgrep -f "$w/dovecot" | tr '\n' ' '; pgrep -x imap | tr '\n' ' '; }
 measure local $lport
 measure dovecot $dport
