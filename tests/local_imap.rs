@@ -300,6 +300,17 @@ flat = b''.join(x if isinstance(x, bytes) else b''.join(x) for x in data)
 assert b'("TEXT" "plain"' in flat and b'"application" "octet-stream"' in flat and b'"mixed"' in flat, flat
 assert b'part one' in flat and b'BODY[2]<1> {2}' in flat and b'AE' in flat, flat
 assert b'Content-Transfer-Encoding: base64' in flat, flat
+# Several expunged at once: each EXPUNGE names the number after the ones before it went.
+M.create('Many')
+for i in range(5):
+    M.append('Many', None, None, b"Subject: %d\r\n\r\nx\r\n" % i)
+M.select('Many')
+M.store('2,4', '+FLAGS', '(\\Deleted)')
+typ, data = M.expunge()
+assert data == [b'2', b'3'], data
+typ, data = M.fetch('1:*', '(BODY.PEEK[HEADER.FIELDS (SUBJECT)])')
+subjects = [d[1].strip() for d in data if isinstance(d, tuple)]
+assert subjects == [b'Subject: 0', b'Subject: 2', b'Subject: 4'], subjects
 # A folder deleted and made again by another client is not the one selected:
 # the next command gets BYE (RFC 3501 7.1.5), not the new folder's UIDs.
 M.create('Gone')

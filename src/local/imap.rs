@@ -499,16 +499,19 @@ impl Session {
                 return Ok(());
             }
         };
+        // One pass (a mass expunge is not quadratic): each EXPUNGE names the
+        // message's number after the ones before it went.
         let mut out = Vec::new();
-        let mut i = 0;
-        while i < sel.msgs.len() {
-            if fresh.binary_search_by_key(&sel.msgs[i].0, |(u, _)| *u).is_ok() {
-                i += 1;
+        let mut kept = Vec::with_capacity(sel.msgs.len());
+        for (i, m) in std::mem::take(&mut sel.msgs).into_iter().enumerate() {
+            if fresh.binary_search_by_key(&m.0, |(u, _)| *u).is_ok() {
+                kept.push(m);
             } else {
-                out.push(Data::Expunge(nz(u32::try_from(i + 1).unwrap_or(u32::MAX))));
-                sel.msgs.remove(i);
+                let seq = i + 1 - out.len();
+                out.push(Data::Expunge(nz(u32::try_from(seq).unwrap_or(u32::MAX))));
             }
         }
+        sel.msgs = kept;
         let last = sel.msgs.last().map_or(0, |(u, _)| *u);
         let mut added = false;
         for (uid, e) in fresh {
