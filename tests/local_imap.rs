@@ -81,6 +81,30 @@ fn stop(mut k: Killed) {
     let _ = k.0.wait();
 }
 
+/// bob's bridge, running: `local --init` done, IMAP on a free loopback port,
+/// taking bob's mail from the rig's home server (alice too, to send it).
+struct Bridge {
+    rig: Rig,
+    password: String,
+    cert: PathBuf,
+    port: u16,
+    imap: String,
+    local: Killed,
+}
+
+fn bridge(with_alice: bool) -> Bridge {
+    let rig = Rig::new("");
+    if with_alice {
+        rig.person("alice");
+    }
+    rig.person("bob");
+    let (password, cert) = init(&rig);
+    let port = free_port();
+    let imap = format!("127.0.0.1:{port}");
+    let local = Killed(start_local(&rig, &imap));
+    Bridge { rig, password, cert, port, imap, local }
+}
+
 fn python(script: &str, args: &[&str]) -> String {
     let out = Command::new("python3").arg("-c").arg(script).args(args).output().unwrap();
     assert!(
@@ -174,13 +198,7 @@ fn mbsync_syncs_two_hundred_messages_byte_for_byte_and_nothing_again_after_a_res
         println!("SKIPPED mbsync test: mbsync (isync) is not installed (.ci/run installs it)");
         return;
     }
-    let rig = Rig::new("");
-    rig.person("alice");
-    rig.person("bob");
-    let (password, cert) = init(&rig);
-    let port = free_port();
-    let imap = format!("127.0.0.1:{port}");
-    let local = Killed(start_local(&rig, &imap));
+    let Bridge { rig, password, cert, port, imap, local } = bridge(true);
     // 198 small messages and two 9 MB ones (sent as PROFILE section 8 fragments).
     let mut sent: Vec<Vec<u8>> = (0..198).map(small).collect();
     sent.insert(50, real_mail("Alice <alice@localhost>", "bob@localhost", 9_000_000));
@@ -341,12 +359,7 @@ print(data[0].decode())
 
 #[test]
 fn imaplib_append_move_flags_expunge_and_search_behave_as_the_rfcs_say_and_persist() {
-    let rig = Rig::new("");
-    rig.person("bob");
-    let (password, cert) = init(&rig);
-    let port = free_port();
-    let imap = format!("127.0.0.1:{port}");
-    let local = Killed(start_local(&rig, &imap));
+    let Bridge { rig, password, cert, port, imap, local } = bridge(false);
     let out = python(IMAPLIB, &[&port.to_string(), &password, cert.to_str().unwrap()]);
     let uid = out.trim().strip_prefix("ok ").expect("the script finished").to_owned();
     stop(local);
@@ -364,13 +377,7 @@ fn line(r: &mut BufReader<TcpStream>) -> String {
 
 #[test]
 fn a_message_arriving_during_idle_is_announced_at_once() {
-    let rig = Rig::new("");
-    rig.person("alice");
-    rig.person("bob");
-    let (password, _) = init(&rig);
-    let port = free_port();
-    let imap = format!("127.0.0.1:{port}");
-    let _local = Killed(start_local(&rig, &imap));
+    let Bridge { rig, password, imap, local: _local, .. } = bridge(true);
     let tcp = TcpStream::connect(&imap).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut w = tcp.try_clone().unwrap();
@@ -399,13 +406,7 @@ fn curl_reads_a_message_over_starttls() {
         println!("SKIPPED curl test: curl is not installed");
         return;
     }
-    let rig = Rig::new("");
-    rig.person("alice");
-    rig.person("bob");
-    let (password, cert) = init(&rig);
-    let port = free_port();
-    let imap = format!("127.0.0.1:{port}");
-    let _local = Killed(start_local(&rig, &imap));
+    let Bridge { rig, password, cert, port, local: _local, .. } = bridge(true);
     send_all(&rig, &[small(7)]);
     let inbox = rig.path().join("bob/local/Maildir");
     wait_for(Duration::from_secs(30), || (maildir_messages(&inbox).len() == 1).then_some(())).expect("stored");
@@ -432,12 +433,7 @@ fn one_command(addr: &str, command: &str) -> (String, Duration) {
 
 #[test]
 fn wrong_passwords_are_refused_and_slowed_and_the_connection_is_cut_after_three() {
-    let rig = Rig::new("");
-    rig.person("bob");
-    let (password, _) = init(&rig);
-    let port = free_port();
-    let imap = format!("127.0.0.1:{port}");
-    let _local = Killed(start_local(&rig, &imap));
+    let Bridge { rig: _rig, password, imap, local: _local, .. } = bridge(false);
     let tcp = TcpStream::connect(&imap).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
     let mut w = tcp.try_clone().unwrap();
@@ -462,12 +458,7 @@ fn wrong_passwords_are_refused_and_slowed_and_the_connection_is_cut_after_three(
 
 #[test]
 fn a_flood_before_login_is_cut_off_and_no_password_goes_in_the_clear_off_loopback() {
-    let rig = Rig::new("");
-    rig.person("bob");
-    init(&rig);
-    let port = free_port();
-    let imap = format!("127.0.0.1:{port}");
-    let _local = Killed(start_local(&rig, &imap));
+    let Bridge { rig, imap, local: _local, .. } = bridge(false);
     // 1 MB of a literal announced before login: cut off at 64 KiB.
     let tcp = TcpStream::connect(&imap).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
@@ -614,13 +605,7 @@ fn fetchmail_takes_the_messages_over_starttls_and_leaves_them_read() {
         println!("SKIPPED fetchmail test: fetchmail is not installed (.ci/run installs it)");
         return;
     }
-    let rig = Rig::new("");
-    rig.person("alice");
-    rig.person("bob");
-    let (password, cert) = init(&rig);
-    let port = free_port();
-    let imap = format!("127.0.0.1:{port}");
-    let _local = Killed(start_local(&rig, &imap));
+    let Bridge { rig, password, cert, port, local: _local, .. } = bridge(true);
     send_all(&rig, &[small(1), small(2)]);
     let inbox = rig.path().join("bob/local/Maildir");
     wait_for(Duration::from_secs(30), || (maildir_messages(&inbox).len() == 2).then_some(())).expect("stored");

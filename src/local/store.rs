@@ -156,7 +156,8 @@ fn locate(cur: &Path, entry: &Entry) -> PathBuf {
         .unwrap_or(path)
 }
 
-/// A message's header block from its file (see [`Store::read_header`]).
+/// A message's header block (with the empty line that ends it) from its
+/// file, read only as far as it goes, or the whole file if it has no body.
 fn read_header_at(path: &Path) -> Result<Vec<u8>> {
     use std::io::Read as _;
     let mut file = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -526,15 +527,6 @@ impl Store {
         let Some(v) = self.messages_tree(&f)?.get(uid.to_be_bytes())? else { bail!("the message is gone") };
         let entry: Entry = serde_json::from_slice(&v).context("a damaged index entry")?;
         Ok(locate(&self.folder_path(&f).join("cur"), &entry))
-    }
-
-    /// A message's header block (with the empty line that ends it), read
-    /// only as far as it goes, or the whole message if it has no body.
-    ///
-    /// # Errors
-    /// The message is gone, or the file cannot be read.
-    pub fn read_header(&self, name: &str, uid: u32) -> Result<Vec<u8>> {
-        read_header_at(&self.path_of(name, uid)?)
     }
 
     /// Stores a message in a folder; returns (UIDVALIDITY, UID).
