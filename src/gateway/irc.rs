@@ -385,7 +385,7 @@ impl IrcCore {
     /// gets fresh ids (at worst a repeat, never a loss).
     async fn digest_ids(&self, channel: &str, plan: &Plan, n: usize) -> Result<Vec<u64>, StoreError> {
         let fresh = |n: usize| (0..n).map(|_| self.gw.queue.new_message_id()).collect::<Result<Vec<u64>, _>>();
-        if self.gw.queue.jetstream().is_none() {
+        if !self.gw.queue.shared() {
             return fresh(n);
         }
         let key = state_key(FLUSHING, channel);
@@ -1032,7 +1032,7 @@ pub async fn outbox(gw: Arc<Gateway>, core: Arc<IrcCore>, mut handle: Handle, sh
             n = gw.queue.next_post() => n,
             () = shutdown.cancelled() => return,
         };
-        let (key, mut post) = match next {
+        let (ticket, mut post) = match next {
             Ok(Some(n)) => n,
             Ok(None) => continue,
             Err(e) => {
@@ -1061,18 +1061,18 @@ pub async fn outbox(gw: Arc<Gateway>, core: Arc<IrcCore>, mut handle: Handle, sh
             handle.post_tagged(&post.target, post.lines, reply_to, post.message_id).await.is_ok()
         };
         let mut sending = std::pin::pin!(sending);
-        let alive_every = super::queue::jetstream::IRC_ACK_WAIT / 3;
+        let alive_every = super::queue::POST_ACK_WAIT / 3;
         let posted = loop {
             tokio::select! {
                 r = &mut sending => break r,
-                () = tokio::time::sleep(alive_every) => gw.queue.post_alive(&key).await,
+                () = tokio::time::sleep(alive_every) => ticket.alive().await,
                 () = shutdown.cancelled() => break false,
             }
         };
         if posted {
             info!(target_name = %target, "Posted to IRC.");
         }
-        if let Err(e) = gw.queue.post_done(key, posted).await {
+        if let Err(e) = ticket.done(posted).await {
             warn!(error = %e, "Cannot mark a post for IRC done; it may be posted again.");
         }
         if shutdown.is_cancelled() {
@@ -1088,7 +1088,7 @@ pub async fn outbox(gw: Arc<Gateway>, core: Arc<IrcCore>, mut handle: Handle, sh
 /// once with one node; with `queue.backend = "jetstream"` only while this
 /// node holds the lease `irc` (one bot per network across the cluster).
 pub async fn run(gw: Arc<Gateway>, config: bridge_irc::IrcConfig, shutdown: CancellationToken) {
-    let Some(shared) = gw.queue.jetstream().cloned() else {
+    let Some(shared) = gw.cluster.clone() else {
         bot(gw, config, shutdown).await;
         return;
     };

@@ -53,8 +53,10 @@ pub struct Gateway {
     pub settings: Settings,
     /// Contacts, pins, the IRC outbox (and the queue with the sled backend).
     pub store: Arc<Store>,
-    /// The delivery queue.
-    pub queue: queue::Queue,
+    /// The delivery queue and the IRC outbox.
+    pub queue: Arc<dyn queue::JobQueue>,
+    /// With several nodes on one shared queue: leases, shared fragment sets, shared counters.
+    pub cluster: Option<Arc<dyn queue::Cluster>>,
     /// The gateway's LATSSIAM identity.
     pub identity: Arc<Identity>,
     /// Finds LATSSIAM servers.
@@ -190,7 +192,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     let listeners = start::listeners(&settings).await.context("start-up: the listeners")?;
     let smtp = start::smtp(&gw, smtp_config, listeners.smtp, &tasks, &shutdown)?;
     let http = start::monitor(&gw, listeners.http, &tasks, &shutdown)?;
-    start::admin(&gw, listeners.admin, &tasks, &shutdown);
+    start::admin(&state, listeners.admin, &tasks, &shutdown);
     start::workers(&gw, &tasks, &shutdown);
     start::poller(&gw, &tasks, &shutdown);
     start::irc(&gw, &tasks, &shutdown);

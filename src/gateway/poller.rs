@@ -27,7 +27,7 @@ use tracing::{info, warn};
 use super::config::FromMismatch;
 use super::contacts::{Contact, Reach};
 use super::mail;
-use super::queue::jetstream::SharedOffer;
+use super::queue::SharedOffer;
 use super::queue::{message_id_string, now_ms, Origin, Target};
 use super::Gateway;
 
@@ -316,7 +316,7 @@ async fn take(gw: &Gateway, d: &Delivered) -> Result<(), Refusal> {
     }
     let id = fragment.id.clone();
     // With several nodes on JetStream, the set is joined where every node sees it.
-    if let Some(j) = gw.queue.jetstream() {
+    if let Some(j) = &gw.cluster {
         let limit = gw.settings.smtp.max_message_size + fragment::TRACE_ROOM;
         let whole = match j.offer_fragment(&fp, &fragment, limit).await {
             Ok(SharedOffer::Kept) => return Ok(()),

@@ -34,7 +34,10 @@ use crate::pins::SledPins;
 pub struct State {
     pub store: Arc<Store>,
     pins: SledPins,
-    queue: queue::Queue,
+    queue: Arc<dyn queue::JobQueue>,
+    cluster: Option<Arc<dyn queue::Cluster>>,
+    /// The shared queue itself, for the admin socket's operations on it.
+    jetstream: Option<Arc<queue::jetstream::JetQueue>>,
 }
 
 /// Opens the data dir (0700, under umask 077) and the node's database, and
@@ -49,8 +52,14 @@ pub async fn open_state(settings: &Settings, tasks: &TaskTracker, shutdown: &Can
         format!("cannot open the queue in {} (is another gateway running on it?)", settings.queue_dir().display())
     })?;
     let pins = SledPins::open(store.db())?;
-    let queue = match settings.queue.backend {
-        config::QueueBackend::Sled => queue::Queue::Sled(Arc::clone(&store)),
+    let state = match settings.queue.backend {
+        config::QueueBackend::Sled => State {
+            queue: Arc::new(queue::sled::SledQueue::new(Arc::clone(&store))),
+            cluster: None,
+            jetstream: None,
+            store,
+            pins,
+        },
         config::QueueBackend::Jetstream => {
             let shared = Arc::new(queue::jetstream::connect(settings).await?);
             tasks.spawn(super::warn_unless_nats_syncs(settings.nats_varz()));
@@ -60,10 +69,16 @@ pub async fn open_state(settings: &Settings, tasks: &TaskTracker, shutdown: &Can
                 .mirror(Arc::clone(&store), pins.clone(), shutdown.clone())
                 .await
                 .context("cannot read the shared contacts, subscriptions and pins")?;
-            queue::Queue::JetStream(shared)
+            State {
+                queue: Arc::clone(&shared) as Arc<dyn queue::JobQueue>,
+                cluster: Some(Arc::clone(&shared) as Arc<dyn queue::Cluster>),
+                jetstream: Some(shared),
+                store,
+                pins,
+            }
         }
     };
-    Ok(State { store, pins, queue })
+    Ok(state)
 }
 
 /// The host of the gateway's home server: the embedded one's, or the
@@ -224,10 +239,8 @@ pub fn gateway(
     let metrics = Arc::new(Metrics::default());
     let border = auth::Border::new(settings, dns.clone(), Arc::clone(&metrics)).map_err(|e| anyhow::anyhow!(e))?;
     // Counted across restarts, and with the shared queue across nodes.
-    let counter: Option<Arc<dyn hourly::SharedCounter>> = match &state.queue {
-        queue::Queue::JetStream(q) => Some(Arc::clone(q) as Arc<dyn hourly::SharedCounter>),
-        queue::Queue::Sled(_) => None,
-    };
+    let counter: Option<Arc<dyn hourly::SharedCounter>> =
+        state.cluster.clone().map(|c| c as Arc<dyn hourly::SharedCounter>);
     let bounces = Arc::new(hourly::HourlyLimit::open(store.db(), "bounces", counter.clone())?);
     let relayed = Arc::new(hourly::HourlyLimit::open(store.db(), "relayed", counter.clone())?);
     let origins =
@@ -243,7 +256,8 @@ pub fn gateway(
         resolver: Resolver::new(routes).with_dns(dns),
         settings: settings.clone(),
         store: Arc::clone(store),
-        queue: state.queue.clone(),
+        queue: Arc::clone(&state.queue),
+        cluster: state.cluster.clone(),
         identity,
         pins: state.pins.clone(),
         smarthost,
@@ -369,13 +383,13 @@ pub fn monitor(
 
 /// Serves the admin socket.
 pub fn admin(
-    gw: &Gateway,
+    state: &State,
     (listener, own_uid): (tokio::net::UnixListener, u32),
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
 ) {
-    let shared = gw.queue.jetstream().cloned();
-    tasks.spawn(admin::serve(listener, Arc::clone(&gw.store), shared, own_uid, shutdown.clone()));
+    let shared = state.jetstream.clone();
+    tasks.spawn(admin::serve(listener, Arc::clone(&state.store), shared, own_uid, shutdown.clone()));
 }
 
 /// Starts the delivery worker.

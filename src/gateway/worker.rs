@@ -217,14 +217,12 @@ pub async fn run(gw: Arc<Gateway>, shutdown: CancellationToken) {
     // With jetstream, the jobs this node holds stay its own while it lives:
     // until the last delivery in flight has ended, past `shutdown`.
     let alive = CancellationToken::new();
-    if let Some(j) = gw.queue.jetstream() {
-        tokio::spawn(Arc::clone(j).keep_alive(alive.clone()));
-    }
+    tokio::spawn(Arc::clone(&gw.queue).keep_alive(alive.clone()));
     // Jobs taken from the shared queue are another node's to take while they
     // wait here: only a few per destination wait, the rest go back at once.
     // (Subtracting waiting jobs from what is claimed instead let one stalled
     // destination stop every claim on every node.)
-    let max_parked = if gw.queue.jetstream().is_some() { MAX_PARKED_SHARED } else { MAX_PARKED };
+    let max_parked = if gw.queue.shared() { MAX_PARKED_SHARED } else { MAX_PARKED };
     while !shutdown.is_cancelled() {
         let free = slots.available_permits();
         if free == 0 {
@@ -295,9 +293,7 @@ pub async fn run(gw: Arc<Gateway>, shutdown: CancellationToken) {
     tracker.close();
     tracker.wait().await;
     // Jobs claimed but not started (waiting for their destination) go back at once.
-    if let Some(j) = gw.queue.jetstream() {
-        j.release_all().await;
-    }
+    gw.queue.release_all().await;
     alive.cancel();
 }
 

@@ -5,6 +5,7 @@
 pub mod dns;
 pub mod irc;
 pub mod mail;
+pub mod nats;
 pub mod rig;
 
 use std::io::{BufRead, BufReader};

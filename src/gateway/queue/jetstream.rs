@@ -52,7 +52,9 @@ use latssiam::Fingerprint;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{now_ms, Job, JobId, Origin, Target};
+use super::{
+    now_ms, Claimed, Cluster, DigestJob, Job, JobId, JobQueue, Origin, PostTicket, Quiet, SharedOffer, Target,
+};
 use crate::gateway::config::Settings;
 use crate::gateway::contacts::Contact;
 use crate::gateway::db::{decode, encode, SharedFuture, Store, StoreError};
@@ -69,22 +71,9 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long one fetch waits for jobs when the stream is empty.
 const FETCH_WAIT: Duration = Duration::from_secs(2);
 
-/// The IRC outbox consumer's ack wait (the bot keeps a post alive while it goes out).
-pub const IRC_ACK_WAIT: Duration = Duration::from_secs(10);
-
 /// How long the pieces of a fragment set are kept (the section 8 lifetime
 /// and an hour more, so that a set is never half forgotten while it counts).
 const PARTIALS_AGE: Duration = Duration::from_secs(25 * 3600);
-
-/// What [`JetQueue::offer_fragment`] did.
-pub enum SharedOffer {
-    /// Kept (or seen before); the set is not complete, or another node joins it.
-    Kept,
-    /// This node joins the set: the original message.
-    Join(Vec<u8>),
-    /// Refused by section 8.
-    Refused(latssiam::fragment::Refused),
-}
 
 /// How long a delivered-marker is kept (longer than any redelivery can take).
 const MARKER_AGE: Duration = Duration::from_secs(24 * 3600);
@@ -256,7 +245,7 @@ pub async fn connect(s: &Settings) -> anyhow::Result<JetQueue> {
                 durable_name: Some("irc".into()),
                 ack_policy: consumer::AckPolicy::Explicit,
                 // Kept alive while a post goes out: a dead leader's post comes back soon.
-                ack_wait: IRC_ACK_WAIT,
+                ack_wait: super::POST_ACK_WAIT,
                 max_deliver: -1,
                 // One post at a time: they go out in the order they were queued.
                 max_ack_pending: 1,
@@ -569,11 +558,6 @@ impl JetQueue {
         let _ = self.client.flush().await;
     }
 
-    /// The lease time of the leases bucket (`irc.lease_secs` of the node that made it).
-    pub fn lease_ttl(&self) -> Duration {
-        self.lease_ttl
-    }
-
     /// Keeps the held jobs from being handed to another node, until `shutdown`.
     pub async fn keep_alive(self: Arc<Self>, shutdown: CancellationToken) {
         let every = self.ack_wait / 3;
@@ -869,11 +853,6 @@ impl JetQueue {
             }
         }
         Ok(None)
-    }
-
-    /// Keeps a post being sent from going to another node.
-    pub async fn post_alive(&self, m: &jetstream::Message) {
-        let _ = m.ack_with(AckKind::Progress).await;
     }
 
     /// Tries to take (or keep, with the revision of the last renewal) the lease `name`.
@@ -1196,6 +1175,143 @@ impl crate::gateway::db::SharedRecords for JetQueue {
 
     fn share_subscription<'a>(&'a self, key: &'a [u8], value: &'static [u8]) -> SharedFuture<'a, ()> {
         Box::pin(JetQueue::share_subscription(self, key, crate::gateway::outbox::Subscription::from_bytes(value)))
+    }
+}
+
+/// A post from the shared IRC outbox: the message to ack.
+struct SharedPost(jetstream::Message);
+
+impl PostTicket for SharedPost {
+    fn alive(&self) -> Quiet<'_> {
+        Box::pin(async move {
+            let _ = self.0.ack_with(AckKind::Progress).await;
+        })
+    }
+
+    fn done(self: Box<Self>, posted: bool) -> SharedFuture<'static, ()> {
+        let kind = if posted { AckKind::Ack } else { AckKind::Nak(Some(Duration::from_secs(1))) };
+        Box::pin(async move { self.0.ack_with(kind).await.map_err(|e| shared("IRC outbox", e)) })
+    }
+}
+
+impl JobQueue for JetQueue {
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn new_message_id(&self) -> Result<u64, StoreError> {
+        JetQueue::new_message_id(self)
+    }
+
+    fn enqueue_with_posts<'a>(
+        &'a self,
+        id: u64,
+        body: &'a [u8],
+        targets: Vec<Target>,
+        origin: &'a Origin,
+        posts: &'a [IrcPost],
+    ) -> SharedFuture<'a, ()> {
+        Box::pin(async move {
+            self.enqueue(id, body, targets, origin).await?;
+            self.post_irc(id, posts).await
+        })
+    }
+
+    fn enqueue_digests<'a>(
+        &'a self,
+        store: &'a Store,
+        keys: &'a [sled::IVec],
+        digests: &'a [DigestJob],
+    ) -> SharedFuture<'a, ()> {
+        Box::pin(async move {
+            for d in digests {
+                self.enqueue(d.id, &d.body, d.targets.clone(), &Origin::Gateway).await?;
+            }
+            store.window_remove(keys).await
+        })
+    }
+
+    fn claim(&self, max: usize) -> SharedFuture<'_, Claimed> {
+        // The fetch itself waits for work: look again at once.
+        Box::pin(async move { Ok((JetQueue::claim(self, max).await?, Some(0))) })
+    }
+
+    fn wait(&self, _next: Option<u64>) -> Quiet<'_> {
+        Box::pin(async {})
+    }
+
+    fn pending(&self, id: JobId) -> bool {
+        self.holds(id)
+    }
+
+    fn body(&self, id: JobId) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(JetQueue::body(self, id))
+    }
+
+    fn body_size(&self, id: JobId) -> Option<usize> {
+        self.body_len(id)
+    }
+
+    fn complete(&self, id: JobId) -> SharedFuture<'_, ()> {
+        Box::pin(JetQueue::complete(self, id))
+    }
+
+    fn defer<'a>(&'a self, id: JobId, job: &'a Job) -> SharedFuture<'a, ()> {
+        Box::pin(JetQueue::defer(self, id, job))
+    }
+
+    fn kill<'a>(&'a self, id: JobId, job: &'a Job, report: Option<(Vec<u8>, Target)>) -> SharedFuture<'a, Option<u64>> {
+        Box::pin(JetQueue::kill(self, id, job, report))
+    }
+
+    fn keep_alive(self: Arc<Self>, alive: CancellationToken) -> Quiet<'static> {
+        Box::pin(JetQueue::keep_alive(self, alive))
+    }
+
+    fn release_all(&self) -> Quiet<'_> {
+        Box::pin(JetQueue::release_all(self))
+    }
+
+    fn next_post(&self) -> SharedFuture<'_, Option<(Box<dyn PostTicket>, IrcPost)>> {
+        Box::pin(async move {
+            Ok(JetQueue::next_post(self).await?.map(|(m, p)| (Box::new(SharedPost(m)) as Box<dyn PostTicket>, p)))
+        })
+    }
+}
+
+impl Cluster for JetQueue {
+    fn lease_ttl(&self) -> Duration {
+        self.lease_ttl
+    }
+
+    fn lease<'a>(
+        &'a self,
+        name: &'a str,
+        holder: &'a str,
+        revision: Option<u64>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<u64>> + Send + 'a>> {
+        Box::pin(JetQueue::lease(self, name, holder, revision))
+    }
+
+    fn release_lease<'a>(&'a self, name: &'a str, revision: u64) -> Quiet<'a> {
+        Box::pin(JetQueue::release_lease(self, name, revision))
+    }
+
+    fn offer_fragment<'a>(
+        &'a self,
+        signer: &'a Fingerprint,
+        fragment: &'a latssiam::fragment::Fragment<'_>,
+        limit: usize,
+    ) -> SharedFuture<'a, SharedOffer> {
+        Box::pin(JetQueue::offer_fragment(self, signer, fragment, limit))
+    }
+
+    fn finish_fragments<'a>(&'a self, signer: &'a Fingerprint, id: &'a str, total: u32) -> Quiet<'a> {
+        Box::pin(JetQueue::finish_fragments(self, signer, id, total))
+    }
+
+    fn unjoin_fragments<'a>(&'a self, signer: &'a Fingerprint, id: &'a str) -> Quiet<'a> {
+        Box::pin(JetQueue::unjoin_fragments(self, signer, id))
     }
 }
 

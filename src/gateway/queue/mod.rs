@@ -1,38 +1,49 @@
-//! The delivery queue behind one interface, with two backends
+//! The delivery queue behind two small traits, with two backends
 //! (`queue.backend`): `sled` (the default: the queue in the node's own
 //! database, see [`sled`]) and `jetstream` (NATS JetStream, shared by
 //! several gateway nodes, see [`jetstream`]).
 //!
+//! - [`JobQueue`]: the job queue (enqueue, claim, complete, defer, dead
+//!   letters) and the IRC outbox, which every node has.
+//! - [`Cluster`]: what only exists when several nodes share the work
+//!   (leases, fragment sets every node sees, counters every node counts in).
+//!   A single node has none.
+//!
+//! Nothing above these traits names a backend: `start.rs` picks one, and a
+//! third backend is one new file implementing them.
+//!
 //! Either way a message is acknowledged (`250`, `31`) only after
-//! [`Queue::enqueue`] returned: after the fsync with sled, after JetStream's
-//! publish ack with jetstream. With jetstream the IRC outbox is on
-//! JetStream too, and the contacts, subscriptions and TOFU pins in the
-//! node's sled database mirror shared key-value buckets.
+//! [`JobQueue::enqueue_with_posts`] returned: after the fsync with sled,
+//! after JetStream's publish ack with jetstream. With jetstream the IRC
+//! outbox is on JetStream too, and the contacts, subscriptions and TOFU
+//! pins in the node's sled database mirror shared key-value buckets (see
+//! [`super::db::SharedRecords`] and `crate::pins::SharedPins`).
 
 pub mod jetstream;
 pub mod sled;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
-use async_nats::jetstream::AckKind;
+use latssiam::Fingerprint;
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
-use super::db::{corrupt, Store, StoreError};
+use super::db::{corrupt, SharedFuture, Store, StoreError};
 use super::outbox::IrcPost;
 pub use super::target::{now_ms, Target};
 
-/// Which post [`Queue::next_post`] gave.
-pub enum PostKey {
-    /// Its key in the sled outbox.
-    Sled(::sled::IVec),
-    /// Its message on the shared outbox.
-    Shared(Box<async_nats::jetstream::Message>),
-}
+/// How long a post taken from a shared IRC outbox stays this node's
+/// without [`PostTicket::alive`] (the bot renews it every third of it).
+pub const POST_ACK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A future that cannot fail, of a queue method.
+pub type Quiet<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
 /// One message queued at once with others (an IRC digest): its id, octets and recipients.
 pub struct DigestJob {
-    /// From [`Queue::new_message_id`].
+    /// From [`JobQueue::new_message_id`].
     pub id: u64,
     /// The Internet Message.
     pub body: Vec<u8>,
@@ -40,35 +51,122 @@ pub struct DigestJob {
     pub targets: Vec<Target>,
 }
 
-/// The queue of this gateway node.
-#[derive(Clone)]
-pub enum Queue {
-    /// In the gateway's sled database.
-    Sled(Arc<Store>),
-    /// On NATS JetStream.
-    JetStream(Arc<jetstream::JetQueue>),
-}
+/// A post taken from the IRC outbox, until it is settled.
+pub trait PostTicket: Send + Sync {
+    /// While the post goes out: keeps it this node's (shared outbox).
+    fn alive(&self) -> Quiet<'_>;
 
-impl Queue {
-    /// The JetStream queue, with that backend.
-    pub fn jetstream(&self) -> Option<&Arc<jetstream::JetQueue>> {
-        match self {
-            Queue::JetStream(j) => Some(j),
-            Queue::Sled(_) => None,
-        }
-    }
-
-    /// A fresh message id (unique across nodes with jetstream).
+    /// The post went out (`true`), or could not (it comes again, first).
     ///
     /// # Errors
     /// [`StoreError`].
-    pub fn new_message_id(&self) -> Result<u64, StoreError> {
-        match self {
-            Queue::Sled(s) => s.new_message_id(),
-            Queue::JetStream(j) => j.new_message_id(),
-        }
+    fn done(self: Box<Self>, posted: bool) -> SharedFuture<'static, ()>;
+}
+
+/// The job queue of this gateway node, and its IRC outbox.
+pub trait JobQueue: Send + Sync + 'static {
+    /// Whether other gateway nodes take jobs from this queue too.
+    fn shared(&self) -> bool;
+
+    /// A fresh message id (unique across nodes when shared).
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    fn new_message_id(&self) -> Result<u64, StoreError>;
+
+    /// Queues `body` for each target under `id` (from
+    /// [`JobQueue::new_message_id`]), and the IRC posts, durably. With sled,
+    /// when this fails neither remain; with jetstream, what JetStream
+    /// acknowledged before another publish failed stays and goes out, so
+    /// the sender's retry may deliver that recipient (or post) twice.
+    ///
+    /// # Errors
+    /// [`StoreError`]; then nothing is acknowledged.
+    fn enqueue_with_posts<'a>(
+        &'a self,
+        id: u64,
+        body: &'a [u8],
+        targets: Vec<Target>,
+        origin: &'a Origin,
+        posts: &'a [IrcPost],
+    ) -> SharedFuture<'a, ()>;
+
+    /// Queues IRC digests and takes their lines (`keys`) out of `store`'s
+    /// window: with sled in one transaction; with jetstream the digests
+    /// first (under ids kept until then, so that a repeat after a crash
+    /// falls in JetStream's duplicate window), then the lines.
+    ///
+    /// # Errors
+    /// [`StoreError`]; the lines then still wait.
+    fn enqueue_digests<'a>(
+        &'a self,
+        store: &'a Store,
+        keys: &'a [::sled::IVec],
+        digests: &'a [DigestJob],
+    ) -> SharedFuture<'a, ()>;
+
+    /// Up to `max` jobs to deliver now, and when to look again at the
+    /// latest (sled: when the next job falls due; jetstream: at once, the
+    /// claim itself waits for work).
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    fn claim(&self, max: usize) -> SharedFuture<'_, Claimed>;
+
+    /// Waits until a job may be due (`next` from [`JobQueue::claim`]).
+    fn wait(&self, next: Option<u64>) -> Quiet<'_>;
+
+    /// Whether a claimed job is still to be delivered (not deleted or
+    /// retried by the operator meanwhile). A job whose state cannot be read is.
+    fn pending(&self, id: JobId) -> bool;
+
+    /// The message of a claimed job.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    fn body(&self, id: JobId) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// The size of a job's body without reading it, if known.
+    fn body_size(&self, id: JobId) -> Option<usize>;
+
+    /// A job is done.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    fn complete(&self, id: JobId) -> SharedFuture<'_, ()>;
+
+    /// A temporary failure: the job is due again at `job.due_ms`.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    fn defer<'a>(&'a self, id: JobId, job: &'a Job) -> SharedFuture<'a, ()>;
+
+    /// A permanent failure: dead-letters the job and queues `report`;
+    /// returns the report's id.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    fn kill<'a>(&'a self, id: JobId, job: &'a Job, report: Option<(Vec<u8>, Target)>) -> SharedFuture<'a, Option<u64>>;
+
+    /// Keeps the jobs this node claimed its own until `alive` is cancelled
+    /// (a shared queue hands unclaimed-looking jobs to other nodes).
+    fn keep_alive(self: Arc<Self>, _alive: CancellationToken) -> Quiet<'static> {
+        Box::pin(async {})
     }
 
+    /// Gives back at once every job claimed but not delivered (shutdown).
+    fn release_all(&self) -> Quiet<'_> {
+        Box::pin(async {})
+    }
+
+    /// The oldest post for IRC, waiting a little for one.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    fn next_post(&self) -> SharedFuture<'_, Option<(Box<dyn PostTicket>, IrcPost)>>;
+}
+
+impl dyn JobQueue {
     /// Queues `body` for each target under a fresh id, durably; returns the id.
     ///
     /// # Errors
@@ -79,7 +177,7 @@ impl Queue {
         Ok(id)
     }
 
-    /// As [`Queue::enqueue`], under an id from [`Queue::new_message_id`].
+    /// As [`JobQueue::enqueue_with_posts`], without posts.
     ///
     /// # Errors
     /// [`StoreError`].
@@ -92,188 +190,54 @@ impl Queue {
     ) -> Result<(), StoreError> {
         self.enqueue_with_posts(id, body, targets, origin, &[]).await
     }
+}
 
-    /// Queues the jobs and the IRC posts: with sled, when this fails neither
-    /// remain; with jetstream, what JetStream acknowledged before another
-    /// publish failed stays and goes out, so the sender's retry may deliver
-    /// that recipient (or post) twice.
+/// What [`Cluster::offer_fragment`] did.
+pub enum SharedOffer {
+    /// Kept (or seen before); the set is not complete, or another node joins it.
+    Kept,
+    /// This node joins the set: the original message.
+    Join(Vec<u8>),
+    /// Refused by section 8.
+    Refused(latssiam::fragment::Refused),
+}
+
+/// What several gateway nodes sharing one queue coordinate through: leases
+/// (one IRC bot per network), fragment sets every node sees, and the
+/// hourly counters every node counts in.
+pub trait Cluster: super::hourly::SharedCounter + Send + Sync + 'static {
+    /// The lease time of leases (`irc.lease_secs` of the node that made the bucket).
+    fn lease_ttl(&self) -> std::time::Duration;
+
+    /// Tries to take (or keep, with the revision of the last renewal) the
+    /// lease `name` for `holder`; the new revision while held.
+    fn lease<'a>(
+        &'a self,
+        name: &'a str,
+        holder: &'a str,
+        revision: Option<u64>,
+    ) -> Pin<Box<dyn Future<Output = Option<u64>> + Send + 'a>>;
+
+    /// Gives the lease up (shutdown): another node takes it at once.
+    fn release_lease<'a>(&'a self, name: &'a str, revision: u64) -> Quiet<'a>;
+
+    /// Keeps a contact's fragment where every node sees it; the node whose
+    /// fragment completes the set gets the joined message.
     ///
     /// # Errors
-    /// [`StoreError`].
-    pub async fn enqueue_with_posts(
-        &self,
-        id: u64,
-        body: &[u8],
-        targets: Vec<Target>,
-        origin: &Origin,
-        posts: &[IrcPost],
-    ) -> Result<(), StoreError> {
-        match self {
-            Queue::Sled(s) => s.enqueue_with_posts(id, body, targets, origin, posts).await,
-            Queue::JetStream(j) => {
-                j.enqueue(id, body, targets, origin).await?;
-                j.post_irc(id, posts).await
-            }
-        }
-    }
+    /// [`StoreError`]: the fragment is not acknowledged.
+    fn offer_fragment<'a>(
+        &'a self,
+        signer: &'a Fingerprint,
+        fragment: &'a latssiam::fragment::Fragment<'_>,
+        limit: usize,
+    ) -> SharedFuture<'a, SharedOffer>;
 
-    /// Queues IRC digests and takes their lines out of `store`'s window:
-    /// with sled in one transaction; with jetstream the digests first (under
-    /// ids kept until then, so that a repeat after a crash falls in
-    /// JetStream's duplicate window), then the lines.
-    ///
-    /// # Errors
-    /// [`StoreError`]; the lines then still wait.
-    pub async fn enqueue_digests(
-        &self,
-        store: &Store,
-        keys: &[::sled::IVec],
-        digests: &[DigestJob],
-    ) -> Result<(), StoreError> {
-        match self {
-            Queue::Sled(s) => s.enqueue_digests(keys, digests).await,
-            Queue::JetStream(j) => {
-                for d in digests {
-                    j.enqueue(d.id, &d.body, d.targets.clone(), &Origin::Gateway).await?;
-                }
-                store.window_remove(keys).await
-            }
-        }
-    }
+    /// Removes a joined set's pieces.
+    fn finish_fragments<'a>(&'a self, signer: &'a Fingerprint, id: &'a str, total: u32) -> Quiet<'a>;
 
-    /// The oldest post for IRC, waiting a little for one.
-    ///
-    /// # Errors
-    /// [`StoreError`].
-    pub async fn next_post(&self) -> Result<Option<(PostKey, IrcPost)>, StoreError> {
-        match self {
-            Queue::Sled(s) => {
-                if let Some((k, p)) = s.irc_first()? {
-                    return Ok(Some((PostKey::Sled(k), p)));
-                }
-                let _ = tokio::time::timeout(Duration::from_secs(5), s.irc_wake.notified()).await;
-                Ok(None)
-            }
-            Queue::JetStream(j) => Ok(j.next_post().await?.map(|(m, p)| (PostKey::Shared(Box::new(m)), p))),
-        }
-    }
-
-    /// While a post goes out (with jetstream: keeps it this node's).
-    pub async fn post_alive(&self, key: &PostKey) {
-        if let (Queue::JetStream(j), PostKey::Shared(m)) = (self, key) {
-            j.post_alive(m).await;
-        }
-    }
-
-    /// The post went out (`true`) or could not (it comes again, first).
-    ///
-    /// # Errors
-    /// [`StoreError`].
-    pub async fn post_done(&self, key: PostKey, posted: bool) -> Result<(), StoreError> {
-        match (self, key) {
-            (Queue::Sled(s), PostKey::Sled(k)) if posted => s.irc_done(&k),
-            (_, PostKey::Shared(m)) => {
-                let kind = if posted { AckKind::Ack } else { AckKind::Nak(Some(Duration::from_secs(1))) };
-                m.ack_with(kind).await.map_err(|e| StoreError::Shared(format!("IRC outbox: {e}")))
-            }
-            _ => Ok(()),
-        }
-    }
-
-    /// Up to `max` jobs to deliver now, and when to look again at the
-    /// latest (sled: when the next job falls due; jetstream: at once, the
-    /// claim itself waits for work).
-    ///
-    /// # Errors
-    /// [`StoreError`].
-    pub async fn claim(&self, max: usize) -> Result<Claimed, StoreError> {
-        match self {
-            Queue::Sled(s) => s.claim_due(now_ms(), max),
-            Queue::JetStream(j) => Ok((j.claim(max).await?, Some(0))),
-        }
-    }
-
-    /// Waits until a job may be due (sled), or not at all (jetstream).
-    pub async fn wait(&self, next: Option<u64>) {
-        match self {
-            Queue::Sled(s) => {
-                let wait =
-                    next.map_or(Duration::from_secs(60), |at| Duration::from_millis(at.saturating_sub(now_ms())));
-                tokio::select! {
-                    () = s.wake.notified() => {}
-                    () = tokio::time::sleep(wait.min(Duration::from_secs(60))) => {}
-                }
-            }
-            Queue::JetStream(_) => {}
-        }
-    }
-
-    /// Whether a claimed job is still to be delivered (not deleted or
-    /// retried by the operator meanwhile). A job whose state cannot be read is.
-    pub fn pending(&self, id: JobId) -> bool {
-        match self {
-            Queue::Sled(s) => matches!(s.job(id), Ok(Some((_, false))) | Err(_)),
-            Queue::JetStream(j) => j.holds(id),
-        }
-    }
-
-    /// The message of a claimed job.
-    ///
-    /// # Errors
-    /// [`StoreError`].
-    pub fn body(&self, id: JobId) -> Result<Option<Vec<u8>>, StoreError> {
-        match self {
-            Queue::Sled(s) => s.body(id.message),
-            Queue::JetStream(j) => Ok(j.body(id)),
-        }
-    }
-
-    /// The size of a job's body without reading it (a spooled body's file
-    /// size), if known.
-    pub fn body_size(&self, id: JobId) -> Option<usize> {
-        match self {
-            Queue::Sled(s) => s.body_size(id.message),
-            Queue::JetStream(j) => j.body_len(id),
-        }
-    }
-
-    /// A job is done.
-    ///
-    /// # Errors
-    /// [`StoreError`].
-    pub async fn complete(&self, id: JobId) -> Result<(), StoreError> {
-        match self {
-            Queue::Sled(s) => s.complete(id),
-            Queue::JetStream(j) => j.complete(id).await,
-        }
-    }
-
-    /// A temporary failure: the job is due again at `job.due_ms`.
-    ///
-    /// # Errors
-    /// [`StoreError`].
-    pub async fn defer(&self, id: JobId, job: &Job) -> Result<(), StoreError> {
-        match self {
-            Queue::Sled(s) => s.defer(id, job),
-            Queue::JetStream(j) => j.defer(id, job).await,
-        }
-    }
-
-    /// A permanent failure: dead-letters the job and queues `report`; returns the report's id.
-    ///
-    /// # Errors
-    /// [`StoreError`].
-    pub async fn kill(
-        &self,
-        id: JobId,
-        job: &Job,
-        report: Option<(Vec<u8>, Target)>,
-    ) -> Result<Option<u64>, StoreError> {
-        match self {
-            Queue::Sled(s) => s.kill(id, job, report).await,
-            Queue::JetStream(j) => j.kill(id, job, report).await,
-        }
-    }
+    /// A set this node joined could not be kept: it may be joined again.
+    fn unjoin_fragments<'a>(&'a self, signer: &'a Fingerprint, id: &'a str) -> Quiet<'a>;
 }
 
 /// Who handed the message over: where failures are reported.

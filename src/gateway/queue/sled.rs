@@ -11,11 +11,127 @@
 //!   crash between the writes of the two trees loses nothing. While the
 //!   gateway runs, a job that a worker has claimed has no `due` entry.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use sled::Transactional as _;
 
-use super::{now_ms, Claimed, Depth, Job, JobId, Origin, Target};
-use crate::gateway::db::{corrupt, decode, encode, Store, StoreError};
+use super::{now_ms, Claimed, Depth, DigestJob, Job, JobId, JobQueue, Origin, PostTicket, Quiet, Target};
+use crate::gateway::db::{corrupt, decode, encode, SharedFuture, Store, StoreError};
 use crate::gateway::outbox::IrcPost;
+
+/// The job queue in the node's own database.
+pub struct SledQueue(Arc<Store>);
+
+impl SledQueue {
+    /// The queue in `store`.
+    pub fn new(store: Arc<Store>) -> Self {
+        Self(store)
+    }
+}
+
+/// A post from the sled outbox: its key.
+struct SledPost {
+    store: Arc<Store>,
+    key: sled::IVec,
+}
+
+impl PostTicket for SledPost {
+    fn alive(&self) -> Quiet<'_> {
+        Box::pin(async {})
+    }
+
+    fn done(self: Box<Self>, posted: bool) -> SharedFuture<'static, ()> {
+        // Not posted: it stays first in the outbox and comes again.
+        Box::pin(async move {
+            if posted {
+                self.store.irc_done(&self.key)
+            } else {
+                Ok(())
+            }
+        })
+    }
+}
+
+impl JobQueue for SledQueue {
+    fn shared(&self) -> bool {
+        false
+    }
+
+    fn new_message_id(&self) -> Result<u64, StoreError> {
+        self.0.next_message_id()
+    }
+
+    fn enqueue_with_posts<'a>(
+        &'a self,
+        id: u64,
+        body: &'a [u8],
+        targets: Vec<Target>,
+        origin: &'a Origin,
+        posts: &'a [IrcPost],
+    ) -> SharedFuture<'a, ()> {
+        Box::pin(self.0.enqueue_with_posts(id, body, targets, origin, posts))
+    }
+
+    fn enqueue_digests<'a>(
+        &'a self,
+        _store: &'a Store,
+        keys: &'a [sled::IVec],
+        digests: &'a [DigestJob],
+    ) -> SharedFuture<'a, ()> {
+        // The window is in this same database: one transaction.
+        Box::pin(self.0.enqueue_digests(keys, digests))
+    }
+
+    fn claim(&self, max: usize) -> SharedFuture<'_, Claimed> {
+        Box::pin(async move { self.0.claim_due(now_ms(), max) })
+    }
+
+    fn wait(&self, next: Option<u64>) -> Quiet<'_> {
+        let wait = next.map_or(Duration::from_secs(60), |at| Duration::from_millis(at.saturating_sub(now_ms())));
+        Box::pin(async move {
+            tokio::select! {
+                () = self.0.wake.notified() => {}
+                () = tokio::time::sleep(wait.min(Duration::from_secs(60))) => {}
+            }
+        })
+    }
+
+    fn pending(&self, id: JobId) -> bool {
+        matches!(self.0.job(id), Ok(Some((_, false))) | Err(_))
+    }
+
+    fn body(&self, id: JobId) -> Result<Option<Vec<u8>>, StoreError> {
+        self.0.body(id.message)
+    }
+
+    fn body_size(&self, id: JobId) -> Option<usize> {
+        self.0.body_size(id.message)
+    }
+
+    fn complete(&self, id: JobId) -> SharedFuture<'_, ()> {
+        Box::pin(async move { self.0.complete(id) })
+    }
+
+    fn defer<'a>(&'a self, id: JobId, job: &'a Job) -> SharedFuture<'a, ()> {
+        Box::pin(async move { self.0.defer(id, job) })
+    }
+
+    fn kill<'a>(&'a self, id: JobId, job: &'a Job, report: Option<(Vec<u8>, Target)>) -> SharedFuture<'a, Option<u64>> {
+        Box::pin(self.0.kill(id, job, report))
+    }
+
+    fn next_post(&self) -> SharedFuture<'_, Option<(Box<dyn PostTicket>, IrcPost)>> {
+        Box::pin(async move {
+            if let Some((key, post)) = self.0.irc_first()? {
+                let ticket: Box<dyn PostTicket> = Box::new(SledPost { store: Arc::clone(&self.0), key });
+                return Ok(Some((ticket, post)));
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(5), self.0.irc_wake.notified()).await;
+            Ok(None)
+        })
+    }
+}
 
 fn due_key(due_ms: u64, id: JobId) -> [u8; 18] {
     let mut k = [0u8; 18];
