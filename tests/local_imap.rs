@@ -679,3 +679,72 @@ M.logout()
     let again = ok(rig.path(), &["local", "--identity", "bob", "--data", "bob/local", "--init"]);
     assert!(again.contains(fingerprint.trim()), "{again} / {fingerprint}");
 }
+
+/// Appends 48 messages of 1 MB, asks for all of them at once (with two
+/// more commands pipelined behind) and reads nothing for a while, then reads
+/// everything. Prints the bridge's RSS (kB) before the FETCH and while the
+/// client does not read, how many complete messages came, the tags of the
+/// tagged answers in order, and the answer to a FETCH that lists one
+/// message's text four times.
+const FETCH_ALL_UNREAD: &str = r#"
+import imaplib, socket, sys, time
+port, password, pid = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+def rss():
+    for l in open(f"/proc/{pid}/status"):
+        if l.startswith("VmRSS:"):
+            return int(l.split()[1])
+m = imaplib.IMAP4("127.0.0.1", port)
+m.login("bob@localhost", password)
+filler = (b"All work and no play makes Jack a dull boy. " * 24 + b"\r\n") * 960
+for i in range(48):
+    msg = b"From: alice@localhost\r\nSubject: big %d\r\n\r\n" % i + filler
+    typ, _ = m.append("INBOX", None, None, msg)
+    assert typ == "OK", typ
+m.logout()
+time.sleep(1)
+before = rss()
+s = socket.create_connection(("127.0.0.1", port))
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+f = s.makefile("rb")
+f.readline()
+s.sendall(b"a LOGIN bob@localhost " + password.encode() + b"\r\nb SELECT INBOX\r\n")
+while not f.readline().startswith(b"b OK"):
+    pass
+s.sendall(b"c UID FETCH 1:* BODY.PEEK[]\r\nd UID FETCH 1:* FLAGS\r\ne NOOP\r\n")
+time.sleep(4)
+held = rss()
+complete, tags = 0, []
+while len(tags) < 3:
+    l = f.readline()
+    if l[:2] in (b"c ", b"d ", b"e "):
+        tags.append(l.split()[0].decode() + ":" + l.split()[1].decode())
+    elif l.rstrip().endswith(b"}"):
+        n = int(l.rstrip()[l.rindex(b"{") + 1:-1])
+        body = f.read(n)
+        complete += body.startswith(b"From: alice@localhost") and len(body) == n
+s.sendall(b"f FETCH 1 (BODY.PEEK[] BODY.PEEK[] BODY.PEEK[] BODY.PEEK[])\r\n")
+while True:
+    l = f.readline()
+    if l.startswith(b"f "):
+        too_much = l.split(b" ", 1)[1].strip().decode()
+        break
+    if l.rstrip().endswith(b"}"):
+        f.read(int(l.rstrip()[l.rindex(b"{") + 1:-1]))
+print(before, held, complete, ",".join(tags), too_much)
+"#;
+
+#[test]
+fn fetching_a_whole_large_folder_holds_a_chunk_not_the_folder_and_pipelined_commands_wait() {
+    let Bridge { rig: _rig, password, port, local, .. } = bridge(false);
+    let out = python(FETCH_ALL_UNREAD, &[&port.to_string(), &password, &local.0.id().to_string()]);
+    let f: Vec<&str> = out.split_whitespace().collect();
+    let (before, held, complete): (u64, u64, u64) =
+        (f[0].parse().unwrap(), f[1].parse().unwrap(), f[2].parse().unwrap());
+    assert_eq!(complete, 48, "{out}");
+    // What the client pipelined behind the FETCH waits for it, each answered once.
+    assert_eq!(f[3], "c:OK,d:OK,e:OK", "{out}");
+    // Listing a message's text again and again does not multiply it in memory.
+    assert!(f[4..].join(" ").starts_with("NO [LIMIT]"), "{out}");
+    // The folder is 48 MB; answering at once would hold all of it (twice, encoded).
+    assert!(held < before + 24 * 1024, "RSS went from {before} kB to {held} kB while the client did not read");
+}

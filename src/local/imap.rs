@@ -39,6 +39,7 @@ use imap_next::imap_types::response::{
 use imap_next::imap_types::search::SearchKey;
 use imap_next::imap_types::sequence::{SeqOrUid, Sequence, SequenceSet};
 use imap_next::imap_types::status::{StatusDataItem, StatusDataItemName};
+use imap_next::imap_types::ToStatic;
 use imap_next::server::{Error as ServerError, Event, Options, Server};
 use imap_next::{Interrupt, Io, State as _};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
@@ -65,6 +66,10 @@ const WRITE_TIME: Duration = Duration::from_secs(60);
 const MAX_FAILURES: u32 = 3;
 /// Malformed commands one connection may send before it is closed.
 const MAX_BAD: u32 = 20;
+/// Octets of messages one FETCH reads before what it has is written out: a
+/// `FETCH 1:* BODY[]` over a large folder holds this much (and one
+/// message), not the folder.
+const FETCH_CHUNK: usize = 4 << 20;
 
 /// What every IMAP session shares.
 pub struct Shared {
@@ -113,6 +118,29 @@ struct Session {
     /// The selected folder is gone: BYE said, the session ends.
     gone: bool,
     out: Vec<Response>,
+    /// A FETCH that goes on once what it produced so far is written.
+    fetching: Option<Fetching>,
+}
+
+/// What one chunk of a FETCH came to.
+enum Chunk {
+    /// Messages are left.
+    More,
+    /// Every message is answered for.
+    Done,
+    /// The items ask for too many copies of a message.
+    TooMuch,
+}
+
+/// What is left of a FETCH.
+struct Fetching {
+    tag: Tag<'static>,
+    names: Vec<MessageDataItemName<'static>>,
+    /// Positions in the selected folder still to answer for.
+    targets: std::vec::IntoIter<usize>,
+    needs_raw: bool,
+    needs_all: bool,
+    marks_seen: bool,
 }
 
 /// A response to send: data, a status, or a continuation.
@@ -142,6 +170,17 @@ fn other_code(code: &'static str) -> Code<'static> {
 fn fetch_data(index: usize, items: Vec<MessageDataItem<'static>>) -> Option<Data<'static>> {
     let seq = nz(u32::try_from(index + 1).unwrap_or(u32::MAX));
     Vec1::try_from(items).ok().map(|items| Data::Fetch { seq, items })
+}
+
+/// The octets of a message's text an item carries.
+fn copied_len(item: &MessageDataItem<'_>) -> usize {
+    match item {
+        MessageDataItem::Rfc822(s) | MessageDataItem::Rfc822Header(s) | MessageDataItem::Rfc822Text(s) => {
+            s.0.as_ref().map_or(0, |i| i.as_ref().len())
+        }
+        MessageDataItem::BodyExt { data, .. } => data.0.as_ref().map_or(0, |i| i.as_ref().len()),
+        _ => 0,
+    }
 }
 
 fn nz(n: u32) -> NonZeroU32 {
@@ -446,6 +485,7 @@ impl Session {
             authenticating: None,
             gone: false,
             out: Vec::new(),
+            fetching: None,
         }
     }
 
@@ -591,9 +631,9 @@ impl Session {
             self.out.push(tagged(tag, StatusKind::Bad, None, "no folder is selected"));
             return Ok(());
         };
-        let mut names: Vec<MessageDataItemName<'_>> = match items {
-            MacroOrMessageDataItemNames::Macro(m) => m.expand().into_iter().map(|n| n.to_owned()).collect(),
-            MacroOrMessageDataItemNames::MessageDataItemNames(n) => n.clone(),
+        let mut names: Vec<MessageDataItemName<'static>> = match items {
+            MacroOrMessageDataItemNames::Macro(m) => m.expand().iter().map(ToStatic::to_static).collect(),
+            MacroOrMessageDataItemNames::MessageDataItemNames(n) => n.iter().map(ToStatic::to_static).collect(),
         };
         if uid && !names.contains(&MessageDataItemName::Uid) {
             names.push(MessageDataItemName::Uid);
@@ -640,18 +680,60 @@ impl Session {
                 )
             });
         let targets = Self::targets(sel, set, uid);
-        let name = sel.name.clone();
-        let store = Arc::clone(&self.shared.store);
-        // Mark \Seen first, so the FLAGS sent are the new ones.
-        if marks_seen {
-            let unseen: Vec<u32> = targets
-                .iter()
-                .map(|&i| &sel.msgs[i])
-                .filter(|(_, e)| !e.flags.has(flag::SEEN))
-                .map(|(u, _)| *u)
-                .collect();
+        self.fetching =
+            Some(Fetching { tag: tag.clone(), names, targets: targets.into_iter(), needs_raw, needs_all, marks_seen });
+        self.fetch_more();
+        Ok(())
+    }
+
+    /// Answers the FETCH under way for about [`FETCH_CHUNK`] octets of
+    /// messages (at least one message, and something to send unless it is
+    /// done); its tagged answer once it is done.
+    fn fetch_more(&mut self) {
+        let Some(mut f) = self.fetching.take() else { return };
+        let mut outcome = self.fetch_chunk(&mut f);
+        while matches!(outcome, Ok(Chunk::More)) && self.out.is_empty() {
+            outcome = self.fetch_chunk(&mut f);
+        }
+        match outcome {
+            Ok(Chunk::Done) => self.out.push(tagged(&f.tag, StatusKind::Ok, None, "FETCH done")),
+            Ok(Chunk::More) => self.fetching = Some(f),
+            Ok(Chunk::TooMuch) => self.out.push(tagged(
+                &f.tag,
+                StatusKind::No,
+                Some(other_code("LIMIT")),
+                "that asks for the same messages too many times; ask for fewer parts at once",
+            )),
+            Err(e) => {
+                tracing::warn!("IMAP FETCH failed: {e:#}");
+                self.out.push(tagged(
+                    &f.tag,
+                    StatusKind::No,
+                    Some(other_code("SERVERBUG")),
+                    "the store failed; try again",
+                ));
+            }
+        }
+    }
+
+    /// One chunk of a FETCH: the messages of about [`FETCH_CHUNK`] octets
+    /// (by the index's sizes), marked `\Seen` first where the FETCH marks
+    /// them, so that the FLAGS sent are the new ones and a message the
+    /// client never got is not marked.
+    fn fetch_chunk(&mut self, f: &mut Fetching) -> Result<Chunk> {
+        let Phase::Selected(sel) = &self.phase else { return Ok(Chunk::Done) };
+        let mut take = Vec::new();
+        let mut spent = 0usize;
+        while spent < FETCH_CHUNK {
+            let Some(i) = f.targets.next() else { break };
+            spent += if f.needs_raw { usize::try_from(sel.msgs[i].1.size).unwrap_or(usize::MAX).max(64) } else { 64 };
+            take.push(i);
+        }
+        if f.marks_seen {
+            let unseen: Vec<u32> =
+                take.iter().map(|&i| &sel.msgs[i]).filter(|(_, e)| !e.flags.has(flag::SEEN)).map(|(u, _)| *u).collect();
             if !unseen.is_empty() {
-                let changed = store.set_flags(&name, &unseen, |f| f.system |= flag::SEEN)?;
+                let changed = self.shared.store.set_flags(&sel.name, &unseen, |f| f.system |= flag::SEEN)?;
                 if let Phase::Selected(sel) = &mut self.phase {
                     for (u, f) in changed {
                         if let Ok(pos) = sel.msgs.binary_search_by_key(&u, |(x, _)| *x) {
@@ -661,10 +743,11 @@ impl Session {
                 }
             }
         }
-        let Phase::Selected(sel) = &self.phase else { return Ok(()) };
-        let cur = store.cur(&name)?;
-        let mut data = Vec::with_capacity(targets.len());
-        for i in targets {
+        let Phase::Selected(sel) = &self.phase else { return Ok(Chunk::Done) };
+        let (names, needs_raw, needs_all, marks_seen) = (&f.names, f.needs_raw, f.needs_all, f.marks_seen);
+        let cur = self.shared.store.cur(&sel.name)?;
+        let mut data = Vec::new();
+        for i in take {
             let (u, entry) = &sel.msgs[i];
             let raw = if needs_raw {
                 let read = if needs_all { read_in(&cur, entry) } else { read_header_in(&cur, entry) };
@@ -676,6 +759,10 @@ impl Session {
             } else {
                 None
             };
+            // The octets this message's items copy: at most twice the
+            // message (and a megabyte), whatever the client lists.
+            let mut copied = 0usize;
+            let most = raw.as_ref().map_or(0, Vec::len).saturating_mul(2).saturating_add(1 << 20);
             let root = raw.as_deref().filter(|_| {
                 names.iter().any(|n| {
                     matches!(
@@ -691,7 +778,7 @@ impl Session {
             let raw = raw.as_deref().unwrap_or_default();
             let mut items = Vec::with_capacity(names.len() + 1);
             let mut flags_sent = false;
-            for n in &names {
+            for n in names {
                 let item = match n {
                     MessageDataItemName::Flags => {
                         flags_sent = true;
@@ -744,13 +831,20 @@ impl Session {
                             None => (None, bytes),
                         };
                         MessageDataItem::BodyExt {
-                            section: section.clone().map(|s| imap_next::imap_types::ToStatic::to_static(&s)),
+                            section: section.as_ref().map(ToStatic::to_static),
                             origin,
                             data: NString(Some(IString::Literal(Literal::unvalidated(bytes)))),
                         }
                     }
                     MessageDataItemName::Binary { .. } | MessageDataItemName::BinarySize { .. } => continue,
                 };
+                copied = copied.saturating_add(copied_len(&item));
+                if copied > most {
+                    for d in data {
+                        self.push_data(d);
+                    }
+                    return Ok(Chunk::TooMuch);
+                }
                 items.push(item);
             }
             if marks_seen && !flags_sent {
@@ -761,8 +855,7 @@ impl Session {
         for d in data {
             self.push_data(d);
         }
-        self.out.push(tagged(tag, StatusKind::Ok, None, "FETCH done"));
-        Ok(())
+        Ok(if f.targets.len() == 0 { Chunk::Done } else { Chunk::More })
     }
 
     fn matches(&self, c: &mut Candidate<'_>, key: &SearchKey<'_>, sel: &Selected, cur: &Path) -> bool {
@@ -1444,6 +1537,8 @@ async fn drive<IO: AsyncRead + AsyncWrite + Unpin>(conn: &mut IO, mut s: Session
     // The handle of the last response of a STARTTLS or LOGOUT: the session
     // ends once it is written.
     let mut ending: Option<imap_next::server::ResponseHandle> = None;
+    // The last response of a FETCH's chunk, while more is to come.
+    let mut fetch_last: Option<imap_next::server::ResponseHandle> = None;
     loop {
         match server.next() {
             Ok(Event::GreetingSent { .. }) => greeted = true,
@@ -1451,15 +1546,20 @@ async fn drive<IO: AsyncRead + AsyncWrite + Unpin>(conn: &mut IO, mut s: Session
                 if ending == Some(handle) {
                     return Ok(after);
                 }
+                if fetch_last == Some(handle) {
+                    // The FETCH's last chunk is written: the next one. imap-next
+                    // sends before it reads, so nothing the client pipelined
+                    // runs before the FETCH is done.
+                    blocking(|| s.fetch_more());
+                    fetch_last = flush(&mut server, &mut s).filter(|_| s.fetching.is_some());
+                }
             }
             Ok(Event::CommandReceived { command }) => {
                 let tag = command.tag.clone();
                 // Store work (fsyncs, reading messages, SEARCH) blocks: on a
                 // multi-threaded runtime the other sessions and the mail
                 // coming in go on meanwhile.
-                let result = if tokio::runtime::Handle::current().runtime_flavor()
-                    == tokio::runtime::RuntimeFlavor::MultiThread
-                {
+                let result = if multi_threaded() {
                     tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(s.command(command)))
                 } else {
                     s.command(command).await
@@ -1479,6 +1579,9 @@ async fn drive<IO: AsyncRead + AsyncWrite + Unpin>(conn: &mut IO, mut s: Session
                     }
                 };
                 let last = flush(&mut server, &mut s);
+                if s.fetching.is_some() {
+                    fetch_last = last;
+                }
                 if !matches!(a, After::Continue) {
                     after = a;
                     ending = last;
@@ -1616,6 +1719,19 @@ async fn drive<IO: AsyncRead + AsyncWrite + Unpin>(conn: &mut IO, mut s: Session
             ending = flush(&mut server, &mut s);
             after = After::Logout;
         }
+    }
+}
+
+fn multi_threaded() -> bool {
+    tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+}
+
+/// Runs store work off the runtime's workers where the runtime has others.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    if multi_threaded() {
+        tokio::task::block_in_place(f)
+    } else {
+        f()
     }
 }
 
