@@ -101,8 +101,10 @@ async fn contract(q: Arc<dyn JobQueue>, store: &Store, shared: bool) {
     later.last_error = Some("451 try later".into());
     let deferred_at = Instant::now();
     q.defer(y.0, &later).await.unwrap();
-    let (early, _) = q.claim(16).await.unwrap();
+    let (early, next) = q.claim(16).await.unwrap();
     assert!(early.iter().all(|(jid, _)| *jid != y.0), "handed out before it was due: {early:?}");
+    // When to look again: when it falls due (sled), or at once, as the claim itself waits (JetStream).
+    assert_eq!(next, Some(if shared { 0 } else { later.due_ms }));
     let again = claim_some(&*q).await;
     assert!(deferred_at.elapsed() >= Duration::from_millis(1000), "came back after {:?}", deferred_at.elapsed());
     assert_eq!(again.len(), 1, "{again:?}");
