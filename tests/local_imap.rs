@@ -748,3 +748,59 @@ fn fetching_a_whole_large_folder_holds_a_chunk_not_the_folder_and_pipelined_comm
     // The folder is 48 MB; answering at once would hold all of it (twice, encoded).
     assert!(held < before + 24 * 1024, "RSS went from {before} kB to {held} kB while the client did not read");
 }
+
+#[test]
+fn connections_beyond_the_cap_are_told_bye_and_a_freed_slot_is_taken_again() {
+    let Bridge { rig: _rig, imap, local: _local, .. } = bridge(false);
+    let greeted = |tcp: &TcpStream| {
+        tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        line(&mut BufReader::new(tcp.try_clone().unwrap()))
+    };
+    let mut held = Vec::new();
+    for i in 0..32 {
+        let tcp = TcpStream::connect(&imap).unwrap();
+        let l = greeted(&tcp);
+        assert!(l.starts_with("* OK"), "connection {i}: {l}");
+        held.push(tcp);
+    }
+    let extra = TcpStream::connect(&imap).unwrap();
+    let l = greeted(&extra);
+    assert!(l.starts_with("* BYE"), "the 33rd connection: {l}");
+    drop(held.pop());
+    // The slot comes free once the bridge has seen the close.
+    let again = wait_for(Duration::from_secs(20), || {
+        let tcp = TcpStream::connect(&imap).ok()?;
+        greeted(&tcp).starts_with("* OK").then_some(tcp)
+    });
+    assert!(again.is_some(), "a freed slot is taken again");
+}
+
+#[test]
+fn a_client_that_trickles_its_login_is_cut_off_at_the_login_deadline() {
+    let Bridge { rig: _rig, imap, local: _local, .. } = bridge(false);
+    let tcp = TcpStream::connect(&imap).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut w = tcp.try_clone().unwrap();
+    let mut r = BufReader::new(tcp);
+    assert!(line(&mut r).starts_with("* OK"));
+    let start = Instant::now();
+    // One octet every 2 s, never a whole line: no octet moves the deadline.
+    let trickle = b"a LOGIN bob@localhost aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    r.get_ref().set_read_timeout(Some(Duration::from_millis(10))).unwrap();
+    let mut buf = [0u8; 256];
+    for &b in trickle.iter().cycle() {
+        assert!(start.elapsed() < Duration::from_secs(100), "the trickling client was never cut off");
+        if w.write_all(&[b]).is_err() {
+            break;
+        }
+        match r.read(&mut buf) {
+            Ok(0) => break,
+            Err(e) if !matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => break,
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let cut = start.elapsed();
+    // The deadline is one minute from connecting, however the octets come.
+    assert!(cut >= Duration::from_secs(50) && cut <= Duration::from_secs(90), "cut off after {cut:?}");
+}

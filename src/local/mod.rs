@@ -296,6 +296,8 @@ pub async fn serve_imap(
         plaintext_ok: local.ip().is_loopback(),
     });
     let slots = Arc::new(tokio::sync::Semaphore::new(imap::MAX_CONNECTIONS));
+    // Connections beyond the cap are told so, a few at a time; the rest are closed unanswered.
+    let refusing = Arc::new(tokio::sync::Semaphore::new(8));
     loop {
         let (tcp, _) = match listener.accept().await {
             Ok(c) => c,
@@ -307,12 +309,15 @@ pub async fn serve_imap(
             }
         };
         let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
-            tokio::spawn(async move {
-                use tokio::io::AsyncWriteExt as _;
-                let mut tcp = tcp;
-                let _ = tokio::time::timeout(Duration::from_secs(5), tcp.write_all(b"* BYE too many connections\r\n"))
-                    .await;
-            });
+            if let Ok(answering) = Arc::clone(&refusing).try_acquire_owned() {
+                tokio::spawn(async move {
+                    use tokio::io::AsyncWriteExt as _;
+                    let _answering = answering;
+                    let mut tcp = tcp;
+                    let bye = tcp.write_all(b"* BYE too many connections\r\n");
+                    let _ = tokio::time::timeout(Duration::from_secs(5), bye).await;
+                });
+            }
             continue;
         };
         let shared = Arc::clone(&shared);
