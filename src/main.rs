@@ -105,7 +105,12 @@ fn init_logging(json: bool) {
 /// (the crate forbids `unsafe`, which `mallopt` needs), and glibc reads it
 /// at start: so a long-running process without it starts itself again with
 /// it, once, before any thread exists. An operator's own value is kept.
-fn large_buffers_given_back() {
+///
+/// `one_arena`: one malloc arena for all threads (`MALLOC_ARENA_MAX=1`),
+/// for `local`, one person's process whose threads mostly wait: glibc's
+/// arena per busy thread held 4 MB of its 11 MB of heap (measured beside
+/// Dovecot, docs/PERFORMANCE.md).
+fn large_buffers_given_back(one_arena: bool) {
     const VAR: &str = "MALLOC_MMAP_THRESHOLD_";
     // Set by the restart itself: glibc drops MALLOC_* in a process with
     // file capabilities (a setcap for port 25), which must not restart forever.
@@ -121,18 +126,22 @@ fn large_buffers_given_back() {
     if let Some(arg0) = args.next() {
         command.arg0(arg0);
     }
-    let e = command.args(args).env(VAR, "1048576").env(RESTARTED, "1").exec();
+    command.args(args).env(VAR, "1048576").env(RESTARTED, "1");
+    if one_arena && std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        command.env("MALLOC_ARENA_MAX", "1");
+    }
+    let e = command.exec();
     // Only reached if exec failed: go on as we are.
     eprintln!("latssiam-bridge: cannot restart with {VAR} set ({e}); large buffers may stay in memory");
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if matches!(&cli.command, Command::Run(_))
-        || matches!(&cli.command, Command::Server(a) if a.serves())
-        || matches!(&cli.command, Command::Local(a) if !a.initialising())
-    {
-        large_buffers_given_back();
+    if matches!(&cli.command, Command::Run(_)) || matches!(&cli.command, Command::Server(a) if a.serves()) {
+        large_buffers_given_back(false);
+    }
+    if matches!(&cli.command, Command::Local(a) if !a.initialising()) {
+        large_buffers_given_back(true);
     }
     if let Command::Sendmail(a) = cli.command {
         init_logging(false);
