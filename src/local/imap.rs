@@ -726,7 +726,12 @@ impl Session {
         let mut spent = 0usize;
         while spent < FETCH_CHUNK {
             let Some(i) = f.targets.next() else { break };
-            spent += if f.needs_raw { usize::try_from(sel.msgs[i].1.size).unwrap_or(usize::MAX).max(64) } else { 64 };
+            // A header is counted as 4 KiB, metadata as 64 octets.
+            spent += match (f.needs_all, f.needs_raw) {
+                (true, _) => usize::try_from(sel.msgs[i].1.size).unwrap_or(usize::MAX).max(64),
+                (false, true) => 4096,
+                (false, false) => 64,
+            };
             take.push(i);
         }
         if f.marks_seen {
