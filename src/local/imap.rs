@@ -1505,6 +1505,19 @@ async fn run(mut conn: Conn, shared: Arc<Shared>) -> Result<()> {
     }
 }
 
+/// Octets of responses gathered before they are written.
+const WRITE_BATCH: usize = 64 * 1024;
+
+/// Writes what was gathered, and gives a large buffer back.
+async fn drain<IO: AsyncRead + AsyncWrite + Unpin>(conn: &mut IO, pending: &mut Vec<u8>) -> Result<()> {
+    if !pending.is_empty() {
+        write(conn, pending).await?;
+        pending.clear();
+        pending.shrink_to(WRITE_BATCH);
+    }
+    Ok(())
+}
+
 async fn write<IO: AsyncRead + AsyncWrite + Unpin>(conn: &mut IO, bytes: &[u8]) -> Result<()> {
     // TLS holds records back until flushed: flush every response, or the
     // client may wait for what sits in a buffer while this waits for it.
@@ -1544,11 +1557,15 @@ async fn drive<IO: AsyncRead + AsyncWrite + Unpin>(conn: &mut IO, mut s: Session
     let mut ending: Option<imap_next::server::ResponseHandle> = None;
     // The last response of a FETCH's chunk, while more is to come.
     let mut fetch_last: Option<imap_next::server::ResponseHandle> = None;
+    // Responses are written together: one write (and one TLS record) per
+    // batch, not per line, and none held back while the client is awaited.
+    let mut pending: Vec<u8> = Vec::new();
     loop {
         match server.next() {
             Ok(Event::GreetingSent { .. }) => greeted = true,
             Ok(Event::ResponseSent { handle, .. }) => {
                 if ending == Some(handle) {
+                    drain(conn, &mut pending).await?;
                     return Ok(after);
                 }
                 if fetch_last == Some(handle) {
@@ -1659,10 +1676,19 @@ async fn drive<IO: AsyncRead + AsyncWrite + Unpin>(conn: &mut IO, mut s: Session
             }
             Err(Interrupt::Io(Io::Output(bytes))) => {
                 if greeted || greet {
-                    write(conn, &bytes).await?;
+                    if pending.is_empty() && bytes.len() >= WRITE_BATCH {
+                        write(conn, &bytes).await?;
+                    } else {
+                        pending.extend_from_slice(&bytes);
+                        if pending.len() >= WRITE_BATCH {
+                            drain(conn, &mut pending).await?;
+                        }
+                    }
                 }
             }
             Err(Interrupt::Io(Io::NeedMoreInput)) => {
+                // Everything answered so far goes out before waiting for the client.
+                drain(conn, &mut pending).await?;
                 let authed = !matches!(s.phase, Phase::NotAuthenticated);
                 let limit = if authed { IDLE_TIME } else { login_by.saturating_duration_since(Instant::now()) };
                 let n = if s.idle.is_some() {

@@ -324,6 +324,8 @@ pub async fn serve_imap(
         let tls = access.tls.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            // Responses are gathered and written in batches: nothing to wait for.
+            let _ = tcp.set_nodelay(true);
             let conn = Conn::Plain(tcp);
             let conn = match (implicit_tls, tls) {
                 (true, Some(tls)) => match conn.start_tls(tls).await {
