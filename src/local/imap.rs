@@ -1571,7 +1571,9 @@ async fn drive<IO: AsyncRead + AsyncWrite + Unpin>(conn: &mut IO, mut s: Session
                 if fetch_last == Some(handle) {
                     // The FETCH's last chunk is written: the next one. imap-next
                     // sends before it reads, so nothing the client pipelined
-                    // runs before the FETCH is done.
+                    // runs before the FETCH is done. What is gathered goes out
+                    // before the next chunk is read from disk.
+                    drain(conn, &mut pending).await?;
                     blocking(|| s.fetch_more());
                     fetch_last = flush(&mut server, &mut s).filter(|_| s.fetching.is_some());
                 }
@@ -1676,7 +1678,9 @@ async fn drive<IO: AsyncRead + AsyncWrite + Unpin>(conn: &mut IO, mut s: Session
             }
             Err(Interrupt::Io(Io::Output(bytes))) => {
                 if greeted || greet {
-                    if pending.is_empty() && bytes.len() >= WRITE_BATCH {
+                    // A large response (a message's literal) is written as it is, not copied.
+                    if bytes.len() >= WRITE_BATCH {
+                        drain(conn, &mut pending).await?;
                         write(conn, &bytes).await?;
                     } else {
                         pending.extend_from_slice(&bytes);
@@ -1687,8 +1691,10 @@ async fn drive<IO: AsyncRead + AsyncWrite + Unpin>(conn: &mut IO, mut s: Session
                 }
             }
             Err(Interrupt::Io(Io::NeedMoreInput)) => {
-                // Everything answered so far goes out before waiting for the client.
+                // Everything answered so far goes out before waiting for the
+                // client, and the buffer is given back while it waits.
                 drain(conn, &mut pending).await?;
+                pending = Vec::new();
                 let authed = !matches!(s.phase, Phase::NotAuthenticated);
                 let limit = if authed { IDLE_TIME } else { login_by.saturating_duration_since(Instant::now()) };
                 let n = if s.idle.is_some() {
@@ -1741,6 +1747,7 @@ async fn drive<IO: AsyncRead + AsyncWrite + Unpin>(conn: &mut IO, mut s: Session
                 s.out.push(r);
                 flush(&mut server, &mut s);
                 if s.bad > MAX_BAD || s.failures >= MAX_FAILURES {
+                    drain(conn, &mut pending).await?;
                     return Ok(After::Continue);
                 }
             }
