@@ -381,7 +381,8 @@ mod tests {
         assert_eq!(store.window_head("#chat", 1000).unwrap().0.len(), 2);
         let keys: Vec<sled::IVec> = waiting.iter().map(|(k, _)| k.clone()).take(1).collect();
         let target = Target::Smtp { rcpt: "a@example.org".into() };
-        let digest = DigestJob { id: store.new_message_id().unwrap(), body: b"digest".to_vec(), targets: vec![target] };
+        let digest =
+            DigestJob { id: store.next_message_id().unwrap(), body: b"digest".to_vec(), targets: vec![target] };
         store.enqueue_digests(&keys, &[digest]).await.unwrap();
         drop(store);
         let store = Store::open(dir.path()).unwrap();

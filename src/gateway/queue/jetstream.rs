@@ -53,7 +53,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{
-    now_ms, Claimed, Cluster, DigestJob, Job, JobId, JobQueue, Origin, PostTicket, Quiet, SharedOffer, Target,
+    now_ms, Boxed, Claimed, Cluster, DigestJob, Job, JobId, JobQueue, Origin, PostTicket, Quiet, SharedOffer, Target,
 };
 use crate::gateway::config::Settings;
 use crate::gateway::contacts::Contact;
@@ -1284,12 +1284,7 @@ impl Cluster for JetQueue {
         self.lease_ttl
     }
 
-    fn lease<'a>(
-        &'a self,
-        name: &'a str,
-        holder: &'a str,
-        revision: Option<u64>,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<u64>> + Send + 'a>> {
+    fn lease<'a>(&'a self, name: &'a str, holder: &'a str, revision: Option<u64>) -> Boxed<'a, Option<u64>> {
         Box::pin(JetQueue::lease(self, name, holder, revision))
     }
 

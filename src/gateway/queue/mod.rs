@@ -38,8 +38,11 @@ pub use super::target::{now_ms, Target};
 /// without [`PostTicket::alive`] (the bot renews it every third of it).
 pub const POST_ACK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// A boxed future of a queue method.
+pub type Boxed<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
 /// A future that cannot fail, of a queue method.
-pub type Quiet<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+pub type Quiet<'a> = Boxed<'a, ()>;
 
 /// One message queued at once with others (an IRC digest): its id, octets and recipients.
 pub struct DigestJob {
@@ -211,12 +214,7 @@ pub trait Cluster: super::hourly::SharedCounter + Send + Sync + 'static {
 
     /// Tries to take (or keep, with the revision of the last renewal) the
     /// lease `name` for `holder`; the new revision while held.
-    fn lease<'a>(
-        &'a self,
-        name: &'a str,
-        holder: &'a str,
-        revision: Option<u64>,
-    ) -> Pin<Box<dyn Future<Output = Option<u64>> + Send + 'a>>;
+    fn lease<'a>(&'a self, name: &'a str, holder: &'a str, revision: Option<u64>) -> Boxed<'a, Option<u64>>;
 
     /// Gives the lease up (shutdown): another node takes it at once.
     fn release_lease<'a>(&'a self, name: &'a str, revision: u64) -> Quiet<'a>;

@@ -3,7 +3,7 @@
 //!
 //! Invariants:
 //! - A message is acknowledged to whoever handed it over only after
-//!   [`Store::enqueue`] returned, which is after an fsync covering its body and
+//!   [`Store::enqueue_with_posts`] returned, which is after an fsync covering its body and
 //!   every job (group commit: concurrent writers share one fsync).
 //! - Every job has a body under its message id; a body with neither jobs
 //!   nor dead letters is garbage and is removed.
@@ -212,26 +212,7 @@ impl Store {
         }
     }
 
-    /// Queues `body` for each target, durably, and returns the message id.
-    ///
-    /// # Errors
-    /// [`StoreError`]; then nothing is acknowledged (a partial write is
-    /// either completed by recovery or collected as garbage).
-    pub async fn enqueue(&self, body: &[u8], targets: Vec<Target>, origin: &Origin) -> Result<u64, StoreError> {
-        let id = self.next_message_id()?;
-        self.enqueue_with_posts(id, body, targets, origin, &[]).await?;
-        Ok(id)
-    }
-
-    /// A fresh message id, for a message that names its id (a `Received:` header) before it is queued.
-    ///
-    /// # Errors
-    /// [`StoreError`].
-    pub fn new_message_id(&self) -> Result<u64, StoreError> {
-        self.next_message_id()
-    }
-
-    /// As [`Store::enqueue`], under an id from [`Store::new_message_id`], and queues `posts` for IRC (after everything
+    /// Queues `body` for each target under `id` (from `next_message_id`), and queues `posts` for IRC (after everything
     /// queued before) in the same durable step: when this fails, neither the
     /// jobs nor the posts remain.
     ///
@@ -523,13 +504,18 @@ mod tests {
         Target::Smtp { rcpt: rcpt.into() }
     }
 
+    /// The store's job queue, as the gateway uses it.
+    fn queue(s: &Arc<Store>) -> Arc<dyn JobQueue> {
+        Arc::new(SledQueue::new(Arc::clone(s)))
+    }
+
     #[tokio::test]
     async fn jobs_survive_reopening_and_bodies_go_with_the_last_job() {
         let dir = tempfile::tempdir().unwrap();
         let origin = Origin::Smtp { from: "a@example.org".into() };
         let id = {
             let s = Store::open(dir.path()).unwrap();
-            let id = s.enqueue(b"body", vec![smtp("x@e"), smtp("y@e")], &origin).await.unwrap();
+            let id = queue(&s).enqueue(b"body", vec![smtp("x@e"), smtp("y@e")], &origin).await.unwrap();
             let (claimed, _) = s.claim_due(now_ms(), 10).unwrap();
             assert_eq!(claimed.len(), 2);
             // Claimed jobs are not handed out twice while the gateway runs.
@@ -562,7 +548,7 @@ mod tests {
         let origin = Origin::Smtp { from: "a@example.org".into() };
         let big: Vec<u8> = (0..(crate::gateway::db::SPOOL_OVER + 1)).map(|i| (i % 251) as u8).collect();
         let s = Store::open(dir.path()).unwrap();
-        let id = s.enqueue(&big, vec![smtp("x@e")], &origin).await.unwrap();
+        let id = queue(&s).enqueue(&big, vec![smtp("x@e")], &origin).await.unwrap();
         let file = s.spool_file(id);
         assert_eq!(std::fs::read(&file).unwrap(), big, "the octets are in the spool file");
         assert_eq!(s.bodies.get(id.to_be_bytes()).unwrap().as_deref(), Some(crate::gateway::db::SPOOLED));
@@ -583,7 +569,7 @@ mod tests {
     async fn deferred_jobs_wait_for_their_time_and_retry_brings_them_forward() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
-        s.enqueue(b"b", vec![smtp("x@e")], &Origin::Gateway).await.unwrap();
+        queue(&s).enqueue(b"b", vec![smtp("x@e")], &Origin::Gateway).await.unwrap();
         let (mut claimed, _) = s.claim_due(now_ms(), 10).unwrap();
         let (id, mut job) = claimed.remove(0);
         job.attempts = 1;
