@@ -1574,7 +1574,7 @@ async fn drive<IO: AsyncRead + AsyncWrite + Unpin>(conn: &mut IO, mut s: Session
                     // runs before the FETCH is done. What is gathered goes out
                     // before the next chunk is read from disk.
                     drain(conn, &mut pending).await?;
-                    blocking(|| s.fetch_more());
+                    crate::blocking(|| s.fetch_more());
                     fetch_last = flush(&mut server, &mut s).filter(|_| s.fetching.is_some());
                 }
             }
@@ -1762,15 +1762,6 @@ async fn drive<IO: AsyncRead + AsyncWrite + Unpin>(conn: &mut IO, mut s: Session
 
 fn multi_threaded() -> bool {
     tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
-}
-
-/// Runs store work off the runtime's workers where the runtime has others.
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    if multi_threaded() {
-        tokio::task::block_in_place(f)
-    } else {
-        f()
-    }
 }
 
 /// Queues `s.out` on the server; returns the handle of the last response.

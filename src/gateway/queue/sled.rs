@@ -205,11 +205,7 @@ impl Store {
     /// the body is made for another thread).
     fn spool_body(&self, id: u64, body: &[u8]) -> Result<(), StoreError> {
         let path = self.spool_file(id);
-        let write = || latssiam::files::write_atomic(&path, body, 0o600).map_err(|e| StoreError::Sled(e.into()));
-        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(write),
-            _ => write(),
-        }
+        crate::blocking(|| latssiam::files::write_atomic(&path, body, 0o600).map_err(|e| StoreError::Sled(e.into())))
     }
 
     /// Queues `body` for each target under `id` (from `next_message_id`), and queues `posts` for IRC (after everything
