@@ -35,12 +35,18 @@ fn init_for(rig: &Rig, who: &str) -> (String, PathBuf) {
 /// alice's `local` with her sendmail settings, submission on `submission`
 /// (an ADDR:PORT); waits until it listens on `connect`.
 fn start_submission(rig: &Rig, submission: &str, connect: &str) -> Killed {
+    start_submission_with(rig, submission, connect, &[])
+}
+
+/// As [`start_submission`], with more arguments for `local`.
+fn start_submission_with(rig: &Rig, submission: &str, connect: &str, more: &[&str]) -> Killed {
     let imap = format!("127.0.0.1:{}", free_port());
     let log = std::fs::File::create(rig.path().join("local.log")).unwrap();
     let local = Killed(
         Command::new(BIN)
             .args(["local", "--identity", "alice", "--sendmail-config", "sendmail.toml"])
             .args(["--imap", &imap, "--submission", submission])
+            .args(more)
             .current_dir(rig.path())
             .stdout(Stdio::null())
             .stderr(log)
@@ -565,6 +571,47 @@ fn submission_with_auth_over_starttls_reaches_a_latssiam_person_and_through_the_
     })
     .expect("the gateway relayed Victor's copy");
     assert!(to_victor["data"].as_str().unwrap().contains("submitted by a mail program"));
+}
+
+/// Submits one message over implicit TLS; prints the certificate's SHA-256.
+const SUBMIT_IMPLICIT_TLS: &str = r#"
+import smtplib, ssl, sys, hashlib
+port, password, cafile = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+s = smtplib.SMTP_SSL('localhost', port, context=ssl.create_default_context(cafile=cafile))
+s.ehlo()
+assert 'starttls' not in s.esmtp_features, s.esmtp_features
+assert 'PLAIN' in s.esmtp_features.get('auth', ''), s.esmtp_features
+s.login('alice@localhost', password)
+msg = (b"From: Alice <alice@example.org>\r\nTo: bob@localhost\r\nSubject: over implicit TLS\r\n"
+       b"Message-ID: <sub465@example.org>\r\n\r\nsubmitted on the submissions port\r\n")
+assert s.sendmail('alice@example.org', ['bob@localhost'], msg) == {}
+der = s.sock.getpeercert(binary_form=True)
+s.quit()
+print(':'.join('%02X' % b for b in hashlib.sha256(der).digest()))
+"#;
+
+#[test]
+fn submission_with_implicit_tls_where_asked_takes_mail_after_the_handshake_and_nothing_in_the_clear() {
+    let rig = common::rig::sendmail_rig();
+    let (password, cert) = init_for(&rig, "alice");
+    let submissions = free_port();
+    let addr = format!("127.0.0.1:{submissions}");
+    let plain = format!("127.0.0.1:{}", free_port());
+    let _local = start_submission_with(&rig, &plain, &addr, &["--submissions", &addr]);
+    // A client speaking plain SMTP is greeted by nothing: the port waits for a TLS handshake.
+    let tcp = TcpStream::connect(&addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut first = [0u8; 3];
+    let read = (&tcp).read(&mut first);
+    assert!(!matches!(read, Ok(n) if n > 0 && first.starts_with(b"220")), "greeted in the clear: {read:?}");
+    // smtplib over TLS: no STARTTLS offered, AUTH is, and the mail reaches bob.
+    let fingerprint = python(SUBMIT_IMPLICIT_TLS, &[&submissions.to_string(), &password, cert.to_str().unwrap()]);
+    let printed = ok(rig.path(), &["local", "--identity", "alice", "--init"]);
+    assert!(printed.contains(fingerprint.trim()), "the printed certificate: {printed} / {fingerprint}");
+    let (files, printed) = rig.fetch("bob", 5);
+    assert_eq!(files.len(), 1, "{printed}");
+    assert!(std::fs::read_to_string(&files[0]).unwrap().contains("submitted on the submissions port"));
+    assert!(printed.contains("signed by alice@localhost"), "{printed}");
 }
 
 #[test]

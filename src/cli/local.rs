@@ -41,6 +41,10 @@ pub struct LocalArgs {
     /// `sendmail` command routes it, by its settings file.
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:1025")]
     submission: SocketAddr,
+    /// A submission listener with implicit TLS (RFC 8314's port 465; off
+    /// unless given), routed as `--submission` is.
+    #[arg(long, value_name = "ADDR:PORT")]
+    submissions: Option<SocketAddr>,
     /// The sendmail settings the submission listener routes by (default:
     /// `$LATSSIAM_SENDMAIL_CONFIG`, else ~/.config/latssiam-bridge/sendmail.toml).
     #[arg(long, value_name = "FILE")]
@@ -100,20 +104,26 @@ pub fn local(args: LocalArgs) -> Result<()> {
         }
         match Router::load(args.sendmail_config.as_deref()) {
             Ok(router) => {
-                let l = tokio::net::TcpListener::bind(args.submission)
-                    .await
-                    .with_context(|| format!("cannot listen on {}", args.submission))?;
-                eprintln!("submission on {}", l.local_addr()?);
-                let mut config = ListenerConfig::new("localhost", max_message as usize);
-                config.tls = access.tls.clone();
-                config.auth = Some(Arc::clone(&access) as Arc<dyn bridge_smtp::Authenticator>);
-                config.auth_without_tls = args.submission.ip().is_loopback();
-                config.max_connections = local::imap::MAX_CONNECTIONS;
                 let sink = Arc::new(Submission { router });
-                tasks.spawn(async move {
-                    bridge_smtp::serve(l, Arc::new(config), sink, tokio_util::sync::CancellationToken::new()).await;
-                    Ok(())
-                });
+                let listeners = [(args.submission, false)].into_iter().chain(args.submissions.map(|a| (a, true)));
+                for (addr, implicit_tls) in listeners {
+                    let l = tokio::net::TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("cannot listen on {addr}"))?;
+                    let with = if implicit_tls { " with TLS" } else { "" };
+                    eprintln!("submission{with} on {}", l.local_addr()?);
+                    let mut config = ListenerConfig::new("localhost", max_message as usize);
+                    config.tls = access.tls.clone();
+                    config.implicit_tls = implicit_tls;
+                    config.auth = Some(Arc::clone(&access) as Arc<dyn bridge_smtp::Authenticator>);
+                    config.auth_without_tls = addr.ip().is_loopback();
+                    config.max_connections = local::imap::MAX_CONNECTIONS;
+                    let sink = Arc::clone(&sink);
+                    tasks.spawn(async move {
+                        bridge_smtp::serve(l, Arc::new(config), sink, tokio_util::sync::CancellationToken::new()).await;
+                        Ok(())
+                    });
+                }
             }
             Err(e) => eprintln!("no submission listener: {e:#}"),
         }

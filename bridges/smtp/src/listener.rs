@@ -410,6 +410,10 @@ pub struct ListenerConfig {
     pub auth: Option<Arc<dyn Authenticator>>,
     /// Whether a password may come without TLS (a loopback listener).
     pub auth_without_tls: bool,
+    /// Implicit TLS (RFC 8314, the submissions port 465): the TLS handshake
+    /// comes first, before the greeting, and STARTTLS is not offered. Needs
+    /// `tls`; a listener without it closes every connection.
+    pub implicit_tls: bool,
 }
 
 /// Failed `AUTH` attempts one session may make before it is closed.
@@ -558,6 +562,7 @@ impl ListenerConfig {
             sessions: Arc::default(),
             auth: None,
             auth_without_tls: false,
+            implicit_tls: false,
         }
     }
 }
@@ -651,19 +656,21 @@ where
 {
     let mut state = Session::new(peer, config, sink, anvil);
     let greeting = format!("220 {} ESMTP latssiam-bridge\r\n", config.hostname);
+    if config.implicit_tls {
+        let Some(stream) = handshake(io, peer, config, config.command_timeout.min(state.remaining())).await else {
+            return Ok(());
+        };
+        state.tls = true;
+        return match state.run(BufReader::new(stream), Some(greeting), shutdown).await? {
+            Outcome::Closed | Outcome::StartTls(_) => Ok(()),
+        };
+    }
     let io = match state.run(BufReader::new(io), Some(greeting), shutdown).await? {
         Outcome::Closed => return Ok(()),
         Outcome::StartTls(io) => io,
     };
-    let Some(tls) = config.tls.clone() else { return Ok(()) };
-    let wait = config.command_timeout.min(state.remaining());
-    let stream = match tokio::time::timeout(wait, tokio_rustls::TlsAcceptor::from(tls).accept(io)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            debug!(%peer, error = %e, "STARTTLS handshake failed.");
-            return Ok(());
-        }
-        Err(_) => return Ok(()),
+    let Some(stream) = handshake(io, peer, config, config.command_timeout.min(state.remaining())).await else {
+        return Ok(());
     };
     state.tls = true;
     // RFC 3207: the client starts over with EHLO; whatever it pipelined before is gone.
@@ -672,6 +679,28 @@ where
     state.reset();
     match state.run(BufReader::new(stream), None, shutdown).await? {
         Outcome::Closed | Outcome::StartTls(_) => Ok(()),
+    }
+}
+
+/// The TLS handshake (STARTTLS, or implicit TLS) within `wait`; `None`
+/// when there is no TLS configured, or the handshake failed or took too long.
+async fn handshake<IO>(
+    io: IO,
+    peer: SocketAddr,
+    config: &ListenerConfig,
+    wait: Duration,
+) -> Option<tokio_rustls::server::TlsStream<IO>>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let tls = config.tls.clone()?;
+    match tokio::time::timeout(wait, tokio_rustls::TlsAcceptor::from(tls).accept(io)).await {
+        Ok(Ok(s)) => Some(s),
+        Ok(Err(e)) => {
+            debug!(%peer, error = %e, "TLS handshake failed.");
+            None
+        }
+        Err(_) => None,
     }
 }
 
