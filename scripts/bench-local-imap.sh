@@ -13,7 +13,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cargo build --release --quiet --manifest-path "$root/Cargo.toml"
-B=$root/target/release/latssiam-bridge
+B=${CARGO_TARGET_DIR:-$root/target}/release/latssiam-bridge
 dovecot_bin=$(command -v dovecot || echo /usr/sbin/dovecot)
 [ -x "$dovecot_bin" ] || { echo "dovecot is not installed (apt-get install dovecot-imapd)" >&2; exit 2; }
 command -v mbsync >/dev/null || { echo "mbsync is not installed (apt-get install isync)" >&2; exit 2; }

@@ -22,4 +22,10 @@ for _ in $(seq 50); do grep -q '^ready' "$w/dns.out" 2>/dev/null && break; sleep
 port=$(awk '/^ready/{print $2}' "$w/dns.out")
 [ -n "$port" ] || { echo "the loopback DNS did not start" >&2; exit 1; }
 cd "$root"
+if [ -n "${CARGO_TARGET_DIR:-}" ]; then
+    # The shared script runs ./target/release/latssiam-bridge.
+    mkdir -p "$w/root/target"
+    ln -s "$CARGO_TARGET_DIR/release" "$w/root/target/release"
+    cd "$w/root"
+fi
 LATSSIAM_BRIDGE__DNS__NAMESERVERS=127.0.0.1:$port LATSSIAM_BRIDGE__GATEWAY__MAX_PER_ORIGIN_PER_DAY=0 bash "$bench"
