@@ -577,9 +577,11 @@ fn submission_with_auth_over_starttls_reaches_a_latssiam_person_and_through_the_
 const SUBMIT_IMPLICIT_TLS: &str = r#"
 import smtplib, ssl, sys, hashlib
 port, password, cafile = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-s = smtplib.SMTP_SSL('localhost', port, context=ssl.create_default_context(cafile=cafile))
+s = smtplib.SMTP_SSL('localhost', port, context=ssl.create_default_context(cafile=cafile), timeout=30)
 s.ehlo()
 assert 'starttls' not in s.esmtp_features, s.esmtp_features
+code, _ = s.docmd('STARTTLS')
+assert code == 503, code
 assert 'PLAIN' in s.esmtp_features.get('auth', ''), s.esmtp_features
 s.login('alice@localhost', password)
 msg = (b"From: Alice <alice@example.org>\r\nTo: bob@localhost\r\nSubject: over implicit TLS\r\n"
@@ -598,12 +600,15 @@ fn submission_with_implicit_tls_where_asked_takes_mail_after_the_handshake_and_n
     let addr = format!("127.0.0.1:{submissions}");
     let plain = format!("127.0.0.1:{}", free_port());
     let _local = start_submission_with(&rig, &plain, &addr, &["--submissions", &addr]);
+    // A client that never starts the handshake is cut off at the handshake deadline (30 s).
+    let silent = TcpStream::connect(&addr).unwrap();
+    let silent_since = Instant::now();
     // A client speaking plain SMTP is greeted by nothing: the port waits for a TLS handshake.
     let tcp = TcpStream::connect(&addr).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let mut first = [0u8; 3];
     let read = (&tcp).read(&mut first);
-    assert!(!matches!(read, Ok(n) if n > 0 && first.starts_with(b"220")), "greeted in the clear: {read:?}");
+    assert!(!matches!(read, Ok(n) if n > 0), "the server spoke first, in the clear: {read:?} {first:?}");
     // smtplib over TLS: no STARTTLS offered, AUTH is, and the mail reaches bob.
     let fingerprint = python(SUBMIT_IMPLICIT_TLS, &[&submissions.to_string(), &password, cert.to_str().unwrap()]);
     let printed = ok(rig.path(), &["local", "--identity", "alice", "--init"]);
@@ -612,6 +617,10 @@ fn submission_with_implicit_tls_where_asked_takes_mail_after_the_handshake_and_n
     assert_eq!(files.len(), 1, "{printed}");
     assert!(std::fs::read_to_string(&files[0]).unwrap().contains("submitted on the submissions port"));
     assert!(printed.contains("signed by alice@localhost"), "{printed}");
+    silent.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let read = (&silent).read(&mut first);
+    assert!(matches!(read, Ok(0)) || read.is_err() && silent_since.elapsed() < Duration::from_secs(60), "{read:?}");
+    assert!(silent_since.elapsed() < Duration::from_secs(45), "held {:?}", silent_since.elapsed());
 }
 
 #[test]

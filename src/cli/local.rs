@@ -105,6 +105,8 @@ pub fn local(args: LocalArgs) -> Result<()> {
         match Router::load(args.sendmail_config.as_deref()) {
             Ok(router) => {
                 let sink = Arc::new(Submission { router });
+                // One budget of message data in memory for both listeners.
+                let data_memory = Arc::new(tokio::sync::Semaphore::new(bridge_smtp::listener::DATA_MEMORY_MIB));
                 let listeners = [(args.submission, false)].into_iter().chain(args.submissions.map(|a| (a, true)));
                 for (addr, implicit_tls) in listeners {
                     let l = tokio::net::TcpListener::bind(addr)
@@ -115,6 +117,7 @@ pub fn local(args: LocalArgs) -> Result<()> {
                     let mut config = ListenerConfig::new("localhost", max_message as usize);
                     config.tls = access.tls.clone();
                     config.implicit_tls = implicit_tls;
+                    config.data_memory = Arc::clone(&data_memory);
                     config.auth = Some(Arc::clone(&access) as Arc<dyn bridge_smtp::Authenticator>);
                     config.auth_without_tls = addr.ip().is_loopback();
                     config.max_connections = local::imap::MAX_CONNECTIONS;

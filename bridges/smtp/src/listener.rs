@@ -575,6 +575,9 @@ pub async fn serve<S: Sink>(
     sink: Arc<S>,
     shutdown: CancellationToken,
 ) {
+    if config.implicit_tls && config.tls.is_none() {
+        warn!("SMTP listener with implicit TLS but no TLS configured: every connection will be closed.");
+    }
     let limit = Arc::new(Semaphore::new(config.max_connections.max(1)));
     // Clients told 421 at once, beyond which a connection is closed unanswered.
     let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
@@ -617,6 +620,11 @@ pub async fn serve<S: Sink>(
             }
             Err(why) => why,
         };
+        if config.implicit_tls {
+            // A client on a TLS port cannot read a 421 in the clear.
+            info!(%peer, reason = ?refusal, "SMTP client over its limits; closed.");
+            continue;
+        }
         let Ok(slot) = Arc::clone(&refusing).try_acquire_owned() else {
             // Flooded beyond what is worth answering.
             continue;
@@ -657,7 +665,8 @@ where
     let mut state = Session::new(peer, config, sink, anvil);
     let greeting = format!("220 {} ESMTP latssiam-bridge\r\n", config.hostname);
     if config.implicit_tls {
-        let Some(stream) = handshake(io, peer, config, config.command_timeout.min(state.remaining())).await else {
+        let Some(stream) = handshake(io, peer, config, config.command_timeout.min(state.remaining()), shutdown).await
+        else {
             return Ok(());
         };
         state.tls = true;
@@ -669,7 +678,8 @@ where
         Outcome::Closed => return Ok(()),
         Outcome::StartTls(io) => io,
     };
-    let Some(stream) = handshake(io, peer, config, config.command_timeout.min(state.remaining())).await else {
+    let Some(stream) = handshake(io, peer, config, config.command_timeout.min(state.remaining()), shutdown).await
+    else {
         return Ok(());
     };
     state.tls = true;
@@ -682,25 +692,40 @@ where
     }
 }
 
-/// The TLS handshake (STARTTLS, or implicit TLS) within `wait`; `None`
-/// when there is no TLS configured, or the handshake failed or took too long.
+/// The longest a TLS handshake may take (as the reference server's 10 s,
+/// generous for a client on the far side of the world).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The TLS handshake (STARTTLS, or implicit TLS) within `wait` and
+/// [`HANDSHAKE_TIMEOUT`], cut short under stress as every wait for a client
+/// is, and by `shutdown`; `None` when there is no TLS configured, or the
+/// handshake failed, took too long or was cut short.
 async fn handshake<IO>(
     io: IO,
     peer: SocketAddr,
     config: &ListenerConfig,
     wait: Duration,
+    shutdown: &CancellationToken,
 ) -> Option<tokio_rustls::server::TlsStream<IO>>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
     let tls = config.tls.clone()?;
-    match tokio::time::timeout(wait, tokio_rustls::TlsAcceptor::from(tls).accept(io)).await {
+    let accept = waited(config, wait.min(HANDSHAKE_TIMEOUT), tokio_rustls::TlsAcceptor::from(tls).accept(io));
+    let done = tokio::select! {
+        done = accept => done,
+        () = shutdown.cancelled() => return None,
+    };
+    match done {
         Ok(Ok(s)) => Some(s),
         Ok(Err(e)) => {
             debug!(%peer, error = %e, "TLS handshake failed.");
             None
         }
-        Err(_) => None,
+        Err(()) => {
+            debug!(%peer, "TLS handshake took too long.");
+            None
+        }
     }
 }
 
