@@ -360,6 +360,54 @@ proptest! {
         prop_assert_eq!(decoded, frames);
     }
 
+    /// Frames and the first error are the same however the input arrives:
+    /// whole, or cut anywhere (the decoder looks at partial lines to fail
+    /// early, and must not answer differently for them), with one octet
+    /// of the input possibly changed.
+    #[test]
+    fn frames_and_errors_do_not_depend_on_where_the_input_is_cut(
+        frames in proptest::collection::vec(arb_frame(), 1..6),
+        changed in proptest::option::of((any::<proptest::sample::Index>(), any::<u8>())),
+        cuts in proptest::collection::vec(any::<proptest::sample::Index>(), 0..12),
+    ) {
+        let mut wire = Vec::new();
+        for f in &frames {
+            wire.extend_from_slice(&encode_frame(f).unwrap());
+        }
+        if let Some((at, octet)) = changed {
+            let at = at.index(wire.len());
+            wire[at] = octet;
+        }
+        let (whole, whole_error) = decode_all(&wire);
+        let mut points: Vec<usize> = cuts.iter().map(|c| c.index(wire.len() + 1)).collect();
+        points.push(wire.len());
+        points.sort_unstable();
+        let (mut codec, mut buf, mut got, mut error, mut from) = (FrameCodec::new(), BytesMut::new(), Vec::new(), None, 0);
+        'feed: for to in points {
+            buf.extend_from_slice(&wire[from..to]);
+            from = to;
+            loop {
+                match codec.decode(&mut buf) {
+                    Ok(Some(f)) => got.push(f),
+                    Ok(None) => break,
+                    Err(e) => {
+                        error = Some(e);
+                        break 'feed;
+                    }
+                }
+            }
+        }
+        while error.is_none() {
+            match codec.decode_eof(&mut buf) {
+                Ok(Some(f)) => got.push(f),
+                Ok(None) => break,
+                Err(e) => error = Some(e),
+            }
+        }
+        prop_assert_eq!(got, whole);
+        prop_assert_eq!(format!("{error:?}"), format!("{whole_error:?}"));
+    }
+
     #[test]
     fn arbitrary_bytes_never_panic(input in proptest::collection::vec(any::<u8>(), 0..2000)) {
         let _ = decode_all(&input);
