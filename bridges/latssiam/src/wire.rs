@@ -556,7 +556,6 @@ impl FrameCodec {
         Self::default()
     }
 
-    /// Takes one line, without its CRLF, off the front of `buf`.
     /// The length of the first whole line in `buf`, without its CRLF, after
     /// checking it; `None` while no line is whole and nothing seen so far is
     /// wrong.
@@ -564,7 +563,11 @@ impl FrameCodec {
         let window = &buf[..buf.len().min(MAX_LINE)];
         let Some(lf) = memchr::memchr(b'\n', window) else {
             if buf.len() >= MAX_LINE {
-                return Err(first_fault(&window[..MAX_CONTENT]).unwrap_or(WireError::LineTooLong));
+                // What a 72-octet partial line would have been checked for
+                // (all but a last CR), so that the error does not depend on
+                // where the input was cut.
+                let settled = MAX_LINE - 1 - usize::from(window[MAX_LINE - 2] == b'\r');
+                return Err(first_fault(&window[..settled]).unwrap_or(WireError::LineTooLong));
             }
             // Fail early on what no later octet can repair.
             let settled = window.len() - usize::from(window.last() == Some(&b'\r'));

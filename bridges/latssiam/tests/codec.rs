@@ -344,6 +344,54 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
     ]
 }
 
+/// Feeds `wire` to one decoder in pieces cut at `cuts` (then at its end),
+/// as a connection would; returns the frames, the first error (as text) and
+/// the octets consumed.
+fn decode_cut(wire: &[u8], cuts: &[proptest::sample::Index]) -> (Vec<Frame>, String, usize) {
+    let mut points: Vec<usize> = cuts.iter().map(|c| c.index(wire.len() + 1)).collect();
+    points.push(wire.len());
+    points.sort_unstable();
+    let (mut codec, mut buf, mut got, mut error, mut from) = (FrameCodec::new(), BytesMut::new(), Vec::new(), None, 0);
+    'feed: for to in points {
+        buf.extend_from_slice(&wire[from..to]);
+        from = to;
+        loop {
+            match codec.decode(&mut buf) {
+                Ok(Some(f)) => got.push(f),
+                Ok(None) => break,
+                Err(e) => {
+                    error = Some(e);
+                    break 'feed;
+                }
+            }
+        }
+    }
+    while error.is_none() {
+        match codec.decode_eof(&mut buf) {
+            Ok(Some(f)) => got.push(f),
+            Ok(None) => break,
+            Err(e) => error = Some(e),
+        }
+    }
+    (got, format!("{error:?}"), from - buf.len())
+}
+
+/// A line too long whose 72nd octet is a fault: the error is the fault,
+/// whether the decoder saw 72 octets first or the whole line (it said
+/// `LineTooLong` for the whole line before).
+#[test]
+fn a_fault_in_the_72nd_octet_of_a_line_too_long_is_the_same_error_however_cut() {
+    for fault in [0u8, 0x7f] {
+        let mut wire = vec![b'a'; 71];
+        wire.extend_from_slice(&[fault, b'x', b'y']);
+        let (_, whole) = decode_all(&wire);
+        let mut first_72 = BytesMut::from(&wire[..72]);
+        let cut = FrameCodec::new().decode(&mut first_72).err();
+        assert!(whole.is_some(), "octet {fault:#x}");
+        assert_eq!(format!("{cut:?}"), format!("{whole:?}"), "octet {fault:#x}");
+    }
+}
+
 proptest! {
     #[test]
     fn frames_round_trip(frames in proptest::collection::vec(arb_frame(), 1..8)) {
@@ -360,10 +408,10 @@ proptest! {
         prop_assert_eq!(decoded, frames);
     }
 
-    /// Frames and the first error are the same however the input arrives:
-    /// whole, or cut anywhere (the decoder looks at partial lines to fail
-    /// early, and must not answer differently for them), with one octet
-    /// of the input possibly changed.
+    /// Frames, the first error and what was consumed are the same however
+    /// the input arrives: whole, or cut anywhere (the decoder looks at
+    /// partial lines to fail early, and must not answer differently for
+    /// them). The input is valid frames with one octet possibly changed.
     #[test]
     fn frames_and_errors_do_not_depend_on_where_the_input_is_cut(
         frames in proptest::collection::vec(arb_frame(), 1..6),
@@ -378,34 +426,22 @@ proptest! {
             let at = at.index(wire.len());
             wire[at] = octet;
         }
-        let (whole, whole_error) = decode_all(&wire);
-        let mut points: Vec<usize> = cuts.iter().map(|c| c.index(wire.len() + 1)).collect();
-        points.push(wire.len());
-        points.sort_unstable();
-        let (mut codec, mut buf, mut got, mut error, mut from) = (FrameCodec::new(), BytesMut::new(), Vec::new(), None, 0);
-        'feed: for to in points {
-            buf.extend_from_slice(&wire[from..to]);
-            from = to;
-            loop {
-                match codec.decode(&mut buf) {
-                    Ok(Some(f)) => got.push(f),
-                    Ok(None) => break,
-                    Err(e) => {
-                        error = Some(e);
-                        break 'feed;
-                    }
-                }
-            }
-        }
-        while error.is_none() {
-            match codec.decode_eof(&mut buf) {
-                Ok(Some(f)) => got.push(f),
-                Ok(None) => break,
-                Err(e) => error = Some(e),
-            }
-        }
-        prop_assert_eq!(got, whole);
-        prop_assert_eq!(format!("{error:?}"), format!("{whole_error:?}"));
+        let whole = decode_cut(&wire, &[]);
+        prop_assert_eq!(decode_cut(&wire, &cuts), whole);
+    }
+
+    /// The same for lines of any length and octets near the edges of what
+    /// a line may hold (CR, LF, NUL, DEL, spaces), long lines included.
+    #[test]
+    fn raw_lines_decode_alike_however_cut(
+        wire in proptest::collection::vec(
+            prop_oneof![40 => 0x20u8..0x7f, 1 => Just(b'\r'), 1 => Just(b'\n'), 1 => Just(0u8), 1 => Just(0x7fu8)],
+            0..400,
+        ),
+        cuts in proptest::collection::vec(any::<proptest::sample::Index>(), 0..12),
+    ) {
+        let whole = decode_cut(&wire, &[]);
+        prop_assert_eq!(decode_cut(&wire, &cuts), whole);
     }
 
     #[test]
