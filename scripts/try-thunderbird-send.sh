@@ -45,44 +45,17 @@ pw=$($B local --identity bob --init | awk '/^password/{print $2}')
 $B local --identity bob --pins pins --server 127.0.0.1:$srv --imap 127.0.0.1:$imap \
     --submission 127.0.0.1:$sub --sendmail-config sendmail.toml 2>local.log &
 sleep 1
-python3 "$root/scripts/imap_preauth_proxy.py" $iproxy $imap bob@example.org "$pw" "$w/imap.log" >/dev/null &
-python3 "$root/scripts/smtp_auth_proxy.py" $sproxy $sub bob@example.org "$pw" "$w/smtp.log" >/dev/null &
+python3 "$root/scripts/login_proxy.py" imap $iproxy $imap bob@example.org "$pw" "$w/imap.log" >/dev/null &
+python3 "$root/scripts/login_proxy.py" smtp $sproxy $sub bob@example.org "$pw" "$w/smtp.log" >/dev/null &
 sleep 1
-mkdir -p profile
-cat > profile/prefs.js <<PREFS
-user_pref("mail.shell.checkDefaultClient", false);
-user_pref("mail.provider.enabled", false);
-user_pref("mailnews.start_page.enabled", false);
-user_pref("app.update.enabled", false);
-user_pref("datareporting.policy.dataSubmissionEnabled", false);
-user_pref("mail.account.account1.identities", "id1");
-user_pref("mail.account.account1.server", "server1");
-user_pref("mail.account.account2.server", "server2");
-user_pref("mail.accountmanager.accounts", "account1,account2");
-user_pref("mail.accountmanager.defaultaccount", "account1");
-user_pref("mail.accountmanager.localfoldersserver", "server2");
-user_pref("mail.identity.id1.fullName", "Bob");
-user_pref("mail.identity.id1.useremail", "bob@example.org");
-user_pref("mail.identity.id1.valid", true);
+. "$root/scripts/thunderbird-profile.sh"
+thunderbird_profile profile $iproxy
+cat >> profile/prefs.js <<PREFS
 user_pref("mail.identity.id1.smtpServer", "smtp1");
 user_pref("mail.identity.id1.fcc", true);
 user_pref("mail.identity.id1.fcc_folder", "imap://bob%40example.org@127.0.0.1/Sent");
 user_pref("mail.identity.id1.compose_html", false);
 user_pref("mail.warn_on_send_accel_key", false);
-user_pref("mail.server.server1.hostname", "127.0.0.1");
-user_pref("mail.server.server1.name", "bob@example.org");
-user_pref("mail.server.server1.port", $iproxy);
-user_pref("mail.server.server1.type", "imap");
-user_pref("mail.server.server1.userName", "bob@example.org");
-user_pref("mail.server.server1.socketType", 0);
-user_pref("mail.server.server1.authMethod", 1);
-user_pref("mail.server.server1.login_at_startup", true);
-user_pref("mail.server.server1.directory-rel", "[ProfD]ImapMail/127.0.0.1");
-user_pref("mail.server.server2.hostname", "Local Folders");
-user_pref("mail.server.server2.name", "Local Folders");
-user_pref("mail.server.server2.type", "none");
-user_pref("mail.server.server2.userName", "nobody");
-user_pref("mail.server.server2.directory-rel", "[ProfD]Mail/Local Folders");
 user_pref("mail.smtpservers", "smtp1");
 user_pref("mail.smtp.defaultserver", "smtp1");
 user_pref("mail.smtpserver.smtp1.hostname", "127.0.0.1");
@@ -96,8 +69,7 @@ Xvfb "$DISPLAY" -screen 0 1280x900x24 -nolisten tcp >xvfb.log 2>&1 &
 sleep 2
 thunderbird --profile "$w/profile" --no-remote \
     -compose "to='alice@example.org',subject='sent from Thunderbird',body='Hello Alice, from Thunderbird through the bridge.'" >tb.log 2>&1 &
-sleep 30
-sleep 10
+sleep 40
 win=$(xdotool search --name "Write: sent from Thunderbird" | head -1 || true)
 [ -n "$win" ] || { echo "no compose window"; tail -5 tb.log; xdotool search --name "." getwindowname %@ 2>/dev/null | sort -u | head; exit 1; }
 xdotool windowfocus --sync "$win" key --clearmodifiers ctrl+Return

@@ -10,8 +10,8 @@
 #   scripts/try-thunderbird.sh     (needs thunderbird and xvfb from Debian; not part of CI)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-cargo build --release --quiet --manifest-path "$root/Cargo.toml"
-B=$root/target/release/latssiam-bridge
+[ -n "${CARGO_TARGET_DIR:-}" ] || cargo build --release --quiet --manifest-path "$root/Cargo.toml"
+B=${CARGO_TARGET_DIR:-$root/target}/release/latssiam-bridge
 command -v thunderbird >/dev/null && command -v xvfb-run >/dev/null ||
     { echo "apt-get install --no-install-recommends thunderbird xvfb" >&2; exit 2; }
 w=$(mktemp -d)
@@ -39,41 +39,14 @@ PY
 }
 for i in 0 1 2; do append "hello $i"; done
 append "with attachment" yes
-python3 "$root/scripts/imap_preauth_proxy.py" "$proxy" "$port" bob@example.org "$pw" "$w/imap.log" >/dev/null &
+python3 "$root/scripts/login_proxy.py" imap "$proxy" "$port" bob@example.org "$pw" "$w/imap.log" >/dev/null &
 sleep 1
-mkdir -p profile
-cat > profile/prefs.js <<PREFS
-user_pref("mail.account.account1.identities", "id1");
-user_pref("mail.account.account1.server", "server1");
-user_pref("mail.account.account2.server", "server2");
-user_pref("mail.accountmanager.accounts", "account1,account2");
-user_pref("mail.accountmanager.defaultaccount", "account1");
-user_pref("mail.accountmanager.localfoldersserver", "server2");
-user_pref("mail.identity.id1.fullName", "Bob");
-user_pref("mail.identity.id1.useremail", "bob@example.org");
-user_pref("mail.identity.id1.valid", true);
-user_pref("mail.server.server1.hostname", "127.0.0.1");
-user_pref("mail.server.server1.name", "bob@example.org");
-user_pref("mail.server.server1.port", $proxy);
-user_pref("mail.server.server1.type", "imap");
-user_pref("mail.server.server1.userName", "bob@example.org");
-user_pref("mail.server.server1.socketType", 0);
-user_pref("mail.server.server1.authMethod", 1);
-user_pref("mail.server.server1.login_at_startup", true);
+. "$root/scripts/thunderbird-profile.sh"
+thunderbird_profile profile "$proxy"
+cat >> profile/prefs.js <<PREFS
 user_pref("mail.server.server1.check_new_mail", true);
 user_pref("mail.server.server1.offline_download", true);
 user_pref("mail.server.server1.autosync_offline_stores", true);
-user_pref("mail.server.server1.directory-rel", "[ProfD]ImapMail/127.0.0.1");
-user_pref("mail.server.server2.hostname", "Local Folders");
-user_pref("mail.server.server2.name", "Local Folders");
-user_pref("mail.server.server2.type", "none");
-user_pref("mail.server.server2.userName", "nobody");
-user_pref("mail.server.server2.directory-rel", "[ProfD]Mail/Local Folders");
-user_pref("mail.shell.checkDefaultClient", false);
-user_pref("mail.provider.enabled", false);
-user_pref("mailnews.start_page.enabled", false);
-user_pref("app.update.enabled", false);
-user_pref("datareporting.policy.dataSubmissionEnabled", false);
 PREFS
 HOME=$w xvfb-run -a -s "-screen 0 1280x900x24" thunderbird --profile "$w/profile" --no-remote >tb.log 2>&1 &
 sleep 45
