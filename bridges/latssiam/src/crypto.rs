@@ -219,15 +219,21 @@ fn random<const N: usize>(rng: &SystemRandom) -> Result<[u8; N], CryptoError> {
     Ok(out)
 }
 
-/// A parsed certificate: what sealing to it or naming it needs.
-struct Cert {
-    x509: Certificate,
+/// A parsed certificate: what sealing to it or naming it needs. Borrowed
+/// where it was decoded as part of something else (a signature's
+/// certificates), so that checking a signature copies none of them.
+struct Cert<'a> {
+    x509: std::borrow::Cow<'a, Certificate>,
 }
 
-impl Cert {
+impl Cert<'_> {
     fn parse(der: &[u8]) -> Result<Self, CryptoError> {
         let x509 = Certificate::from_der(der).map_err(|e| CryptoError::BadCertificate(e.to_string()))?;
-        Ok(Self { x509 })
+        Ok(Self { x509: std::borrow::Cow::Owned(x509) })
+    }
+
+    fn of(x509: &Certificate) -> Cert<'_> {
+        Cert { x509: std::borrow::Cow::Borrowed(x509) }
     }
 
     fn issuer_and_serial(&self) -> IssuerAndSerialNumber {
@@ -264,7 +270,10 @@ impl Cert {
 
     fn names(&self, rid_iasn: Option<&IssuerAndSerialNumber>, rid_ski: Option<&OctetString>) -> bool {
         match (rid_iasn, rid_ski) {
-            (Some(i), _) => *i == self.issuer_and_serial(),
+            (Some(i), _) => {
+                let tbs = &self.x509.tbs_certificate;
+                i.issuer == tbs.issuer && i.serial_number == tbs.serial_number
+            }
             (_, Some(k)) => self.subject_key_id().as_ref() == Some(k),
             _ => false,
         }
@@ -344,7 +353,7 @@ pub fn seal(plaintext: &[u8], recipient: &[u8]) -> Result<Vec<u8>, CryptoError> 
         .map_err(malformed)
 }
 
-fn kari_for(cert: &Cert, cek: &[u8; 32]) -> Result<RecipientInfo, CryptoError> {
+fn kari_for(cert: &Cert<'_>, cek: &[u8; 32]) -> Result<RecipientInfo, CryptoError> {
     let ephemeral = agreement::PrivateKey::generate(&ECDH_P256).map_err(|_| CryptoError::Internal("ephemeral key"))?;
     let ephemeral_public = ephemeral.compute_public_key().map_err(|_| CryptoError::Internal("ephemeral public key"))?;
     let wrap_alg = alg(oid::AES256_WRAP);
@@ -372,7 +381,7 @@ fn kari_for(cert: &Cert, cek: &[u8; 32]) -> Result<RecipientInfo, CryptoError> {
     }))
 }
 
-fn ktri_for(cert: &Cert, cek: &[u8; 32]) -> Result<RecipientInfo, CryptoError> {
+fn ktri_for(cert: &Cert<'_>, cek: &[u8; 32]) -> Result<RecipientInfo, CryptoError> {
     let spki_der = cert.spki().to_der().map_err(malformed)?;
     let public =
         PublicEncryptingKey::from_der(&spki_der).map_err(|_| CryptoError::BadCertificate("RSA public key".into()))?;
@@ -472,7 +481,7 @@ pub fn open(der: &[u8], identity: &Identity) -> Result<Vec<u8>, CryptoError> {
 
 fn kari_unwrap(
     kari: &KeyAgreeRecipientInfo,
-    me: &Cert,
+    me: &Cert<'_>,
     key: &agreement::PrivateKey,
 ) -> Result<Option<[u8; 32]>, CryptoError> {
     let Some(rek) = kari.recipient_enc_keys.iter().find(|rek| match &rek.rid {
@@ -521,7 +530,7 @@ fn kari_unwrap(
 
 fn ktri_unwrap(
     ktri: &KeyTransRecipientInfo,
-    me: &Cert,
+    me: &Cert<'_>,
     oaep: &OaepPrivateDecryptingKey,
     pkcs1: &Pkcs1PrivateDecryptingKey,
 ) -> Result<Option<[u8; 32]>, CryptoError> {
@@ -623,7 +632,7 @@ pub fn sign(content: &[u8], identity: &Identity) -> Result<Vec<u8>, CryptoError>
         digest_algorithms: SetOfVec::try_from(vec![alg(oid::SHA256)]).map_err(malformed)?,
         encap_content_info: EncapsulatedContentInfo { econtent_type: oid::DATA, econtent: None },
         certificates: Some(CertificateSet(
-            SetOfVec::try_from(vec![CertificateChoices::Certificate(me.x509)]).map_err(malformed)?,
+            SetOfVec::try_from(vec![CertificateChoices::Certificate(me.x509.into_owned())]).map_err(malformed)?,
         )),
         crls: None,
         signer_infos: SignerInfos(SetOfVec::try_from(vec![signer]).map_err(malformed)?),
@@ -664,14 +673,14 @@ pub fn verify(signature_der: &[u8], content: &[u8]) -> Result<Vec<u8>, CryptoErr
             CertificateChoices::Other(_) => None,
         })
         .find(|c| {
-            let c = Cert { x509: (*c).clone() };
+            let c = Cert::of(c);
             match &signer.sid {
                 SignerIdentifier::IssuerAndSerialNumber(i) => c.names(Some(i), None),
                 SignerIdentifier::SubjectKeyIdentifier(k) => c.names(None, Some(&k.0)),
             }
         })
         .ok_or(CryptoError::SignerNotFound)?;
-    let cert = Cert { x509: cert.clone() };
+    let cert = Cert::of(cert);
     if signer.digest_alg.oid != oid::SHA256 {
         return Err(CryptoError::Unsupported(format!("digest {}", signer.digest_alg.oid)));
     }
