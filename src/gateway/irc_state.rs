@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use sled::Transactional as _;
 
 use super::db::{corrupt, decode, encode, Store, StoreError};
-use super::queue::{now_ms, DigestJob, JobId, Origin};
+use super::queue::{fresh_jobs, now_ms, DigestJob, Origin};
 
 /// Most entries the reply map keeps (each msgid with its time-index entry);
 /// beyond it the oldest are forgotten first.
@@ -160,11 +160,9 @@ impl Store {
         let now = now_ms();
         let mut jobs = Vec::new();
         for d in digests {
-            for (i, target) in d.targets.iter().enumerate() {
-                let index = u16::try_from(i).map_err(|_| corrupt("more than 65535 subscribers"))?;
-                let jid = JobId { message: d.id, index };
-                jobs.push((jid, encode(&super::queue::Job::fresh(d.id, target.clone(), Origin::Gateway, now))));
-            }
+            let fresh = fresh_jobs(d.id, d.targets.iter().cloned(), &Origin::Gateway, now)
+                .ok_or_else(|| corrupt("more than 65535 subscribers"))?;
+            jobs.extend(fresh.into_iter().map(|(jid, job)| (jid, encode(&job))));
         }
         (&self.irc_window, &self.bodies, &self.jobs)
             .transaction(|(window, bodies, queued)| {

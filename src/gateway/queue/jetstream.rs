@@ -53,7 +53,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{
-    now_ms, Boxed, Claimed, Cluster, DigestJob, Job, JobId, JobQueue, Origin, PostTicket, Quiet, SharedOffer, Target,
+    fresh_jobs, now_ms, Boxed, Claimed, Cluster, DigestJob, Job, JobId, JobQueue, Origin, PostTicket, Quiet,
+    SharedOffer, Target,
 };
 use crate::gateway::config::Settings;
 use crate::gateway::contacts::Contact;
@@ -325,12 +326,11 @@ impl JetQueue {
     /// [`StoreError::Shared`] if any publish failed or was not acknowledged in time.
     pub async fn enqueue(&self, id: u64, body: &[u8], targets: Vec<Target>, origin: &Origin) -> Result<(), StoreError> {
         let now = now_ms();
-        let mut acks = Vec::with_capacity(targets.len());
-        for (i, target) in targets.into_iter().enumerate() {
-            let index = u16::try_from(i).map_err(|_| shared("enqueue", "more than 65535 recipients"))?;
-            let jid = JobId { message: id, index };
-            let job = Job::fresh(id, target, origin.clone(), now);
-            acks.push(self.publish(&self.subject, &jid.to_string(), frame(&job, body)).await?);
+        let jobs =
+            fresh_jobs(id, targets, origin, now).ok_or_else(|| shared("enqueue", "more than 65535 recipients"))?;
+        let mut acks = Vec::with_capacity(jobs.len());
+        for (jid, job) in &jobs {
+            acks.push(self.publish(&self.subject, &jid.to_string(), frame(job, body)).await?);
         }
         for ack in acks {
             wait_ack(ack).await?;

@@ -286,6 +286,25 @@ impl Job {
     }
 }
 
+/// The fresh jobs of message `message`, one per target in order, each with
+/// its id; `None` past 65,535 targets (a job's index is a `u16`), which
+/// every caller reports as its own error.
+pub(crate) fn fresh_jobs(
+    message: u64,
+    targets: impl IntoIterator<Item = Target>,
+    origin: &Origin,
+    now: u64,
+) -> Option<Vec<(JobId, Job)>> {
+    targets
+        .into_iter()
+        .enumerate()
+        .map(|(i, target)| {
+            let index = u16::try_from(i).ok()?;
+            Some((JobId { message, index }, Job::fresh(message, target, origin.clone(), now)))
+        })
+        .collect()
+}
+
 /// A job id: message id and recipient index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct JobId {

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use sled::Transactional as _;
 
-use super::{now_ms, Claimed, Depth, DigestJob, Job, JobId, JobQueue, Origin, PostTicket, Quiet, Target};
+use super::{fresh_jobs, now_ms, Claimed, Depth, DigestJob, Job, JobId, JobQueue, Origin, PostTicket, Quiet, Target};
 use crate::gateway::db::{corrupt, decode, encode, SharedFuture, Store, StoreError};
 use crate::gateway::outbox::IrcPost;
 
@@ -231,13 +231,12 @@ impl Store {
         // until the flush below returned nothing is acknowledged, and a
         // message not acknowledged may be delivered either way (its jobs
         // were written), as before.
-        let mut jobs = Vec::with_capacity(targets.len());
         let has_jobs = !targets.is_empty();
-        for (i, target) in targets.into_iter().enumerate() {
-            let index = u16::try_from(i).map_err(|_| corrupt("more than 65535 recipients"))?;
-            let jid = JobId { message: id, index };
-            jobs.push((jid, encode(&Job::fresh(id, target, origin.clone(), now))));
-        }
+        let jobs: Vec<_> = fresh_jobs(id, targets, origin, now)
+            .ok_or_else(|| corrupt("more than 65535 recipients"))?
+            .into_iter()
+            .map(|(jid, job)| (jid, encode(&job)))
+            .collect();
         let mut post_keys = Vec::new();
         let written = async {
             for post in posts {
