@@ -181,3 +181,25 @@ From: CEO <ceo@example.org>\r\nTo: alice@example.org\r\nSubject: from inside\r\n
     assert!(header.contains("dmarc=pass") && !header.contains("LATSSIAM-Auth-Warning"), "{header}");
     assert_eq!(rig.metric("latssiam_bridge_inbound_auth_total{outcome=\"upstream\"}"), 1);
 }
+
+/// A name the DNS server says does not exist, without an SOA (so with no
+/// negative TTL), is not asked again for every message: the answer is kept
+/// for `NEGATIVE_MIN_TTL`. Shown by stopping the server after the first
+/// answer: the same question is still answered "no such name", while a new
+/// one now fails to reach the server.
+#[test]
+fn a_negative_answer_without_an_soa_is_kept_briefly_not_asked_per_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut dns = common::dns::Dns::start(dir.path(), "held.test. 60 IN TXT \"v=spf1 -all\"\n");
+    let server: std::net::SocketAddr = dns.nameserver().parse().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let resolver = latssiam::client::dns_resolver(&[server], Duration::from_millis(500)).unwrap();
+    let ask = |name: &'static str| rt.block_on(resolver.txt_lookup(name));
+    assert!(ask("_dmarc.test.").unwrap_err().is_nx_domain(), "the server holds no _dmarc.test");
+    assert!(ask("held.test.").is_ok(), "the server answers what it holds");
+    dns.stop();
+    let again = ask("_dmarc.test.");
+    assert!(again.as_ref().is_err_and(|e| e.is_nx_domain()), "asked the stopped server again: {again:?}");
+    let fresh = ask("_dmarc.other.test.");
+    assert!(fresh.as_ref().is_err_and(|e| !e.is_no_records_found()), "the server is down: {fresh:?}");
+}
