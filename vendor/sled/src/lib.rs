@@ -310,6 +310,9 @@ pub use {
     },
 };
 
+// latssiam-bridge: PATCHES.md, 4.
+pub use self::pagecache::keep_spare_segment_buffers;
+
 pub use self::{
     batch::Batch,
     config::{Config, Mode},

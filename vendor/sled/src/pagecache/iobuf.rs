@@ -35,8 +35,41 @@ unsafe impl Send for AlignedBuf {}
 #[allow(unsafe_code)]
 unsafe impl Sync for AlignedBuf {}
 
+/// latssiam-bridge: segment buffers given back, kept for the next segment
+/// (PATCHES.md, 4). Each is `(address, length)` of an allocation made by
+/// `AlignedBuf::new` that nothing refers to any more.
+static SPARE_BUFS: std::sync::Mutex<Vec<(usize, usize)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// latssiam-bridge: how many spare segment buffers are kept at most; none
+/// (upstream's behaviour) unless [`keep_spare_segment_buffers`] says more.
+static MAX_SPARE_BUFS: AtomicUsize = AtomicUsize::new(0);
+
+/// latssiam-bridge: keep up to `n` buffers of finished log segments (512
+/// KiB each, resident) for the next segments, instead of freeing each and
+/// allocating the next afresh, whose every page then faults in as the log
+/// fills it (PATCHES.md, 4). For a process that writes steadily; one that
+/// mostly waits is better off without (the default).
+pub fn keep_spare_segment_buffers(n: usize) {
+    MAX_SPARE_BUFS.store(n, SeqCst);
+}
+
 impl AlignedBuf {
     fn new(len: usize) -> AlignedBuf {
+        // latssiam-bridge: a buffer of a finished segment, if one is spare:
+        // its pages are already mapped, where a fresh allocation of a
+        // segment (512 KiB, served by mmap) faulted in every page again
+        // as the log filled it. Nothing in it is read before it is
+        // written: sled fills the unused tail of a segment itself
+        // (`write_to_log`), as it must for memory fresh from `alloc`.
+        {
+            let mut spare =
+                SPARE_BUFS.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(i) = spare.iter().position(|&(_, l)| l == len) {
+                let (ptr, len) = spare.swap_remove(i);
+                return AlignedBuf(ptr as *mut u8, len);
+            }
+        }
         let layout = Layout::from_size_align(len, 8192).unwrap();
         let ptr = unsafe { alloc(layout) };
 
@@ -48,6 +81,14 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
+        {
+            let mut spare =
+                SPARE_BUFS.lock().unwrap_or_else(|e| e.into_inner());
+            if spare.len() < MAX_SPARE_BUFS.load(Acquire) {
+                spare.push((self.0 as usize, self.1));
+                return;
+            }
+        }
         let layout = Layout::from_size_align(self.1, 8192).unwrap();
         unsafe {
             dealloc(self.0, layout);

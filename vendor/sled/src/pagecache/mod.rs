@@ -56,6 +56,9 @@ pub(crate) use self::{
     snapshot::{read_snapshot_or_default, PageState, Snapshot},
 };
 
+// latssiam-bridge: PATCHES.md, 4.
+pub use self::iobuf::keep_spare_segment_buffers;
+
 pub use self::{
     constants::{
         MAX_MSG_HEADER_LEN, MAX_SPACE_AMPLIFICATION, MINIMUM_ITEMS_PER_SEGMENT,
