@@ -1,6 +1,9 @@
 //! Contacts: the people on LATSSIAM the gateway knows, by fingerprint, and
 //! the one look-up behind every delivery to them ([`Store::reach`]).
 
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
 use latssiam::Fingerprint;
 use serde::{Deserialize, Serialize};
 
@@ -18,6 +21,58 @@ mod b64 {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
         let s = String::deserialize(d)?;
         base64::engine::general_purpose::STANDARD.decode(s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Most contacts kept decoded in memory; past this the cache starts again
+/// empty (contacts are the operator's list, so this is only a bound).
+const CONTACT_CACHE_MAX: usize = 4096;
+
+/// Contacts as [`Store::contact`] returns them, by fingerprint.
+///
+/// Every message to a contact reads it two or three times (`RCPT`, the end
+/// of `DATA`, the delivery), and decoding the stored record (JSON with a
+/// base64 certificate) was about 4 % of the gateway's CPU under the relay
+/// load. [`Store::apply_contact`], the one place contacts are written,
+/// forgets the contact after writing it and moves the generation on, so a
+/// read that began before a write never fills the cache with what it read.
+#[derive(Default)]
+pub(crate) struct ContactCache(Mutex<CacheState>);
+
+#[derive(Default)]
+struct CacheState {
+    generation: u64,
+    contacts: HashMap<Fingerprint, Contact>,
+}
+
+impl ContactCache {
+    fn lock(&self) -> MutexGuard<'_, CacheState> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The cached contact, or the generation to [`ContactCache::fill`] with.
+    fn get(&self, fp: &Fingerprint) -> Result<Contact, u64> {
+        let state = self.lock();
+        state.contacts.get(fp).cloned().ok_or(state.generation)
+    }
+
+    /// Keeps `contact`, read from the store at `generation`, unless a write came since.
+    fn fill(&self, fp: &Fingerprint, generation: u64, contact: &Contact) {
+        let mut state = self.lock();
+        if state.generation != generation {
+            return;
+        }
+        if state.contacts.len() >= CONTACT_CACHE_MAX {
+            state.contacts.clear();
+        }
+        state.contacts.insert(*fp, contact.clone());
+    }
+
+    /// `fp`'s record was just written or removed.
+    fn forget(&self, fp: &Fingerprint) {
+        let mut state = self.lock();
+        state.generation += 1;
+        state.contacts.remove(fp);
     }
 }
 
@@ -132,6 +187,13 @@ impl Store {
             }
             *last = r;
         }
+        let written = self.write_contact(fp, contact);
+        // Whatever part of the write happened, the cached copy may be stale now.
+        self.contact_cache.forget(fp);
+        written
+    }
+
+    fn write_contact(&self, fp: &Fingerprint, contact: Option<&Contact>) -> Result<(), StoreError> {
         if let Some(old) = self.contact(fp)? {
             self.remove_names(&old)?;
         }
@@ -188,7 +250,15 @@ impl Store {
     /// # Errors
     /// [`StoreError`].
     pub fn contact(&self, fp: &Fingerprint) -> Result<Option<Contact>, StoreError> {
-        self.contacts.get(fp.as_bytes())?.map(|v| decode(&v, "contact")).transpose()
+        let generation = match self.contact_cache.get(fp) {
+            Ok(contact) => return Ok(Some(contact)),
+            Err(generation) => generation,
+        };
+        let contact: Option<Contact> = self.contacts.get(fp.as_bytes())?.map(|v| decode(&v, "contact")).transpose()?;
+        if let Some(c) = &contact {
+            self.contact_cache.fill(fp, generation, c);
+        }
+        Ok(contact)
     }
 
     /// The contact reached by this address (LATSSIAM address or email alias), case-insensitively.
@@ -312,5 +382,31 @@ mod tests {
         store.apply_contact(&other.fingerprint(), Some(&other), Some(9)).unwrap();
         assert_eq!(store.contact_by_name("a@example.org").unwrap().map(|(f, _)| f), Some(fp));
         assert!(store.contact_by_name("b@localhost").unwrap().is_some());
+    }
+
+    #[test]
+    fn a_cached_contact_follows_every_write_and_a_racing_read_does_not_fill_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let c = contact("a@localhost", "a@example.org", b"cert a");
+        let fp = c.fingerprint();
+        store.apply_contact(&fp, Some(&c), None).unwrap();
+        assert_eq!(store.contact(&fp).unwrap().as_ref(), Some(&c)); // now cached
+        let moved = Contact { server: Some("elsewhere.example".into()), ..c.clone() };
+        store.apply_contact(&fp, Some(&moved), None).unwrap();
+        assert_eq!(store.contact(&fp).unwrap().as_ref(), Some(&moved));
+        store.apply_contact(&fp, None, None).unwrap();
+        assert_eq!(store.contact(&fp).unwrap(), None);
+        assert_eq!(store.contact_by_name("a@example.org").unwrap(), None);
+
+        // A read that missed before a write cannot put what it read back after.
+        let cache = ContactCache::default();
+        let Err(generation) = cache.get(&fp) else { panic!("an empty cache has nothing") };
+        cache.forget(&fp);
+        cache.fill(&fp, generation, &c);
+        assert!(cache.get(&fp).is_err());
+        let Err(generation) = cache.get(&fp) else { panic!("nothing was kept") };
+        cache.fill(&fp, generation, &c);
+        assert_eq!(cache.get(&fp), Ok(c));
     }
 }

@@ -140,6 +140,8 @@ pub struct Store {
     pub(crate) contact_writes: tokio::sync::Mutex<()>,
     /// The shared bucket's revision applied last, per contact.
     pub(crate) contact_revisions: std::sync::Mutex<std::collections::HashMap<latssiam::Fingerprint, u64>>,
+    /// Contacts decoded, as [`Store::contact`] returns them.
+    pub(crate) contact_cache: super::contacts::ContactCache,
 }
 
 impl Store {
@@ -186,6 +188,7 @@ impl Store {
             shared: std::sync::OnceLock::new(),
             contact_writes: tokio::sync::Mutex::new(()),
             contact_revisions: std::sync::Mutex::default(),
+            contact_cache: super::contacts::ContactCache::default(),
         };
         store.recover()?;
         Ok(Arc::new(store))
