@@ -179,8 +179,11 @@ impl Store {
         contact: Option<&Contact>,
         revision: Option<u64>,
     ) -> Result<(), StoreError> {
+        // Held across the check, the write and the cache's forgetting: two
+        // writes of one contact (the mirror's and this node's, or two
+        // revisions) never interleave.
+        let mut applied = self.contact_revisions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(r) = revision {
-            let mut applied = self.contact_revisions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let last = applied.entry(*fp).or_default();
             if r <= *last {
                 return Ok(());
@@ -190,11 +193,13 @@ impl Store {
         let written = self.write_contact(fp, contact);
         // Whatever part of the write happened, the cached copy may be stale now.
         self.contact_cache.forget(fp);
+        drop(applied);
         written
     }
 
     fn write_contact(&self, fp: &Fingerprint, contact: Option<&Contact>) -> Result<(), StoreError> {
-        if let Some(old) = self.contact(fp)? {
+        // The stored record, not the cache's copy: the names to take away are the ones written.
+        if let Some(old) = self.stored_contact(fp)? {
             self.remove_names(&old)?;
         }
         match contact {
@@ -254,11 +259,16 @@ impl Store {
             Ok(contact) => return Ok(Some(contact)),
             Err(generation) => generation,
         };
-        let contact: Option<Contact> = self.contacts.get(fp.as_bytes())?.map(|v| decode(&v, "contact")).transpose()?;
+        let contact = self.stored_contact(fp)?;
         if let Some(c) = &contact {
             self.contact_cache.fill(fp, generation, c);
         }
         Ok(contact)
+    }
+
+    /// The contact's record as stored, decoded (no cache).
+    fn stored_contact(&self, fp: &Fingerprint) -> Result<Option<Contact>, StoreError> {
+        self.contacts.get(fp.as_bytes())?.map(|v| decode(&v, "contact")).transpose()
     }
 
     /// The contact reached by this address (LATSSIAM address or email alias), case-insensitively.

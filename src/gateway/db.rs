@@ -138,7 +138,8 @@ pub struct Store {
     pub(crate) shared: std::sync::OnceLock<Arc<dyn SharedRecords>>,
     /// Held while a contact is checked and written on this node.
     pub(crate) contact_writes: tokio::sync::Mutex<()>,
-    /// The shared bucket's revision applied last, per contact.
+    /// The shared bucket's revision applied last, per contact; held across
+    /// each whole `apply_contact`.
     pub(crate) contact_revisions: std::sync::Mutex<std::collections::HashMap<latssiam::Fingerprint, u64>>,
     /// Contacts decoded, as [`Store::contact`] returns them.
     pub(crate) contact_cache: super::contacts::ContactCache,
