@@ -142,7 +142,7 @@ pub struct Store {
     /// each whole `apply_contact`.
     pub(crate) contact_revisions: std::sync::Mutex<std::collections::HashMap<latssiam::Fingerprint, u64>>,
     /// Contacts decoded, as [`Store::contact`] returns them.
-    pub(crate) contact_cache: super::contacts::ContactCache,
+    pub(crate) contact_cache: super::contact::ContactCache,
 }
 
 impl Store {
@@ -189,7 +189,7 @@ impl Store {
             shared: std::sync::OnceLock::new(),
             contact_writes: tokio::sync::Mutex::new(()),
             contact_revisions: std::sync::Mutex::default(),
-            contact_cache: super::contacts::ContactCache::default(),
+            contact_cache: super::contact::ContactCache::default(),
         };
         store.recover()?;
         Ok(Arc::new(store))

@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod auth;
 pub mod config;
+pub mod contact;
 pub mod contacts;
 pub mod db;
 pub mod discovery;
