@@ -4,8 +4,6 @@
 use latssiam::Fingerprint;
 
 pub use super::contact::Contact;
-#[cfg(test)]
-use super::contact::ContactCache;
 use super::db::{corrupt, decode, encode, Store, StoreError};
 use super::target::Target;
 
@@ -251,6 +249,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gateway::contact::ContactCache;
 
     fn contact(address: &str, email: &str, cert: &[u8]) -> Contact {
         Contact {
