@@ -38,7 +38,7 @@ use cms::signed_data::{
     CertificateSet, EncapsulatedContentInfo, SignedData, SignerIdentifier, SignerInfo, SignerInfos,
 };
 use const_oid::ObjectIdentifier;
-use der::asn1::{BitString, Null, OctetString, SetOfVec, UtcTime};
+use der::asn1::{AnyRef, BitString, Null, OctetString, OctetStringRef, SetOfVec, UtcTime};
 use der::{Any, Decode, Encode, Sequence, Tagged};
 use spki::AlgorithmIdentifierOwned;
 use x509_cert::attr::{Attribute, Attributes};
@@ -167,6 +167,41 @@ struct AuthEnvelopedData {
     mac: OctetString,
     #[asn1(context_specific = "2", tag_mode = "IMPLICIT", constructed = "true", optional = "true")]
     unauth_attrs: Option<Attributes>,
+}
+
+/// RFC 5652 ContentInfo with its content borrowed: reading a message or a
+/// signature this way copies none of it (`cms::ContentInfo` owns a copy).
+#[derive(Sequence)]
+struct ContentInfoRef<'a> {
+    content_type: ObjectIdentifier,
+    #[asn1(context_specific = "0", tag_mode = "EXPLICIT")]
+    content: AnyRef<'a>,
+}
+
+/// [`AuthEnvelopedData`] as [`check_message_structure`] reads it: the same
+/// grammar, field for field, with the ciphertext and the tag borrowed, so
+/// that checking what a peer sent copies none of its content.
+#[derive(Sequence)]
+struct AuthEnvelopedDataShape<'a> {
+    version: CmsVersion,
+    #[asn1(context_specific = "0", tag_mode = "IMPLICIT", constructed = "true", optional = "true")]
+    originator_info: Option<OriginatorInfo>,
+    recip_infos: SetOfVec<RecipientInfo>,
+    auth_encrypted_content: EncryptedContentInfoShape<'a>,
+    #[asn1(context_specific = "1", tag_mode = "IMPLICIT", constructed = "true", optional = "true")]
+    auth_attrs: Option<Attributes>,
+    mac: OctetStringRef<'a>,
+    #[asn1(context_specific = "2", tag_mode = "IMPLICIT", constructed = "true", optional = "true")]
+    unauth_attrs: Option<Attributes>,
+}
+
+/// `cms::EncryptedContentInfo`'s grammar with the ciphertext borrowed.
+#[derive(Sequence)]
+struct EncryptedContentInfoShape<'a> {
+    content_type: ObjectIdentifier,
+    content_enc_alg: AlgorithmIdentifierOwned,
+    #[asn1(context_specific = "0", tag_mode = "IMPLICIT", optional = "true")]
+    encrypted_content: Option<OctetStringRef<'a>>,
 }
 
 /// RFC 5084 GCMParameters.
@@ -412,11 +447,11 @@ fn ktri_for(cert: &Cert<'_>, cek: &[u8; 32]) -> Result<RecipientInfo, CryptoErro
 /// # Errors
 /// [`CryptoError::Malformed`] or [`CryptoError::Unsupported`].
 pub fn check_message_structure(der: &[u8]) -> Result<(), CryptoError> {
-    let ci = ContentInfo::from_der(der).map_err(malformed)?;
+    let ci = ContentInfoRef::from_der(der).map_err(malformed)?;
     if ci.content_type != oid::AUTH_ENVELOPED_DATA {
         return Err(CryptoError::Unsupported(format!("content type {} (want AuthEnvelopedData)", ci.content_type)));
     }
-    ci.content.decode_as::<AuthEnvelopedData>().map_err(malformed)?;
+    ci.content.decode_as::<AuthEnvelopedDataShape<'_>>().map_err(malformed)?;
     Ok(())
 }
 
@@ -428,7 +463,7 @@ pub fn check_message_structure(der: &[u8]) -> Result<(), CryptoError> {
 /// [`CryptoError::NotForRecipient`] when no recipient info names the identity,
 /// [`CryptoError::Decrypt`] when the key or the content fails authentication.
 pub fn open(der: &[u8], identity: &Identity) -> Result<Vec<u8>, CryptoError> {
-    let ci = ContentInfo::from_der(der).map_err(malformed)?;
+    let ci = ContentInfoRef::from_der(der).map_err(malformed)?;
     if ci.content_type != oid::AUTH_ENVELOPED_DATA {
         return Err(CryptoError::Unsupported(format!("content type {} (want AuthEnvelopedData)", ci.content_type)));
     }
@@ -653,7 +688,7 @@ pub fn sign(content: &[u8], identity: &Identity) -> Result<Vec<u8>, CryptoError>
 /// signer's certificate is not included, [`CryptoError::Unsupported`] for
 /// other algorithms, [`CryptoError::BadSignature`] when it does not verify.
 pub fn verify(signature_der: &[u8], content: &[u8]) -> Result<Vec<u8>, CryptoError> {
-    let ci = ContentInfo::from_der(signature_der).map_err(malformed)?;
+    let ci = ContentInfoRef::from_der(signature_der).map_err(malformed)?;
     if ci.content_type != oid::SIGNED_DATA {
         return Err(CryptoError::Malformed(format!("content type {} (want SignedData)", ci.content_type)));
     }
@@ -719,4 +754,55 @@ pub fn verify(signature_der: &[u8], content: &[u8]) -> Result<Vec<u8>, CryptoErr
         .verify(&signed_bytes, signer.signature.as_bytes())
         .map_err(|_| CryptoError::BadSignature)?;
     cert.x509.to_der().map_err(malformed)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    /// What `check_message_structure` accepted before it borrowed: the owned
+    /// types, which `open` still decodes.
+    fn owned_decode(der: &[u8]) -> bool {
+        ContentInfo::from_der(der).is_ok_and(|ci| {
+            ci.content_type == oid::AUTH_ENVELOPED_DATA && ci.content.decode_as::<AuthEnvelopedData>().is_ok()
+        })
+    }
+
+    fn sealed() -> &'static [Vec<u8>; 2] {
+        static SEALED: std::sync::OnceLock<[Vec<u8>; 2]> = std::sync::OnceLock::new();
+        SEALED.get_or_init(|| {
+            let key = |rsa| Identity::generate(&"bob@example.org".parse().unwrap(), None, rsa).unwrap();
+            [false, true].map(|rsa| seal(b"Subject: hi\r\n\r\nhello", key(rsa).cert_der()).unwrap())
+        })
+    }
+
+    #[test]
+    fn the_borrowed_shape_accepts_real_messages_and_refuses_a_signature() {
+        for der in sealed() {
+            assert!(check_message_structure(der).is_ok());
+            assert!(owned_decode(der));
+        }
+        let me = Identity::generate(&"al@example.org".parse().unwrap(), None, false).unwrap();
+        assert!(check_message_structure(&sign(b"x", &me).unwrap()).is_err());
+    }
+
+    /// Every octet changed in every way, and every cut: the borrowed check and
+    /// the owned decode agree on each input, so the check refuses nothing
+    /// `open` could read and lets through nothing it could not.
+    #[test]
+    fn the_borrowed_shape_and_the_owned_types_agree_on_every_change() {
+        for der in sealed() {
+            for i in 0..der.len() {
+                let agree = |bad: &[u8]| check_message_structure(bad).is_ok() == owned_decode(bad);
+                assert!(agree(&der[..i]), "cut at {i}");
+                let mut bad = der.clone();
+                for xor in 1..=255u8 {
+                    bad[i] = der[i] ^ xor;
+                    assert!(agree(&bad), "octet {i} ^ {xor:#04x}");
+                }
+            }
+        }
+    }
 }
