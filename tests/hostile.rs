@@ -600,8 +600,14 @@ fn a_full_disk_answers_451_and_nothing_acknowledged_is_lost() {
         );
         return;
     };
-    // Without the free-space check, sled itself meets the full disk.
-    let rig = Rig::new(&format!("min_free_mb = 0\n[gateway]\ndata_dir = {:?}\n", disk.path().join("gw")));
+    // Without the free-space check, sled itself meets the full disk. Its log
+    // file is written 4 MiB ahead of the log (vendor/sled/PATCHES.md, change
+    // 6), so a few hundred messages still fit after the disk is full: the
+    // per-origin share is off so that one origin can use that room up.
+    let rig = Rig::new(&format!(
+        "min_free_mb = 0\n[gateway]\ndata_dir = {:?}\nmax_per_origin_per_day = 0\n",
+        disk.path().join("gw")
+    ));
     rig.person("alice");
     rig.contact("alice", &["--email", "alice@example.org"]);
     let body = format!("Subject: filling\r\n\r\n{}", format!("{}\r\n", "z".repeat(78)).repeat(100));
@@ -614,7 +620,7 @@ fn a_full_disk_answers_451_and_nothing_acknowledged_is_lost() {
     }
     let filler = disk.fill();
     // Until the first refusal: never a 250 for what could not be stored.
-    while refused == 0 && accepted < 200 {
+    while refused == 0 && accepted < 2000 {
         let r = rig.smtp_send("b@remote.example", "alice@example.org", body.as_bytes());
         if r.starts_with("accepted 250") {
             accepted += 1;

@@ -349,7 +349,11 @@ impl Config {
         let file = config.open_file()?;
 
         // seal config in a Config
-        let config = RunningConfig { inner: config, file: Arc::new(file) };
+        let config = RunningConfig {
+            inner: config,
+            file: Arc::new(file),
+            written_ahead: Arc::default(),
+        };
 
         Db::start_inner(config)
     }
@@ -439,7 +443,11 @@ impl Config {
         });
 
         // seal config in a Config
-        RunningConfig { inner: self, file: Arc::new(file) }
+        RunningConfig {
+            inner: self,
+            file: Arc::new(file),
+            written_ahead: Arc::default(),
+        }
     }
 
     fn gen_temp_path() -> PathBuf {
@@ -785,6 +793,61 @@ impl Config {
 pub struct RunningConfig {
     inner: Config,
     pub(crate) file: Arc<File>,
+    // latssiam-bridge: how far the file is known to exist (patch 6).
+    pub(crate) written_ahead: Arc<WrittenAhead>,
+}
+
+/// latssiam-bridge (patch 6): the log file is extended with written zeros
+/// ahead of the log, `WRITE_AHEAD` octets at a time, so that a log write
+/// overwrites blocks the file already has. `fdatasync` of a write that
+/// extends the file also commits the new size and the newly allocated
+/// blocks (a second request to the device, and its wait); of an
+/// overwrite, only the data. Zeros are what a hole reads as, which is what
+/// the log's unwritten tail was before: recovery reads the same octets.
+///
+/// Invariant: every octet below `end` exists in the file. Extending writes
+/// zeros only at and beyond the file's length, then raises `end`; a
+/// truncation lowers `end` before it shrinks the file; both under `lock`.
+/// A log write covers only octets below `end` (it calls `ensure` first), so
+/// zeros are never written where the log is.
+#[derive(Debug, Default)]
+pub(crate) struct WrittenAhead {
+    lock: std::sync::Mutex<()>,
+    end: std::sync::atomic::AtomicU64,
+}
+
+/// latssiam-bridge (patch 6): how far ahead the log file is extended.
+pub(crate) const WRITE_AHEAD: u64 = 4 * 1024 * 1024;
+
+impl WrittenAhead {
+    /// Makes sure the file exists (written, not a hole) up to `needed`.
+    pub(crate) fn ensure(&self, file: &File, needed: u64) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering::{Acquire, Release};
+        if needed <= self.end.load(Acquire) {
+            return Ok(());
+        }
+        let _held = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let len = file.metadata()?.len();
+        let target = if needed <= len { len } else { (needed + WRITE_AHEAD - 1) / WRITE_AHEAD * WRITE_AHEAD };
+        let zeros = vec![0u8; 64 * 1024];
+        let mut at = len;
+        while at < target {
+            let n = usize::try_from((target - at).min(zeros.len() as u64)).unwrap_or(zeros.len());
+            std::os::unix::fs::FileExt::write_all_at(file, &zeros[..n], at)?;
+            at += n as u64;
+        }
+        self.end.store(target, Release);
+        Ok(())
+    }
+
+    /// Truncates the file to `at`, lowering `end` first.
+    pub(crate) fn truncate(&self, file: &File, at: u64) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire};
+        let _held = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = self.end.fetch_min(at, AcqRel);
+        debug_assert!(self.end.load(Acquire) <= at);
+        file.set_len(at)
+    }
 }
 
 #[allow(unsafe_code)]

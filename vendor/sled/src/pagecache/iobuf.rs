@@ -768,6 +768,12 @@ impl IoBufs {
         #[cfg(not(feature = "io_uring"))]
         {
             let f = &self.config.file;
+            if !self.config.temporary {
+                // latssiam-bridge: overwrite, do not extend (patch 6).
+                self.config
+                    .written_ahead
+                    .ensure(f, log_offset + total_len as u64)?;
+            }
             pwrite_all(f, data, log_offset)?;
             if !self.config.temporary {
                 // latssiam-bridge: fdatasync, not sync_file_range. The latter

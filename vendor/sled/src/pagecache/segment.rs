@@ -1097,9 +1097,10 @@ impl SegmentAccountant {
         io_fail!(&config, "file truncation");
         threadpool::spawn(move || {
             debug!("truncating file to length {}", at);
+            // latssiam-bridge: through the write-ahead record (patch 6).
             let res = config
-                .file
-                .set_len(at)
+                .written_ahead
+                .truncate(&config.file, at)
                 .and_then(|_| config.file.sync_all())
                 .map_err(|e| e.into());
             completer.fill(res);
