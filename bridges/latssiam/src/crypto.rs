@@ -692,7 +692,16 @@ pub fn verify(signature_der: &[u8], content: &[u8]) -> Result<Vec<u8>, CryptoErr
     if ci.content_type != oid::SIGNED_DATA {
         return Err(CryptoError::Malformed(format!("content type {} (want SignedData)", ci.content_type)));
     }
-    let sd: SignedData = ci.content.decode_as().map_err(malformed)?;
+    match verify_one_certificate(ci.content, content) {
+        Some(verified) => verified,
+        None => verify_owned(ci.content, content),
+    }
+}
+
+/// `verify` through the owned types: every input the fast path does not
+/// take.
+fn verify_owned(signed_data: AnyRef<'_>, content: &[u8]) -> Result<Vec<u8>, CryptoError> {
+    let sd: SignedData = signed_data.decode_as().map_err(malformed)?;
     if sd.encap_content_info.econtent.is_some() {
         return Err(CryptoError::Malformed("the signature is not detached".into()));
     }
@@ -707,15 +716,106 @@ pub fn verify(signature_der: &[u8], content: &[u8]) -> Result<Vec<u8>, CryptoErr
             CertificateChoices::Certificate(c) => Some(c),
             CertificateChoices::Other(_) => None,
         })
-        .find(|c| {
-            let c = Cert::of(c);
-            match &signer.sid {
-                SignerIdentifier::IssuerAndSerialNumber(i) => c.names(Some(i), None),
-                SignerIdentifier::SubjectKeyIdentifier(k) => c.names(None, Some(&k.0)),
-            }
-        })
+        .find(|c| signer_is(signer, &Cert::of(c)))
         .ok_or(CryptoError::SignerNotFound)?;
-    let cert = Cert::of(cert);
+    check_signer(signer, &sd.encap_content_info, &Cert::of(cert), content)?;
+    cert.to_der().map_err(malformed)
+}
+
+/// [`SignedData`]'s grammar, field for field, with the certificates left as
+/// their DER: what [`verify_one_certificate`] reads.
+#[derive(Sequence)]
+struct SignedDataRef<'a> {
+    version: CmsVersion,
+    digest_algorithms: SetOfVec<AlgorithmIdentifierOwned>,
+    encap_content_info: EncapsulatedContentInfo,
+    #[asn1(context_specific = "0", tag_mode = "IMPLICIT", optional = "true")]
+    certificates: Option<SetOfVec<AnyRef<'a>>>,
+    #[asn1(context_specific = "1", tag_mode = "IMPLICIT", optional = "true")]
+    crls: Option<cms::revocation::RevocationInfoChoices>,
+    signer_infos: SignerInfos,
+}
+
+/// The certificates [`verify_one_certificate`] has parsed, by their DER: a
+/// server sees the same few signers again and again. At most
+/// [`SIGNERS_CACHED`] of at most [`SIGNER_CACHED_OCTETS`] each (about 1.5 MB
+/// with their parsed forms, whatever peers send); full, it starts again
+/// empty. Only certificates that parsed are kept; a larger one is parsed
+/// every time.
+static SIGNERS: std::sync::Mutex<Option<std::collections::HashMap<Vec<u8>, std::sync::Arc<Signer>>>> =
+    std::sync::Mutex::new(None);
+
+/// A signer's certificate parsed, and encoded again from what was parsed:
+/// what `verify` has always returned (a certificate sent with a field in a
+/// form DER does not allow, such as a version written out though it is the
+/// default, comes back in DER's form, as its owned decoding gives it).
+struct Signer {
+    cert: Certificate,
+    der: Vec<u8>,
+}
+const SIGNERS_CACHED: usize = 256;
+const SIGNER_CACHED_OCTETS: usize = 2048;
+
+fn parsed_signer(der: &[u8]) -> Option<std::sync::Arc<Signer>> {
+    let lock = || SIGNERS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(cert) = lock().as_ref().and_then(|m| m.get(der)) {
+        return Some(std::sync::Arc::clone(cert));
+    }
+    let cert = Certificate::from_der(der).ok()?;
+    let cert = std::sync::Arc::new(Signer { der: cert.to_der().ok()?, cert });
+    if der.len() > SIGNER_CACHED_OCTETS {
+        return Some(cert);
+    }
+    let mut signers = lock();
+    let signers = signers.get_or_insert_with(Default::default);
+    if signers.len() >= SIGNERS_CACHED {
+        signers.clear();
+    }
+    signers.insert(der.to_vec(), std::sync::Arc::clone(&cert));
+    Some(cert)
+}
+
+/// `verify` for what every signer sends (`openssl cms -sign` included):
+/// exactly one certificate, an X.509 one, that names the one signer. It
+/// decodes the same grammar as the owned types but keeps the certificate as
+/// its octets and parses and encodes it once per process
+/// ([`parsed_signer`]). `None` for
+/// anything else, which [`verify_owned`] then answers: where this path
+/// answers, the owned one would have read the same values and answered
+/// alike.
+fn verify_one_certificate(signed_data: AnyRef<'_>, content: &[u8]) -> Option<Result<Vec<u8>, CryptoError>> {
+    let sd: SignedDataRef<'_> = signed_data.decode_as().ok()?;
+    let [raw] = sd.certificates.as_ref()?.as_slice() else {
+        return None;
+    };
+    let [signer] = sd.signer_infos.0.as_slice() else {
+        return None;
+    };
+    if raw.tag() != der::Tag::Sequence || sd.encap_content_info.econtent.is_some() {
+        return None;
+    }
+    let signer_cert = parsed_signer(&raw.to_der().ok()?)?;
+    let cert = Cert::of(&signer_cert.cert);
+    if !signer_is(signer, &cert) {
+        return None;
+    }
+    Some(check_signer(signer, &sd.encap_content_info, &cert, content).map(|()| signer_cert.der.clone()))
+}
+
+fn signer_is(signer: &SignerInfo, cert: &Cert<'_>) -> bool {
+    match &signer.sid {
+        SignerIdentifier::IssuerAndSerialNumber(i) => cert.names(Some(i), None),
+        SignerIdentifier::SubjectKeyIdentifier(k) => cert.names(None, Some(&k.0)),
+    }
+}
+
+/// Checks `signer`'s signature, made with `cert`, over `content`.
+fn check_signer(
+    signer: &SignerInfo,
+    encap: &EncapsulatedContentInfo,
+    cert: &Cert<'_>,
+    content: &[u8],
+) -> Result<(), CryptoError> {
     if signer.digest_alg.oid != oid::SHA256 {
         return Err(CryptoError::Unsupported(format!("digest {}", signer.digest_alg.oid)));
     }
@@ -731,7 +831,7 @@ pub fn verify(signature_der: &[u8], content: &[u8]) -> Result<Vec<u8>, CryptoErr
             };
             let ct: ObjectIdentifier = single(oid::CONTENT_TYPE)?.decode_as().map_err(malformed)?;
             let md: OctetString = single(oid::MESSAGE_DIGEST)?.decode_as().map_err(malformed)?;
-            if ct != sd.encap_content_info.econtent_type || md.as_bytes() != content_digest.as_ref() {
+            if ct != encap.econtent_type || md.as_bytes() != content_digest.as_ref() {
                 return Err(CryptoError::BadSignature);
             }
             attrs.to_der().map_err(malformed)?
@@ -752,8 +852,7 @@ pub fn verify(signature_der: &[u8], content: &[u8]) -> Result<Vec<u8>, CryptoErr
     };
     signature::UnparsedPublicKey::new(algorithm, public)
         .verify(&signed_bytes, signer.signature.as_bytes())
-        .map_err(|_| CryptoError::BadSignature)?;
-    cert.x509.to_der().map_err(malformed)
+        .map_err(|_| CryptoError::BadSignature)
 }
 
 #[cfg(test)]
@@ -786,6 +885,69 @@ mod tests {
         }
         let me = Identity::generate(&"al@example.org".parse().unwrap(), None, false).unwrap();
         assert!(check_message_structure(&sign(b"x", &me).unwrap()).is_err());
+    }
+
+    fn signatures() -> &'static [(Vec<u8>, Vec<u8>); 2] {
+        static SIGNED: std::sync::OnceLock<[(Vec<u8>, Vec<u8>); 2]> = std::sync::OnceLock::new();
+        SIGNED.get_or_init(|| {
+            [false, true].map(|rsa| {
+                let me = Identity::generate(&"al@example.org".parse().unwrap(), None, rsa).unwrap();
+                (sign(b"the content", &me).unwrap(), me.cert_der().to_vec())
+            })
+        })
+    }
+
+    fn owned(signature: &[u8], content: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        let ci = ContentInfoRef::from_der(signature).map_err(malformed)?;
+        if ci.content_type != oid::SIGNED_DATA {
+            return Err(CryptoError::Malformed("not SignedData".into()));
+        }
+        verify_owned(ci.content, content)
+    }
+
+    #[test]
+    fn a_signature_verifies_on_the_fast_path_twice_and_names_its_certificate() {
+        for (signature, cert) in signatures() {
+            let ci = ContentInfoRef::from_der(signature).unwrap();
+            for _ in 0..2 {
+                let fast = verify_one_certificate(ci.content, b"the content").expect("the fast path takes it");
+                assert_eq!(fast.unwrap(), *cert);
+            }
+            assert_eq!(verify(signature, b"the content").unwrap(), *cert);
+            assert_eq!(owned(signature, b"the content").unwrap(), *cert);
+            assert!(matches!(verify(signature, b"other content"), Err(CryptoError::BadSignature)));
+        }
+    }
+
+    /// Every octet of a P-256 and an RSA signature changed (each bit, and all
+    /// of them), and every cut: `verify` (the fast path where it applies)
+    /// and the owned decoding answer each input alike, to the error.
+    #[test]
+    fn the_fast_path_and_the_owned_types_agree_on_every_change() {
+        let same = |bad: &[u8]| {
+            let (a, b) = (verify(bad, b"the content"), owned(bad, b"the content"));
+            match (&a, &b) {
+                (Ok(x), Ok(y)) => x == y,
+                (Err(CryptoError::Malformed(_)), Err(CryptoError::Malformed(_))) => true,
+                (Err(x), Err(y)) => format!("{x:?}") == format!("{y:?}"),
+                _ => false,
+            }
+        };
+        for (signature, _) in signatures() {
+            for i in 0..signature.len() {
+                assert!(same(&signature[..i]), "cut at {i}");
+                let mut bad = signature.clone();
+                for xor in [1u8, 2, 4, 8, 16, 32, 64, 128, 255] {
+                    bad[i] = signature[i] ^ xor;
+                    assert!(
+                        same(&bad),
+                        "octet {i} ^ {xor:#04x}: {:?} / {:?}",
+                        verify(&bad, b"the content"),
+                        owned(&bad, b"the content")
+                    );
+                }
+            }
+        }
     }
 
     /// Every octet changed in every way, and every cut: the borrowed check and
