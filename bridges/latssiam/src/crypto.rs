@@ -738,8 +738,8 @@ struct SignedDataRef<'a> {
 
 /// The certificates [`verify_one_certificate`] has parsed, by their DER: a
 /// server sees the same few signers again and again. At most
-/// [`SIGNERS_CACHED`] of at most [`SIGNER_CACHED_OCTETS`] each (about 1.5 MB
-/// with their parsed forms, whatever peers send); full, it starts again
+/// [`SIGNERS_CACHED`] of at most [`SIGNER_CACHED_OCTETS`] each (under 3 MB
+/// with their parsed and encoded forms, whatever peers send); full, it starts again
 /// empty. Only certificates that parsed are kept; a larger one is parsed
 /// every time.
 static SIGNERS: std::sync::Mutex<Option<std::collections::HashMap<Vec<u8>, std::sync::Arc<Signer>>>> =
