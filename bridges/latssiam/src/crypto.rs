@@ -739,11 +739,13 @@ struct SignedDataRef<'a> {
 /// The certificates [`verify_one_certificate`] has parsed, by their DER: a
 /// server sees the same few signers again and again. At most
 /// [`SIGNERS_CACHED`] of at most [`SIGNER_CACHED_OCTETS`] each (under 3 MB
-/// with their parsed and encoded forms, whatever peers send); full, it starts again
-/// empty. Only certificates that parsed are kept; a larger one is parsed
-/// every time.
+/// with their parsed and encoded forms, whatever peers send); full, it
+/// starts again empty. Only certificates that parsed are kept; a larger one
+/// is parsed every time.
 static SIGNERS: std::sync::Mutex<Option<std::collections::HashMap<Vec<u8>, std::sync::Arc<Signer>>>> =
     std::sync::Mutex::new(None);
+const SIGNERS_CACHED: usize = 256;
+const SIGNER_CACHED_OCTETS: usize = 2048;
 
 /// A signer's certificate parsed, and encoded again from what was parsed:
 /// what `verify` has always returned (a certificate sent with a field in a
@@ -753,8 +755,6 @@ struct Signer {
     cert: Certificate,
     der: Vec<u8>,
 }
-const SIGNERS_CACHED: usize = 256;
-const SIGNER_CACHED_OCTETS: usize = 2048;
 
 fn parsed_signer(der: &[u8]) -> Option<std::sync::Arc<Signer>> {
     let lock = || SIGNERS.lock().unwrap_or_else(|e| e.into_inner());
@@ -779,10 +779,9 @@ fn parsed_signer(der: &[u8]) -> Option<std::sync::Arc<Signer>> {
 /// exactly one certificate, an X.509 one, that names the one signer. It
 /// decodes the same grammar as the owned types but keeps the certificate as
 /// its octets and parses and encodes it once per process
-/// ([`parsed_signer`]). `None` for
-/// anything else, which [`verify_owned`] then answers: where this path
-/// answers, the owned one would have read the same values and answered
-/// alike.
+/// ([`parsed_signer`]). `None` for anything else, which [`verify_owned`]
+/// then answers: where this path answers, the owned one would have read the
+/// same values and answered alike.
 fn verify_one_certificate(signed_data: AnyRef<'_>, content: &[u8]) -> Option<Result<Vec<u8>, CryptoError>> {
     let sd: SignedDataRef<'_> = signed_data.decode_as().ok()?;
     let [raw] = sd.certificates.as_ref()?.as_slice() else {
