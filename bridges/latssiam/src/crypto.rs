@@ -738,7 +738,7 @@ struct SignedDataRef<'a> {
 
 /// The certificates [`verify_one_certificate`] has parsed, by their DER: a
 /// server sees the same few signers again and again. At most
-/// [`SIGNERS_CACHED`] of at most [`SIGNER_CACHED_OCTETS`] each (under 3 MB
+/// [`SIGNERS_CACHED`] of at most [`SIGNER_CACHED_OCTETS`] octets of content each (under 3 MB
 /// with their parsed and encoded forms, whatever peers send); full, it
 /// starts again empty. Only certificates that parsed are kept; a larger one
 /// is parsed every time.
@@ -756,14 +756,17 @@ struct Signer {
     der: Vec<u8>,
 }
 
-fn parsed_signer(der: &[u8]) -> Option<std::sync::Arc<Signer>> {
+fn parsed_signer(raw: AnyRef<'_>) -> Option<std::sync::Arc<Signer>> {
+    // Keyed by the SEQUENCE's contents (the caller has checked the tag), so
+    // that a hit copies nothing.
+    let key = raw.value();
     let lock = || SIGNERS.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(cert) = lock().as_ref().and_then(|m| m.get(der)) {
+    if let Some(cert) = lock().as_ref().and_then(|m| m.get(key)) {
         return Some(std::sync::Arc::clone(cert));
     }
-    let cert = Certificate::from_der(der).ok()?;
+    let cert = Certificate::from_der(&raw.to_der().ok()?).ok()?;
     let cert = std::sync::Arc::new(Signer { der: cert.to_der().ok()?, cert });
-    if der.len() > SIGNER_CACHED_OCTETS {
+    if key.len() > SIGNER_CACHED_OCTETS {
         return Some(cert);
     }
     let mut signers = lock();
@@ -771,7 +774,7 @@ fn parsed_signer(der: &[u8]) -> Option<std::sync::Arc<Signer>> {
     if signers.len() >= SIGNERS_CACHED {
         signers.clear();
     }
-    signers.insert(der.to_vec(), std::sync::Arc::clone(&cert));
+    signers.insert(key.to_vec(), std::sync::Arc::clone(&cert));
     Some(cert)
 }
 
@@ -793,7 +796,7 @@ fn verify_one_certificate(signed_data: AnyRef<'_>, content: &[u8]) -> Option<Res
     if raw.tag() != der::Tag::Sequence || sd.encap_content_info.econtent.is_some() {
         return None;
     }
-    let signer_cert = parsed_signer(&raw.to_der().ok()?)?;
+    let signer_cert = parsed_signer(*raw)?;
     let cert = Cert::of(&signer_cert.cert);
     if !signer_is(signer, &cert) {
         return None;
