@@ -921,6 +921,30 @@ mod tests {
         }
     }
 
+    fn signers_held() -> usize {
+        SIGNERS.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map_or(0, |m| m.len())
+    }
+
+    /// A peer choosing its signing certificate cannot grow the cache: past
+    /// its bound it starts again empty, and a certificate larger than a
+    /// cached one may be is parsed and used but never kept.
+    #[test]
+    fn the_signer_cache_stays_within_its_bound_whatever_signers_come() {
+        for i in 0..SIGNERS_CACHED + 8 {
+            let me = Identity::generate(&format!("p{i}@example.org").parse().unwrap(), None, false).unwrap();
+            assert_eq!(verify(&sign(b"x", &me).unwrap(), b"x").unwrap(), me.cert_der().to_vec());
+            assert!(signers_held() <= SIGNERS_CACHED, "{} held", signers_held());
+        }
+        let names: Vec<String> = (0..60).map(|i| format!("name-{i:03}.a-rather-long-domain.example.org")).collect();
+        let large = rcgen::generate_simple_self_signed(names).unwrap().cert.der().to_vec();
+        let raw = AnyRef::from_der(&large).unwrap();
+        assert!(raw.value().len() > SIGNER_CACHED_OCTETS, "{} octets", raw.value().len());
+        assert_eq!(parsed_signer(raw).unwrap().der, large);
+        let kept =
+            SIGNERS.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|m| m.contains_key(raw.value()));
+        assert!(!kept, "a certificate over the size bound was kept");
+    }
+
     /// Every octet of a P-256 and an RSA signature changed (each bit, and all
     /// of them), and every cut: `verify` (the fast path where it applies)
     /// and the owned decoding answer each input alike, to the error.
