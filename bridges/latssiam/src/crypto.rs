@@ -34,9 +34,7 @@ use cms::enveloped_data::{
     EncryptedContentInfo, KekRecipientInfo, KeyTransRecipientInfo, OriginatorIdentifierOrKey, OriginatorInfo,
     OriginatorPublicKey, OtherRecipientInfo, PasswordRecipientInfo, RecipientIdentifier, RecipientKeyIdentifier,
 };
-use cms::signed_data::{
-    CertificateSet, EncapsulatedContentInfo, SignedData, SignerIdentifier, SignerInfo, SignerInfos,
-};
+use cms::signed_data::{EncapsulatedContentInfo, SignedData, SignerIdentifier, SignerInfo, SignerInfos};
 use const_oid::ObjectIdentifier;
 use der::asn1::{AnyRef, BitString, Null, OctetString, OctetStringRef, SetOfVec, UtcTime};
 use der::{Any, Decode, Encode, Sequence, Tagged};
@@ -357,7 +355,8 @@ fn shared_info(wrap_alg: &AlgorithmIdentifierOwned, ukm: Option<&OctetString>) -
 /// [`CryptoError::BadCertificate`] if the certificate is not a P-256 or RSA one.
 pub fn seal(plaintext: &[u8], recipient: &[u8]) -> Result<Vec<u8>, CryptoError> {
     let rng = SystemRandom::new();
-    let cert = Cert::parse(recipient)?;
+    let parsed = parse_certificate(recipient)?;
+    let cert = Cert::of(&parsed.cert);
     let cek: [u8; 32] = random(&rng)?;
     let recipient_info = match cert.kind()? {
         KeyType::P256 => kari_for(&cert, &cek)?,
@@ -627,7 +626,7 @@ fn attribute(oid: ObjectIdentifier, value: Any) -> Result<Attribute, CryptoError
 /// [`CryptoError::Internal`] if the signing primitive fails.
 pub fn sign(content: &[u8], identity: &Identity) -> Result<Vec<u8>, CryptoError> {
     let rng = SystemRandom::new();
-    let me = Cert::parse(identity.cert_der())?;
+    let me = parse_certificate(identity.cert_der())?;
     let message_digest = digest::digest(&SHA256, content);
     let signing_time = UtcTime::from_system_time(SystemTime::now()).map_err(malformed)?;
     let attrs: Attributes = SetOfVec::try_from(vec![
@@ -655,20 +654,20 @@ pub fn sign(content: &[u8], identity: &Identity) -> Result<Vec<u8>, CryptoError>
     };
     let signer = SignerInfo {
         version: CmsVersion::V1,
-        sid: SignerIdentifier::IssuerAndSerialNumber(me.issuer_and_serial()),
+        sid: SignerIdentifier::IssuerAndSerialNumber(Cert::of(&me.cert).issuer_and_serial()),
         digest_alg: alg(oid::SHA256),
         signed_attrs: Some(attrs),
         signature_algorithm,
         signature: OctetString::new(signature).map_err(malformed)?,
         unsigned_attrs: None,
     };
-    let sd = SignedData {
+    // `SignedData`'s grammar with the certificate as the octets it encodes
+    // to, so that it is not copied into owned types for every message.
+    let sd = SignedDataRef {
         version: CmsVersion::V1,
         digest_algorithms: SetOfVec::try_from(vec![alg(oid::SHA256)]).map_err(malformed)?,
         encap_content_info: EncapsulatedContentInfo { econtent_type: oid::DATA, econtent: None },
-        certificates: Some(CertificateSet(
-            SetOfVec::try_from(vec![CertificateChoices::Certificate(me.x509.into_owned())]).map_err(malformed)?,
-        )),
+        certificates: Some(SetOfVec::try_from(vec![AnyRef::from_der(&me.der).map_err(malformed)?]).map_err(malformed)?),
         crls: None,
         signer_infos: SignerInfos(SetOfVec::try_from(vec![signer]).map_err(malformed)?),
     };
@@ -736,53 +735,68 @@ struct SignedDataRef<'a> {
     signer_infos: SignerInfos,
 }
 
-/// The certificates [`verify_one_certificate`] has parsed, by their DER: a
-/// server sees the same few signers again and again. At most
-/// [`SIGNERS_CACHED`] of at most [`SIGNER_CACHED_OCTETS`] octets of content each (under 3 MB
-/// with their parsed and encoded forms, whatever peers send); full, it
-/// starts again empty. Only certificates that parsed are kept; a larger one
-/// is parsed every time.
-static SIGNERS: std::sync::Mutex<Option<std::collections::HashMap<Vec<u8>, std::sync::Arc<Signer>>>> =
+/// The certificates this process has parsed, by their DER: a server sees the
+/// same few signers again and again, and a gateway signs with one
+/// certificate and seals to the same contacts'. At most
+/// [`CERTIFICATES_CACHED`] of at most [`CERTIFICATE_CACHED_OCTETS`] octets of
+/// content each (under 3 MB with their parsed and encoded forms, whatever
+/// peers send); full, it starts again empty. Only certificates that parsed are
+/// kept; a larger one is parsed every time.
+static CERTIFICATES: std::sync::Mutex<Option<std::collections::HashMap<Vec<u8>, std::sync::Arc<Parsed>>>> =
     std::sync::Mutex::new(None);
-const SIGNERS_CACHED: usize = 256;
-const SIGNER_CACHED_OCTETS: usize = 2048;
+const CERTIFICATES_CACHED: usize = 256;
+const CERTIFICATE_CACHED_OCTETS: usize = 2048;
 
-/// A signer's certificate parsed, and encoded again from what was parsed:
-/// what `verify` has always returned (a certificate sent with a field in a
-/// form DER does not allow, such as a version written out though it is the
-/// default, comes back in DER's form, as its owned decoding gives it).
-struct Signer {
+/// A certificate parsed, and encoded again from what was parsed: what
+/// `verify` has always returned and `sign` has always sent (a certificate
+/// with a field in a form DER does not allow, such as a version written out
+/// though it is the default, comes back in DER's form, as its owned decoding
+/// gives it).
+struct Parsed {
     cert: Certificate,
     der: Vec<u8>,
 }
 
-fn parsed_signer(raw: AnyRef<'_>) -> Option<std::sync::Arc<Signer>> {
-    // Keyed by the SEQUENCE's contents (the caller has checked the tag), so
-    // that a hit copies nothing.
+/// `raw` (a SEQUENCE: the caller has checked the tag) parsed as a
+/// certificate, or `None` if it does not parse.
+fn parsed_certificate(raw: AnyRef<'_>) -> Option<std::sync::Arc<Parsed>> {
+    // Keyed by the SEQUENCE's contents, so that a hit copies nothing.
     let key = raw.value();
-    let lock = || SIGNERS.lock().unwrap_or_else(|e| e.into_inner());
+    let lock = || CERTIFICATES.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(cert) = lock().as_ref().and_then(|m| m.get(key)) {
         return Some(std::sync::Arc::clone(cert));
     }
     let cert = Certificate::from_der(&raw.to_der().ok()?).ok()?;
-    let cert = std::sync::Arc::new(Signer { der: cert.to_der().ok()?, cert });
-    if key.len() > SIGNER_CACHED_OCTETS {
+    let cert = std::sync::Arc::new(Parsed { der: cert.to_der().ok()?, cert });
+    if key.len() > CERTIFICATE_CACHED_OCTETS {
         return Some(cert);
     }
-    let mut signers = lock();
-    let signers = signers.get_or_insert_with(Default::default);
-    if signers.len() >= SIGNERS_CACHED {
-        signers.clear();
+    let mut certificates = lock();
+    let certificates = certificates.get_or_insert_with(Default::default);
+    if certificates.len() >= CERTIFICATES_CACHED {
+        certificates.clear();
     }
-    signers.insert(key.to_vec(), std::sync::Arc::clone(&cert));
+    certificates.insert(key.to_vec(), std::sync::Arc::clone(&cert));
     Some(cert)
+}
+
+/// The certificate `der` parsed, as [`Cert::parse`] would parse it (and with
+/// its errors), from [`CERTIFICATES`] when it was parsed before.
+fn parse_certificate(der: &[u8]) -> Result<std::sync::Arc<Parsed>, CryptoError> {
+    if let Some(parsed) =
+        AnyRef::from_der(der).ok().filter(|raw| raw.tag() == der::Tag::Sequence).and_then(parsed_certificate)
+    {
+        return Ok(parsed);
+    }
+    let cert = Cert::parse(der)?.x509.into_owned();
+    Ok(std::sync::Arc::new(Parsed { der: cert.to_der().map_err(malformed)?, cert }))
 }
 
 /// `verify` for what every signer sends (`openssl cms -sign` included):
 /// exactly one certificate, an X.509 one, that names the one signer. It
 /// decodes the same grammar as the owned types but keeps the certificate as
 /// its octets and parses and encodes it once per process
-/// ([`parsed_signer`]). `None` for anything else, which [`verify_owned`]
+/// ([`parsed_certificate`]). `None` for anything else, which [`verify_owned`]
 /// then answers: where this path answers, the owned one would have read the
 /// same values and answered alike.
 fn verify_one_certificate(signed_data: AnyRef<'_>, content: &[u8]) -> Option<Result<Vec<u8>, CryptoError>> {
@@ -796,7 +810,7 @@ fn verify_one_certificate(signed_data: AnyRef<'_>, content: &[u8]) -> Option<Res
     if raw.tag() != der::Tag::Sequence || sd.encap_content_info.econtent.is_some() {
         return None;
     }
-    let signer_cert = parsed_signer(*raw)?;
+    let signer_cert = parsed_certificate(*raw)?;
     let cert = Cert::of(&signer_cert.cert);
     if !signer_is(signer, &cert) {
         return None;
@@ -921,27 +935,77 @@ mod tests {
         }
     }
 
-    fn signers_held() -> usize {
-        SIGNERS.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map_or(0, |m| m.len())
+    /// `sign` writes `SignedData` through a grammar that keeps the
+    /// certificate as octets: what it writes is what the owned types encode
+    /// for the same values, with the identity's certificate in it.
+    #[test]
+    fn a_signature_is_what_the_owned_types_encode() {
+        for (signature, cert) in signatures() {
+            let ci = ContentInfo::from_der(signature).unwrap();
+            let sd: SignedData = ci.content.decode_as().unwrap();
+            assert_eq!(
+                ContentInfo { content_type: oid::SIGNED_DATA, content: Any::encode_from(&sd).unwrap() }
+                    .to_der()
+                    .unwrap(),
+                *signature
+            );
+            let certs: Vec<_> = sd.certificates.iter().flat_map(|set| set.0.iter()).collect();
+            let [CertificateChoices::Certificate(c)] = certs.as_slice() else { panic!("one certificate") };
+            assert_eq!(c.to_der().unwrap(), *cert);
+        }
     }
 
-    /// A peer choosing its signing certificate cannot grow the cache: past
-    /// its bound it starts again empty, and a certificate larger than a
-    /// cached one may be is parsed and used but never kept.
+    /// A certificate parsed through the cache gives what the owned parse
+    /// gives, to the error, for every octet of a P-256 and an RSA
+    /// certificate changed and every cut.
     #[test]
-    fn the_signer_cache_stays_within_its_bound_whatever_signers_come() {
-        for i in 0..SIGNERS_CACHED + 8 {
+    fn the_cached_parse_and_the_owned_parse_agree_on_every_change() {
+        let both = |der: &[u8]| {
+            let cached = parse_certificate(der).map(|p| p.der.clone());
+            let owned = Cert::parse(der).and_then(|c| c.x509.to_der().map_err(malformed));
+            assert_eq!(format!("{cached:?}"), format!("{owned:?}"), "{der:02x?}");
+        };
+        for rsa in [false, true] {
+            let cert = Identity::generate(&"c@example.org".parse().unwrap(), None, rsa).unwrap().cert_der().to_vec();
+            both(&cert);
+            for at in 0..cert.len() {
+                both(&cert[..at]);
+                for x in [0x01, 0x80, 0xff] {
+                    let mut changed = cert.clone();
+                    changed[at] ^= x;
+                    both(&changed);
+                }
+            }
+        }
+    }
+
+    fn certificates_held() -> usize {
+        CERTIFICATES.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map_or(0, |m| m.len())
+    }
+
+    /// A peer choosing its signing certificate (or a contact its sealing
+    /// one) cannot grow the cache: past its bound it starts again empty, and
+    /// a certificate larger than a cached one may be is parsed and used but
+    /// never kept.
+    #[test]
+    fn the_certificate_cache_stays_within_its_bound_whatever_certificates_come() {
+        for i in 0..CERTIFICATES_CACHED + 8 {
             let me = Identity::generate(&format!("p{i}@example.org").parse().unwrap(), None, false).unwrap();
             assert_eq!(verify(&sign(b"x", &me).unwrap(), b"x").unwrap(), me.cert_der().to_vec());
-            assert!(signers_held() <= SIGNERS_CACHED, "{} held", signers_held());
+            seal(b"x", me.cert_der()).unwrap();
+            assert!(certificates_held() <= CERTIFICATES_CACHED, "{} held", certificates_held());
         }
         let names: Vec<String> = (0..60).map(|i| format!("name-{i:03}.a-rather-long-domain.example.org")).collect();
         let large = rcgen::generate_simple_self_signed(names).unwrap().cert.der().to_vec();
         let raw = AnyRef::from_der(&large).unwrap();
-        assert!(raw.value().len() > SIGNER_CACHED_OCTETS, "{} octets", raw.value().len());
-        assert_eq!(parsed_signer(raw).unwrap().der, large);
-        let kept =
-            SIGNERS.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|m| m.contains_key(raw.value()));
+        assert!(raw.value().len() > CERTIFICATE_CACHED_OCTETS, "{} octets", raw.value().len());
+        assert_eq!(parsed_certificate(raw).unwrap().der, large);
+        assert_eq!(parse_certificate(&large).unwrap().der, large);
+        let kept = CERTIFICATES
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|m| m.contains_key(raw.value()));
         assert!(!kept, "a certificate over the size bound was kept");
     }
 
