@@ -739,9 +739,11 @@ struct SignedDataRef<'a> {
 /// same few signers again and again, and a gateway signs with one
 /// certificate and seals to the same contacts'. At most
 /// [`CERTIFICATES_CACHED`] of at most [`CERTIFICATE_CACHED_OCTETS`] octets of
-/// content each (under 3 MB with their parsed and encoded forms, whatever
-/// peers send); full, it starts again empty. Only certificates that parsed are
-/// kept; a larger one is parsed every time.
+/// content each, whatever peers send; full, it starts again empty. Only
+/// certificates that parsed are kept; a larger one is parsed every time. The
+/// parsed form of a certificate made of many tiny fields (each OID and value
+/// boxed apart) can take about ten times its octets, so the bound is some 10
+/// MB at worst, and a few hundred KB for real certificates.
 static CERTIFICATES: std::sync::Mutex<Option<std::collections::HashMap<Vec<u8>, std::sync::Arc<Parsed>>>> =
     std::sync::Mutex::new(None);
 const CERTIFICATES_CACHED: usize = 256;
@@ -758,38 +760,49 @@ struct Parsed {
 }
 
 /// `raw` (a SEQUENCE: the caller has checked the tag) parsed as a
-/// certificate, or `None` if it does not parse.
-fn parsed_certificate(raw: AnyRef<'_>) -> Option<std::sync::Arc<Parsed>> {
-    // Keyed by the SEQUENCE's contents, so that a hit copies nothing.
+/// certificate: [`CryptoError::BadCertificate`] with the parser's words if
+/// it does not parse, as [`Cert::parse`] says it ([`CryptoError::Malformed`]
+/// if what parsed cannot be encoded again, which DER's strict decoding
+/// leaves no way to reach).
+fn parsed_certificate(raw: AnyRef<'_>) -> Result<std::sync::Arc<Parsed>, CryptoError> {
+    // Keyed by the SEQUENCE's contents, so that a hit copies nothing: DER
+    // allows one header for given contents, so the contents name the input.
     let key = raw.value();
     let lock = || CERTIFICATES.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(cert) = lock().as_ref().and_then(|m| m.get(key)) {
-        return Some(std::sync::Arc::clone(cert));
+        return Ok(std::sync::Arc::clone(cert));
     }
-    let cert = Certificate::from_der(&raw.to_der().ok()?).ok()?;
-    let cert = std::sync::Arc::new(Parsed { der: cert.to_der().ok()?, cert });
-    if key.len() > CERTIFICATE_CACHED_OCTETS {
-        return Some(cert);
+    let cert = Cert::parse(&raw.to_der().map_err(malformed)?)?.x509.into_owned();
+    let cert = std::sync::Arc::new(Parsed { der: cert.to_der().map_err(malformed)?, cert });
+    if !cacheable(key) {
+        return Ok(cert);
     }
     let mut certificates = lock();
-    let certificates = certificates.get_or_insert_with(Default::default);
-    if certificates.len() >= CERTIFICATES_CACHED {
-        certificates.clear();
-    }
-    certificates.insert(key.to_vec(), std::sync::Arc::clone(&cert));
-    Some(cert)
+    let map = certificates.get_or_insert_with(Default::default);
+    // Full, it starts again empty; the old entries are freed after the lock.
+    let old = (map.len() >= CERTIFICATES_CACHED).then(|| std::mem::take(map));
+    map.insert(key.to_vec(), std::sync::Arc::clone(&cert));
+    drop(certificates);
+    drop(old);
+    Ok(cert)
+}
+
+/// Whether a certificate with these content octets may be kept.
+fn cacheable(key: &[u8]) -> bool {
+    key.len() <= CERTIFICATE_CACHED_OCTETS
 }
 
 /// The certificate `der` parsed, as [`Cert::parse`] would parse it (and with
 /// its errors), from [`CERTIFICATES`] when it was parsed before.
 fn parse_certificate(der: &[u8]) -> Result<std::sync::Arc<Parsed>, CryptoError> {
-    if let Some(parsed) =
-        AnyRef::from_der(der).ok().filter(|raw| raw.tag() == der::Tag::Sequence).and_then(parsed_certificate)
-    {
-        return Ok(parsed);
+    match AnyRef::from_der(der) {
+        Ok(raw) if raw.tag() == der::Tag::Sequence => parsed_certificate(raw),
+        // Not a SEQUENCE with a DER header: the owned parse says why.
+        _ => {
+            let cert = Cert::parse(der)?.x509.into_owned();
+            Ok(std::sync::Arc::new(Parsed { der: cert.to_der().map_err(malformed)?, cert }))
+        }
     }
-    let cert = Cert::parse(der)?.x509.into_owned();
-    Ok(std::sync::Arc::new(Parsed { der: cert.to_der().map_err(malformed)?, cert }))
 }
 
 /// `verify` for what every signer sends (`openssl cms -sign` included):
@@ -810,7 +823,7 @@ fn verify_one_certificate(signed_data: AnyRef<'_>, content: &[u8]) -> Option<Res
     if raw.tag() != der::Tag::Sequence || sd.encap_content_info.econtent.is_some() {
         return None;
     }
-    let signer_cert = parsed_certificate(*raw)?;
+    let signer_cert = parsed_certificate(*raw).ok()?;
     let cert = Cert::of(&signer_cert.cert);
     if !signer_is(signer, &cert) {
         return None;
@@ -960,10 +973,14 @@ mod tests {
     /// certificate changed and every cut.
     #[test]
     fn the_cached_parse_and_the_owned_parse_agree_on_every_change() {
+        let _alone = cache_test();
+        // Twice: the first parse may miss the cache, the second finds it.
         let both = |der: &[u8]| {
-            let cached = parse_certificate(der).map(|p| p.der.clone());
             let owned = Cert::parse(der).and_then(|c| c.x509.to_der().map_err(malformed));
-            assert_eq!(format!("{cached:?}"), format!("{owned:?}"), "{der:02x?}");
+            for _ in 0..2 {
+                let cached = parse_certificate(der).map(|p| p.der.clone());
+                assert_eq!(format!("{cached:?}"), format!("{owned:?}"), "{der:02x?}");
+            }
         };
         for rsa in [false, true] {
             let cert = Identity::generate(&"c@example.org".parse().unwrap(), None, rsa).unwrap().cert_der().to_vec();
@@ -979,6 +996,13 @@ mod tests {
         }
     }
 
+    /// Tests that fill the cache (and so empty it) run one at a time, so
+    /// that one's emptying cannot hide what another checks is (not) kept.
+    fn cache_test() -> std::sync::MutexGuard<'static, ()> {
+        static ALONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        ALONE.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn certificates_held() -> usize {
         CERTIFICATES.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map_or(0, |m| m.len())
     }
@@ -989,16 +1013,22 @@ mod tests {
     /// never kept.
     #[test]
     fn the_certificate_cache_stays_within_its_bound_whatever_certificates_come() {
+        let _alone = cache_test();
         for i in 0..CERTIFICATES_CACHED + 8 {
+            // A contact first (seal), then a signer (sign and verify): each
+            // new certificate is parsed and kept by the first to meet it.
+            let contact = Identity::generate(&format!("c{i}@example.org").parse().unwrap(), None, false).unwrap();
+            seal(b"x", contact.cert_der()).unwrap();
+            assert!(certificates_held() <= CERTIFICATES_CACHED, "{} held", certificates_held());
             let me = Identity::generate(&format!("p{i}@example.org").parse().unwrap(), None, false).unwrap();
             assert_eq!(verify(&sign(b"x", &me).unwrap(), b"x").unwrap(), me.cert_der().to_vec());
-            seal(b"x", me.cert_der()).unwrap();
             assert!(certificates_held() <= CERTIFICATES_CACHED, "{} held", certificates_held());
         }
         let names: Vec<String> = (0..60).map(|i| format!("name-{i:03}.a-rather-long-domain.example.org")).collect();
         let large = rcgen::generate_simple_self_signed(names).unwrap().cert.der().to_vec();
         let raw = AnyRef::from_der(&large).unwrap();
         assert!(raw.value().len() > CERTIFICATE_CACHED_OCTETS, "{} octets", raw.value().len());
+        assert!(!cacheable(raw.value()));
         assert_eq!(parsed_certificate(raw).unwrap().der, large);
         assert_eq!(parse_certificate(&large).unwrap().der, large);
         let kept = CERTIFICATES
@@ -1014,6 +1044,7 @@ mod tests {
     /// and the owned decoding answer each input alike, to the error.
     #[test]
     fn the_fast_path_and_the_owned_types_agree_on_every_change() {
+        let _alone = cache_test();
         let same = |bad: &[u8]| {
             let (a, b) = (verify(bad, b"the content"), owned(bad, b"the content"));
             match (&a, &b) {
