@@ -759,6 +759,15 @@ struct Parsed {
     der: Vec<u8>,
 }
 
+impl Parsed {
+    /// `der` parsed as [`Cert::parse`] parses it (with its errors), and
+    /// encoded again.
+    fn parse(der: &[u8]) -> Result<Self, CryptoError> {
+        let cert = Cert::parse(der)?.x509.into_owned();
+        Ok(Self { der: cert.to_der().map_err(malformed)?, cert })
+    }
+}
+
 /// `raw` (a SEQUENCE: the caller has checked the tag) parsed as a
 /// certificate: [`CryptoError::BadCertificate`] with the parser's words if
 /// it does not parse, as [`Cert::parse`] says it ([`CryptoError::Malformed`]
@@ -772,8 +781,7 @@ fn parsed_certificate(raw: AnyRef<'_>) -> Result<std::sync::Arc<Parsed>, CryptoE
     if let Some(cert) = lock().as_ref().and_then(|m| m.get(key)) {
         return Ok(std::sync::Arc::clone(cert));
     }
-    let cert = Cert::parse(&raw.to_der().map_err(malformed)?)?.x509.into_owned();
-    let cert = std::sync::Arc::new(Parsed { der: cert.to_der().map_err(malformed)?, cert });
+    let cert = std::sync::Arc::new(Parsed::parse(&raw.to_der().map_err(malformed)?)?);
     if !cacheable(key) {
         return Ok(cert);
     }
@@ -798,10 +806,7 @@ fn parse_certificate(der: &[u8]) -> Result<std::sync::Arc<Parsed>, CryptoError> 
     match AnyRef::from_der(der) {
         Ok(raw) if raw.tag() == der::Tag::Sequence => parsed_certificate(raw),
         // Not a SEQUENCE with a DER header: the owned parse says why.
-        _ => {
-            let cert = Cert::parse(der)?.x509.into_owned();
-            Ok(std::sync::Arc::new(Parsed { der: cert.to_der().map_err(malformed)?, cert }))
-        }
+        _ => Parsed::parse(der).map(std::sync::Arc::new),
     }
 }
 
