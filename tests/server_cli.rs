@@ -218,7 +218,9 @@ fn all_threads_traced(pid: u32) -> bool {
 /// `fdatasync`, which also flushes the device's write cache and commits the
 /// metadata that finds newly written blocks; `sync_file_range`, which sled
 /// used, does neither, and a message it covered could be lost at a power
-/// cut after its `31`. Watched with strace attached to the running server.
+/// cut after its `31`. Both files the message is in are synced: the segment
+/// its body was appended to, and sled's log with the pointer to it.
+/// Watched with strace attached to the running server.
 #[test]
 fn a_message_is_fdatasynced_not_only_written_back_before_31() {
     if let Some(why) = strace_unavailable() {
@@ -236,7 +238,7 @@ fn a_message_is_fdatasynced_not_only_written_back_before_31() {
     let pid = server.process.child.id();
     let trace = dir.join("syscalls");
     let mut strace = Command::new("strace")
-        .args(["-f", "-qq", "-e", "trace=fdatasync,fsync,sync_file_range", "-o"])
+        .args(["-f", "-qq", "-y", "-e", "trace=fdatasync,fsync,sync_file_range", "-o"])
         .arg(&trace)
         .args(["-p", &pid.to_string()])
         .stdin(Stdio::null())
@@ -256,6 +258,9 @@ fn a_message_is_fdatasynced_not_only_written_back_before_31() {
     let _ = strace.kill();
     let _ = strace.wait();
     assert_eq!(sent.trim(), "31 Message accepted");
-    assert!(calls.lines().any(|l| l.contains("fdatasync(")), "no fdatasync before 31:\n{calls}");
+    // `-y` names each call's file: fdatasync(7</…/srv/bodies/0000000000000001.body>).
+    let synced = |suffix: &str| calls.lines().any(|l| l.contains("fdatasync(") && l.contains(suffix));
+    assert!(synced(".body>"), "the body's segment is not fdatasynced before 31:\n{calls}");
+    assert!(synced("/srv/db>"), "sled's log is not fdatasynced before 31:\n{calls}");
     assert!(!calls.contains("sync_file_range("), "sync_file_range is not durable:\n{calls}");
 }

@@ -164,7 +164,12 @@ pub async fn home_server(
         info!("The embedded home server keeps its own database in home/ (made by an earlier version).");
         latssiam::server::store::Store::open(&data_dir.join("home"))
     } else {
-        latssiam::server::store::Store::in_db(store.db().clone(), store.flusher(), HOME_TREES)
+        latssiam::server::store::Store::in_db(
+            store.db().clone(),
+            store.flusher(),
+            HOME_TREES,
+            &settings.queue_dir().join("home-bodies"),
+        )
     }
     .context("cannot open the embedded home server's store")?;
     let server = Server::with_store(config, Arc::clone(&server_id), Arc::clone(&store_of_home))

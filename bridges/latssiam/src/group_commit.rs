@@ -6,12 +6,16 @@
 //! started after its call, so its writes are on disk.
 
 use std::path::Path;
-use std::sync::{mpsc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
 type Waiter = oneshot::Sender<Result<(), String>>;
+
+/// What runs before each flush of the database: a file that must be durable
+/// whenever the database is (the server store's message bodies).
+pub type BeforeFlush = Arc<dyn Fn() -> std::io::Result<()> + Send + Sync>;
 
 /// Opens the sled database in `dir`, waiting up to 2 s for its directory
 /// lock. sled finishes some background writes after a `Db` is dropped, so a
@@ -53,6 +57,7 @@ pub enum FlushError {
 /// holds a handle on the database, so the directory lock is released after).
 pub struct GroupCommit {
     sender: Mutex<mpsc::Sender<Waiter>>,
+    before: Arc<Mutex<Vec<BeforeFlush>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -63,17 +68,30 @@ impl GroupCommit {
     /// If the thread cannot be spawned.
     pub fn start(db: sled::Db, name: &str) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Waiter>();
+        let before = Arc::new(Mutex::new(Vec::<BeforeFlush>::new()));
+        let hooks = Arc::clone(&before);
         let thread = std::thread::Builder::new().name(name.into()).spawn(move || {
             while let Ok(first) = rx.recv() {
                 let mut batch = vec![first];
                 batch.extend(rx.try_iter());
-                let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
+                let hooks = hooks.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let result = hooks
+                    .iter()
+                    .try_for_each(|hook| hook())
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| db.flush().map(|_| ()).map_err(|e| e.to_string()));
                 for waiter in batch {
                     let _ = waiter.send(result.clone());
                 }
             }
         })?;
-        Ok(Self { sender: Mutex::new(tx), thread: Mutex::new(Some(thread)) })
+        Ok(Self { sender: Mutex::new(tx), before, thread: Mutex::new(Some(thread)) })
+    }
+
+    /// Runs `hook` before every flush from now on; a flush whose hook fails
+    /// fails for everyone waiting on it.
+    pub fn before_flush(&self, hook: BeforeFlush) {
+        self.before.lock().unwrap_or_else(|e| e.into_inner()).push(hook);
     }
 
     /// Waits until everything written so far is on disk.

@@ -15,6 +15,7 @@
 //! no sender/recipient pair, is logged at the default level; deleted messages
 //! leave nothing behind in the store.
 
+mod bodies;
 pub mod store;
 
 use std::collections::{HashMap, HashSet};
