@@ -11,13 +11,23 @@
 //!   than every other segment's. A new one is started at every open and
 //!   when the active one would pass its size limit; the old one is
 //!   fdatasynced first and the directory fsynced after the new one is
-//!   created. So every segment but the highest on disk is durable in full.
+//!   created; at open, the highest segment found is fdatasynced before the
+//!   new one is created (a crashed process may have left its last bodies in
+//!   the page cache only). So every segment but the highest on disk is
+//!   durable in full.
+//! - A failed fdatasync poisons the log: every later append and sync fails
+//!   until the process starts again (after an I/O error Linux may mark the
+//!   pages clean, and a second fdatasync would report a success it did not
+//!   have), as sled refuses writes after its first I/O error.
 //! - The group commit calls [`Bodies::sync`] before it flushes sled, so a
 //!   caller of `durable` finds the bodies it appended on disk as well as
 //!   their pointers. sled may write a pointer to disk on its own before its
 //!   body is synced: such a message was never acknowledged, and
 //!   [`Opening::holds`] finds it at the next open (its body fails the CRC or
-//!   is cut short), so the store removes it.
+//!   is cut short), so the store removes it. A pointer into a lower segment
+//!   that is missing or too short is damage, not a crash: opening fails
+//!   with the segment named, rather than drop acknowledged messages (a
+//!   database restored without its `bodies/`, say).
 //! - Each segment's live bodies are counted in memory, rebuilt at open. A
 //!   sealed segment with none left is unlinked only after a flush that
 //!   started after its last body was released ([`Bodies::take_doomed`],
@@ -27,8 +37,9 @@
 //!   again and their pointers moved by compare-and-swap, after which it has
 //!   none left. So the segments on disk hold at most about four times the
 //!   live octets, plus the active segment and the ones still in their grace.
+//!   The compaction syncs its copies before it moves any pointer to them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -93,6 +104,8 @@ struct Segment {
     live_octets: u64,
     /// When it stopped being the active segment (`None` while active).
     sealed: Option<Instant>,
+    /// A compaction could not read one of its bodies: not tried again.
+    stuck: bool,
 }
 
 struct State {
@@ -104,6 +117,8 @@ struct State {
     readers: HashMap<u64, Arc<File>>,
     /// Sealed segments with no live body left, to unlink after a flush.
     doomed: Vec<u64>,
+    /// A sync failed: every later append and sync fails.
+    failed: bool,
 }
 
 /// The segment files of one store.
@@ -112,14 +127,23 @@ pub(crate) struct Bodies {
     limit: u64,
     grace: Duration,
     state: Mutex<State>,
+    /// Held across each fdatasync of [`Bodies::sync`], so that a caller
+    /// that finds nothing dirty knows an fdatasync covering it has ended.
+    syncing: Mutex<()>,
+    #[cfg(test)]
+    sync_fails: std::sync::atomic::AtomicBool,
 }
 
 fn segment_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("{id:016x}.body"))
 }
 
-fn invalid(what: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, what.to_owned())
+fn invalid(what: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.into())
+}
+
+fn poisoned() -> io::Error {
+    io::Error::other("an fdatasync of the message bodies failed; no more writes until the server starts again")
 }
 
 /// The segments found on disk at open, before the store has counted which
@@ -138,7 +162,12 @@ impl Opening {
     /// # Errors
     /// If the directory cannot be created or read.
     pub(crate) fn scan(dir: &Path) -> io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
+        if !dir.exists() {
+            std::fs::create_dir_all(dir)?;
+            if let Some(parent) = dir.parent() {
+                File::open(parent)?.sync_all()?;
+            }
+        }
         let mut found = BTreeMap::new();
         for entry in std::fs::read_dir(dir)? {
             let entry = entry?;
@@ -156,18 +185,33 @@ impl Opening {
     /// Whether the body `pointer` names is there; if so it is counted live.
     /// Bodies in the highest segment (the only one that can hold bodies
     /// appended after the last sync) are read and checked against their
-    /// CRC; in the others only their extent is checked.
+    /// CRC: `false` if one fails or is cut short, a message never
+    /// acknowledged. In the others only their extent is checked.
     ///
     /// # Errors
-    /// If a segment cannot be read (an I/O error, not a missing body).
+    /// If a segment cannot be read, and `InvalidData` if a pointer names a
+    /// segment that is not there or a body past the end of one that is not
+    /// the highest: damage that opening must not paper over.
     pub(crate) fn holds(&mut self, pointer: &Pointer) -> io::Result<bool> {
+        let top = self.found.keys().next_back().copied();
         let Some(&size) = self.found.get(&pointer.segment) else {
-            return Ok(false);
+            return Err(invalid(format!(
+                "a stored message's body is in segment {}, which is not there (was {} moved, or the database \
+                 restored without it?)",
+                segment_path(&self.dir, pointer.segment).display(),
+                self.dir.display()
+            )));
         };
         if pointer.end() > size {
-            return Ok(false);
+            if top == Some(pointer.segment) {
+                return Ok(false);
+            }
+            return Err(invalid(format!(
+                "{} is cut short: it ends at octet {size}, a stored message's body at {}",
+                segment_path(&self.dir, pointer.segment).display(),
+                pointer.end()
+            )));
         }
-        let top = self.found.keys().next_back().copied();
         if top == Some(pointer.segment) {
             let file = match self.readers.entry(pointer.segment) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
@@ -200,7 +244,13 @@ impl Opening {
                 tracing::warn!("Cannot remove the empty body segment {id:016x}: {e}");
             }
         }
-        let active = self.found.keys().next_back().map_or(1, |top| top + 1);
+        let top = self.found.keys().next_back().copied();
+        if let Some(top) = top.filter(|top| self.live.contains_key(top)) {
+            // A crashed process's last bodies may be in the page cache only;
+            // from now on a higher segment exists, so this one must be durable.
+            std::fs::OpenOptions::new().write(true).open(segment_path(&self.dir, top))?.sync_data()?;
+        }
+        let active = top.map_or(1, |top| top + 1);
         let now = Instant::now();
         let mut segments = self.live;
         for segment in segments.values_mut() {
@@ -219,15 +269,23 @@ impl Opening {
                 segments,
                 readers: HashMap::new(),
                 doomed: Vec::new(),
+                failed: false,
             }),
+            syncing: Mutex::new(()),
+            #[cfg(test)]
+            sync_fails: std::sync::atomic::AtomicBool::new(false),
         })
     }
 }
 
 /// Creates segment `id` and makes its name durable.
 fn create_segment(dir: &Path, id: u64) -> io::Result<File> {
-    let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(segment_path(dir, id))?;
-    File::open(dir)?.sync_all()?;
+    let path = segment_path(dir, id);
+    let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
+    if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+        let _ = std::fs::remove_file(&path);
+        return Err(e);
+    }
     Ok(file)
 }
 
@@ -245,8 +303,15 @@ impl Bodies {
         let crc = crc32fast::hash(body);
         let len = u32::try_from(body.len()).map_err(|_| invalid("a body over 4 GiB"))?;
         let mut state = self.lock();
+        if state.failed {
+            return Err(poisoned());
+        }
         let size = state.segments.get(&state.active).map_or(0, |s| s.size);
-        let size = if size > 0 && size + u64::from(len) > self.limit { self.rotate(&mut state)? } else { size };
+        let size = if size > 0 && size.saturating_add(u64::from(len)) > self.limit {
+            self.rotate(&mut state).inspect_err(|_| state.failed = true)?
+        } else {
+            size
+        };
         state.writer.write_all_at(body, size)?;
         state.dirty = true;
         let pointer = Pointer { segment: state.active, offset: size, len, crc };
@@ -285,15 +350,31 @@ impl Bodies {
     /// # Errors
     /// If the fdatasync fails.
     pub(crate) fn sync(&self) -> io::Result<()> {
+        let _one_at_a_time = self.syncing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let writer = {
             let mut state = self.lock();
+            if state.failed {
+                return Err(poisoned());
+            }
+            #[cfg(test)]
+            if self.sync_fails.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                state.failed = true;
+                return Err(io::Error::other("injected: fdatasync failed"));
+            }
             if !state.dirty {
                 return Ok(());
             }
             state.dirty = false;
             Arc::clone(&state.writer)
         };
-        writer.sync_data().inspect_err(|_| self.lock().dirty = true)
+        writer.sync_data().inspect_err(|_| self.lock().failed = true)
+    }
+
+    /// Makes the next sync fail as a failed fdatasync does (a fault that
+    /// cannot be made on a healthy disk): appends still succeed until then.
+    #[cfg(test)]
+    pub(crate) fn fail_the_next_sync(&self) {
+        self.sync_fails.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Reads the body `pointer` names and checks it against its CRC.
@@ -303,8 +384,8 @@ impl Bodies {
     /// the body: read its pointer again), `InvalidData` if the body is not
     /// what was written, or the I/O error.
     pub(crate) fn read(&self, pointer: &Pointer) -> io::Result<Vec<u8>> {
-        let file = {
-            let mut state = self.lock();
+        let open = {
+            let state = self.lock();
             let Some(segment) = state.segments.get(&pointer.segment) else {
                 return Err(io::Error::new(io::ErrorKind::NotFound, "body segment is gone"));
             };
@@ -312,16 +393,24 @@ impl Bodies {
                 return Err(invalid("a body pointer past its segment's end"));
             }
             if pointer.segment == state.active {
-                Arc::clone(&state.writer)
-            } else if let Some(file) = state.readers.get(&pointer.segment) {
-                Arc::clone(file)
+                Some(Arc::clone(&state.writer))
             } else {
+                state.readers.get(&pointer.segment).cloned()
+            }
+        };
+        let file = match open {
+            Some(file) => file,
+            None => {
+                // Opened outside the lock; a segment unlinked meanwhile is NotFound.
                 let file = Arc::new(File::open(segment_path(&self.dir, pointer.segment))?);
+                let mut state = self.lock();
                 // Open files are bounded, whatever the number of segments.
                 if state.readers.len() >= MAX_READERS {
                     state.readers.clear();
                 }
-                state.readers.insert(pointer.segment, Arc::clone(&file));
+                if state.segments.contains_key(&pointer.segment) {
+                    state.readers.insert(pointer.segment, Arc::clone(&file));
+                }
                 file
             }
         };
@@ -360,35 +449,54 @@ impl Bodies {
         if doomed.is_empty() {
             return;
         }
-        let mut state = self.lock();
-        if !flushed {
-            state.doomed.extend(doomed);
-            return;
-        }
-        for id in doomed {
-            // Released to none twice over, or compacted: only what is still empty goes.
-            if state.segments.get(&id).is_some_and(|s| s.live == 0) {
-                state.segments.remove(&id);
-                state.readers.remove(&id);
-                if let Err(e) = std::fs::remove_file(segment_path(&self.dir, id)) {
-                    tracing::warn!("Cannot remove the empty body segment {id:016x}: {e}");
-                }
+        let gone: Vec<u64> = {
+            let mut state = self.lock();
+            if !flushed {
+                state.doomed.extend(doomed);
+                return;
+            }
+            // Named twice, or already gone: only what is still empty goes.
+            doomed
+                .into_iter()
+                .filter(|id| {
+                    let empty = state.segments.get(id).is_some_and(|s| s.live == 0 && s.sealed.is_some());
+                    if empty {
+                        state.segments.remove(id);
+                        state.readers.remove(id);
+                    }
+                    empty
+                })
+                .collect()
+        };
+        for id in gone {
+            if let Err(e) = std::fs::remove_file(segment_path(&self.dir, id)) {
+                tracing::warn!("Cannot remove the empty body segment {id:016x}: {e}");
             }
         }
     }
 
     /// The sealed segments under a quarter live, sealed at least `grace`
-    /// ago: the ones to compact.
-    pub(crate) fn sparse(&self) -> Vec<u64> {
+    /// ago, that no compaction found unreadable: the ones to compact.
+    pub(crate) fn sparse(&self) -> HashSet<u64> {
         let state = self.lock();
         state
             .segments
             .iter()
             .filter(|(_, s)| {
-                s.live > 0 && s.live_octets * 4 < s.size && s.sealed.is_some_and(|at| at.elapsed() >= self.grace)
+                s.live > 0
+                    && !s.stuck
+                    && s.live_octets.saturating_mul(4) < s.size
+                    && s.sealed.is_some_and(|at| at.elapsed() >= self.grace)
             })
             .map(|(id, _)| *id)
             .collect()
+    }
+
+    /// A compaction could not read a body of `segment`: it is left as it is.
+    pub(crate) fn stuck(&self, segment: u64) {
+        if let Some(s) = self.lock().segments.get_mut(&segment) {
+            s.stuck = true;
+        }
     }
 
     /// Octets of segments on disk, and of live bodies in them.

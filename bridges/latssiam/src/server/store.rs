@@ -598,13 +598,13 @@ impl Store {
     /// # Errors
     /// [`StoreError`] if it cannot be read.
     pub fn oldest(&self, owner: &Fingerprint) -> Result<Option<StoredMessage>, StoreError> {
-        match self.messages.scan_prefix(owner.as_bytes()).next() {
-            Some(kv) => {
-                let (k, v) = kv?;
-                self.read_message(&k, v)
+        for kv in self.messages.scan_prefix(owner.as_bytes()) {
+            let (k, v) = kv?;
+            if let Some(message) = self.read_message(&k, v)? {
+                return Ok(Some(message));
             }
-            None => Ok(None),
         }
+        Ok(None)
     }
 
     /// Offers the oldest message of `owner`'s mailbox that no other session
@@ -648,7 +648,9 @@ impl Store {
     /// The message under `key`, whose value was `value`, with its body. If
     /// a compaction moved the body (and its old segment is gone) since
     /// `value` was read, the value is read again; `None` if the message
-    /// was deleted meanwhile.
+    /// was deleted meanwhile, or if its body is not what was written (then
+    /// it is removed, logged as an error: kept, it would stop its mailbox
+    /// for good).
     fn read_message(&self, key: &[u8], mut value: sled::IVec) -> Result<Option<StoredMessage>, StoreError> {
         // A body moves at most once per compaction: three reads cover a move
         // racing the first read, and more means something is wrong.
@@ -665,6 +667,14 @@ impl Store {
                     Some(_) => return Err(e.into()),
                     None => return Ok(None),
                 },
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    let id = key.get(32..40).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+                    tracing::error!("A stored message's body is damaged ({e}); the message is removed.");
+                    if let Some(id) = id {
+                        self.remove_message(&owner_of(key)?, id)?;
+                    }
+                    return Ok(None);
+                }
                 Err(e) => return Err(e.into()),
             }
         }
@@ -745,8 +755,9 @@ fn spawn_compactor(
     let (stop, stopped) = mpsc::channel::<()>();
     let tick = grace.clamp(Duration::from_millis(50), Duration::from_secs(60));
     let thread = std::thread::Builder::new().name("latssiam-compactor".into()).spawn(move || {
+        let stopping = || matches!(stopped.try_recv(), Err(mpsc::TryRecvError::Disconnected));
         while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(tick) {
-            if let Err(e) = compact(&messages, &bodies) {
+            if let Err(e) = compact(&messages, &bodies, &stopping) {
                 tracing::warn!("Compacting the message bodies failed (tried again later): {e}");
             }
         }
@@ -754,42 +765,62 @@ fn spawn_compactor(
     Ok((stop, thread))
 }
 
-/// Moves the live bodies of every sparse segment to the active one, each
-/// pointer by compare-and-swap (a message deleted meanwhile stays deleted,
-/// and its new copy is released). Each emptied segment goes after the next
-/// flush. Returns how many bodies moved.
-fn compact(messages: &sled::Tree, bodies: &Bodies) -> Result<usize, StoreError> {
+/// Moves the live bodies of every sparse segment to the active one: copies
+/// them, syncs the copies, and only then moves each pointer by
+/// compare-and-swap (sled may write a pointer to disk at any moment, and it
+/// must never name a copy that is not durable). A message deleted meanwhile
+/// stays deleted, and its copy is released. Each emptied segment goes after
+/// the next flush. Stops early when `stopping` says so. Returns how many
+/// bodies moved.
+fn compact(messages: &sled::Tree, bodies: &Bodies, stopping: &dyn Fn() -> bool) -> Result<usize, StoreError> {
     let sparse = bodies.sparse();
     if sparse.is_empty() {
         return Ok(0);
     }
-    let mut moved = 0;
-    for kv in messages.iter() {
-        let (key, value) = kv?;
-        let Ok((_, Held::Logged(pointer))) = parse_value(&value) else {
-            continue;
-        };
-        if !sparse.contains(&pointer.segment()) {
-            continue;
-        }
-        let body = match bodies.read(&pointer) {
-            Ok(body) => body,
-            // Deleted and its segment gone, or damaged: left where it is.
-            Err(e) => {
-                tracing::debug!("A body not moved: {e}");
+    let mut copies = Vec::new();
+    let copied = (|| {
+        for kv in messages.iter() {
+            if stopping() {
+                break;
+            }
+            let (key, value) = kv?;
+            let Ok((_, Held::Logged(pointer))) = parse_value(&value) else {
+                continue;
+            };
+            if !sparse.contains(&pointer.segment()) {
                 continue;
             }
-        };
-        let copy = bodies.append(&body)?;
+            let body = match bodies.read(&pointer) {
+                Ok(body) => body,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                // Damaged: left where it is, and its segment not tried again.
+                Err(e) => {
+                    tracing::warn!("A stored body cannot be moved ({e}); its segment is left as it is.");
+                    bodies.stuck(pointer.segment());
+                    continue;
+                }
+            };
+            copies.push((key, value, pointer, bodies.append(&body)?));
+        }
+        bodies.sync()
+    })();
+    if let Err(e) = copied {
+        for (_, _, _, copy) in &copies {
+            bodies.release(copy);
+        }
+        return Err(e.into());
+    }
+    let mut moved = 0;
+    for (key, value, pointer, copy) in copies {
         let mut new = value.to_vec();
         new.truncate(33);
         new.extend_from_slice(&copy.encode());
-        match messages.compare_and_swap(&key, Some(&value), Some(new))? {
-            Ok(()) => {
+        match messages.compare_and_swap(&key, Some(&value), Some(new)) {
+            Ok(Ok(())) => {
                 bodies.release(&pointer);
                 moved += 1;
             }
-            Err(_) => bodies.release(&copy),
+            Ok(Err(_)) | Err(_) => bodies.release(&copy),
         }
     }
     Ok(moved)
@@ -1059,7 +1090,7 @@ mod tests {
                     offer.answered().await.unwrap();
                 }
             }
-            compact(&store.messages, &store.bodies).unwrap();
+            compact(&store.messages, &store.bodies, &|| false).unwrap();
             store.durable().await.unwrap();
             let live = 40 * 1004;
             let (held, counted_live) = store.bodies.usage();
@@ -1074,6 +1105,95 @@ mod tests {
             assert_eq!(m.message, body(round, 1000), "message {round}");
             offer.answered().await.unwrap();
         }
+    }
+
+    /// Five bodies of 3,004 octets per 16 KiB segment: 11 make segments 1 to 3.
+    async fn three_segments(dir: &Path) -> (Fingerprint, Fingerprint) {
+        let (owner, sender) = (Fingerprint::of(b"owner"), Fingerprint::of(b"sender"));
+        let store = Store::open_tuned(dir, tuned(16 << 10)).unwrap();
+        for i in 0..11 {
+            store.store_message(&owner, &sender, None, &body(i, 3000)).await.unwrap();
+        }
+        (owner, sender)
+    }
+
+    #[tokio::test]
+    async fn a_lower_segment_missing_or_cut_short_fails_the_open_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        three_segments(dir.path()).await;
+        let first = dir.path().join("bodies").join(&segments(dir.path())[0].0);
+        let kept = std::fs::read(&first).unwrap();
+        std::fs::remove_file(&first).unwrap();
+        let Err(e) = Store::open(dir.path()) else { panic!("opened without a segment") };
+        assert!(e.to_string().contains(&*first.to_string_lossy()) && e.to_string().contains("not there"), "{e}");
+        std::fs::write(&first, &kept[..kept.len() - 1]).unwrap();
+        let Err(e) = Store::open(dir.path()) else { panic!("opened with a segment cut short") };
+        assert!(e.to_string().contains("cut short"), "{e}");
+        std::fs::write(&first, &kept).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.unread(&Fingerprint::of(b"owner"), &Fingerprint::of(b"sender")), (11, 11));
+        drop(store);
+        std::fs::remove_dir_all(dir.path().join("bodies")).unwrap();
+        assert!(Store::open(dir.path()).is_err(), "a database without its bodies/ does not open as empty");
+    }
+
+    #[tokio::test]
+    async fn a_damaged_body_in_a_lower_segment_is_removed_when_read_and_the_mailbox_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let (owner, sender) = three_segments(dir.path()).await;
+        let first = dir.path().join("bodies").join(&segments(dir.path())[0].0);
+        let mut octets = std::fs::read(&first).unwrap();
+        octets[10] ^= 1; // The first body.
+        std::fs::write(&first, &octets).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.unread(&owner, &sender), (11, 11), "a lower segment is not read at open");
+        let (m, offer) = store.offer_oldest(&owner).unwrap().unwrap();
+        assert_eq!(m.message, body(1, 3000), "the damaged one is skipped");
+        assert_eq!(store.unread(&owner, &sender), (10, 10), "and removed");
+        offer.answered().await.unwrap();
+        assert_eq!(store.oldest(&owner).unwrap().unwrap().message, body(2, 3000));
+    }
+
+    /// sled may write a moved pointer to disk at any moment, so the copies
+    /// must be durable before any pointer moves: if they cannot be synced,
+    /// no pointer moves. A failed fdatasync then refuses every later write.
+    #[tokio::test]
+    async fn if_the_copies_cannot_be_synced_no_pointer_moves_and_no_write_is_taken_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let (owner, sender) = three_segments(dir.path()).await;
+        let store = Store::open_tuned(dir.path(), tuned(16 << 10)).unwrap();
+        // Segment 1 empties, segment 2 goes below a quarter live.
+        for _ in 0..9 {
+            let (_, offer) = store.offer_oldest(&owner).unwrap().unwrap();
+            offer.answered().await.unwrap();
+        }
+        let before: Vec<_> = store.messages.iter().map(Result::unwrap).collect();
+        store.bodies.fail_the_next_sync();
+        assert!(compact(&store.messages, &store.bodies, &|| false).is_err());
+        let after: Vec<_> = store.messages.iter().map(Result::unwrap).collect();
+        assert_eq!(before, after, "a pointer moved to a copy that is not durable");
+        assert!(store.store_message(&owner, &sender, None, b"later").await.is_err());
+        assert!(store.durable().await.is_err());
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.unread(&owner, &sender), (2, 2));
+        assert_eq!(store.oldest(&owner).unwrap().unwrap().message, body(9, 3000));
+    }
+
+    /// With the sync working, the same compaction moves both bodies.
+    #[tokio::test]
+    async fn a_compaction_moves_every_live_body_of_a_sparse_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let (owner, sender) = three_segments(dir.path()).await;
+        let store = Store::open_tuned(dir.path(), tuned(16 << 10)).unwrap();
+        for _ in 0..9 {
+            let (_, offer) = store.offer_oldest(&owner).unwrap().unwrap();
+            offer.answered().await.unwrap();
+        }
+        assert_eq!(compact(&store.messages, &store.bodies, &|| false).unwrap(), 1, "segment 2's one live body");
+        store.durable().await.unwrap();
+        assert_eq!(store.unread(&owner, &sender), (2, 2));
+        assert_eq!(store.oldest(&owner).unwrap().unwrap().message, body(9, 3000));
     }
 
     /// The same attack with the compaction thread doing the work.
@@ -1172,7 +1292,7 @@ mod tests {
                     }
                 }
                 Op::Compact => {
-                    compact(&store.messages, &store.bodies).unwrap();
+                    compact(&store.messages, &store.bodies, &|| false).unwrap();
                     runtime.block_on(store.durable()).unwrap();
                 }
                 Op::Reopen => {
