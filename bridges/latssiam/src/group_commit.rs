@@ -67,6 +67,15 @@ impl GroupCommit {
     /// # Errors
     /// If the thread cannot be spawned.
     pub fn start(db: sled::Db, name: &str) -> std::io::Result<Self> {
+        Self::start_with(name, move || db.flush().map(|_| ()).map_err(std::io::Error::other))
+    }
+
+    /// Starts a flusher thread whose flush is `flush` (the server store's
+    /// log: an fdatasync of its active segment).
+    ///
+    /// # Errors
+    /// If the thread cannot be spawned.
+    pub fn start_with(name: &str, flush: impl Fn() -> std::io::Result<()> + Send + 'static) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Waiter>();
         let before = Arc::new(Mutex::new(Vec::<BeforeFlush>::new()));
         let hooks = Arc::clone(&before);
@@ -79,7 +88,7 @@ impl GroupCommit {
                     .iter()
                     .try_for_each(|hook| hook())
                     .map_err(|e| e.to_string())
-                    .and_then(|()| db.flush().map(|_| ()).map_err(|e| e.to_string()));
+                    .and_then(|()| flush().map_err(|e| e.to_string()));
                 for waiter in batch {
                     let _ = waiter.send(result.clone());
                 }

@@ -1,47 +1,59 @@
-//! Message bodies of the server's store, each written once, appended to
-//! segment files beside sled.
+//! The server store's log: every stored message's body, written once, and
+//! every deletion, appended to segment files beside sled.
 //!
-//! sled keeps a pointer per message (segment, offset, length, CRC-32 of the
-//! body); the body itself is appended to the active segment. sled wrote each
-//! 5 KB body five to six times over (leaf splits, consolidations, the zeros
-//! written ahead of its log: docs/PERFORMANCE.md); a pointer is 24 octets.
+//! A record is a put (a message's key, its sender and its body), a move (a
+//! compaction's copy of a put, applied again only to a message that is
+//! still there) or a delete (a key). sled keeps, per message, a pointer to its put record
+//! (segment, offset, body length, the record's CRC-32). A message is
+//! acknowledged once its record is synced: the log is the write-ahead log
+//! of the `messages` tree, which sled writes to disk in its own time. So
+//! storing or deleting a message costs one fdatasync (of the log), not two.
 //!
 //! Invariants:
-//! - Bodies are appended only to the active segment, whose number is higher
+//! - Records are appended only to the active segment, whose number is higher
 //!   than every other segment's. A new one is started at every open and
 //!   when the active one would pass its size limit; the old one is
 //!   fdatasynced first and the directory fsynced after the new one is
-//!   created; at open, the highest segment found is fdatasynced before the
-//!   new one is created (a crashed process may have left its last bodies in
-//!   the page cache only). So every segment but the highest on disk is
-//!   durable in full.
-//! - A failed fdatasync poisons the log: every later append and sync fails
+//!   created. At open, the highest segment found is cut after its last
+//!   whole record and fdatasynced before the new one is created. So every
+//!   segment but the active one is durable and whole.
+//! - The checkpoint, kept in sled, is a position in the log before which
+//!   every record is synced and its change to the `messages` tree was made
+//!   before the sled flush that wrote the checkpoint. A put's change is made
+//!   after its record is appended, so appended puts are "in flight" until
+//!   applied; a delete's change is made before its record is appended. At
+//!   open, the records after the checkpoint are applied again in log order
+//!   (a put inserts its pointer, a delete removes its key: idempotent), up
+//!   to the first record of the highest segment that is not whole (a crash
+//!   cut it; nothing after it was synced, so nothing after it was
+//!   acknowledged).
+//! - A failed write or fdatasync poisons the log (a failed write is cut
+//!   off first): every later append and sync fails
 //!   until the process starts again (after an I/O error Linux may mark the
 //!   pages clean, and a second fdatasync would report a success it did not
 //!   have), as sled refuses writes after its first I/O error.
-//! - The group commit calls [`Bodies::sync`] before it flushes sled, so a
-//!   caller of `durable` finds the bodies it appended on disk as well as
-//!   their pointers. sled may write a pointer to disk on its own before its
-//!   body is synced: such a message was never acknowledged, and
-//!   [`Opening::holds`] finds it at the next open (its body fails the CRC or
-//!   is cut short), so the store removes it. A pointer into a lower segment
-//!   that is missing or too short is damage, not a crash: opening fails
-//!   with the segment named, rather than drop acknowledged messages (a
-//!   database restored without its `bodies/`, say).
-//! - Each segment's live bodies are counted in memory, rebuilt at open. A
-//!   sealed segment with none left is unlinked only after a flush that
-//!   started after its last body was released ([`Bodies::take_doomed`],
-//!   [`Bodies::reap`]): a crash before then finds its pointers still in
-//!   sled. A sealed segment less than a quarter live, sealed at least
-//!   `grace` ago, is compacted by the store: its live bodies are appended
-//!   again and their pointers moved by compare-and-swap, after which it has
-//!   none left. So the segments on disk hold at most about four times the
-//!   live octets, plus the active segment and the ones still in their grace.
-//!   The compaction syncs its copies before it moves any pointer to them.
+//! - A pointer that sled wrote before its record was synced names a record
+//!   of the highest segment that is not whole, or is past its end: such a
+//!   message was never acknowledged and [`Opening::holds`] refuses it. A
+//!   pointer into a lower segment that is missing or too short is damage,
+//!   not a crash: opening fails with the segment named, rather than drop
+//!   acknowledged messages (a database restored without its `bodies/`).
+//! - Each segment's live puts are counted in memory, rebuilt at open. A
+//!   sealed segment with none left is unlinked once a sync that started
+//!   after its last put was released has ended ([`Bodies::take_doomed`],
+//!   [`Bodies::reap`]), and only if it lies wholly before the checkpoint
+//!   (its delete records are not needed again). A sealed segment less than
+//!   a quarter live, sealed at least `grace` ago, is compacted by the
+//!   store: its live bodies are appended again as moves, synced, and only
+//!   then their pointers moved by compare-and-swap (a message deleted
+//!   meanwhile keeps its deletion: its move is not applied at open, whatever
+//!   the order of the two records). So the segments on disk
+//!   hold at most about four times the live octets, plus the active
+//!   segment and those still in their grace or after the checkpoint.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::File;
-use std::io;
+use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -50,7 +62,21 @@ use std::time::{Duration, Instant};
 /// Sealed segments kept open for reading at most.
 const MAX_READERS: usize = 64;
 
-/// Where a body is: 24 octets in sled.
+/// A record's header: kind, key, sender, body length, CRC-32 of the rest
+/// of the header and the body.
+pub(crate) const HEADER: usize = 1 + 40 + 32 + 4 + 4;
+const PUT: u8 = 1;
+const DELETE: u8 = 2;
+/// A compaction's copy of a put: applied at replay only to a key present.
+const MOVE: u8 = 3;
+
+/// A message's key in sled: owner fingerprint and sequence number.
+pub(crate) type Key = [u8; 40];
+
+/// A position in the log: segment, offset.
+pub(crate) type Position = (u64, u64);
+
+/// Where a put record is: 24 octets in sled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Pointer {
     segment: u64,
@@ -89,16 +115,47 @@ impl Pointer {
         self.segment
     }
 
-    fn end(&self) -> u64 {
-        self.offset.saturating_add(u64::from(self.len))
+    /// Octets of its record.
+    fn octets(&self) -> u64 {
+        HEADER as u64 + u64::from(self.len)
     }
+
+    fn end(&self) -> u64 {
+        self.offset.saturating_add(self.octets())
+    }
+}
+
+/// A record's header, encoded, with the CRC over it and `body`.
+fn header(kind: u8, key: &Key, sender: &[u8; 32], body: &[u8]) -> io::Result<([u8; HEADER], u32)> {
+    let len = u32::try_from(body.len()).map_err(|_| invalid("a body over 4 GiB"))?;
+    let mut h = [0u8; HEADER];
+    h[0] = kind;
+    h[1..41].copy_from_slice(key);
+    h[41..73].copy_from_slice(sender);
+    h[73..77].copy_from_slice(&len.to_be_bytes());
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&h[..77]);
+    crc.update(body);
+    let crc = crc.finalize();
+    h[77..].copy_from_slice(&crc.to_be_bytes());
+    Ok((h, crc))
+}
+
+/// A record read back during replay.
+pub(crate) enum Record {
+    /// A message stored: its key, sender, and where its record is.
+    Put { key: Key, sender: [u8; 32], pointer: Pointer },
+    /// A message's body copied by a compaction: applied only if the key is there.
+    Move { key: Key, sender: [u8; 32], pointer: Pointer },
+    /// A message deleted.
+    Delete { key: Key },
 }
 
 #[derive(Debug, Default)]
 struct Segment {
     /// Octets appended.
     size: u64,
-    /// Bodies that pointers in sled name.
+    /// Puts that pointers in sled name.
     live: u64,
     /// Their octets.
     live_octets: u64,
@@ -113,9 +170,15 @@ struct State {
     writer: Arc<File>,
     /// Appended to the active segment since its last sync.
     dirty: bool,
+    /// Everything before this is synced.
+    synced: Position,
+    /// Puts appended whose change to sled is not made yet.
+    in_flight: BTreeSet<Position>,
+    /// The checkpoint last written durably to sled.
+    checkpoint: Position,
     segments: BTreeMap<u64, Segment>,
     readers: HashMap<u64, Arc<File>>,
-    /// Sealed segments with no live body left, to unlink after a flush.
+    /// Sealed segments with no live put left, to unlink after a sync.
     doomed: Vec<u64>,
     /// A sync failed: every later append and sync fails.
     failed: bool,
@@ -135,7 +198,7 @@ pub(crate) struct Bodies {
 }
 
 fn segment_path(dir: &Path, id: u64) -> PathBuf {
-    dir.join(format!("{id:016x}.body"))
+    dir.join(format!("{id:016x}.log"))
 }
 
 fn invalid(what: impl Into<String>) -> io::Error {
@@ -143,17 +206,34 @@ fn invalid(what: impl Into<String>) -> io::Error {
 }
 
 fn poisoned() -> io::Error {
-    io::Error::other("an fdatasync of the message bodies failed; no more writes until the server starts again")
+    io::Error::other("an fdatasync of the message log failed; no more writes until the server starts again")
 }
 
-/// The segments found on disk at open, before the store has counted which
-/// bodies are live.
+/// Encodes a checkpoint for sled.
+pub(crate) fn encode_position(p: Position) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&p.0.to_be_bytes());
+    out[8..].copy_from_slice(&p.1.to_be_bytes());
+    out
+}
+
+/// Decodes a checkpoint from sled.
+pub(crate) fn decode_position(bytes: &[u8]) -> Option<Position> {
+    let bytes: &[u8; 16] = bytes.try_into().ok()?;
+    let (segment, offset) = bytes.split_at(8);
+    Some((u64::from_be_bytes(segment.try_into().ok()?), u64::from_be_bytes(offset.try_into().ok()?)))
+}
+
+/// The segments found on disk at open, before the store has replayed them
+/// and counted which puts are live.
 pub(crate) struct Opening {
     dir: PathBuf,
-    /// Segment number -> its length on disk.
+    /// Segment number -> its length on disk (the highest's cut to its last
+    /// whole record by [`Opening::replay`]).
     found: BTreeMap<u64, u64>,
+    /// Offset -> CRC of every whole record of the highest segment.
+    top_records: HashMap<u64, u32>,
     live: BTreeMap<u64, Segment>,
-    readers: HashMap<u64, File>,
 }
 
 impl Opening {
@@ -172,88 +252,164 @@ impl Opening {
         for entry in std::fs::read_dir(dir)? {
             let entry = entry?;
             let name = entry.file_name();
+            if name.to_str().is_some_and(|n| n.ends_with(".body")) {
+                return Err(invalid(format!(
+                    "{} holds message bodies written by a development version (0c1d1da to e94ebea) that this \
+                     one does not read",
+                    dir.display()
+                )));
+            }
             let Some(id) =
-                name.to_str().and_then(|n| n.strip_suffix(".body")).and_then(|n| u64::from_str_radix(n, 16).ok())
+                name.to_str().and_then(|n| n.strip_suffix(".log")).and_then(|n| u64::from_str_radix(n, 16).ok())
             else {
                 continue;
             };
             found.insert(id, entry.metadata()?.len());
         }
-        Ok(Self { dir: dir.to_owned(), found, live: BTreeMap::new(), readers: HashMap::new() })
+        Ok(Self { dir: dir.to_owned(), found, top_records: HashMap::new(), live: BTreeMap::new() })
     }
 
-    /// Whether the body `pointer` names is there; if so it is counted live.
-    /// Bodies in the highest segment (the only one that can hold bodies
-    /// appended after the last sync) are read and checked against their
-    /// CRC: `false` if one fails or is cut short, a message never
-    /// acknowledged. In the others only their extent is checked.
+    fn top(&self) -> Option<u64> {
+        self.found.keys().next_back().copied()
+    }
+
+    /// Reads every record from `from` on, in log order, and hands each to
+    /// `apply`. The highest segment is read whole (to find where its whole
+    /// records end; it is cut there) and its records before `from` are not
+    /// handed on.
     ///
     /// # Errors
-    /// If a segment cannot be read, and `InvalidData` if a pointer names a
-    /// segment that is not there or a body past the end of one that is not
-    /// the highest: damage that opening must not paper over.
+    /// I/O errors, `InvalidData` for a record that is not whole in a
+    /// segment other than the highest (damage), and `apply`'s errors.
+    pub(crate) fn replay(&mut self, from: Position, mut apply: impl FnMut(Record) -> io::Result<()>) -> io::Result<()> {
+        let top = self.top();
+        let ids: Vec<u64> = self.found.keys().copied().filter(|id| *id >= from.0 || Some(*id) == top).collect();
+        // Segments from the checkpoint's on are never unlinked: a gap is damage.
+        if let (Some(first), Some(last)) = (ids.first(), ids.last()) {
+            let first = if from.0 > 0 { from.0.min(*first) } else { *first };
+            if let Some(missing) = (first..=*last).find(|id| !self.found.contains_key(id)) {
+                return Err(invalid(format!(
+                    "{} is missing, and records in it are needed again",
+                    segment_path(&self.dir, missing).display()
+                )));
+            }
+        }
+        for id in ids {
+            let is_top = Some(id) == top;
+            let path = segment_path(&self.dir, id);
+            let size = self.found.get(&id).copied().unwrap_or(0);
+            let mut reader = io::BufReader::with_capacity(1 << 20, File::open(&path)?);
+            let mut offset = 0u64;
+            let start = if id == from.0 {
+                from.1
+            } else if id > from.0 {
+                0
+            } else {
+                u64::MAX
+            };
+            loop {
+                if offset == size {
+                    break;
+                }
+                let whole = read_record(&mut reader, size - offset)?;
+                let Some((h, body_len, crc)) = whole else {
+                    if is_top {
+                        // Cut by a crash: nothing from here on was synced.
+                        tracing::info!(
+                            "The message log {} ends at octet {offset} of {size}: cut there.",
+                            path.display()
+                        );
+                        let file = std::fs::OpenOptions::new().write(true).open(&path)?;
+                        file.set_len(offset)?;
+                        self.found.insert(id, offset);
+                        break;
+                    }
+                    return Err(invalid(format!("{} has a damaged record at octet {offset}", path.display())));
+                };
+                let pointer = Pointer { segment: id, offset, len: body_len, crc };
+                if is_top {
+                    self.top_records.insert(offset, crc);
+                }
+                if offset >= start {
+                    let mut key = [0u8; 40];
+                    key.copy_from_slice(&h[1..41]);
+                    let mut sender = [0u8; 32];
+                    sender.copy_from_slice(&h[41..73]);
+                    match h[0] {
+                        PUT => apply(Record::Put { key, sender, pointer })?,
+                        MOVE => apply(Record::Move { key, sender, pointer })?,
+                        _ => apply(Record::Delete { key })?,
+                    }
+                }
+                offset = pointer.end();
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the put `pointer` names is there; if so it is counted live.
+    /// In the highest segment it must be one of the whole records
+    /// [`Opening::replay`] read (`false` if not: a message never
+    /// acknowledged); in the others only its extent is checked.
+    ///
+    /// # Errors
+    /// `InvalidData` if a pointer names a segment that is not there or a
+    /// record past the end of one that is not the highest: damage that
+    /// opening must not paper over.
     pub(crate) fn holds(&mut self, pointer: &Pointer) -> io::Result<bool> {
-        let top = self.found.keys().next_back().copied();
+        let top = self.top();
         let Some(&size) = self.found.get(&pointer.segment) else {
             return Err(invalid(format!(
-                "a stored message's body is in segment {}, which is not there (was {} moved, or the database \
-                 restored without it?)",
+                "a stored message is in {}, which is not there (was {} moved, or the database restored \\
+                 without it?)",
                 segment_path(&self.dir, pointer.segment).display(),
                 self.dir.display()
             )));
         };
-        if pointer.end() > size {
-            if top == Some(pointer.segment) {
+        if top == Some(pointer.segment) {
+            if self.top_records.get(&pointer.offset) != Some(&pointer.crc) {
                 return Ok(false);
             }
+        } else if pointer.end() > size {
             return Err(invalid(format!(
-                "{} is cut short: it ends at octet {size}, a stored message's body at {}",
+                "{} is cut short: it ends at octet {size}, a stored message at {}",
                 segment_path(&self.dir, pointer.segment).display(),
                 pointer.end()
             )));
         }
-        if top == Some(pointer.segment) {
-            let file = match self.readers.entry(pointer.segment) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    e.insert(File::open(segment_path(&self.dir, pointer.segment))?)
-                }
-            };
-            let mut body = vec![0; pointer.len as usize];
-            file.read_exact_at(&mut body, pointer.offset)?;
-            if crc32fast::hash(&body) != pointer.crc {
-                return Ok(false);
-            }
-        }
         let segment = self.live.entry(pointer.segment).or_default();
         segment.size = size;
         segment.live += 1;
-        segment.live_octets += u64::from(pointer.len);
+        segment.live_octets += pointer.octets();
         Ok(true)
     }
 
-    /// Unlinks the segments no live body is in and starts a new active
-    /// segment above every segment found. Call it only once the pointers
-    /// [`Opening::holds`] refused are removed from sled durably.
+    /// Makes the highest segment durable and starts a new active segment
+    /// above every segment found; the segments no live put is in are
+    /// doomed, to go once the checkpoint passes them. Call it only once the
+    /// pointers [`Opening::holds`] refused are removed from sled and the
+    /// replayed changes are flushed; then write the returned log's
+    /// [`Bodies::start_position`] as the checkpoint, flush, and tell the log
+    /// ([`Bodies::checkpointed`]).
     ///
     /// # Errors
-    /// If the new segment cannot be created.
-    pub(crate) fn start(self, limit: u64, grace: Duration) -> io::Result<Bodies> {
-        for id in self.found.keys().filter(|id| !self.live.contains_key(id)) {
-            if let Err(e) = std::fs::remove_file(segment_path(&self.dir, *id)) {
-                tracing::warn!("Cannot remove the empty body segment {id:016x}: {e}");
-            }
-        }
-        let top = self.found.keys().next_back().copied();
-        if let Some(top) = top.filter(|top| self.live.contains_key(top)) {
-            // A crashed process's last bodies may be in the page cache only;
-            // from now on a higher segment exists, so this one must be durable.
+    /// If a segment cannot be synced or the new one created.
+    pub(crate) fn start(self, from: Position, limit: u64, grace: Duration) -> io::Result<Bodies> {
+        let top = self.top();
+        if let Some(top) = top {
+            // A crashed process's last records may be in the page cache
+            // only; from now on a higher segment exists, so this one must be durable.
             std::fs::OpenOptions::new().write(true).open(segment_path(&self.dir, top))?.sync_data()?;
         }
         let active = top.map_or(1, |top| top + 1);
         let now = Instant::now();
         let mut segments = self.live;
-        for segment in segments.values_mut() {
+        let mut doomed = Vec::new();
+        for (id, size) in &self.found {
+            let segment = segments.entry(*id).or_insert_with(|| {
+                doomed.push(*id);
+                Segment { size: *size, ..Segment::default() }
+            });
             segment.sealed = Some(now);
         }
         let writer = create_segment(&self.dir, active)?;
@@ -266,9 +422,12 @@ impl Opening {
                 active,
                 writer: Arc::new(writer),
                 dirty: false,
+                synced: (active, 0),
+                in_flight: BTreeSet::new(),
+                checkpoint: from,
                 segments,
                 readers: HashMap::new(),
-                doomed: Vec::new(),
+                doomed,
                 failed: false,
             }),
             syncing: Mutex::new(()),
@@ -276,6 +435,30 @@ impl Opening {
             sync_fails: std::sync::atomic::AtomicBool::new(false),
         })
     }
+}
+
+/// Reads one record from `reader`, at most `left` octets: its header, body
+/// length and CRC if it is whole (`None` if not: cut, or not what was written).
+fn read_record(reader: &mut impl Read, left: u64) -> io::Result<Option<([u8; HEADER], u32, u32)>> {
+    if left < HEADER as u64 {
+        return Ok(None);
+    }
+    let mut h = [0u8; HEADER];
+    reader.read_exact(&mut h)?;
+    let len = u32::from_be_bytes([h[73], h[74], h[75], h[76]]);
+    if !matches!(h[0], PUT | MOVE | DELETE) || u64::from(len) > left - HEADER as u64 || (h[0] == DELETE && len != 0) {
+        return Ok(None);
+    }
+    let mut body = vec![0u8; len as usize];
+    reader.read_exact(&mut body)?;
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&h[..77]);
+    crc.update(&body);
+    let crc = crc.finalize();
+    if crc != u32::from_be_bytes([h[77], h[78], h[79], h[80]]) {
+        return Ok(None);
+    }
+    Ok(Some((h, len, crc)))
 }
 
 /// Creates segment `id` and makes its name durable.
@@ -294,33 +477,78 @@ impl Bodies {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Appends `body` to the active segment (not yet durable: see
-    /// [`Bodies::sync`]) and counts it live.
-    ///
-    /// # Errors
-    /// If the write, or starting a new segment, fails.
-    pub(crate) fn append(&self, body: &[u8]) -> io::Result<Pointer> {
-        let crc = crc32fast::hash(body);
+    /// Where the active segment starts: the checkpoint right after open.
+    pub(crate) fn start_position(&self) -> Position {
+        (self.lock().active, 0)
+    }
+
+    /// Appends a record (not yet durable: see [`Bodies::sync`]).
+    fn append(&self, kind: u8, key: &Key, sender: &[u8; 32], body: &[u8]) -> io::Result<Pointer> {
+        let (h, crc) = header(kind, key, sender, body)?;
         let len = u32::try_from(body.len()).map_err(|_| invalid("a body over 4 GiB"))?;
+        let octets = HEADER as u64 + u64::from(len);
         let mut state = self.lock();
         if state.failed {
             return Err(poisoned());
         }
         let size = state.segments.get(&state.active).map_or(0, |s| s.size);
-        let size = if size > 0 && size.saturating_add(u64::from(len)) > self.limit {
+        let size = if size > 0 && size.saturating_add(octets) > self.limit {
             self.rotate(&mut state).inspect_err(|_| state.failed = true)?
         } else {
             size
         };
-        state.writer.write_all_at(body, size)?;
+        let mut record = Vec::with_capacity(HEADER + body.len());
+        record.extend_from_slice(&h);
+        record.extend_from_slice(body);
+        if let Err(e) = state.writer.write_all_at(&record, size) {
+            // What part of it was written is cut off, so that no later
+            // record is read after garbage; and the log takes no more.
+            let _ = state.writer.set_len(size);
+            state.failed = true;
+            return Err(e);
+        }
         state.dirty = true;
         let pointer = Pointer { segment: state.active, offset: size, len, crc };
         let active = state.active;
         let segment = state.segments.entry(active).or_default();
         segment.size = pointer.end();
-        segment.live += 1;
-        segment.live_octets += u64::from(len);
+        if kind != DELETE {
+            segment.live += 1;
+            segment.live_octets += octets;
+            state.in_flight.insert((active, size));
+        }
         Ok(pointer)
+    }
+
+    /// Appends a put: `body` of the message `key` from `sender`, counted
+    /// live, in flight until [`Bodies::applied`].
+    ///
+    /// # Errors
+    /// If the write, or starting a new segment, fails.
+    pub(crate) fn put(&self, key: &Key, sender: &[u8; 32], body: &[u8]) -> io::Result<Pointer> {
+        self.append(PUT, key, sender, body)
+    }
+
+    /// Appends a compaction's copy of the put of `key` (a move), counted
+    /// live, in flight until [`Bodies::applied`].
+    ///
+    /// # Errors
+    /// As [`Bodies::put`].
+    pub(crate) fn moved(&self, key: &Key, sender: &[u8; 32], body: &[u8]) -> io::Result<Pointer> {
+        self.append(MOVE, key, sender, body)
+    }
+
+    /// Appends a delete of `key` (whose removal from sled is already made).
+    ///
+    /// # Errors
+    /// If the write, or starting a new segment, fails.
+    pub(crate) fn delete(&self, key: &Key) -> io::Result<()> {
+        self.append(DELETE, key, &[0; 32], &[]).map(|_| ())
+    }
+
+    /// The put `pointer` names has its change made in sled (or never will).
+    pub(crate) fn applied(&self, pointer: &Pointer) {
+        self.lock().in_flight.remove(&(pointer.segment, pointer.offset));
     }
 
     /// Seals the active segment (durable in full first) and starts the next.
@@ -334,6 +562,8 @@ impl Bodies {
         let old = std::mem::replace(&mut state.active, next);
         state.writer = Arc::new(writer);
         state.dirty = false;
+        // Every segment below `next` is durable now.
+        state.synced = state.synced.max((next, 0));
         if let Some(segment) = state.segments.get_mut(&old) {
             segment.sealed = Some(Instant::now());
             if segment.live == 0 {
@@ -344,14 +574,13 @@ impl Bodies {
         Ok(0)
     }
 
-    /// Makes every body appended so far durable: the group commit calls it
-    /// before each flush of sled.
+    /// Makes every record appended so far durable.
     ///
     /// # Errors
     /// If the fdatasync fails.
     pub(crate) fn sync(&self) -> io::Result<()> {
         let _one_at_a_time = self.syncing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let writer = {
+        let (writer, end) = {
             let mut state = self.lock();
             if state.failed {
                 return Err(poisoned());
@@ -365,9 +594,20 @@ impl Bodies {
                 return Ok(());
             }
             state.dirty = false;
-            Arc::clone(&state.writer)
+            let end = (state.active, state.segments.get(&state.active).map_or(0, |s| s.size));
+            (Arc::clone(&state.writer), end)
         };
-        writer.sync_data().inspect_err(|_| self.lock().failed = true)
+        match writer.sync_data() {
+            Ok(()) => {
+                let mut state = self.lock();
+                state.synced = state.synced.max(end);
+                Ok(())
+            }
+            Err(e) => {
+                self.lock().failed = true;
+                Err(e)
+            }
+        }
     }
 
     /// Makes the next sync fail as a failed fdatasync does (a fault that
@@ -377,20 +617,34 @@ impl Bodies {
         self.sync_fails.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
-    /// Reads the body `pointer` names and checks it against its CRC.
+    /// A position every record before which is synced and applied to sled:
+    /// written to sled before a flush, it is the checkpoint once the flush ends.
+    pub(crate) fn checkpoint_candidate(&self) -> Position {
+        let state = self.lock();
+        let first_in_flight = state.in_flight.first().copied().unwrap_or(state.synced);
+        first_in_flight.min(state.synced)
+    }
+
+    /// A flush wrote `checkpoint` durably.
+    pub(crate) fn checkpointed(&self, checkpoint: Position) {
+        let mut state = self.lock();
+        state.checkpoint = state.checkpoint.max(checkpoint);
+    }
+
+    /// Reads the body the put `pointer` names and checks its record.
     ///
     /// # Errors
     /// `NotFound` if its segment is gone (unlinked after a compaction moved
-    /// the body: read its pointer again), `InvalidData` if the body is not
-    /// what was written, or the I/O error.
-    pub(crate) fn read(&self, pointer: &Pointer) -> io::Result<Vec<u8>> {
+    /// the body: read its pointer again), `InvalidData` if the record is not
+    /// what was written or is not the put of `key`, or the I/O error.
+    pub(crate) fn read(&self, key: &[u8], pointer: &Pointer) -> io::Result<Vec<u8>> {
         let open = {
             let state = self.lock();
             let Some(segment) = state.segments.get(&pointer.segment) else {
-                return Err(io::Error::new(io::ErrorKind::NotFound, "body segment is gone"));
+                return Err(io::Error::new(io::ErrorKind::NotFound, "log segment is gone"));
             };
             if pointer.end() > segment.size {
-                return Err(invalid("a body pointer past its segment's end"));
+                return Err(invalid("a pointer past its log segment's end"));
             }
             if pointer.segment == state.active {
                 Some(Arc::clone(&state.writer))
@@ -414,15 +668,19 @@ impl Bodies {
                 file
             }
         };
-        let mut body = vec![0; pointer.len as usize];
-        file.read_exact_at(&mut body, pointer.offset)?;
-        if crc32fast::hash(&body) != pointer.crc {
-            return Err(invalid("a stored body fails its CRC"));
+        let mut record = vec![0; HEADER + pointer.len as usize];
+        file.read_exact_at(&mut record, pointer.offset)?;
+        let crc = u32::from_be_bytes([record[77], record[78], record[79], record[80]]);
+        let mut check = crc32fast::Hasher::new();
+        check.update(&record[..77]);
+        check.update(&record[HEADER..]);
+        if !matches!(record[0], PUT | MOVE) || &record[1..41] != key || crc != pointer.crc || check.finalize() != crc {
+            return Err(invalid("a stored message's record is not what was written"));
         }
-        Ok(body)
+        Ok(record.split_off(HEADER))
     }
 
-    /// The body `pointer` names is no longer live (its message was deleted,
+    /// The put `pointer` names is no longer live (its message was deleted,
     /// or a compaction moved it, or it was never named in sled).
     pub(crate) fn release(&self, pointer: &Pointer) {
         let mut state = self.lock();
@@ -431,46 +689,52 @@ impl Bodies {
             return;
         };
         segment.live = segment.live.saturating_sub(1);
-        segment.live_octets = segment.live_octets.saturating_sub(u64::from(pointer.len));
+        segment.live_octets = segment.live_octets.saturating_sub(pointer.octets());
         if segment.live == 0 && pointer.segment != active {
             state.doomed.push(pointer.segment);
         }
     }
 
-    /// The sealed segments with no live body left: unlink them with
-    /// [`Bodies::reap`] after a flush that starts after this call.
+    /// The sealed segments with no live put left: unlink them with
+    /// [`Bodies::reap`] after a sync that starts after this call.
     pub(crate) fn take_doomed(&self) -> Vec<u64> {
         std::mem::take(&mut self.lock().doomed)
     }
 
-    /// After the flush: unlinks `doomed` if it succeeded, keeps them for the
-    /// next one if not.
-    pub(crate) fn reap(&self, doomed: Vec<u64>, flushed: bool) {
+    /// After the sync: unlinks those of `doomed` wholly before the
+    /// checkpoint if it succeeded, keeps the rest for a later one.
+    pub(crate) fn reap(&self, doomed: Vec<u64>, synced: bool) {
         if doomed.is_empty() {
             return;
         }
         let gone: Vec<u64> = {
             let mut state = self.lock();
-            if !flushed {
+            if !synced {
                 state.doomed.extend(doomed);
                 return;
             }
-            // Named twice, or already gone: only what is still empty goes.
-            doomed
-                .into_iter()
-                .filter(|id| {
-                    let empty = state.segments.get(id).is_some_and(|s| s.live == 0 && s.sealed.is_some());
-                    if empty {
-                        state.segments.remove(id);
-                        state.readers.remove(id);
-                    }
-                    empty
-                })
-                .collect()
+            let checkpoint = state.checkpoint.0;
+            let mut gone = Vec::new();
+            for id in doomed {
+                // Named twice, or already gone: only what is still empty goes.
+                let empty = state.segments.get(&id).is_some_and(|s| s.live == 0 && s.sealed.is_some());
+                if !empty {
+                    continue;
+                }
+                if id >= checkpoint {
+                    // Its deletes may be replayed yet.
+                    state.doomed.push(id);
+                    continue;
+                }
+                state.segments.remove(&id);
+                state.readers.remove(&id);
+                gone.push(id);
+            }
+            gone
         };
         for id in gone {
             if let Err(e) = std::fs::remove_file(segment_path(&self.dir, id)) {
-                tracing::warn!("Cannot remove the empty body segment {id:016x}: {e}");
+                tracing::warn!("Cannot remove the empty log segment {id:016x}: {e}");
             }
         }
     }
@@ -499,7 +763,7 @@ impl Bodies {
         }
     }
 
-    /// Octets of segments on disk, and of live bodies in them.
+    /// Octets of segments on disk, and of live puts in them.
     #[cfg(test)]
     pub(crate) fn usage(&self) -> (u64, u64) {
         let state = self.lock();

@@ -5,12 +5,14 @@
 //!   state tag (1 active, 2 pending, 3 gone, 4 moved + u16 host length + host),
 //!   then u32 length + owner certificate DER, u32 length + attestation DER.
 //! - tree `messages`: owner fingerprint (32) ‖ sequence (u64 big-endian) ->
-//!   sender fingerprint (32) ‖ 0xFF ‖ where the body is (24 octets, see
-//!   [`super::bodies`]). The body, in a segment file of `bodies/`, is
-//!   u32 signature length ‖ signature DER ‖ message DER. A store written
-//!   before the body log kept the body in the value itself (sender ‖ body:
-//!   its octet 32 is then the top octet of the signature length, 0); those
-//!   are read as they are.
+//!   sender fingerprint (32) ‖ 0xFF ‖ where its put record is (24 octets,
+//!   see [`super::bodies`]). The body, in a put record of the log in
+//!   `bodies/`, is u32 signature length ‖ signature DER ‖ message DER. A
+//!   store written before the log kept the body in the value itself
+//!   (sender ‖ body: its octet 32 is then the top octet of the signature
+//!   length, 0); those are read as they are.
+//! - tree `log`: `checkpoint` -> the log's checkpoint (segment u64, offset
+//!   u64): the records before it need not be applied again at open.
 //!
 //! Invariants:
 //! - Sequence numbers come from `Db::generate_id`, which is monotonic across
@@ -18,7 +20,9 @@
 //! - [`Store::store_message`] and every other mutation return only after an
 //!   fsync that covers the write. Concurrent callers share one fsync (group
 //!   commit on a dedicated flusher thread), which is what lets many writers be
-//!   durable without paying one fsync each.
+//!   durable without paying one fsync each. Storing and deleting a message
+//!   sync only the log (its records are applied to `messages` again at open
+//!   if sled had not written them); the other mutations flush sled too.
 //! - Deleting a message removes its key; nothing else refers to it (no
 //!   history). Its body stays in its segment until the segment holds no
 //!   live body (see [`super::bodies`] for when segments go).
@@ -40,7 +44,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use super::bodies::{Bodies, Opening, Pointer};
+use super::bodies::{decode_position, encode_position, Bodies, Opening, Pointer, Record};
 use crate::group_commit::{FlushError, GroupCommit};
 
 use crate::fingerprint::Fingerprint;
@@ -158,6 +162,10 @@ pub struct Store {
     /// [`Store::put_mailbox`].
     by_address: Mutex<HashMap<String, Vec<Fingerprint>>>,
     bodies: Arc<Bodies>,
+    /// The log's checkpoint, in sled.
+    log_meta: sled::Tree,
+    /// Syncs the log alone, for stores and deletes.
+    log_commit: GroupCommit,
     /// Stops the compaction thread when dropped; joined on drop.
     compactor: Mutex<Option<(mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
 }
@@ -170,7 +178,8 @@ pub(crate) struct Tuning {
     /// A sealed segment is compacted only this long after it was sealed, so
     /// that the bodies of messages about to be taken are not copied.
     pub(crate) grace: Duration,
-    /// Whether a thread compacts (tests call [`compact`] themselves).
+    /// Whether a thread writes checkpoints and compacts (tests call
+    /// [`Store::durable`] and [`compact`] themselves).
     pub(crate) compactor: bool,
 }
 
@@ -350,8 +359,28 @@ impl Store {
     ) -> Result<Arc<Self>, StoreError> {
         let mailboxes = db.open_tree(format!("{prefix}mailboxes"))?;
         let messages = db.open_tree(format!("{prefix}messages"))?;
+        let log_meta = db.open_tree(format!("{prefix}log"))?;
+        let from = match log_meta.get(CHECKPOINT)? {
+            Some(v) => decode_position(&v).ok_or(StoreError::Corrupt("log checkpoint"))?,
+            None => (0, 0),
+        };
         let mut counts = Counts::default();
         let mut opening = Opening::scan(bodies)?;
+        opening.replay(from, |record| {
+            match record {
+                Record::Put { key, sender, pointer } => {
+                    messages.insert(key, &logged_value(&Fingerprint::from_bytes(sender), &pointer)[..]).map(|_| ())
+                }
+                Record::Move { key, sender, pointer } => match messages.contains_key(key) {
+                    Ok(true) => {
+                        messages.insert(key, &logged_value(&Fingerprint::from_bytes(sender), &pointer)[..]).map(|_| ())
+                    }
+                    other => other.map(|_| ()),
+                },
+                Record::Delete { key } => messages.remove(key).map(|_| ()),
+            }
+            .map_err(std::io::Error::other)
+        })?;
         let mut refused = Vec::new();
         for kv in messages.iter() {
             let (k, v) = kv?;
@@ -365,24 +394,30 @@ impl Store {
             counts.add(owner_of(&k)?, sender);
         }
         if !refused.is_empty() {
-            // Bodies appended after the last sync whose pointers sled wrote
-            // on its own: never acknowledged. Anything else is damage.
-            tracing::warn!(
-                "{} stored messages have no intact body in {} (messages never acknowledged, cut off by a crash, \
-                 or a segment removed by hand); they are removed.",
+            // Records appended after the last sync whose pointers sled
+            // wrote on its own: never acknowledged.
+            tracing::info!(
+                "{} stored messages were cut off by a crash before they were acknowledged; they are removed.",
                 refused.len(),
-                bodies.display()
             );
             for k in refused {
                 messages.remove(k)?;
             }
-            db.flush()?;
         }
-        let bodies = Arc::new(opening.start(tuning.segment_limit, tuning.grace)?);
+        db.flush()?;
+        let bodies = Arc::new(opening.start(from, tuning.segment_limit, tuning.grace)?);
+        let start = bodies.start_position();
+        write_checkpoint(&log_meta, start)?;
+        db.flush()?;
+        bodies.checkpointed(start);
         let synced = Arc::clone(&bodies);
         flusher.before_flush(Arc::new(move || synced.sync()));
+        let synced = Arc::clone(&bodies);
+        let log_commit = GroupCommit::start_with("latssiam-log", move || synced.sync())
+            .map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
         let compactor = if tuning.compactor {
-            Some(spawn_compactor(messages.clone(), Arc::clone(&bodies), tuning.grace)?)
+            let keeper = Keeper { db: db.clone(), messages: messages.clone(), log_meta: log_meta.clone(), last: None };
+            Some(spawn_housekeeper(keeper, Arc::clone(&bodies), tuning.grace)?)
         } else {
             None
         };
@@ -409,6 +444,8 @@ impl Store {
             offered: Mutex::default(),
             by_address: Mutex::new(by_address),
             bodies,
+            log_meta,
+            log_commit,
             compactor: Mutex::new(compactor),
         }))
     }
@@ -418,12 +455,24 @@ impl Store {
     /// # Errors
     /// [`StoreError::Sled`] if the fsync failed, [`StoreError::Closed`] if the flusher is gone.
     pub async fn durable(&self) -> Result<(), StoreError> {
+        // The flush makes sled hold every record before the candidate.
+        let checkpoint = self.bodies.checkpoint_candidate();
+        write_checkpoint(&self.log_meta, checkpoint)?;
         // Segments emptied before this flush may go once it is done.
         let doomed = self.bodies.take_doomed();
-        let result = self.flusher.durable().await.map_err(|e| match e {
-            FlushError::Closed => StoreError::Closed,
-            other => StoreError::Sled(sled::Error::Io(std::io::Error::other(other))),
-        });
+        let result = self.flusher.durable().await.map_err(flush_error);
+        if result.is_ok() {
+            self.bodies.checkpointed(checkpoint);
+        }
+        self.bodies.reap(doomed, result.is_ok());
+        result
+    }
+
+    /// Waits until every record appended to the log so far is on disk:
+    /// what storing and deleting a message need.
+    async fn commit(&self) -> Result<(), StoreError> {
+        let doomed = self.bodies.take_doomed();
+        let result = self.log_commit.durable().await.map_err(flush_error);
         self.bodies.reap(doomed, result.is_ok());
         result
     }
@@ -535,7 +584,7 @@ impl Store {
         message: &[u8],
     ) -> Result<u64, StoreError> {
         let id = self.insert_message(owner, sender, signature, message)?;
-        if let Err(e) = self.durable().await {
+        if let Err(e) = self.commit().await {
             // Not acknowledged: take it back out so it is neither delivered nor counted.
             self.discard_message(owner, id);
             return Err(e);
@@ -565,13 +614,19 @@ impl Store {
         let mut body = Vec::with_capacity(4 + sig.len() + message.len());
         push32(&mut body, sig);
         body.extend_from_slice(message);
-        let pointer = self.bodies.append(&body)?;
+        let key = message_key(owner, id);
+        let pointer = self.bodies.put(&key, sender.as_bytes(), &body)?;
         self.lock_offered().insert((*owner, id));
-        if let Err(e) = self.messages.insert(message_key(owner, id), &logged_value(sender, &pointer)[..]) {
+        let inserted = self.messages.insert(key, &logged_value(sender, &pointer)[..]);
+        if inserted.is_err() {
             self.lock_offered().remove(&(*owner, id));
             self.bodies.release(&pointer);
-            return Err(e.into());
+            // So that the put is not applied at open; if this fails too
+            // the log refuses writes, and the put was never acknowledged.
+            let _ = self.bodies.delete(&key);
         }
+        self.bodies.applied(&pointer);
+        inserted?;
         self.counts.lock().unwrap_or_else(|e| e.into_inner()).add(*owner, *sender);
         Ok(id)
     }
@@ -660,7 +715,7 @@ impl Store {
                 Held::Inline(body) => return decode_message(key, sender, body).map(Some),
                 Held::Logged(pointer) => pointer,
             };
-            match self.bodies.read(&pointer) {
+            match self.bodies.read(key, &pointer) {
                 Ok(body) => return decode_message(key, sender, &body).map(Some),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => match self.messages.get(key)? {
                     Some(again) if again != value => value = again,
@@ -682,8 +737,16 @@ impl Store {
     }
 
     fn remove_message(&self, owner: &Fingerprint, id: u64) -> Result<bool, StoreError> {
-        match self.messages.remove(message_key(owner, id))? {
+        let key = message_key(owner, id);
+        match self.messages.remove(key)? {
             Some(v) => {
+                // After the removal, so that the checkpoint never passes a
+                // delete whose removal a flush has not seen. If the log takes
+                // no more, the message is put back: its deletion is not durable.
+                if let Err(e) = self.bodies.delete(&key) {
+                    let _ = self.messages.insert(key, v);
+                    return Err(e.into());
+                }
                 let (sender, held) = parse_value(&v)?;
                 if let Held::Logged(pointer) = held {
                     self.bodies.release(&pointer);
@@ -701,7 +764,7 @@ impl Store {
     /// [`StoreError`] if the delete or the fsync fails.
     pub async fn delete_message(&self, owner: &Fingerprint, id: u64) -> Result<(), StoreError> {
         if self.remove_message(owner, id)? {
-            self.durable().await?;
+            self.commit().await?;
         }
         Ok(())
     }
@@ -745,24 +808,79 @@ impl Drop for Store {
     }
 }
 
-/// Starts the thread that compacts sparse segments: it looks every `grace`
-/// (within 50 ms and 60 s) and stops when its sender is dropped.
-fn spawn_compactor(
+/// What the housekeeping thread needs of the store.
+struct Keeper {
+    db: sled::Db,
     messages: sled::Tree,
+    log_meta: sled::Tree,
+    /// The checkpoint it wrote last: an idle store is not flushed again.
+    last: Option<super::bodies::Position>,
+}
+
+impl Keeper {
+    /// Writes a checkpoint and flushes sled, so that fewer records are
+    /// applied again at open and segments whose deletes are no longer needed
+    /// can go; then unlinks those.
+    fn checkpoint(&mut self, bodies: &Bodies) -> Result<(), StoreError> {
+        let checkpoint = bodies.checkpoint_candidate();
+        if self.last == Some(checkpoint) {
+            return Ok(());
+        }
+        write_checkpoint(&self.log_meta, checkpoint)?;
+        self.db.flush()?;
+        bodies.checkpointed(checkpoint);
+        self.last = Some(checkpoint);
+        let doomed = bodies.take_doomed();
+        let synced = bodies.sync();
+        bodies.reap(doomed, synced.is_ok());
+        Ok(synced?)
+    }
+}
+
+/// Starts the thread that writes checkpoints and compacts sparse segments:
+/// it looks every `grace` (within 50 ms and 1 s) and stops when its sender
+/// is dropped.
+fn spawn_housekeeper(
+    mut keeper: Keeper,
     bodies: Arc<Bodies>,
     grace: Duration,
 ) -> Result<(mpsc::Sender<()>, std::thread::JoinHandle<()>), StoreError> {
     let (stop, stopped) = mpsc::channel::<()>();
-    let tick = grace.clamp(Duration::from_millis(50), Duration::from_secs(60));
-    let thread = std::thread::Builder::new().name("latssiam-compactor".into()).spawn(move || {
+    let tick = grace.clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let thread = std::thread::Builder::new().name("latssiam-log-keeper".into()).spawn(move || {
         let stopping = || matches!(stopped.try_recv(), Err(mpsc::TryRecvError::Disconnected));
         while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(tick) {
-            if let Err(e) = compact(&messages, &bodies, &stopping) {
-                tracing::warn!("Compacting the message bodies failed (tried again later): {e}");
+            if let Err(e) = keeper.checkpoint(&bodies) {
+                tracing::warn!("Writing the message log's checkpoint failed (tried again later): {e}");
+            }
+            if let Err(e) = compact(&keeper.messages, &bodies, &stopping) {
+                tracing::warn!("Compacting the message log failed (tried again later): {e}");
             }
         }
     })?;
     Ok((stop, thread))
+}
+
+fn flush_error(e: FlushError) -> StoreError {
+    match e {
+        FlushError::Closed => StoreError::Closed,
+        other => StoreError::Sled(sled::Error::Io(std::io::Error::other(other))),
+    }
+}
+
+/// The key of the log's checkpoint in the `log` tree.
+const CHECKPOINT: &[u8] = b"checkpoint";
+
+/// Writes `checkpoint` unless a later one is there: the housekeeping thread
+/// and [`Store::durable`] each take a candidate and write it, in either
+/// order, and the checkpoint must never go back to before a segment that
+/// was unlinked once it was passed.
+fn write_checkpoint(log_meta: &sled::Tree, checkpoint: super::bodies::Position) -> sled::Result<()> {
+    log_meta.update_and_fetch(CHECKPOINT, |old| {
+        let old = old.and_then(decode_position);
+        Some(encode_position(old.map_or(checkpoint, |old| old.max(checkpoint))).to_vec())
+    })?;
+    Ok(())
 }
 
 /// Moves the live bodies of every sparse segment to the active one: copies
@@ -784,13 +902,16 @@ fn compact(messages: &sled::Tree, bodies: &Bodies, stopping: &dyn Fn() -> bool) 
                 break;
             }
             let (key, value) = kv?;
-            let Ok((_, Held::Logged(pointer))) = parse_value(&value) else {
+            let Ok((sender, Held::Logged(pointer))) = parse_value(&value) else {
                 continue;
             };
             if !sparse.contains(&pointer.segment()) {
                 continue;
             }
-            let body = match bodies.read(&pointer) {
+            let Ok(key_array) = <[u8; 40]>::try_from(&key[..]) else {
+                continue;
+            };
+            let body = match bodies.read(&key, &pointer) {
                 Ok(body) => body,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 // Damaged: left where it is, and its segment not tried again.
@@ -800,30 +921,45 @@ fn compact(messages: &sled::Tree, bodies: &Bodies, stopping: &dyn Fn() -> bool) 
                     continue;
                 }
             };
-            copies.push((key, value, pointer, bodies.append(&body)?));
+            let copy = bodies.moved(&key_array, sender.as_bytes(), &body)?;
+            copies.push((key_array, value, pointer, copy));
         }
         bodies.sync()
     })();
     if let Err(e) = copied {
+        // Not one pointer moved. The moves in the log hold the bodies their
+        // messages have, and are applied at open only to messages still there.
         for (_, _, _, copy) in &copies {
             bodies.release(copy);
+            bodies.applied(copy);
         }
         return Err(e.into());
     }
     let mut moved = 0;
+    let mut failed = None;
     for (key, value, pointer, copy) in copies {
         let mut new = value.to_vec();
         new.truncate(33);
         new.extend_from_slice(&copy.encode());
-        match messages.compare_and_swap(&key, Some(&value), Some(new)) {
+        match messages.compare_and_swap(key, Some(&value), Some(new)) {
             Ok(Ok(())) => {
                 bodies.release(&pointer);
                 moved += 1;
             }
-            Ok(Err(_)) | Err(_) => bodies.release(&copy),
+            // Deleted since it was read (its move is then not applied at
+            // open, before or after the delete), or sled failed.
+            Ok(Err(_)) => bodies.release(&copy),
+            Err(e) => {
+                bodies.release(&copy);
+                failed = Some(e);
+            }
         }
+        bodies.applied(&copy);
     }
-    Ok(moved)
+    match failed {
+        Some(e) => Err(e.into()),
+        None => Ok(moved),
+    }
 }
 
 /// A message offered to one session: while this lives, no other
@@ -863,7 +999,7 @@ impl Offer {
         self.answered = true;
         drop(self);
         if removed {
-            store.durable().await?;
+            store.commit().await?;
         }
         Ok(())
     }
@@ -1004,8 +1140,8 @@ mod tests {
                 assert_eq!(kv.unwrap().1.len(), 33 + Pointer::LEN, "sled holds the pointer, not the body");
             }
         }
-        // Each body once: its signature's length, the signature, the message.
-        assert_eq!(on_disk(dir.path()), 20 * (4 + 3 + 5000));
+        // Each body once, in its record: its signature's length, the signature, the message.
+        assert_eq!(on_disk(dir.path()), 20 * (super::super::bodies::HEADER as u64 + 4 + 3 + 5000));
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(store.unread(&owner, &sender), (20, 20));
         for i in 0..20 {
@@ -1016,11 +1152,9 @@ mod tests {
         assert_eq!(store.oldest(&owner).unwrap(), None);
     }
 
-    /// A crash can leave a pointer on disk (sled writes on its own too)
-    /// whose body was not synced: cut short or not what was written. Such a
-    /// message was never acknowledged; opening removes it and keeps the rest.
-    #[tokio::test]
-    async fn a_message_whose_body_did_not_reach_the_disk_is_removed_at_open_and_the_rest_kept() {
+    /// Four messages of 1,000 octets stored, the store closed, and its
+    /// log changed by `damage` as a crash can leave it.
+    async fn four_then(damage: impl FnOnce(&mut Vec<u8>)) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         let (owner, sender) = (Fingerprint::of(b"owner"), Fingerprint::of(b"sender"));
         {
@@ -1031,18 +1165,48 @@ mod tests {
         }
         let segment = dir.path().join("bodies").join(&segments(dir.path())[0].0);
         let mut octets = std::fs::read(&segment).unwrap();
-        assert_eq!(octets.len(), 4 * 1004);
-        octets[1004 + 500] ^= 1; // The second body changed,
-        octets.truncate(3 * 1004 + 10); // the fourth cut short.
+        assert_eq!(octets.len(), 4 * RECORD);
+        damage(&mut octets);
         std::fs::write(&segment, &octets).unwrap();
-        for round in 0..2 {
-            let store = Store::open(dir.path()).unwrap();
-            assert_eq!(store.unread(&owner, &sender), (2, 2), "round {round}");
-            let (first, o1) = store.offer_oldest(&owner).unwrap().unwrap();
-            let (third, o3) = store.offer_oldest(&owner).unwrap().unwrap();
-            assert_eq!((first.message, third.message), (body(0, 1000), body(2, 1000)), "round {round}");
-            assert!(store.offer_oldest(&owner).unwrap().is_none());
-            drop((o1, o3));
+        dir
+    }
+
+    /// Octets of the log record of a 1,000-octet message without signature.
+    const RECORD: usize = super::super::bodies::HEADER + 1004;
+
+    /// A crash can leave a pointer on disk (sled writes on its own too)
+    /// whose record was not synced: cut short, or not what was written. Such
+    /// a message was never acknowledged, nor any after it (an fdatasync
+    /// that covered a later record covered it too): opening removes them,
+    /// cuts the log after the last whole record, and keeps the rest.
+    #[tokio::test]
+    async fn messages_whose_records_did_not_reach_the_disk_are_removed_at_open_and_the_rest_kept() {
+        let (owner, sender) = (Fingerprint::of(b"owner"), Fingerprint::of(b"sender"));
+        for (what, damage, kept) in [
+            (
+                "the fourth cut short",
+                Box::new(|o: &mut Vec<u8>| o.truncate(3 * RECORD + 10)) as Box<dyn FnOnce(&mut Vec<u8>)>,
+                3,
+            ),
+            ("the second changed", Box::new(|o: &mut Vec<u8>| o[RECORD + 500] ^= 1), 1),
+        ] {
+            let dir = four_then(damage).await;
+            for round in 0..2 {
+                let store = Store::open(dir.path()).unwrap();
+                assert_eq!(store.unread(&owner, &sender), (kept, kept), "{what}, round {round}");
+                let mut offers = Vec::new();
+                for i in 0..kept {
+                    let (m, offer) = store.offer_oldest(&owner).unwrap().unwrap();
+                    assert_eq!(m.message, body(i, 1000), "{what}, round {round}");
+                    offers.push(offer);
+                }
+                assert!(store.offer_oldest(&owner).unwrap().is_none(), "{what}, round {round}");
+            }
+            assert_eq!(
+                segments(dir.path())[0].1,
+                kept as u64 * RECORD as u64,
+                "{what}: cut after the last whole record"
+            );
         }
     }
 
@@ -1062,11 +1226,14 @@ mod tests {
         for id in &ids[..3] {
             store.delete_message(&owner, *id).await.unwrap();
         }
+        // Once a checkpoint passes it (the housekeeping thread writes one every second).
+        store.durable().await.unwrap();
         let left: Vec<String> = segments(dir.path()).into_iter().map(|(n, _)| n).collect();
         assert_eq!(left, names[1..], "the first segment went with its last body");
         for id in &ids[3..] {
             store.delete_message(&owner, *id).await.unwrap();
         }
+        store.durable().await.unwrap();
         let left: Vec<String> = segments(dir.path()).into_iter().map(|(n, _)| n).collect();
         assert_eq!(left, names[3..], "only the active segment is left");
     }
@@ -1092,7 +1259,7 @@ mod tests {
             }
             compact(&store.messages, &store.bodies, &|| false).unwrap();
             store.durable().await.unwrap();
-            let live = 40 * 1004;
+            let live = 40 * RECORD as u64;
             let (held, counted_live) = store.bodies.usage();
             assert_eq!(counted_live, live);
             assert_eq!(held, on_disk(dir.path()), "what is counted is what is on disk");
@@ -1107,13 +1274,15 @@ mod tests {
         }
     }
 
-    /// Five bodies of 3,004 octets per 16 KiB segment: 11 make segments 1 to 3.
+    /// Five records of 3,085 octets per 16 KiB segment: 11 make segments 1 to 3.
     async fn three_segments(dir: &Path) -> (Fingerprint, Fingerprint) {
         let (owner, sender) = (Fingerprint::of(b"owner"), Fingerprint::of(b"sender"));
         let store = Store::open_tuned(dir, tuned(16 << 10)).unwrap();
         for i in 0..11 {
             store.store_message(&owner, &sender, None, &body(i, 3000)).await.unwrap();
         }
+        // A checkpoint past segments 1 and 2: they are not read again at open.
+        store.durable().await.unwrap();
         (owner, sender)
     }
 
@@ -1135,6 +1304,27 @@ mod tests {
         drop(store);
         std::fs::remove_dir_all(dir.path().join("bodies")).unwrap();
         assert!(Store::open(dir.path()).is_err(), "a database without its bodies/ does not open as empty");
+    }
+
+    /// A lower segment is durable and whole: a record after the checkpoint
+    /// that is not is damage, and opening says where.
+    #[tokio::test]
+    async fn a_damaged_record_after_the_checkpoint_in_a_lower_segment_fails_the_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (owner, sender) = (Fingerprint::of(b"owner"), Fingerprint::of(b"sender"));
+        {
+            // No checkpoint is written after open's: every record is read again.
+            let store = Store::open_tuned(dir.path(), tuned(16 << 10)).unwrap();
+            for i in 0..11 {
+                store.store_message(&owner, &sender, None, &body(i, 3000)).await.unwrap();
+            }
+        }
+        let first = dir.path().join("bodies").join(&segments(dir.path())[0].0);
+        let mut octets = std::fs::read(&first).unwrap();
+        octets[100] ^= 1;
+        std::fs::write(&first, &octets).unwrap();
+        let Err(e) = Store::open(dir.path()) else { panic!("opened over a damaged record") };
+        assert!(e.to_string().contains(&*first.to_string_lossy()) && e.to_string().contains("damaged"), "{e}");
     }
 
     #[tokio::test]
@@ -1197,6 +1387,136 @@ mod tests {
         assert_eq!(store.oldest(&owner).unwrap().unwrap().message, body(9, 3000));
     }
 
+    /// sled's files of `dir` (all but the log), copied to `to`: what sled
+    /// had on disk at that moment.
+    fn copy_sled(dir: &Path, to: &Path) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let entry = entry.unwrap();
+            let (name, target) = (entry.file_name(), to.join(entry.file_name()));
+            if name == "bodies" {
+                continue;
+            }
+            if entry.file_type().unwrap().is_dir() {
+                std::fs::create_dir_all(&target).unwrap();
+                copy_sled(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), &target).unwrap();
+            }
+        }
+    }
+
+    /// Puts back sled's files as they were when copied: a sled that never
+    /// wrote what came after, beside the log that has it.
+    fn put_sled_back(snapshot: &Path, dir: &Path) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_name() == "bodies" {
+                continue;
+            }
+            if entry.file_type().unwrap().is_dir() {
+                std::fs::remove_dir_all(entry.path()).unwrap();
+            } else {
+                std::fs::remove_file(entry.path()).unwrap();
+            }
+        }
+        copy_sled(snapshot, dir);
+    }
+
+    /// Storing and deleting sync only the log; sled writes in its own time.
+    /// A sled that lags the log (as after a crash) is brought up to date
+    /// at open: stores it lacks are made, deletes it lacks are done.
+    #[tokio::test]
+    async fn the_log_brings_a_sled_that_lags_up_to_date_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let snapshot = tempfile::tempdir().unwrap();
+        let (owner, sender) = (Fingerprint::of(b"owner"), Fingerprint::of(b"sender"));
+        let mut ids = Vec::new();
+        {
+            let store = Store::open_tuned(dir.path(), tuned(16 << 10)).unwrap();
+            for i in 0..3 {
+                ids.push(store.store_message(&owner, &sender, None, &body(i, 3000)).await.unwrap());
+            }
+            store.durable().await.unwrap();
+        }
+        copy_sled(dir.path(), snapshot.path());
+        {
+            let store = Store::open_tuned(dir.path(), tuned(16 << 10)).unwrap();
+            for i in 3..9 {
+                store.store_message(&owner, &sender, None, &body(i, 3000)).await.unwrap();
+            }
+            store.delete_message(&owner, ids[0]).await.unwrap();
+            store.delete_message(&owner, ids[2]).await.unwrap();
+        }
+        put_sled_back(snapshot.path(), dir.path());
+        for round in 0..2 {
+            let store = Store::open(dir.path()).unwrap();
+            assert_eq!(store.unread(&owner, &sender), (7, 7), "round {round}");
+            let mut offers = Vec::new();
+            for i in [1, 3, 4, 5, 6, 7, 8] {
+                let (m, offer) = store.offer_oldest(&owner).unwrap().unwrap();
+                assert_eq!(m.message, body(i, 3000), "round {round}");
+                offers.push(offer);
+            }
+        }
+    }
+
+    /// A compaction reads a message, the message is deleted and the delete
+    /// acknowledged, then the compaction's copy reaches the log: at open,
+    /// after a crash that left sled behind, the copy does not bring the
+    /// message back.
+    #[tokio::test]
+    async fn a_compactions_copy_of_a_message_deleted_meanwhile_does_not_bring_it_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let snapshot = tempfile::tempdir().unwrap();
+        let (owner, sender) = (Fingerprint::of(b"owner"), Fingerprint::of(b"sender"));
+        let store = Store::open_tuned(dir.path(), tuned(16 << 10)).unwrap();
+        let kept = store.store_message(&owner, &sender, None, &body(0, 1000)).await.unwrap();
+        let gone = store.store_message(&owner, &sender, None, &body(1, 1000)).await.unwrap();
+        store.durable().await.unwrap();
+        copy_sled(dir.path(), snapshot.path());
+        // The compaction read both, then `gone` was deleted, then the copies were written.
+        let read: Vec<_> =
+            [kept, gone].iter().map(|id| store.messages.get(message_key(&owner, *id)).unwrap().unwrap()).collect();
+        store.delete_message(&owner, gone).await.unwrap();
+        for (id, value) in [kept, gone].iter().zip(&read) {
+            let Ok((_, Held::Logged(pointer))) = parse_value(value) else { panic!("not in the log") };
+            let key = message_key(&owner, *id);
+            let copy =
+                store.bodies.moved(&key, sender.as_bytes(), &store.bodies.read(&key, &pointer).unwrap()).unwrap();
+            store.bodies.applied(&copy);
+        }
+        store.bodies.sync().unwrap();
+        drop(store);
+        put_sled_back(snapshot.path(), dir.path());
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.unread(&owner, &sender), (1, 1));
+        assert_eq!(store.oldest(&owner).unwrap().unwrap().message, body(0, 1000));
+    }
+
+    #[tokio::test]
+    async fn a_missing_segment_after_the_checkpoint_or_a_development_body_file_fails_the_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // No checkpoint after open's: segments 1 to 3 are all read again.
+            let store = Store::open_tuned(dir.path(), tuned(16 << 10)).unwrap();
+            for i in 0..11 {
+                store
+                    .store_message(&Fingerprint::of(b"o"), &Fingerprint::of(b"s"), None, &body(i, 3000))
+                    .await
+                    .unwrap();
+            }
+        }
+        let second = dir.path().join("bodies").join(&segments(dir.path())[1].0);
+        let kept = std::fs::read(&second).unwrap();
+        std::fs::remove_file(&second).unwrap();
+        let Err(e) = Store::open(dir.path()) else { panic!("opened without a segment it needs") };
+        assert!(e.to_string().contains(&*second.to_string_lossy()) && e.to_string().contains("missing"), "{e}");
+        std::fs::write(&second, kept).unwrap();
+        std::fs::write(dir.path().join("bodies/0000000000000001.body"), b"").unwrap();
+        let Err(e) = Store::open(dir.path()) else { panic!("opened over a development version's bodies") };
+        assert!(e.to_string().contains("development version"), "{e}");
+    }
+
     /// The same attack with the compaction thread doing the work.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_compaction_thread_reclaims_segments_kept_for_a_few_bodies() {
@@ -1213,7 +1533,7 @@ mod tests {
                 offer.answered().await.unwrap();
             }
         }
-        let live = 20 * 1004;
+        let live = 20 * RECORD as u64;
         // Kept whole, the segments the attack went through would hold over four times the bound.
         let last = segments(dir.path()).last().map(|(name, _)| u64::from_str_radix(&name[..16], 16).unwrap()).unwrap();
         assert!(last * limit > 4 * (4 * live + 2 * limit), "the attack went through {last} segments");
@@ -1304,7 +1624,7 @@ mod tests {
             for (owner, queue) in owners.iter().zip(&model) {
                 assert_eq!(store.unread(owner, &sender).0 as usize, queue.len(), "op {n}");
             }
-            let live: u64 = model.iter().flatten().map(|b| b.len() as u64 + 4).sum();
+            let live: u64 = model.iter().flatten().map(|b| (super::super::bodies::HEADER + b.len() + 4) as u64).sum();
             let (held, counted) = store.bodies.usage();
             assert_eq!(counted, live, "op {n}");
             if matches!(op, Op::Compact) {
