@@ -3,8 +3,9 @@
 //!
 //! Messages of the size the relay pair sends (a 4 KiB mail sealed to a P-256
 //! certificate, with its signature) go into one mailbox, `BATCH` (default 1,
-//! then 4) at a time, each batch made durable with one flush, as the server's
-//! group commit does for the sessions waiting on it. Printed per message:
+//! then 4) at a time, each batch made durable with one commit (an fdatasync
+//! of the store's log), as the server's group commit does for the sessions
+//! waiting on it. Printed per message:
 //! - octets handed to write(2) by the process (`wchar` of `/proc/self/io`),
 //!   against the octets of the message itself: the store's write
 //!   amplification;
@@ -56,7 +57,7 @@ fn main() {
             for _ in 0..batch {
                 store.insert_message(&owner, &sender, Some(&signature), &message).unwrap();
             }
-            runtime.block_on(store.durable()).unwrap();
+            runtime.block_on(store.commit()).unwrap();
         }
         let ((w1, b1), c1) = (written().unwrap(), cpu_us().unwrap());
         let n = MESSAGES / batch * batch;

@@ -19,14 +19,15 @@
 //!   segment but the active one is durable and whole.
 //! - The checkpoint, kept in sled, is a position in the log before which
 //!   every record is synced and its change to the `messages` tree was made
-//!   before the sled flush that wrote the checkpoint. A put's change is made
-//!   after its record is appended, so appended puts are "in flight" until
-//!   applied; a delete's change is made before its record is appended. At
-//!   open, the records after the checkpoint are applied again in log order
-//!   (a put inserts its pointer, a delete removes its key: idempotent), up
-//!   to the first record of the highest segment that is not whole (a crash
-//!   cut it; nothing after it was synced, so nothing after it was
-//!   acknowledged).
+//!   before the sled flush that wrote the checkpoint. Every record's change
+//!   is made after the record is appended (a failed append changes
+//!   nothing), so a record is "in flight" from its append until its change
+//!   is made. At open, the highest segment is first cut after its last
+//!   whole record and synced (a crash cut it; nothing after that point was
+//!   synced, so nothing after it was acknowledged), then the records after
+//!   the checkpoint are applied again in log order (a put inserts its
+//!   pointer, a move does so only if the key is there, a delete removes
+//!   its key: idempotent).
 //! - A failed write or fdatasync poisons the log (a failed write is cut
 //!   off first): every later append and sync fails
 //!   until the process starts again (after an I/O error Linux may mark the
@@ -282,12 +283,14 @@ impl Opening {
     /// I/O errors, `InvalidData` for a record that is not whole in a
     /// segment other than the highest (damage), and `apply`'s errors.
     pub(crate) fn replay(&mut self, from: Position, mut apply: impl FnMut(Record) -> io::Result<()>) -> io::Result<()> {
+        self.cut_top()?;
         let top = self.top();
-        let ids: Vec<u64> = self.found.keys().copied().filter(|id| *id >= from.0 || Some(*id) == top).collect();
+        let ids: Vec<u64> = self.found.keys().copied().filter(|id| *id >= from.0).collect();
         // Segments from the checkpoint's on are never unlinked: a gap is damage.
-        if let (Some(first), Some(last)) = (ids.first(), ids.last()) {
-            let first = if from.0 > 0 { from.0.min(*first) } else { *first };
-            if let Some(missing) = (first..=*last).find(|id| !self.found.contains_key(id)) {
+        if from.0 > 0 || !ids.is_empty() {
+            let first = if from.0 > 0 { from.0 } else { ids.first().copied().unwrap_or(0) };
+            let last = top.unwrap_or(first).max(first);
+            if let Some(missing) = (first..=last).find(|id| !self.found.contains_key(id)) {
                 return Err(invalid(format!(
                     "{} is missing, and records in it are needed again",
                     segment_path(&self.dir, missing).display()
@@ -295,41 +298,22 @@ impl Opening {
             }
         }
         for id in ids {
-            let is_top = Some(id) == top;
             let path = segment_path(&self.dir, id);
             let size = self.found.get(&id).copied().unwrap_or(0);
             let mut reader = io::BufReader::with_capacity(1 << 20, File::open(&path)?);
             let mut offset = 0u64;
-            let start = if id == from.0 {
-                from.1
-            } else if id > from.0 {
-                0
-            } else {
-                u64::MAX
-            };
+            let start = if id == from.0 { from.1 } else { 0 };
             loop {
                 if offset == size {
                     break;
                 }
                 let whole = read_record(&mut reader, size - offset)?;
+                // The highest segment is cut after its last whole record:
+                // a record that is not whole here is damage.
                 let Some((h, body_len, crc)) = whole else {
-                    if is_top {
-                        // Cut by a crash: nothing from here on was synced.
-                        tracing::info!(
-                            "The message log {} ends at octet {offset} of {size}: cut there.",
-                            path.display()
-                        );
-                        let file = std::fs::OpenOptions::new().write(true).open(&path)?;
-                        file.set_len(offset)?;
-                        self.found.insert(id, offset);
-                        break;
-                    }
                     return Err(invalid(format!("{} has a damaged record at octet {offset}", path.display())));
                 };
                 let pointer = Pointer { segment: id, offset, len: body_len, crc };
-                if is_top {
-                    self.top_records.insert(offset, crc);
-                }
                 if offset >= start {
                     let mut key = [0u8; 40];
                     key.copy_from_slice(&h[1..41]);
@@ -345,6 +329,36 @@ impl Opening {
             }
         }
         Ok(())
+    }
+
+    /// Finds where the highest segment's whole records end, cuts it there
+    /// and makes it durable, before any record is applied: a change to sled
+    /// made from a record that was only in the page cache (a killed
+    /// process's) could be written by sled and outlive the record at a
+    /// power cut. Nothing after the first record that is not whole was
+    /// synced (an fdatasync that covered a later record covered it too), so
+    /// nothing after it was acknowledged.
+    fn cut_top(&mut self) -> io::Result<()> {
+        let Some((&top, &size)) = self.found.iter().next_back() else {
+            return Ok(());
+        };
+        let path = segment_path(&self.dir, top);
+        let mut reader = io::BufReader::with_capacity(1 << 20, File::open(&path)?);
+        let mut offset = 0u64;
+        while offset < size {
+            let Some((_, len, crc)) = read_record(&mut reader, size - offset)? else {
+                break;
+            };
+            self.top_records.insert(offset, crc);
+            offset += HEADER as u64 + u64::from(len);
+        }
+        let file = std::fs::OpenOptions::new().write(true).open(&path)?;
+        if offset < size {
+            tracing::info!("The message log {} ends at octet {offset} of {size}: cut there.", path.display());
+            file.set_len(offset)?;
+            self.found.insert(top, offset);
+        }
+        file.sync_data()
     }
 
     /// Whether the put `pointer` names is there; if so it is counted live.
@@ -515,8 +529,8 @@ impl Bodies {
         if kind != DELETE {
             segment.live += 1;
             segment.live_octets += octets;
-            state.in_flight.insert((active, size));
         }
+        state.in_flight.insert((active, size));
         Ok(pointer)
     }
 
@@ -538,15 +552,17 @@ impl Bodies {
         self.append(MOVE, key, sender, body)
     }
 
-    /// Appends a delete of `key` (whose removal from sled is already made).
+    /// Appends a delete of `key`, in flight until [`Bodies::applied`]: the
+    /// caller removes the key from sled after this, so that a failed append
+    /// changes nothing.
     ///
     /// # Errors
     /// If the write, or starting a new segment, fails.
-    pub(crate) fn delete(&self, key: &Key) -> io::Result<()> {
-        self.append(DELETE, key, &[0; 32], &[]).map(|_| ())
+    pub(crate) fn delete(&self, key: &Key) -> io::Result<Pointer> {
+        self.append(DELETE, key, &[0; 32], &[])
     }
 
-    /// The put `pointer` names has its change made in sled (or never will).
+    /// The record `pointer` names has its change made in sled (or never will).
     pub(crate) fn applied(&self, pointer: &Pointer) {
         self.lock().in_flight.remove(&(pointer.segment, pointer.offset));
     }

@@ -468,9 +468,15 @@ impl Store {
         result
     }
 
-    /// Waits until every record appended to the log so far is on disk:
-    /// what storing and deleting a message need.
-    async fn commit(&self) -> Result<(), StoreError> {
+    /// Waits until every message stored or deleted so far is durable: one
+    /// fdatasync of the log, shared by concurrent callers (sled is written
+    /// in its own time, and brought up to date from the log at open). What
+    /// [`Store::insert_message`] needs before [`Store::publish_message`].
+    ///
+    /// # Errors
+    /// [`StoreError::Sled`] if the fdatasync failed, [`StoreError::Closed`]
+    /// if the flusher is gone.
+    pub async fn commit(&self) -> Result<(), StoreError> {
         let doomed = self.bodies.take_doomed();
         let result = self.log_commit.durable().await.map_err(flush_error);
         self.bodies.reap(doomed, result.is_ok());
@@ -596,7 +602,7 @@ impl Store {
     /// Writes a message (counted at once) without making it durable, and
     /// hidden from `ACCEPT` (as if offered to a session) until
     /// [`Store::publish_message`]: the caller makes it durable with
-    /// [`Store::durable`] (or a flush of the shared database) and publishes
+    /// [`Store::commit`] (or a flush of the shared database) and publishes
     /// it, or takes it back with [`Store::discard_message`] if that failed.
     /// So nothing is handed out before it is on disk.
     ///
@@ -623,7 +629,9 @@ impl Store {
             self.bodies.release(&pointer);
             // So that the put is not applied at open; if this fails too
             // the log refuses writes, and the put was never acknowledged.
-            let _ = self.bodies.delete(&key);
+            if let Ok(delete) = self.bodies.delete(&key) {
+                self.bodies.applied(&delete);
+            }
         }
         self.bodies.applied(&pointer);
         inserted?;
@@ -738,15 +746,17 @@ impl Store {
 
     fn remove_message(&self, owner: &Fingerprint, id: u64) -> Result<bool, StoreError> {
         let key = message_key(owner, id);
-        match self.messages.remove(key)? {
+        if !self.messages.contains_key(key)? {
+            return Ok(false);
+        }
+        // Logged first (in flight until the removal is made, so that no
+        // checkpoint passes it before a flush has seen the removal): if the
+        // log takes no more, nothing has changed.
+        let delete = self.bodies.delete(&key)?;
+        let removed = self.messages.remove(key);
+        self.bodies.applied(&delete);
+        match removed? {
             Some(v) => {
-                // After the removal, so that the checkpoint never passes a
-                // delete whose removal a flush has not seen. If the log takes
-                // no more, the message is put back: its deletion is not durable.
-                if let Err(e) = self.bodies.delete(&key) {
-                    let _ = self.messages.insert(key, v);
-                    return Err(e.into());
-                }
                 let (sender, held) = parse_value(&v)?;
                 if let Held::Logged(pointer) = held {
                     self.bodies.release(&pointer);
@@ -1512,6 +1522,14 @@ mod tests {
         let Err(e) = Store::open(dir.path()) else { panic!("opened without a segment it needs") };
         assert!(e.to_string().contains(&*second.to_string_lossy()) && e.to_string().contains("missing"), "{e}");
         std::fs::write(&second, kept).unwrap();
+        // The checkpoint's own segment (open's, empty: the highest) gone.
+        drop(Store::open(dir.path()).unwrap());
+        let last = dir.path().join("bodies").join(&segments(dir.path()).last().unwrap().0);
+        std::fs::remove_file(&last).unwrap();
+        let Err(e) = Store::open(dir.path()) else { panic!("opened without the checkpoint's segment") };
+        assert!(e.to_string().contains(&*last.to_string_lossy()) && e.to_string().contains("missing"), "{e}");
+        std::fs::write(&last, b"").unwrap();
+        drop(Store::open(dir.path()).unwrap());
         std::fs::write(dir.path().join("bodies/0000000000000001.body"), b"").unwrap();
         let Err(e) = Store::open(dir.path()) else { panic!("opened over a development version's bodies") };
         assert!(e.to_string().contains("development version"), "{e}");
