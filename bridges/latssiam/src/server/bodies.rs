@@ -60,6 +60,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+/// The active segment is written ahead with zeros this far at a time, so
+/// that a sync overwrites blocks the file has and commits no new size (a
+/// commit of the file system's journal) but once per step.
+const AHEAD: u64 = 1 << 20;
+
 /// Sealed segments kept open for reading at most.
 const MAX_READERS: usize = 64;
 
@@ -183,6 +188,8 @@ struct State {
     doomed: Vec<u64>,
     /// A sync failed: every later append and sync fails.
     failed: bool,
+    /// Octets of the active segment's file, zeros after its records.
+    ahead: u64,
 }
 
 /// The segment files of one store.
@@ -443,6 +450,7 @@ impl Opening {
                 readers: HashMap::new(),
                 doomed,
                 failed: false,
+                ahead: 0,
             }),
             syncing: Mutex::new(()),
             #[cfg(test)]
@@ -473,6 +481,30 @@ fn read_record(reader: &mut impl Read, left: u64) -> io::Result<Option<([u8; HEA
         return Ok(None);
     }
     Ok(Some((h, len, crc)))
+}
+
+/// Writes zeros over `from..to` of `file`.
+fn write_zeros(file: &File, from: u64, to: u64) -> io::Result<()> {
+    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+    let mut at = from;
+    while at < to {
+        let n = usize::try_from((to - at).min(ZEROS.len() as u64)).unwrap_or(ZEROS.len());
+        file.write_all_at(&ZEROS[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+impl Drop for Bodies {
+    /// A log closed cleanly ends with its last record (the next open would
+    /// cut the zeros written ahead too).
+    fn drop(&mut self) {
+        let state = self.lock();
+        if !state.failed {
+            let size = state.segments.get(&state.active).map_or(0, |s| s.size);
+            let _ = state.writer.set_len(size);
+        }
+    }
 }
 
 /// Creates segment `id` and makes its name durable.
@@ -511,13 +543,22 @@ impl Bodies {
         } else {
             size
         };
+        let end = size + octets;
+        if end > state.ahead {
+            let to = end.max(state.ahead.saturating_add(AHEAD).min(self.limit));
+            if let Err(e) = write_zeros(&state.writer, state.ahead, to) {
+                state.failed = true;
+                return Err(e);
+            }
+            state.ahead = to;
+        }
         let mut record = Vec::with_capacity(HEADER + body.len());
         record.extend_from_slice(&h);
         record.extend_from_slice(body);
         if let Err(e) = state.writer.write_all_at(&record, size) {
-            // What part of it was written is cut off, so that no later
-            // record is read after garbage; and the log takes no more.
-            let _ = state.writer.set_len(size);
+            // What part of it was written is made zeros again, so that no
+            // later record is read after garbage; and the log takes no more.
+            let _ = write_zeros(&state.writer, size, end);
             state.failed = true;
             return Err(e);
         }
@@ -570,6 +611,9 @@ impl Bodies {
     /// Seals the active segment (durable in full first) and starts the next.
     /// Returns the new segment's size, 0.
     fn rotate(&self, state: &mut State) -> io::Result<u64> {
+        // Cut the zeros written ahead: a sealed segment ends with its last record.
+        let size = state.segments.get(&state.active).map_or(0, |s| s.size);
+        state.writer.set_len(size)?;
         // Always, even if `sync` just cleared `dirty`: its fdatasync may still
         // be running, and the segment must be durable before a higher one exists.
         state.writer.sync_data()?;
@@ -577,6 +621,7 @@ impl Bodies {
         let writer = create_segment(&self.dir, next)?;
         let old = std::mem::replace(&mut state.active, next);
         state.writer = Arc::new(writer);
+        state.ahead = 0;
         state.dirty = false;
         // Every segment below `next` is durable now.
         state.synced = state.synced.max((next, 0));
@@ -779,10 +824,14 @@ impl Bodies {
         }
     }
 
-    /// Octets of segments on disk, and of live puts in them.
+    /// Octets of segments on disk (zeros written ahead too), and of live
+    /// puts in them.
     #[cfg(test)]
     pub(crate) fn usage(&self) -> (u64, u64) {
         let state = self.lock();
-        state.segments.values().fold((0, 0), |(size, live), s| (size + s.size, live + s.live_octets))
+        let (size, live) =
+            state.segments.values().fold((0, 0), |(size, live), s| (size + s.size, live + s.live_octets));
+        let active = state.segments.get(&state.active).map_or(0, |s| s.size);
+        (size + state.ahead.saturating_sub(active), live)
     }
 }

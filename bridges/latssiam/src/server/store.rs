@@ -1397,6 +1397,37 @@ mod tests {
         assert_eq!(store.oldest(&owner).unwrap().unwrap().message, body(9, 3000));
     }
 
+    /// The active segment is written ahead with zeros, so that a sync
+    /// overwrites and commits no new size; a sealed segment, and the
+    /// active one of a store closed or crashed, end with their last record.
+    #[tokio::test]
+    async fn the_log_is_written_ahead_and_every_segment_ends_with_its_last_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let (owner, sender) = (Fingerprint::of(b"owner"), Fingerprint::of(b"sender"));
+        let limit = 64 << 10;
+        let record = (super::super::bodies::HEADER + 4 + 5000) as u64;
+        {
+            let store = Store::open_tuned(dir.path(), tuned(limit)).unwrap();
+            store.store_message(&owner, &sender, None, &body(0, 5000)).await.unwrap();
+            assert_eq!(segments(dir.path()), [("0000000000000001.log".to_owned(), limit)], "written ahead");
+            for i in 1..15 {
+                store.store_message(&owner, &sender, None, &body(i, 5000)).await.unwrap();
+            }
+            // Twelve records fill the first segment; the second is written ahead.
+            assert_eq!(
+                segments(dir.path()),
+                [("0000000000000001.log".to_owned(), 12 * record), ("0000000000000002.log".to_owned(), limit)]
+            );
+        }
+        assert_eq!(segments(dir.path())[1].1, 3 * record, "closed: cut after the last record");
+        // As a crash leaves it: the zeros still there.
+        let second = dir.path().join("bodies/0000000000000002.log");
+        std::fs::OpenOptions::new().write(true).open(&second).unwrap().set_len(limit).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(segments(dir.path())[1].1, 3 * record, "opened: cut after the last record");
+        assert_eq!(store.unread(&owner, &sender), (15, 15));
+    }
+
     /// sled's files of `dir` (all but the log), copied to `to`: what sled
     /// had on disk at that moment.
     fn copy_sled(dir: &Path, to: &Path) {
