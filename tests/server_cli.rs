@@ -43,6 +43,14 @@ fn register(dir: &Path, server: &str, who: &str) {
     assert!(out.starts_with("10 "), "{out}");
 }
 
+/// Bob sends `msg.eml` to Alice's certificate (with `extra` flags); what `send` printed.
+fn send_to_alice(dir: &Path, server: &str, extra: &[&str]) -> String {
+    let mut args = vec!["send", "--identity", "bob", "--server", server, "--to", "alice/cert.pem"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["msg.eml", "--pins", "pins"]);
+    ok(dir, &args)
+}
+
 const MESSAGE: &str = "From: bob@localhost\r\nTo: alice@localhost\r\nDate: Tue, 24 Nov 2026 12:00:00 +0000\r\n\
 Message-ID: <1@localhost>\r\nSubject: Grüße\r\n\r\nHallo Alice, schöne Grüße!\r\n";
 
@@ -78,22 +86,7 @@ fn conversation_with_a_waiting_fetch() {
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
     std::fs::write(dir.join("msg.eml"), MESSAGE).unwrap();
-    let sent = ok(
-        dir,
-        &[
-            "send",
-            "--identity",
-            "bob",
-            "--server",
-            &server.addr,
-            "--to",
-            "alice/cert.pem",
-            "--sign",
-            "msg.eml",
-            "--pins",
-            "pins",
-        ],
-    );
+    let sent = send_to_alice(dir, &server.addr, &["--sign"]);
     assert_eq!(sent.trim(), "31 Message accepted");
     let out = fetch.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -127,19 +120,22 @@ fn conversation_with_a_waiting_fetch() {
     assert!(String::from_utf8_lossy(&refused.stdout).starts_with("38 "));
 }
 
+/// A server on `srv` in `dir`, with Alice registered and Bob's identity made.
+fn alice_registered_and_bob(dir: &Path) -> ServerProcess {
+    let server = ServerProcess::start(dir, "srv", &[]);
+    identity(dir, "alice@localhost", "alice");
+    identity(dir, "bob@localhost", "bob");
+    register(dir, &server.addr, "alice");
+    server
+}
+
 #[test]
 fn a_message_acknowledged_with_31_survives_sigkill() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
-    let mut server = ServerProcess::start(dir, "srv", &[]);
-    identity(dir, "alice@localhost", "alice");
-    identity(dir, "bob@localhost", "bob");
-    register(dir, &server.addr, "alice");
+    let mut server = alice_registered_and_bob(dir);
     std::fs::write(dir.join("msg.eml"), MESSAGE).unwrap();
-    let sent = ok(
-        dir,
-        &["send", "--identity", "bob", "--server", &server.addr, "--to", "alice/cert.pem", "msg.eml", "--pins", "pins"],
-    );
+    let sent = send_to_alice(dir, &server.addr, &[]);
     assert_eq!(sent.trim(), "31 Message accepted");
     let status = server.signal("KILL");
     assert!(!status.success(), "killed, not exited");
@@ -163,28 +159,11 @@ fn a_message_acknowledged_with_31_survives_sigkill() {
 fn messages_and_their_deletes_survive_sigkill_right_after_their_31() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
-    let mut server = ServerProcess::start(dir, "srv", &[]);
-    identity(dir, "alice@localhost", "alice");
-    identity(dir, "bob@localhost", "bob");
-    register(dir, &server.addr, "alice");
+    let mut server = alice_registered_and_bob(dir);
     for i in 0..3 {
         // Three different messages (fetch names a file after its contents).
         std::fs::write(dir.join("msg.eml"), MESSAGE.replace("<1@localhost>", &format!("<{i}@localhost>"))).unwrap();
-        let sent = ok(
-            dir,
-            &[
-                "send",
-                "--identity",
-                "bob",
-                "--server",
-                &server.addr,
-                "--to",
-                "alice/cert.pem",
-                "msg.eml",
-                "--pins",
-                "pins",
-            ],
-        );
+        let sent = send_to_alice(dir, &server.addr, &[]);
         assert_eq!(sent.trim(), "31 Message accepted");
     }
     assert!(!server.signal("KILL").success());
@@ -280,10 +259,7 @@ fn a_message_is_fdatasynced_not_only_written_back_before_31() {
     }
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
-    let server = ServerProcess::start(dir, "srv", &[]);
-    identity(dir, "alice@localhost", "alice");
-    identity(dir, "bob@localhost", "bob");
-    register(dir, &server.addr, "alice");
+    let server = alice_registered_and_bob(dir);
     std::fs::write(dir.join("msg.eml"), MESSAGE).unwrap();
 
     let pid = server.process.child.id();
@@ -300,10 +276,7 @@ fn a_message_is_fdatasynced_not_only_written_back_before_31() {
     common::wait_for(Duration::from_secs(20), || all_threads_traced(pid).then_some(()))
         .expect("strace did not attach to every thread of the server");
 
-    let sent = ok(
-        dir,
-        &["send", "--identity", "bob", "--server", &server.addr, "--to", "alice/cert.pem", "msg.eml", "--pins", "pins"],
-    );
+    let sent = send_to_alice(dir, &server.addr, &[]);
     // strace writes a call's line when the call returns, before the server goes on to answer.
     let calls = std::fs::read_to_string(&trace).unwrap_or_default();
     let _ = strace.kill();
