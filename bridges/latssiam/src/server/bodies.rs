@@ -28,8 +28,13 @@
 //!   the checkpoint are applied again in log order (a put inserts its
 //!   pointer, a move does so only if the key is there, a delete removes
 //!   its key: idempotent).
-//! - A failed write or fdatasync poisons the log (a failed write is cut
-//!   off first): every later append and sync fails
+//! - The active segment is written ahead with zeros (a zero octet is no
+//!   record's kind), so that a sync overwrites blocks the file has and
+//!   commits no new size; a segment is cut back to its last record before
+//!   the fdatasync that seals it, so every sealed segment is whole to its
+//!   end.
+//! - A failed write of a record or fdatasync poisons the log (the record's
+//!   octets are made zeros again first): every later append and sync fails
 //!   until the process starts again (after an I/O error Linux may mark the
 //!   pages clean, and a second fdatasync would report a success it did not
 //!   have), as sled refuses writes after its first I/O error.
@@ -359,9 +364,17 @@ impl Opening {
             self.top_records.insert(offset, crc);
             offset += HEADER as u64 + u64::from(len);
         }
-        let file = std::fs::OpenOptions::new().write(true).open(&path)?;
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(&path)?;
         if offset < size {
-            tracing::info!("The message log {} ends at octet {offset} of {size}: cut there.", path.display());
+            if tail_is_zeros(&file, offset, size)? {
+                tracing::debug!("The message log {} ends with zeros written ahead: cut.", path.display());
+            } else {
+                tracing::info!(
+                    "The message log {} ends at octet {offset} of {size} with a record cut off by a crash \
+                     (never acknowledged): cut there.",
+                    path.display()
+                );
+            }
             file.set_len(offset)?;
             self.found.insert(top, offset);
         }
@@ -483,6 +496,21 @@ fn read_record(reader: &mut impl Read, left: u64) -> io::Result<Option<([u8; HEA
     Ok(Some((h, len, crc)))
 }
 
+/// Whether `from..to` of `file` holds only zeros.
+fn tail_is_zeros(file: &File, from: u64, to: u64) -> io::Result<bool> {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut at = from;
+    while at < to {
+        let n = usize::try_from((to - at).min(buf.len() as u64)).unwrap_or(buf.len());
+        file.read_exact_at(&mut buf[..n], at)?;
+        if buf[..n].iter().any(|b| *b != 0) {
+            return Ok(false);
+        }
+        at += n as u64;
+    }
+    Ok(true)
+}
+
 /// Writes zeros over `from..to` of `file`.
 fn write_zeros(file: &File, from: u64, to: u64) -> io::Result<()> {
     static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
@@ -500,9 +528,8 @@ impl Drop for Bodies {
     /// cut the zeros written ahead too).
     fn drop(&mut self) {
         let state = self.lock();
-        if !state.failed {
-            let size = state.segments.get(&state.active).map_or(0, |s| s.size);
-            let _ = state.writer.set_len(size);
+        if let (false, Some(active)) = (state.failed, state.segments.get(&state.active)) {
+            let _ = state.writer.set_len(active.size);
         }
     }
 }
@@ -546,10 +573,9 @@ impl Bodies {
         let end = size + octets;
         if end > state.ahead {
             let to = end.max(state.ahead.saturating_add(AHEAD).min(self.limit));
-            if let Err(e) = write_zeros(&state.writer, state.ahead, to) {
-                state.failed = true;
-                return Err(e);
-            }
+            // A failed write here (a full disk) fails this append only:
+            // zeros past `ahead` do no harm, and no record was touched.
+            write_zeros(&state.writer, state.ahead, to)?;
             state.ahead = to;
         }
         let mut record = Vec::with_capacity(HEADER + body.len());
@@ -612,7 +638,7 @@ impl Bodies {
     /// Returns the new segment's size, 0.
     fn rotate(&self, state: &mut State) -> io::Result<u64> {
         // Cut the zeros written ahead: a sealed segment ends with its last record.
-        let size = state.segments.get(&state.active).map_or(0, |s| s.size);
+        let size = state.segments.get(&state.active).map(|s| s.size).ok_or_else(|| invalid("no active segment"))?;
         state.writer.set_len(size)?;
         // Always, even if `sync` just cleared `dirty`: its fdatasync may still
         // be running, and the segment must be durable before a higher one exists.

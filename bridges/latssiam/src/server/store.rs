@@ -1420,12 +1420,34 @@ mod tests {
             );
         }
         assert_eq!(segments(dir.path())[1].1, 3 * record, "closed: cut after the last record");
+        // Were a sealed segment not cut before its sealing sync, it would be
+        // damage at open (it is read to its end after the checkpoint).
+        let first = dir.path().join("bodies/0000000000000001.log");
+        std::fs::OpenOptions::new().write(true).open(&first).unwrap().set_len(limit).unwrap();
+        let Err(e) = Store::open(dir.path()) else { panic!("opened over a sealed segment with zeros") };
+        assert!(e.to_string().contains("damaged"), "{e}");
+        std::fs::OpenOptions::new().write(true).open(&first).unwrap().set_len(12 * record).unwrap();
         // As a crash leaves it: the zeros still there.
         let second = dir.path().join("bodies/0000000000000002.log");
         std::fs::OpenOptions::new().write(true).open(&second).unwrap().set_len(limit).unwrap();
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(segments(dir.path())[1].1, 3 * record, "opened: cut after the last record");
         assert_eq!(store.unread(&owner, &sender), (15, 15));
+    }
+
+    /// Written ahead a step (1 MiB) at a time.
+    #[tokio::test]
+    async fn the_log_is_written_ahead_a_step_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let (owner, sender) = (Fingerprint::of(b"owner"), Fingerprint::of(b"sender"));
+        {
+            let store = Store::open_tuned(dir.path(), tuned(3 << 20)).unwrap();
+            for i in 0..12 {
+                store.store_message(&owner, &sender, None, &body(i, 100_000)).await.unwrap();
+            }
+            assert_eq!(segments(dir.path())[0].1, 2 << 20, "1.2 MB of records, written ahead to 2 MiB");
+        }
+        assert_eq!(segments(dir.path())[0].1, 12 * (super::super::bodies::HEADER as u64 + 100_004));
     }
 
     /// sled's files of `dir` (all but the log), copied to `to`: what sled
