@@ -136,20 +136,37 @@ impl Pointer {
     }
 }
 
-/// A record's header, encoded, with the CRC over it and `body`.
-fn header(kind: u8, key: &Key, sender: &[u8; 32], body: &[u8]) -> io::Result<([u8; HEADER], u32)> {
-    let len = u32::try_from(body.len()).map_err(|_| invalid("a body over 4 GiB"))?;
+/// Where the CRC-32 is in a header: it covers the octets before it and the body.
+const CRC_AT: usize = HEADER - 4;
+
+/// A record's header, encoded, with the CRC over it and `body` (of `len` octets).
+fn header(kind: u8, key: &Key, sender: &[u8; 32], len: u32, body: &[u8]) -> ([u8; HEADER], u32) {
     let mut h = [0u8; HEADER];
     h[0] = kind;
     h[1..41].copy_from_slice(key);
     h[41..73].copy_from_slice(sender);
-    h[73..77].copy_from_slice(&len.to_be_bytes());
+    h[73..CRC_AT].copy_from_slice(&len.to_be_bytes());
+    let crc = record_crc(&h, body);
+    h[CRC_AT..].copy_from_slice(&crc.to_be_bytes());
+    (h, crc)
+}
+
+/// The CRC-32 of a record: of its header up to the CRC, and of its body.
+fn record_crc(h: &[u8], body: &[u8]) -> u32 {
     let mut crc = crc32fast::Hasher::new();
-    crc.update(&h[..77]);
+    crc.update(&h[..CRC_AT]);
     crc.update(body);
-    let crc = crc.finalize();
-    h[77..].copy_from_slice(&crc.to_be_bytes());
-    Ok((h, crc))
+    crc.finalize()
+}
+
+/// The body length a header gives.
+fn body_len(h: &[u8; HEADER]) -> u32 {
+    u32::from_be_bytes([h[73], h[74], h[75], h[76]])
+}
+
+/// The CRC-32 a header gives.
+fn stored_crc(h: &[u8]) -> u32 {
+    u32::from_be_bytes([h[CRC_AT], h[CRC_AT + 1], h[CRC_AT + 2], h[CRC_AT + 3]])
 }
 
 /// A record read back during replay.
@@ -183,7 +200,7 @@ struct State {
     dirty: bool,
     /// Everything before this is synced.
     synced: Position,
-    /// Puts appended whose change to sled is not made yet.
+    /// Records appended whose change to sled is not made yet.
     in_flight: BTreeSet<Position>,
     /// The checkpoint last written durably to sled.
     checkpoint: Position,
@@ -246,6 +263,8 @@ pub(crate) struct Opening {
     found: BTreeMap<u64, u64>,
     /// Offset -> CRC of every whole record of the highest segment.
     top_records: HashMap<u64, u32>,
+    /// [`Opening::cut_top`] cut the highest segment and made it durable.
+    top_durable: bool,
     live: BTreeMap<u64, Segment>,
 }
 
@@ -279,7 +298,7 @@ impl Opening {
             };
             found.insert(id, entry.metadata()?.len());
         }
-        Ok(Self { dir: dir.to_owned(), found, top_records: HashMap::new(), live: BTreeMap::new() })
+        Ok(Self { dir: dir.to_owned(), found, top_records: HashMap::new(), top_durable: false, live: BTreeMap::new() })
     }
 
     fn top(&self) -> Option<u64> {
@@ -378,7 +397,9 @@ impl Opening {
             file.set_len(offset)?;
             self.found.insert(top, offset);
         }
-        file.sync_data()
+        file.sync_data()?;
+        self.top_durable = true;
+        Ok(())
     }
 
     /// Whether the put `pointer` names is there; if so it is counted live.
@@ -430,9 +451,10 @@ impl Opening {
     /// If a segment cannot be synced or the new one created.
     pub(crate) fn start(self, from: Position, limit: u64, grace: Duration) -> io::Result<Bodies> {
         let top = self.top();
-        if let Some(top) = top {
+        if let (Some(top), false) = (top, self.top_durable) {
             // A crashed process's last records may be in the page cache
-            // only; from now on a higher segment exists, so this one must be durable.
+            // only; from now on a higher segment exists, so this one must be
+            // durable (replay's cut made it so already).
             std::fs::OpenOptions::new().write(true).open(segment_path(&self.dir, top))?.sync_data()?;
         }
         let active = top.map_or(1, |top| top + 1);
@@ -480,17 +502,14 @@ fn read_record(reader: &mut impl Read, left: u64) -> io::Result<Option<([u8; HEA
     }
     let mut h = [0u8; HEADER];
     reader.read_exact(&mut h)?;
-    let len = u32::from_be_bytes([h[73], h[74], h[75], h[76]]);
+    let len = body_len(&h);
     if !matches!(h[0], PUT | MOVE | DELETE) || u64::from(len) > left - HEADER as u64 || (h[0] == DELETE && len != 0) {
         return Ok(None);
     }
     let mut body = vec![0u8; len as usize];
     reader.read_exact(&mut body)?;
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(&h[..77]);
-    crc.update(&body);
-    let crc = crc.finalize();
-    if crc != u32::from_be_bytes([h[77], h[78], h[79], h[80]]) {
+    let crc = record_crc(&h, &body);
+    if crc != stored_crc(&h) {
         return Ok(None);
     }
     Ok(Some((h, len, crc)))
@@ -557,8 +576,8 @@ impl Bodies {
 
     /// Appends a record (not yet durable: see [`Bodies::sync`]).
     fn append(&self, kind: u8, key: &Key, sender: &[u8; 32], body: &[u8]) -> io::Result<Pointer> {
-        let (h, crc) = header(kind, key, sender, body)?;
         let len = u32::try_from(body.len()).map_err(|_| invalid("a body over 4 GiB"))?;
+        let (h, crc) = header(kind, key, sender, len, body);
         let octets = HEADER as u64 + u64::from(len);
         let mut state = self.lock();
         if state.failed {
@@ -566,7 +585,8 @@ impl Bodies {
         }
         let size = state.segments.get(&state.active).map_or(0, |s| s.size);
         let size = if size > 0 && size.saturating_add(octets) > self.limit {
-            self.rotate(&mut state).inspect_err(|_| state.failed = true)?
+            self.rotate(&mut state).inspect_err(|_| state.failed = true)?;
+            0
         } else {
             size
         };
@@ -635,8 +655,7 @@ impl Bodies {
     }
 
     /// Seals the active segment (durable in full first) and starts the next.
-    /// Returns the new segment's size, 0.
-    fn rotate(&self, state: &mut State) -> io::Result<u64> {
+    fn rotate(&self, state: &mut State) -> io::Result<()> {
         // Cut the zeros written ahead: a sealed segment ends with its last record.
         let size = state.segments.get(&state.active).map(|s| s.size).ok_or_else(|| invalid("no active segment"))?;
         state.writer.set_len(size)?;
@@ -658,7 +677,7 @@ impl Bodies {
             }
         }
         state.segments.insert(next, Segment::default());
-        Ok(0)
+        Ok(())
     }
 
     /// Makes every record appended so far durable.
@@ -757,11 +776,12 @@ impl Bodies {
         };
         let mut record = vec![0; HEADER + pointer.len as usize];
         file.read_exact_at(&mut record, pointer.offset)?;
-        let crc = u32::from_be_bytes([record[77], record[78], record[79], record[80]]);
-        let mut check = crc32fast::Hasher::new();
-        check.update(&record[..77]);
-        check.update(&record[HEADER..]);
-        if !matches!(record[0], PUT | MOVE) || &record[1..41] != key || crc != pointer.crc || check.finalize() != crc {
+        let crc = stored_crc(&record);
+        if !matches!(record[0], PUT | MOVE)
+            || &record[1..41] != key
+            || crc != pointer.crc
+            || record_crc(&record, &record[HEADER..]) != crc
+        {
             return Err(invalid("a stored message's record is not what was written"));
         }
         Ok(record.split_off(HEADER))
