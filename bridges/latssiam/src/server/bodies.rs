@@ -415,7 +415,7 @@ impl Opening {
         let top = self.top();
         let Some(&size) = self.found.get(&pointer.segment) else {
             return Err(invalid(format!(
-                "a stored message is in {}, which is not there (was {} moved, or the database restored \\
+                "a stored message is in {}, which is not there (was {} moved, or the database restored \
                  without it?)",
                 segment_path(&self.dir, pointer.segment).display(),
                 self.dir.display()

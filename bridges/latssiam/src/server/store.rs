@@ -1305,6 +1305,7 @@ mod tests {
         std::fs::remove_file(&first).unwrap();
         let Err(e) = Store::open(dir.path()) else { panic!("opened without a segment") };
         assert!(e.to_string().contains(&*first.to_string_lossy()) && e.to_string().contains("not there"), "{e}");
+        assert!(!e.to_string().contains(['\\', '\n']), "one line: {e:?}");
         std::fs::write(&first, &kept[..kept.len() - 1]).unwrap();
         let Err(e) = Store::open(dir.path()) else { panic!("opened with a segment cut short") };
         assert!(e.to_string().contains("cut short"), "{e}");
