@@ -236,17 +236,16 @@ fn owner_of(key: &[u8]) -> Result<Fingerprint, StoreError> {
     fingerprint_from(key.get(..32).ok_or(StoreError::Corrupt("message key"))?)
 }
 
+/// The sequence number in a `messages` key.
+fn id_of(key: &[u8]) -> Result<u64, StoreError> {
+    key.get(32..40).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).ok_or(StoreError::Corrupt("message key"))
+}
+
 fn decode_message(key: &[u8], sender: Fingerprint, body: &[u8]) -> Result<StoredMessage, StoreError> {
-    let id_bytes: [u8; 8] =
-        key.get(32..40).and_then(|b| b.try_into().ok()).ok_or(StoreError::Corrupt("message key"))?;
+    let id = id_of(key)?;
     let mut r = Reader(body);
     let sig = r.chunk32()?;
-    Ok(StoredMessage {
-        id: u64::from_be_bytes(id_bytes),
-        sender,
-        signature: (!sig.is_empty()).then(|| sig.to_vec()),
-        message: r.0.to_vec(),
-    })
+    Ok(StoredMessage { id, sender, signature: (!sig.is_empty()).then(|| sig.to_vec()), message: r.0.to_vec() })
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -367,14 +366,13 @@ impl Store {
         let mut counts = Counts::default();
         let mut opening = Opening::scan(bodies)?;
         opening.replay(from, |record| {
+            let insert = |key: [u8; 40], sender: [u8; 32], pointer: Pointer| {
+                messages.insert(key, &logged_value(&Fingerprint::from_bytes(sender), &pointer)[..]).map(|_| ())
+            };
             match record {
-                Record::Put { key, sender, pointer } => {
-                    messages.insert(key, &logged_value(&Fingerprint::from_bytes(sender), &pointer)[..]).map(|_| ())
-                }
+                Record::Put { key, sender, pointer } => insert(key, sender, pointer),
                 Record::Move { key, sender, pointer } => match messages.contains_key(key) {
-                    Ok(true) => {
-                        messages.insert(key, &logged_value(&Fingerprint::from_bytes(sender), &pointer)[..]).map(|_| ())
-                    }
+                    Ok(true) => insert(key, sender, pointer),
                     other => other.map(|_| ()),
                 },
                 Record::Delete { key } => messages.remove(key).map(|_| ()),
@@ -679,9 +677,7 @@ impl Store {
     pub fn offer_oldest(self: &Arc<Self>, owner: &Fingerprint) -> Result<Option<(StoredMessage, Offer)>, StoreError> {
         for key in self.messages.scan_prefix(owner.as_bytes()).keys() {
             let key = key?;
-            let id_bytes: [u8; 8] =
-                key.get(32..40).and_then(|b| b.try_into().ok()).ok_or(StoreError::Corrupt("message key"))?;
-            let id = u64::from_be_bytes(id_bytes);
+            let id = id_of(&key)?;
             if !self.lock_offered().insert((*owner, id)) {
                 continue; // Offered to another session.
             }
@@ -731,9 +727,8 @@ impl Store {
                     None => return Ok(None),
                 },
                 Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                    let id = key.get(32..40).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
                     tracing::error!("A stored message's body is damaged ({e}); the message is removed.");
-                    if let Some(id) = id {
+                    if let Ok(id) = id_of(key) {
                         self.remove_message(&owner_of(key)?, id)?;
                     }
                     return Ok(None);
@@ -791,7 +786,7 @@ impl Store {
             .messages
             .scan_prefix(owner.as_bytes())
             .keys()
-            .filter_map(|k| k.ok().and_then(|k| k.get(32..40).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes)))
+            .filter_map(|k| k.ok().and_then(|k| id_of(&k).ok()))
             .collect();
         for id in ids {
             self.remove_message(owner, id)?;
@@ -932,14 +927,14 @@ fn compact(messages: &sled::Tree, bodies: &Bodies, stopping: &dyn Fn() -> bool) 
                 }
             };
             let copy = bodies.moved(&key_array, sender.as_bytes(), &body)?;
-            copies.push((key_array, value, pointer, copy));
+            copies.push((key_array, sender, value, pointer, copy));
         }
         bodies.sync()
     })();
     if let Err(e) = copied {
         // Not one pointer moved. The moves in the log hold the bodies their
         // messages have, and are applied at open only to messages still there.
-        for (_, _, _, copy) in &copies {
+        for (_, _, _, _, copy) in &copies {
             bodies.release(copy);
             bodies.applied(copy);
         }
@@ -947,11 +942,8 @@ fn compact(messages: &sled::Tree, bodies: &Bodies, stopping: &dyn Fn() -> bool) 
     }
     let mut moved = 0;
     let mut failed = None;
-    for (key, value, pointer, copy) in copies {
-        let mut new = value.to_vec();
-        new.truncate(33);
-        new.extend_from_slice(&copy.encode());
-        match messages.compare_and_swap(key, Some(&value), Some(new)) {
+    for (key, sender, value, pointer, copy) in copies {
+        match messages.compare_and_swap(key, Some(&value), Some(&logged_value(&sender, &copy)[..])) {
             Ok(Ok(())) => {
                 bodies.release(&pointer);
                 moved += 1;
