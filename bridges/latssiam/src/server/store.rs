@@ -1108,6 +1108,19 @@ mod tests {
         Tuning { segment_limit: limit, grace: Duration::ZERO, compactor: false }
     }
 
+    /// A store on `dir` with segments of `limit` octets (see [`tuned`]),
+    /// and the messages `bodies` (`body(i, len)` for each `i`) stored from
+    /// `b"sender"` to `b"owner"`: the store and their sequence numbers.
+    async fn filled(dir: &Path, limit: u64, bodies: std::ops::Range<u32>, len: usize) -> (Arc<Store>, Vec<u64>) {
+        let (owner, sender) = (Fingerprint::of(b"owner"), Fingerprint::of(b"sender"));
+        let store = Store::open_tuned(dir, tuned(limit)).unwrap();
+        let mut ids = Vec::new();
+        for i in bodies {
+            ids.push(store.store_message(&owner, &sender, None, &body(i, len)).await.unwrap());
+        }
+        (store, ids)
+    }
+
     fn segments(dir: &Path) -> Vec<(String, u64)> {
         let mut found: Vec<_> = std::fs::read_dir(dir.join("bodies"))
             .unwrap()
@@ -1215,13 +1228,9 @@ mod tests {
     #[tokio::test]
     async fn a_segment_goes_once_its_last_body_is_deleted_and_flushed() {
         let dir = tempfile::tempdir().unwrap();
-        let (owner, sender) = (Fingerprint::of(b"owner"), Fingerprint::of(b"sender"));
+        let owner = Fingerprint::of(b"owner");
         // No compaction: only deletes empty segments here.
-        let store = Store::open_tuned(dir.path(), tuned(16 << 10)).unwrap();
-        let mut ids = Vec::new();
-        for i in 0..10 {
-            ids.push(store.store_message(&owner, &sender, None, &body(i, 5000)).await.unwrap());
-        }
+        let (store, ids) = filled(dir.path(), 16 << 10, 0..10, 5000).await;
         // Three bodies of 5,004 octets fit in 16 KiB: segments 1 to 4.
         let names: Vec<String> = segments(dir.path()).into_iter().map(|(n, _)| n).collect();
         assert_eq!(names.len(), 4, "{names:?}");
@@ -1278,14 +1287,10 @@ mod tests {
 
     /// Five records of 3,085 octets per 16 KiB segment: 11 make segments 1 to 3.
     async fn three_segments(dir: &Path) -> (Fingerprint, Fingerprint) {
-        let (owner, sender) = (Fingerprint::of(b"owner"), Fingerprint::of(b"sender"));
-        let store = Store::open_tuned(dir, tuned(16 << 10)).unwrap();
-        for i in 0..11 {
-            store.store_message(&owner, &sender, None, &body(i, 3000)).await.unwrap();
-        }
+        let (store, _) = filled(dir, 16 << 10, 0..11, 3000).await;
         // A checkpoint past segments 1 and 2: they are not read again at open.
         store.durable().await.unwrap();
-        (owner, sender)
+        (Fingerprint::of(b"owner"), Fingerprint::of(b"sender"))
     }
 
     #[tokio::test]
@@ -1314,14 +1319,8 @@ mod tests {
     #[tokio::test]
     async fn a_damaged_record_after_the_checkpoint_in_a_lower_segment_fails_the_open() {
         let dir = tempfile::tempdir().unwrap();
-        let (owner, sender) = (Fingerprint::of(b"owner"), Fingerprint::of(b"sender"));
-        {
-            // No checkpoint is written after open's: every record is read again.
-            let store = Store::open_tuned(dir.path(), tuned(16 << 10)).unwrap();
-            for i in 0..11 {
-                store.store_message(&owner, &sender, None, &body(i, 3000)).await.unwrap();
-            }
-        }
+        // No checkpoint is written after open's: every record is read again.
+        drop(filled(dir.path(), 16 << 10, 0..11, 3000).await);
         let first = dir.path().join("bodies").join(&segments(dir.path())[0].0);
         let mut octets = std::fs::read(&first).unwrap();
         octets[100] ^= 1;
@@ -1432,14 +1431,9 @@ mod tests {
     #[tokio::test]
     async fn the_log_is_written_ahead_a_step_at_a_time() {
         let dir = tempfile::tempdir().unwrap();
-        let (owner, sender) = (Fingerprint::of(b"owner"), Fingerprint::of(b"sender"));
-        {
-            let store = Store::open_tuned(dir.path(), tuned(3 << 20)).unwrap();
-            for i in 0..12 {
-                store.store_message(&owner, &sender, None, &body(i, 100_000)).await.unwrap();
-            }
-            assert_eq!(segments(dir.path())[0].1, 2 << 20, "1.2 MB of records, written ahead to 2 MiB");
-        }
+        let store = filled(dir.path(), 3 << 20, 0..12, 100_000).await;
+        assert_eq!(segments(dir.path())[0].1, 2 << 20, "1.2 MB of records, written ahead to 2 MiB");
+        drop(store);
         assert_eq!(segments(dir.path())[0].1, 12 * (super::super::bodies::HEADER as u64 + 100_004));
     }
 
@@ -1486,20 +1480,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let snapshot = tempfile::tempdir().unwrap();
         let (owner, sender) = (Fingerprint::of(b"owner"), Fingerprint::of(b"sender"));
-        let mut ids = Vec::new();
-        {
-            let store = Store::open_tuned(dir.path(), tuned(16 << 10)).unwrap();
-            for i in 0..3 {
-                ids.push(store.store_message(&owner, &sender, None, &body(i, 3000)).await.unwrap());
-            }
+        let ids = {
+            let (store, ids) = filled(dir.path(), 16 << 10, 0..3, 3000).await;
             store.durable().await.unwrap();
-        }
+            ids
+        };
         copy_sled(dir.path(), snapshot.path());
         {
-            let store = Store::open_tuned(dir.path(), tuned(16 << 10)).unwrap();
-            for i in 3..9 {
-                store.store_message(&owner, &sender, None, &body(i, 3000)).await.unwrap();
-            }
+            let (store, _) = filled(dir.path(), 16 << 10, 3..9, 3000).await;
             store.delete_message(&owner, ids[0]).await.unwrap();
             store.delete_message(&owner, ids[2]).await.unwrap();
         }
@@ -1552,16 +1540,8 @@ mod tests {
     #[tokio::test]
     async fn a_missing_segment_after_the_checkpoint_or_a_development_body_file_fails_the_open() {
         let dir = tempfile::tempdir().unwrap();
-        {
-            // No checkpoint after open's: segments 1 to 3 are all read again.
-            let store = Store::open_tuned(dir.path(), tuned(16 << 10)).unwrap();
-            for i in 0..11 {
-                store
-                    .store_message(&Fingerprint::of(b"o"), &Fingerprint::of(b"s"), None, &body(i, 3000))
-                    .await
-                    .unwrap();
-            }
-        }
+        // No checkpoint after open's: segments 1 to 3 are all read again.
+        drop(filled(dir.path(), 16 << 10, 0..11, 3000).await);
         let second = dir.path().join("bodies").join(&segments(dir.path())[1].0);
         let kept = std::fs::read(&second).unwrap();
         std::fs::remove_file(&second).unwrap();
