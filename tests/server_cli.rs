@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 mod common;
-use common::{eml_files, identity, ok, run, Process, BIN};
+use common::{eml_files, identity, ok, run, Process, SyncTrace, BIN};
 
 /// A server process; killed when dropped.
 struct ServerProcess {
@@ -225,24 +225,6 @@ fn sigterm_stops_cleanly_and_operator_commands_work_on_the_data() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("hots"), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// Why this machine cannot watch a process's system calls, if it cannot.
-fn strace_unavailable() -> Option<String> {
-    match Command::new("strace").args(["-qq", "-o", "/dev/null", "true"]).output() {
-        Ok(o) if o.status.success() => None,
-        Ok(o) => Some(format!("strace cannot trace here: {}", String::from_utf8_lossy(&o.stderr).trim())),
-        Err(e) => Some(format!("no strace: {e}")),
-    }
-}
-
-/// Whether every thread of `pid` is being traced.
-fn all_threads_traced(pid: u32) -> bool {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
-    tasks.flatten().all(|t| {
-        std::fs::read_to_string(t.path().join("status"))
-            .is_ok_and(|s| s.lines().any(|l| l.strip_prefix("TracerPid:").is_some_and(|v| v.trim() != "0")))
-    })
-}
-
 /// `31` says the message is on disk, so the store makes it durable with
 /// `fdatasync`, which also flushes the device's write cache and commits the
 /// metadata that finds newly written blocks; `sync_file_range`, which sled
@@ -253,37 +235,21 @@ fn all_threads_traced(pid: u32) -> bool {
 /// Watched with strace attached to the running server.
 #[test]
 fn a_message_is_fdatasynced_not_only_written_back_before_31() {
-    if let Some(why) = strace_unavailable() {
-        eprintln!("SKIPPED: {why}");
-        return;
-    }
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     let server = alice_registered_and_bob(dir);
     std::fs::write(dir.join("msg.eml"), MESSAGE).unwrap();
-
-    let pid = server.process.child.id();
-    let trace = dir.join("syscalls");
-    let mut strace = Command::new("strace")
-        .args(["-f", "-qq", "-y", "-e", "trace=fdatasync,fsync,sync_file_range", "-o"])
-        .arg(&trace)
-        .args(["-p", &pid.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    common::wait_for(Duration::from_secs(20), || all_threads_traced(pid).then_some(()))
-        .expect("strace did not attach to every thread of the server");
-
+    let trace = match SyncTrace::attach(server.process.child.id(), &dir.join("syscalls")) {
+        Ok(t) => t,
+        Err(why) => {
+            eprintln!("SKIPPED: {why}");
+            return;
+        }
+    };
     let sent = send_to_alice(dir, &server.addr, &[]);
-    // strace writes a call's line when the call returns, before the server goes on to answer.
-    let calls = std::fs::read_to_string(&trace).unwrap_or_default();
-    let _ = strace.kill();
-    let _ = strace.wait();
+    let calls = trace.calls();
     assert_eq!(sent.trim(), "31 Message accepted");
     // `-y` names each call's file: fdatasync(7</…/srv/bodies/0000000000000001.log>).
-    let synced = |suffix: &str| calls.lines().any(|l| l.contains("fdatasync(") && l.contains(suffix));
-    assert!(synced(".log>"), "the message's log is not fdatasynced before 31:\n{calls}");
-    assert!(!calls.contains("sync_file_range("), "sync_file_range is not durable:\n{calls}");
+    assert!(calls.synced("/bodies/", ".log>"), "the message's log is not fdatasynced before 31:\n{}", calls.text);
+    assert!(!calls.text.contains("sync_file_range("), "sync_file_range is not durable:\n{}", calls.text);
 }

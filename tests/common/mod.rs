@@ -168,3 +168,70 @@ impl Drop for SmallDisk {
         let _ = std::process::Command::new("umount").arg("-l").arg(self.0.path()).status();
     }
 }
+
+/// strace attached to every thread of a running process, writing its
+/// `fdatasync`, `fsync` and `sync_file_range` calls (with `-y`, each names
+/// its file) to a file; detached when dropped.
+pub struct SyncTrace {
+    strace: Child,
+    file: PathBuf,
+}
+
+/// What a [`SyncTrace`] saw.
+pub struct SyncCalls {
+    pub text: String,
+}
+
+impl SyncCalls {
+    /// Whether a file whose path holds `within` and ends with `suffix` was fdatasynced.
+    pub fn synced(&self, within: &str, suffix: &str) -> bool {
+        self.text.lines().any(|l| l.contains("fdatasync(") && l.contains(within) && l.contains(suffix))
+    }
+}
+
+impl SyncTrace {
+    /// Attaches to `pid`, writing to `file`; `Err` says why this machine
+    /// cannot watch a process's system calls (the caller skips).
+    pub fn attach(pid: u32, file: &Path) -> Result<Self, String> {
+        match Command::new("strace").args(["-qq", "-o", "/dev/null", "true"]).output() {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => return Err(format!("strace cannot trace here: {}", String::from_utf8_lossy(&o.stderr).trim())),
+            Err(e) => return Err(format!("no strace: {e}")),
+        }
+        let strace = Command::new("strace")
+            .args(["-f", "-qq", "-y", "-e", "trace=fdatasync,fsync,sync_file_range", "-o"])
+            .arg(file)
+            .args(["-p", &pid.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let trace = Self { strace, file: file.to_owned() };
+        wait_for(Duration::from_secs(20), || all_threads_traced(pid).then_some(()))
+            .expect("strace did not attach to every thread");
+        Ok(trace)
+    }
+
+    /// The calls so far. strace writes a call's line when the call returns,
+    /// so a call that returned before the process answered is in it.
+    pub fn calls(&self) -> SyncCalls {
+        SyncCalls { text: std::fs::read_to_string(&self.file).unwrap_or_default() }
+    }
+}
+
+impl Drop for SyncTrace {
+    fn drop(&mut self) {
+        let _ = self.strace.kill();
+        let _ = self.strace.wait();
+    }
+}
+
+/// Whether every thread of `pid` is being traced.
+fn all_threads_traced(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("status"))
+            .is_ok_and(|s| s.lines().any(|l| l.strip_prefix("TracerPid:").is_some_and(|v| v.trim() != "0")))
+    })
+}
