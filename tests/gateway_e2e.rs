@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::rig::{http_get, support, Rig};
-use common::{eml_files, ok, run, wait_for, Process, BIN};
+use common::{eml_files, ok, run, wait_for, Process, SyncTrace, BIN};
 
 const UTF8_MESSAGE: &str = "From: Jürgen <juergen@remote.example>\r\nTo: alice@example.org\r\n\
 Subject: Grüße aus Köln ✉\r\nMessage-ID: <e2l-1@remote.example>\r\nMIME-Version: 1.0\r\n\
@@ -221,6 +221,36 @@ fn a_gone_mailbox_bounces_to_the_original_sender() {
     wait_for(Duration::from_secs(20), || rig.cli(&["queue", "list"]).contains("gina@example.org").then_some(()));
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(rig.relayed().len(), 1);
+}
+
+/// `250` for mail to someone on the embedded home server says it is in
+/// their mailbox on disk, as a `SEND`'s `31` does: the home server's log,
+/// which holds the message's record, is fdatasynced before the reply.
+/// (Nothing else needs to be: sled's pointer to the record is brought up to
+/// date from the log at start; `sigkill_loses_nothing_that_got_250` shows it.)
+#[test]
+fn mail_for_the_embedded_home_server_is_fdatasynced_in_its_log_before_250() {
+    let rig = Rig::new("");
+    rig.person("alice");
+    rig.contact("alice", &["--email", "alice@example.org"]);
+    let pid = rig.gateway.as_ref().unwrap().child.id();
+    let trace = match SyncTrace::attach(pid, &rig.path().join("syscalls")) {
+        Ok(t) => t,
+        Err(why) => {
+            eprintln!("SKIPPED: {why}");
+            return;
+        }
+    };
+    let reply = rig.smtp_send("juergen@remote.example", "alice@example.org", UTF8_MESSAGE.as_bytes());
+    let calls = trace.calls();
+    assert!(reply.starts_with("accepted 250"), "{reply}");
+    assert!(
+        calls.synced("/home-bodies/", ".log>"),
+        "the home server's log is not fdatasynced before 250:\n{}",
+        calls.text
+    );
+    let (files, _) = rig.fetch("alice", 5);
+    assert_eq!(files.len(), 1, "{}", rig.log());
 }
 
 #[test]

@@ -56,6 +56,9 @@ pub enum StoreError {
     /// The shared queue (NATS JetStream) failed or did not answer in time.
     #[error("shared queue: {0}")]
     Shared(String),
+    /// The embedded home server's mailbox store failed.
+    #[error("{0}")]
+    Home(#[from] latssiam::server::store::StoreError),
 }
 
 pub(crate) fn corrupt(what: &str) -> StoreError {

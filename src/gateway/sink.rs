@@ -209,7 +209,11 @@ impl Sink for SmtpSink {
                 jobs.push(target);
             }
             if jobs.is_empty() {
-                gw.store.durable().await?;
+                // Only mailboxes of the embedded home server: their records
+                // in its log are all that must be durable before 250 (sled's
+                // message ids survive a crash on their own; the origin's
+                // daily counts are written lazily, as for a refused mail).
+                worker::local_durable(gw).await?;
             } else {
                 gw.queue.enqueue_as(id, &body, jobs, &Origin::Smtp { from: envelope.from.clone() }).await?;
             }

@@ -26,6 +26,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::contacts::Contact;
+use super::db::StoreError;
 use super::mail::{self, Failure};
 use super::queue::{now_ms, Job, JobId, Origin, Target};
 use super::Gateway;
@@ -476,12 +477,12 @@ async fn to_latssiam(gw: &Gateway, id: JobId, job: &Job, fingerprint: &str) -> O
         Ok(p) => p,
         Err(outcome) => return outcome,
     };
-    // On the embedded home server: in-process, one fsync for the mailbox
-    // writes and nothing else; a refusal takes the network path below, which
+    // On the embedded home server: in-process, one fdatasync of its log for
+    // the mailbox writes and nothing else; a refusal takes the network path below, which
     // answers the same and knows what to do with each answer.
     match local_prepare_all(gw, &contact, &fp, &pieces) {
         Ok(Some(prepared)) => {
-            return match gw.store.durable().await {
+            return match local_durable(gw).await {
                 Ok(()) => {
                     prepared.into_iter().for_each(|p| local_commit(gw, p));
                     Outcome::Delivered
@@ -764,6 +765,20 @@ pub fn local_commit(gw: &Gateway, prepared: latssiam::server::Prepared) {
 pub fn local_discard(gw: &Gateway, prepared: latssiam::server::Prepared) {
     if let Some((_, local)) = &gw.local {
         local.discard(prepared);
+    }
+}
+
+/// Makes the local deliveries prepared so far durable, when nothing else
+/// written with them needs to be: one fdatasync of the embedded home
+/// server's log, not a flush of the whole database (which syncs that log and
+/// then sled's).
+///
+/// # Errors
+/// [`StoreError`] if the fdatasync failed.
+pub async fn local_durable(gw: &Gateway) -> Result<(), StoreError> {
+    match &gw.local {
+        Some((_, local)) => Ok(local.durable().await?),
+        None => gw.store.durable().await,
     }
 }
 

@@ -38,7 +38,7 @@ use crate::identity::{CertInfo, Identity};
 use crate::tls::{self, ServerStream};
 use crate::wire::{Block, Code, Command, Frame, Label, Password, Status, MAX_BLOCK_DER};
 use crate::{attest, Address};
-use store::{Mailbox, MailboxState, Offer, Store, StoredMessage};
+use store::{Mailbox, MailboxState, Offer, Store, StoreError, StoredMessage};
 
 /// A token-bucket rate: a sustained rate and a burst.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -284,7 +284,8 @@ impl Shared {
 /// allowed senders, mailbox state, quotas, size, structure, the signature
 /// verified and its signer `sender`, free space), and the message is written
 /// but not yet durable, so that the caller's one fsync of the shared database
-/// covers it with its own writes.
+/// covers it with its own writes, or [`LocalDelivery::durable`] (one
+/// fdatasync of the store's log) when it has none.
 #[derive(Clone)]
 pub struct LocalDelivery {
     shared: Arc<Shared>,
@@ -344,6 +345,21 @@ impl LocalDelivery {
     /// The caller's fsync failed: the message is taken back.
     pub fn discard(&self, prepared: Prepared) {
         drop(prepared);
+    }
+
+    /// Makes every message prepared so far durable on its own, with one
+    /// fdatasync of the store's log (shared with concurrent callers and
+    /// `SEND`s), as `SEND` does before `31`: each prepared message's record
+    /// is in the log, and sled's pointers are brought up to date from it at
+    /// open. For a caller with no writes of its own to make durable with
+    /// them; one that has shares a full flush of the database instead (the
+    /// flush syncs the log first).
+    ///
+    /// # Errors
+    /// [`StoreError`] if the fdatasync failed (the log then takes no more
+    /// writes until a restart): discard what was prepared.
+    pub async fn durable(&self) -> Result<(), StoreError> {
+        self.shared.store.commit().await
     }
 }
 
