@@ -250,6 +250,6 @@ fn a_message_is_fdatasynced_not_only_written_back_before_31() {
     let calls = trace.calls();
     assert_eq!(sent.trim(), "31 Message accepted");
     // `-y` names each call's file: fdatasync(7</…/srv/bodies/0000000000000001.log>).
-    assert!(calls.synced("/bodies/", ".log>"), "the message's log is not fdatasynced before 31:\n{}", calls.text);
+    assert!(calls.synced("/bodies/", ".log"), "the message's log is not fdatasynced before 31:\n{}", calls.text);
     assert!(!calls.text.contains("sync_file_range("), "sync_file_range is not durable:\n{}", calls.text);
 }

@@ -219,11 +219,15 @@ impl Store {
 
     /// Notes `e` if it is an I/O error: sled keeps the first I/O error of its
     /// log (a full disk, a failed fsync) and refuses every later write with
-    /// it, so the store is broken until the process opens it anew.
+    /// it, and so does the embedded home server's message log, so the store
+    /// is broken until the process opens it anew.
     pub(crate) fn record(&self, e: StoreError) -> StoreError {
+        use latssiam::server::store::StoreError as Home;
         let io = matches!(
             e,
-            StoreError::Sled(sled::Error::Io(_)) | StoreError::Flush(latssiam::group_commit::FlushError::Io(_))
+            StoreError::Sled(sled::Error::Io(_))
+                | StoreError::Flush(latssiam::group_commit::FlushError::Io(_))
+                | StoreError::Home(Home::Sled(sled::Error::Io(_)) | Home::Bodies(_))
         );
         if io && self.broken.set(e.to_string()).is_ok() {
             self.failed.notify_one();
@@ -263,5 +267,33 @@ impl Store {
     /// to this store, as every node's mirror applies them): `queue.backend = "jetstream"`.
     pub fn share_state(&self, queue: Arc<dyn SharedRecords>) {
         let _ = self.shared.set(queue);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    /// A failed fdatasync of the embedded home server's log poisons that log
+    /// as a failed flush poisons sled: either breaks the store (the gateway
+    /// then stops, for its supervisor to start it anew), while a refusal
+    /// that is no I/O error does not.
+    #[test]
+    fn an_io_error_of_the_home_servers_log_breaks_the_store_as_one_of_sled_does() {
+        use latssiam::server::store::StoreError as Home;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let _ = store.record(StoreError::Home(Home::Corrupt("a record")));
+        let _ = store.record(StoreError::Home(Home::Closed));
+        assert_eq!(store.broken(), None);
+        let _ = store.record(StoreError::Home(Home::Sled(sled::Error::Io(std::io::Error::other("fdatasync failed")))));
+        assert!(store.broken().is_some_and(|e| e.contains("fdatasync failed")), "{:?}", store.broken());
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let _ = store.record(StoreError::Home(Home::Bodies(std::io::Error::other("no space left"))));
+        assert!(store.broken().is_some());
     }
 }

@@ -477,12 +477,15 @@ async fn to_latssiam(gw: &Gateway, id: JobId, job: &Job, fingerprint: &str) -> O
         Ok(p) => p,
         Err(outcome) => return outcome,
     };
-    // On the embedded home server: in-process, one fdatasync of its log for
-    // the mailbox writes and nothing else; a refusal takes the network path below, which
+    // On the embedded home server: in-process, one fsync for the mailbox
+    // writes and nothing else; a refusal takes the network path below, which
     // answers the same and knows what to do with each answer.
     match local_prepare_all(gw, &contact, &fp, &pieces) {
         Ok(Some(prepared)) => {
-            return match local_durable(gw).await {
+            // A full flush, not the log's alone: it also makes the jobs
+            // completed before this one durable, so that a crash delivers
+            // again only what was completed since the last flush.
+            return match gw.store.durable().await {
                 Ok(()) => {
                     prepared.into_iter().for_each(|p| local_commit(gw, p));
                     Outcome::Delivered
@@ -771,13 +774,13 @@ pub fn local_discard(gw: &Gateway, prepared: latssiam::server::Prepared) {
 /// Makes the local deliveries prepared so far durable, when nothing else
 /// written with them needs to be: one fdatasync of the embedded home
 /// server's log, not a flush of the whole database (which syncs that log and
-/// then sled's).
+/// then sled's). A failed fdatasync breaks the store, as a failed flush does.
 ///
 /// # Errors
 /// [`StoreError`] if the fdatasync failed.
 pub async fn local_durable(gw: &Gateway) -> Result<(), StoreError> {
     match &gw.local {
-        Some((_, local)) => Ok(local.durable().await?),
+        Some((_, local)) => local.durable().await.map_err(|e| gw.store.record(e.into())),
         None => gw.store.durable().await,
     }
 }

@@ -183,9 +183,28 @@ pub struct SyncCalls {
 }
 
 impl SyncCalls {
-    /// Whether a file whose path holds `within` and ends with `suffix` was fdatasynced.
+    /// Whether an fdatasync of a file whose path holds `within` and ends
+    /// with `suffix` returned 0. With `-f`, a call that another thread's
+    /// call interrupts in the trace is written as `PID fdatasync(FD<path>
+    /// <unfinished ...>` when it starts and `PID <... fdatasync resumed>) = 0`
+    /// when it returns: only the second says it is done.
     pub fn synced(&self, within: &str, suffix: &str) -> bool {
-        self.text.lines().any(|l| l.contains("fdatasync(") && l.contains(within) && l.contains(suffix))
+        let names = |l: &str| l.contains(within) && l.contains(&format!("{suffix}>"));
+        let mut started = std::collections::HashSet::new();
+        for line in self.text.lines() {
+            let (pid, call) = line.split_once(' ').unwrap_or(("", line));
+            let call = call.trim_start();
+            if call.starts_with("fdatasync(") && names(call) {
+                if call.ends_with("<unfinished ...>") {
+                    started.insert(pid);
+                } else if call.ends_with("= 0") {
+                    return true;
+                }
+            } else if call.starts_with("<... fdatasync resumed>") && call.ends_with("= 0") && started.contains(pid) {
+                return true;
+            }
+        }
+        false
     }
 }
 
@@ -213,8 +232,8 @@ impl SyncTrace {
         Ok(trace)
     }
 
-    /// The calls so far. strace writes a call's line when the call returns,
-    /// so a call that returned before the process answered is in it.
+    /// The calls so far: a call that returned before the process answered
+    /// has its line (or its `resumed` line) in it.
     pub fn calls(&self) -> SyncCalls {
         SyncCalls { text: std::fs::read_to_string(&self.file).unwrap_or_default() }
     }
