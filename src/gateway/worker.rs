@@ -639,13 +639,26 @@ impl<'a> Pieces<'a> {
     /// Piece `n` (1-based) sealed to `contact` and signed as the gateway.
     ///
     /// # Errors
-    /// As [`seal_for`], and a permanent failure if it does not fit one block.
+    /// As [`Pieces::sealed_unsigned`], and a temporary failure if it cannot
+    /// be signed.
     pub fn sealed(&self, gw: &Gateway, contact: &Contact, n: u32) -> Result<(Vec<u8>, Vec<u8>), Outcome> {
-        let (sealed, signature) = match self {
-            Pieces::Whole(body) => seal_for(gw, contact, body)?,
+        let sealed = self.sealed_unsigned(contact, n)?;
+        let signature = sign(gw, &sealed)?;
+        Ok((sealed, signature))
+    }
+
+    /// Piece `n` (1-based) sealed to `contact`, not signed (the embedded
+    /// home server signs what it is handed in-process).
+    ///
+    /// # Errors
+    /// A permanent failure if it cannot be sealed to the contact or does not
+    /// fit one block.
+    pub fn sealed_unsigned(&self, contact: &Contact, n: u32) -> Result<Vec<u8>, Outcome> {
+        let sealed = match self {
+            Pieces::Whole(body) => seal(contact, body)?,
             Pieces::Parts(f) => {
                 let piece = f.fragment(n).ok_or_else(|| Outcome::Retry(format!("no fragment {n}")))?;
-                seal_for(gw, contact, &piece)?
+                seal(contact, &piece)?
             }
         };
         if sealed.len() > latssiam::wire::MAX_BLOCK_DER {
@@ -658,7 +671,7 @@ impl<'a> Pieces<'a> {
                 ),
             });
         }
-        Ok((sealed, signature))
+        Ok(sealed)
     }
 }
 
@@ -679,9 +692,7 @@ pub fn local_prepare_all(
     }
     let mut prepared = Vec::with_capacity(pieces.count() as usize);
     for n in 1..=pieces.count() {
-        let next = pieces
-            .sealed(gw, contact, n)
-            .map(|(sealed, signature)| local_prepare(gw, contact, fp, &sealed, &signature));
+        let next = pieces.sealed_unsigned(contact, n).map(|sealed| local_prepare(gw, contact, fp, &sealed));
         match next {
             Ok(Some(p)) => prepared.push(p),
             Ok(None) | Err(_) => {
@@ -723,32 +734,32 @@ pub fn is_local(gw: &Gateway, contact: &Contact) -> bool {
     gw.local.as_ref().is_some_and(|(host, _)| contact.server_host().eq_ignore_ascii_case(host))
 }
 
-/// Seals `body` to `contact` and signs it as the gateway.
-///
-/// # Errors
-/// Why it cannot be, as a permanent failure.
-pub fn seal_for(gw: &Gateway, contact: &Contact, body: &[u8]) -> Result<(Vec<u8>, Vec<u8>), Outcome> {
-    let sealed = crypto::seal(body, &contact.cert)
-        .map_err(|e| Outcome::Fail { status: "5.7.5", diagnostic: format!("cannot encrypt to the contact: {e}") })?;
-    let signature = crypto::sign(&sealed, &gw.identity).map_err(|e| Outcome::Retry(format!("cannot sign: {e}")))?;
-    Ok((sealed, signature))
+/// `body` sealed to `contact`; a permanent failure if it cannot be.
+fn seal(contact: &Contact, body: &[u8]) -> Result<Vec<u8>, Outcome> {
+    crypto::seal(body, &contact.cert)
+        .map_err(|e| Outcome::Fail { status: "5.7.5", diagnostic: format!("cannot encrypt to the contact: {e}") })
 }
 
-/// Writes a sealed and signed message into a local contact's mailbox (not
-/// yet durable), or `None` if the contact is not local or the home server
-/// refuses it now (then the network path answers the same refusal).
+/// `sealed` signed as the gateway; a temporary failure if it cannot be.
+fn sign(gw: &Gateway, sealed: &[u8]) -> Result<Vec<u8>, Outcome> {
+    crypto::sign(sealed, &gw.identity).map_err(|e| Outcome::Retry(format!("cannot sign: {e}")))
+}
+
+/// Writes a sealed message into a local contact's mailbox, signed as the
+/// gateway by the home server (not yet durable), or `None` if the contact is
+/// not local or the home server refuses it now (then the network path
+/// answers the same refusal).
 pub fn local_prepare(
     gw: &Gateway,
     contact: &Contact,
     fp: &Fingerprint,
     sealed: &[u8],
-    signature: &[u8],
 ) -> Option<latssiam::server::Prepared> {
     if !is_local(gw, contact) {
         return None;
     }
     let (_, local) = gw.local.as_ref()?;
-    match local.prepare(&gw.identity.fingerprint(), fp, Some(signature), sealed) {
+    match local.prepare(&gw.identity, fp, sealed) {
         Ok(p) => Some(p),
         Err(status) => {
             debug!(%fp, %status, "The embedded home server refused a local delivery; going over the network.");

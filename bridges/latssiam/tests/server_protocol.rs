@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use latssiam::client::{Accepted, Client, ClientError};
 use latssiam::conn::{Connection, ReadError};
 use latssiam::server::store::{MailboxState, Store};
-use latssiam::server::{Rate, Server, ServerConfig};
+use latssiam::server::{LocalDelivery, Rate, Server, ServerConfig};
 use latssiam::tls::{self, ClientStream, MemoryPins};
 use latssiam::wire::{Block, Code, Command, Frame, Label, Password, Status};
 use latssiam::{attest, crypto, Address, Identity};
@@ -30,6 +30,7 @@ struct TestServer {
     addr: SocketAddr,
     identity: Arc<Identity>,
     store: Arc<Store>,
+    local: LocalDelivery,
     token: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     _dir: tempfile::TempDir,
@@ -50,11 +51,12 @@ impl TestServer {
         let identity = id("server@localhost");
         let server = Server::new(config, identity.clone()).unwrap();
         let store = server.store().clone();
+        let local = server.local_delivery();
         let token = server.shutdown_token();
         let listener = server.bind().await.unwrap();
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(server.serve(listener));
-        Self { addr, identity, store, token, task, _dir: dir, pins: MemoryPins::default() }
+        Self { addr, identity, store, local, token, task, _dir: dir, pins: MemoryPins::default() }
     }
 
     async fn client(&self, who: &Arc<Identity>) -> Client {
@@ -119,6 +121,40 @@ async fn conversation_register_send_accept_ack_then_33() {
     let v = b.verify(alice.fingerprint()).await.unwrap().unwrap();
     assert_eq!(v.owner_cert, alice.cert_der().to_vec());
     attest::check(&v.attestation, alice.cert_der(), s.identity.cert_der(), Some(HOST)).unwrap();
+    s.stop().await;
+}
+
+/// A delivery from inside the process (the gateway's to its embedded home
+/// server) is signed by the server as its sender, so that the reader gets a
+/// signature that verifies to the sender, and is checked as a `SEND` is: a
+/// message that is not CMS, one over the size limit, or one to a mailbox
+/// that is not there is refused with what `SEND` would answer, and nothing
+/// of it is stored.
+#[tokio::test]
+async fn a_local_delivery_is_signed_here_as_its_sender_and_checked_as_a_send_is() {
+    let s = TestServer::start(|c| c.max_message_octets = 4000).await;
+    let alice = s.registered("alice@localhost").await;
+    let gateway = id("gateway@localhost");
+    let refused = |r: Result<latssiam::server::Prepared, Status>| r.err().map(|status| status.code());
+    assert_eq!(refused(s.local.prepare(&gateway, &alice.fingerprint(), b"not CMS")), Some(Code::SyntaxError));
+    let long = crypto::seal(&[b'x'; 5000], alice.cert_der()).unwrap();
+    assert_eq!(refused(s.local.prepare(&gateway, &alice.fingerprint(), &long)), Some(Code::MessageTooLong));
+    let nobody = id("nobody@localhost");
+    let to_nobody = sealed_for(&nobody, "Subject: lost\r\n\r\nx");
+    assert_eq!(refused(s.local.prepare(&gateway, &nobody.fingerprint(), &to_nobody)), Some(Code::NoMailbox));
+
+    let text = "Subject: local\r\n\r\nHello from inside";
+    let prepared = s.local.prepare(&gateway, &alice.fingerprint(), &sealed_for(&alice, text)).unwrap();
+    s.local.durable().await.unwrap();
+    s.local.commit(prepared);
+    let mut a = s.client(&alice).await;
+    let Accepted::Message(d) = a.accept(Duration::ZERO).await.unwrap() else { panic!("no message") };
+    let signature = d.signature.expect("a local delivery is signed");
+    let signer = crypto::verify(&signature, &d.message).unwrap();
+    assert_eq!(signer, gateway.cert_der().to_vec(), "signed as the sender");
+    assert_eq!(crypto::open(&d.message, &alice).unwrap(), text.as_bytes());
+    a.ack().await.unwrap();
+    assert_eq!(a.accept(Duration::ZERO).await.unwrap(), Accepted::Nothing(Status::of(Code::NoMoreMessages)));
     s.stop().await;
 }
 
