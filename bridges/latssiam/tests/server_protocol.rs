@@ -126,13 +126,18 @@ async fn conversation_register_send_accept_ack_then_33() {
 
 /// A delivery from inside the process (the gateway's to its embedded home
 /// server) is signed by the server as its sender, so that the reader gets a
-/// signature that verifies to the sender, and is checked as a `SEND` is: a
-/// message that is not CMS, one over the size limit, or one to a mailbox
-/// that is not there is refused with what `SEND` would answer, and nothing
-/// of it is stored.
+/// signature that verifies to the sender, and goes through `SEND`'s own
+/// checks (`may_send`, `may_keep`), four of which are tried here: a message
+/// that is not CMS, one over the size limit, one to a mailbox that is not
+/// there, and one over the sender's quota get what `SEND` answers (`50`,
+/// `39`, `34`, `36`), and nothing of them is stored.
 #[tokio::test]
 async fn a_local_delivery_is_signed_here_as_its_sender_and_checked_as_a_send_is() {
-    let s = TestServer::start(|c| c.max_message_octets = 4000).await;
+    let s = TestServer::start(|c| {
+        c.max_message_octets = 4000;
+        c.max_unread_per_sender = 1;
+    })
+    .await;
     let alice = s.registered("alice@localhost").await;
     let gateway = id("gateway@localhost");
     let refused = |r: Result<latssiam::server::Prepared, Status>| r.err().map(|status| status.code());
@@ -147,6 +152,8 @@ async fn a_local_delivery_is_signed_here_as_its_sender_and_checked_as_a_send_is(
     let prepared = s.local.prepare(&gateway, &alice.fingerprint(), &sealed_for(&alice, text)).unwrap();
     s.local.durable().await.unwrap();
     s.local.commit(prepared);
+    let second = sealed_for(&alice, "Subject: again\r\n\r\nover the quota");
+    assert_eq!(refused(s.local.prepare(&gateway, &alice.fingerprint(), &second)), Some(Code::MailboxFull));
     let mut a = s.client(&alice).await;
     let Accepted::Message(d) = a.accept(Duration::ZERO).await.unwrap() else { panic!("no message") };
     let signature = d.signature.expect("a local delivery is signed");
