@@ -283,10 +283,10 @@ impl Shared {
 /// certificate's fingerprint stands for `SEND`: every check applies (rate,
 /// allowed senders, mailbox state, quotas, size, structure, free space; the
 /// signature is made here, as the sender, rather than checked), and the
-/// message is written
-/// but not yet durable, so that the caller's one fsync of the shared database
-/// covers it with its own writes, or [`LocalDelivery::durable`] (one
-/// fdatasync of the store's log) when it has none.
+/// message is written but not yet durable, so that the caller's one fsync
+/// of the shared database covers it with its own writes, or
+/// [`LocalDelivery::durable`] (one fdatasync of the store's log) when it
+/// has none.
 #[derive(Clone)]
 pub struct LocalDelivery {
     shared: Arc<Shared>,
