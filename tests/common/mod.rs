@@ -209,13 +209,18 @@ impl SyncCalls {
 }
 
 impl SyncTrace {
-    /// Attaches to `pid`, writing to `file`; `Err` says why this machine
-    /// cannot watch a process's system calls (the caller skips).
-    pub fn attach(pid: u32, file: &Path) -> Result<Self, String> {
-        match Command::new("strace").args(["-qq", "-o", "/dev/null", "true"]).output() {
-            Ok(o) if o.status.success() => {}
-            Ok(o) => return Err(format!("strace cannot trace here: {}", String::from_utf8_lossy(&o.stderr).trim())),
-            Err(e) => return Err(format!("no strace: {e}")),
+    /// Attaches to `pid`, writing to `file`; `None`, having said `SKIPPED`
+    /// and why, if this machine cannot watch a process's system calls (the
+    /// caller skips).
+    pub fn attach(pid: u32, file: &Path) -> Option<Self> {
+        let unavailable = match Command::new("strace").args(["-qq", "-o", "/dev/null", "true"]).output() {
+            Ok(o) if o.status.success() => None,
+            Ok(o) => Some(format!("strace cannot trace here: {}", String::from_utf8_lossy(&o.stderr).trim())),
+            Err(e) => Some(format!("no strace: {e}")),
+        };
+        if let Some(why) = unavailable {
+            eprintln!("SKIPPED: {why}");
+            return None;
         }
         let strace = Command::new("strace")
             .args(["-f", "-qq", "-y", "-e", "trace=fdatasync,fsync,sync_file_range", "-o"])
@@ -229,7 +234,7 @@ impl SyncTrace {
         let trace = Self { strace, file: file.to_owned() };
         wait_for(Duration::from_secs(20), || all_threads_traced(pid).then_some(()))
             .expect("strace did not attach to every thread");
-        Ok(trace)
+        Some(trace)
     }
 
     /// The calls so far: a call that returned before the process answered
