@@ -39,6 +39,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
@@ -168,6 +169,9 @@ pub struct Store {
     log_commit: GroupCommit,
     /// Stops the compaction thread when dropped; joined on drop.
     compactor: Mutex<Option<(mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
+    /// Mailbox records written whose flush has not ended yet (see
+    /// [`Store::commit`]).
+    unsynced_mailboxes: AtomicUsize,
 }
 
 /// How the body log is kept.
@@ -445,6 +449,7 @@ impl Store {
             log_meta,
             log_commit,
             compactor: Mutex::new(compactor),
+            unsynced_mailboxes: AtomicUsize::new(0),
         }))
     }
 
@@ -471,10 +476,21 @@ impl Store {
     /// in its own time, and brought up to date from the log at open). What
     /// [`Store::insert_message`] needs before [`Store::publish_message`].
     ///
+    /// While a mailbox record (a registration, an approval, a move, a
+    /// deregistration) waits for its own flush, this is the full
+    /// [`Store::durable`] instead: the message may have been let in by that
+    /// record, and must not be on disk without it (after a power cut it
+    /// would be kept for a mailbox that was never active).
+    ///
     /// # Errors
     /// [`StoreError::Sled`] if the fdatasync failed, [`StoreError::Closed`]
     /// if the flusher is gone.
     pub async fn commit(&self) -> Result<(), StoreError> {
+        // Raised before the record is written (`MailboxWrite`), so a caller
+        // that read the record sees it raised here.
+        if self.unsynced_mailboxes.load(Ordering::SeqCst) > 0 {
+            return self.durable().await;
+        }
         let doomed = self.bodies.take_doomed();
         let result = self.log_commit.durable().await.map_err(flush_error);
         self.bodies.reap(doomed, result.is_ok());
@@ -494,6 +510,7 @@ impl Store {
     /// # Errors
     /// [`StoreError`] if the write or the fsync fails.
     pub async fn put_mailbox(&self, owner: &Fingerprint, mailbox: &Mailbox) -> Result<(), StoreError> {
+        let _unsynced = MailboxWrite::start(&self.unsynced_mailboxes);
         self.mailboxes.insert(owner.as_bytes(), mailbox.encode())?;
         if let Some(address) = owner_address(&mailbox.owner_cert) {
             let mut index = self.by_address.lock().unwrap_or_else(|e| e.into_inner());
@@ -782,6 +799,7 @@ impl Store {
         let Some(mut mailbox) = self.mailbox(owner)? else {
             return Ok(false);
         };
+        let _unsynced = MailboxWrite::start(&self.unsynced_mailboxes);
         let ids: Vec<u64> = self
             .messages
             .scan_prefix(owner.as_bytes())
@@ -864,6 +882,24 @@ fn spawn_housekeeper(
         }
     })?;
     Ok((stop, thread))
+}
+
+/// A mailbox record being written and flushed: counted in
+/// [`Store::commit`]'s check from before the write until the flush has
+/// ended, whatever its result (dropped with the future too).
+struct MailboxWrite<'a>(&'a AtomicUsize);
+
+impl<'a> MailboxWrite<'a> {
+    fn start(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count)
+    }
+}
+
+impl Drop for MailboxWrite<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 fn flush_error(e: FlushError) -> StoreError {
@@ -1054,6 +1090,61 @@ mod tests {
         assert_eq!(store.oldest(&owner).unwrap(), None);
         assert_eq!(store.mailbox(&owner).unwrap().unwrap().state, MailboxState::Gone);
         assert_eq!(store.unread(&owner, &a), (0, 0));
+    }
+
+    /// A message let in by a mailbox record (a registration, an approval)
+    /// must not be durable before that record: while the record waits for
+    /// its flush, a commit waits for a flush of sled too; once it is
+    /// flushed, a commit is the log's fdatasync alone again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_message_is_not_durable_before_the_mailbox_record_that_let_it_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path().join("db")).unwrap();
+        // Flushes of sled wait while `held` is true.
+        let held = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let hold = |on: bool| {
+            *held.0.lock().unwrap() = on;
+            held.1.notify_all();
+        };
+        let (gate, flushed) = (Arc::clone(&held), db.clone());
+        let flusher = GroupCommit::start_with("test-flusher", move || {
+            let mut on = gate.0.lock().unwrap();
+            while *on {
+                on = gate.1.wait(on).unwrap();
+            }
+            flushed.flush().map(|_| ()).map_err(std::io::Error::other)
+        })
+        .unwrap();
+        let store = Store::in_db(db, Arc::new(flusher), "", &dir.path().join("bodies")).unwrap();
+        let (owner, sender) = (Fingerprint::of(b"owner"), Fingerprint::of(b"sender"));
+        let active = Mailbox { state: MailboxState::Active, owner_cert: vec![1], attestation: vec![2] };
+
+        hold(true);
+        let approval = tokio::spawn({
+            let store = Arc::clone(&store);
+            async move { store.put_mailbox(&owner, &active).await }
+        });
+        while store.mailbox(&owner).unwrap().is_none() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // The record is there, its flush is held: a message for the mailbox now.
+        store.insert_message(&owner, &sender, None, b"first").unwrap();
+        let mut commit = tokio::spawn({
+            let store = Arc::clone(&store);
+            async move { store.commit().await }
+        });
+        let early = tokio::time::timeout(Duration::from_millis(300), &mut commit).await.is_ok();
+        hold(false);
+        assert!(!early, "the message was committed before the mailbox record that let it in was flushed");
+        commit.await.unwrap().unwrap();
+        approval.await.unwrap().unwrap();
+
+        // The record is flushed: a commit no longer waits for sled.
+        hold(true);
+        store.insert_message(&owner, &sender, None, b"second").unwrap();
+        let quick = tokio::time::timeout(Duration::from_secs(30), store.commit()).await;
+        hold(false);
+        quick.expect("a commit waited for sled with no mailbox record unsynced").unwrap();
     }
 
     #[tokio::test]
