@@ -39,7 +39,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
@@ -169,9 +169,9 @@ pub struct Store {
     log_commit: GroupCommit,
     /// Stops the compaction thread when dropped; joined on drop.
     compactor: Mutex<Option<(mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
-    /// Mailbox records written whose flush has not ended yet (see
+    /// Activations of a mailbox begun, written, and known flushed (see
     /// [`Store::commit`]).
-    unsynced_mailboxes: AtomicUsize,
+    activations: Activations,
 }
 
 /// How the body log is kept.
@@ -449,7 +449,7 @@ impl Store {
             log_meta,
             log_commit,
             compactor: Mutex::new(compactor),
-            unsynced_mailboxes: AtomicUsize::new(0),
+            activations: Activations::default(),
         }))
     }
 
@@ -463,9 +463,12 @@ impl Store {
         write_checkpoint(&self.log_meta, checkpoint)?;
         // Segments emptied before this flush may go once it is done.
         let doomed = self.bodies.take_doomed();
+        // Every activation written before the flush starts is in it.
+        let activations = self.activations.written.load(Ordering::SeqCst);
         let result = self.flusher.durable().await.map_err(flush_error);
         if result.is_ok() {
             self.bodies.checkpointed(checkpoint);
+            self.activations.flushed.fetch_max(activations, Ordering::SeqCst);
         }
         self.bodies.reap(doomed, result.is_ok());
         result
@@ -476,19 +479,27 @@ impl Store {
     /// in its own time, and brought up to date from the log at open). What
     /// [`Store::insert_message`] needs before [`Store::publish_message`].
     ///
-    /// While a mailbox record (a registration, an approval, a move, a
-    /// deregistration) waits for its own flush, this is the full
+    /// While a record that made a mailbox active (a registration, an
+    /// approval) is not known to be flushed, this is the full
     /// [`Store::durable`] instead: the message may have been let in by that
-    /// record, and must not be on disk without it (after a power cut it
-    /// would be kept for a mailbox that was never active).
+    /// record, and must not be acknowledged before the record is on disk
+    /// (after a power cut it would be kept for a mailbox that was never
+    /// active). "Known" means a flush that began after the record was
+    /// written has succeeded: if the activation's own flush failed or its
+    /// caller went away, the next full flush settles it, which is the first
+    /// commit after.
+    ///
+    /// A client who registers over and over puts others' commits on the
+    /// full flush during each of its own flushes: they share those flushes
+    /// (group commit), which the registrations cost anyway.
     ///
     /// # Errors
     /// [`StoreError::Sled`] if the fdatasync failed, [`StoreError::Closed`]
     /// if the flusher is gone.
     pub async fn commit(&self) -> Result<(), StoreError> {
-        // Raised before the record is written (`MailboxWrite`), so a caller
-        // that read the record sees it raised here.
-        if self.unsynced_mailboxes.load(Ordering::SeqCst) > 0 {
+        // `begun` is raised before the record is written, so a caller that
+        // read the record sees it raised here.
+        if self.activations.begun.load(Ordering::SeqCst) > self.activations.flushed.load(Ordering::SeqCst) {
             return self.durable().await;
         }
         let doomed = self.bodies.take_doomed();
@@ -510,8 +521,14 @@ impl Store {
     /// # Errors
     /// [`StoreError`] if the write or the fsync fails.
     pub async fn put_mailbox(&self, owner: &Fingerprint, mailbox: &Mailbox) -> Result<(), StoreError> {
-        let _unsynced = MailboxWrite::start(&self.unsynced_mailboxes);
-        self.mailboxes.insert(owner.as_bytes(), mailbox.encode())?;
+        // Only an active mailbox lets messages in (see `Store::commit`).
+        let activation = (mailbox.state == MailboxState::Active).then(|| self.activations.begin());
+        let written = self.mailboxes.insert(owner.as_bytes(), mailbox.encode());
+        if let Some(activation) = activation {
+            // Counted written even if the write failed: it may have happened.
+            self.activations.written(activation);
+        }
+        written?;
         if let Some(address) = owner_address(&mailbox.owner_cert) {
             let mut index = self.by_address.lock().unwrap_or_else(|e| e.into_inner());
             let holders = index.entry(address).or_default();
@@ -799,7 +816,6 @@ impl Store {
         let Some(mut mailbox) = self.mailbox(owner)? else {
             return Ok(false);
         };
-        let _unsynced = MailboxWrite::start(&self.unsynced_mailboxes);
         let ids: Vec<u64> = self
             .messages
             .scan_prefix(owner.as_bytes())
@@ -884,21 +900,29 @@ fn spawn_housekeeper(
     Ok((stop, thread))
 }
 
-/// A mailbox record being written and flushed: counted in
-/// [`Store::commit`]'s check from before the write until the flush has
-/// ended, whatever its result (dropped with the future too).
-struct MailboxWrite<'a>(&'a AtomicUsize);
-
-impl<'a> MailboxWrite<'a> {
-    fn start(count: &'a AtomicUsize) -> Self {
-        count.fetch_add(1, Ordering::SeqCst);
-        Self(count)
-    }
+/// Counts of the mailbox records that made a mailbox active: `begun`
+/// before each is written, `written` after, and `flushed` the `written` a
+/// successful full flush read before it began. `written <= begun` always;
+/// when `flushed == begun`, every such record a reader could have seen is
+/// on disk.
+#[derive(Default)]
+struct Activations {
+    begun: AtomicU64,
+    written: AtomicU64,
+    flushed: AtomicU64,
 }
 
-impl Drop for MailboxWrite<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+/// One activation between [`Activations::begin`] and [`Activations::written`].
+struct Activation;
+
+impl Activations {
+    fn begin(&self) -> Activation {
+        self.begun.fetch_add(1, Ordering::SeqCst);
+        Activation
+    }
+
+    fn written(&self, _: Activation) {
+        self.written.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -1093,58 +1117,84 @@ mod tests {
     }
 
     /// A message let in by a mailbox record (a registration, an approval)
-    /// must not be durable before that record: while the record waits for
-    /// its flush, a commit waits for a flush of sled too; once it is
-    /// flushed, a commit is the log's fdatasync alone again.
+    /// must not be acknowledged before that record is on disk: while the
+    /// record is not known flushed, a commit waits for a flush of sled too
+    /// (also when the record's own flush failed); once a flush has taken
+    /// it, a commit is the log's fdatasync alone again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_message_is_not_durable_before_the_mailbox_record_that_let_it_in() {
+    async fn a_message_is_not_acknowledged_before_the_mailbox_record_that_let_it_in() {
+        const PASS: u8 = 0;
+        const HOLD: u8 = 1;
+        const FAIL: u8 = 2;
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path().join("db")).unwrap();
-        // Flushes of sled wait while `held` is true.
-        let held = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
-        let hold = |on: bool| {
-            *held.0.lock().unwrap() = on;
-            held.1.notify_all();
+        // What flushes of sled do: pass, wait while held, or fail.
+        let mode = Arc::new((Mutex::new(PASS), std::sync::Condvar::new()));
+        let set = |m: u8| {
+            *mode.0.lock().unwrap() = m;
+            mode.1.notify_all();
         };
-        let (gate, flushed) = (Arc::clone(&held), db.clone());
+        let (gate, flushed) = (Arc::clone(&mode), db.clone());
         let flusher = GroupCommit::start_with("test-flusher", move || {
-            let mut on = gate.0.lock().unwrap();
-            while *on {
-                on = gate.1.wait(on).unwrap();
+            let mut m = gate.0.lock().unwrap();
+            while *m == HOLD {
+                m = gate.1.wait(m).unwrap();
+            }
+            if *m == FAIL {
+                return Err(std::io::Error::other("injected"));
             }
             flushed.flush().map(|_| ()).map_err(std::io::Error::other)
         })
         .unwrap();
         let store = Store::in_db(db, Arc::new(flusher), "", &dir.path().join("bodies")).unwrap();
-        let (owner, sender) = (Fingerprint::of(b"owner"), Fingerprint::of(b"sender"));
+        let (owner, other, sender) = (Fingerprint::of(b"owner"), Fingerprint::of(b"other"), Fingerprint::of(b"sender"));
         let active = Mailbox { state: MailboxState::Active, owner_cert: vec![1], attestation: vec![2] };
+        // Whether a commit finishes while sled's flushes are held (each ends with them let go).
+        let commits_while_held = |store: Arc<Store>, wait: Duration| {
+            set(HOLD);
+            let mut commit = tokio::spawn(async move { store.commit().await });
+            async move {
+                let early = tokio::time::timeout(wait, &mut commit).await;
+                set(PASS);
+                let quick = early.is_ok();
+                match early {
+                    Ok(done) => done,
+                    Err(_) => commit.await,
+                }
+                .unwrap()
+                .unwrap();
+                quick
+            }
+        };
 
-        hold(true);
+        // The approval's flush is held: a message for the mailbox now.
+        set(HOLD);
         let approval = tokio::spawn({
-            let store = Arc::clone(&store);
+            let (store, active) = (Arc::clone(&store), active.clone());
             async move { store.put_mailbox(&owner, &active).await }
         });
         while store.mailbox(&owner).unwrap().is_none() {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        // The record is there, its flush is held: a message for the mailbox now.
         store.insert_message(&owner, &sender, None, b"first").unwrap();
-        let mut commit = tokio::spawn({
-            let store = Arc::clone(&store);
-            async move { store.commit().await }
-        });
-        let early = tokio::time::timeout(Duration::from_millis(300), &mut commit).await.is_ok();
-        hold(false);
-        assert!(!early, "the message was committed before the mailbox record that let it in was flushed");
-        commit.await.unwrap().unwrap();
+        let quick = commits_while_held(Arc::clone(&store), Duration::from_millis(300)).await;
+        assert!(!quick, "the message was committed before the mailbox record that let it in was flushed");
         approval.await.unwrap().unwrap();
 
         // The record is flushed: a commit no longer waits for sled.
-        hold(true);
         store.insert_message(&owner, &sender, None, b"second").unwrap();
-        let quick = tokio::time::timeout(Duration::from_secs(30), store.commit()).await;
-        hold(false);
-        quick.expect("a commit waited for sled with no mailbox record unsynced").unwrap();
+        let quick = commits_while_held(Arc::clone(&store), Duration::from_secs(30)).await;
+        assert!(quick, "a commit waited for sled with every activation flushed");
+
+        // An activation whose flush failed: the next commit takes the full flush, the one after not.
+        set(FAIL);
+        assert!(store.put_mailbox(&other, &active).await.is_err());
+        set(PASS);
+        store.insert_message(&other, &sender, None, b"third").unwrap();
+        let quick = commits_while_held(Arc::clone(&store), Duration::from_millis(300)).await;
+        assert!(!quick, "committed with the record that let it in not known to be on disk");
+        let quick = commits_while_held(Arc::clone(&store), Duration::from_secs(30)).await;
+        assert!(quick, "a commit waited for sled after a full flush took the record");
     }
 
     #[tokio::test]
