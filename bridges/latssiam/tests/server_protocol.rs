@@ -334,6 +334,27 @@ async fn send_answers_30_31_32_34_35_36_38_21_39_52() {
     s.stop().await;
 }
 
+/// A mailbox deregistered between a `SEND`'s `30` and its message keeps
+/// nothing: the sender hears `38`, and no message outlives the mailbox.
+#[tokio::test]
+async fn a_mailbox_deregistered_while_a_send_is_under_way_keeps_no_message() {
+    let s = TestServer::start(|_| {}).await;
+    let alice = s.registered("alice@localhost").await;
+    let bob = id("bob@localhost");
+    let mut raw = s.raw(Some(&bob)).await;
+    raw.send(Command::Send(alice.fingerprint())).await.unwrap();
+    assert_eq!(status(&mut raw).await, Code::Proceed);
+    let mut a = s.client(&alice).await;
+    assert_eq!(a.deregister().await.unwrap().code(), Code::RegistrationComplete);
+    raw.send(Block::new(Label::EncryptedMessage, sealed_for(&alice, "late"))).await.unwrap();
+    assert_eq!(status(&mut raw).await, Code::MailboxGone);
+    assert_eq!(s.store.unread(&alice.fingerprint(), &bob.fingerprint()), (0, 0));
+    assert_eq!(s.store.oldest(&alice.fingerprint()).unwrap(), None, "a message kept in a gone mailbox");
+    // The session goes on.
+    raw.send(Command::Quit).await.unwrap();
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn rates_answer_37() {
     let s = TestServer::start(|c| {

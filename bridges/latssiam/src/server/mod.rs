@@ -272,6 +272,30 @@ impl Shared {
         Ok(())
     }
 
+    /// Writes a message (not yet durable, hidden until published) if its
+    /// mailbox is still active: `SEND` looked at the mailbox before the
+    /// blocks came, and a deregistration or a move meanwhile would leave a
+    /// message written after it in a mailbox nobody reads. Deregistration
+    /// writes its state before it deletes the messages, so either it
+    /// deletes this one or this check sees its state.
+    fn insert_while_active(
+        &self,
+        to: &Fingerprint,
+        from: &Fingerprint,
+        signature: Option<&[u8]>,
+        message: &[u8],
+    ) -> Result<u64, Status> {
+        let id = self.store.insert_message(to, from, signature, message).map_err(|e| {
+            warn!(error = %e, "Storing a message failed.");
+            Status::of(Code::InternalError)
+        })?;
+        if let Err(status) = self.active_mailbox(to) {
+            self.store.discard_message(to, id);
+            return Err(status);
+        }
+        Ok(id)
+    }
+
     fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<crate::limits::ClientSlot> {
         self.per_client.admit(ip, self.config.max_connections_per_client)
     }
@@ -329,13 +353,8 @@ impl LocalDelivery {
             warn!(error = %e, "Signing a local delivery failed.");
             Status::of(Code::InternalError)
         })?;
-        match self.shared.store.insert_message(to, &from, Some(&signature), message) {
-            Ok(id) => Ok(Prepared { store: Arc::clone(&self.shared.store), owner: *to, id, settled: false }),
-            Err(e) => {
-                warn!(error = %e, "Storing a message failed.");
-                Err(Status::of(Code::InternalError))
-            }
-        }
+        let id = self.shared.insert_while_active(to, &from, Some(&signature), message)?;
+        Ok(Prepared { store: Arc::clone(&self.shared.store), owner: *to, id, settled: false })
     }
 
     /// The message is durable (the caller's fsync covered it): it counts as
@@ -618,9 +637,22 @@ impl Session {
                 return Flow::Continue;
             }
         }
-        match self.shared.store.store_message(&to, &me, signature.as_deref(), &message).await {
-            Ok(_) => reply!(self, Code::MessageAccepted),
+        let store = &self.shared.store;
+        let id = match self.shared.insert_while_active(&to, &me, signature.as_deref(), &message) {
+            Ok(id) => id,
+            Err(status) => {
+                reply!(self, status);
+                return Flow::Continue;
+            }
+        };
+        // As `Store::store_message`: durable before `31`, taken back if not.
+        match store.commit().await {
+            Ok(()) => {
+                store.publish_message(&to, id);
+                reply!(self, Code::MessageAccepted);
+            }
             Err(e) => {
+                store.discard_message(&to, id);
                 warn!(error = %e, "Storing a message failed.");
                 reply!(self, Code::InternalError);
             }

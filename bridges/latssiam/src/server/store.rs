@@ -816,6 +816,10 @@ impl Store {
         let Some(mut mailbox) = self.mailbox(owner)? else {
             return Ok(false);
         };
+        // Gone before the messages are deleted: a `SEND` that writes one
+        // after the scan sees the state and takes it back.
+        mailbox.state = MailboxState::Gone;
+        self.mailboxes.insert(owner.as_bytes(), mailbox.encode())?;
         let ids: Vec<u64> = self
             .messages
             .scan_prefix(owner.as_bytes())
@@ -825,8 +829,6 @@ impl Store {
         for id in ids {
             self.remove_message(owner, id)?;
         }
-        mailbox.state = MailboxState::Gone;
-        self.mailboxes.insert(owner.as_bytes(), mailbox.encode())?;
         self.durable().await?;
         self.notifier(owner).notify_waiters();
         Ok(true)
