@@ -841,7 +841,15 @@ impl Session {
     async fn deregister(&mut self, me: Fingerprint) -> Flow {
         let status = match self.shared.store.mailbox(&me) {
             Ok(None) => Status::of(Code::NoMailbox),
-            Ok(Some(m)) if m.state == MailboxState::Gone => Status::of(Code::MailboxGone),
+            // Gone already: `38`, after deleting what a deregistration whose
+            // deletes failed part way left.
+            Ok(Some(m)) if m.state == MailboxState::Gone => match self.shared.store.deregister(&me).await {
+                Ok(_) => Status::of(Code::MailboxGone),
+                Err(e) => {
+                    warn!(error = %e, "Deleting a gone mailbox's messages failed.");
+                    Status::of(Code::InternalError)
+                }
+            },
             Ok(Some(_)) => match self.shared.store.deregister(&me).await {
                 Ok(_) => {
                     info!("Mailbox deregistered.");

@@ -808,7 +808,9 @@ impl Store {
         Ok(())
     }
 
-    /// Marks a mailbox gone and deletes its messages, durably.
+    /// Marks a mailbox gone and deletes its messages, durably. On a mailbox
+    /// already gone, deletes what an earlier deregistration left (one whose
+    /// deletes failed part way), and flushes only if there was any.
     ///
     /// # Errors
     /// [`StoreError`] if a write or the fsync fails.
@@ -816,20 +818,30 @@ impl Store {
         let Some(mut mailbox) = self.mailbox(owner)? else {
             return Ok(false);
         };
-        // Gone before the messages are deleted: a `SEND` that writes one
-        // after the scan sees the state and takes it back.
-        mailbox.state = MailboxState::Gone;
-        self.mailboxes.insert(owner.as_bytes(), mailbox.encode())?;
+        let was_gone = mailbox.state == MailboxState::Gone;
+        if !was_gone {
+            // Gone before the messages are deleted: a `SEND` that writes one
+            // after the scan sees the state and takes it back
+            // (`Shared::insert_while_active`). Each side writes, then reads
+            // what the other wrote; sled's writes and reads go through
+            // SeqCst atomics (and crossbeam-epoch's SeqCst fence), so one of
+            // the two reads sees the other's write.
+            mailbox.state = MailboxState::Gone;
+            self.mailboxes.insert(owner.as_bytes(), mailbox.encode())?;
+        }
         let ids: Vec<u64> = self
             .messages
             .scan_prefix(owner.as_bytes())
             .keys()
             .filter_map(|k| k.ok().and_then(|k| id_of(&k).ok()))
             .collect();
+        let mut removed = false;
         for id in ids {
-            self.remove_message(owner, id)?;
+            removed |= self.remove_message(owner, id)?;
         }
-        self.durable().await?;
+        if !was_gone || removed {
+            self.durable().await?;
+        }
         self.notifier(owner).notify_waiters();
         Ok(true)
     }
@@ -1197,6 +1209,25 @@ mod tests {
         assert!(!quick, "committed with the record that let it in not known to be on disk");
         let quick = commits_while_held(Arc::clone(&store), Duration::from_secs(30)).await;
         assert!(quick, "a commit waited for sled after a full flush took the record");
+    }
+
+    /// A deregistration whose deletes failed part way leaves messages in a
+    /// gone mailbox; deregistering again deletes them.
+    #[tokio::test]
+    async fn deregistering_a_gone_mailbox_deletes_what_is_left_in_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (owner, sender) = (Fingerprint::of(b"owner"), Fingerprint::of(b"sender"));
+        let mb = Mailbox { state: MailboxState::Active, owner_cert: vec![1], attestation: vec![2] };
+        store.put_mailbox(&owner, &mb).await.unwrap();
+        assert!(store.deregister(&owner).await.unwrap());
+        // What a failed delete would have left.
+        store.store_message(&owner, &sender, None, b"left").await.unwrap();
+        assert_eq!(store.unread(&owner, &sender), (1, 1));
+        assert!(store.deregister(&owner).await.unwrap());
+        assert_eq!(store.oldest(&owner).unwrap(), None);
+        assert_eq!(store.unread(&owner, &sender), (0, 0));
+        assert_eq!(store.mailbox(&owner).unwrap().unwrap().state, MailboxState::Gone);
     }
 
     #[tokio::test]
