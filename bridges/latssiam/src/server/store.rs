@@ -655,8 +655,13 @@ impl Store {
         let key = message_key(owner, id);
         let pointer = self.bodies.put(&key, sender.as_bytes(), &body)?;
         self.lock_offered().insert((*owner, id));
+        // Counted before it is visible, so that a removal that finds it
+        // (a deregistration's scan, at any moment after the insert) takes
+        // back a count that is there.
+        self.counts.lock().unwrap_or_else(|e| e.into_inner()).add(*owner, *sender);
         let inserted = self.messages.insert(key, &logged_value(sender, &pointer)[..]);
         if inserted.is_err() {
+            self.counts.lock().unwrap_or_else(|e| e.into_inner()).remove(*owner, *sender);
             self.lock_offered().remove(&(*owner, id));
             self.bodies.release(&pointer);
             // So that the put is not applied at open; if this fails too
@@ -667,7 +672,6 @@ impl Store {
         }
         self.bodies.applied(&pointer);
         inserted?;
-        self.counts.lock().unwrap_or_else(|e| e.into_inner()).add(*owner, *sender);
         Ok(id)
     }
 
