@@ -383,10 +383,26 @@ impl Store {
             }
             .map_err(std::io::Error::other)
         })?;
+        // Messages left in a gone mailbox (a deregistration whose deletes
+        // failed part way, or a message taken back whose delete had not
+        // reached the disk at a crash): nobody can read them.
+        let gone: HashSet<Fingerprint> = mailboxes
+            .iter()
+            .filter_map(|kv| {
+                let (k, v) = kv.ok()?;
+                let gone = Mailbox::decode(&v).ok()?.state == MailboxState::Gone;
+                gone.then(|| fingerprint_from(&k).ok()).flatten()
+            })
+            .collect();
+        let mut orphans = Vec::new();
         let mut refused = Vec::new();
         for kv in messages.iter() {
             let (k, v) = kv?;
             let (sender, held) = parse_value(&v)?;
+            if gone.contains(&owner_of(&k)?) {
+                orphans.push(k);
+                continue;
+            }
             if let Held::Logged(pointer) = held {
                 if !opening.holds(&pointer)? {
                     refused.push(k);
@@ -403,6 +419,12 @@ impl Store {
                 refused.len(),
             );
             for k in refused {
+                messages.remove(k)?;
+            }
+        }
+        if !orphans.is_empty() {
+            tracing::info!("{} messages left in deregistered mailboxes are removed.", orphans.len());
+            for k in orphans {
                 messages.remove(k)?;
             }
         }
@@ -1232,6 +1254,30 @@ mod tests {
         assert_eq!(store.oldest(&owner).unwrap(), None);
         assert_eq!(store.unread(&owner, &sender), (0, 0));
         assert_eq!(store.mailbox(&owner).unwrap().unwrap().state, MailboxState::Gone);
+    }
+
+    /// A message in a gone mailbox at open (its delete failed, or did not
+    /// reach the disk before a crash) is removed and not counted; other
+    /// mailboxes keep theirs.
+    #[tokio::test]
+    async fn messages_left_in_a_gone_mailbox_are_removed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (owner, other, sender) = (Fingerprint::of(b"owner"), Fingerprint::of(b"other"), Fingerprint::of(b"sender"));
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let mb = Mailbox { state: MailboxState::Active, owner_cert: vec![1], attestation: vec![2] };
+            store.put_mailbox(&owner, &mb).await.unwrap();
+            store.put_mailbox(&other, &mb).await.unwrap();
+            assert!(store.deregister(&owner).await.unwrap());
+            // What a failed or unsynced delete would have left.
+            store.store_message(&owner, &sender, None, b"left").await.unwrap();
+            store.store_message(&other, &sender, None, b"kept").await.unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.oldest(&owner).unwrap(), None);
+        assert_eq!(store.unread(&owner, &sender), (0, 0));
+        assert_eq!(store.oldest(&other).unwrap().unwrap().message, b"kept");
+        assert_eq!(store.unread(&other, &sender), (1, 1));
     }
 
     #[tokio::test]
