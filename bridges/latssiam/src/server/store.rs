@@ -386,14 +386,17 @@ impl Store {
         // Messages left in a gone mailbox (a deregistration whose deletes
         // failed part way, or a message taken back whose delete had not
         // reached the disk at a crash): nobody can read them.
-        let gone: HashSet<Fingerprint> = mailboxes
-            .iter()
-            .filter_map(|kv| {
-                let (k, v) = kv.ok()?;
-                let gone = Mailbox::decode(&v).ok()?.state == MailboxState::Gone;
-                gone.then(|| fingerprint_from(&k).ok()).flatten()
-            })
-            .collect();
+        // (A record that does not decode is not taken for gone: its
+        // messages stay, as its mailbox does; the open goes on.)
+        let mut gone = HashSet::new();
+        for kv in mailboxes.iter() {
+            let (k, v) = kv?;
+            if let (Ok(fp), Ok(m)) = (fingerprint_from(&k), Mailbox::decode(&v)) {
+                if m.state == MailboxState::Gone {
+                    gone.insert(fp);
+                }
+            }
+        }
         let mut orphans = Vec::new();
         let mut refused = Vec::new();
         for kv in messages.iter() {
