@@ -637,7 +637,6 @@ impl Session {
                 return Flow::Continue;
             }
         }
-        let store = &self.shared.store;
         let id = match self.shared.insert_while_active(&to, &me, signature.as_deref(), &message) {
             Ok(id) => id,
             Err(status) => {
@@ -645,14 +644,9 @@ impl Session {
                 return Flow::Continue;
             }
         };
-        // As `Store::store_message`: durable before `31`, taken back if not.
-        match store.commit().await {
-            Ok(()) => {
-                store.publish_message(&to, id);
-                reply!(self, Code::MessageAccepted);
-            }
+        match self.shared.store.commit_and_publish(&to, id).await {
+            Ok(()) => reply!(self, Code::MessageAccepted),
             Err(e) => {
-                store.discard_message(&to, id);
                 warn!(error = %e, "Storing a message failed.");
                 reply!(self, Code::InternalError);
             }

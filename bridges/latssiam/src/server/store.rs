@@ -647,13 +647,23 @@ impl Store {
         message: &[u8],
     ) -> Result<u64, StoreError> {
         let id = self.insert_message(owner, sender, signature, message)?;
+        self.commit_and_publish(owner, id).await?;
+        Ok(id)
+    }
+
+    /// Makes a message written by [`Store::insert_message`] durable
+    /// ([`Store::commit`]) and publishes it; if that fails, takes it back
+    /// out so that it is neither delivered nor counted.
+    ///
+    /// # Errors
+    /// [`StoreError`] if the fsync fails; then nothing may be acknowledged.
+    pub async fn commit_and_publish(&self, owner: &Fingerprint, id: u64) -> Result<(), StoreError> {
         if let Err(e) = self.commit().await {
-            // Not acknowledged: take it back out so it is neither delivered nor counted.
             self.discard_message(owner, id);
             return Err(e);
         }
         self.publish_message(owner, id);
-        Ok(id)
+        Ok(())
     }
 
     /// Writes a message (counted at once) without making it durable, and
