@@ -12,8 +12,7 @@
 use std::borrow::Cow;
 use std::num::NonZeroU32;
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -1809,33 +1808,6 @@ fn finish_auth(server: &mut Server, s: &mut Session, tag: &Tag<'static>, ok: boo
         }
     };
     let _ = server.authenticate_finish(Status::Tagged(Tagged { tag: tag.clone(), body }));
-}
-
-/// Failed logins in the last minute, for everyone: each failure adds a
-/// delay before the next check's answer.
-pub struct Throttle {
-    failures: Mutex<(Instant, u32)>,
-    pub total: AtomicU32,
-}
-
-impl Default for Throttle {
-    fn default() -> Self {
-        Throttle { failures: Mutex::new((Instant::now(), 0)), total: AtomicU32::new(0) }
-    }
-}
-
-impl Throttle {
-    /// The delay before answering a failed login: 1 s doubled for each
-    /// failure in the last minute, at most 16 s.
-    pub fn failed(&self) -> Duration {
-        self.total.fetch_add(1, Ordering::Relaxed);
-        let mut g = self.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if g.0.elapsed() > Duration::from_secs(60) {
-            *g = (Instant::now(), 0);
-        }
-        g.1 = g.1.saturating_add(1);
-        Duration::from_secs(1 << g.1.min(5).saturating_sub(1))
-    }
 }
 
 #[cfg(test)]

@@ -46,7 +46,7 @@ pub struct Access {
     hash: String,
     pub tls: Option<Arc<rustls::ServerConfig>>,
     checks: tokio::sync::Semaphore,
-    pub throttle: imap::Throttle,
+    pub throttle: latssiam::limits::FailureDelay,
     /// SHA-256 of the last user name and password that passed argon2, in
     /// memory only: a mail program opens many connections, and each need
     /// not cost 19 MiB and tens of milliseconds (Dovecot's auth cache).
@@ -80,7 +80,7 @@ impl Access {
             hash: c.hash,
             tls: Some(tls),
             checks: tokio::sync::Semaphore::new(MAX_CHECKS),
-            throttle: imap::Throttle::default(),
+            throttle: latssiam::limits::FailureDelay::default(),
             verified: std::sync::Mutex::new(None),
         })
     }
@@ -130,7 +130,7 @@ impl Access {
             hash,
             tls: None,
             checks: tokio::sync::Semaphore::new(MAX_CHECKS),
-            throttle: imap::Throttle::default(),
+            throttle: latssiam::limits::FailureDelay::default(),
             verified: std::sync::Mutex::new(None),
         })
     }

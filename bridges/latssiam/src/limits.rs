@@ -2,14 +2,15 @@
 //! the Gemini capsule and the gateway's HTTP listeners: connections at once
 //! per client address (IPv4 as is, IPv6 by its /64, which one host usually
 //! has whole), and per IPv6 /48 (a site: a home or an office gets a /48 or a
-//! /56, so one site cannot fill a listener with many /64s); and refusal logs
-//! that a flood cannot turn into a flood of log lines.
+//! /56, so one site cannot fill a listener with many /64s); refusal logs
+//! that a flood cannot turn into a flood of log lines; and the growing
+//! delay before a wrong password is answered.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// How many clients' worth one IPv6 /48 may hold: 4 times one address's.
 pub const SITE_FACTOR: usize = 4;
@@ -156,6 +157,36 @@ impl LogThrottle {
         }
         self.suppressed.fetch_add(1, Ordering::Relaxed);
         None
+    }
+}
+
+/// Wrong passwords in the last minute, from everyone: each adds to the
+/// delay before the next wrong one is answered (the IMAP bridge's and
+/// submission's logins, the LATSSIAM server's `MAILBOX REGISTER`), so that
+/// guessing costs time however many connections it spreads over.
+pub struct FailureDelay {
+    failures: Mutex<(Instant, u32)>,
+    /// Every failure since start (for tests and metrics).
+    pub total: AtomicU32,
+}
+
+impl Default for FailureDelay {
+    fn default() -> Self {
+        FailureDelay { failures: Mutex::new((Instant::now(), 0)), total: AtomicU32::new(0) }
+    }
+}
+
+impl FailureDelay {
+    /// Counts a failure; the delay before answering it: 1 s doubled for
+    /// each failure in the last minute, at most 16 s.
+    pub fn failed(&self) -> Duration {
+        self.total.fetch_add(1, Ordering::Relaxed);
+        let mut g = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
+        if g.0.elapsed() > Duration::from_secs(60) {
+            *g = (Instant::now(), 0);
+        }
+        g.1 = g.1.saturating_add(1);
+        Duration::from_secs(1 << g.1.min(5).saturating_sub(1))
     }
 }
 

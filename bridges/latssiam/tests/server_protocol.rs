@@ -222,6 +222,26 @@ async fn registration_answers_10_11_12_13_15() {
     s.stop().await;
 }
 
+/// Guessing the registration password costs time: a wrong one is answered
+/// `11` after 1 s, doubled for each wrong one in the last minute, and the
+/// third on one connection closes it. The right one is not slowed.
+#[tokio::test]
+async fn wrong_registration_passwords_are_answered_ever_later_and_the_third_closes_the_connection() {
+    let s = TestServer::start(|_| {}).await;
+    let mallory = id("mallory@localhost");
+    let mut raw = s.raw(Some(&mallory)).await;
+    for (i, at_least) in [1, 2, 4].into_iter().enumerate() {
+        let asked = Instant::now();
+        raw.send(Command::Register(Password::new(format!("guess {i}")).unwrap())).await.unwrap();
+        assert_eq!(status(&mut raw).await, Code::RegistrationRefused);
+        let waited = asked.elapsed();
+        assert!(waited >= Duration::from_secs(at_least), "wrong password {i} answered after {waited:?}");
+    }
+    hung_up(&mut raw).await;
+    s.registered("alice@localhost").await;
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn registration_without_a_password_configured_is_15() {
     let s = TestServer::start(|c| c.register_password = None).await;

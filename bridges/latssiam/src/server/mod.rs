@@ -197,6 +197,8 @@ struct Shared {
     /// Refusals by the per-client limit, logged at most once a second.
     refusals: crate::limits::LogThrottle,
     free_space: crate::files::FreeSpace,
+    /// Wrong registration passwords: each answered later than the last.
+    wrong_passwords: crate::limits::FailureDelay,
 }
 
 pub use crate::limits::client_key;
@@ -420,6 +422,7 @@ impl Server {
             shutdown: CancellationToken::new(),
             per_client: Arc::default(),
             refusals: crate::limits::LogThrottle::default(),
+            wrong_passwords: crate::limits::FailureDelay::default(),
         });
         Ok(Self { shared, tls })
     }
@@ -521,7 +524,7 @@ async fn session(shared: Arc<Shared>, acceptor: tokio_rustls::TlsAcceptor, tcp: 
     };
     let client = tls::peer_certificate(&stream).map(|c| (Fingerprint::of(&c), c));
     debug!(%peer, client = ?client.as_ref().map(|c| c.0), "Session started.");
-    let mut s = Session { conn: Connection::new(stream), client, shared };
+    let mut s = Session { conn: Connection::new(stream), client, shared, wrong_passwords: 0 };
     s.run().await;
     debug!(%peer, "Session ended.");
 }
@@ -533,10 +536,15 @@ enum Flow {
     Quit,
 }
 
+/// Wrong registration passwords one connection may give; the last closes it.
+const MAX_WRONG_PASSWORDS: u32 = 3;
+
 struct Session {
     conn: Connection<ServerStream>,
     client: Option<(Fingerprint, CertificateDer<'static>)>,
     shared: Arc<Shared>,
+    /// Wrong registration passwords on this connection.
+    wrong_passwords: u32,
 }
 
 /// Sends a status (or hangs up if the peer is gone).
@@ -747,12 +755,20 @@ impl Session {
         if aws_lc_rs::constant_time::verify_slices_are_equal(expected.expose().as_bytes(), password.expose().as_bytes())
             .is_err()
         {
+            // As the IMAP bridge's logins: answered after 1 s, doubled for
+            // each wrong password anyone gave in the last minute (to 16 s);
+            // the third on one connection closes it.
             debug!("Wrong registration password.");
+            tokio::time::sleep(self.shared.wrong_passwords.failed()).await;
             reply!(
                 self,
                 Status::new(Code::RegistrationRefused, "Wrong password")
                     .unwrap_or(Status::of(Code::RegistrationRefused))
             );
+            self.wrong_passwords += 1;
+            if self.wrong_passwords >= MAX_WRONG_PASSWORDS {
+                return Flow::HangUp(None);
+            }
             return Flow::Continue;
         }
         match self.shared.store.mailbox(&me) {
