@@ -106,6 +106,16 @@ impl Lookups {
 
     /// Takes a look-up for `ip`; false when its client or its site has none left.
     pub fn allow(&self, ip: IpAddr) -> bool {
+        self.level(ip, true)
+    }
+
+    /// Whether `ip`'s client and site have one left, taking nothing (for a
+    /// limit counted only on failures but checked before every try).
+    pub fn available(&self, ip: IpAddr) -> bool {
+        self.level(ip, false)
+    }
+
+    fn level(&self, ip: IpAddr, take: bool) -> bool {
         if self.per_minute <= 0.0 {
             return true;
         }
@@ -131,8 +141,10 @@ impl Lookups {
             }
             level.push((key, tokens));
         }
-        for (key, tokens) in level {
-            buckets.insert(key, (tokens - 1.0, now));
+        if take {
+            for (key, tokens) in level {
+                buckets.insert(key, (tokens - 1.0, now));
+            }
         }
         true
     }
@@ -162,8 +174,9 @@ impl LogThrottle {
 
 /// Wrong passwords in the last minute, from everyone: each adds to the
 /// delay before the next wrong one is answered (the IMAP bridge's and
-/// submission's logins, the LATSSIAM server's `MAILBOX REGISTER`), so that
-/// guessing costs time however many connections it spreads over.
+/// submission's logins, the LATSSIAM server's `MAILBOX REGISTER`). The
+/// delays of concurrent connections overlap, so this slows guessing on one
+/// connection; a limit per client address has to bound the rest.
 pub struct FailureDelay {
     failures: Mutex<(Instant, u32)>,
     /// Every failure since start (for tests and metrics).

@@ -224,9 +224,12 @@ async fn registration_answers_10_11_12_13_15() {
 
 /// Guessing the registration password costs time: a wrong one is answered
 /// `11` after 1 s, doubled for each wrong one in the last minute, and the
-/// third on one connection closes it. The right one is not slowed.
+/// third on one connection closes it. A client address that gave three
+/// wrong ones in the last minute is refused `11` without its password
+/// being compared, the right one too, so that more connections do not
+/// buy more guesses.
 #[tokio::test]
-async fn wrong_registration_passwords_are_answered_ever_later_and_the_third_closes_the_connection() {
+async fn wrong_registration_passwords_are_answered_ever_later_and_limited_per_client() {
     let s = TestServer::start(|_| {}).await;
     let mallory = id("mallory@localhost");
     let mut raw = s.raw(Some(&mallory)).await;
@@ -238,7 +241,11 @@ async fn wrong_registration_passwords_are_answered_ever_later_and_the_third_clos
         assert!(waited >= Duration::from_secs(at_least), "wrong password {i} answered after {waited:?}");
     }
     hung_up(&mut raw).await;
-    s.registered("alice@localhost").await;
+    // Another connection from the same address, with the right password.
+    let mut c = s.client(&id("alice@localhost")).await;
+    let st = c.register(&Password::new(PASSWORD).unwrap()).await.unwrap();
+    assert_eq!(st.code(), Code::RegistrationRefused, "{st:?}");
+    assert!(st.text().contains("Too many wrong passwords"), "{st:?}");
     s.stop().await;
 }
 

@@ -199,6 +199,10 @@ struct Shared {
     free_space: crate::files::FreeSpace,
     /// Wrong registration passwords: each answered later than the last.
     wrong_passwords: crate::limits::FailureDelay,
+    /// Wrong registration passwords per client address (and site) and
+    /// minute; a client with none left is refused before its password is
+    /// compared.
+    wrong_password_clients: crate::limits::Lookups,
 }
 
 pub use crate::limits::client_key;
@@ -423,6 +427,7 @@ impl Server {
             per_client: Arc::default(),
             refusals: crate::limits::LogThrottle::default(),
             wrong_passwords: crate::limits::FailureDelay::default(),
+            wrong_password_clients: crate::limits::Lookups::new(WRONG_PASSWORDS_PER_MINUTE),
         });
         Ok(Self { shared, tls })
     }
@@ -524,7 +529,7 @@ async fn session(shared: Arc<Shared>, acceptor: tokio_rustls::TlsAcceptor, tcp: 
     };
     let client = tls::peer_certificate(&stream).map(|c| (Fingerprint::of(&c), c));
     debug!(%peer, client = ?client.as_ref().map(|c| c.0), "Session started.");
-    let mut s = Session { conn: Connection::new(stream), client, shared, wrong_passwords: 0 };
+    let mut s = Session { conn: Connection::new(stream), client, shared, wrong_passwords: 0, peer: peer.ip() };
     s.run().await;
     debug!(%peer, "Session ended.");
 }
@@ -539,12 +544,19 @@ enum Flow {
 /// Wrong registration passwords one connection may give; the last closes it.
 const MAX_WRONG_PASSWORDS: u32 = 3;
 
+/// Wrong registration passwords one client address may give a minute (four
+/// times as many per IPv6 /48): then it is refused without a comparison
+/// until the minute has given it one back.
+const WRONG_PASSWORDS_PER_MINUTE: u32 = 3;
+
 struct Session {
     conn: Connection<ServerStream>,
     client: Option<(Fingerprint, CertificateDer<'static>)>,
     shared: Arc<Shared>,
     /// Wrong registration passwords on this connection.
     wrong_passwords: u32,
+    /// The client's address.
+    peer: IpAddr,
 }
 
 /// Sends a status (or hangs up if the peer is gone).
@@ -752,6 +764,15 @@ impl Session {
             reply!(self, Code::RegistrationUnavailable);
             return Flow::Continue;
         };
+        if !self.shared.wrong_password_clients.available(self.peer) {
+            debug!("Registration refused: too many wrong passwords from this client.");
+            reply!(
+                self,
+                Status::new(Code::RegistrationRefused, "Too many wrong passwords; try again later")
+                    .unwrap_or(Status::of(Code::RegistrationRefused))
+            );
+            return Flow::Continue;
+        }
         if aws_lc_rs::constant_time::verify_slices_are_equal(expected.expose().as_bytes(), password.expose().as_bytes())
             .is_err()
         {
@@ -759,7 +780,11 @@ impl Session {
             // each wrong password anyone gave in the last minute (to 16 s);
             // the third on one connection closes it.
             debug!("Wrong registration password.");
-            tokio::time::sleep(self.shared.wrong_passwords.failed()).await;
+            self.shared.wrong_password_clients.allow(self.peer);
+            tokio::select! {
+                () = tokio::time::sleep(self.shared.wrong_passwords.failed()) => {}
+                () = self.shared.shutdown.cancelled() => return Flow::HangUp(None),
+            }
             reply!(
                 self,
                 Status::new(Code::RegistrationRefused, "Wrong password")
