@@ -773,7 +773,10 @@ impl Session {
             );
             return Flow::Continue;
         }
-        if aws_lc_rs::constant_time::verify_slices_are_equal(expected.expose().as_bytes(), password.expose().as_bytes())
+        // Digests compared, not the passwords: the comparison returns at
+        // once when the lengths differ, which would tell the length.
+        let digest = |p: &Password| aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, p.expose().as_bytes());
+        if aws_lc_rs::constant_time::verify_slices_are_equal(digest(expected).as_ref(), digest(password).as_ref())
             .is_err()
         {
             // As the IMAP bridge's logins: answered after 1 s, doubled for
