@@ -179,6 +179,12 @@ impl Status {
         Ok(Self { code, text })
     }
 
+    /// A status with custom text, or with the code's own text if `text`
+    /// cannot be sent (too long, or not printable US-ASCII).
+    pub fn with_text(code: Code, text: impl Into<String>) -> Self {
+        Self::new(code, text).unwrap_or_else(|_| Self::of(code))
+    }
+
     /// `35 Mailbox moved <host>`.
     ///
     /// # Errors

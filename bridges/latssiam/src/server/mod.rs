@@ -246,7 +246,7 @@ impl Shared {
     /// signature (`50` with a hang-up when either does not parse; `52` when the
     /// signature does not verify or is not `me`'s), free space (`53`).
     fn may_keep(&self, me: &Fingerprint, signature: Option<&[u8]>, message: &[u8]) -> Result<(), (Status, bool)> {
-        let refuse = |code, text: &str| (Status::new(code, text).unwrap_or(Status::of(code)), false);
+        let refuse = |code, text: &str| (Status::with_text(code, text), false);
         if message.len() > self.config.max_message_octets {
             return Err((Status::of(Code::MessageTooLong), false));
         }
@@ -678,7 +678,7 @@ impl Session {
         let cfg = &self.shared.config;
         if deadline > cfg.max_accept_deadline {
             let text = format!("Deadline above {} s", cfg.max_accept_deadline.as_secs());
-            reply!(self, Status::new(Code::SyntaxError, text).unwrap_or(Status::of(Code::SyntaxError)));
+            reply!(self, Status::with_text(Code::SyntaxError, text));
             return Flow::HangUp(None);
         }
         if let Err(status) = self.shared.active_mailbox(&me) {
@@ -766,11 +766,7 @@ impl Session {
         };
         if !self.shared.wrong_password_clients.available(self.peer) {
             debug!("Registration refused: too many wrong passwords from this client.");
-            reply!(
-                self,
-                Status::new(Code::RegistrationRefused, "Too many wrong passwords; try again later")
-                    .unwrap_or(Status::of(Code::RegistrationRefused))
-            );
+            reply!(self, Status::with_text(Code::RegistrationRefused, "Too many wrong passwords; try again later"));
             return Flow::Continue;
         }
         // Digests compared, not the passwords: the comparison returns at
@@ -788,11 +784,7 @@ impl Session {
                 () = tokio::time::sleep(self.shared.wrong_passwords.failed()) => {}
                 () = self.shared.shutdown.cancelled() => return Flow::HangUp(None),
             }
-            reply!(
-                self,
-                Status::new(Code::RegistrationRefused, "Wrong password")
-                    .unwrap_or(Status::of(Code::RegistrationRefused))
-            );
+            reply!(self, Status::with_text(Code::RegistrationRefused, "Wrong password"));
             self.wrong_passwords += 1;
             if self.wrong_passwords >= MAX_WRONG_PASSWORDS {
                 return Flow::HangUp(None);
@@ -801,11 +793,7 @@ impl Session {
         }
         match self.shared.store.mailbox(&me) {
             Ok(Some(m)) if matches!(m.state, MailboxState::Active | MailboxState::Pending) => {
-                reply!(
-                    self,
-                    Status::new(Code::RegistrationRefused, "Already registered")
-                        .unwrap_or(Status::of(Code::RegistrationRefused))
-                );
+                reply!(self, Status::with_text(Code::RegistrationRefused, "Already registered"));
                 return Flow::Continue;
             }
             Ok(_) => {}
@@ -820,11 +808,7 @@ impl Session {
         match address.map(|a| self.shared.store.address_taken(&a, &me)) {
             Some(Ok(true)) => {
                 info!("A registration for an address another mailbox holds; refused.");
-                reply!(
-                    self,
-                    Status::new(Code::RegistrationRefused, "Address held by another certificate")
-                        .unwrap_or(Status::of(Code::RegistrationRefused))
-                );
+                reply!(self, Status::with_text(Code::RegistrationRefused, "Address held by another certificate"));
                 return Flow::Continue;
             }
             Some(Err(e)) => {
@@ -853,11 +837,7 @@ impl Session {
         let server_cert = self.shared.identity.cert_der();
         if let Err(e) = attest::check(&attestation, my_cert, server_cert, Some(&cfg.host)) {
             debug!(error = %e, "Attestation refused.");
-            reply!(
-                self,
-                Status::new(Code::RegistrationRefused, "Attestation does not verify")
-                    .unwrap_or(Status::of(Code::RegistrationRefused))
-            );
+            reply!(self, Status::with_text(Code::RegistrationRefused, "Attestation does not verify"));
             return Flow::Continue;
         }
         let state = if cfg.require_approval { MailboxState::Pending } else { MailboxState::Active };
@@ -891,8 +871,7 @@ impl Session {
             Ok(Some(_)) => match self.shared.store.deregister(&me).await {
                 Ok(_) => {
                     info!("Mailbox deregistered.");
-                    Status::new(Code::RegistrationComplete, "Deregistration complete")
-                        .unwrap_or(Status::of(Code::RegistrationComplete))
+                    Status::with_text(Code::RegistrationComplete, "Deregistration complete")
                 }
                 Err(e) => {
                     warn!(error = %e, "Deregistration failed.");
