@@ -383,18 +383,27 @@ impl Store {
             }
             .map_err(std::io::Error::other)
         })?;
-        // Messages left in a gone mailbox (a deregistration whose deletes
-        // failed part way, or a message taken back whose delete had not
-        // reached the disk at a crash): nobody can read them.
-        // (A record that does not decode is not taken for gone: its
-        // messages stay, as its mailbox does; the open goes on.)
+        // One pass over the mailbox records for the address index and for
+        // the gone mailboxes. Messages left in a gone mailbox (a
+        // deregistration whose deletes failed part way, or a message taken
+        // back whose delete had not reached the disk at a crash): nobody can
+        // read them. A record that does not decode is left out of both, not
+        // fatal: reading it answers `53`, its messages stay, and the other
+        // mailboxes are served.
+        let mut by_address = HashMap::new();
         let mut gone = HashSet::new();
         for kv in mailboxes.iter() {
             let (k, v) = kv?;
-            if let (Ok(fp), Ok(m)) = (fingerprint_from(&k), Mailbox::decode(&v)) {
-                if m.state == MailboxState::Gone {
-                    gone.insert(fp);
-                }
+            let Ok(mailbox) = Mailbox::decode(&v) else {
+                tracing::warn!("A mailbox record does not decode; left out of the address index.");
+                continue;
+            };
+            let Ok(fp) = fingerprint_from(&k) else { continue };
+            if mailbox.state == MailboxState::Gone {
+                gone.insert(fp);
+            }
+            if let Some(address) = owner_address(&mailbox.owner_cert) {
+                by_address.entry(address).or_insert_with(Vec::new).push(fp);
             }
         }
         let mut orphans = Vec::new();
@@ -448,19 +457,6 @@ impl Store {
         } else {
             None
         };
-        let mut by_address = HashMap::new();
-        for kv in mailboxes.iter() {
-            let (k, v) = kv?;
-            // A record that does not decode is left out of the index, not
-            // fatal: reading it answers `53`, and the other mailboxes are served.
-            let Ok(mailbox) = Mailbox::decode(&v) else {
-                tracing::warn!("A mailbox record does not decode; left out of the address index.");
-                continue;
-            };
-            if let (Some(address), Ok(fp)) = (owner_address(&mailbox.owner_cert), fingerprint_from(&k)) {
-                by_address.entry(address).or_insert_with(Vec::new).push(fp);
-            }
-        }
         Ok(Arc::new(Self {
             db,
             mailboxes,
