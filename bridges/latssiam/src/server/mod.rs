@@ -18,11 +18,11 @@
 mod bodies;
 pub mod store;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use rustls_pki_types::CertificateDer;
 use tokio::net::{TcpListener, TcpStream};
@@ -40,14 +40,7 @@ use crate::wire::{Block, Code, Command, Frame, Label, Password, Status, MAX_BLOC
 use crate::{attest, Address};
 use store::{Mailbox, MailboxState, Offer, Store, StoreError, StoredMessage};
 
-/// A token-bucket rate: a sustained rate and a burst.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Rate {
-    /// Tokens added per second.
-    pub per_second: f64,
-    /// Most tokens held.
-    pub burst: f64,
-}
+pub use crate::limits::Rate;
 
 /// Everything a server needs; every limit is configurable.
 #[derive(Debug, Clone)]
@@ -159,38 +152,13 @@ enum Limit {
     EmptyAccept,
 }
 
-#[derive(Default)]
-struct RateLimiter {
-    buckets: Mutex<HashMap<(Fingerprint, Limit), (f64, Instant)>>,
-}
-
-impl RateLimiter {
-    /// Takes a token for `who`, false if there is none.
-    fn take(&self, who: Fingerprint, limit: Limit, rate: Rate) -> bool {
-        let now = Instant::now();
-        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        if buckets.len() > 100_000 {
-            // Bound memory against clients that rotate certificates: forget idle buckets.
-            buckets.retain(|_, (_, at)| now.duration_since(*at) < Duration::from_secs(60));
-        }
-        let (tokens, at) = buckets.entry((who, limit)).or_insert((rate.burst, now));
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate.per_second).min(rate.burst);
-        *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 struct Shared {
     config: ServerConfig,
     identity: Arc<Identity>,
     store: Arc<Store>,
     csr: Vec<u8>,
-    limiter: RateLimiter,
+    /// `SEND`s and empty `ACCEPT`s per client certificate.
+    limiter: crate::limits::Buckets<(Fingerprint, Limit)>,
     shutdown: CancellationToken,
     /// Sessions per client address and site.
     per_client: Arc<crate::limits::PerClient>,
@@ -228,7 +196,7 @@ impl Shared {
     /// (`21`), the mailbox (`34`, `35`, `38`), quotas (`36`).
     fn may_send(&self, me: &Fingerprint, to: &Fingerprint) -> Result<(), Status> {
         let cfg = &self.config;
-        if !cfg.rate_exempt.contains(me) && !self.limiter.take(*me, Limit::Send, cfg.send_rate) {
+        if !cfg.rate_exempt.contains(me) && !self.limiter.take(&[((*me, Limit::Send), cfg.send_rate)]) {
             return Err(Status::of(Code::SlowDown));
         }
         if cfg.allowed_senders.as_ref().is_some_and(|allowed| !allowed.contains(me)) {
@@ -422,7 +390,7 @@ impl Server {
             identity,
             store,
             csr,
-            limiter: RateLimiter::default(),
+            limiter: crate::limits::Buckets::default(),
             shutdown: CancellationToken::new(),
             per_client: Arc::default(),
             refusals: crate::limits::LogThrottle::default(),
@@ -719,7 +687,7 @@ impl Session {
                 }
             }
         }
-        if !self.shared.limiter.take(me, Limit::EmptyAccept, self.shared.config.empty_accept_rate) {
+        if !self.shared.limiter.take(&[((me, Limit::EmptyAccept), self.shared.config.empty_accept_rate)]) {
             reply!(self, Code::SlowDown);
         } else {
             reply!(self, Code::NoMoreMessages);
