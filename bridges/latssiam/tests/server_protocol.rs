@@ -249,6 +249,27 @@ async fn wrong_registration_passwords_are_answered_ever_later_and_limited_per_cl
     s.stop().await;
 }
 
+/// Each registration with the right password may write and flush a
+/// mailbox record, and a mailbox can be registered and deregistered over
+/// and over: one client address gets ten a minute, then `11` with nothing
+/// written.
+#[tokio::test]
+async fn registrations_with_the_right_password_are_limited_per_client() {
+    let s = TestServer::start(|_| {}).await;
+    let alice = id("alice@localhost");
+    let mut c = s.client(&alice).await;
+    let password = Password::new(PASSWORD).unwrap();
+    for i in 0..10 {
+        assert_eq!(c.register(&password).await.unwrap().code(), Code::RegistrationComplete, "registration {i}");
+        assert_eq!(c.deregister().await.unwrap().code(), Code::RegistrationComplete);
+    }
+    let st = c.register(&password).await.unwrap();
+    assert_eq!(st.code(), Code::RegistrationRefused, "{st:?}");
+    assert!(st.text().contains("Too many registrations"), "{st:?}");
+    assert_eq!(s.store.mailbox(&alice.fingerprint()).unwrap().unwrap().state, MailboxState::Gone, "nothing written");
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn registration_without_a_password_configured_is_15() {
     let s = TestServer::start(|c| c.register_password = None).await;

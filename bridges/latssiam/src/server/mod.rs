@@ -171,6 +171,9 @@ struct Shared {
     /// minute; a client with none left is refused before its password is
     /// compared.
     wrong_password_clients: crate::limits::Lookups,
+    /// Registrations with the right password per client address (and site)
+    /// and minute: each may write and flush a mailbox record.
+    registering_clients: crate::limits::Lookups,
 }
 
 pub use crate::limits::client_key;
@@ -384,6 +387,13 @@ impl Server {
         let tls = tokio_rustls::TlsAcceptor::from(tls::server_config(&identity)?);
         let csr = attest::server_csr(&identity, &config.host)?;
         let free_space = crate::files::FreeSpace::new(&config.data_dir, config.min_free);
+        if let Some(short) = config.register_password.as_ref().map(|p| p.expose().len()).filter(|n| *n < 12) {
+            warn!(
+                characters = short,
+                "The registration password is short: anyone who can reach the server can guess at it \
+                 (three wrong ones a minute per client address). A long random one is better."
+            );
+        }
         let shared = Arc::new(Shared {
             free_space,
             config,
@@ -396,6 +406,7 @@ impl Server {
             refusals: crate::limits::LogThrottle::default(),
             wrong_passwords: crate::limits::FailureDelay::default(),
             wrong_password_clients: crate::limits::Lookups::new(WRONG_PASSWORDS_PER_MINUTE),
+            registering_clients: crate::limits::Lookups::new(REGISTRATIONS_PER_MINUTE),
         });
         Ok(Self { shared, tls })
     }
@@ -516,6 +527,13 @@ const MAX_WRONG_PASSWORDS: u32 = 3;
 /// times as many per IPv6 /48): then it is refused without a comparison
 /// until the minute has given it one back.
 const WRONG_PASSWORDS_PER_MINUTE: u32 = 3;
+
+/// Registrations with the right password one client address may make a
+/// minute (four times as many per IPv6 /48). Each may write a mailbox record
+/// and flush the store, and a mailbox can be registered, deregistered and
+/// registered again: without this, one password holder could keep the
+/// store flushing.
+const REGISTRATIONS_PER_MINUTE: u32 = 10;
 
 struct Session {
     conn: Connection<ServerStream>,
@@ -757,6 +775,11 @@ impl Session {
             if self.wrong_passwords >= MAX_WRONG_PASSWORDS {
                 return Flow::HangUp(None);
             }
+            return Flow::Continue;
+        }
+        if !self.shared.registering_clients.allow(self.peer) {
+            debug!("Registration refused: too many from this client.");
+            reply!(self, Status::with_text(Code::RegistrationRefused, "Too many registrations; try again later"));
             return Flow::Continue;
         }
         match self.shared.store.mailbox(&me) {
