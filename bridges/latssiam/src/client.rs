@@ -212,6 +212,12 @@ impl Client {
                 self.conn.close().await;
                 return Err(ClientError::SignatureRequired);
             }
+            // `31` (or `33`, `40`, a registration answer) before the message
+            // was sent is a session out of step, never a delivery: taken as
+            // an answer, a stale `31` would pass for "stored".
+            (code, _) if !code.refuses_send() => {
+                return Err(ClientError::Unexpected(answer.to_string()));
+            }
             _ => return Ok(answer),
         }
         self.conn.send(Block::new(Label::EncryptedMessage, message.to_vec())).await?;

@@ -75,6 +75,28 @@ pub enum Code {
 }
 
 impl Code {
+    /// Whether a server may answer `SEND` with this instead of `30` or
+    /// `32`: a refusal (`20`, `21`, `34`-`39`, `50`-`54`). Never `31`, which
+    /// comes only after the message.
+    pub fn refuses_send(self) -> bool {
+        matches!(
+            self,
+            Code::CertificateRequired
+                | Code::CertificateUnauthorised
+                | Code::NoMailbox
+                | Code::MailboxMoved
+                | Code::MailboxFull
+                | Code::SlowDown
+                | Code::MailboxGone
+                | Code::MessageTooLong
+                | Code::SyntaxError
+                | Code::SequencingError
+                | Code::MessageRefused
+                | Code::InternalError
+                | Code::Timeout
+        )
+    }
+
     /// All codes, in numeric order.
     pub const ALL: [Code; 24] = [
         Code::RegistrationComplete,

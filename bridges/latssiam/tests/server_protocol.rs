@@ -270,6 +270,31 @@ async fn registrations_with_the_right_password_are_limited_per_client() {
     s.stop().await;
 }
 
+/// A session out of step (here a server made in the test that answers
+/// `31` at once, before any message) is an error to the client, never a
+/// delivery: the gateway answers SMTP `250` on a `31`.
+#[tokio::test]
+async fn a_31_before_the_message_is_not_taken_for_a_delivery() {
+    let server = id("server@localhost");
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(&server).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut conn = Connection::new(acceptor.accept(tcp).await.unwrap());
+        assert!(matches!(conn.read(T).await.unwrap(), Frame::Command(Command::Send(_))));
+        conn.send(Code::MessageAccepted).await.unwrap();
+        // The message the client should not have sent after that, if it did.
+        conn.read(T).await
+    });
+    let alice = id("alice@localhost");
+    let mut c = Client::connect(addr, HOST, Some(alice.clone()), &MemoryPins::default()).await.unwrap();
+    let got = c.send(alice.fingerprint(), &sealed_for(&alice, "x"), None).await;
+    assert!(matches!(got, Err(ClientError::Unexpected(_))), "{got:?}");
+    drop(c);
+    assert!(task.await.unwrap().is_err(), "no message followed the early 31");
+}
+
 #[tokio::test]
 async fn registration_without_a_password_configured_is_15() {
     let s = TestServer::start(|c| c.register_password = None).await;
