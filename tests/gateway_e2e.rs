@@ -187,6 +187,71 @@ fn a_server_that_is_down_gets_the_message_once_it_is_back() {
     assert!(rig.cli(&["queue", "list"]).contains("-- 0 jobs"));
 }
 
+/// The `delivered=` count of the gateway's log line for the `n`th mail it took from SMTP.
+fn delivered_in_session(rig: &Rig, n: usize) -> Option<String> {
+    let log = rig.log();
+    let line = log.lines().filter(|l| l.contains("Queued mail from SMTP.")).nth(n)?;
+    Some(line.split_whitespace().find_map(|w| w.strip_prefix("delivered="))?.to_owned())
+}
+
+/// Mail for a contact on another server goes out while the SMTP client
+/// waits once a session to that server is open: `250` comes after that
+/// server's `31`, and nothing is queued, so a gateway killed right after
+/// the `250` has nothing left to lose. A session that went stale (the
+/// server restarted) sends the message down the queue, as before, and
+/// pauses deliveries during sessions to that server for a minute.
+#[test]
+fn mail_for_another_server_goes_out_during_the_smtp_session_once_a_session_is_open() {
+    let (mut rig, mut srv, bob_server) = Rig::with_bobhost("bob@example.org");
+    let fetch_bob = |rig: &Rig| -> Vec<String> {
+        ok(
+            rig.path(),
+            &["fetch", "--identity", "bob", "--server", &bob_server, "--out-dir", "bob-inbox", "--pins", "pins"],
+        );
+        eml_files(&rig.path().join("bob-inbox")).iter().map(|f| std::fs::read_to_string(f).unwrap()).collect()
+    };
+    let copies = |texts: &[String], word: &str| texts.iter().filter(|t| t.contains(word)).count();
+    let ok_metric = "latssiam_bridge_deliveries_total{channel=\"latssiam\",result=\"ok\"}";
+    // No session to bobhost yet: the first is queued, and the worker's
+    // delivery leaves its session open in the pool.
+    let r = rig.smtp_send("a@remote.example", "bob@example.org", b"Subject: one\r\n\r\nfirst\r\n");
+    assert!(r.starts_with("accepted 250"), "{r}");
+    rig.wait_metric(ok_metric, 1);
+    assert_eq!(delivered_in_session(&rig, 0).as_deref(), Some("0"), "{}", rig.log());
+
+    let r = rig.smtp_send("a@remote.example", "bob@example.org", b"Subject: two\r\n\r\nsecond\r\n");
+    assert!(r.starts_with("accepted 250"), "{r}");
+    rig.gateway.as_mut().unwrap().signal("KILL");
+    assert_eq!(delivered_in_session(&rig, 1).as_deref(), Some("1"), "{}", rig.log());
+    assert_eq!(copies(&fetch_bob(&rig), "second"), 1, "at bob's server, with the gateway dead");
+    // (The first may come again after the restart: its job's removal need
+    // not have reached the disk before the kill.)
+    rig.start();
+
+    // A third opens a session again; then bob's server restarts, which
+    // leaves that session stale: the fourth is queued and still arrives,
+    // and the fifth is queued too (the destination is paused).
+    let r = rig.smtp_send("a@remote.example", "bob@example.org", b"Subject: three\r\n\r\nthird\r\n");
+    assert!(r.starts_with("accepted 250"), "{r}");
+    wait_for(Duration::from_secs(30), || (fetch_bob(&rig).iter().any(|t| t.contains("third"))).then_some(()))
+        .unwrap_or_else(|| panic!("the third never arrived: {}", rig.log()));
+    srv.signal("TERM");
+    let port = bob_server.rsplit_once(':').unwrap().1.parse().unwrap();
+    let _srv = common::rig::bob_server(rig.path(), port);
+    let r = rig.smtp_send("a@remote.example", "bob@example.org", b"Subject: four\r\n\r\nfourth\r\n");
+    assert!(r.starts_with("accepted 250"), "{r}");
+    assert_eq!(delivered_in_session(&rig, 3).as_deref(), Some("0"), "{}", rig.log());
+    assert!(rig.log().contains("Not delivered during the SMTP session; queued."), "{}", rig.log());
+    wait_for(Duration::from_secs(30), || (fetch_bob(&rig).iter().any(|t| t.contains("fourth"))).then_some(()))
+        .unwrap_or_else(|| panic!("the fourth never arrived: {}", rig.log()));
+    let r = rig.smtp_send("a@remote.example", "bob@example.org", b"Subject: five\r\n\r\nfifth\r\n");
+    assert!(r.starts_with("accepted 250"), "{r}");
+    assert_eq!(delivered_in_session(&rig, 4).as_deref(), Some("0"), "paused: {}", rig.log());
+    wait_for(Duration::from_secs(30), || (fetch_bob(&rig).iter().any(|t| t.contains("fifth"))).then_some(()))
+        .unwrap_or_else(|| panic!("the fifth never arrived: {}", rig.log()));
+    assert_eq!(copies(&fetch_bob(&rig), "second"), 1, "the second was never queued");
+}
+
 #[test]
 fn a_gone_mailbox_bounces_to_the_original_sender() {
     let rig = Rig::new("");

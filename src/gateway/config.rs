@@ -219,6 +219,7 @@ pub struct QueueSettings {
     pub lifetime_secs: u64,
     pub concurrency: usize,
     pub destination_concurrency: usize,
+    pub deliver_in_session: bool,
     pub connect_timeout_secs: u64,
     pub max_bounces_per_hour: u32,
     pub min_free_mb: u64,

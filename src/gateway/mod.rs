@@ -72,6 +72,8 @@ pub struct Gateway {
     pub home: (String, SocketAddr),
     /// Deliveries in flight per destination.
     pub destinations: worker::Destinations,
+    /// Deliveries during SMTP sessions in flight per destination.
+    pub in_session: worker::InSession,
     /// Failure reports per address and hour.
     pub bounces: Arc<hourly::HourlyLimit>,
     /// Messages per origin and person and day (see `gateway.max_per_origin_per_day`).

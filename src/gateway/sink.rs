@@ -185,6 +185,7 @@ impl Sink for SmtpSink {
         let from = format!("{} ({})", envelope.helo, envelope.peer.ip());
         let started = std::time::Instant::now();
         let mut local = Vec::new();
+        let mut sent = 0;
         let queued = async {
             let id = gw.queue.new_message_id()?;
             let for_rcpt = (envelope.recipients.len() == 1).then(|| envelope.recipients[0].as_str());
@@ -192,23 +193,40 @@ impl Sink for SmtpSink {
             let mut body = std::mem::take(&mut data);
             body.splice(0..0, header.into_bytes());
             // People on the embedded home server get it in their mailbox now,
-            // within the same fsync; the others (and any the home server
-            // refuses now) get a job.
+            // within the same fsync; people on another server to which an
+            // idle session is open get it now over that session (their
+            // server's `31` makes it durable there); the others (and any
+            // refused now) get a job. Only what fits one block goes out here;
+            // a large message is sealed fragment by fragment by the worker,
+            // not in the session.
             let mut jobs = Vec::new();
+            // One deadline for all of this mail's deliveries during the session.
+            let deadline = std::time::Instant::now() + worker::IN_SESSION_TIMEOUT;
             for (target, contact) in targets {
-                // Only what fits one block is written here; a large message is
-                // sealed fragment by fragment by the worker, not in the session.
-                if worker::is_local(gw, &contact) && body.len() <= MAX_PLAINTEXT {
-                    let pieces = worker::Pieces::Whole(&body);
-                    let fp = contact.fingerprint();
-                    if let Ok(Some(p)) = worker::local_prepare_all(gw, &contact, &fp, &pieces) {
-                        local.extend(p);
+                if body.len() <= MAX_PLAINTEXT {
+                    if worker::is_local(gw, &contact) {
+                        let pieces = worker::Pieces::Whole(&body);
+                        let fp = contact.fingerprint();
+                        if let Ok(Some(p)) = worker::local_prepare_all(gw, &contact, &fp, &pieces) {
+                            local.extend(p);
+                            continue;
+                        }
+                    } else if gw.settings.queue.deliver_in_session
+                        && matches!(target, Target::Latssiam { .. })
+                        && worker::deliver_in_session(gw, &contact, &body, deadline).await
+                    {
+                        // Already delivered: a failure to queue the others
+                        // below answers 451, and a retry brings this person
+                        // a second copy (delivery is at-least-once).
+                        sent += 1;
                         continue;
                     }
                 }
                 jobs.push(target);
             }
-            if jobs.is_empty() {
+            if jobs.is_empty() && local.is_empty() {
+                // Every copy is already held durably by its server.
+            } else if jobs.is_empty() {
                 // Only mailboxes of the embedded home server: their records
                 // in its log are all that must be durable before 250 (sled's
                 // message ids survive a crash on their own; the origin's
@@ -220,6 +238,12 @@ impl Sink for SmtpSink {
             Ok::<_, StoreError>((id, body.len()))
         };
         let result = queued.await;
+        if sent > 0 {
+            gw.metrics.to_latssiam.ok.inc_by(sent as u64);
+            for _ in 0..sent {
+                gw.metrics.end_to_end.observe(started.elapsed());
+            }
+        }
         let delivered = local.len();
         for p in local {
             if result.is_ok() {
@@ -238,6 +262,7 @@ impl Sink for SmtpSink {
                     }
                 }
                 let id = message_id_string(id);
+                let delivered = delivered + sent;
                 info!(queue_id = %id, recipients = envelope.recipients.len(), delivered, octets, "Queued mail from SMTP.");
                 Reply::new(250, [2, 0, 0], format!("Ok: queued as {id}"))
             }

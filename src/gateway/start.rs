@@ -269,6 +269,7 @@ pub fn gateway(
         metrics,
         home: (home_host(settings), home.addr),
         destinations: worker::Destinations::default(),
+        in_session: worker::InSession::default(),
         bounces,
         relayed,
         origins,

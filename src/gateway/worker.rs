@@ -181,6 +181,135 @@ impl Drop for Slot<'_> {
     }
 }
 
+/// Deliveries made while an SMTP session waits (see [`deliver_in_session`]),
+/// per destination: at most `queue.destination_concurrency` in flight,
+/// beside the worker's own, and none for [`IN_SESSION_PAUSE`] after one
+/// met a server in trouble.
+#[derive(Default)]
+pub struct InSession(std::sync::Mutex<HashMap<String, InSessionState>>);
+
+#[derive(Default)]
+struct InSessionState {
+    active: usize,
+    paused_until: Option<Instant>,
+}
+
+/// One delivery in flight during an SMTP session, given back when dropped.
+struct InSessionSlot<'a> {
+    table: &'a InSession,
+    key: String,
+}
+
+impl InSession {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, InSessionState>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn take(&self, key: String, limit: usize, now: Instant) -> Option<InSessionSlot<'_>> {
+        let mut map = self.lock();
+        let d = map.entry(key.clone()).or_default();
+        if d.paused_until.is_some_and(|until| now < until) || d.active >= limit.max(1) {
+            return None;
+        }
+        d.paused_until = None;
+        d.active += 1;
+        Some(InSessionSlot { table: self, key })
+    }
+
+    #[cfg(test)]
+    fn active(&self, key: &str) -> usize {
+        self.lock().get(key).map_or(0, |d| d.active)
+    }
+}
+
+impl InSessionSlot<'_> {
+    /// No delivery during SMTP sessions to this destination for
+    /// [`IN_SESSION_PAUSE`]: its mail goes through the queue meanwhile.
+    fn pause(&self) {
+        if let Some(d) = self.table.lock().get_mut(&self.key) {
+            d.paused_until = Some(Instant::now() + IN_SESSION_PAUSE);
+        }
+    }
+}
+
+impl Drop for InSessionSlot<'_> {
+    fn drop(&mut self) {
+        let mut map = self.table.lock();
+        if let Some(d) = map.get_mut(&self.key) {
+            d.active = d.active.saturating_sub(1);
+            if d.active == 0 && d.paused_until.is_none() {
+                map.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// The longest the deliveries of one mail during its SMTP session may take
+/// together; the recipients not done by then are queued.
+pub const IN_SESSION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a destination gets no deliveries during SMTP sessions after one
+/// found it in trouble (no answer in time, a broken session, `37`, `50`,
+/// `51`, `53`, `54`), so that a slow or refusing server costs SMTP clients
+/// one wait a minute, not one per mail, and a `31` that came too late
+/// makes one duplicate, not one per mail.
+pub const IN_SESSION_PAUSE: Duration = Duration::from_secs(60);
+
+/// Sends `body` (one block's worth) to `contact` on another server while
+/// its SMTP session waits, over an idle pooled session to that server: true
+/// once the server answered `31`, which it sends only when it holds the
+/// message durably, so the gateway need not queue it. False, with nothing to
+/// undo, when there is no idle session to the server, its destination
+/// already has `queue.destination_concurrency` such deliveries in flight or
+/// is paused, or anything but `31` came back by `deadline`: the message is
+/// then queued like any other, and the worker delivers it and acts on what
+/// the server answers (moved, gone, full, refused). A server that stored it
+/// but answered too late gets it again from the queue (delivery is
+/// at-least-once).
+pub async fn deliver_in_session(gw: &Gateway, contact: &Contact, body: &[u8], deadline: Instant) -> bool {
+    let host = contact.server_host();
+    let key = format!("latssiam:{}", host.to_ascii_lowercase());
+    let now = Instant::now();
+    if now >= deadline {
+        return false;
+    }
+    let Some(slot) = gw.in_session.take(key, gw.settings.queue.destination_concurrency, now) else {
+        return false;
+    };
+    let Some(mut client) = gw.pool.take(host).await else { return false };
+    let Ok((sealed, signature)) = Pieces::Whole(body).sealed(gw, contact, 1) else { return false };
+    let sent = client.send(contact.fingerprint(), &sealed, Some(&signature));
+    let error = match tokio::time::timeout_at(deadline.into(), sent).await {
+        Ok(Ok(status)) if status.code() == Code::MessageAccepted => {
+            gw.pool.put(host, client).await;
+            return true;
+        }
+        Ok(Ok(status)) => {
+            let code = status.code();
+            if matches!(
+                code,
+                Code::SlowDown | Code::InternalError | Code::Timeout | Code::SyntaxError | Code::SequencingError
+            ) {
+                slot.pause();
+            }
+            if !matches!(code, Code::Timeout | Code::SyntaxError | Code::SequencingError) {
+                gw.pool.put(host, client).await;
+            }
+            status.to_string()
+        }
+        Ok(Err(e)) => {
+            slot.pause();
+            e.to_string()
+        }
+        Err(_) => {
+            slot.pause();
+            "no answer in time".to_owned()
+        }
+    };
+    info!(%host, fingerprint = %contact.fingerprint(), %error, "Not delivered during the SMTP session; queued.");
+    false
+}
+
 /// The destination a job counts against.
 fn destination(gw: &Gateway, job: &Job) -> String {
     match &job.target {
@@ -985,6 +1114,26 @@ mod tests {
             last_error: None,
         };
         (JobId { message: n, index: 0 }, job)
+    }
+
+    #[test]
+    fn deliveries_during_smtp_sessions_hold_at_most_their_share_per_destination() {
+        let t = InSession::default();
+        let now = Instant::now();
+        let held: Vec<_> = (0..3).filter_map(|_| t.take("latssiam:a".into(), 2, now)).collect();
+        assert_eq!(held.len(), 2);
+        assert!(t.take("latssiam:b".into(), 2, now).is_some(), "another destination");
+        assert_eq!(t.active("latssiam:a"), 2);
+        drop(held);
+        assert_eq!(t.active("latssiam:a"), 0, "given back");
+        assert!(t.lock().is_empty(), "no entry left behind");
+        // One that met trouble pauses its destination, and only that one.
+        let slot = t.take("latssiam:a".into(), 2, now);
+        slot.as_ref().map(InSessionSlot::pause);
+        drop(slot);
+        assert!(t.take("latssiam:a".into(), 2, now).is_none(), "paused");
+        assert!(t.take("latssiam:b".into(), 2, now).is_some());
+        assert!(t.take("latssiam:a".into(), 2, now + IN_SESSION_PAUSE + Duration::from_secs(1)).is_some(), "over");
     }
 
     #[test]
