@@ -442,6 +442,10 @@ impl Log {
                         lsn, e
                     );
                     iobufs.config.set_global_error(e);
+                    // PATCHES.md change 7: wake the flushes waiting for
+                    // this buffer, so that they see the error.
+                    drop(iobufs.intervals.lock());
+                    let _notified = iobufs.interval_updated.notify_all();
                 }
             })?;
 

@@ -22,6 +22,9 @@ impl<'a> Drop for Reservation<'a> {
         if !self.flushed {
             if let Err(e) = self.flush(false) {
                 self.log.config.set_global_error(e);
+                // PATCHES.md change 7: wake the waiting flushes.
+                drop(self.log.iobufs.intervals.lock());
+                let _notified = self.log.iobufs.interval_updated.notify_all();
             }
         }
     }
