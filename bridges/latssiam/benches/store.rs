@@ -44,7 +44,7 @@ fn main() {
     let message = crypto::seal(&[b'm'; 4096], bob.cert_der()).unwrap();
     let signature = crypto::sign(&message, &alice).unwrap();
     let size = message.len() + signature.len();
-    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
     for batch in [1u64, 4] {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();

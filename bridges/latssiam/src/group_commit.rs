@@ -53,12 +53,23 @@ pub enum FlushError {
     Closed,
 }
 
+/// How long a caller of [`GroupCommit::durable`] waits for a flush before
+/// it takes the store for stalled ([`FlushError::Io`]): a flush that hangs
+/// (a full disk has been seen to leave one of sled's waiting for ever)
+/// would otherwise hold every SMTP session and `SEND` waiting on it without
+/// an answer. An I/O error marks the gateway's store broken, so it answers
+/// `451` and stops for its supervisor, as it does after a failed fsync; a
+/// server answers `53`. Far beyond any healthy fdatasync.
+pub const STALLED_AFTER: Duration = Duration::from_secs(30);
+
 /// The flusher of one sled database. Dropping it stops the thread (which
-/// holds a handle on the database, so the directory lock is released after).
+/// holds a handle on the database, so the directory lock is released after),
+/// waiting at most [`STALLED_AFTER`] for a flush under way.
 pub struct GroupCommit {
     sender: Mutex<mpsc::Sender<Waiter>>,
     before: Arc<Mutex<Vec<BeforeFlush>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    stalled_after: Duration,
 }
 
 impl GroupCommit {
@@ -94,7 +105,14 @@ impl GroupCommit {
                 }
             }
         })?;
-        Ok(Self { sender: Mutex::new(tx), before, thread: Mutex::new(Some(thread)) })
+        Ok(Self { sender: Mutex::new(tx), before, thread: Mutex::new(Some(thread)), stalled_after: STALLED_AFTER })
+    }
+
+    /// The same flusher, taken for stalled after `bound` instead of [`STALLED_AFTER`].
+    #[must_use]
+    pub fn stalled_after(mut self, bound: Duration) -> Self {
+        self.stalled_after = bound;
+        self
     }
 
     /// Runs `hook` before every flush from now on; a flush whose hook fails
@@ -106,11 +124,18 @@ impl GroupCommit {
     /// Waits until everything written so far is on disk.
     ///
     /// # Errors
-    /// [`FlushError`] if the fsync failed or the flusher is gone.
+    /// [`FlushError`] if the fsync failed, no flush finished within the
+    /// bound ([`STALLED_AFTER`]), or the flusher is gone.
     pub async fn durable(&self) -> Result<(), FlushError> {
         let (tx, rx) = oneshot::channel();
         self.sender.lock().unwrap_or_else(|e| e.into_inner()).send(tx).map_err(|_| FlushError::Closed)?;
-        rx.await.map_err(|_| FlushError::Closed)?.map_err(FlushError::Io)
+        match tokio::time::timeout(self.stalled_after, rx).await {
+            Ok(answer) => answer.map_err(|_| FlushError::Closed)?.map_err(FlushError::Io),
+            Err(_) => Err(FlushError::Io(format!(
+                "no flush finished within {} s: the store is stalled",
+                self.stalled_after.as_secs_f64()
+            ))),
+        }
     }
 }
 
@@ -118,7 +143,14 @@ impl Drop for GroupCommit {
     fn drop(&mut self) {
         drop(std::mem::replace(self.sender.get_mut().unwrap_or_else(|e| e.into_inner()), mpsc::channel().0));
         if let Some(thread) = self.thread.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
-            let _ = thread.join();
+            // A flush that hangs is left behind: the process ends without it.
+            let until = Instant::now() + self.stalled_after;
+            while !thread.is_finished() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if thread.is_finished() {
+                let _ = thread.join();
+            }
         }
     }
 }
@@ -131,6 +163,28 @@ mod tests {
 
     fn log_len(dir: &Path) -> u64 {
         std::fs::metadata(dir.join("db")).unwrap().len()
+    }
+
+    /// A flush that never ends is an error to its waiters after the bound,
+    /// and dropping the flusher does not wait for it past the bound either.
+    #[tokio::test]
+    async fn a_flush_that_hangs_is_an_error_after_the_bound() {
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        let hold = Mutex::new(hold);
+        let commit = GroupCommit::start_with("test-stalled", move || {
+            let _ = hold.lock().unwrap().recv();
+            Ok(())
+        })
+        .unwrap()
+        .stalled_after(Duration::from_millis(200));
+        let started = Instant::now();
+        let got = commit.durable().await;
+        assert!(matches!(&got, Err(FlushError::Io(e)) if e.contains("stalled")), "{got:?}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        let dropped = Instant::now();
+        drop(commit);
+        assert!(dropped.elapsed() < Duration::from_secs(10), "the drop did not wait for the hung flush");
+        drop(release);
     }
 
     /// The vendored sled extends its log file with written zeros ahead of

@@ -1866,7 +1866,7 @@ mod tests {
     }
 
     fn run_against_the_model(ops: &[Op]) {
-        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let owners = [Fingerprint::of(b"a"), Fingerprint::of(b"b"), Fingerprint::of(b"c")];
         let sender = Fingerprint::of(b"s");
