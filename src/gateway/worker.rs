@@ -268,11 +268,11 @@ pub const IN_SESSION_PAUSE: Duration = Duration::from_secs(60);
 /// at-least-once).
 pub async fn deliver_in_session(gw: &Gateway, contact: &Contact, body: &[u8], deadline: Instant) -> bool {
     let host = contact.server_host();
-    let key = format!("latssiam:{}", host.to_ascii_lowercase());
     let now = Instant::now();
     if now >= deadline {
         return false;
     }
+    let key = latssiam_destination(host);
     let Some(slot) = gw.in_session.take(key, gw.settings.queue.destination_concurrency, now) else {
         return false;
     };
@@ -286,13 +286,10 @@ pub async fn deliver_in_session(gw: &Gateway, contact: &Contact, body: &[u8], de
         }
         Ok(Ok(status)) => {
             let code = status.code();
-            if matches!(
-                code,
-                Code::SlowDown | Code::InternalError | Code::Timeout | Code::SyntaxError | Code::SequencingError
-            ) {
+            if !still_in_step(code) || matches!(code, Code::SlowDown | Code::InternalError) {
                 slot.pause();
             }
-            if !matches!(code, Code::Timeout | Code::SyntaxError | Code::SequencingError) {
+            if still_in_step(code) {
                 gw.pool.put(host, client).await;
             }
             status.to_string()
@@ -315,14 +312,21 @@ fn destination(gw: &Gateway, job: &Job) -> String {
     match &job.target {
         Target::Smtp { .. } => "smtp:smarthost".to_owned(),
         Target::Latssiam { fingerprint, .. } => {
-            let host = fingerprint
-                .parse::<Fingerprint>()
-                .ok()
-                .and_then(|fp| gw.store.contact(&fp).ok().flatten())
-                .map(|c| c.server_host().to_ascii_lowercase());
-            format!("latssiam:{}", host.unwrap_or_default())
+            let contact = fingerprint.parse::<Fingerprint>().ok().and_then(|fp| gw.store.contact(&fp).ok().flatten());
+            latssiam_destination(contact.as_ref().map_or("", |c| c.server_host()))
         }
     }
+}
+
+/// The destination of LATSSIAM deliveries to the server `host`.
+fn latssiam_destination(host: &str) -> String {
+    format!("latssiam:{}", host.to_ascii_lowercase())
+}
+
+/// Whether a session that answered `code` is still in step, and so may go
+/// back to the pool: not after a `54` (the server hung up), `50` or `51`.
+fn still_in_step(code: Code) -> bool {
+    !matches!(code, Code::Timeout | Code::SyntaxError | Code::SequencingError)
 }
 
 /// What one attempt came to.
@@ -960,7 +964,7 @@ async fn classify(gw: &Gateway, fp: &Fingerprint, host: &str, status: Status, cl
             warn!(%fp, error = %e, "Cannot mark a contact as gone.");
         }
     }
-    if !matches!(code, Code::Timeout | Code::SyntaxError | Code::SequencingError) {
+    if still_in_step(code) {
         gw.pool.put(host, client).await;
     }
     match permanent_status(code) {
