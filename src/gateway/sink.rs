@@ -224,26 +224,27 @@ impl Sink for SmtpSink {
                 }
                 jobs.push(target);
             }
-            if jobs.is_empty() && local.is_empty() {
-                // Every copy is already held durably by its server.
-            } else if jobs.is_empty() {
-                // Only mailboxes of the embedded home server: their records
-                // in its log are all that must be durable before 250 (sled's
-                // message ids survive a crash on their own; the origin's
-                // daily counts are written lazily, as for a refused mail).
-                worker::local_durable(gw).await?;
-            } else {
+            if !jobs.is_empty() {
                 gw.queue.enqueue_as(id, &body, jobs, &Origin::Smtp { from: envelope.from.clone() }).await?;
+            } else if !local.is_empty() {
+                // Only mailboxes of the embedded home server (beside copies
+                // other servers already hold): their records in its log are
+                // all that must be durable before 250 (sled's message ids
+                // survive a crash on their own; the origin's daily counts are
+                // written lazily, as for a refused mail).
+                worker::local_durable(gw).await?;
             }
             Ok::<_, StoreError>((id, body.len()))
         };
         let result = queued.await;
-        if sent > 0 {
-            gw.metrics.to_latssiam.ok.inc_by(sent as u64);
-            for _ in 0..sent {
+        let count_delivered = |n: usize| {
+            gw.metrics.to_latssiam.ok.inc_by(n as u64);
+            for _ in 0..n {
                 gw.metrics.end_to_end.observe(started.elapsed());
             }
-        }
+        };
+        // Copies another server took count whatever came of the rest.
+        count_delivered(sent);
         let delivered = local.len();
         for p in local {
             if result.is_ok() {
@@ -255,12 +256,7 @@ impl Sink for SmtpSink {
         match result {
             Ok((id, octets)) => {
                 gw.metrics.smtp_accepted.inc();
-                if delivered > 0 {
-                    gw.metrics.to_latssiam.ok.inc_by(delivered as u64);
-                    for _ in 0..delivered {
-                        gw.metrics.end_to_end.observe(started.elapsed());
-                    }
-                }
+                count_delivered(delivered);
                 let id = message_id_string(id);
                 let delivered = delivered + sent;
                 info!(queue_id = %id, recipients = envelope.recipients.len(), delivered, octets, "Queued mail from SMTP.");
