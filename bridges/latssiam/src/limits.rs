@@ -294,10 +294,13 @@ impl FailureDelay {
 mod tests {
     use super::*;
 
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
     #[test]
     fn look_ups_are_bounded_per_client_and_per_site() {
         let l = Lookups::new(5);
-        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         assert!((0..5).all(|_| l.allow(ip("192.0.2.1"))));
         assert!(!l.allow(ip("192.0.2.1")));
         assert!(l.allow(ip("192.0.2.2")), "another address");
@@ -324,7 +327,7 @@ mod tests {
         // A minute later every one of those buckets is full again. The
         // client that takes its two now fills the table and prunes it.
         let later = t0 + Duration::from_secs(61);
-        let greedy: IpAddr = "192.0.2.1".parse().unwrap_or(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+        let greedy = ip("192.0.2.1");
         assert!(l.level_at(greedy, true, later));
         assert!(l.level_at(greedy, true, later));
         assert_eq!(l.buckets.len(), 1, "the full buckets are gone, the one in use is kept");
@@ -341,7 +344,7 @@ mod tests {
         // Ten seconds on, none of them is full (1 + 2 * 10 / 60 < 2). A
         // client spends its two, then new clients keep coming.
         let t1 = t0 + Duration::from_secs(10);
-        let greedy: IpAddr = "2001:db8:1::1".parse().unwrap_or(IpAddr::V6(Ipv6Addr::LOCALHOST));
+        let greedy = ip("2001:db8:1::1");
         assert!(l.level_at(greedy, true, t1) && l.level_at(greedy, true, t1));
         assert_eq!(l.buckets.len(), Buckets::<Key>::MAX_KEYS / 4 * 3 + 2, "pruned to three quarters, the newest kept");
         // Two more prunings: they take the oldest, from the first hundred thousand.
@@ -358,7 +361,6 @@ mod tests {
         // 2001:db8:1::/64 and 2001:db8:1::/48 have the same address; the
         // client still has its own share and the site its four.
         let t = Arc::new(PerClient::default());
-        let ip = |s: &str| s.parse::<IpAddr>().unwrap_or_else(|e| panic!("{e}"));
         let held: Vec<_> = (0..2).filter_map(|_| t.admit(ip("2001:db8:1::1"), 2)).collect();
         assert_eq!(held.len(), 2);
         let others: Vec<_> = (1..10).filter_map(|i| t.admit(ip(&format!("2001:db8:1:{i}::1")), 2)).collect();
@@ -371,7 +373,6 @@ mod tests {
     #[test]
     fn one_address_and_one_site_hold_their_share() {
         let t = Arc::new(PerClient::default());
-        let ip = |s: &str| s.parse::<IpAddr>().unwrap_or_else(|e| panic!("{e}"));
         let held: Vec<_> = (0..2).filter_map(|_| t.admit(ip("192.0.2.1"), 2)).collect();
         assert_eq!(held.len(), 2);
         assert!(t.admit(ip("192.0.2.1"), 2).is_none());
